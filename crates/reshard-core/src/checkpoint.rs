@@ -1,0 +1,232 @@
+//! What the readers produce and the writers consume, whatever the file format.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::mmap::MappedFile;
+use crate::{ckpt, safetensors};
+
+/// Checkpoint file formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// MindSpore protobuf `.ckpt`.
+    Ckpt,
+    /// `.safetensors`.
+    Safetensors,
+}
+
+impl Format {
+    /// The file extension, without the dot.
+    pub fn extension(self) -> &'static str {
+        match self {
+            Format::Ckpt => "ckpt",
+            Format::Safetensors => "safetensors",
+        }
+    }
+
+    /// Parses `ckpt` / `safetensors`.
+    pub fn parse(s: &str) -> Result<Format> {
+        match s {
+            "ckpt" => Ok(Format::Ckpt),
+            "safetensors" => Ok(Format::Safetensors),
+            other => Err(Error::Invalid(format!(
+                "unknown output format '{other}': expected 'ckpt' or 'safetensors'"
+            ))),
+        }
+    }
+
+    /// The format a path's extension names, if any.
+    pub fn from_path(path: &Path) -> Option<Format> {
+        match path.extension()?.to_str()? {
+            "ckpt" => Some(Format::Ckpt),
+            "safetensors" => Some(Format::Safetensors),
+            _ => None,
+        }
+    }
+}
+
+/// A contiguous run of a tensor's content inside its file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Segment {
+    /// Byte offset in the file.
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+/// One tensor of a checkpoint file: its header and where its bytes are.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TensorInfo {
+    /// The tag (parameter name).
+    pub name: String,
+    /// Element type.
+    pub dtype: DType,
+    /// Shape as stored (scalars: empty).
+    pub shape: Vec<u64>,
+    /// The dims exactly as written in the file (MindSpore writes `[0]` for strings).
+    pub raw_dims: Vec<u64>,
+    /// Content, possibly split over several consecutive values.
+    pub segments: Vec<Segment>,
+    /// Total content bytes.
+    pub nbytes: u64,
+}
+
+impl TensorInfo {
+    /// Number of elements.
+    pub fn numel(&self) -> u64 {
+        self.shape.iter().product()
+    }
+}
+
+/// The parsed table of contents of a checkpoint file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckpointIndex {
+    /// The format.
+    pub format: Format,
+    /// Tensors in file order.
+    pub tensors: Vec<TensorInfo>,
+    /// Size of the file.
+    pub file_len: u64,
+    /// Whether a crc (trailer or metadata) was present and verified.
+    pub crc: Option<u32>,
+    /// safetensors `__metadata__`.
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl CheckpointIndex {
+    /// Finds a tensor by name.
+    pub fn get(&self, name: &str) -> Option<&TensorInfo> {
+        self.tensors.iter().find(|t| t.name == name)
+    }
+}
+
+/// How to open a checkpoint.
+#[derive(Debug, Clone, Copy)]
+pub struct ReadOptions {
+    /// Verify a crc trailer or `crc_num` metadata when present.
+    pub verify_crc: bool,
+}
+
+impl Default for ReadOptions {
+    fn default() -> Self {
+        ReadOptions { verify_crc: true }
+    }
+}
+
+/// An open, memory-mapped checkpoint file with its index.
+pub struct CheckpointFile {
+    path: PathBuf,
+    map: MappedFile,
+    index: CheckpointIndex,
+}
+
+impl CheckpointFile {
+    /// Opens and indexes a `.ckpt` or `.safetensors` file (the extension decides; anything but
+    /// `.safetensors` is read as `.ckpt`).
+    pub fn open(path: &Path, opts: ReadOptions) -> Result<Self> {
+        let map = MappedFile::open(path)?;
+        let index = match Format::from_path(path) {
+            Some(Format::Safetensors) => safetensors::parse(path, &map, opts)?,
+            _ => ckpt::parse(path, &map, opts)?,
+        };
+        Ok(CheckpointFile {
+            path: path.to_path_buf(),
+            map,
+            index,
+        })
+    }
+
+    /// The path it was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The index.
+    pub fn index(&self) -> &CheckpointIndex {
+        &self.index
+    }
+
+    /// The mapped bytes of the whole file.
+    pub fn bytes(&self) -> &[u8] {
+        &self.map
+    }
+
+    /// A tensor's content, borrowed from the map when it is one segment, else concatenated.
+    pub fn content(&self, t: &TensorInfo) -> std::borrow::Cow<'_, [u8]> {
+        content_of(&self.map, t)
+    }
+
+    /// Consumes self, returning the index.
+    pub fn into_index(self) -> CheckpointIndex {
+        self.index
+    }
+}
+
+/// A tensor's content within `bytes`.
+pub fn content_of<'a>(bytes: &'a [u8], t: &TensorInfo) -> std::borrow::Cow<'a, [u8]> {
+    let seg = |s: &Segment| &bytes[s.offset as usize..(s.offset + s.len) as usize];
+    if t.segments.len() == 1 {
+        std::borrow::Cow::Borrowed(seg(&t.segments[0]))
+    } else {
+        std::borrow::Cow::Owned(
+            t.segments
+                .iter()
+                .flat_map(|s| seg(s).iter().copied())
+                .collect(),
+        )
+    }
+}
+
+/// A tensor to be written: header fields and content size.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TensorHeader {
+    /// The tag.
+    pub name: String,
+    /// Element type.
+    pub dtype: DType,
+    /// The dims to write.
+    pub dims: Vec<u64>,
+    /// Content bytes.
+    pub nbytes: u64,
+}
+
+/// Where a tensor's content goes in an output file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContentRun {
+    /// Offset within the tensor's content.
+    pub start: u64,
+    /// Offset in the file.
+    pub file_offset: u64,
+    /// Length.
+    pub len: u64,
+}
+
+/// The byte layout of an output file, computed before anything is written, so that headers and
+/// content can be written at known offsets in any order and by several threads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileLayout {
+    /// Fixed bytes (protobuf headers, safetensors header) and their offsets.
+    pub fixed: Vec<(u64, Vec<u8>)>,
+    /// Per tensor (same order as the input), where its content runs go.
+    pub content: Vec<Vec<ContentRun>>,
+    /// Total file size, excluding a crc trailer.
+    pub len: u64,
+}
+
+impl FileLayout {
+    /// Maps a range of a tensor's content to file runs: (file offset, offset within range, len).
+    pub fn place(&self, tensor: usize, start: u64, len: u64) -> Vec<(u64, u64, u64)> {
+        let end = start + len;
+        self.content[tensor]
+            .iter()
+            .filter_map(|r| {
+                let a = start.max(r.start);
+                let b = end.min(r.start + r.len);
+                (a < b).then(|| (r.file_offset + (a - r.start), a - start, b - a))
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,128 @@
+//! The one error type of the core. Every variant names what a user needs to find the problem:
+//! the file, the rank, the parameter and the shapes involved.
+
+use std::path::PathBuf;
+
+/// Result alias used throughout the core.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong while reading, planning or writing.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An operating-system error on a named path.
+    #[error("{path}: {op}: {source}")]
+    Io {
+        /// The file or folder.
+        path: PathBuf,
+        /// What was being done (open, read, write, rename...).
+        op: &'static str,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A checkpoint, safetensors or strategy file whose bytes do not parse.
+    #[error("{path}: malformed {kind} file: {detail}")]
+    Malformed {
+        /// The file.
+        path: PathBuf,
+        /// "checkpoint", "safetensors" or "strategy".
+        kind: &'static str,
+        /// What is wrong and where (byte offset, tag).
+        detail: String,
+    },
+
+    /// A tensor whose header disagrees with its content or with sane limits.
+    #[error("{path}: tensor '{tensor}': {detail}")]
+    BadTensor {
+        /// The file.
+        path: PathBuf,
+        /// The tensor name (tag).
+        tensor: String,
+        /// What is wrong: sizes, dims, dtype.
+        detail: String,
+    },
+
+    /// The crc32 trailer (or safetensors `crc_num`) does not match the content.
+    #[error("{path}: crc check failed: file says {expected:#010x}, content gives {actual:#010x}; the file is damaged")]
+    CrcMismatch {
+        /// The file.
+        path: PathBuf,
+        /// The value stored in the file.
+        expected: u32,
+        /// The value computed from the content.
+        actual: u32,
+    },
+
+    /// A file that reshard recognises but refuses to handle (encrypted, MapTensor...).
+    #[error("{path}: {detail}")]
+    Unsupported {
+        /// The file.
+        path: PathBuf,
+        /// Why it is refused.
+        detail: String,
+    },
+
+    /// A strategy file that parses but makes no sense.
+    #[error("{path}: strategy for parameter '{param}': {detail}")]
+    BadLayout {
+        /// The strategy file (or a description of where the layout came from).
+        path: PathBuf,
+        /// The parameter.
+        param: String,
+        /// What is inconsistent.
+        detail: String,
+    },
+
+    /// A checkpoint that does not fit its strategy.
+    #[error("{path}: rank {rank}: parameter '{param}': {detail}")]
+    ShapeMismatch {
+        /// The source checkpoint file.
+        path: PathBuf,
+        /// The source rank.
+        rank: u32,
+        /// The parameter.
+        param: String,
+        /// Expected and found shapes.
+        detail: String,
+    },
+
+    /// A problem with the source folder layout (`rank_*` folders, candidate files).
+    #[error("{path}: {detail}")]
+    Source {
+        /// The folder or file.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
+
+    /// Invalid options or arguments.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Error {
+    /// Wraps an io error with the path and the operation.
+    pub fn io(path: impl Into<PathBuf>, op: &'static str, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            op,
+            source,
+        }
+    }
+
+    /// A stable numeric code for each kind of error (used by the C ABI and exit codes).
+    pub fn code(&self) -> i32 {
+        match self {
+            Error::Io { .. } => 2,
+            Error::Malformed { .. } => 3,
+            Error::BadTensor { .. } => 4,
+            Error::CrcMismatch { .. } => 5,
+            Error::Unsupported { .. } => 6,
+            Error::BadLayout { .. } => 7,
+            Error::ShapeMismatch { .. } => 8,
+            Error::Source { .. } => 9,
+            Error::Invalid(_) => 10,
+        }
+    }
+}

@@ -1,0 +1,24 @@
+//! reshard-core: convert MindSpore distributed checkpoints between parallel layouts.
+//!
+//! The data path: strategy files -> layouts -> per-rank boxes -> plan (copy pieces) ->
+//! executor (memory-mapped sources, strided copies, atomic outputs).
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod checkpoint;
+pub mod ckpt;
+pub mod dtype;
+pub mod error;
+pub mod layout;
+mod mmap;
+pub mod region;
+pub mod safetensors;
+pub mod strategy;
+#[allow(missing_docs)]
+pub mod wire;
+
+pub use checkpoint::{CheckpointFile, CheckpointIndex, Format, ReadOptions, TensorInfo};
+pub use dtype::DType;
+pub use error::{Error, Result};
+pub use region::Region;
+pub use strategy::Strategy;

@@ -1,0 +1,284 @@
+//! `.safetensors` files: 8-byte little-endian header length, a JSON header, then data.
+//! MindSpore adds `__metadata__ = {"format": "ms"}`, optionally `crc_num` and, for Int4
+//! tensors, `{name: "Int4"}`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde_json::{Map, Value};
+
+use crate::checkpoint::{
+    CheckpointIndex, ContentRun, FileLayout, Format, ReadOptions, Segment, TensorHeader, TensorInfo,
+};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+
+/// Headers larger than this are refused before parsing (the safetensors crate uses 100 MB).
+pub const MAX_HEADER: u64 = 100_000_000;
+
+fn malformed(path: &Path, detail: String) -> Error {
+    Error::Malformed {
+        path: path.to_path_buf(),
+        kind: "safetensors",
+        detail,
+    }
+}
+
+/// Indexes a `.safetensors` file held in `bytes`.
+pub fn parse(path: &Path, bytes: &[u8], opts: ReadOptions) -> Result<CheckpointIndex> {
+    if bytes.len() < 8 {
+        return Err(malformed(
+            path,
+            format!(
+                "file is {} bytes, shorter than the 8-byte header length",
+                bytes.len()
+            ),
+        ));
+    }
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap_or_default());
+    let avail = bytes.len() as u64 - 8;
+    if n > avail || n > MAX_HEADER {
+        return Err(malformed(
+            path,
+            format!("header length {n} exceeds the file ({avail} bytes after it)"),
+        ));
+    }
+    let header = &bytes[8..8 + n as usize];
+    let data_start = 8 + n;
+    let data_len = avail - n;
+    let json: Map<String, Value> = serde_json::from_slice(header)
+        .map_err(|e| malformed(path, format!("header is not a JSON object: {e}")))?;
+    let mut metadata = BTreeMap::new();
+    if let Some(m) = json.get("__metadata__") {
+        let m = m
+            .as_object()
+            .ok_or_else(|| malformed(path, "__metadata__ is not an object".into()))?;
+        for (k, v) in m {
+            let v = v
+                .as_str()
+                .ok_or_else(|| malformed(path, format!("__metadata__['{k}'] is not a string")))?;
+            metadata.insert(k.clone(), v.to_string());
+        }
+    }
+    let mut tensors = Vec::new();
+    for (name, info) in &json {
+        if name == "__metadata__" {
+            continue;
+        }
+        let bad = |detail: String| Error::BadTensor {
+            path: path.to_path_buf(),
+            tensor: name.clone(),
+            detail,
+        };
+        let dt = info
+            .get("dtype")
+            .and_then(Value::as_str)
+            .ok_or_else(|| bad("no dtype".into()))?;
+        let mut dtype =
+            DType::from_safetensors_name(dt).ok_or_else(|| bad(format!("unknown dtype '{dt}'")))?;
+        if metadata
+            .get(name)
+            .is_some_and(|v| v.to_ascii_lowercase().contains("int4"))
+        {
+            dtype = DType::Int4;
+        }
+        let shape: Vec<u64> = info
+            .get("shape")
+            .and_then(Value::as_array)
+            .and_then(|a| a.iter().map(Value::as_u64).collect::<Option<Vec<_>>>())
+            .ok_or_else(|| bad("shape is not a list of non-negative integers".into()))?;
+        let offs: Vec<u64> = info
+            .get("data_offsets")
+            .and_then(Value::as_array)
+            .and_then(|a| a.iter().map(Value::as_u64).collect::<Option<Vec<_>>>())
+            .filter(|v| v.len() == 2)
+            .ok_or_else(|| bad("data_offsets is not [begin, end]".into()))?;
+        let (b, e) = (offs[0], offs[1]);
+        if b > e || e > data_len {
+            return Err(bad(format!(
+                "data_offsets [{b}, {e}] outside the {data_len} data bytes"
+            )));
+        }
+        let need = shape
+            .iter()
+            .try_fold(1u64, |a, &d| a.checked_mul(d))
+            .and_then(|n| n.checked_mul(dtype.size()));
+        if need != Some(e - b) {
+            return Err(bad(format!(
+                "data is {} bytes but shape {shape:?} x {dtype} needs {}",
+                e - b,
+                need.map_or("more than 2^64".to_string(), |n| n.to_string())
+            )));
+        }
+        tensors.push(TensorInfo {
+            name: name.clone(),
+            dtype,
+            raw_dims: shape.clone(),
+            shape,
+            segments: vec![Segment {
+                offset: data_start + b,
+                len: e - b,
+            }],
+            nbytes: e - b,
+        });
+    }
+    tensors.sort_by_key(|t| t.segments[0].offset);
+    for w in tensors.windows(2) {
+        let (a, b) = (&w[0].segments[0], &w[1].segments[0]);
+        if a.offset + a.len > b.offset {
+            return Err(malformed(
+                path,
+                format!("tensors '{}' and '{}' overlap", w[0].name, w[1].name),
+            ));
+        }
+    }
+    let mut crc = None;
+    if let Some(c) = metadata.get("crc_num") {
+        let expected: u32 = c
+            .parse()
+            .map_err(|_| malformed(path, format!("crc_num '{c}' is not a 32-bit number")))?;
+        if opts.verify_crc {
+            let actual = content_crc(bytes, &tensors);
+            if actual != expected {
+                return Err(Error::CrcMismatch {
+                    path: path.to_path_buf(),
+                    expected,
+                    actual,
+                });
+            }
+        }
+        crc = Some(expected);
+    }
+    Ok(CheckpointIndex {
+        format: Format::Safetensors,
+        tensors,
+        file_len: bytes.len() as u64,
+        crc,
+        metadata,
+    })
+}
+
+/// MindSpore's safetensors crc: crc32 chained over each name then its bytes, names sorted.
+fn content_crc(bytes: &[u8], tensors: &[TensorInfo]) -> u32 {
+    let mut sorted: Vec<&TensorInfo> = tensors.iter().collect();
+    sorted.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut h = crc32fast::Hasher::new();
+    for t in sorted {
+        h.update(t.name.as_bytes());
+        for s in &t.segments {
+            h.update(&bytes[s.offset as usize..(s.offset + s.len) as usize]);
+        }
+    }
+    h.finalize()
+}
+
+/// Lays out a safetensors file: tensors in the given order, header with `metadata` first.
+/// `Str` tensors cannot be stored and are refused.
+pub fn layout(tensors: &[TensorHeader], metadata: &BTreeMap<String, String>) -> Result<FileLayout> {
+    let mut header = Map::new();
+    let mut meta: Map<String, Value> = metadata
+        .iter()
+        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+        .collect();
+    let mut pos = 0u64;
+    let mut content = Vec::with_capacity(tensors.len());
+    let mut entries = Vec::with_capacity(tensors.len());
+    for h in tensors {
+        let dt = h.dtype.safetensors_name().ok_or_else(|| {
+            Error::Invalid(format!(
+                "tensor '{}' of type {} cannot be stored in safetensors",
+                h.name, h.dtype
+            ))
+        })?;
+        if h.dtype == DType::Int4 {
+            meta.insert(h.name.clone(), Value::String("Int4".into()));
+        }
+        let mut e = Map::new();
+        e.insert("dtype".into(), Value::String(dt.into()));
+        e.insert("shape".into(), Value::from(h.dims.clone()));
+        e.insert(
+            "data_offsets".into(),
+            Value::from(vec![pos, pos + h.nbytes]),
+        );
+        entries.push((h.name.clone(), Value::Object(e)));
+        content.push(vec![ContentRun {
+            start: 0,
+            file_offset: pos,
+            len: h.nbytes,
+        }]);
+        pos += h.nbytes;
+    }
+    if !meta.is_empty() {
+        header.insert("__metadata__".into(), Value::Object(meta));
+    }
+    for (k, v) in entries {
+        header.insert(k, v);
+    }
+    let mut text =
+        serde_json::to_vec(&Value::Object(header)).map_err(|e| Error::Invalid(e.to_string()))?;
+    while (text.len() + 8) % 8 != 0 {
+        text.push(b' ');
+    }
+    let data_start = 8 + text.len() as u64;
+    let mut head = (text.len() as u64).to_le_bytes().to_vec();
+    head.extend_from_slice(&text);
+    for runs in &mut content {
+        for r in runs.iter_mut() {
+            r.file_offset += data_start;
+        }
+    }
+    Ok(FileLayout {
+        fixed: vec![(0, head)],
+        content,
+        len: data_start + pos,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_then_parse() {
+        let hs = vec![
+            TensorHeader {
+                name: "b".into(),
+                dtype: DType::BFloat16,
+                dims: vec![2, 2],
+                nbytes: 8,
+            },
+            TensorHeader {
+                name: "a".into(),
+                dtype: DType::Int32,
+                dims: vec![],
+                nbytes: 4,
+            },
+        ];
+        let meta = BTreeMap::from([("format".to_string(), "ms".to_string())]);
+        let l = layout(&hs, &meta).unwrap();
+        let mut bytes = vec![0u8; l.len as usize];
+        for (o, b) in &l.fixed {
+            bytes[*o as usize..*o as usize + b.len()].copy_from_slice(b);
+        }
+        let idx = parse(Path::new("x.safetensors"), &bytes, ReadOptions::default()).unwrap();
+        assert_eq!(idx.metadata.get("format").map(String::as_str), Some("ms"));
+        assert_eq!(idx.tensors[0].name, "b");
+        assert_eq!(idx.tensors[0].dtype, DType::BFloat16);
+        assert_eq!(idx.tensors[1].shape, Vec::<u64>::new());
+    }
+
+    #[test]
+    fn hostile_headers_are_refused() {
+        let p = Path::new("h.safetensors");
+        assert!(parse(p, b"1234", ReadOptions::default()).is_err());
+        let mut b = u64::MAX.to_le_bytes().to_vec();
+        b.extend_from_slice(b"{}");
+        assert!(parse(p, &b, ReadOptions::default()).is_err());
+        let h = br#"{"x":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,4]}}"#;
+        let mut b = (h.len() as u64).to_le_bytes().to_vec();
+        b.extend_from_slice(h);
+        b.extend_from_slice(&[0; 4]);
+        let err = parse(p, &b, ReadOptions::default()).unwrap_err();
+        assert!(err.to_string().contains("'x'"), "{err}");
+    }
+}

@@ -1,0 +1,664 @@
+//! MindSpore strategy files (`node_strategy.proto`, protobuf or JSON): parsing, the per-parameter
+//! layouts they describe, and merging one file per pipeline stage into one.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value};
+
+use crate::error::{Error, Result};
+
+/// The protobuf messages of `node_strategy.proto` (package `mindspore.straspb`, proto2).
+pub mod proto {
+    #![allow(missing_docs)]
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ParallelStrategy {
+        #[prost(uint32, repeated, packed = "false", tag = "1")]
+        pub dim: Vec<u32>,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ParallelStrategys {
+        #[prost(uint32, required, tag = "1")]
+        pub stage: u32,
+        #[prost(message, repeated, tag = "2")]
+        pub parallel_strategy: Vec<ParallelStrategy>,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ParallelStrategyItem {
+        #[prost(string, required, tag = "1")]
+        pub node_name: String,
+        #[prost(message, required, tag = "2")]
+        pub parallel_strategys: ParallelStrategys,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct DevMatrix {
+        #[prost(uint32, repeated, packed = "false", tag = "1")]
+        pub dim: Vec<u32>,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct TensorMap {
+        #[prost(int32, repeated, packed = "false", tag = "1")]
+        pub dim: Vec<i32>,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ParamSplitShape {
+        #[prost(int64, repeated, packed = "false", tag = "1")]
+        pub dim: Vec<i64>,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct IndicesOffset {
+        #[prost(int64, repeated, packed = "false", tag = "1")]
+        pub dim: Vec<i64>,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ParallelLayouts {
+        #[prost(message, repeated, tag = "1")]
+        pub dev_matrix: Vec<DevMatrix>,
+        #[prost(message, repeated, tag = "2")]
+        pub tensor_map: Vec<TensorMap>,
+        #[prost(message, repeated, tag = "3")]
+        pub param_split_shape: Vec<ParamSplitShape>,
+        #[prost(message, repeated, tag = "4")]
+        pub indices_offset: Vec<IndicesOffset>,
+        #[prost(int32, required, tag = "5")]
+        pub field: i32,
+        #[prost(int32, required, tag = "6")]
+        pub opt_weight_shard_step: i32,
+        #[prost(int32, required, tag = "7")]
+        pub opt_weight_shard_size: i32,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ParallelLayoutItem {
+        #[prost(string, required, tag = "1")]
+        pub param_name: String,
+        #[prost(message, required, tag = "2")]
+        pub parallel_layouts: ParallelLayouts,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ParallelStrategyMap {
+        #[prost(uint32, required, tag = "1")]
+        pub current_stage: u32,
+        #[prost(message, repeated, tag = "2")]
+        pub parallel_strategy_item: Vec<ParallelStrategyItem>,
+        #[prost(message, repeated, tag = "3")]
+        pub parallel_layout_item: Vec<ParallelLayoutItem>,
+    }
+}
+
+/// How one parameter is laid out over the devices of one pipeline stage.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize)]
+pub struct ParamLayout {
+    /// Device matrix of the stage (row-major, last axis fastest).
+    pub dev_matrix: Vec<u64>,
+    /// Per tensor dim, the device axes (counted from the right) splitting it; `[-1]` = not split.
+    pub tensor_map: Vec<Vec<i64>>,
+    /// Whether the file used the nested form (one TensorMap per dim). MindSpore builds the
+    /// optimizer-shard layout differently for it.
+    pub nested: bool,
+    /// `opt_weight_shard_step`.
+    pub opt_shard_step: i64,
+    /// `opt_weight_shard_size` (-1 = all replicas).
+    pub opt_shard_size: i64,
+    /// `tensor_shape` when a JSON file gives it.
+    pub tensor_shape: Option<Vec<u64>>,
+}
+
+impl ParamLayout {
+    /// Devices in the stage.
+    pub fn device_num(&self) -> u64 {
+        self.dev_matrix.iter().product()
+    }
+
+    /// The complete (unsplit) layout of a tensor of `ndim` dims.
+    pub fn complete(ndim: usize) -> ParamLayout {
+        ParamLayout {
+            dev_matrix: vec![1],
+            tensor_map: vec![vec![-1]; ndim],
+            nested: false,
+            opt_shard_step: 0,
+            opt_shard_size: 0,
+            tensor_shape: None,
+        }
+    }
+}
+
+/// One layout item of a parameter, with the pipeline stage it belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct StageLayout {
+    /// Pipeline stage (0 for files that are not merged).
+    pub stage: u32,
+    /// The layout.
+    pub layout: ParamLayout,
+}
+
+/// A parsed strategy: for each parameter, its layout items in file order.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Strategy {
+    /// Where it came from (a file, or a folder of stage files).
+    pub path: PathBuf,
+    /// Parameters in order of first appearance, each with its layout items.
+    pub params: Vec<(String, Vec<StageLayout>)>,
+    /// `parallel_strategy_item[0].stage` of the file (the stage a single-stage file was saved by).
+    pub file_stage: Option<u32>,
+    #[serde(skip)]
+    index: HashMap<String, usize>,
+}
+
+/// Splits a merged layout name `"<stage>-<param>"`. Only a decimal prefix counts as a stage, so
+/// parameter names that contain `-` survive (MindSpore splits on every `-` and fails on them).
+pub fn split_stage_name(name: &str) -> (u32, &str) {
+    if let Some((pre, rest)) = name.split_once('-') {
+        if !pre.is_empty() && pre.bytes().all(|b| b.is_ascii_digit()) {
+            if let Ok(stage) = pre.parse::<u32>() {
+                return (stage, rest);
+            }
+        }
+    }
+    (0, name)
+}
+
+fn bad(path: &Path, detail: impl Into<String>) -> Error {
+    Error::Malformed {
+        path: path.to_path_buf(),
+        kind: "strategy",
+        detail: detail.into(),
+    }
+}
+
+fn is_json(path: &Path) -> bool {
+    path.to_string_lossy().ends_with(".json")
+}
+
+impl Strategy {
+    /// Reads a strategy file (a name ending in `.json` is JSON, anything else protobuf), or a
+    /// folder of per-stage files, which is merged in memory first.
+    pub fn load(path: &Path) -> Result<Strategy> {
+        if path.is_dir() {
+            let merged = merge_dir(path)?;
+            let mut s = match &merged {
+                Merged::Proto(m) => Strategy::from_proto(path, m)?,
+                Merged::Json(v) => Strategy::from_json(path, v)?,
+            };
+            s.path = path.to_path_buf();
+            return Ok(s);
+        }
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, "read", e))?;
+        if bytes.is_empty() {
+            return Err(bad(path, "the file is empty"));
+        }
+        if is_json(path) {
+            let v: Value = serde_json::from_slice(&bytes)
+                .map_err(|e| bad(path, format!("not valid JSON: {e}")))?;
+            Strategy::from_json(path, &v)
+        } else {
+            let m = decode_proto(path, &bytes)?;
+            Strategy::from_proto(path, &m)
+        }
+    }
+
+    fn push(&mut self, path: &Path, raw_name: &str, layout: ParamLayout) -> Result<()> {
+        let (stage, name) = split_stage_name(raw_name);
+        if layout.dev_matrix.is_empty() {
+            return Err(Error::BadLayout {
+                path: path.to_path_buf(),
+                param: name.into(),
+                detail: "empty dev_matrix (a pipeline-only strategy cannot be transformed)".into(),
+            });
+        }
+        if layout.dev_matrix.contains(&0) {
+            return Err(Error::BadLayout {
+                path: path.to_path_buf(),
+                param: name.into(),
+                detail: format!("dev_matrix {:?} has a zero", layout.dev_matrix),
+            });
+        }
+        let n = layout.dev_matrix.len() as i64;
+        for m in layout.tensor_map.iter().flatten() {
+            if *m < -1 || *m >= n {
+                return Err(Error::BadLayout {
+                    path: path.to_path_buf(),
+                    param: name.into(),
+                    detail: format!(
+                        "tensor_map {:?} names device axis {m}, but dev_matrix {:?} has {n} axes",
+                        layout.tensor_map, layout.dev_matrix
+                    ),
+                });
+            }
+        }
+        let entry = StageLayout { stage, layout };
+        match self.index.get(name) {
+            Some(&i) => self.params[i].1.push(entry),
+            None => {
+                self.index.insert(name.to_string(), self.params.len());
+                self.params.push((name.to_string(), vec![entry]));
+            }
+        }
+        Ok(())
+    }
+
+    fn empty(path: &Path, file_stage: Option<u32>) -> Strategy {
+        Strategy {
+            path: path.to_path_buf(),
+            params: Vec::new(),
+            file_stage,
+            index: HashMap::new(),
+        }
+    }
+
+    /// Builds from a decoded protobuf map.
+    pub fn from_proto(path: &Path, m: &proto::ParallelStrategyMap) -> Result<Strategy> {
+        let file_stage = m
+            .parallel_strategy_item
+            .first()
+            .map(|i| i.parallel_strategys.stage);
+        let mut s = Strategy::empty(path, file_stage);
+        for item in &m.parallel_layout_item {
+            let l = &item.parallel_layouts;
+            let name = &item.param_name;
+            let dev = l.dev_matrix.first().ok_or_else(|| Error::BadLayout {
+                path: path.to_path_buf(),
+                param: name.clone(),
+                detail: "no dev_matrix".into(),
+            })?;
+            // MindSpore: more than one TensorMap means one per tensor dim, empty ones dropped.
+            let nested = l.tensor_map.len() > 1;
+            let tensor_map: Vec<Vec<i64>> = if nested {
+                l.tensor_map
+                    .iter()
+                    .filter(|t| !t.dim.is_empty())
+                    .map(|t| t.dim.iter().map(|&d| i64::from(d)).collect())
+                    .collect()
+            } else {
+                l.tensor_map
+                    .first()
+                    .map(|t| t.dim.iter().map(|&d| vec![i64::from(d)]).collect())
+                    .unwrap_or_default()
+            };
+            let layout = ParamLayout {
+                dev_matrix: dev.dim.iter().map(|&d| u64::from(d)).collect(),
+                tensor_map,
+                nested,
+                opt_shard_step: i64::from(l.opt_weight_shard_step),
+                opt_shard_size: i64::from(l.opt_weight_shard_size),
+                tensor_shape: None,
+            };
+            s.push(path, name, layout)?;
+        }
+        Ok(s)
+    }
+
+    /// Builds from the JSON form.
+    pub fn from_json(path: &Path, v: &Value) -> Result<Strategy> {
+        let obj = v
+            .as_object()
+            .ok_or_else(|| bad(path, "the top level is not a JSON object"))?;
+        let file_stage = obj
+            .get("parallel_strategy_item")
+            .and_then(Value::as_object)
+            .and_then(|m| m.values().next())
+            .and_then(|i| i.get("stage"))
+            .and_then(Value::as_u64)
+            .map(|s| s as u32);
+        let mut s = Strategy::empty(path, file_stage);
+        let Some(items) = obj.get("parallel_layout_item") else {
+            return Ok(s);
+        };
+        let items = items
+            .as_object()
+            .ok_or_else(|| bad(path, "parallel_layout_item is not an object"))?;
+        for (name, item) in items {
+            let err = |d: &str| Error::BadLayout {
+                path: path.to_path_buf(),
+                param: name.clone(),
+                detail: d.into(),
+            };
+            let ints = |key: &str| -> Result<Vec<i64>> {
+                item.get(key)
+                    .and_then(Value::as_array)
+                    .and_then(|a| a.iter().map(Value::as_i64).collect::<Option<Vec<_>>>())
+                    .ok_or_else(|| err(&format!("'{key}' is missing or not a list of integers")))
+            };
+            let dev = ints("dev_matrix")?;
+            if dev.iter().any(|&d| d < 0) {
+                return Err(err("dev_matrix has a negative entry"));
+            }
+            let tm = item
+                .get("tensor_map")
+                .and_then(Value::as_array)
+                .ok_or_else(|| err("'tensor_map' is missing"))?;
+            let mut nested = false;
+            let mut tensor_map = Vec::new();
+            for e in tm {
+                match e {
+                    Value::Array(a) => {
+                        nested = true;
+                        let v: Option<Vec<i64>> = a.iter().map(Value::as_i64).collect();
+                        tensor_map.push(
+                            v.ok_or_else(|| err("tensor_map entry is not a list of integers"))?,
+                        );
+                    }
+                    other => tensor_map.push(vec![other
+                        .as_i64()
+                        .ok_or_else(|| err("tensor_map entry is not an integer"))?]),
+                }
+            }
+            let num = |key: &str| -> Result<i64> {
+                match item.get(key) {
+                    None => Ok(0),
+                    Some(v) => v
+                        .as_i64()
+                        .ok_or_else(|| err(&format!("'{key}' is not an integer"))),
+                }
+            };
+            let tensor_shape = match item.get("tensor_shape") {
+                None => None,
+                Some(_) => Some(
+                    ints("tensor_shape")?
+                        .into_iter()
+                        .map(|d| d.max(0) as u64)
+                        .collect(),
+                ),
+            };
+            let layout = ParamLayout {
+                dev_matrix: dev.into_iter().map(|d| d as u64).collect(),
+                tensor_map,
+                nested,
+                opt_shard_step: num("opt_weight_shard_step")?,
+                opt_shard_size: num("opt_weight_shard_size")?,
+                tensor_shape,
+            };
+            s.push(path, name, layout)?;
+        }
+        Ok(s)
+    }
+
+    /// Whether the strategy has a layout for `name`.
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    /// All layout items of `name`.
+    pub fn entries(&self, name: &str) -> Option<&[StageLayout]> {
+        self.index.get(name).map(|&i| self.params[i].1.as_slice())
+    }
+
+    /// The stages a parameter belongs to.
+    pub fn stages_of(&self, name: &str) -> Vec<u32> {
+        self.entries(name)
+            .map(|e| e.iter().map(|x| x.stage).collect())
+            .unwrap_or_default()
+    }
+
+    /// The layout MindSpore uses for a parameter when it is not choosing for a particular rank:
+    /// the item of the lowest stage.
+    pub fn layout(&self, name: &str) -> Option<&ParamLayout> {
+        let e = self.entries(name)?;
+        e.iter().min_by_key(|x| x.stage).map(|x| &x.layout)
+    }
+
+    /// The layout used for destination rank `rank` (MindSpore's `_convert_to_list(rank_id)`:
+    /// a rank of stage 0 takes the stage-0 item, a rank of a later stage the last later item).
+    pub fn layout_for_rank(&self, name: &str, rank: u64) -> Option<&ParamLayout> {
+        let e = self.entries(name)?;
+        let mut chosen = &e[0];
+        let stage_dev = self.stage_device_num().unwrap_or(1).max(1);
+        let in_first = rank / stage_dev == 0;
+        for x in &e[1..] {
+            if (in_first && x.stage == 0) || (!in_first && x.stage > 0) {
+                chosen = x;
+            }
+        }
+        Some(&chosen.layout)
+    }
+
+    /// Devices per pipeline stage: the first parameter's device count, as MindSpore takes it.
+    pub fn stage_device_num(&self) -> Result<u64> {
+        let first = self
+            .params
+            .first()
+            .ok_or_else(|| bad(&self.path, "the strategy has no parameter layouts"))?;
+        Ok(self.layout(&first.0).map_or(1, ParamLayout::device_num))
+    }
+
+    /// Number of pipeline stages. Stages must be 0..n without gaps.
+    pub fn stage_num(&self) -> Result<u32> {
+        let mut stages: Vec<u32> = self
+            .params
+            .iter()
+            .flat_map(|(_, e)| e.iter().map(|x| x.stage))
+            .collect();
+        stages.sort_unstable();
+        stages.dedup();
+        for (i, s) in stages.iter().enumerate() {
+            if *s != i as u32 {
+                return Err(bad(
+                    &self.path,
+                    format!("the strategy does not contain all pipeline stages: found stages {stages:?}"),
+                ));
+            }
+        }
+        Ok(stages.len().max(1) as u32)
+    }
+
+    /// Total ranks: devices per stage times stages.
+    pub fn rank_num(&self) -> Result<u64> {
+        Ok(self.stage_device_num()? * u64::from(self.stage_num()?))
+    }
+}
+
+fn decode_proto(path: &Path, bytes: &[u8]) -> Result<proto::ParallelStrategyMap> {
+    use prost::Message;
+    proto::ParallelStrategyMap::decode(bytes).map_err(|e| {
+        bad(
+            path,
+            format!(
+                "not a protobuf ParallelStrategyMap ({e}); a JSON strategy file must end in .json"
+            ),
+        )
+    })
+}
+
+/// A merged strategy, in the format of its inputs.
+#[derive(Debug, Clone)]
+pub enum Merged {
+    /// Protobuf inputs.
+    Proto(proto::ParallelStrategyMap),
+    /// JSON inputs.
+    Json(Value),
+}
+
+impl Merged {
+    /// Serialises as MindSpore writes the merged file.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        match self {
+            Merged::Proto(m) => prost::Message::encode_to_vec(m),
+            Merged::Json(v) => serde_json::to_vec(v).unwrap_or_default(),
+        }
+    }
+
+    /// The conventional extension for the merged file.
+    pub fn extension(&self) -> &'static str {
+        match self {
+            Merged::Proto(_) => "ckpt",
+            Merged::Json(_) => "json",
+        }
+    }
+}
+
+/// The strategy files of a folder: every `*.ckpt`, or every `*.json`, sorted by name.
+pub fn stage_files(dir: &Path) -> Result<(Vec<PathBuf>, bool)> {
+    let rd = std::fs::read_dir(dir).map_err(|e| Error::io(dir, "read folder", e))?;
+    let (mut pb, mut js) = (Vec::new(), Vec::new());
+    for e in rd {
+        let e = e.map_err(|e| Error::io(dir, "read folder", e))?;
+        let p = e.path();
+        if !p.is_file() {
+            continue;
+        }
+        match p.extension().and_then(|x| x.to_str()) {
+            Some("ckpt") => pb.push(p),
+            Some("json") => js.push(p),
+            _ => {}
+        }
+    }
+    if !pb.is_empty() && !js.is_empty() {
+        return Err(Error::Source {
+            path: dir.to_path_buf(),
+            detail:
+                "the strategy folder mixes .ckpt and .json files; they must be all one or the other"
+                    .into(),
+        });
+    }
+    if pb.is_empty() && js.is_empty() {
+        return Err(Error::Source {
+            path: dir.to_path_buf(),
+            detail: "no strategy files (*.ckpt or *.json) in the folder".into(),
+        });
+    }
+    let json = pb.is_empty();
+    let mut files = if json { js } else { pb };
+    files.sort();
+    Ok((files, json))
+}
+
+/// Merges the per-stage strategy files of `dir` as MindSpore's `merge_pipeline_strategys`
+/// does: byte-identical files and stages already seen are skipped, layout items are renamed
+/// `"<stage>-<param>"`, items are concatenated and `current_stage` is set to 1.
+pub fn merge_dir(dir: &Path) -> Result<Merged> {
+    let (files, json) = stage_files(dir)?;
+    merge_files(&files, json)
+}
+
+/// Merges the given stage files (all protobuf, or all JSON when `json`).
+pub fn merge_files(files: &[PathBuf], json: bool) -> Result<Merged> {
+    let mut seen_bytes = std::collections::HashSet::new();
+    let mut merged_stages = Vec::new();
+    if json {
+        let mut strategy_items = Map::new();
+        let mut layout_items = Map::new();
+        for f in files {
+            let bytes = std::fs::read(f).map_err(|e| Error::io(f, "read", e))?;
+            if !seen_bytes.insert(bytes.clone()) {
+                continue;
+            }
+            let v: Value = serde_json::from_slice(&bytes)
+                .map_err(|e| bad(f, format!("not valid JSON: {e}")))?;
+            let si = v
+                .get("parallel_strategy_item")
+                .and_then(Value::as_object)
+                .filter(|m| !m.is_empty());
+            let li = v
+                .get("parallel_layout_item")
+                .and_then(Value::as_object)
+                .filter(|m| !m.is_empty());
+            let (Some(si), Some(li)) = (si, li) else {
+                return Err(bad(
+                    f,
+                    "the strategy file is empty (no strategy or layout items)",
+                ));
+            };
+            let stage = si
+                .values()
+                .next()
+                .and_then(|i| i.get("stage"))
+                .and_then(Value::as_u64)
+                .unwrap_or(0);
+            if merged_stages.contains(&stage) {
+                continue;
+            }
+            for (name, item) in li {
+                layout_items.insert(format!("{stage}-{name}"), item.clone());
+            }
+            for (k, item) in si {
+                strategy_items.insert(k.clone(), item.clone());
+            }
+            merged_stages.push(stage);
+        }
+        let mut out = Map::new();
+        out.insert("current_stage".into(), Value::from(1));
+        out.insert(
+            "parallel_strategy_item".into(),
+            Value::Object(strategy_items),
+        );
+        out.insert("parallel_layout_item".into(), Value::Object(layout_items));
+        return Ok(Merged::Json(Value::Object(out)));
+    }
+    let mut out = proto::ParallelStrategyMap::default();
+    for f in files {
+        let bytes = std::fs::read(f).map_err(|e| Error::io(f, "read", e))?;
+        if !seen_bytes.insert(bytes.clone()) {
+            continue;
+        }
+        if bytes.is_empty() {
+            return Err(bad(f, "the strategy file is empty"));
+        }
+        let mut m = decode_proto(f, &bytes)?;
+        if m.parallel_strategy_item.is_empty() || m.parallel_layout_item.is_empty() {
+            return Err(bad(
+                f,
+                "the strategy file is empty (no strategy or layout items)",
+            ));
+        }
+        let stage = m.parallel_strategy_item[0].parallel_strategys.stage;
+        if merged_stages.contains(&u64::from(stage)) {
+            continue;
+        }
+        for item in &mut m.parallel_layout_item {
+            item.param_name = format!("{stage}-{}", item.param_name);
+        }
+        out.parallel_strategy_item
+            .append(&mut m.parallel_strategy_item);
+        out.parallel_layout_item.append(&mut m.parallel_layout_item);
+        merged_stages.push(u64::from(stage));
+    }
+    out.current_stage = 1;
+    Ok(Merged::Proto(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stage_names_split_only_on_numeric_prefix() {
+        assert_eq!(split_stage_name("1-model.w"), (1, "model.w"));
+        assert_eq!(split_stage_name("12-a-b"), (12, "a-b"));
+        assert_eq!(
+            split_stage_name("attention-norm.weight"),
+            (0, "attention-norm.weight")
+        );
+        assert_eq!(split_stage_name("-x"), (0, "-x"));
+    }
+
+    #[test]
+    fn json_layouts_parse_including_nested() {
+        let v: Value = serde_json::json!({
+            "current_stage": 0,
+            "parallel_strategy_item": {"op": {"stage": 0, "parallel_strategy": [[2, 1]]}},
+            "parallel_layout_item": {
+                "w": {"dev_matrix": [2, 2], "tensor_map": [0, -1], "tensor_shape": [4, 4], "field": 0,
+                       "opt_weight_shard_step": 2, "opt_weight_shard_size": -1},
+                "n": {"dev_matrix": [2, 2, 2], "tensor_map": [[2, 1], [-1]], "field": 0,
+                       "opt_weight_shard_step": 0, "opt_weight_shard_size": 0}
+            }
+        });
+        let s = Strategy::from_json(Path::new("s.json"), &v).unwrap();
+        let w = s.layout("w").unwrap();
+        assert_eq!(w.tensor_map, vec![vec![0], vec![-1]]);
+        assert_eq!(w.opt_shard_size, -1);
+        assert_eq!(w.tensor_shape, Some(vec![4, 4]));
+        assert!(s.layout("n").unwrap().nested);
+        assert_eq!(s.stage_device_num().unwrap(), 4);
+    }
+
+    #[test]
+    fn bad_axes_are_refused() {
+        let v: Value = serde_json::json!({"parallel_layout_item": {
+            "w": {"dev_matrix": [2, 2], "tensor_map": [5, -1]}}});
+        let err = Strategy::from_json(Path::new("s.json"), &v).unwrap_err();
+        assert!(
+            err.to_string().contains("'w'") && err.to_string().contains("axis 5"),
+            "{err}"
+        );
+    }
+}
