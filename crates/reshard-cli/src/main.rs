@@ -1,1 +1,325 @@
-fn main() {}
+//! `reshard`: convert MindSpore distributed checkpoints between parallel layouts.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Args, Parser, Subcommand};
+use reshard_core::checkpoint::{CheckpointFile, Format, ReadOptions};
+use reshard_core::execute::{execute, ExecuteOptions};
+use reshard_core::plan::{Plan, PlanOptions};
+use reshard_core::strategy::{self, Strategy};
+use reshard_core::{report, Error};
+
+#[derive(Parser)]
+#[command(
+    name = "reshard",
+    version,
+    about = "Convert MindSpore distributed checkpoints between parallel layouts",
+    long_about = "Convert MindSpore distributed checkpoints between parallel layouts (data, model, pipeline and \
+                  optimizer parallel), bit for bit as mindspore.transform_checkpoints does, in bounded memory.\n\n\
+                  Exit status: 0 on success, 1 when the input or the job fails (the message names the file, rank and \
+                  parameter), 2 for a bad command line."
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// List the tensors of a checkpoint, or the layouts of a strategy file or folder.
+    Inspect {
+        /// A .ckpt/.safetensors checkpoint, a strategy file (.ckpt protobuf or .json), or a folder of stage files.
+        file: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Merge one strategy file per pipeline stage into one, as MindSpore's merge_pipeline_strategys.
+    MergeStrategy {
+        /// Folder with the stage files (all *.ckpt or all *.json).
+        src_dir: PathBuf,
+        /// The merged file to write.
+        dst_file: PathBuf,
+    },
+    /// Transform checkpoints to another parallel strategy (flags as MindFormers' transform_ckpt.py).
+    Transform {
+        #[command(flatten)]
+        job: JobArgs,
+        /// Folder to write rank_{r}/{prefix}{r}.ckpt into.
+        #[arg(long = "dst_ckpt_dir", visible_alias = "dst-ckpt-dir")]
+        dst_ckpt_dir: PathBuf,
+        #[command(flatten)]
+        out: OutArgs,
+        /// Transform only these destination ranks (comma separated); default all.
+        #[arg(long, value_delimiter = ',')]
+        ranks: Vec<u32>,
+        /// Append MindSpore's crc32 trailer to every output.
+        #[arg(long)]
+        crc: bool,
+        /// Do not print progress.
+        #[arg(long, short)]
+        quiet: bool,
+    },
+    /// Show what a transform would read and write, without moving data.
+    Plan {
+        #[command(flatten)]
+        job: JobArgs,
+        /// Output folder the plan is for (only used to print output paths).
+        #[arg(long = "dst_ckpt_dir", visible_alias = "dst-ckpt-dir", default_value = "output")]
+        dst_ckpt_dir: PathBuf,
+        #[command(flatten)]
+        out: OutArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// With --json, include every tensor and copy piece.
+        #[arg(long)]
+        detail: bool,
+    },
+    /// List the source ranks a destination rank needs (like rank_list_for_transform).
+    RankList {
+        /// Destination rank.
+        #[arg(long)]
+        rank: u32,
+        #[command(flatten)]
+        job: JobArgs,
+    },
+}
+
+#[derive(Args)]
+struct JobArgs {
+    /// Source folder with rank_0/, rank_1/, ... each holding a checkpoint.
+    #[arg(long = "src_ckpt_dir", visible_alias = "src-ckpt-dir")]
+    src_ckpt_dir: PathBuf,
+    /// Source strategy file or folder of stage files; omit for complete weights.
+    #[arg(long = "src_ckpt_strategy", visible_alias = "src-ckpt-strategy")]
+    src_ckpt_strategy: Option<PathBuf>,
+    /// Destination strategy file or folder of stage files; omit for one complete checkpoint.
+    #[arg(long = "dst_ckpt_strategy", visible_alias = "dst-ckpt-strategy")]
+    dst_ckpt_strategy: Option<PathBuf>,
+    /// With several checkpoints per rank folder, the file to use ({rank} = rank number).
+    #[arg(long = "src_ckpt_name", visible_alias = "src-ckpt-name")]
+    src_ckpt_name: Option<String>,
+    /// Do not verify crc trailers of the sources.
+    #[arg(long = "no-crc-check")]
+    no_crc_check: bool,
+}
+
+#[derive(Args)]
+struct OutArgs {
+    /// Output file name prefix.
+    #[arg(long, default_value = "checkpoint_")]
+    prefix: String,
+    /// Output format.
+    #[arg(long = "output_format", visible_alias = "output-format", default_value = "ckpt",
+          value_parser = ["ckpt", "safetensors"])]
+    output_format: String,
+    /// Worker threads (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+}
+
+impl JobArgs {
+    fn plan(&self) -> Result<Plan, Error> {
+        let opts = PlanOptions { src_ckpt_name: self.src_ckpt_name.clone(), skip_crc: self.no_crc_check };
+        Plan::build(&self.src_ckpt_dir, self.src_ckpt_strategy.as_deref(), self.dst_ckpt_strategy.as_deref(), &opts)
+    }
+}
+
+impl OutArgs {
+    fn exec_options(&self) -> Result<ExecuteOptions, Error> {
+        Ok(ExecuteOptions {
+            prefix: self.prefix.clone(),
+            format: Format::parse(&self.output_format)?,
+            threads: self.threads,
+            ..ExecuteOptions::default()
+        })
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("reshard: error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<(), Error> {
+    match cli.cmd {
+        Cmd::Inspect { file, json } => inspect(&file, json),
+        Cmd::MergeStrategy { src_dir, dst_file } => {
+            let merged = strategy::merge_dir(&src_dir)?;
+            write_atomic(&dst_file, &merged.to_bytes())?;
+            eprintln!("merged {} into {}", src_dir.display(), dst_file.display());
+            Ok(())
+        }
+        Cmd::Plan { job, dst_ckpt_dir, out, json, detail } => {
+            let plan = job.plan()?;
+            let opts = out.exec_options()?;
+            if json {
+                let v = report::plan_json(&plan, &dst_ckpt_dir, &opts, detail)?;
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            } else {
+                print!("{}", report::plan_text(&plan, &dst_ckpt_dir, &opts)?);
+            }
+            Ok(())
+        }
+        Cmd::RankList { rank, job } => {
+            let plan = job.plan()?;
+            let ranks = plan.src_ranks_for(rank)?;
+            println!("{}", serde_json::to_string(&ranks).unwrap_or_default());
+            Ok(())
+        }
+        Cmd::Transform { job, dst_ckpt_dir, out, ranks, crc, quiet } => {
+            check_not_inside(&dst_ckpt_dir, &job.src_ckpt_dir)?;
+            let mut job = job;
+            // Strategy folders are merged into the output folder, never into the source.
+            for (slot, name) in [(&mut job.src_ckpt_strategy, "src"), (&mut job.dst_ckpt_strategy, "dst")] {
+                if let Some(p) = slot.as_ref().filter(|p| p.is_dir()) {
+                    let merged = strategy::merge_dir(p)?;
+                    let f = dst_ckpt_dir
+                        .join("merged_strategy")
+                        .join(format!("{name}_merged_ckpt_strategy.{}", merged.extension()));
+                    write_atomic(&f, &merged.to_bytes())?;
+                    eprintln!("merged {} into {}", p.display(), f.display());
+                    *slot = Some(f);
+                }
+            }
+            let plan = job.plan()?;
+            for w in &plan.warnings {
+                eprintln!("reshard: warning: {w}");
+            }
+            let mut opts = out.exec_options()?;
+            opts.crc = crc;
+            if !quiet && std::io::stderr().is_terminal() {
+                let last = std::sync::atomic::AtomicU64::new(0);
+                opts.progress = Some(Arc::new(move |done: u64, total: u64| {
+                    let pct = if total == 0 { 100 } else { done * 100 / total };
+                    if last.swap(pct, std::sync::atomic::Ordering::Relaxed) != pct {
+                        eprint!("\rreshard: {pct:>3}% ({done} of {total} bytes)");
+                    }
+                }));
+            }
+            let start = std::time::Instant::now();
+            let files = execute(&plan, &dst_ckpt_dir, &ranks, &opts)?;
+            if opts.progress.is_some() {
+                eprintln!();
+            }
+            if !quiet {
+                let bytes: u64 = files.iter().map(|f| f.len).sum();
+                eprintln!(
+                    "reshard: wrote {} file(s), {} bytes, to {} in {:.2}s",
+                    files.len(),
+                    bytes,
+                    dst_ckpt_dir.display(),
+                    start.elapsed().as_secs_f64()
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+fn check_not_inside(dst: &Path, src: &Path) -> Result<(), Error> {
+    let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    let (d, s) = (abs(dst), abs(src));
+    let d = d.canonicalize().unwrap_or(d);
+    let s = s.canonicalize().unwrap_or(s);
+    if d.starts_with(&s) {
+        return Err(Error::Invalid(format!(
+            "the output folder {} is inside the source folder {}; choose another output folder",
+            dst.display(),
+            src.display()
+        )));
+    }
+    Ok(())
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, "create folder", e))?;
+    }
+    let tmp = path.with_extension(format!("reshard-{}.tmp", std::process::id()));
+    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, "write", e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, "rename into place", e))
+}
+
+fn looks_like_strategy(path: &Path) -> bool {
+    if path.is_dir() || path.to_string_lossy().ends_with(".json") {
+        return true;
+    }
+    // A checkpoint starts with field 1 (length-delimited, 0x0a); a strategy map with field 1
+    // as a varint (current_stage, 0x08).
+    std::fs::read(path).ok().and_then(|b| b.first().copied()) == Some(0x08)
+}
+
+fn inspect(path: &Path, json: bool) -> Result<(), Error> {
+    if Format::from_path(path) == Some(Format::Safetensors) || !looks_like_strategy(path) {
+        let f = CheckpointFile::open(path, ReadOptions::default())?;
+        let idx = f.index();
+        if json {
+            let tensors: Vec<_> = idx
+                .tensors
+                .iter()
+                .map(|t| serde_json::json!({"name": t.name, "dtype": t.dtype.ckpt_name(), "shape": t.shape, "bytes": t.nbytes}))
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "tensors": tensors })).unwrap_or_default());
+        } else {
+            let w = idx.tensors.iter().map(|t| t.name.len()).max().unwrap_or(4).max(4);
+            println!("{:<w$}  {:<9}  {:<20}  {:>12}", "name", "dtype", "shape", "bytes");
+            for t in &idx.tensors {
+                println!("{:<w$}  {:<9}  {:<20}  {:>12}", t.name, t.dtype.ckpt_name(), format!("{:?}", t.shape), t.nbytes);
+            }
+            let total: u64 = idx.tensors.iter().map(|t| t.nbytes).sum();
+            let crc = idx.crc.map(|c| format!(", crc32 {c:#010x} verified")).unwrap_or_default();
+            println!("{} tensors, {} bytes of content, file {} bytes{}", idx.tensors.len(), total, idx.file_len, crc);
+        }
+        return Ok(());
+    }
+    let s = Strategy::load(path)?;
+    if json {
+        let params: Vec<_> = s
+            .params
+            .iter()
+            .map(|(n, e)| {
+                serde_json::json!({"name": n, "layouts": e.iter().map(|x| serde_json::json!({
+                "stage": x.stage, "dev_matrix": x.layout.dev_matrix, "tensor_map": x.layout.tensor_map,
+                "opt_weight_shard_step": x.layout.opt_shard_step, "opt_weight_shard_size": x.layout.opt_shard_size}))
+                .collect::<Vec<_>>()})
+            })
+            .collect();
+        let v = serde_json::json!({"stages": s.stage_num()?, "stage_devices": s.stage_device_num()?, "params": params});
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    } else {
+        println!("{} stage(s) x {} devices", s.stage_num()?, s.stage_device_num()?);
+        let w = s.params.iter().map(|(n, _)| n.len()).max().unwrap_or(4).max(4);
+        println!("{:<w$}  {:>5}  {:<14}  {:<18}  {:>8}  {:>8}", "name", "stage", "dev_matrix", "tensor_map", "opt_step", "opt_size");
+        for (n, e) in &s.params {
+            for x in e {
+                let tm: Vec<String> = x
+                    .layout
+                    .tensor_map
+                    .iter()
+                    .map(|a| if a.len() == 1 { a[0].to_string() } else { format!("{a:?}") })
+                    .collect();
+                println!(
+                    "{:<w$}  {:>5}  {:<14}  {:<18}  {:>8}  {:>8}",
+                    n,
+                    x.stage,
+                    format!("{:?}", x.layout.dev_matrix),
+                    format!("[{}]", tm.join(", ")),
+                    x.layout.opt_shard_step,
+                    x.layout.opt_shard_size
+                );
+            }
+        }
+    }
+    Ok(())
+}

@@ -22,3 +22,10 @@ pub use dtype::DType;
 pub use error::{Error, Result};
 pub use region::Region;
 pub use strategy::Strategy;
+pub mod execute;
+pub mod plan;
+pub mod source;
+
+pub use execute::{execute, ExecuteOptions, WrittenFile};
+pub use plan::{CopyPiece, Plan, PlanOptions, RankPlan, TensorPlan, TensorSource};
+pub mod report;

@@ -172,6 +172,30 @@ fn content_crc(bytes: &[u8], tensors: &[TensorInfo]) -> u32 {
     h.finalize()
 }
 
+/// The order the `safetensors` library writes data in: dtype descending (in its `Dtype` enum
+/// order), then name. Writing the same order makes our files match MindSpore's.
+pub fn data_order(a: DType, an: &str, b: DType, bn: &str) -> std::cmp::Ordering {
+    fn rank(d: DType) -> u8 {
+        match d {
+            DType::Bool => 0,
+            DType::UInt8 => 4,
+            DType::Int8 | DType::Int4 => 5,
+            DType::Int16 => 9,
+            DType::UInt16 => 10,
+            DType::Float16 => 11,
+            DType::BFloat16 => 12,
+            DType::Int32 => 13,
+            DType::UInt32 => 14,
+            DType::Float32 => 15,
+            DType::Float64 => 17,
+            DType::Int64 => 18,
+            DType::UInt64 => 19,
+            DType::Str => 20,
+        }
+    }
+    rank(b).cmp(&rank(a)).then_with(|| an.cmp(bn))
+}
+
 /// Lays out a safetensors file: tensors in the given order, header with `metadata` first.
 /// `Str` tensors cannot be stored and are refused.
 pub fn layout(tensors: &[TensorHeader], metadata: &BTreeMap<String, String>) -> Result<FileLayout> {

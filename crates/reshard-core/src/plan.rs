@@ -1,0 +1,609 @@
+//! The plan: for every destination rank, its tensors and the copy pieces that fill them.
+//!
+//! A [`Plan`] is built once from the sources and strategies and answers, per destination rank,
+//! with a [`RankPlan`]: the output tensors in order and, for each, either a raw copy of one
+//! source tensor or a list of [`CopyPiece`]s (source rank, source box, overlap region). Rank
+//! plans are computed on demand, so a plan for thousands of ranks is cheap to build.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use rayon::prelude::*;
+
+use crate::checkpoint::{CheckpointFile, CheckpointIndex, Format, ReadOptions, TensorInfo};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::layout::{full_shape_from_slice, ResolvedLayout};
+use crate::region::Region;
+use crate::source::{discover, SourceSet};
+use crate::strategy::Strategy;
+
+/// Settings for building a plan.
+#[derive(Debug, Clone, Default)]
+pub struct PlanOptions {
+    /// Pick this file in every rank folder (`{rank}` = the rank number) when there are several.
+    pub src_ckpt_name: Option<String>,
+    /// Skip crc verification of the sources while indexing them.
+    pub skip_crc: bool,
+}
+
+/// One source checkpoint file.
+#[derive(Debug, Clone)]
+pub struct Source {
+    /// Global source rank.
+    pub rank: u32,
+    /// The file.
+    pub path: PathBuf,
+    /// Size when planned.
+    pub len: u64,
+    /// Modification time when planned.
+    pub mtime: Option<SystemTime>,
+    /// Its table of contents.
+    pub index: CheckpointIndex,
+}
+
+/// Where a parameter's data comes from.
+#[derive(Debug, Clone)]
+enum SrcKind {
+    /// Sharded under the source strategy, in one pipeline stage.
+    Sharded {
+        stage: u32,
+        layout: ResolvedLayout,
+        /// Distinct boxes with a holder (local rank) each.
+        slices: Vec<(Region, u64)>,
+    },
+    /// The complete tensor in source rank 0.
+    Complete,
+    /// No layout: copied as it is from some rank holding it.
+    Raw,
+}
+
+#[derive(Debug, Clone)]
+struct ParamInfo {
+    name: String,
+    dtype: DType,
+    full: Vec<u64>,
+    kind: SrcKind,
+    /// Global source ranks whose files hold the parameter, ascending.
+    holders: Vec<u32>,
+}
+
+/// A box of a source slice to copy into a destination tensor.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct CopyPiece {
+    /// Global source rank whose file is read.
+    pub src_rank: u32,
+    /// The box of the full tensor that the source file holds.
+    pub src_box: Region,
+    /// The overlap to copy, in full-tensor coordinates.
+    pub region: Region,
+}
+
+/// How one output tensor is filled.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum TensorSource {
+    /// The source tensor copied byte for byte.
+    Raw {
+        /// Global source rank.
+        src_rank: u32,
+    },
+    /// Assembled from pieces.
+    Pieces {
+        /// The destination box in the full tensor.
+        dst_box: Region,
+        /// The pieces; they tile `dst_box` exactly.
+        pieces: Vec<CopyPiece>,
+    },
+}
+
+/// One output tensor.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TensorPlan {
+    /// Parameter name.
+    pub name: String,
+    /// Element type.
+    pub dtype: DType,
+    /// Dims to write.
+    pub dims: Vec<u64>,
+    /// Content bytes.
+    pub nbytes: u64,
+    /// Where the bytes come from.
+    pub source: TensorSource,
+}
+
+/// Everything one destination rank gets.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RankPlan {
+    /// Global destination rank.
+    pub rank: u32,
+    /// Pipeline stage of the rank.
+    pub stage: u32,
+    /// Output tensors in file order.
+    pub tensors: Vec<TensorPlan>,
+}
+
+impl RankPlan {
+    /// The source ranks this rank reads, ascending.
+    pub fn src_ranks(&self) -> Vec<u32> {
+        let mut s = BTreeSet::new();
+        for t in &self.tensors {
+            match &t.source {
+                TensorSource::Raw { src_rank } => {
+                    s.insert(*src_rank);
+                }
+                TensorSource::Pieces { pieces, .. } => s.extend(pieces.iter().map(|p| p.src_rank)),
+            }
+        }
+        s.into_iter().collect()
+    }
+
+    /// Bytes this rank writes (tensor content).
+    pub fn bytes_written(&self) -> u64 {
+        self.tensors.iter().map(|t| t.nbytes).sum()
+    }
+
+    /// Content bytes read from each source rank.
+    pub fn bytes_read(&self) -> BTreeMap<u32, u64> {
+        let mut m = BTreeMap::new();
+        for t in &self.tensors {
+            match &t.source {
+                TensorSource::Raw { src_rank } => *m.entry(*src_rank).or_insert(0) += t.nbytes,
+                TensorSource::Pieces { pieces, .. } => {
+                    for p in pieces {
+                        *m.entry(p.src_rank).or_insert(0) += p.region.numel() * t.dtype.size();
+                    }
+                }
+            }
+        }
+        m
+    }
+}
+
+/// A compiled transform from the source checkpoints to a destination strategy.
+#[derive(Debug)]
+pub struct Plan {
+    /// Source folder.
+    pub src_dir: PathBuf,
+    /// Source format.
+    pub src_format: Format,
+    /// Source files by global rank.
+    pub sources: BTreeMap<u32, Source>,
+    src_strategy: Option<Strategy>,
+    dst_strategy: Option<Strategy>,
+    /// Devices per source pipeline stage (1 for a complete source).
+    pub src_stage_devices: u64,
+    /// Source pipeline stages.
+    pub src_stages: u32,
+    /// Devices per destination pipeline stage (1 for a complete destination).
+    pub dst_stage_devices: u64,
+    /// Destination pipeline stages.
+    pub dst_stages: u32,
+    params: Vec<ParamInfo>,
+    param_index: HashMap<String, usize>,
+    /// Things the user should know (differences from MindSpore, ignored files).
+    pub warnings: Vec<String>,
+}
+
+fn mismatch(src: &Source, param: &str, detail: String) -> Error {
+    Error::ShapeMismatch { path: src.path.clone(), rank: src.rank, param: param.to_string(), detail }
+}
+
+impl Plan {
+    /// Builds a plan. `src_strategy` / `dst_strategy` are strategy files or folders of stage
+    /// files; `None` means complete weights.
+    pub fn build(
+        src_dir: &Path,
+        src_strategy: Option<&Path>,
+        dst_strategy: Option<&Path>,
+        opts: &PlanOptions,
+    ) -> Result<Plan> {
+        let src_strategy = src_strategy.map(Strategy::load).transpose()?;
+        let dst_strategy = dst_strategy.map(Strategy::load).transpose()?;
+        let set = discover(src_dir, opts.src_ckpt_name.as_deref())?;
+        Plan::from_parts(set, src_strategy, dst_strategy, opts)
+    }
+
+    /// Builds a plan from an already discovered source set and parsed strategies.
+    pub fn from_parts(
+        set: SourceSet,
+        src_strategy: Option<Strategy>,
+        dst_strategy: Option<Strategy>,
+        opts: &PlanOptions,
+    ) -> Result<Plan> {
+        let mut warnings = Vec::new();
+        let (src_stage_devices, src_stages) = match &src_strategy {
+            Some(s) => (s.stage_device_num()?, s.stage_num()?),
+            None => (1, 1),
+        };
+        let (dst_stage_devices, dst_stages) = match &dst_strategy {
+            Some(s) => (s.stage_device_num()?, s.stage_num()?),
+            None => (1, 1),
+        };
+        let src_total = src_stage_devices * u64::from(src_stages);
+        // Which ranks to read: a complete source is rank 0 only.
+        let wanted: Vec<u32> = (0..src_total as u32).collect();
+        let missing: Vec<u32> = wanted.iter().copied().filter(|r| !set.files.contains_key(r)).collect();
+        if !missing.is_empty() {
+            let what = if src_strategy.is_some() {
+                format!(
+                    "the source strategy has {src_stages} stage(s) of {src_stage_devices} devices, so rank_0..rank_{} are \
+                     needed, but these rank folders are missing: {}",
+                    src_total - 1,
+                    fmt_ranks(&missing)
+                )
+            } else {
+                "no source strategy was given (complete weights), so rank_0 must hold the complete checkpoint, but it is \
+                 missing"
+                    .to_string()
+            };
+            return Err(Error::Source { path: set.dir.clone(), detail: what });
+        }
+        let extra: Vec<u32> = set.files.keys().copied().filter(|r| u64::from(*r) >= src_total).collect();
+        if !extra.is_empty() {
+            warnings.push(format!(
+                "{}: rank folders {} are beyond the {} source ranks and are ignored",
+                set.dir.display(),
+                fmt_ranks(&extra),
+                src_total
+            ));
+        }
+        let read = ReadOptions { verify_crc: !opts.skip_crc };
+        let sources: Vec<Source> = wanted
+            .par_iter()
+            .map(|&r| {
+                let path = set.files[&r].clone();
+                let meta = std::fs::metadata(&path).map_err(|e| Error::io(&path, "stat", e))?;
+                let file = CheckpointFile::open(&path, read)?;
+                Ok(Source { rank: r, path, len: meta.len(), mtime: meta.modified().ok(), index: file.into_index() })
+            })
+            .collect::<Result<_>>()?;
+        let sources: BTreeMap<u32, Source> = sources.into_iter().map(|s| (s.rank, s)).collect();
+
+        // Every parameter of every source file, in order of first appearance by rank.
+        let mut params: Vec<ParamInfo> = Vec::new();
+        let mut param_index: HashMap<String, usize> = HashMap::new();
+        for s in sources.values() {
+            for t in &s.index.tensors {
+                match param_index.get(&t.name) {
+                    Some(&i) => {
+                        let p = &mut params[i];
+                        if p.dtype != t.dtype {
+                            return Err(mismatch(
+                                s,
+                                &t.name,
+                                format!("dtype {} differs from {} in another source rank", t.dtype, p.dtype),
+                            ));
+                        }
+                        p.holders.push(s.rank);
+                    }
+                    None => {
+                        param_index.insert(t.name.clone(), params.len());
+                        params.push(ParamInfo {
+                            name: t.name.clone(),
+                            dtype: t.dtype,
+                            full: t.shape.clone(),
+                            kind: SrcKind::Raw,
+                            holders: vec![s.rank],
+                        });
+                    }
+                }
+            }
+        }
+        for p in &mut params {
+            p.kind = match &src_strategy {
+                None => SrcKind::Complete,
+                Some(st) if st.contains(&p.name) && p.dtype != DType::Str => {
+                    let (kind, full) = resolve_sharded(p, st, &sources, src_stage_devices)?;
+                    p.full = full;
+                    kind
+                }
+                Some(_) => SrcKind::Raw,
+            };
+        }
+        if let Some(st) = &src_strategy {
+            if !params.iter().any(|p| matches!(p.kind, SrcKind::Sharded { .. })) {
+                return Err(Error::Source {
+                    path: set.dir.clone(),
+                    detail: format!(
+                        "none of the parameters in the source checkpoints has a layout in the source strategy {}; is it \
+                         the strategy these checkpoints were saved with?",
+                        st.path.display()
+                    ),
+                });
+            }
+        }
+        if let Some(d) = &dst_strategy {
+            let odd: Vec<&str> = params
+                .iter()
+                .filter(|p| matches!(p.kind, SrcKind::Sharded { .. }) && !d.contains(&p.name))
+                .map(|p| p.name.as_str())
+                .collect();
+            if !odd.is_empty() {
+                warnings.push(format!(
+                    "{} parameter(s) have a source layout but none in the destination strategy ({}{}); they are written                      complete to every destination rank (MindSpore would copy one source slice, which is not the                      parameter)",
+                    odd.len(),
+                    odd.iter().take(5).copied().collect::<Vec<_>>().join(", "),
+                    if odd.len() > 5 { ", ..." } else { "" }
+                ));
+            }
+        }
+        Ok(Plan {
+            src_dir: set.dir,
+            src_format: set.format,
+            sources,
+            src_strategy,
+            dst_strategy,
+            src_stage_devices,
+            src_stages,
+            dst_stage_devices,
+            dst_stages,
+            params,
+            param_index,
+            warnings,
+        })
+    }
+
+    /// Number of destination ranks (1 for a complete destination).
+    pub fn dst_rank_count(&self) -> u32 {
+        (self.dst_stage_devices * u64::from(self.dst_stages)) as u32
+    }
+
+    /// Number of source ranks read.
+    pub fn src_rank_count(&self) -> u32 {
+        self.sources.len() as u32
+    }
+
+    /// Whether the destination is one complete checkpoint.
+    pub fn dst_is_complete(&self) -> bool {
+        self.dst_strategy.is_none()
+    }
+
+    /// The plan of destination rank `rank`.
+    pub fn rank_plan(&self, rank: u32) -> Result<RankPlan> {
+        let count = self.dst_rank_count();
+        if rank >= count {
+            return Err(Error::Invalid(format!(
+                "destination rank {rank} does not exist: the destination has {count} rank(s)"
+            )));
+        }
+        let stage = (u64::from(rank) / self.dst_stage_devices) as u32;
+        let local = u64::from(rank) % self.dst_stage_devices;
+        let mut transformed = Vec::new();
+        let mut copied = Vec::new();
+        for p in &self.params {
+            let in_src = match &self.src_strategy {
+                None => true,
+                Some(s) => s.contains(&p.name),
+            };
+            let dst_layout = match &self.dst_strategy {
+                None => None,
+                Some(d) if d.contains(&p.name) => {
+                    if !d.stages_of(&p.name).contains(&stage) {
+                        // MindSpore drops it unless the source strategy lacks it.
+                        if in_src {
+                            continue;
+                        }
+                        copied.push(self.raw(p, rank, local)?);
+                        continue;
+                    }
+                    Some(d.layout_for_rank(&p.name, u64::from(rank)).ok_or_else(|| {
+                        Error::Invalid(format!("destination strategy lost the layout of '{}'", p.name))
+                    })?)
+                }
+                Some(_) => {
+                    // Not in the destination strategy: MindSpore copies the source slice as it
+                    // is; a sharded one would be a wrong tensor, so write the complete tensor.
+                    match p.kind {
+                        SrcKind::Sharded { .. } => copied.push(self.pieces(p, Region::full(&p.full), rank, local)?),
+                        _ => copied.push(self.raw(p, rank, local)?),
+                    }
+                    continue;
+                }
+            };
+            if !in_src || matches!(p.kind, SrcKind::Raw) {
+                copied.push(self.raw(p, rank, local)?);
+                continue;
+            }
+            let dst_box = match dst_layout {
+                None => Region::full(&p.full),
+                Some(l) => {
+                    let path = self.dst_strategy.as_ref().map(|s| s.path.clone()).unwrap_or_default();
+                    ResolvedLayout::new(l, &p.full, &p.name, &path)?.rank_box(local)
+                }
+            };
+            transformed.push(self.pieces(p, dst_box, rank, local)?);
+        }
+        self.order_like_mindspore(&mut transformed, &mut copied);
+        transformed.extend(copied);
+        Ok(RankPlan { rank, stage, tensors: transformed })
+    }
+
+    /// MindSpore loads the needed source files from the highest rank down and writes parameters
+    /// in order of first appearance, transformed ones before copied ones.
+    fn order_like_mindspore(&self, transformed: &mut [TensorPlan], copied: &mut [TensorPlan]) {
+        let mut used: Vec<u32> = transformed
+            .iter()
+            .chain(copied.iter())
+            .flat_map(|t| match &t.source {
+                TensorSource::Raw { src_rank } => vec![*src_rank],
+                TensorSource::Pieces { pieces, .. } => pieces.iter().map(|p| p.src_rank).collect(),
+            })
+            .collect();
+        used.sort_unstable_by(|a, b| b.cmp(a));
+        used.dedup();
+        let mut pos: HashMap<&str, usize> = HashMap::new();
+        for r in used {
+            if let Some(s) = self.sources.get(&r) {
+                for t in &s.index.tensors {
+                    let n = pos.len();
+                    pos.entry(t.name.as_str()).or_insert(n);
+                }
+            }
+        }
+        let key = |t: &TensorPlan| pos.get(t.name.as_str()).copied().unwrap_or(usize::MAX);
+        transformed.sort_by_key(key);
+        copied.sort_by_key(key);
+    }
+
+    fn raw(&self, p: &ParamInfo, _rank: u32, local: u64) -> Result<TensorPlan> {
+        let want_local = local % self.src_stage_devices;
+        let src_rank = p
+            .holders
+            .iter()
+            .copied()
+            .find(|&h| u64::from(h) % self.src_stage_devices == want_local)
+            .unwrap_or(p.holders[0]);
+        let t = self.tensor_info(src_rank, &p.name)?;
+        let dims = if t.dtype == DType::Str { t.raw_dims.clone() } else { t.shape.clone() };
+        Ok(TensorPlan {
+            name: p.name.clone(),
+            dtype: t.dtype,
+            dims,
+            nbytes: t.nbytes,
+            source: TensorSource::Raw { src_rank },
+        })
+    }
+
+    fn pieces(&self, p: &ParamInfo, dst_box: Region, _rank: u32, local: u64) -> Result<TensorPlan> {
+        let pieces = match &p.kind {
+            SrcKind::Complete | SrcKind::Raw => {
+                let src_rank = p.holders[0];
+                vec![CopyPiece { src_rank, src_box: Region::full(&p.full), region: dst_box.clone() }]
+            }
+            SrcKind::Sharded { stage, layout, slices } => {
+                let base = local % self.src_stage_devices;
+                let stage_start = u64::from(*stage) * self.src_stage_devices;
+                slices
+                    .iter()
+                    .filter_map(|(b, holder)| {
+                        let region = b.intersect(&dst_box)?;
+                        let replica = layout.replica_near(*holder, base) % self.src_stage_devices;
+                        Some(CopyPiece { src_rank: (stage_start + replica) as u32, src_box: b.clone(), region })
+                    })
+                    .collect()
+            }
+        };
+        let nbytes = dst_box.numel() * p.dtype.size();
+        Ok(TensorPlan {
+            name: p.name.clone(),
+            dtype: p.dtype,
+            dims: dst_box.shape.clone(),
+            nbytes,
+            source: TensorSource::Pieces { dst_box, pieces },
+        })
+    }
+
+    /// The stored tensor `name` in source rank `rank`.
+    pub fn tensor_info(&self, rank: u32, name: &str) -> Result<&TensorInfo> {
+        let s = self.sources.get(&rank).ok_or_else(|| Error::Invalid(format!("source rank {rank} is not loaded")))?;
+        s.index.get(name).ok_or_else(|| Error::ShapeMismatch {
+            path: s.path.clone(),
+            rank,
+            param: name.to_string(),
+            detail: "the parameter is missing from this rank's checkpoint".into(),
+        })
+    }
+
+    /// The source ranks destination rank `rank` reads, highest first (MindSpore's order).
+    pub fn src_ranks_for(&self, rank: u32) -> Result<Vec<u32>> {
+        let mut v = self.rank_plan(rank)?.src_ranks();
+        v.reverse();
+        Ok(v)
+    }
+
+    /// Names of all parameters found in the sources.
+    pub fn param_names(&self) -> impl Iterator<Item = &str> {
+        self.params.iter().map(|p| p.name.as_str())
+    }
+
+    /// Whether a parameter exists in the sources.
+    pub fn has_param(&self, name: &str) -> bool {
+        self.param_index.contains_key(name)
+    }
+}
+
+/// The source layout of a sharded parameter, its slices, and the full shape they imply.
+fn resolve_sharded(
+    p: &ParamInfo,
+    st: &Strategy,
+    sources: &BTreeMap<u32, Source>,
+    stage_dev: u64,
+) -> Result<(SrcKind, Vec<u64>)> {
+    let layout = st.layout(&p.name).ok_or_else(|| Error::Invalid(format!("no layout for '{}'", p.name)))?;
+    let mut stages = st.stages_of(&p.name);
+    stages.sort_unstable();
+    // The lowest stage whose files hold the parameter.
+    let stage = stages
+        .iter()
+        .copied()
+        .find(|&s| p.holders.contains(&((u64::from(s) * stage_dev) as u32)))
+        .ok_or_else(|| {
+            let r = (u64::from(stages[0]) * stage_dev) as u32;
+            let src = &sources[&r];
+            mismatch(
+                src,
+                &p.name,
+                format!(
+                    "the source strategy puts it in stage(s) {stages:?}, but the checkpoint of rank {r} (first rank of \
+                     stage {}) does not contain it",
+                    stages[0]
+                ),
+            )
+        })?;
+    let start = u64::from(stage) * stage_dev;
+    let first = &sources[&(start as u32)];
+    let stored0 = &first.index.get(&p.name).map(|t| t.shape.clone()).unwrap_or_default();
+    if stored0.len() != layout.tensor_map.len() {
+        return Err(mismatch(
+            first,
+            &p.name,
+            format!(
+                "stored shape {stored0:?} has {} dims but the source strategy's tensor_map {:?} has {}",
+                stored0.len(),
+                layout.tensor_map,
+                layout.tensor_map.len()
+            ),
+        ));
+    }
+    let full = full_shape_from_slice(layout, stored0);
+    if let Some(ts) = &layout.tensor_shape {
+        if ts != &full {
+            return Err(mismatch(
+                first,
+                &p.name,
+                format!("stored slice {stored0:?} implies full shape {full:?}, but the strategy says tensor_shape {ts:?}"),
+            ));
+        }
+    }
+    let resolved = ResolvedLayout::new(layout, &full, &p.name, &st.path)?;
+    let mut slices: Vec<(Region, u64)> = Vec::new();
+    for local in 0..stage_dev {
+        let r = (start + local) as u32;
+        let src = &sources[&r];
+        let b = resolved.rank_box(local);
+        let t = src.index.get(&p.name).ok_or_else(|| {
+            mismatch(src, &p.name, format!("missing from this rank's checkpoint (stage {stage} holds it)"))
+        })?;
+        if t.shape != b.shape {
+            return Err(mismatch(
+                src,
+                &p.name,
+                format!(
+                    "stored shape {:?}, but the source strategy (dev_matrix {:?}, tensor_map {:?}, opt shard size {}) gives \
+                     this rank a slice of {:?} of the full {:?}",
+                    t.shape, layout.dev_matrix, layout.tensor_map, layout.opt_shard_size, b.shape, full
+                ),
+            ));
+        }
+        if !slices.iter().any(|(x, _)| *x == b) {
+            slices.push((b, local));
+        }
+    }
+    Ok((SrcKind::Sharded { stage, layout: resolved, slices }, full))
+}
+
+fn fmt_ranks(r: &[u32]) -> String {
+    r.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(", ")
+}

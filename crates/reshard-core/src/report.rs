@@ -1,0 +1,80 @@
+//! Plan summaries for people and for JSON consumers.
+
+use serde_json::{json, Value};
+
+use crate::error::Result;
+use crate::execute::{output_path, ExecuteOptions};
+use crate::plan::Plan;
+
+/// A JSON summary of the plan: per destination rank, the source files and bytes it reads and the
+/// bytes it writes. With `detail`, every tensor and copy piece too.
+pub fn plan_json(plan: &Plan, dst_dir: &std::path::Path, opts: &ExecuteOptions, detail: bool) -> Result<Value> {
+    let mut ranks = Vec::new();
+    for r in 0..plan.dst_rank_count() {
+        let rp = plan.rank_plan(r)?;
+        let sources: Vec<Value> = rp
+            .bytes_read()
+            .iter()
+            .map(|(s, b)| json!({"rank": s, "path": plan.sources[s].path, "bytes": b}))
+            .collect();
+        let mut v = json!({
+            "rank": r,
+            "stage": rp.stage,
+            "output": output_path(dst_dir, r, opts),
+            "tensors": rp.tensors.len(),
+            "bytes_written": rp.bytes_written(),
+            "sources": sources,
+        });
+        if detail {
+            v["plan"] = serde_json::to_value(&rp.tensors).unwrap_or(Value::Null);
+        }
+        ranks.push(v);
+    }
+    Ok(json!({
+        "src_dir": plan.src_dir,
+        "src_format": plan.src_format,
+        "src_ranks": plan.src_rank_count(),
+        "src_stage_devices": plan.src_stage_devices,
+        "src_stages": plan.src_stages,
+        "dst_ranks": plan.dst_rank_count(),
+        "dst_stage_devices": plan.dst_stage_devices,
+        "dst_stages": plan.dst_stages,
+        "warnings": plan.warnings,
+        "ranks": ranks,
+    }))
+}
+
+/// A readable table of the same summary.
+pub fn plan_text(plan: &Plan, dst_dir: &std::path::Path, opts: &ExecuteOptions) -> Result<String> {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "source: {} rank(s) ({} stage(s) x {} devices), destination: {} rank(s) ({} stage(s) x {} devices)",
+        plan.src_rank_count(),
+        plan.src_stages,
+        plan.src_stage_devices,
+        plan.dst_rank_count(),
+        plan.dst_stages,
+        plan.dst_stage_devices
+    );
+    let _ = writeln!(out, "{:>6} {:>6} {:>8} {:>14}  sources read (rank: bytes)", "rank", "stage", "tensors", "bytes written");
+    for r in 0..plan.dst_rank_count() {
+        let rp = plan.rank_plan(r)?;
+        let reads: Vec<String> = rp.bytes_read().iter().map(|(s, b)| format!("{s}: {b}")).collect();
+        let _ = writeln!(
+            out,
+            "{:>6} {:>6} {:>8} {:>14}  {}",
+            r,
+            rp.stage,
+            rp.tensors.len(),
+            rp.bytes_written(),
+            reads.join(", ")
+        );
+        let _ = output_path(dst_dir, r, opts);
+    }
+    for w in &plan.warnings {
+        let _ = writeln!(out, "warning: {w}");
+    }
+    Ok(out)
+}

@@ -1,0 +1,122 @@
+//! Conformance against files made by MindSpore 2.10 (`tests/gen/make_fixtures.py`).
+
+use std::path::{Path, PathBuf};
+
+use reshard_core::checkpoint::{CheckpointFile, Format, ReadOptions};
+use reshard_core::execute::{execute, ExecuteOptions};
+use reshard_core::plan::{Plan, PlanOptions};
+use serde_json::Value;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("reshard-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// (name, dtype, shape, bytes) of every tensor, in file order.
+fn tensors(path: &Path) -> Vec<(String, String, Vec<u64>, Vec<u8>)> {
+    let f = CheckpointFile::open(path, ReadOptions::default()).unwrap_or_else(|e| panic!("{e}"));
+    f.index()
+        .tensors
+        .iter()
+        .map(|t| (t.name.clone(), t.dtype.ckpt_name().to_string(), t.shape.clone(), f.content(t).into_owned()))
+        .collect()
+}
+
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if Format::from_path(&p).is_some() {
+                out.push(p.strip_prefix(dir).unwrap().to_path_buf());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn run_case(case: &Path) -> Result<(), String> {
+    let spec: Value = serde_json::from_slice(&std::fs::read(case.join("case.json")).unwrap()).unwrap();
+    let strat = |k: &str| spec[k].as_str().map(|s| case.join(s));
+    let (src_s, dst_s) = (strat("src_strategy"), strat("dst_strategy"));
+    let plan = Plan::build(&case.join("src"), src_s.as_deref(), dst_s.as_deref(), &PlanOptions::default())
+        .map_err(|e| format!("plan: {e}"))?;
+    let out = scratch(case.file_name().unwrap().to_str().unwrap());
+    let opts = ExecuteOptions {
+        prefix: spec["prefix"].as_str().unwrap_or("checkpoint_").to_string(),
+        format: Format::parse(spec["output_format"].as_str().unwrap_or("ckpt")).unwrap(),
+        ..ExecuteOptions::default()
+    };
+    execute(&plan, &out, &[], &opts).map_err(|e| format!("execute: {e}"))?;
+    let expected = files_under(&case.join("expected"));
+    let got = files_under(&out);
+    if expected != got {
+        return Err(format!("output files differ: expected {expected:?}, got {got:?}"));
+    }
+    for f in &expected {
+        let (e, g) = (tensors(&case.join("expected").join(f)), tensors(&out.join(f)));
+        let en: Vec<&str> = e.iter().map(|t| t.0.as_str()).collect();
+        let gn: Vec<&str> = g.iter().map(|t| t.0.as_str()).collect();
+        if en != gn {
+            return Err(format!("{}: tensor names/order differ:\n expected {en:?}\n got      {gn:?}", f.display()));
+        }
+        for (a, b) in e.iter().zip(&g) {
+            if a != b {
+                return Err(format!(
+                    "{}: tensor '{}' differs: expected {} {:?} ({} bytes), got {} {:?} ({} bytes){}",
+                    f.display(),
+                    a.0,
+                    a.1,
+                    a.2,
+                    a.3.len(),
+                    b.1,
+                    b.2,
+                    b.3.len(),
+                    if a.3 != b.3 { " (content differs)" } else { "" }
+                ));
+            }
+        }
+    }
+    // The source ranks we read are among those MindSpore says are needed.
+    if let Some(lists) = spec["rank_lists"].as_object() {
+        for (r, list) in lists {
+            let r: u32 = r.parse().unwrap();
+            let ms: Vec<u64> = list.as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+            let ours = plan.src_ranks_for(r).map_err(|e| e.to_string())?;
+            if let Some(x) = ours.iter().find(|x| !ms.contains(&u64::from(**x))) {
+                return Err(format!("rank {r}: we read source rank {x}, MindSpore's rank list is {ms:?}"));
+            }
+        }
+    }
+    std::fs::remove_dir_all(&out).ok();
+    Ok(())
+}
+
+#[test]
+fn conformance_cases_match_mindspore() {
+    let root = fixtures().join("conformance");
+    let mut cases: Vec<PathBuf> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("case.json").is_file())
+        .collect();
+    cases.sort();
+    assert!(cases.len() >= 10, "expected the conformance fixtures, found {}", cases.len());
+    let mut failures = Vec::new();
+    for c in &cases {
+        if let Err(e) = run_case(c) {
+            failures.push(format!("{}: {e}", c.file_name().unwrap().to_string_lossy()));
+        }
+    }
+    assert!(failures.is_empty(), "{} of {} cases failed:\n{}", failures.len(), cases.len(), failures.join("\n"));
+}
