@@ -68,7 +68,11 @@ enum Cmd {
         #[command(flatten)]
         job: JobArgs,
         /// Output folder the plan is for (only used to print output paths).
-        #[arg(long = "dst_ckpt_dir", visible_alias = "dst-ckpt-dir", default_value = "output")]
+        #[arg(
+            long = "dst_ckpt_dir",
+            visible_alias = "dst-ckpt-dir",
+            default_value = "output"
+        )]
         dst_ckpt_dir: PathBuf,
         #[command(flatten)]
         out: OutArgs,
@@ -124,8 +128,16 @@ struct OutArgs {
 
 impl JobArgs {
     fn plan(&self) -> Result<Plan, Error> {
-        let opts = PlanOptions { src_ckpt_name: self.src_ckpt_name.clone(), skip_crc: self.no_crc_check };
-        Plan::build(&self.src_ckpt_dir, self.src_ckpt_strategy.as_deref(), self.dst_ckpt_strategy.as_deref(), &opts)
+        let opts = PlanOptions {
+            src_ckpt_name: self.src_ckpt_name.clone(),
+            skip_crc: self.no_crc_check,
+        };
+        Plan::build(
+            &self.src_ckpt_dir,
+            self.src_ckpt_strategy.as_deref(),
+            self.dst_ckpt_strategy.as_deref(),
+            &opts,
+        )
     }
 }
 
@@ -160,7 +172,13 @@ fn run(cli: Cli) -> Result<(), Error> {
             eprintln!("merged {} into {}", src_dir.display(), dst_file.display());
             Ok(())
         }
-        Cmd::Plan { job, dst_ckpt_dir, out, json, detail } => {
+        Cmd::Plan {
+            job,
+            dst_ckpt_dir,
+            out,
+            json,
+            detail,
+        } => {
             let plan = job.plan()?;
             let opts = out.exec_options()?;
             if json {
@@ -177,16 +195,27 @@ fn run(cli: Cli) -> Result<(), Error> {
             println!("{}", serde_json::to_string(&ranks).unwrap_or_default());
             Ok(())
         }
-        Cmd::Transform { job, dst_ckpt_dir, out, ranks, crc, quiet } => {
+        Cmd::Transform {
+            job,
+            dst_ckpt_dir,
+            out,
+            ranks,
+            crc,
+            quiet,
+        } => {
             check_not_inside(&dst_ckpt_dir, &job.src_ckpt_dir)?;
             let mut job = job;
             // Strategy folders are merged into the output folder, never into the source.
-            for (slot, name) in [(&mut job.src_ckpt_strategy, "src"), (&mut job.dst_ckpt_strategy, "dst")] {
+            for (slot, name) in [
+                (&mut job.src_ckpt_strategy, "src"),
+                (&mut job.dst_ckpt_strategy, "dst"),
+            ] {
                 if let Some(p) = slot.as_ref().filter(|p| p.is_dir()) {
                     let merged = strategy::merge_dir(p)?;
-                    let f = dst_ckpt_dir
-                        .join("merged_strategy")
-                        .join(format!("{name}_merged_ckpt_strategy.{}", merged.extension()));
+                    let f = dst_ckpt_dir.join("merged_strategy").join(format!(
+                        "{name}_merged_ckpt_strategy.{}",
+                        merged.extension()
+                    ));
                     write_atomic(&f, &merged.to_bytes())?;
                     eprintln!("merged {} into {}", p.display(), f.display());
                     *slot = Some(f);
@@ -270,16 +299,44 @@ fn inspect(path: &Path, json: bool) -> Result<(), Error> {
                 .iter()
                 .map(|t| serde_json::json!({"name": t.name, "dtype": t.dtype.ckpt_name(), "shape": t.shape, "bytes": t.nbytes}))
                 .collect();
-            println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "tensors": tensors })).unwrap_or_default());
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&serde_json::json!({ "tensors": tensors }))
+                    .unwrap_or_default()
+            );
         } else {
-            let w = idx.tensors.iter().map(|t| t.name.len()).max().unwrap_or(4).max(4);
-            println!("{:<w$}  {:<9}  {:<20}  {:>12}", "name", "dtype", "shape", "bytes");
+            let w = idx
+                .tensors
+                .iter()
+                .map(|t| t.name.len())
+                .max()
+                .unwrap_or(4)
+                .max(4);
+            println!(
+                "{:<w$}  {:<9}  {:<20}  {:>12}",
+                "name", "dtype", "shape", "bytes"
+            );
             for t in &idx.tensors {
-                println!("{:<w$}  {:<9}  {:<20}  {:>12}", t.name, t.dtype.ckpt_name(), format!("{:?}", t.shape), t.nbytes);
+                println!(
+                    "{:<w$}  {:<9}  {:<20}  {:>12}",
+                    t.name,
+                    t.dtype.ckpt_name(),
+                    format!("{:?}", t.shape),
+                    t.nbytes
+                );
             }
             let total: u64 = idx.tensors.iter().map(|t| t.nbytes).sum();
-            let crc = idx.crc.map(|c| format!(", crc32 {c:#010x} verified")).unwrap_or_default();
-            println!("{} tensors, {} bytes of content, file {} bytes{}", idx.tensors.len(), total, idx.file_len, crc);
+            let crc = idx
+                .crc
+                .map(|c| format!(", crc32 {c:#010x} verified"))
+                .unwrap_or_default();
+            println!(
+                "{} tensors, {} bytes of content, file {} bytes{}",
+                idx.tensors.len(),
+                total,
+                idx.file_len,
+                crc
+            );
         }
         return Ok(());
     }
@@ -298,16 +355,35 @@ fn inspect(path: &Path, json: bool) -> Result<(), Error> {
         let v = serde_json::json!({"stages": s.stage_num()?, "stage_devices": s.stage_device_num()?, "params": params});
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
     } else {
-        println!("{} stage(s) x {} devices", s.stage_num()?, s.stage_device_num()?);
-        let w = s.params.iter().map(|(n, _)| n.len()).max().unwrap_or(4).max(4);
-        println!("{:<w$}  {:>5}  {:<14}  {:<18}  {:>8}  {:>8}", "name", "stage", "dev_matrix", "tensor_map", "opt_step", "opt_size");
+        println!(
+            "{} stage(s) x {} devices",
+            s.stage_num()?,
+            s.stage_device_num()?
+        );
+        let w = s
+            .params
+            .iter()
+            .map(|(n, _)| n.len())
+            .max()
+            .unwrap_or(4)
+            .max(4);
+        println!(
+            "{:<w$}  {:>5}  {:<14}  {:<18}  {:>8}  {:>8}",
+            "name", "stage", "dev_matrix", "tensor_map", "opt_step", "opt_size"
+        );
         for (n, e) in &s.params {
             for x in e {
                 let tm: Vec<String> = x
                     .layout
                     .tensor_map
                     .iter()
-                    .map(|a| if a.len() == 1 { a[0].to_string() } else { format!("{a:?}") })
+                    .map(|a| {
+                        if a.len() == 1 {
+                            a[0].to_string()
+                        } else {
+                            format!("{a:?}")
+                        }
+                    })
                     .collect();
                 println!(
                     "{:<w$}  {:>5}  {:<14}  {:<18}  {:>8}  {:>8}",

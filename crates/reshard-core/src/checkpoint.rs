@@ -9,7 +9,9 @@ use crate::mmap::MappedFile;
 use crate::{ckpt, safetensors};
 
 /// Checkpoint file formats.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Format {
     /// MindSpore protobuf `.ckpt`.

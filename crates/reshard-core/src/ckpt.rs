@@ -206,13 +206,15 @@ fn parse_value(path: &Path, value: &[u8], base: u64) -> Result<(String, DType, V
                 tag = Some(s.to_string());
             }
             (2, WT_LEN) => tensor = Some(cur.len_delimited().map_err(|e| malformed(path, e))?),
-            (3, _) => return Err(Error::Unsupported {
-                path: path.to_path_buf(),
-                detail: format!(
+            (3, _) => {
+                return Err(Error::Unsupported {
+                    path: path.to_path_buf(),
+                    detail: format!(
                     "value '{}' is a MapTensor (MapParameter); reshard only handles dense tensors",
                     tag.unwrap_or_default()
                 ),
-            }),
+                })
+            }
             _ => cur.skip(wt).map_err(|e| malformed(path, e))?,
         }
     }

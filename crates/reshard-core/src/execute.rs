@@ -77,8 +77,8 @@ pub struct WrittenFile {
 }
 
 /// The output path of destination rank `rank`.
-pub fn output_path(dst_dir: &Path, rank: u32, opts: &ExecuteOptions) -> PathBuf {
-    dst_dir.join(format!("rank_{rank}")).join(format!("{}{rank}.{}", opts.prefix, opts.format.extension()))
+pub fn output_path(plan: &Plan, dst_dir: &Path, rank: u32, opts: &ExecuteOptions) -> PathBuf {
+    dst_dir.join(plan.output_name(rank, &opts.prefix, opts.format))
 }
 
 /// Lazily mapped source files, checked against what the plan saw.
@@ -89,14 +89,18 @@ struct SourceMaps<'p> {
 
 impl<'p> SourceMaps<'p> {
     fn new(plan: &'p Plan) -> Self {
-        SourceMaps { plan, maps: plan.sources.keys().map(|&r| (r, OnceLock::new())).collect() }
+        SourceMaps {
+            plan,
+            maps: plan.sources.keys().map(|&r| (r, OnceLock::new())).collect(),
+        }
     }
 
     fn get(&self, rank: u32) -> Result<Arc<MappedFile>> {
         let src = &self.plan.sources[&rank];
         let cell = &self.maps[&rank];
         let r = cell.get_or_init(|| {
-            let meta = std::fs::metadata(&src.path).map_err(|e| Error::io(&src.path, "stat", e).to_string())?;
+            let meta = std::fs::metadata(&src.path)
+                .map_err(|e| Error::io(&src.path, "stat", e).to_string())?;
             if meta.len() != src.len || meta.modified().ok() != src.mtime {
                 return Err(Error::Source {
                     path: src.path.clone(),
@@ -104,9 +108,14 @@ impl<'p> SourceMaps<'p> {
                 }
                 .to_string());
             }
-            MappedFile::open(&src.path).map(Arc::new).map_err(|e| e.to_string())
+            MappedFile::open(&src.path)
+                .map(Arc::new)
+                .map_err(|e| e.to_string())
         });
-        r.clone().map_err(|m| Error::Source { path: src.path.clone(), detail: m })
+        r.clone().map_err(|m| Error::Source {
+            path: src.path.clone(),
+            detail: m,
+        })
     }
 }
 
@@ -125,7 +134,11 @@ impl<'a> SegReader<'a> {
             starts.push(acc);
             acc += s.len;
         }
-        SegReader { bytes, segs, starts }
+        SegReader {
+            bytes,
+            segs,
+            starts,
+        }
     }
 
     fn read(&self, mut off: u64, out: &mut [u8]) {
@@ -145,12 +158,28 @@ impl<'a> SegReader<'a> {
 }
 
 /// Runs the plan for `ranks` (all destination ranks when empty), writing into `dst_dir`.
-pub fn execute(plan: &Plan, dst_dir: &Path, ranks: &[u32], opts: &ExecuteOptions) -> Result<Vec<WrittenFile>> {
-    let ranks: Vec<u32> = if ranks.is_empty() { (0..plan.dst_rank_count()).collect() } else { ranks.to_vec() };
-    let rank_plans: Vec<RankPlan> = ranks.iter().map(|&r| plan.rank_plan(r)).collect::<Result<_>>()?;
+pub fn execute(
+    plan: &Plan,
+    dst_dir: &Path,
+    ranks: &[u32],
+    opts: &ExecuteOptions,
+) -> Result<Vec<WrittenFile>> {
+    let ranks: Vec<u32> = if ranks.is_empty() {
+        (0..plan.dst_rank_count()).collect()
+    } else {
+        ranks.to_vec()
+    };
+    let rank_plans: Vec<RankPlan> = ranks
+        .iter()
+        .map(|&r| plan.rank_plan(r))
+        .collect::<Result<_>>()?;
     if opts.format == Format::Safetensors {
         for rp in &rank_plans {
-            if let Some(t) = rp.tensors.iter().find(|t| t.dtype.safetensors_name().is_none()) {
+            if let Some(t) = rp
+                .tensors
+                .iter()
+                .find(|t| t.dtype.safetensors_name().is_none())
+            {
                 return Err(Error::Invalid(format!(
                     "parameter '{}' is a {} and cannot be written to safetensors; use --output_format ckpt",
                     t.name, t.dtype
@@ -207,15 +236,34 @@ fn write_rank(
     }
     let headers: Vec<TensorHeader> = tensors
         .iter()
-        .map(|t| TensorHeader { name: t.name.clone(), dtype: t.dtype, dims: t.dims.clone(), nbytes: t.nbytes })
+        .map(|t| {
+            // MindSpore's safetensors transform writes 0-d tensors as shape [1].
+            let dims = if opts.format == Format::Safetensors && t.dims.is_empty() {
+                vec![1]
+            } else {
+                t.dims.clone()
+            };
+            TensorHeader {
+                name: t.name.clone(),
+                dtype: t.dtype,
+                dims,
+                nbytes: t.nbytes,
+            }
+        })
         .collect();
     let layout = file_layout(&headers, opts.format)?;
-    let final_path = output_path(dst_dir, rp.rank, opts);
-    let dir = final_path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let final_path = output_path(plan, dst_dir, rp.rank, opts);
+    let dir = final_path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, "create folder", e))?;
     let tmp_path = dir.join(format!(
         ".{}.reshard-{}.tmp",
-        final_path.file_name().and_then(|n| n.to_str()).unwrap_or("out"),
+        final_path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("out"),
         std::process::id()
     ));
     let result = (|| {
@@ -226,9 +274,11 @@ fn write_rank(
             .truncate(true)
             .open(&tmp_path)
             .map_err(|e| Error::io(&tmp_path, "create", e))?;
-        file.set_len(layout.len).map_err(|e| Error::io(&tmp_path, "resize", e))?;
+        file.set_len(layout.len)
+            .map_err(|e| Error::io(&tmp_path, "resize", e))?;
         for (off, bytes) in &layout.fixed {
-            file.write_all_at(bytes, *off).map_err(|e| Error::io(&tmp_path, "write", e))?;
+            file.write_all_at(bytes, *off)
+                .map_err(|e| Error::io(&tmp_path, "write", e))?;
         }
         // Blocks of at most block_bytes, cut along dim 0 of the destination box.
         let mut blocks = Vec::new();
@@ -239,7 +289,11 @@ fn write_rank(
             let mut r = 0;
             while r < rows {
                 let e = (r + per).min(rows);
-                blocks.push(Block { tensor: i, row0: r, row1: e });
+                blocks.push(Block {
+                    tensor: i,
+                    row0: r,
+                    row1: e,
+                });
                 r = e;
             }
         }
@@ -256,19 +310,27 @@ fn write_rank(
         let mut crc = file_crc(&file, layout.len, &tmp_path)?;
         if opts.crc && opts.format == Format::Ckpt {
             let trailer = ckpt::crc_trailer(crc);
-            file.write_all_at(&trailer, layout.len).map_err(|e| Error::io(&tmp_path, "write", e))?;
+            file.write_all_at(&trailer, layout.len)
+                .map_err(|e| Error::io(&tmp_path, "write", e))?;
             let mut h = crc32fast::Hasher::new_with_initial(crc);
             h.update(&trailer);
             crc = h.finalize();
             len += trailer.len() as u64;
         }
-        file.sync_all().map_err(|e| Error::io(&tmp_path, "sync", e))?;
+        file.sync_all()
+            .map_err(|e| Error::io(&tmp_path, "sync", e))?;
         drop(file);
-        std::fs::rename(&tmp_path, &final_path).map_err(|e| Error::io(&final_path, "rename into place", e))?;
+        std::fs::rename(&tmp_path, &final_path)
+            .map_err(|e| Error::io(&final_path, "rename into place", e))?;
         if let Ok(d) = File::open(&dir) {
             let _ = d.sync_all();
         }
-        Ok(WrittenFile { rank: rp.rank, path: final_path.clone(), len, crc32: crc })
+        Ok(WrittenFile {
+            rank: rp.rank,
+            path: final_path.clone(),
+            len,
+            crc32: crc,
+        })
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp_path);
@@ -283,7 +345,8 @@ fn file_crc(file: &File, len: u64, path: &Path) -> Result<u32> {
     let mut off = 0;
     while off < len {
         let n = ((len - off) as usize).min(buf.len());
-        file.read_exact_at(&mut buf[..n], off).map_err(|e| Error::io(path, "read back", e))?;
+        file.read_exact_at(&mut buf[..n], off)
+            .map_err(|e| Error::io(path, "read back", e))?;
         h.update(&buf[..n]);
         off += n as u64;
     }
@@ -344,14 +407,29 @@ fn write_block(
             }
             let mut buf = vec![0u8; len as usize];
             for p in pieces {
-                let Some(region) = p.region.intersect(&block) else { continue };
+                let Some(region) = p.region.intersect(&block) else {
+                    continue;
+                };
                 let info = plan.tensor_info(p.src_rank, &t.name)?;
                 let map = maps.get(p.src_rank)?;
                 let reader = SegReader::new(&map, &info.segments);
-                let src_origin: Vec<u64> = (0..nd).map(|d| region.offset[d] - p.src_box.offset[d]).collect();
-                let dst_origin: Vec<u64> = (0..nd).map(|d| region.offset[d] - block.offset[d]).collect();
+                let src_origin: Vec<u64> = (0..nd)
+                    .map(|d| region.offset[d] - p.src_box.offset[d])
+                    .collect();
+                let dst_origin: Vec<u64> = (0..nd)
+                    .map(|d| region.offset[d] - block.offset[d])
+                    .collect();
                 let mut read = |off: u64, out: &mut [u8]| reader.read(off, out);
-                copy_box(&mut read, &p.src_box.shape, &src_origin, &mut buf, &block.shape, &dst_origin, &region.shape, elem);
+                copy_box(
+                    &mut read,
+                    &p.src_box.shape,
+                    &src_origin,
+                    &mut buf,
+                    &block.shape,
+                    &dst_origin,
+                    &region.shape,
+                    elem,
+                );
             }
             write(&buf, start)?;
         }

@@ -182,12 +182,21 @@ pub struct Plan {
     pub dst_stages: u32,
     params: Vec<ParamInfo>,
     param_index: HashMap<String, usize>,
+    /// First source rank read (non-zero only in MindSpore's by-stage mode).
+    src_base: u32,
+    /// In MindSpore's by-stage mode, the source stage: outputs are named `{prefix}{r}_part{stage}`.
+    pub part: Option<u32>,
     /// Things the user should know (differences from MindSpore, ignored files).
     pub warnings: Vec<String>,
 }
 
 fn mismatch(src: &Source, param: &str, detail: String) -> Error {
-    Error::ShapeMismatch { path: src.path.clone(), rank: src.rank, param: param.to_string(), detail }
+    Error::ShapeMismatch {
+        path: src.path.clone(),
+        rank: src.rank,
+        param: param.to_string(),
+        detail,
+    }
 }
 
 impl Plan {
@@ -221,16 +230,42 @@ impl Plan {
             Some(s) => (s.stage_device_num()?, s.stage_num()?),
             None => (1, 1),
         };
+        // MindSpore's special case (`_transform_checkpoint_by_stage`): a single stage's strategy
+        // file as source, a single-stage destination with strictly more parameters. The source
+        // ranks are that stage's, and outputs are named `..._part{stage}`.
+        let by_stage = match (&src_strategy, &dst_strategy) {
+            (Some(s), Some(d)) if src_stages == 1 && dst_stages == 1 => {
+                let keys = |st: &Strategy| -> BTreeSet<String> {
+                    st.params
+                        .iter()
+                        .map(|(n, _)| n.clone())
+                        .filter(|n| {
+                            !["accu_grads", "adam_v", "adam_m"]
+                                .iter()
+                                .any(|p| n.starts_with(p))
+                        })
+                        .collect()
+                };
+                let (sk, dk) = (keys(s), keys(d));
+                (sk.is_subset(&dk) && sk.len() < dk.len()).then(|| s.file_stage.unwrap_or(0))
+            }
+            _ => None,
+        };
+        let src_base = by_stage.map_or(0, |st| (u64::from(st) * src_stage_devices) as u32);
         let src_total = src_stage_devices * u64::from(src_stages);
         // Which ranks to read: a complete source is rank 0 only.
-        let wanted: Vec<u32> = (0..src_total as u32).collect();
-        let missing: Vec<u32> = wanted.iter().copied().filter(|r| !set.files.contains_key(r)).collect();
+        let wanted: Vec<u32> = (src_base..src_base + src_total as u32).collect();
+        let missing: Vec<u32> = wanted
+            .iter()
+            .copied()
+            .filter(|r| !set.files.contains_key(r))
+            .collect();
         if !missing.is_empty() {
             let what = if src_strategy.is_some() {
                 format!(
-                    "the source strategy has {src_stages} stage(s) of {src_stage_devices} devices, so rank_0..rank_{} are \
-                     needed, but these rank folders are missing: {}",
-                    src_total - 1,
+                    "the source strategy has {src_stages} stage(s) of {src_stage_devices} devices, so rank_{src_base}..rank_{} \
+                     are needed, but these rank folders are missing: {}",
+                    u64::from(src_base) + src_total - 1,
                     fmt_ranks(&missing)
                 )
             } else {
@@ -238,10 +273,18 @@ impl Plan {
                  missing"
                     .to_string()
             };
-            return Err(Error::Source { path: set.dir.clone(), detail: what });
+            return Err(Error::Source {
+                path: set.dir.clone(),
+                detail: what,
+            });
         }
-        let extra: Vec<u32> = set.files.keys().copied().filter(|r| u64::from(*r) >= src_total).collect();
-        if !extra.is_empty() {
+        let extra: Vec<u32> = set
+            .files
+            .keys()
+            .copied()
+            .filter(|r| !wanted.contains(r))
+            .collect();
+        if !extra.is_empty() && by_stage.is_none() {
             warnings.push(format!(
                 "{}: rank folders {} are beyond the {} source ranks and are ignored",
                 set.dir.display(),
@@ -249,14 +292,22 @@ impl Plan {
                 src_total
             ));
         }
-        let read = ReadOptions { verify_crc: !opts.skip_crc };
+        let read = ReadOptions {
+            verify_crc: !opts.skip_crc,
+        };
         let sources: Vec<Source> = wanted
             .par_iter()
             .map(|&r| {
                 let path = set.files[&r].clone();
                 let meta = std::fs::metadata(&path).map_err(|e| Error::io(&path, "stat", e))?;
                 let file = CheckpointFile::open(&path, read)?;
-                Ok(Source { rank: r, path, len: meta.len(), mtime: meta.modified().ok(), index: file.into_index() })
+                Ok(Source {
+                    rank: r,
+                    path,
+                    len: meta.len(),
+                    mtime: meta.modified().ok(),
+                    index: file.into_index(),
+                })
             })
             .collect::<Result<_>>()?;
         let sources: BTreeMap<u32, Source> = sources.into_iter().map(|s| (s.rank, s)).collect();
@@ -273,7 +324,10 @@ impl Plan {
                             return Err(mismatch(
                                 s,
                                 &t.name,
-                                format!("dtype {} differs from {} in another source rank", t.dtype, p.dtype),
+                                format!(
+                                    "dtype {} differs from {} in another source rank",
+                                    t.dtype, p.dtype
+                                ),
                             ));
                         }
                         p.holders.push(s.rank);
@@ -295,7 +349,8 @@ impl Plan {
             p.kind = match &src_strategy {
                 None => SrcKind::Complete,
                 Some(st) if st.contains(&p.name) && p.dtype != DType::Str => {
-                    let (kind, full) = resolve_sharded(p, st, &sources, src_stage_devices)?;
+                    let (kind, full) =
+                        resolve_sharded(p, st, &sources, src_base, src_stage_devices)?;
                     p.full = full;
                     kind
                 }
@@ -303,7 +358,10 @@ impl Plan {
             };
         }
         if let Some(st) = &src_strategy {
-            if !params.iter().any(|p| matches!(p.kind, SrcKind::Sharded { .. })) {
+            if !params
+                .iter()
+                .any(|p| matches!(p.kind, SrcKind::Sharded { .. }))
+            {
                 return Err(Error::Source {
                     path: set.dir.clone(),
                     detail: format!(
@@ -341,8 +399,17 @@ impl Plan {
             dst_stages,
             params,
             param_index,
+            src_base,
+            part: by_stage,
             warnings,
         })
+    }
+
+    /// The output file of destination rank `rank`, relative to the output folder.
+    pub fn output_name(&self, rank: u32, prefix: &str, format: Format) -> PathBuf {
+        let part = self.part.map(|s| format!("_part{s}")).unwrap_or_default();
+        PathBuf::from(format!("rank_{rank}"))
+            .join(format!("{prefix}{rank}{part}.{}", format.extension()))
     }
 
     /// Number of destination ranks (1 for a complete destination).
@@ -389,14 +456,19 @@ impl Plan {
                         continue;
                     }
                     Some(d.layout_for_rank(&p.name, u64::from(rank)).ok_or_else(|| {
-                        Error::Invalid(format!("destination strategy lost the layout of '{}'", p.name))
+                        Error::Invalid(format!(
+                            "destination strategy lost the layout of '{}'",
+                            p.name
+                        ))
                     })?)
                 }
                 Some(_) => {
                     // Not in the destination strategy: MindSpore copies the source slice as it
                     // is; a sharded one would be a wrong tensor, so write the complete tensor.
                     match p.kind {
-                        SrcKind::Sharded { .. } => copied.push(self.pieces(p, Region::full(&p.full), rank, local)?),
+                        SrcKind::Sharded { .. } => {
+                            copied.push(self.pieces(p, Region::full(&p.full), rank, local)?)
+                        }
                         _ => copied.push(self.raw(p, rank, local)?),
                     }
                     continue;
@@ -409,7 +481,11 @@ impl Plan {
             let dst_box = match dst_layout {
                 None => Region::full(&p.full),
                 Some(l) => {
-                    let path = self.dst_strategy.as_ref().map(|s| s.path.clone()).unwrap_or_default();
+                    let path = self
+                        .dst_strategy
+                        .as_ref()
+                        .map(|s| s.path.clone())
+                        .unwrap_or_default();
                     ResolvedLayout::new(l, &p.full, &p.name, &path)?.rank_box(local)
                 }
             };
@@ -417,7 +493,11 @@ impl Plan {
         }
         self.order_like_mindspore(&mut transformed, &mut copied);
         transformed.extend(copied);
-        Ok(RankPlan { rank, stage, tensors: transformed })
+        Ok(RankPlan {
+            rank,
+            stage,
+            tensors: transformed,
+        })
     }
 
     /// MindSpore loads the needed source files from the highest rank down and writes parameters
@@ -453,10 +533,14 @@ impl Plan {
             .holders
             .iter()
             .copied()
-            .find(|&h| u64::from(h) % self.src_stage_devices == want_local)
+            .find(|&h| u64::from(h - self.src_base) % self.src_stage_devices == want_local)
             .unwrap_or(p.holders[0]);
         let t = self.tensor_info(src_rank, &p.name)?;
-        let dims = if t.dtype == DType::Str { t.raw_dims.clone() } else { t.shape.clone() };
+        let dims = if t.dtype == DType::Str {
+            t.raw_dims.clone()
+        } else {
+            t.shape.clone()
+        };
         Ok(TensorPlan {
             name: p.name.clone(),
             dtype: t.dtype,
@@ -470,17 +554,30 @@ impl Plan {
         let pieces = match &p.kind {
             SrcKind::Complete | SrcKind::Raw => {
                 let src_rank = p.holders[0];
-                vec![CopyPiece { src_rank, src_box: Region::full(&p.full), region: dst_box.clone() }]
+                vec![CopyPiece {
+                    src_rank,
+                    src_box: Region::full(&p.full),
+                    region: dst_box.clone(),
+                }]
             }
-            SrcKind::Sharded { stage, layout, slices } => {
+            SrcKind::Sharded {
+                stage,
+                layout,
+                slices,
+            } => {
                 let base = local % self.src_stage_devices;
-                let stage_start = u64::from(*stage) * self.src_stage_devices;
+                let stage_start =
+                    u64::from(self.src_base) + u64::from(*stage) * self.src_stage_devices;
                 slices
                     .iter()
                     .filter_map(|(b, holder)| {
                         let region = b.intersect(&dst_box)?;
                         let replica = layout.replica_near(*holder, base) % self.src_stage_devices;
-                        Some(CopyPiece { src_rank: (stage_start + replica) as u32, src_box: b.clone(), region })
+                        Some(CopyPiece {
+                            src_rank: (stage_start + replica) as u32,
+                            src_box: b.clone(),
+                            region,
+                        })
                     })
                     .collect()
             }
@@ -497,7 +594,10 @@ impl Plan {
 
     /// The stored tensor `name` in source rank `rank`.
     pub fn tensor_info(&self, rank: u32, name: &str) -> Result<&TensorInfo> {
-        let s = self.sources.get(&rank).ok_or_else(|| Error::Invalid(format!("source rank {rank} is not loaded")))?;
+        let s = self
+            .sources
+            .get(&rank)
+            .ok_or_else(|| Error::Invalid(format!("source rank {rank} is not loaded")))?;
         s.index.get(name).ok_or_else(|| Error::ShapeMismatch {
             path: s.path.clone(),
             rank,
@@ -529,18 +629,21 @@ fn resolve_sharded(
     p: &ParamInfo,
     st: &Strategy,
     sources: &BTreeMap<u32, Source>,
+    base: u32,
     stage_dev: u64,
 ) -> Result<(SrcKind, Vec<u64>)> {
-    let layout = st.layout(&p.name).ok_or_else(|| Error::Invalid(format!("no layout for '{}'", p.name)))?;
+    let layout = st
+        .layout(&p.name)
+        .ok_or_else(|| Error::Invalid(format!("no layout for '{}'", p.name)))?;
     let mut stages = st.stages_of(&p.name);
     stages.sort_unstable();
     // The lowest stage whose files hold the parameter.
     let stage = stages
         .iter()
         .copied()
-        .find(|&s| p.holders.contains(&((u64::from(s) * stage_dev) as u32)))
+        .find(|&s| p.holders.contains(&(base + (u64::from(s) * stage_dev) as u32)))
         .ok_or_else(|| {
-            let r = (u64::from(stages[0]) * stage_dev) as u32;
+            let r = base + (u64::from(stages[0]) * stage_dev) as u32;
             let src = &sources[&r];
             mismatch(
                 src,
@@ -552,9 +655,13 @@ fn resolve_sharded(
                 ),
             )
         })?;
-    let start = u64::from(stage) * stage_dev;
+    let start = u64::from(base) + u64::from(stage) * stage_dev;
     let first = &sources[&(start as u32)];
-    let stored0 = &first.index.get(&p.name).map(|t| t.shape.clone()).unwrap_or_default();
+    let stored0 = &first
+        .index
+        .get(&p.name)
+        .map(|t| t.shape.clone())
+        .unwrap_or_default();
     if stored0.len() != layout.tensor_map.len() {
         return Err(mismatch(
             first,
@@ -584,7 +691,11 @@ fn resolve_sharded(
         let src = &sources[&r];
         let b = resolved.rank_box(local);
         let t = src.index.get(&p.name).ok_or_else(|| {
-            mismatch(src, &p.name, format!("missing from this rank's checkpoint (stage {stage} holds it)"))
+            mismatch(
+                src,
+                &p.name,
+                format!("missing from this rank's checkpoint (stage {stage} holds it)"),
+            )
         })?;
         if t.shape != b.shape {
             return Err(mismatch(
@@ -601,9 +712,19 @@ fn resolve_sharded(
             slices.push((b, local));
         }
     }
-    Ok((SrcKind::Sharded { stage, layout: resolved, slices }, full))
+    Ok((
+        SrcKind::Sharded {
+            stage,
+            layout: resolved,
+            slices,
+        },
+        full,
+    ))
 }
 
 fn fmt_ranks(r: &[u32]) -> String {
-    r.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(", ")
+    r.iter()
+        .map(|x| x.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }

@@ -8,7 +8,12 @@ use crate::plan::Plan;
 
 /// A JSON summary of the plan: per destination rank, the source files and bytes it reads and the
 /// bytes it writes. With `detail`, every tensor and copy piece too.
-pub fn plan_json(plan: &Plan, dst_dir: &std::path::Path, opts: &ExecuteOptions, detail: bool) -> Result<Value> {
+pub fn plan_json(
+    plan: &Plan,
+    dst_dir: &std::path::Path,
+    opts: &ExecuteOptions,
+    detail: bool,
+) -> Result<Value> {
     let mut ranks = Vec::new();
     for r in 0..plan.dst_rank_count() {
         let rp = plan.rank_plan(r)?;
@@ -20,7 +25,7 @@ pub fn plan_json(plan: &Plan, dst_dir: &std::path::Path, opts: &ExecuteOptions, 
         let mut v = json!({
             "rank": r,
             "stage": rp.stage,
-            "output": output_path(dst_dir, r, opts),
+            "output": output_path(plan, dst_dir, r, opts),
             "tensors": rp.tensors.len(),
             "bytes_written": rp.bytes_written(),
             "sources": sources,
@@ -58,10 +63,18 @@ pub fn plan_text(plan: &Plan, dst_dir: &std::path::Path, opts: &ExecuteOptions) 
         plan.dst_stages,
         plan.dst_stage_devices
     );
-    let _ = writeln!(out, "{:>6} {:>6} {:>8} {:>14}  sources read (rank: bytes)", "rank", "stage", "tensors", "bytes written");
+    let _ = writeln!(
+        out,
+        "{:>6} {:>6} {:>8} {:>14}  sources read (rank: bytes)",
+        "rank", "stage", "tensors", "bytes written"
+    );
     for r in 0..plan.dst_rank_count() {
         let rp = plan.rank_plan(r)?;
-        let reads: Vec<String> = rp.bytes_read().iter().map(|(s, b)| format!("{s}: {b}")).collect();
+        let reads: Vec<String> = rp
+            .bytes_read()
+            .iter()
+            .map(|(s, b)| format!("{s}: {b}"))
+            .collect();
         let _ = writeln!(
             out,
             "{:>6} {:>6} {:>8} {:>14}  {}",
@@ -71,7 +84,6 @@ pub fn plan_text(plan: &Plan, dst_dir: &std::path::Path, opts: &ExecuteOptions) 
             rp.bytes_written(),
             reads.join(", ")
         );
-        let _ = output_path(dst_dir, r, opts);
     }
     for w in &plan.warnings {
         let _ = writeln!(out, "warning: {w}");

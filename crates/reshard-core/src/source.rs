@@ -18,7 +18,10 @@ pub struct SourceSet {
 }
 
 fn src_err(path: &Path, detail: impl Into<String>) -> Error {
-    Error::Source { path: path.to_path_buf(), detail: detail.into() }
+    Error::Source {
+        path: path.to_path_buf(),
+        detail: detail.into(),
+    }
 }
 
 /// Parses `...-{epoch}_{step}.ckpt` into (epoch, step).
@@ -36,7 +39,10 @@ pub fn epoch_step(path: &Path) -> Option<(u64, u64)> {
 /// every rank is used, and anything ambiguous is refused with the candidates listed.
 pub fn discover(dir: &Path, choose: Option<&str>) -> Result<SourceSet> {
     if !dir.is_dir() {
-        return Err(src_err(dir, "the source checkpoint folder does not exist or is not a folder"));
+        return Err(src_err(
+            dir,
+            "the source checkpoint folder does not exist or is not a folder",
+        ));
     }
     let mut candidates: BTreeMap<u32, Vec<PathBuf>> = BTreeMap::new();
     let rd = std::fs::read_dir(dir).map_err(|e| Error::io(dir, "read folder", e))?;
@@ -44,13 +50,18 @@ pub fn discover(dir: &Path, choose: Option<&str>) -> Result<SourceSet> {
         let e = e.map_err(|e| Error::io(dir, "read folder", e))?;
         let name = e.file_name();
         let Some(name) = name.to_str() else { continue };
-        let Some(num) = name.strip_prefix("rank_") else { continue };
-        let Ok(rank) = num.parse::<u32>() else { continue };
+        let Some(num) = name.strip_prefix("rank_") else {
+            continue;
+        };
+        let Ok(rank) = num.parse::<u32>() else {
+            continue;
+        };
         if !num.bytes().all(|b| b.is_ascii_digit()) || !e.path().is_dir() {
             continue;
         }
         let mut files = Vec::new();
-        let rd = std::fs::read_dir(e.path()).map_err(|err| Error::io(e.path(), "read folder", err))?;
+        let rd =
+            std::fs::read_dir(e.path()).map_err(|err| Error::io(e.path(), "read folder", err))?;
         for f in rd {
             let f = f.map_err(|err| Error::io(e.path(), "read folder", err))?;
             let p = f.path();
@@ -62,28 +73,42 @@ pub fn discover(dir: &Path, choose: Option<&str>) -> Result<SourceSet> {
         candidates.insert(rank, files);
     }
     if candidates.is_empty() {
-        return Err(src_err(dir, "no rank_N folders: a source folder holds rank_0/, rank_1/, ... each with a checkpoint"));
+        return Err(src_err(
+            dir,
+            "no rank_N folders: a source folder holds rank_0/, rank_1/, ... each with a checkpoint",
+        ));
     }
     let mut formats = std::collections::BTreeSet::new();
     for (rank, files) in &candidates {
         if files.is_empty() {
-            return Err(src_err(&dir.join(format!("rank_{rank}")), "no .ckpt or .safetensors file in this rank folder"));
+            return Err(src_err(
+                &dir.join(format!("rank_{rank}")),
+                "no .ckpt or .safetensors file in this rank folder",
+            ));
         }
         for f in files {
             formats.extend(Format::from_path(f));
         }
     }
     if formats.len() > 1 {
-        return Err(src_err(dir, "the source mixes .ckpt and .safetensors files; use one format"));
+        return Err(src_err(
+            dir,
+            "the source mixes .ckpt and .safetensors files; use one format",
+        ));
     }
     let format = *formats.iter().next().unwrap_or(&Format::Ckpt);
     let files = if let Some(pattern) = choose {
         let mut out = BTreeMap::new();
         for (rank, files) in &candidates {
             let want = pattern.replace("{rank}", &rank.to_string());
-            let f = files.iter().find(|f| f.file_name().and_then(|n| n.to_str()) == Some(want.as_str()));
+            let f = files
+                .iter()
+                .find(|f| f.file_name().and_then(|n| n.to_str()) == Some(want.as_str()));
             let f = f.ok_or_else(|| {
-                src_err(&dir.join(format!("rank_{rank}")), format!("no file named '{want}' (candidates: {})", list(files)))
+                src_err(
+                    &dir.join(format!("rank_{rank}")),
+                    format!("no file named '{want}' (candidates: {})", list(files)),
+                )
             })?;
             out.insert(*rank, f.clone());
         }
@@ -93,14 +118,25 @@ pub fn discover(dir: &Path, choose: Option<&str>) -> Result<SourceSet> {
     } else {
         pick_common_step(dir, &candidates)?
     };
-    Ok(SourceSet { dir: dir.to_path_buf(), files, format })
+    Ok(SourceSet {
+        dir: dir.to_path_buf(),
+        files,
+        format,
+    })
 }
 
 fn list(files: &[PathBuf]) -> String {
-    files.iter().filter_map(|f| f.file_name()?.to_str()).collect::<Vec<_>>().join(", ")
+    files
+        .iter()
+        .filter_map(|f| f.file_name()?.to_str())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
-fn pick_common_step(dir: &Path, candidates: &BTreeMap<u32, Vec<PathBuf>>) -> Result<BTreeMap<u32, PathBuf>> {
+fn pick_common_step(
+    dir: &Path,
+    candidates: &BTreeMap<u32, Vec<PathBuf>>,
+) -> Result<BTreeMap<u32, PathBuf>> {
     let ambiguous = |rank: u32, files: &[PathBuf], why: &str| {
         src_err(
             &dir.join(format!("rank_{rank}")),
@@ -114,9 +150,14 @@ fn pick_common_step(dir: &Path, candidates: &BTreeMap<u32, Vec<PathBuf>>) -> Res
     for (rank, files) in candidates {
         let mut steps = std::collections::BTreeSet::new();
         for f in files {
-            let s = epoch_step(f).ok_or_else(|| ambiguous(*rank, files, "not all names end in -EPOCH_STEP"))?;
+            let s = epoch_step(f)
+                .ok_or_else(|| ambiguous(*rank, files, "not all names end in -EPOCH_STEP"))?;
             if !steps.insert(s) {
-                return Err(ambiguous(*rank, files, "two of them have the same epoch and step"));
+                return Err(ambiguous(
+                    *rank,
+                    files,
+                    "two of them have the same epoch and step",
+                ));
             }
         }
         common = Some(match common {
@@ -125,12 +166,25 @@ fn pick_common_step(dir: &Path, candidates: &BTreeMap<u32, Vec<PathBuf>>) -> Res
         });
     }
     let Some(&best) = common.as_ref().and_then(|c| c.iter().next_back()) else {
-        let (rank, files) = candidates.iter().next().map(|(r, f)| (*r, f.clone())).unwrap_or_default();
-        return Err(ambiguous(rank, &files, "no epoch/step is present in every rank"));
+        let (rank, files) = candidates
+            .iter()
+            .next()
+            .map(|(r, f)| (*r, f.clone()))
+            .unwrap_or_default();
+        return Err(ambiguous(
+            rank,
+            &files,
+            "no epoch/step is present in every rank",
+        ));
     };
     Ok(candidates
         .iter()
-        .filter_map(|(r, files)| files.iter().find(|f| epoch_step(f) == Some(best)).map(|f| (*r, f.clone())))
+        .filter_map(|(r, files)| {
+            files
+                .iter()
+                .find(|f| epoch_step(f) == Some(best))
+                .map(|f| (*r, f.clone()))
+        })
         .collect())
 }
 
@@ -140,7 +194,10 @@ mod tests {
 
     #[test]
     fn epoch_step_names() {
-        assert_eq!(epoch_step(Path::new("llama_rank_0-10_200.ckpt")), Some((10, 200)));
+        assert_eq!(
+            epoch_step(Path::new("llama_rank_0-10_200.ckpt")),
+            Some((10, 200))
+        );
         assert_eq!(epoch_step(Path::new("checkpoint_0.ckpt")), None);
     }
 
@@ -160,11 +217,17 @@ mod tests {
         assert!(s.files[&1].ends_with("m_rank_1-1_2.ckpt"));
         std::fs::write(t.join("rank_1").join("other.ckpt"), b"").unwrap();
         let err = discover(&t, None).unwrap_err().to_string();
-        assert!(err.contains("rank_1") && err.contains("other.ckpt"), "{err}");
+        assert!(
+            err.contains("rank_1") && err.contains("other.ckpt"),
+            "{err}"
+        );
         let s = discover(&t, Some("m_rank_{rank}-1_1.ckpt")).unwrap();
         assert!(s.files[&0].ends_with("m_rank_0-1_1.ckpt"));
         std::fs::write(t.join("rank_0").join("x.safetensors"), b"").unwrap();
-        assert!(discover(&t, None).unwrap_err().to_string().contains("mixes"));
+        assert!(discover(&t, None)
+            .unwrap_err()
+            .to_string()
+            .contains("mixes"));
         std::fs::remove_dir_all(&t).unwrap();
     }
 }
