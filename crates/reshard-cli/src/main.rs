@@ -230,7 +230,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             if !quiet && std::io::stderr().is_terminal() {
                 let last = std::sync::atomic::AtomicU64::new(0);
                 opts.progress = Some(Arc::new(move |done: u64, total: u64| {
-                    let pct = if total == 0 { 100 } else { done * 100 / total };
+                    let pct = (done * 100).checked_div(total).unwrap_or(100);
                     if last.swap(pct, std::sync::atomic::Ordering::Relaxed) != pct {
                         eprint!("\rreshard: {pct:>3}% ({done} of {total} bytes)");
                     }

@@ -67,7 +67,7 @@ pub fn copy_box(
         read(0, &mut dst[..elem as usize]);
         return;
     }
-    if extent.iter().any(|&e| e == 0) {
+    if extent.contains(&0) {
         return;
     }
     // Merge trailing dims that are whole in source and destination into one contiguous run.

@@ -77,11 +77,13 @@ pub fn plan_text(plan: &Plan, dst_dir: &std::path::Path, opts: &ExecuteOptions) 
             .collect();
         let _ = writeln!(
             out,
-            "{:>6} {:>6} {:>8} {:>14}  {}",
+            "{:>6} {:>6} {:>8} {:>14}  {}\n{:>39}<- {}",
             r,
             rp.stage,
             rp.tensors.len(),
             rp.bytes_written(),
+            output_path(plan, dst_dir, r, opts).display(),
+            "",
             reads.join(", ")
         );
     }

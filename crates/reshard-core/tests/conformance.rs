@@ -1,4 +1,5 @@
 //! Conformance against files made by MindSpore 2.10 (`tests/gen/make_fixtures.py`).
+#![allow(clippy::unwrap_used)] // test helpers: a failed unwrap is a failed test
 
 use std::path::{Path, PathBuf};
 

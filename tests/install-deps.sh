@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Installs what the test suites need on a fresh machine (Debian + rustup toolchain).
+# Idempotent: skips what is already there.
+set -euo pipefail
+need_apt=()
+command -v cmake >/dev/null 2>&1 || need_apt+=(cmake)
+command -v pkg-config >/dev/null 2>&1 || need_apt+=(pkg-config)
+command -v valgrind >/dev/null 2>&1 || need_apt+=(valgrind)
+command -v g++ >/dev/null 2>&1 || need_apt+=(g++)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+python3 -c "import pytest" 2>/dev/null || python3 -m pip install -q "pytest==8.3.4"
+CBINDGEN_VERSION=0.27.0
+if ! cbindgen --version 2>/dev/null | grep -q "$CBINDGEN_VERSION"; then
+  cargo install --locked --quiet cbindgen --version "$CBINDGEN_VERSION"
+fi
