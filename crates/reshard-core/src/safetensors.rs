@@ -158,18 +158,57 @@ pub fn parse(path: &Path, bytes: &[u8], opts: ReadOptions) -> Result<CheckpointI
     })
 }
 
-/// MindSpore's safetensors crc: crc32 chained over each name then its bytes, names sorted.
+/// MindSpore's safetensors crc: crc32 chained over each name then `bytes(ndarray)`, names
+/// sorted. Python's `bytes()` of a 0-d integer array is *value* zero bytes, not the raw bytes,
+/// and MindSpore's crc inherits that.
 fn content_crc(bytes: &[u8], tensors: &[TensorInfo]) -> u32 {
     let mut sorted: Vec<&TensorInfo> = tensors.iter().collect();
     sorted.sort_by(|a, b| a.name.cmp(&b.name));
     let mut h = crc32fast::Hasher::new();
     for t in sorted {
         h.update(t.name.as_bytes());
-        for s in &t.segments {
-            h.update(&bytes[s.offset as usize..(s.offset + s.len) as usize]);
+        let content: Vec<&[u8]> =
+            t.segments.iter().map(|s| &bytes[s.offset as usize..(s.offset + s.len) as usize]).collect();
+        match scalar_int_value(t, content.first().copied().unwrap_or(&[])) {
+            Some(n) => update_zeros(&mut h, n),
+            None => content.iter().for_each(|c| h.update(c)),
         }
     }
     h.finalize()
+}
+
+/// The value of a 0-d integer or bool tensor (negative values count as 0).
+fn scalar_int_value(t: &TensorInfo, raw: &[u8]) -> Option<u64> {
+    if !t.shape.is_empty() || raw.len() as u64 != t.dtype.size() {
+        return None;
+    }
+    let mut b = [0u8; 8];
+    b[..raw.len()].copy_from_slice(raw);
+    let u = u64::from_le_bytes(b);
+    let bits = raw.len() * 8;
+    let signed = |u: u64| {
+        let v = ((u << (64 - bits)) as i64) >> (64 - bits);
+        v.max(0) as u64
+    };
+    match t.dtype {
+        DType::UInt8 | DType::UInt16 | DType::UInt32 | DType::UInt64 | DType::Bool => Some(u),
+        DType::Int8 | DType::Int16 | DType::Int32 | DType::Int64 => Some(signed(u)),
+        _ => None,
+    }
+}
+
+/// Feeds `n` zero bytes to `h` in O(log n) using crc combination.
+fn update_zeros(h: &mut crc32fast::Hasher, mut n: u64) {
+    let mut block = crc32fast::Hasher::new();
+    block.update(&[0]);
+    while n > 0 {
+        if n & 1 == 1 {
+            h.combine(&block);
+        }
+        let b = block.clone();
+        block.combine(&b);
+        n >>= 1;
+    }
 }
 
 /// The order the `safetensors` library writes data in: dtype descending (in its `Dtype` enum
@@ -289,6 +328,19 @@ mod tests {
         assert_eq!(idx.tensors[0].name, "b");
         assert_eq!(idx.tensors[0].dtype, DType::BFloat16);
         assert_eq!(idx.tensors[1].shape, Vec::<u64>::new());
+    }
+
+    #[test]
+    fn zero_runs_match_plain_crc() {
+        for n in [0u64, 1, 2, 3, 7, 100, 1000] {
+            let mut a = crc32fast::Hasher::new();
+            a.update(b"x");
+            update_zeros(&mut a, n);
+            let mut b = crc32fast::Hasher::new();
+            b.update(b"x");
+            b.update(&vec![0u8; n as usize]);
+            assert_eq!(a.finalize(), b.finalize(), "{n}");
+        }
     }
 
     #[test]
