@@ -167,8 +167,11 @@ fn content_crc(bytes: &[u8], tensors: &[TensorInfo]) -> u32 {
     let mut h = crc32fast::Hasher::new();
     for t in sorted {
         h.update(t.name.as_bytes());
-        let content: Vec<&[u8]> =
-            t.segments.iter().map(|s| &bytes[s.offset as usize..(s.offset + s.len) as usize]).collect();
+        let content: Vec<&[u8]> = t
+            .segments
+            .iter()
+            .map(|s| &bytes[s.offset as usize..(s.offset + s.len) as usize])
+            .collect();
         match scalar_int_value(t, content.first().copied().unwrap_or(&[])) {
             Some(n) => update_zeros(&mut h, n),
             None => content.iter().for_each(|c| h.update(c)),
