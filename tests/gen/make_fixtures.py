@@ -17,14 +17,12 @@ Ground truth always comes from MindSpore itself:
 import binascii
 import contextlib
 import glob as _glob
-import io
 import json
 import math
 import os
+import re
 import shutil
-import stat
 import struct
-import sys
 import tempfile
 import traceback
 
@@ -82,10 +80,15 @@ def mkdirs(p):
     return p
 
 
+_NUM_LIST = re.compile(r"\[\s+(-?[0-9.]+(?:,\s+-?[0-9.]+)*)\s+\]")
+
+
 def jdump(path, obj):
+    """Indented JSON with lists of plain numbers kept on one line."""
+    text = json.dumps(obj, indent=1)
+    text = _NUM_LIST.sub(lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",")) + "]", text)
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
+        f.write(text + "\n")
 
 
 def rel(path, start):
@@ -261,9 +264,31 @@ def describe_safetensors(path, crc_check=None):
         h = header[name]
         tensors.append({"name": name, "dtype": str(v.dtype), "shape": [int(d) for d in v.shape],
                         "hex": tensor_bytes(v).hex(), "safetensors_dtype": h["dtype"]})
-    return {"file": os.path.basename(path), "format": "safetensors",
-            "order": "as mindspore.load_checkpoint returns them (sorted by name)",
-            "metadata": meta, "tensors": tensors}
+    out = {"file": os.path.basename(path), "format": "safetensors",
+           "order": "as mindspore.load_checkpoint returns them (sorted by name)",
+           "header_order": [k for k in header if k != "__metadata__"],
+           "metadata": meta, "tensors": tensors}
+    if "crc_num" in meta:
+        # MindSpore: crc32 chained over (name utf-8, tensor bytes) for the names in sorted order
+        with open(path, "rb") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+            f.seek(8 + n)
+            blob = f.read()
+        crc = 0
+        for name in sorted(k for k in header if k != "__metadata__"):
+            h = header[name]
+            a, b = h["data_offsets"]
+            data = blob[a:b]
+            if h["shape"] == [] and h["dtype"][0] in "IU":
+                # MindSpore hashes bytes(ndarray); for a 0-d INTEGER array that is bytes(int(value)),
+                # i.e. `value` zero bytes (negative values make saving fail)
+                data = b"\0" * int.from_bytes(data, "little", signed=h["dtype"][0] == "I")
+            crc = binascii.crc32(name.encode("utf-8"), crc)
+            crc = binascii.crc32(data, crc)
+        out["crc"] = {"stored": int(meta["crc_num"]), "computed": crc,
+                      "rule": "crc32 chained over name (utf-8) then bytes(ndarray) for names in sorted order; "
+                              "bytes() of a 0-d integer array is N zero bytes where N is its value"}
+    return out
 
 
 # ----------------------------------------------------------------------------
@@ -392,8 +417,17 @@ def make_formats():
     save_ckpt(st_items, p, format="safetensors")
     jdump(p + ".expected.json", describe_safetensors(p))
     p = os.path.join(d, "crc.safetensors")
-    save_ckpt(st_items, p, format="safetensors", crc_check=True)
+    # safetensors (Rust HashMap) writes the __metadata__ keys in random order; save again until they
+    # come out sorted so that the file is reproducible byte for byte
+    for _ in range(200):
+        save_ckpt(st_items, p, format="safetensors", crc_check=True)
+        keys = list(safetensors_header(p)["__metadata__"])
+        if keys == sorted(keys):
+            break
+    else:
+        raise SystemExit("could not get a reproducible crc.safetensors")
     exp = describe_safetensors(p)
+    assert exp["crc"]["stored"] == exp["crc"]["computed"], exp["crc"]
     jdump(p + ".expected.json", exp)
 
     bad = os.path.join(d, "crc_bad.safetensors")
@@ -414,6 +448,14 @@ def make_formats():
                    "crc_check=True, loads (damaged, listed below) with crc_check=False")
     jdump(bad + ".expected.json", exp)
 
+    # 0-d negative integer with crc_check: bytes(ndarray) -> bytes(-5) -> ValueError
+    try:
+        save_ckpt([{"name": "neg", "data": tensor(np.array(-5, dtype=np.int32))}],
+                  os.path.join(tempfile.mkdtemp(), "neg.safetensors"), format="safetensors", crc_check=True)
+        notes["negative 0-d int, safetensors crc"] = "saved"
+    except Exception as e:  # noqa: BLE001
+        notes["negative 0-d int, safetensors crc"] = "refused: " + error_text(e)
+
     # bf16 in safetensors: record what MindSpore does in this environment
     try:
         save_ckpt([{"name": "w", "data": tensor(np.ones((2, 2)), "bfloat16")}],
@@ -421,6 +463,7 @@ def make_formats():
         notes["bf16.safetensors"] = "saved"
     except Exception as e:  # noqa: BLE001
         notes["bf16.safetensors"] = "refused: " + str(e).strip().splitlines()[0]
+    jdump(os.path.join(d, "mindspore_notes.json"), notes)
     normalize_modes(d)
     return notes
 
@@ -643,7 +686,8 @@ def model_params(layers=LAYERS):
 
 def make_complete(path, seed, layer_dtype="float32", other_dtype="float32", adam=True, fmt="ckpt",
                   layers=LAYERS):
-    """Complete (unsharded) llama checkpoint.  Values are k/64 + noise so slices are recognisable."""
+    """Complete (unsharded) llama checkpoint: standard-normal weights (rng seeded with `seed`), adam_m/adam_v
+    (fp32) for every param when adam=True, then global_step (int32, 0-d, 1000) and learning_rate (fp32, 0-d)."""
     rng = np.random.default_rng(seed)
     items, adam_m, adam_v = [], [], []
     for name, shape, kind, layer in model_params(layers):
@@ -1060,7 +1104,12 @@ def u_stage_part():
                       "stage dev [1,2] strategy with all params; src params are a strict subset of dst -> "
                       "MindSpore uses _transform_checkpoint_by_stage and writes rank_{r}/checkpoint_{r}_part1"
                       ".ckpt; source = all 8 ranks of the pp2 run; fp32", 23,
-                      S([2, 2], pp=2, stage_only=1), S([1, 2]))
+                      S([2, 2], pp=2, stage_only=1), S([1, 2]),
+                      extra={"rank_lists_note": "rank_list_for_transform sees an unmerged file (no stage "
+                             "prefix, so every param in stage 0) and answers with local ranks; "
+                             "_transform_checkpoint_by_stage really reads src ranks stage*4 + 0..3 = 4..7 "
+                             "(stage from parallel_strategy_item) and names outputs by LOCAL dst rank",
+                             "src_ranks_read": [4, 5, 6, 7]})
 
 
 def make_conformance():
@@ -1111,6 +1160,8 @@ Files written by `mindspore.save_checkpoint`, each with `<file>.expected.json`:
 Value), "chunks" (consecutive Values with that tag), "chunk_bytes"}], "crc": {"stored", "computed"}}`
 in file order (safetensors: in the order MindSpore loads them, sorted by name).
 `crc_bad.*` are damaged copies that MindSpore rejects with `crc_check=True` (`crc_check_error`).
+`chunked*.ckpt` were written with `serialization.SLICE_SIZE = 1` (KiB) so that tensors span several
+consecutive Values with the same tag. `mindspore_notes.json`: chunk counts and what MindSpore refused.
 
 ## strategies/
 Strategy files written with `node_strategy_pb2` / JSON, merged files from
@@ -1126,12 +1177,20 @@ the file has `mindspore_error` and params from the same algorithm with a correct
   ("ckpt"|"safetensors"), "rank_lists" ({dst rank: mindspore.rank_list_for_transform(...)}, only
   with a src strategy), "src_strategy_stages"/"dst_strategy_stages" (per-stage files of pipeline
   strategies; the strategy paths point to MindSpore's merged file), "src_device_num",
-  "dst_device_num", "src_files", "expected_files"}`.
+  "dst_device_num", "model" (tiny llama config: layers, hidden 16, vocab 32, ffn 32, adam states
+  or not, dtypes, seed), "src_files", "expected_files"}`. Model params: tok_embeddings [32,16],
+  per layer wq/wk/wv/wo [16,16], w1/w3 [32,16], w2 [16,32], attention_norm/ffn_norm [16],
+  norm_out [16], lm_head [32,16], optional adam_m./adam_v. (fp32), global_step (int32 0-d),
+  learning_rate (fp32 0-d).
 - `src/rank_{i}/...`: source checkpoints (sharded ones made by `transform_checkpoints` from a
   complete checkpoint).
 - `expected/rank_{r}/...`: exactly what `mindspore.transform_checkpoints(src, expected, prefix,
   src_strategy, dst_strategy, output_format=...)` wrote.
 - `SKIPPED.md`: planned cases MindSpore refused, with the error.
+
+Safetensors cases: MindSpore's safetensors transform hands numpy views to `safetensors.numpy.save_file`,
+which (safetensors >= 0.6, 0.8.0 here) ignores strides and writes wrong data for tensors split on a
+non-leading dim; the generator makes those arrays contiguous first (see `contiguous_safetensors_save`).
 
 File modes are reset to 0644 (MindSpore itself writes 0400 files in 0700 folders).
 """
