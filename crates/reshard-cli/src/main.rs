@@ -12,6 +12,21 @@ use reshard_core::plan::{Plan, PlanOptions};
 use reshard_core::strategy::{self, Strategy};
 use reshard_core::{report, Error};
 
+/// Prints to stdout; a closed pipe (`reshard inspect f | head`) is not an error.
+macro_rules! outln {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($t)*);
+    }};
+}
+
+macro_rules! out {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout().lock(), $($t)*);
+    }};
+}
+
 #[derive(Parser)]
 #[command(
     name = "reshard",
@@ -183,16 +198,16 @@ fn run(cli: Cli) -> Result<(), Error> {
             let opts = out.exec_options()?;
             if json {
                 let v = report::plan_json(&plan, &dst_ckpt_dir, &opts, detail)?;
-                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                outln!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
             } else {
-                print!("{}", report::plan_text(&plan, &dst_ckpt_dir, &opts)?);
+                out!("{}", report::plan_text(&plan, &dst_ckpt_dir, &opts)?);
             }
             Ok(())
         }
         Cmd::RankList { rank, job } => {
             let plan = job.plan()?;
             let ranks = plan.src_ranks_for(rank)?;
-            println!("{}", serde_json::to_string(&ranks).unwrap_or_default());
+            outln!("{}", serde_json::to_string(&ranks).unwrap_or_default());
             Ok(())
         }
         Cmd::Transform {
@@ -299,7 +314,7 @@ fn inspect(path: &Path, json: bool) -> Result<(), Error> {
                 .iter()
                 .map(|t| serde_json::json!({"name": t.name, "dtype": t.dtype.ckpt_name(), "shape": t.shape, "bytes": t.nbytes}))
                 .collect();
-            println!(
+            outln!(
                 "{}",
                 serde_json::to_string_pretty(&serde_json::json!({ "tensors": tensors }))
                     .unwrap_or_default()
@@ -312,12 +327,12 @@ fn inspect(path: &Path, json: bool) -> Result<(), Error> {
                 .max()
                 .unwrap_or(4)
                 .max(4);
-            println!(
+            outln!(
                 "{:<w$}  {:<9}  {:<20}  {:>12}",
                 "name", "dtype", "shape", "bytes"
             );
             for t in &idx.tensors {
-                println!(
+                outln!(
                     "{:<w$}  {:<9}  {:<20}  {:>12}",
                     t.name,
                     t.dtype.ckpt_name(),
@@ -330,7 +345,7 @@ fn inspect(path: &Path, json: bool) -> Result<(), Error> {
                 .crc
                 .map(|c| format!(", crc32 {c:#010x} verified"))
                 .unwrap_or_default();
-            println!(
+            outln!(
                 "{} tensors, {} bytes of content, file {} bytes{}",
                 idx.tensors.len(),
                 total,
@@ -353,9 +368,9 @@ fn inspect(path: &Path, json: bool) -> Result<(), Error> {
             })
             .collect();
         let v = serde_json::json!({"stages": s.stage_num()?, "stage_devices": s.stage_device_num()?, "params": params});
-        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        outln!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
     } else {
-        println!(
+        outln!(
             "{} stage(s) x {} devices",
             s.stage_num()?,
             s.stage_device_num()?
@@ -367,7 +382,7 @@ fn inspect(path: &Path, json: bool) -> Result<(), Error> {
             .max()
             .unwrap_or(4)
             .max(4);
-        println!(
+        outln!(
             "{:<w$}  {:>5}  {:<14}  {:<18}  {:>8}  {:>8}",
             "name", "stage", "dev_matrix", "tensor_map", "opt_step", "opt_size"
         );
@@ -385,7 +400,7 @@ fn inspect(path: &Path, json: bool) -> Result<(), Error> {
                         }
                     })
                     .collect();
-                println!(
+                outln!(
                     "{:<w$}  {:>5}  {:<14}  {:<18}  {:>8}  {:>8}",
                     n,
                     x.stage,

@@ -380,7 +380,7 @@ impl Plan {
                 .collect();
             if !odd.is_empty() {
                 warnings.push(format!(
-                    "{} parameter(s) have a source layout but none in the destination strategy ({}{}); they are written                      complete to every destination rank (MindSpore would copy one source slice, which is not the                      parameter)",
+                    "{} parameter(s) have a source layout but none in the destination strategy ({}{}); they are written complete to every destination rank (MindSpore would copy one source slice, which is not the parameter)",
                     odd.len(),
                     odd.iter().take(5).copied().collect::<Vec<_>>().join(", "),
                     if odd.len() > 5 { ", ..." } else { "" }
