@@ -74,6 +74,10 @@ enum Cmd {
         /// Append MindSpore's crc32 trailer to every output.
         #[arg(long)]
         crc: bool,
+        /// Do not fsync outputs before renaming them into place (faster; a power loss may then
+        /// leave a complete-looking but unwritten file).
+        #[arg(long = "no-sync")]
+        no_sync: bool,
         /// Do not print progress.
         #[arg(long, short)]
         quiet: bool,
@@ -216,6 +220,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             out,
             ranks,
             crc,
+            no_sync,
             quiet,
         } => {
             check_not_inside(&dst_ckpt_dir, &job.src_ckpt_dir)?;
@@ -242,6 +247,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             }
             let mut opts = out.exec_options()?;
             opts.crc = crc;
+            opts.sync = !no_sync;
             if !quiet && std::io::stderr().is_terminal() {
                 let last = std::sync::atomic::AtomicU64::new(0);
                 opts.progress = Some(Arc::new(move |done: u64, total: u64| {
@@ -329,7 +335,10 @@ fn inspect(path: &Path, json: bool) -> Result<(), Error> {
                 .max(4);
             outln!(
                 "{:<w$}  {:<9}  {:<20}  {:>12}",
-                "name", "dtype", "shape", "bytes"
+                "name",
+                "dtype",
+                "shape",
+                "bytes"
             );
             for t in &idx.tensors {
                 outln!(
@@ -384,7 +393,12 @@ fn inspect(path: &Path, json: bool) -> Result<(), Error> {
             .max(4);
         outln!(
             "{:<w$}  {:>5}  {:<14}  {:<18}  {:>8}  {:>8}",
-            "name", "stage", "dev_matrix", "tensor_map", "opt_step", "opt_size"
+            "name",
+            "stage",
+            "dev_matrix",
+            "tensor_map",
+            "opt_step",
+            "opt_size"
         );
         for (n, e) in &s.params {
             for x in e {

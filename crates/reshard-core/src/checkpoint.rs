@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::mmap::MappedFile;
+use crate::sys::MappedFile;
 use crate::{ckpt, safetensors};
 
 /// Checkpoint file formats.

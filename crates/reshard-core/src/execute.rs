@@ -12,9 +12,9 @@ use rayon::prelude::*;
 
 use crate::checkpoint::{FileLayout, Format, Segment, TensorHeader};
 use crate::error::{Error, Result};
-use crate::mmap::MappedFile;
 use crate::plan::{Plan, RankPlan, TensorSource};
 use crate::region::copy_box;
+use crate::sys::MappedFile;
 use crate::{ckpt, safetensors};
 
 /// Progress callback: (bytes written so far, total bytes to write).
@@ -34,6 +34,9 @@ pub struct ExecuteOptions {
     pub block_bytes: u64,
     /// Append MindSpore's crc trailer to `.ckpt` outputs (`crc_num` metadata for safetensors).
     pub crc: bool,
+    /// fsync each output before renaming it into place (on by default: a file under its final
+    /// name is complete even after a power loss).
+    pub sync: bool,
     /// Progress reports.
     pub progress: Option<Arc<ProgressFn>>,
 }
@@ -46,6 +49,7 @@ impl Default for ExecuteOptions {
             threads: 0,
             block_bytes: 16 << 20,
             crc: false,
+            sync: true,
             progress: None,
         }
     }
@@ -59,6 +63,7 @@ impl std::fmt::Debug for ExecuteOptions {
             .field("threads", &self.threads)
             .field("block_bytes", &self.block_bytes)
             .field("crc", &self.crc)
+            .field("sync", &self.sync)
             .finish()
     }
 }
@@ -81,10 +86,13 @@ pub fn output_path(plan: &Plan, dst_dir: &Path, rank: u32, opts: &ExecuteOptions
     dst_dir.join(plan.output_name(rank, &opts.prefix, opts.format))
 }
 
+/// A source file, mapped (to read strided pieces) and open (for kernel copies).
+type OpenSource = (Arc<MappedFile>, Arc<File>);
+
 /// Lazily mapped source files, checked against what the plan saw.
 struct SourceMaps<'p> {
     plan: &'p Plan,
-    maps: BTreeMap<u32, OnceLock<std::result::Result<Arc<MappedFile>, String>>>,
+    maps: BTreeMap<u32, OnceLock<std::result::Result<OpenSource, String>>>,
 }
 
 impl<'p> SourceMaps<'p> {
@@ -96,6 +104,14 @@ impl<'p> SourceMaps<'p> {
     }
 
     fn get(&self, rank: u32) -> Result<Arc<MappedFile>> {
+        self.get_both(rank).map(|(m, _)| m)
+    }
+
+    fn file(&self, rank: u32) -> Result<Arc<File>> {
+        self.get_both(rank).map(|(_, f)| f)
+    }
+
+    fn get_both(&self, rank: u32) -> Result<OpenSource> {
         let src = &self.plan.sources[&rank];
         let cell = &self.maps[&rank];
         let r = cell.get_or_init(|| {
@@ -108,9 +124,12 @@ impl<'p> SourceMaps<'p> {
                 }
                 .to_string());
             }
-            MappedFile::open(&src.path)
+            let map = MappedFile::open(&src.path)
                 .map(Arc::new)
-                .map_err(|e| e.to_string())
+                .map_err(|e| e.to_string())?;
+            let file =
+                File::open(&src.path).map_err(|e| Error::io(&src.path, "open", e).to_string())?;
+            Ok((map, Arc::new(file)))
         });
         r.clone().map_err(|m| Error::Source {
             path: src.path.clone(),
@@ -276,9 +295,13 @@ fn write_rank(
             .map_err(|e| Error::io(&tmp_path, "create", e))?;
         file.set_len(layout.len)
             .map_err(|e| Error::io(&tmp_path, "resize", e))?;
+        let mut crcs: Vec<(u64, crc32fast::Hasher)> = Vec::new();
         for (off, bytes) in &layout.fixed {
             file.write_all_at(bytes, *off)
                 .map_err(|e| Error::io(&tmp_path, "write", e))?;
+            let mut h = crc32fast::Hasher::new();
+            h.update(bytes);
+            crcs.push((*off, h));
         }
         // Blocks of at most block_bytes, cut along dim 0 of the destination box.
         let mut blocks = Vec::new();
@@ -297,17 +320,28 @@ fn write_rank(
                 r = e;
             }
         }
-        blocks.par_iter().try_for_each(|b| {
-            let t = tensors[b.tensor];
-            let n = write_block(plan, maps, t, b, &layout, b.tensor, &file, &tmp_path)?;
-            let done = written.fetch_add(n, Ordering::Relaxed) + n;
-            if let Some(p) = &opts.progress {
-                p(done, total);
-            }
-            Ok::<(), Error>(())
-        })?;
+        let block_crcs: Vec<Vec<(u64, crc32fast::Hasher)>> = blocks
+            .par_iter()
+            .map(|b| {
+                let t = tensors[b.tensor];
+                let (n, crcs) = write_block(plan, maps, t, b, &layout, b.tensor, &file, &tmp_path)?;
+                let done = written.fetch_add(n, Ordering::Relaxed) + n;
+                if let Some(p) = &opts.progress {
+                    p(done, total);
+                }
+                Ok(crcs)
+            })
+            .collect::<Result<_>>()?;
+        crcs.extend(block_crcs.into_iter().flatten());
+        // The runs tile the file; combining their crcs in file order gives the file's crc
+        // without reading it back.
+        crcs.sort_by_key(|(off, _)| *off);
+        let mut whole = crc32fast::Hasher::new();
+        for (_, h) in &crcs {
+            whole.combine(h);
+        }
         let mut len = layout.len;
-        let mut crc = file_crc(&file, layout.len, &tmp_path)?;
+        let mut crc = whole.finalize();
         if opts.crc && opts.format == Format::Ckpt {
             let trailer = ckpt::crc_trailer(crc);
             file.write_all_at(&trailer, layout.len)
@@ -317,13 +351,17 @@ fn write_rank(
             crc = h.finalize();
             len += trailer.len() as u64;
         }
-        file.sync_all()
-            .map_err(|e| Error::io(&tmp_path, "sync", e))?;
+        if opts.sync {
+            file.sync_all()
+                .map_err(|e| Error::io(&tmp_path, "sync", e))?;
+        }
         drop(file);
         std::fs::rename(&tmp_path, &final_path)
             .map_err(|e| Error::io(&final_path, "rename into place", e))?;
-        if let Ok(d) = File::open(&dir) {
-            let _ = d.sync_all();
+        if opts.sync {
+            if let Ok(d) = File::open(&dir) {
+                let _ = d.sync_all();
+            }
         }
         Ok(WrittenFile {
             rank: rp.rank,
@@ -338,21 +376,6 @@ fn write_rank(
     result
 }
 
-/// crc32 of the first `len` bytes of a file, read back in bounded chunks.
-fn file_crc(file: &File, len: u64, path: &Path) -> Result<u32> {
-    let mut h = crc32fast::Hasher::new();
-    let mut buf = vec![0u8; (4 << 20).min(len as usize).max(1)];
-    let mut off = 0;
-    while off < len {
-        let n = ((len - off) as usize).min(buf.len());
-        file.read_exact_at(&mut buf[..n], off)
-            .map_err(|e| Error::io(path, "read back", e))?;
-        h.update(&buf[..n]);
-        off += n as u64;
-    }
-    Ok(h.finalize())
-}
-
 #[allow(clippy::too_many_arguments)]
 fn write_block(
     plan: &Plan,
@@ -363,18 +386,34 @@ fn write_block(
     ti: usize,
     file: &File,
     out_path: &Path,
-) -> Result<u64> {
+) -> Result<(u64, Vec<(u64, crc32fast::Hasher)>)> {
     let rows = t.dims.first().copied().unwrap_or(1).max(1);
     let row_bytes = if t.nbytes == 0 { 0 } else { t.nbytes / rows };
     let start = b.row0 * row_bytes;
     let len = (b.row1 - b.row0) * row_bytes;
     if len == 0 {
-        return Ok(0);
+        return Ok((0, Vec::new()));
     }
-    let write = |data: &[u8], at: u64| -> Result<()> {
+    let mut crcs = Vec::new();
+    // `data` is the content for tensor bytes [at, at + len); when it is a run of source file
+    // `from` starting at byte `from_off`, the kernel copies file to file (as `cp` does) and
+    // `data` is only read for the crc.
+    let mut write = |data: &[u8], at: u64, from: Option<(&File, u64)>| -> Result<()> {
         for (foff, roff, n) in layout.place(ti, at, data.len() as u64) {
-            file.write_all_at(&data[roff as usize..(roff + n) as usize], foff)
-                .map_err(|e| Error::io(out_path, "write", e))?;
+            let part = &data[roff as usize..(roff + n) as usize];
+            let copied = match from {
+                Some((src, off)) => {
+                    crate::sys::copy_file_range(src, off + roff, file, foff, n).ok() == Some(n)
+                }
+                None => false,
+            };
+            if !copied {
+                file.write_all_at(part, foff)
+                    .map_err(|e| Error::io(out_path, "write", e))?;
+            }
+            let mut h = crc32fast::Hasher::new();
+            h.update(part);
+            crcs.push((foff, h));
         }
         Ok(())
     };
@@ -390,7 +429,12 @@ fn write_block(
                 let e = (start + len).min(seg_start + s.len);
                 if a < e {
                     let from = (s.offset + (a - seg_start)) as usize;
-                    write(&map[from..from + (e - a) as usize], a)?;
+                    let src = maps.file(*src_rank)?;
+                    write(
+                        &map[from..from + (e - a) as usize],
+                        a,
+                        Some((&src, from as u64)),
+                    )?;
                     pos = e;
                 }
                 seg_start += s.len;
@@ -404,6 +448,37 @@ fn write_block(
             if nd > 0 {
                 block.offset[0] += b.row0;
                 block.shape[0] = b.row1 - b.row0;
+            }
+            // When every piece is one contiguous run both in its source and in the block (row
+            // splits), copy file to file with no buffer.
+            let mut direct = Vec::new();
+            for p in pieces {
+                let Some(region) = p.region.intersect(&block) else {
+                    continue;
+                };
+                let src_off = contiguous_offset(&p.src_box, &region, elem);
+                let dst_off = contiguous_offset(&block, &region, elem);
+                let info = plan.tensor_info(p.src_rank, &t.name)?;
+                match (src_off, dst_off, info.segments.as_slice()) {
+                    (Some(so), Some(dof), [seg]) => {
+                        direct.push((p.src_rank, seg.offset + so, dof, region.numel() * elem))
+                    }
+                    _ => {
+                        direct.clear();
+                        break;
+                    }
+                }
+            }
+            if !direct.is_empty() {
+                for (rank, from, dof, n) in direct {
+                    let (map, src) = maps.get_both(rank)?;
+                    write(
+                        &map[from as usize..(from + n) as usize],
+                        start + dof,
+                        Some((&src, from)),
+                    )?;
+                }
+                return Ok((len, crcs));
             }
             let mut buf = vec![0u8; len as usize];
             for p in pieces {
@@ -431,8 +506,28 @@ fn write_block(
                     elem,
                 );
             }
-            write(&buf, start)?;
+            write(&buf, start, None)?;
         }
     }
-    Ok(len)
+    Ok((len, crcs))
+}
+
+/// Byte offset of `region` inside a C-order array holding `outer`, if the region is one
+/// contiguous run there.
+fn contiguous_offset(
+    outer: &crate::region::Region,
+    region: &crate::region::Region,
+    elem: u64,
+) -> Option<u64> {
+    let nd = outer.shape.len();
+    // After the first dim with extent > 1, every dim must be whole.
+    let first = (0..nd).find(|&d| region.shape[d] > 1).unwrap_or(nd);
+    if (first + 1..nd).any(|d| region.shape[d] != outer.shape[d]) {
+        return None;
+    }
+    let mut off = 0;
+    for d in 0..nd {
+        off = off * outer.shape[d] + (region.offset[d] - outer.offset[d]);
+    }
+    Some(off * elem)
 }

@@ -10,10 +10,10 @@ pub mod ckpt;
 pub mod dtype;
 pub mod error;
 pub mod layout;
-mod mmap;
 pub mod region;
 pub mod safetensors;
 pub mod strategy;
+mod sys;
 #[allow(missing_docs)]
 pub mod wire;
 
@@ -29,3 +29,4 @@ pub mod source;
 pub use execute::{execute, ExecuteOptions, WrittenFile};
 pub use plan::{CopyPiece, Plan, PlanOptions, RankPlan, TensorPlan, TensorSource};
 pub mod report;
+pub mod strategy_new;

@@ -71,7 +71,16 @@ fn run_case(case: &Path) -> Result<(), String> {
         format: Format::parse(spec["output_format"].as_str().unwrap_or("ckpt")).unwrap(),
         ..ExecuteOptions::default()
     };
-    execute(&plan, &out, &[], &opts).map_err(|e| format!("execute: {e}"))?;
+    let written = execute(&plan, &out, &[], &opts).map_err(|e| format!("execute: {e}"))?;
+    for w in &written {
+        let bytes = std::fs::read(&w.path).unwrap();
+        if crc32fast::hash(&bytes) != w.crc32 || bytes.len() as u64 != w.len {
+            return Err(format!(
+                "{}: reported crc/size do not match the file",
+                w.path.display()
+            ));
+        }
+    }
     let expected = files_under(&case.join("expected"));
     let got = files_under(&out);
     if expected != got {

@@ -1,0 +1,615 @@
+//! `reshard-bench`: generates a synthetic MindSpore-format llama-style model and times reshard
+//! against `cp -r` of the same source (alternating, median of N) and, when MindSpore is
+//! importable, against `mindspore.transform_checkpoints`. Prints a table; asserts nothing about
+//! time (figures are for people), but checks that complete -> 8 -> complete gives back the
+//! original bytes.
+//!
+//! Usage: cargo run --release -p reshard-bench -- [--size-mb 600] [--dir bench-out] [--runs 3]
+//!        [--python PYTHON (default: $MINDSPORE_PYTHON or python3)] [--no-mindspore]
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use reshard_core::checkpoint::TensorHeader;
+use reshard_core::{ckpt, DType};
+use serde_json::json;
+
+struct Args {
+    size_mb: u64,
+    dir: PathBuf,
+    runs: usize,
+    python: Option<String>,
+}
+
+fn parse_args() -> Args {
+    let mut a = Args {
+        size_mb: 600,
+        dir: PathBuf::from("bench-out"),
+        runs: 3,
+        python: Some(std::env::var("MINDSPORE_PYTHON").unwrap_or_else(|_| "python3".into())),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(k) = it.next() {
+        let mut val = || {
+            it.next()
+                .unwrap_or_else(|| die(&format!("{k} needs a value")))
+        };
+        match k.as_str() {
+            "--size-mb" => {
+                a.size_mb = val()
+                    .parse()
+                    .unwrap_or_else(|_| die("--size-mb takes a number"))
+            }
+            "--dir" => a.dir = PathBuf::from(val()),
+            "--runs" => {
+                a.runs = val()
+                    .parse()
+                    .unwrap_or_else(|_| die("--runs takes a number"))
+            }
+            "--python" => a.python = Some(val()),
+            "--no-mindspore" => a.python = None,
+            "-h" | "--help" => {
+                println!(
+                    "{}",
+                    include_str!("main.rs")
+                        .lines()
+                        .take(9)
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                );
+                std::process::exit(0);
+            }
+            other => die(&format!("unknown argument {other}")),
+        }
+    }
+    a
+}
+
+fn die(msg: &str) -> ! {
+    eprintln!("reshard-bench: {msg}");
+    std::process::exit(2)
+}
+
+/// One parameter of the synthetic model.
+struct Param {
+    name: String,
+    dtype: DType,
+    shape: Vec<u64>,
+    map: Vec<i64>,
+    stage: u32,
+    opt: bool,
+}
+
+/// A llama-style model sized to about `size_mb` (weights plus fp32 adam_m/adam_v).
+fn model(size_mb: u64) -> Vec<Param> {
+    let (h, ffn, vocab) = (512u64, 1536u64, 16000u64);
+    let per_layer = (4 * h * h * 2 + 3 * h * ffn * 2) + 2 * (4 * h * h + 3 * h * ffn) * 4;
+    let fixed = 2 * vocab * h * 4 * 3;
+    let layers = ((size_mb << 20).saturating_sub(fixed) / per_layer).max(2) & !1;
+    let mut ps = Vec::new();
+    let mut add = |name: String, dtype, shape: Vec<u64>, map: Vec<i64>, stage, opt| {
+        ps.push(Param {
+            name,
+            dtype,
+            shape,
+            map,
+            stage,
+            opt,
+        })
+    };
+    add(
+        "model.tok_embeddings.embedding_weight".into(),
+        DType::Float32,
+        vec![vocab, h],
+        vec![0, -1],
+        0,
+        true,
+    );
+    for l in 0..layers {
+        let stage = u32::from(l >= layers / 2);
+        let p = format!("model.layers.{l}");
+        for w in ["wq", "wk", "wv"] {
+            add(
+                format!("{p}.attention.{w}.weight"),
+                DType::BFloat16,
+                vec![h, h],
+                vec![0, -1],
+                stage,
+                true,
+            );
+        }
+        add(
+            format!("{p}.attention.wo.weight"),
+            DType::BFloat16,
+            vec![h, h],
+            vec![-1, 0],
+            stage,
+            true,
+        );
+        add(
+            format!("{p}.feed_forward.w1.weight"),
+            DType::BFloat16,
+            vec![ffn, h],
+            vec![0, -1],
+            stage,
+            true,
+        );
+        add(
+            format!("{p}.feed_forward.w3.weight"),
+            DType::BFloat16,
+            vec![ffn, h],
+            vec![0, -1],
+            stage,
+            true,
+        );
+        add(
+            format!("{p}.feed_forward.w2.weight"),
+            DType::BFloat16,
+            vec![h, ffn],
+            vec![-1, 0],
+            stage,
+            true,
+        );
+        add(
+            format!("{p}.attention_norm.weight"),
+            DType::Float16,
+            vec![h],
+            vec![-1],
+            stage,
+            false,
+        );
+        add(
+            format!("{p}.ffn_norm.weight"),
+            DType::Float16,
+            vec![h],
+            vec![-1],
+            stage,
+            false,
+        );
+    }
+    add(
+        "model.norm_out.weight".into(),
+        DType::Float16,
+        vec![h],
+        vec![-1],
+        1,
+        false,
+    );
+    add(
+        "lm_head.weight".into(),
+        DType::Float32,
+        vec![vocab, h],
+        vec![0, -1],
+        1,
+        true,
+    );
+    let n = ps.len();
+    for i in 0..n {
+        if ps[i].shape.len() == 2 {
+            for m in ["adam_m", "adam_v"] {
+                let (name, shape, map, stage, opt) = (
+                    format!("{m}.{}", ps[i].name),
+                    ps[i].shape.clone(),
+                    ps[i].map.clone(),
+                    ps[i].stage,
+                    ps[i].opt,
+                );
+                ps.push(Param {
+                    name,
+                    dtype: DType::Float32,
+                    shape,
+                    map,
+                    stage,
+                    opt,
+                });
+            }
+        }
+    }
+    ps
+}
+
+fn nbytes(p: &Param) -> u64 {
+    p.shape.iter().product::<u64>() * p.dtype.size()
+}
+
+/// Writes the complete checkpoint with pseudo-random content, in bounded memory.
+fn write_model(path: &Path, ps: &[Param]) {
+    let mut headers: Vec<TensorHeader> = ps
+        .iter()
+        .map(|p| TensorHeader {
+            name: p.name.clone(),
+            dtype: p.dtype,
+            dims: p.shape.clone(),
+            nbytes: nbytes(p),
+        })
+        .collect();
+    headers.push(TensorHeader {
+        name: "global_step".into(),
+        dtype: DType::Int32,
+        dims: vec![],
+        nbytes: 4,
+    });
+    let layout = ckpt::layout(&headers, ckpt::CHUNK_BYTES);
+    std::fs::create_dir_all(path.parent().unwrap_or(Path::new(".")))
+        .unwrap_or_else(|e| die(&e.to_string()));
+    let f = File::create(path).unwrap_or_else(|e| die(&format!("{}: {e}", path.display())));
+    for (off, b) in &layout.fixed {
+        f.write_all_at(b, *off)
+            .unwrap_or_else(|e| die(&e.to_string()));
+    }
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut buf = vec![0u8; 8 << 20];
+    for (i, runs) in layout.content.iter().enumerate() {
+        for r in runs {
+            let mut done = 0;
+            while done < r.len {
+                let n = ((r.len - done) as usize).min(buf.len());
+                for c in buf[..n].chunks_mut(8) {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    let b = state.to_le_bytes();
+                    c.copy_from_slice(&b[..c.len()]);
+                }
+                if i == headers.len() - 1 {
+                    buf[..4].copy_from_slice(&1000i32.to_le_bytes());
+                }
+                f.write_all_at(&buf[..n], r.file_offset + done)
+                    .unwrap_or_else(|e| die(&e.to_string()));
+                done += n as u64;
+            }
+        }
+    }
+}
+
+/// Writes per-stage JSON strategies and the merged file for dev [dp, mp] x pp.
+fn write_strategy(dir: &Path, ps: &[Param], dp: u64, mp: u64, pp: u32, opt: bool) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap_or_else(|e| die(&e.to_string()));
+    for stage in 0..pp {
+        let mut items = serde_json::Map::new();
+        for p in ps.iter().filter(|p| pp == 1 || p.stage == stage) {
+            let shard = opt && p.opt && dp > 1;
+            let step = if p.map.contains(&0) { mp } else { 1 };
+            items.insert(
+                p.name.clone(),
+                json!({"dev_matrix": [dp, mp], "tensor_map": p.map, "tensor_shape": p.shape, "field": 0,
+                       "opt_weight_shard_step": if shard { step } else { 0 },
+                       "opt_weight_shard_size": if shard { -1 } else { 0 }}),
+            );
+        }
+        let v = json!({"current_stage": stage,
+                       "parallel_strategy_item": {format!("op_stage{stage}"): {"stage": stage, "parallel_strategy": [[dp, mp]]}},
+                       "parallel_layout_item": items});
+        let f = dir.join(format!(
+            "ckpt_strategy_rank_{}.json",
+            u64::from(stage) * dp * mp
+        ));
+        std::fs::write(&f, serde_json::to_vec(&v).unwrap_or_default())
+            .unwrap_or_else(|e| die(&e.to_string()));
+    }
+    let merged = reshard_core::strategy::merge_dir(dir).unwrap_or_else(|e| die(&e.to_string()));
+    let out = dir.with_extension("merged.json");
+    std::fs::write(&out, merged.to_bytes()).unwrap_or_else(|e| die(&e.to_string()));
+    out
+}
+
+/// Wall time, peak RSS and peak anonymous memory of a child process, sampled from /proc.
+struct Measured {
+    secs: f64,
+    peak_rss_kb: u64,
+    peak_anon_kb: u64,
+}
+
+fn status_kb(pid: u32, key: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = s.lines().find(|l| l.starts_with(key))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn run(cmd: &mut Command) -> Measured {
+    let start = Instant::now();
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| die(&format!("cannot start {cmd:?}: {e}")));
+    let pid = child.id();
+    let stop = Arc::new(AtomicBool::new(false));
+    let s2 = stop.clone();
+    let sampler = std::thread::spawn(move || {
+        let (mut rss, mut anon) = (0, 0);
+        while !s2.load(Ordering::Relaxed) {
+            rss = rss.max(status_kb(pid, "VmHWM:").unwrap_or(0));
+            anon = anon.max(status_kb(pid, "RssAnon:").unwrap_or(0));
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        (rss, anon)
+    });
+    let status = child.wait().unwrap_or_else(|e| die(&e.to_string()));
+    let secs = start.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    let (peak_rss_kb, peak_anon_kb) = sampler.join().unwrap_or((0, 0));
+    if !status.success() {
+        die(&format!("{cmd:?} failed: {status}"));
+    }
+    Measured {
+        secs,
+        peak_rss_kb,
+        peak_anon_kb,
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn du(p: &Path) -> u64 {
+    let mut total = 0;
+    if let Ok(rd) = std::fs::read_dir(p) {
+        for e in rd.flatten() {
+            let m = e
+                .metadata()
+                .map(|m| (m.is_dir(), m.len()))
+                .unwrap_or((false, 0));
+            total += if m.0 { du(&e.path()) } else { m.1 };
+        }
+    }
+    total
+}
+
+struct Case {
+    name: &'static str,
+    src: PathBuf,
+    src_strategy: Option<PathBuf>,
+    dst_strategy: Option<PathBuf>,
+}
+
+fn main() {
+    let a = parse_args();
+    let exe_dir = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .unwrap_or_default();
+    let reshard = exe_dir.join("reshard");
+    if !reshard.exists() {
+        die("target/release/reshard is missing: run `cargo build --release -p reshard-cli` first");
+    }
+    let dir = a.dir.clone();
+    let _ = std::fs::remove_dir_all(&dir);
+    let ps = model(a.size_mb);
+    let complete = dir.join("complete");
+    let t = Instant::now();
+    write_model(&complete.join("rank_0/model.ckpt"), &ps);
+    let size = du(&complete);
+    eprintln!(
+        "generated {} parameters ({} with adam states and global_step), {:.0} MB, in {:.1}s",
+        ps.iter().filter(|p| !p.name.starts_with("adam")).count(),
+        ps.len() + 1,
+        size as f64 / 1e6,
+        t.elapsed().as_secs_f64()
+    );
+    let train = write_strategy(&dir.join("strategy/train_dp2mp2pp2"), &ps, 2, 2, 2, true);
+    let finetune = write_strategy(
+        &dir.join("strategy/finetune_dp1mp2pp2"),
+        &ps,
+        1,
+        2,
+        2,
+        false,
+    );
+    // The 8-rank source for the other cases, made by reshard itself.
+    let sharded = dir.join("sharded8");
+    run(Command::new(&reshard)
+        .args(["transform", "-q", "--src_ckpt_dir"])
+        .arg(&complete)
+        .arg("--dst_ckpt_strategy")
+        .arg(&train)
+        .arg("--dst_ckpt_dir")
+        .arg(&sharded));
+    let _ = std::fs::remove_dir_all(sharded.join("merged_strategy"));
+    let cases = [
+        Case {
+            name: "complete -> 8 (dp2 mp2 pp2, opt shard)",
+            src: complete.clone(),
+            src_strategy: None,
+            dst_strategy: Some(train.clone()),
+        },
+        Case {
+            name: "8 -> 4 (dp1 mp2 pp2)",
+            src: sharded.clone(),
+            src_strategy: Some(train.clone()),
+            dst_strategy: Some(finetune.clone()),
+        },
+        Case {
+            name: "8 -> complete",
+            src: sharded.clone(),
+            src_strategy: Some(train.clone()),
+            dst_strategy: None,
+        },
+    ];
+    let ms_python = a.python.filter(|py| {
+        Command::new(py)
+            .args(["-c", "import mindspore"])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    });
+    println!(
+        "| case | source MB | cp -r s | reshard --no-sync s | ratio | cp -r + sync s | reshard s (fsync) | ratio | GB/s | \
+         peak RSS MB | peak anon MB | MindSpore s | MindSpore peak RSS MB | speed-up |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for c in &cases {
+        let out = dir.join("out");
+        let copy = dir.join("copy");
+        let src_mb = du(&c.src) as f64 / 1e6;
+        let (mut t_cp, mut t_rs, mut t_cps, mut t_rss, mut rss, mut anon) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), 0, 0);
+        let settle = || {
+            let _ = Command::new("sync").status();
+        };
+        for _ in 0..a.runs {
+            for synced in [false, true] {
+                let _ = std::fs::remove_dir_all(&copy);
+                settle();
+                let mut cp = Command::new("sh");
+                cp.arg("-c").arg(if synced {
+                    "cp -r \"$0\" \"$1\" && sync"
+                } else {
+                    "cp -r \"$0\" \"$1\""
+                });
+                let t = run(cp.arg(&c.src).arg(&copy)).secs;
+                if synced {
+                    t_cps.push(t)
+                } else {
+                    t_cp.push(t)
+                }
+                let _ = std::fs::remove_dir_all(&out);
+                settle();
+                let mut cmd = Command::new(&reshard);
+                cmd.args(["transform", "-q", "--src_ckpt_dir"])
+                    .arg(&c.src)
+                    .arg("--dst_ckpt_dir")
+                    .arg(&out);
+                if !synced {
+                    cmd.arg("--no-sync");
+                }
+                if let Some(s) = &c.src_strategy {
+                    cmd.arg("--src_ckpt_strategy").arg(s);
+                }
+                if let Some(s) = &c.dst_strategy {
+                    cmd.arg("--dst_ckpt_strategy").arg(s);
+                }
+                let m = run(&mut cmd);
+                if synced {
+                    t_rss.push(m.secs)
+                } else {
+                    t_rs.push(m.secs)
+                }
+                rss = rss.max(m.peak_rss_kb);
+                anon = anon.max(m.peak_anon_kb);
+            }
+        }
+        let (cp, rs, cps, rss_t) = (median(t_cp), median(t_rs), median(t_cps), median(t_rss));
+        let written = du(&out) as f64;
+        let mut ms_cols = "n/a | n/a | n/a".to_string();
+        if let Some(py) = &ms_python {
+            let msout = dir.join("ms_out");
+            let _ = std::fs::remove_dir_all(&msout);
+            let arg = |p: &Option<PathBuf>| {
+                p.as_ref().map_or("None".to_string(), |p| {
+                    format!("{:?}", p.display().to_string())
+                })
+            };
+            let script = format!(
+                "import mindspore as ms\nms.transform_checkpoints({:?}, {:?}, 'checkpoint_', {}, {})",
+                c.src.display().to_string(),
+                msout.display().to_string(),
+                arg(&c.src_strategy),
+                arg(&c.dst_strategy)
+            );
+            let m = run(Command::new(py)
+                .args(["-c", &script])
+                .stderr(std::process::Stdio::null()));
+            ms_cols = format!(
+                "{:.2} | {:.0} | {:.1}x",
+                m.secs,
+                m.peak_rss_kb as f64 / 1024.0,
+                m.secs / rss_t
+            );
+            let _ = std::fs::remove_dir_all(&msout);
+        }
+        println!(
+            "| {} | {:.0} | {:.3} | {:.3} | {:.2} | {:.3} | {:.3} | {:.2} | {:.2} | {:.0} | {:.0} | {} |",
+            c.name,
+            src_mb,
+            cp,
+            rs,
+            rs / cp,
+            cps,
+            rss_t,
+            rss_t / cps,
+            (src_mb * 1e6 + written) / 1e9 / rs,
+            rss as f64 / 1024.0,
+            anon as f64 / 1024.0,
+            ms_cols
+        );
+        if c.dst_strategy.is_none() {
+            let back = std::fs::read(out.join("rank_0/checkpoint_0.ckpt")).unwrap_or_default();
+            let orig = reshard_core::CheckpointFile::open(
+                &complete.join("rank_0/model.ckpt"),
+                Default::default(),
+            );
+            let got = reshard_core::CheckpointFile::open(
+                &out.join("rank_0/checkpoint_0.ckpt"),
+                Default::default(),
+            );
+            let same = match (orig, got) {
+                (Ok(o), Ok(g)) => {
+                    o.index().tensors.iter().all(|t| {
+                        g.index()
+                            .get(&t.name)
+                            .is_some_and(|u| u.shape == t.shape && g.content(u) == o.content(t))
+                    }) && o.index().tensors.len() == g.index().tensors.len()
+                }
+                _ => false,
+            };
+            println!(
+                "\ncomplete -> 8 -> complete gives back the original tensors: {} ({} bytes)",
+                if same { "yes" } else { "NO" },
+                back.len()
+            );
+            if !same {
+                std::process::exit(1);
+            }
+        }
+        let _ = std::fs::remove_dir_all(&copy);
+    }
+    plan_4096(&dir);
+}
+
+/// Plan-only: 3,000 parameters onto 4,096 destination ranks (dp64 x mp64).
+fn plan_4096(dir: &Path) {
+    let ps: Vec<Param> = (0..3000)
+        .map(|i| Param {
+            name: format!("model.p{i}.weight"),
+            dtype: DType::Float16,
+            shape: vec![64, 64],
+            map: if i % 2 == 0 { vec![0, -1] } else { vec![-1, 0] },
+            stage: 0,
+            opt: true,
+        })
+        .collect();
+    let src = dir.join("plan4096/src");
+    write_model(&src.join("rank_0/model.ckpt"), &ps);
+    let dst = write_strategy(&dir.join("plan4096/strategy"), &ps, 64, 64, 1, false);
+    let t = Instant::now();
+    let plan = reshard_core::Plan::build(&src, None, Some(&dst), &Default::default())
+        .unwrap_or_else(|e| die(&e.to_string()));
+    let build = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let one = plan.rank_plan(4095).unwrap_or_else(|e| die(&e.to_string()));
+    let rank = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let mut pieces = 0usize;
+    for r in 0..plan.dst_rank_count() {
+        pieces += plan.rank_plan(r).map(|p| p.tensors.len()).unwrap_or(0);
+    }
+    let all = t.elapsed().as_secs_f64();
+    println!(
+        "\nplan for {} destination ranks x {} parameters: built in {:.3}s; one rank's plan ({} tensors) in {:.4}s; \
+         all {} tensor plans in {:.2}s",
+        plan.dst_rank_count(),
+        ps.len(),
+        build,
+        one.tensors.len(),
+        rank,
+        pieces,
+        all
+    );
+}
