@@ -78,6 +78,10 @@ enum Cmd {
         /// leave a complete-looking but unwritten file).
         #[arg(long = "no-sync")]
         no_sync: bool,
+        /// Rewrite every output, even those a previous run of the same plan finished (by
+        /// default they are kept when their manifest entry, size and crc32 still match).
+        #[arg(long)]
+        force: bool,
         /// Do not print progress.
         #[arg(long, short)]
         quiet: bool,
@@ -101,6 +105,15 @@ enum Cmd {
         /// With --json, include every tensor and copy piece.
         #[arg(long)]
         detail: bool,
+    },
+    /// Check an output folder: every file listed in a reshard manifest has its size and crc32
+    /// and parses; checkpoints no manifest lists are reported too. Exit 1 naming each bad file.
+    Verify {
+        /// The output folder (as given to --dst_ckpt_dir), or one rank folder.
+        dir: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// List the source ranks a destination rank needs (like rank_list_for_transform).
     RankList {
@@ -172,6 +185,13 @@ impl OutArgs {
 }
 
 fn main() -> ExitCode {
+    // A file-size limit (`ulimit -f`) or a full disk must fail the write with an error, not kill
+    // the process with SIGXFSZ before it can clean up its temporary file.
+    // SAFETY: setting a signal's disposition to SIG_IGN installs no handler code; it is done
+    // before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -208,6 +228,38 @@ fn run(cli: Cli) -> Result<(), Error> {
             }
             Ok(())
         }
+        Cmd::Verify { dir, json } => {
+            let r = reshard_core::manifest::verify(&dir)?;
+            if json {
+                outln!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+            } else {
+                for p in &r.ok {
+                    outln!("ok   {}", p.display());
+                }
+                for (p, why) in &r.bad {
+                    outln!("BAD  {}: {why}", p.display());
+                }
+            }
+            if r.bad.is_empty() {
+                eprintln!(
+                    "reshard: {} file(s) verified in {} manifest(s)",
+                    r.ok.len(),
+                    r.manifests
+                );
+                Ok(())
+            } else {
+                Err(Error::Invalid(format!(
+                    "{} bad file(s) under {}: {}",
+                    r.bad.len(),
+                    dir.display(),
+                    r.bad
+                        .iter()
+                        .map(|(p, _)| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )))
+            }
+        }
         Cmd::RankList { rank, job } => {
             let plan = job.plan()?;
             let ranks = plan.src_ranks_for(rank)?;
@@ -221,6 +273,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             ranks,
             crc,
             no_sync,
+            force,
             quiet,
         } => {
             check_not_inside(&dst_ckpt_dir, &job.src_ckpt_dir)?;
@@ -248,6 +301,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             let mut opts = out.exec_options()?;
             opts.crc = crc;
             opts.sync = !no_sync;
+            opts.resume = !force;
             if !quiet && std::io::stderr().is_terminal() {
                 let last = std::sync::atomic::AtomicU64::new(0);
                 opts.progress = Some(Arc::new(move |done: u64, total: u64| {
@@ -264,9 +318,13 @@ fn run(cli: Cli) -> Result<(), Error> {
             }
             if !quiet {
                 let bytes: u64 = files.iter().map(|f| f.len).sum();
+                let kept = files.iter().filter(|f| f.reused).count();
+                if kept > 0 {
+                    eprintln!("reshard: kept {kept} file(s) a previous run of the same plan finished (verified by crc32)");
+                }
                 eprintln!(
                     "reshard: wrote {} file(s), {} bytes, to {} in {:.2}s",
-                    files.len(),
+                    files.len() - kept,
                     bytes,
                     dst_ckpt_dir.display(),
                     start.elapsed().as_secs_f64()

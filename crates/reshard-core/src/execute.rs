@@ -12,6 +12,7 @@ use rayon::prelude::*;
 
 use crate::checkpoint::{FileLayout, Format, Segment, TensorHeader};
 use crate::error::{Error, Result};
+use crate::manifest::{entry_matches, Manifest, ManifestEntry};
 use crate::plan::{Plan, RankPlan, TensorSource};
 use crate::region::copy_box;
 use crate::sys::MappedFile;
@@ -37,6 +38,9 @@ pub struct ExecuteOptions {
     /// fsync each output before renaming it into place (on by default: a file under its final
     /// name is complete even after a power loss).
     pub sync: bool,
+    /// Keep outputs that a previous run of the same plan finished (its manifest lists them
+    /// with the same plan fingerprint, size and crc32) instead of writing them again.
+    pub resume: bool,
     /// Progress reports.
     pub progress: Option<Arc<ProgressFn>>,
 }
@@ -50,6 +54,7 @@ impl Default for ExecuteOptions {
             block_bytes: 16 << 20,
             crc: false,
             sync: true,
+            resume: true,
             progress: None,
         }
     }
@@ -64,6 +69,7 @@ impl std::fmt::Debug for ExecuteOptions {
             .field("block_bytes", &self.block_bytes)
             .field("crc", &self.crc)
             .field("sync", &self.sync)
+            .field("resume", &self.resume)
             .finish()
     }
 }
@@ -79,6 +85,8 @@ pub struct WrittenFile {
     pub len: u64,
     /// crc32 of the whole file.
     pub crc32: u32,
+    /// Kept from a previous run of the same plan rather than written again.
+    pub reused: bool,
 }
 
 /// The output path of destination rank `rank`.
@@ -276,7 +284,40 @@ fn write_rank(
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_default();
+    let name = final_path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default()
+        .to_string();
+    let fingerprint = plan.fingerprint(&format!(
+        "{:?} {} crc={}",
+        opts.format, opts.prefix, opts.crc
+    ));
+    if opts.resume {
+        if let Some(e) = Manifest::read(&dir).and_then(|m| {
+            m.files
+                .into_iter()
+                .find(|e| e.name == name && e.plan_fingerprint == fingerprint)
+        }) {
+            if entry_matches(&dir, &e) {
+                let n = rp.bytes_written();
+                let done = written.fetch_add(n, Ordering::Relaxed) + n;
+                if let Some(p) = &opts.progress {
+                    p(done, total);
+                }
+                return Ok(WrittenFile {
+                    rank: rp.rank,
+                    path: final_path,
+                    len: e.size,
+                    crc32: e.crc32,
+                    reused: true,
+                });
+            }
+        }
+    }
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, "create folder", e))?;
+    remove_stale_temps(&dir, &name);
+    remove_stale_temps(&dir, crate::manifest::MANIFEST_NAME);
     let tmp_path = dir.join(format!(
         ".{}.reshard-{}.tmp",
         final_path
@@ -363,11 +404,19 @@ fn write_rank(
                 let _ = d.sync_all();
             }
         }
+        let entry = ManifestEntry {
+            name: name.clone(),
+            size: len,
+            crc32: crc,
+            plan_fingerprint: fingerprint.clone(),
+        };
+        Manifest::record(&dir, entry, opts.sync)?;
         Ok(WrittenFile {
             rank: rp.rank,
             path: final_path.clone(),
             len,
             crc32: crc,
+            reused: false,
         })
     })();
     if result.is_err() {
@@ -510,6 +559,21 @@ fn write_block(
         }
     }
     Ok((len, crcs))
+}
+
+/// Removes temporary files that killed runs left for output `name` (ours are
+/// `.{name}.reshard-{pid}.tmp`).
+fn remove_stale_temps(dir: &Path, name: &str) {
+    let prefix = format!(".{name}.reshard-");
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let n = e.file_name();
+            let n = n.to_string_lossy();
+            if n.starts_with(&prefix) && n.ends_with(".tmp") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
 }
 
 /// Byte offset of `region` inside a C-order array holding `outer`, if the region is one

@@ -405,6 +405,34 @@ impl Plan {
         })
     }
 
+    /// A fingerprint of everything that decides the outputs: the sources (path, size, mtime),
+    /// both strategies and `extra` (the output options). Stored in manifests so a rerun can
+    /// tell its own finished outputs from anything else.
+    pub fn fingerprint(&self, extra: &str) -> String {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut eat = |b: &[u8]| {
+            for &x in b {
+                h = (h ^ u64::from(x)).wrapping_mul(0x0100_0000_01b3);
+            }
+        };
+        eat(env!("CARGO_PKG_VERSION").as_bytes());
+        for s in self.sources.values() {
+            let mtime = s
+                .mtime
+                .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_nanos());
+            eat(format!("{}|{}|{}|{}\n", s.rank, s.path.display(), s.len, mtime).as_bytes());
+        }
+        eat(format!(
+            "{:?}|{:?}|{:?}|{extra}",
+            self.src_strategy.as_ref().map(|s| &s.params),
+            self.dst_strategy.as_ref().map(|s| &s.params),
+            self.part
+        )
+        .as_bytes());
+        format!("{h:016x}")
+    }
+
     /// The output file of destination rank `rank`, relative to the output folder.
     pub fn output_name(&self, rank: u32, prefix: &str, format: Format) -> PathBuf {
         let part = self.part.map(|s| format!("_part{s}")).unwrap_or_default();

@@ -1,0 +1,171 @@
+//! Kill test: a transform killed with SIGKILL midway leaves only complete files under final
+//! names; a rerun finishes the job with the same bytes as a clean run; `verify` names a damaged
+//! file.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use reshard_core::checkpoint::{CheckpointFile, ReadOptions, TensorHeader};
+use reshard_core::{ckpt, DType};
+
+const BIN: &str = env!("CARGO_BIN_EXE_reshard");
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("reshard-kill-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A complete checkpoint of `layers` x 4 MiB-ish fp32 weights, plus its 8-rank strategy.
+fn make_source(dir: &Path, layers: usize) -> (PathBuf, PathBuf) {
+    let mut headers = Vec::new();
+    let mut items = serde_json::Map::new();
+    for l in 0..layers {
+        for (w, map) in [("wq", [0, -1]), ("wo", [-1, 0])] {
+            let name = format!("layers.{l}.{w}.weight");
+            headers.push(TensorHeader {
+                name: name.clone(),
+                dtype: DType::Float32,
+                dims: vec![1024, 1024],
+                nbytes: 4 << 20,
+            });
+            items.insert(
+                name,
+                serde_json::json!({"dev_matrix": [2, 4], "tensor_map": map, "field": 0,
+                "opt_weight_shard_step": 0, "opt_weight_shard_size": 0}),
+            );
+        }
+    }
+    let layout = ckpt::layout(&headers, ckpt::CHUNK_BYTES);
+    let path = dir.join("complete/rank_0/model.ckpt");
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let mut bytes = vec![0u8; layout.len as usize];
+    for (o, b) in &layout.fixed {
+        bytes[*o as usize..*o as usize + b.len()].copy_from_slice(b);
+    }
+    for (i, runs) in layout.content.iter().enumerate() {
+        for r in runs {
+            for (k, b) in bytes[r.file_offset as usize..(r.file_offset + r.len) as usize]
+                .iter_mut()
+                .enumerate()
+            {
+                *b = (k as u8).wrapping_mul(7).wrapping_add(i as u8);
+            }
+        }
+    }
+    std::fs::write(&path, bytes).unwrap();
+    let strategy = dir.join("dst.json");
+    let v = serde_json::json!({"current_stage": 0, "parallel_strategy_item": {"op": {"stage": 0, "parallel_strategy": [[8]]}},
+        "parallel_layout_item": items});
+    std::fs::write(&strategy, serde_json::to_vec(&v).unwrap()).unwrap();
+    (dir.join("complete"), strategy)
+}
+
+fn transform(src: &Path, strategy: &Path, out: &Path) -> Command {
+    let mut c = Command::new(BIN);
+    c.args(["transform", "-q", "--threads", "1", "--src_ckpt_dir"])
+        .arg(src)
+        .arg("--dst_ckpt_strategy")
+        .arg(strategy)
+        .arg("--dst_ckpt_dir")
+        .arg(out);
+    c
+}
+
+fn outputs(dir: &Path) -> Vec<PathBuf> {
+    (0..8)
+        .map(|r| dir.join(format!("rank_{r}/checkpoint_{r}.ckpt")))
+        .collect()
+}
+
+#[test]
+fn killed_run_leaves_complete_files_and_rerun_matches_clean_run() {
+    let dir = scratch("main");
+    let (src, strategy) = make_source(&dir, 40); // 320 MiB
+    let clean = dir.join("clean");
+    assert!(transform(&src, &strategy, &clean)
+        .status()
+        .unwrap()
+        .success());
+
+    let out = dir.join("killed");
+    let mut killed_midway = false;
+    for _attempt in 0..5 {
+        let _ = std::fs::remove_dir_all(&out);
+        let mut child = transform(&src, &strategy, &out)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // Kill as soon as the first output is under its final name.
+        let start = Instant::now();
+        while !outputs(&out)[0].exists() && start.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        let finished = outputs(&out).iter().filter(|p| p.exists()).count();
+        if finished < 8 {
+            killed_midway = true;
+            break;
+        }
+    }
+    assert!(
+        killed_midway,
+        "the transform always finished before it could be killed"
+    );
+    // Every file under a final name is complete: it parses and matches the clean run.
+    for (a, b) in outputs(&out).iter().zip(outputs(&clean)) {
+        if a.exists() {
+            CheckpointFile::open(a, ReadOptions::default())
+                .unwrap_or_else(|e| panic!("partial file {}: {e}", a.display()));
+            assert_eq!(
+                std::fs::read(a).unwrap(),
+                std::fs::read(&b).unwrap(),
+                "{}",
+                a.display()
+            );
+        }
+    }
+    // Rerun: keeps what verifies, redoes the rest, ends identical to the clean run.
+    let o = transform(&src, &strategy, &out).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for (a, b) in outputs(&out).iter().zip(outputs(&clean)) {
+        assert_eq!(
+            std::fs::read(a).unwrap(),
+            std::fs::read(&b).unwrap(),
+            "{}",
+            a.display()
+        );
+    }
+    // No temporary files left behind.
+    for r in 0..8 {
+        for e in std::fs::read_dir(out.join(format!("rank_{r}"))).unwrap() {
+            let n = e.unwrap().file_name().to_string_lossy().into_owned();
+            assert!(!n.ends_with(".tmp"), "leftover {n}");
+        }
+    }
+    let v = Command::new(BIN).arg("verify").arg(&out).output().unwrap();
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stdout));
+
+    // One flipped byte: verify fails and names that file (and only it).
+    let victim = outputs(&out)[5].clone();
+    let mut bytes = std::fs::read(&victim).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&victim, bytes).unwrap();
+    let v = Command::new(BIN).arg("verify").arg(&out).output().unwrap();
+    assert_eq!(v.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&v.stderr);
+    assert!(stderr.contains("rank_5/checkpoint_5.ckpt"), "{stderr}");
+    assert!(!stderr.contains("rank_4/checkpoint_4.ckpt"), "{stderr}");
+    // And a rerun repairs exactly that file.
+    assert!(transform(&src, &strategy, &out).status().unwrap().success());
+    assert_eq!(
+        std::fs::read(&victim).unwrap(),
+        std::fs::read(outputs(&clean)[5].clone()).unwrap()
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
