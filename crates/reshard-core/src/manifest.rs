@@ -54,6 +54,19 @@ impl Manifest {
         m.write(dir, sync)
     }
 
+    /// Drops entries whose files no longer exist.
+    pub fn prune(dir: &Path, sync: bool) -> Result<()> {
+        let Some(mut m) = Manifest::read(dir) else {
+            return Ok(());
+        };
+        let before = m.files.len();
+        m.files.retain(|e| dir.join(&e.name).exists());
+        if m.files.len() == before {
+            return Ok(());
+        }
+        m.write(dir, sync)
+    }
+
     /// Writes the manifest of `dir` atomically (temporary file, sync, rename).
     pub fn write(&self, dir: &Path, sync: bool) -> Result<()> {
         let bytes = serde_json::to_vec_pretty(self).map_err(|e| Error::Invalid(e.to_string()))?;

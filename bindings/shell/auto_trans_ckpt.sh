@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Automatic checkpoint transform for launch scripts in the style of run_distribute.sh.
+# Call it once per rank, after the runtime has written output/strategy/ckpt_strategy_rank_{r}.ckpt
+# and before the training or inference process loads weights:
+#
+#   export RANK_ID=$i RANK_SIZE=8            # or RANK/WORLD_SIZE, OMPI_*, PMI_*, SLURM_*
+#   ckpt=$(bindings/shell/auto_trans_ckpt.sh --load_checkpoint /data/llama_8p \
+#            --src_strategy_path_or_dir /data/llama_8p_strategy --output_dir output) || exit 1
+#   python run_mindformer.py --load_checkpoint "$(dirname "$(dirname "$ckpt")")" ...
+#
+# Every flag is passed to `reshard auto` (see `reshard auto --help`); the checkpoint this rank
+# should load is printed on stdout, the log goes to stderr. The binary is $RESHARD_BIN, else
+# `reshard` on PATH, else target/release/reshard of this repository.
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+bin=${RESHARD_BIN:-}
+if [ -z "$bin" ]; then
+  if command -v reshard >/dev/null 2>&1; then
+    bin=reshard
+  else
+    bin="$here/../../target/release/reshard"
+  fi
+fi
+if [ ! -x "$bin" ] && ! command -v "$bin" >/dev/null 2>&1; then
+  echo "auto_trans_ckpt.sh: reshard binary not found (set RESHARD_BIN or build with cargo build --release)" >&2
+  exit 127
+fi
+exec "$bin" auto "$@"

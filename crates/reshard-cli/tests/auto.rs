@@ -1,0 +1,269 @@
+//! `reshard auto`, launched as W concurrent processes per case, on MindSpore-made fixtures.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output};
+
+use reshard_core::strategy::Strategy;
+
+const BIN: &str = env!("CARGO_BIN_EXE_reshard");
+
+fn fixture(case: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/conformance")
+        .join(case)
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("reshard-auto-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// What the runtime leaves before loading weights: `ckpt_strategy_rank_{r}.ckpt` for every rank
+/// (each rank writes its stage's file).
+fn write_runtime_strategies(case: &Path, dir: &Path) -> u32 {
+    std::fs::create_dir_all(dir).unwrap();
+    let stages = case.join("dst_strategy_stages");
+    let stage_files: Vec<PathBuf> = if stages.is_dir() {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(&stages)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        v.sort_by_key(|p| {
+            let n = p.file_stem().unwrap().to_string_lossy().into_owned();
+            n.rsplit('_').next().unwrap().parse::<u32>().unwrap()
+        });
+        v
+    } else {
+        vec![case.join("dst_strategy.ckpt")]
+    };
+    let per_stage = Strategy::load(&stage_files[0])
+        .unwrap()
+        .stage_device_num()
+        .unwrap() as u32;
+    let world = per_stage * stage_files.len() as u32;
+    for r in 0..world {
+        std::fs::copy(
+            &stage_files[(r / per_stage) as usize],
+            dir.join(format!("ckpt_strategy_rank_{r}.ckpt")),
+        )
+        .unwrap();
+    }
+    world
+}
+
+fn spawn(case: &Path, out: &Path, rank: u32, world: u32, env: (&str, &str)) -> Child {
+    let mut c = Command::new(BIN);
+    c.args(["auto", "--timeout", "60", "--load_checkpoint"])
+        .arg(case.join("src"))
+        .arg("--output_dir")
+        .arg(out);
+    let src_stages = case.join("src_strategy_stages");
+    if src_stages.is_dir() {
+        c.arg("--src_strategy_path_or_dir").arg(&src_stages);
+    }
+    c.env(env.0, rank.to_string()).env(env.1, world.to_string());
+    for (r, w) in reshard_core::auto::RANK_ENV {
+        if r != env.0 {
+            c.env_remove(r).env_remove(w);
+        }
+    }
+    c.stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn check(o: Output, rank: u32) -> String {
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success(), "rank {rank} failed:\n{err}");
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+/// Compares every output with `reference/` byte for byte.
+fn same_files(out: &Path, reference: &Path, world: u32) {
+    for r in 0..world {
+        let f = format!("rank_{r}/checkpoint_{r}.ckpt");
+        let (a, b) = (
+            std::fs::read(out.join(&f)),
+            std::fs::read(reference.join(&f)),
+        );
+        assert!(
+            a.is_ok() && a.unwrap() == b.unwrap(),
+            "{f} differs from the reference"
+        );
+    }
+}
+
+fn run_case(case_name: &str, reference: Option<&Path>) -> (PathBuf, u32) {
+    let case = fixture(case_name);
+    let out = scratch(case_name).join("output");
+    let has_dst = case.join("dst_strategy.ckpt").exists();
+    let world = if has_dst {
+        write_runtime_strategies(&case, &out.join("strategy"))
+    } else {
+        1
+    };
+    let children: Vec<Child> = (0..world)
+        .map(|r| spawn(&case, &out, r, world, ("RANK_ID", "RANK_SIZE")))
+        .collect();
+    for (r, c) in children.into_iter().enumerate() {
+        let path = check(c.wait_with_output().unwrap(), r as u32);
+        assert!(
+            path.ends_with(&format!("rank_{r}/checkpoint_{r}.ckpt")),
+            "{path}"
+        );
+    }
+    let reference = reference
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| case.join("expected"));
+    same_files(&out.join("transformed_checkpoint"), &reference, world);
+    (out, world)
+}
+
+#[test]
+fn complete_to_8_ranks_dp2_mp1_pp4_opt_shard() {
+    run_case("complete_to_dp2mp1pp4_opt", None);
+}
+
+#[test]
+fn eight_ranks_to_4_dp1_mp2_pp2() {
+    let (out, _) = run_case("dp2mp2pp2_to_dp1mp2pp2", None);
+    assert!(out.join("strategy/merged_ckpt_strategy.ckpt").is_file());
+}
+
+#[test]
+fn eight_ranks_to_complete_for_one_card() {
+    run_case("dp2mp2pp2_to_complete", None);
+}
+
+#[test]
+fn complete_to_2_ranks_mp2_inference() {
+    run_case("complete_to_mp2", None);
+}
+
+#[test]
+fn eight_ranks_to_2_ranks_mp2_inference() {
+    // The optimizer states have no layout in the inference strategy: MindSpore writes a source
+    // slice under their name, reshard the complete tensor (README). Compare with `reshard
+    // transform`, which the conformance suite checks against MindSpore for everything else.
+    let case = fixture("dp2mp2pp2_to_mp2");
+    let reference = scratch("mp2-reference");
+    let st = Command::new(BIN)
+        .args(["transform", "-q", "--src_ckpt_dir"])
+        .arg(case.join("src"))
+        .arg("--src_ckpt_strategy")
+        .arg(case.join("src_strategy.ckpt"))
+        .arg("--dst_ckpt_strategy")
+        .arg(case.join("dst_strategy.ckpt"))
+        .arg("--dst_ckpt_dir")
+        .arg(&reference)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    run_case("dp2mp2pp2_to_mp2", Some(&reference));
+}
+
+#[test]
+fn relaunch_with_fewer_ranks_replaces_old_results() {
+    let case = fixture("dp2mp2pp2_to_dp1mp2pp2");
+    let (out, _) = run_case("complete_to_dp2mp1pp4_opt", None);
+    // Same output folder, new launch: 4 ranks from an 8-rank checkpoint.
+    std::fs::remove_dir_all(out.join("strategy")).unwrap();
+    let world = write_runtime_strategies(&case, &out.join("strategy"));
+    let children: Vec<Child> = (0..world)
+        .map(|r| spawn(&case, &out, r, world, ("RANK", "WORLD_SIZE")))
+        .collect();
+    let mut logs = String::new();
+    for (r, c) in children.into_iter().enumerate() {
+        let o = c.wait_with_output().unwrap();
+        logs += &String::from_utf8_lossy(&o.stderr);
+        check(o, r as u32);
+    }
+    same_files(
+        &out.join("transformed_checkpoint"),
+        &case.join("expected"),
+        world,
+    );
+    for r in world..8 {
+        assert!(
+            !out.join(format!("transformed_checkpoint/rank_{r}"))
+                .exists(),
+            "rank_{r} of the old launch is still there"
+        );
+    }
+    assert!(
+        logs.contains("earlier launch"),
+        "the log does not say what was replaced:\n{logs}"
+    );
+    let v = Command::new(BIN)
+        .arg("verify")
+        .arg(out.join("transformed_checkpoint"))
+        .output()
+        .unwrap();
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stdout));
+}
+
+#[test]
+fn missing_stage_file_times_out_naming_it() {
+    let case = fixture("dp2mp2pp2_to_dp1mp2pp2");
+    let out = scratch("missing").join("output");
+    let world = write_runtime_strategies(&case, &out.join("strategy"));
+    std::fs::remove_file(out.join("strategy/ckpt_strategy_rank_3.ckpt")).unwrap();
+    let mut c = Command::new(BIN);
+    c.args(["auto", "--timeout", "1", "--rank", "0", "--world_size"])
+        .arg(world.to_string())
+        .arg("--load_checkpoint")
+        .arg(case.join("src"))
+        .arg("--src_strategy_path_or_dir")
+        .arg(case.join("src_strategy_stages"))
+        .arg("--output_dir")
+        .arg(&out);
+    let o = c.output().unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("timed out")
+            && err.contains("ckpt_strategy_rank_3.ckpt")
+            && !err.contains("rank_2.ckpt"),
+        "{err}"
+    );
+    assert!(!out
+        .join("transformed_checkpoint/rank_0/checkpoint_0.ckpt")
+        .exists());
+}
+
+#[test]
+fn two_nodes_with_different_launchers_and_local_rank_sets() {
+    // "Node" A runs ranks 0-3 under MindSpore's variables, node B ranks 4-7 under Open MPI's,
+    // started one after the other; they share only the filesystem.
+    let case = fixture("complete_to_dp2mp1pp4_opt");
+    let out = scratch("two-nodes").join("output");
+    let world = write_runtime_strategies(&case, &out.join("strategy"));
+    assert_eq!(world, 8);
+    let a: Vec<Child> = (0..4)
+        .map(|r| spawn(&case, &out, r, world, ("RANK_ID", "RANK_SIZE")))
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let b: Vec<Child> = (4..8)
+        .map(|r| {
+            spawn(
+                &case,
+                &out,
+                r,
+                world,
+                ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
+            )
+        })
+        .collect();
+    for (r, c) in a.into_iter().chain(b).enumerate() {
+        check(c.wait_with_output().unwrap(), r as u32);
+    }
+    same_files(
+        &out.join("transformed_checkpoint"),
+        &case.join("expected"),
+        world,
+    );
+}

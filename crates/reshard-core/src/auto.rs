@@ -1,0 +1,406 @@
+//! Automatic transform at start-up: each rank's process calls [`auto`] before loading weights.
+//! It finds what the user pointed `load_checkpoint` at, waits for the strategy files the
+//! runtime writes, merges pipeline stages, and converts exactly this rank's checkpoint into
+//! `output/transformed_checkpoint/rank_{r}/`. Processes coordinate only through files: every
+//! output appears atomically, so W processes on one or several machines sharing a filesystem
+//! need nothing else.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::checkpoint::Format;
+use crate::error::{Error, Result};
+use crate::execute::{execute, ExecuteOptions};
+use crate::manifest::write_atomic;
+use crate::plan::{Plan, PlanOptions};
+use crate::source::{discover, epoch_step, SourceSet};
+use crate::strategy::{self, Strategy};
+
+/// Settings of an automatic transform (the JSON keys of `reshard_auto` have the same names).
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AutoOptions {
+    /// A folder with `rank_*` subfolders (distributed), a folder with only `rank_0` or loose
+    /// checkpoint files, or one checkpoint file (complete).
+    pub load_checkpoint: PathBuf,
+    /// Source strategy of a distributed checkpoint: a merged file, one stage's file, or a folder.
+    pub src_strategy_path_or_dir: Option<PathBuf>,
+    /// The run's output folder.
+    pub output_dir: PathBuf,
+    /// Where the runtime writes `ckpt_strategy_rank_{r}.ckpt` (default `output_dir/strategy`).
+    pub dst_strategy_dir: Option<PathBuf>,
+    /// This process's rank (default: from the environment).
+    pub rank: Option<u32>,
+    /// Number of ranks (default: from the environment).
+    pub world_size: Option<u32>,
+    /// Output file prefix.
+    pub prefix: String,
+    /// Output format: "ckpt" or "safetensors".
+    pub output_format: String,
+    /// Seconds to wait for the other ranks' strategy files.
+    pub timeout: u64,
+    /// Worker threads (0 = all cores).
+    pub threads: usize,
+}
+
+impl Default for AutoOptions {
+    fn default() -> Self {
+        AutoOptions {
+            load_checkpoint: PathBuf::new(),
+            src_strategy_path_or_dir: None,
+            output_dir: PathBuf::from("output"),
+            dst_strategy_dir: None,
+            rank: None,
+            world_size: None,
+            prefix: "checkpoint_".into(),
+            output_format: "ckpt".into(),
+            timeout: 600,
+            threads: 0,
+        }
+    }
+}
+
+/// What an automatic transform did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AutoResult {
+    /// The checkpoint this rank should load.
+    pub load_path: PathBuf,
+    /// What was detected and done, one line each.
+    pub log: Vec<String>,
+}
+
+/// Environment variables that name the rank and world size, in the order they are tried.
+pub const RANK_ENV: [(&str, &str); 5] = [
+    ("RANK_ID", "RANK_SIZE"),
+    ("RANK", "WORLD_SIZE"),
+    ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
+    ("PMI_RANK", "PMI_SIZE"),
+    ("SLURM_PROCID", "SLURM_NTASKS"),
+];
+
+/// Rank and world size from the environment (MindSpore, torchrun, Open MPI, PMI, Slurm).
+pub fn rank_from_env() -> Option<(u32, u32, &'static str)> {
+    RANK_ENV.iter().find_map(|(r, w)| {
+        let rank = std::env::var(r).ok()?.trim().parse().ok()?;
+        let world = std::env::var(w).ok()?.trim().parse().ok()?;
+        Some((rank, world, *r))
+    })
+}
+
+/// Runs the automatic transform for one rank.
+pub fn auto(o: &AutoOptions) -> Result<AutoResult> {
+    let mut log = Vec::new();
+    let (rank, world) = match (o.rank, o.world_size) {
+        (Some(r), Some(w)) => (r, w),
+        (r, w) => {
+            let env = rank_from_env();
+            let (er, ew, var) = env.unwrap_or((0, 1, ""));
+            if env.is_none() && (r.is_none() || w.is_none()) {
+                log.push("no rank in the environment (RANK_ID, RANK, OMPI_COMM_WORLD_RANK, PMI_RANK, SLURM_PROCID): rank 0 of 1".into());
+            } else if env.is_some() {
+                log.push(format!("rank and world size from {var}"));
+            }
+            (r.unwrap_or(er), w.unwrap_or(ew))
+        }
+    };
+    if world == 0 || rank >= world {
+        return Err(Error::Invalid(format!(
+            "rank {rank} is not below world size {world}"
+        )));
+    }
+    let format = Format::parse(&o.output_format)?;
+    let (set, distributed) = find_source(&o.load_checkpoint)?;
+    log.push(format!(
+        "source {}: {} ({} rank folder(s), {})",
+        o.load_checkpoint.display(),
+        if distributed {
+            "distributed checkpoint"
+        } else {
+            "complete checkpoint"
+        },
+        set.files.len(),
+        set.format.extension()
+    ));
+    let src_strategy = if distributed {
+        let p = o.src_strategy_path_or_dir.as_ref().ok_or_else(|| {
+            Error::Invalid(format!(
+                "{} holds a distributed checkpoint ({} rank folders): give its strategy with src_strategy_path_or_dir \
+                 (a merged file, one stage's file, or the folder of strategy files)",
+                o.load_checkpoint.display(),
+                set.files.len()
+            ))
+        })?;
+        let s = Strategy::load(p)?;
+        log.push(format!(
+            "source strategy {}: {} stage(s) x {} devices",
+            p.display(),
+            s.stage_num()?,
+            s.stage_device_num()?
+        ));
+        Some(s)
+    } else {
+        None
+    };
+    let strategy_dir = o
+        .dst_strategy_dir
+        .clone()
+        .unwrap_or_else(|| o.output_dir.join("strategy"));
+    let dst_strategy = wait_for_strategies(
+        &strategy_dir,
+        rank,
+        world,
+        Duration::from_secs(o.timeout),
+        &mut log,
+    )?;
+    if let Some(d) = &dst_strategy {
+        let n = d.rank_num()?;
+        if n != u64::from(world) {
+            return Err(Error::Invalid(format!(
+                "the strategy files in {} describe {} ranks ({} stage(s) x {} devices) but the world size is {world}",
+                strategy_dir.display(),
+                n,
+                d.stage_num()?,
+                d.stage_device_num()?
+            )));
+        }
+    }
+    let out_root = o.output_dir.join("transformed_checkpoint");
+    if rank == 0 {
+        remove_ranks_beyond(&out_root, world, &mut log);
+    }
+    let plan = Plan::from_parts(set, src_strategy, dst_strategy, &PlanOptions::default())?;
+    let my_rank = if plan.dst_rank_count() == 1 { 0 } else { rank };
+    if plan.dst_rank_count() == 1 && world > 1 {
+        return Err(Error::Invalid(format!(
+            "no strategy files in {} but the world size is {world}: the runtime must write \
+             ckpt_strategy_rank_{{r}}.ckpt before reshard runs",
+            strategy_dir.display()
+        )));
+    }
+    log.push(format!(
+        "destination: {} rank(s) ({} stage(s) x {} devices); rank {rank} is in stage {} and reads source rank(s) {:?}",
+        plan.dst_rank_count(),
+        plan.dst_stages,
+        plan.dst_stage_devices,
+        u64::from(my_rank) / plan.dst_stage_devices,
+        plan.src_ranks_for(my_rank)?
+    ));
+    for w in &plan.warnings {
+        log.push(format!("warning: {w}"));
+    }
+    let opts = ExecuteOptions {
+        prefix: o.prefix.clone(),
+        format,
+        threads: o.threads,
+        ..ExecuteOptions::default()
+    };
+    let written = execute(&plan, &out_root, &[my_rank], &opts)?;
+    let load_path = written.first().map(|w| w.path.clone()).unwrap_or_default();
+    remove_other_checkpoints(&load_path, &mut log);
+    log.push(format!(
+        "{} {}; load it (or the folder {})",
+        if written.first().is_some_and(|w| w.reused) {
+            "kept the finished"
+        } else {
+            "wrote"
+        },
+        load_path.display(),
+        out_root.display()
+    ));
+    Ok(AutoResult { load_path, log })
+}
+
+/// Classifies `load_checkpoint`: (sources, distributed?).
+fn find_source(path: &Path) -> Result<(SourceSet, bool)> {
+    if path.is_file() {
+        let format = Format::from_path(path).ok_or_else(|| Error::Source {
+            path: path.to_path_buf(),
+            detail: "not a .ckpt or .safetensors file".into(),
+        })?;
+        let files = BTreeMap::from([(0, path.to_path_buf())]);
+        return Ok((
+            SourceSet {
+                dir: path.parent().unwrap_or(Path::new(".")).to_path_buf(),
+                files,
+                format,
+            },
+            false,
+        ));
+    }
+    if !path.is_dir() {
+        return Err(Error::Source {
+            path: path.to_path_buf(),
+            detail: "load_checkpoint does not exist".into(),
+        });
+    }
+    let has_rank_dirs = std::fs::read_dir(path)
+        .map_err(|e| Error::io(path, "read folder", e))?
+        .flatten()
+        .any(|e| e.file_name().to_string_lossy().starts_with("rank_") && e.path().is_dir());
+    if has_rank_dirs {
+        let set = discover(path, None)?;
+        let distributed = set.files.len() > 1;
+        return Ok((set, distributed));
+    }
+    // Loose checkpoint files: one, or the newest -EPOCH_STEP among several.
+    let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+        .map_err(|e| Error::io(path, "read folder", e))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_file() && Format::from_path(p).is_some())
+        .collect();
+    files.sort();
+    let chosen = match files.as_slice() {
+        [] => {
+            return Err(Error::Source {
+                path: path.to_path_buf(),
+                detail: "no rank_* folders and no .ckpt/.safetensors files".into(),
+            })
+        }
+        [one] => one.clone(),
+        many => {
+            let mut steps: Vec<(u64, u64, &PathBuf)> = many
+                .iter()
+                .filter_map(|f| epoch_step(f).map(|(e, s)| (e, s, f)))
+                .collect();
+            steps.sort();
+            match steps.last() {
+                Some((e, s, f)) if steps.len() == many.len() && steps.iter().filter(|x| (x.0, x.1) == (*e, *s)).count() == 1 => {
+                    (*f).clone()
+                }
+                _ => {
+                    return Err(Error::Source {
+                        path: path.to_path_buf(),
+                        detail: format!(
+                            "several checkpoints and no unique newest -EPOCH_STEP among them: {}; point load_checkpoint at one file",
+                            many.iter().filter_map(|f| f.file_name()?.to_str()).collect::<Vec<_>>().join(", ")
+                        ),
+                    })
+                }
+            }
+        }
+    };
+    find_source(&chosen)
+}
+
+/// Waits for `ckpt_strategy_rank_{r}.ckpt` (or `.json`) of every rank, then merges them into
+/// `merged_ckpt_strategy.ckpt`. `None` when there are none and the world is one rank.
+fn wait_for_strategies(
+    dir: &Path,
+    rank: u32,
+    world: u32,
+    timeout: Duration,
+    log: &mut Vec<String>,
+) -> Result<Option<Strategy>> {
+    let name = |r: u32, ext: &str| dir.join(format!("ckpt_strategy_rank_{r}.{ext}"));
+    let find = |r: u32| {
+        [name(r, "ckpt"), name(r, "json")]
+            .into_iter()
+            .find(|p| p.is_file())
+    };
+    if world == 1 && find(0).is_none() {
+        log.push(format!(
+            "no strategy file in {} and world size 1: writing one complete checkpoint",
+            dir.display()
+        ));
+        return Ok(None);
+    }
+    // Files older than our own rank's by more than the timeout are from an earlier launch.
+    let start = Instant::now();
+    let fresh_after = |own: Option<SystemTime>| own.and_then(|t| t.checked_sub(timeout));
+    let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    loop {
+        let own = find(rank).as_deref().and_then(mtime);
+        let after = fresh_after(own);
+        let mut missing = Vec::new();
+        let mut files = Vec::new();
+        for r in 0..world {
+            match find(r) {
+                Some(p)
+                    if after.is_none_or(|a| mtime(&p).is_some_and(|m| m >= a)) && own.is_some() =>
+                {
+                    // A file still being written may not parse yet: wait for it like a missing one.
+                    match Strategy::load(&p) {
+                        Ok(_) => files.push(p),
+                        Err(_) => missing.push(r),
+                    }
+                }
+                _ => missing.push(r),
+            }
+        }
+        if missing.is_empty() {
+            let json = files
+                .iter()
+                .all(|p| p.extension().is_some_and(|e| e == "json"));
+            let merged = strategy::merge_files(&files, json)?;
+            let out = dir.join(format!("merged_ckpt_strategy.{}", merged.extension()));
+            write_atomic(&out, &merged.to_bytes(), true)?;
+            let s = Strategy::load(&out)?;
+            log.push(format!(
+                "destination strategy: {} rank file(s) in {} merged into {} ({} stage(s) x {} devices)",
+                files.len(),
+                dir.display(),
+                out.display(),
+                s.stage_num()?,
+                s.stage_device_num()?
+            ));
+            return Ok(Some(s));
+        }
+        if start.elapsed() >= timeout {
+            let shown: Vec<String> = missing
+                .iter()
+                .take(16)
+                .map(|r| format!("ckpt_strategy_rank_{r}.ckpt"))
+                .collect();
+            return Err(Error::Source {
+                path: dir.to_path_buf(),
+                detail: format!(
+                    "timed out after {}s waiting for the strategy files of {} rank(s): {}{}",
+                    timeout.as_secs(),
+                    missing.len(),
+                    shown.join(", "),
+                    if missing.len() > 16 { ", ..." } else { "" }
+                ),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Rank 0 removes `rank_{r}` folders of an earlier, larger launch.
+fn remove_ranks_beyond(root: &Path, world: u32, log: &mut Vec<String>) {
+    let Ok(rd) = std::fs::read_dir(root) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        if let Some(r) = n.strip_prefix("rank_").and_then(|x| x.parse::<u32>().ok()) {
+            if r >= world && std::fs::remove_dir_all(e.path()).is_ok() {
+                log.push(format!(
+                    "removed {} left by an earlier launch with more ranks",
+                    e.path().display()
+                ));
+            }
+        }
+    }
+}
+
+/// Removes checkpoints of an earlier launch (another prefix or format) next to ours.
+fn remove_other_checkpoints(ours: &Path, log: &mut Vec<String>) {
+    let Some(dir) = ours.parent() else { return };
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut removed = false;
+    for e in rd.flatten() {
+        let p = e.path();
+        if p != ours && Format::from_path(&p).is_some() && std::fs::remove_file(&p).is_ok() {
+            log.push(format!("removed {} left by an earlier launch", p.display()));
+            removed = true;
+        }
+    }
+    if removed {
+        let _ = crate::manifest::Manifest::prune(dir, true);
+    }
+}
