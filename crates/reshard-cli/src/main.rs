@@ -6,6 +6,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
+
+mod strategy_cmd;
 use reshard_core::checkpoint::{CheckpointFile, Format, ReadOptions};
 use reshard_core::execute::{execute, ExecuteOptions};
 use reshard_core::plan::{Plan, PlanOptions};
@@ -142,6 +144,11 @@ enum Cmd {
         /// Seconds to wait for the other ranks' strategy files.
         #[arg(long, default_value_t = 600)]
         timeout: u64,
+    },
+    /// Write strategy files for a target layout without MindSpore, or show what a strategy does.
+    Strategy {
+        #[command(subcommand)]
+        cmd: strategy_cmd::StrategyCmd,
     },
     /// Check an output folder: every file listed in a reshard manifest has its size and crc32
     /// and parses; checkpoints no manifest lists are reported too. Exit 1 naming each bad file.
@@ -309,6 +316,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                 Err(e) => Err(Error::Invalid(format!("[rank {tag}] {e}"))),
             }
         }
+        Cmd::Strategy { cmd } => strategy_cmd::run(cmd),
         Cmd::Verify { dir, json } => {
             let r = reshard_core::manifest::verify(&dir)?;
             if json {

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::Subcommand;
 use reshard_core::strategy::Strategy;
-use reshard_core::strategy_new::{self, Omitted, Rules, StrategySpec};
+use reshard_core::strategy_new::{self, NewOptions, Omitted, StrategySpec};
 use reshard_core::Error;
 
 const NEW_ABOUT: &str = "\
@@ -15,7 +15,9 @@ Reads parameter names and full shapes from a complete checkpoint, decides each p
 from sharding rules, and writes into --out one file per pipeline stage,
 ckpt_strategy_rank_{first rank of the stage}.ckpt, plus merged_ckpt_strategy.ckpt (merged as
 mindspore.merge_pipeline_strategys does). Give the merged file (or the folder) as the destination
-strategy to `reshard transform`, MindSpore's transform_checkpoints or MindFormers.
+strategy to `reshard transform`, MindSpore's transform_checkpoints or MindFormers (which, like
+reshard, ignores or rebuilds the merged file when given the folder; MindSpore's own
+merge_pipeline_strategys would read it as one more stage file, so give it the merged file).
 
 Layout: each stage has the device matrix [dp, mp]; global rank = stage * dp * mp + local rank.
 `mp` is the right axis (tensor_map 0), `dp` the left (tensor_map 1), as in MindFormers.
@@ -133,24 +135,24 @@ pub fn run(cmd: StrategyCmd) -> Result<(), Error> {
             json,
             show,
         } => {
-            let mut all = Rules::new();
-            if let Some(f) = &rules {
-                let text = std::fs::read_to_string(f).map_err(|e| Error::io(f, "read", e))?;
-                all.extend(Rules::parse(&text, &f.display().to_string(), true)?);
-            }
-            if preset != "none" {
-                all.extend(Rules::builtin(&preset)?);
-            }
-            let mut spec = StrategySpec::new(dp, mp, pp);
-            spec.rules = all;
-            spec.optimizer_shard = optimizer_shard;
-            spec.opt_shard_size = opt_shard_size;
-            spec.opt_shard_threshold_kb = opt_shard_threshold_kb;
-            if !layers_per_stage.is_empty() {
-                spec.layers_per_stage = Some(layers_per_stage);
-            }
-            let params = strategy_new::read_params(&from)?;
-            let written = strategy_new::write(&spec, &params, &out, json)?;
+            let opts = NewOptions {
+                from,
+                dp,
+                mp,
+                pp,
+                optimizer_shard,
+                opt_shard_size,
+                opt_shard_threshold_kb,
+                rules,
+                rules_text: None,
+                preset,
+                layers_per_stage: (!layers_per_stage.is_empty()).then_some(layers_per_stage),
+                out,
+                json,
+            };
+            let spec = opts.spec()?;
+            let params = strategy_new::read_params(&opts.from)?;
+            let written = strategy_new::write(&spec, &params, &opts.out, opts.json)?;
             report_new(&spec, &written);
             if show {
                 let s = Strategy::load(&written.merged)?;
@@ -206,7 +208,9 @@ fn report_new(spec: &StrategySpec, w: &strategy_new::Written) {
         .map(|(n, _)| n.as_str())
         .collect();
     if scalars > 0 {
-        eprintln!("{scalars} scalar/bookkeeping parameter(s) have no layout (copied whole, as MindSpore)");
+        eprintln!(
+            "{scalars} scalar/bookkeeping parameter(s) have no layout (copied whole, as MindSpore)"
+        );
     }
     if !skipped.is_empty() {
         eprintln!("skipped by rule: {}", list(&skipped));
@@ -231,6 +235,10 @@ fn list(names: &[&str]) -> String {
     if names.len() <= MAX {
         names.join(", ")
     } else {
-        format!("{}, ... ({} more)", names[..MAX].join(", "), names.len() - MAX)
+        format!(
+            "{}, ... ({} more)",
+            names[..MAX].join(", "),
+            names.len() - MAX
+        )
     }
 }
