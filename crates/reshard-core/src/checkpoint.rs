@@ -96,12 +96,41 @@ pub struct CheckpointIndex {
     pub crc: Option<u32>,
     /// safetensors `__metadata__`.
     pub metadata: BTreeMap<String, String>,
+    by_name: std::collections::HashMap<String, usize>,
 }
 
 impl CheckpointIndex {
+    /// Builds an index over `tensors` (names must be unique).
+    pub fn new(
+        format: Format,
+        tensors: Vec<TensorInfo>,
+        file_len: u64,
+        crc: Option<u32>,
+        metadata: BTreeMap<String, String>,
+    ) -> Self {
+        let by_name = tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.clone(), i))
+            .collect();
+        CheckpointIndex {
+            format,
+            tensors,
+            file_len,
+            crc,
+            metadata,
+            by_name,
+        }
+    }
+
     /// Finds a tensor by name.
     pub fn get(&self, name: &str) -> Option<&TensorInfo> {
-        self.tensors.iter().find(|t| t.name == name)
+        self.position(name).map(|i| &self.tensors[i])
+    }
+
+    /// Position of a tensor in file order.
+    pub fn position(&self, name: &str) -> Option<usize> {
+        self.by_name.get(name).copied()
     }
 }
 

@@ -143,13 +143,13 @@ pub fn parse(path: &Path, bytes: &[u8], opts: ReadOptions) -> Result<CheckpointI
     for t in &mut tensors {
         t.shape = checked_shape(path, t)?;
     }
-    Ok(CheckpointIndex {
-        format: Format::Ckpt,
+    Ok(CheckpointIndex::new(
+        Format::Ckpt,
         tensors,
-        file_len: bytes.len() as u64,
+        bytes.len() as u64,
         crc,
-        metadata: Default::default(),
-    })
+        Default::default(),
+    ))
 }
 
 /// Checks content size against dims x dtype size and returns the logical shape.

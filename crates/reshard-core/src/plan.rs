@@ -67,6 +67,26 @@ struct ParamInfo {
     kind: SrcKind,
     /// Global source ranks whose files hold the parameter, ascending.
     holders: Vec<u32>,
+    /// Its position in each holder's file (parallel to `holders`).
+    positions: Vec<u32>,
+    /// What the destination strategy says of it, resolved once.
+    dst: DstInfo,
+}
+
+/// The destination side of a parameter, resolved when the plan is built (so a layout that does
+/// not fit the tensor is reported before anything is written).
+#[derive(Debug, Clone, Default)]
+struct DstInfo {
+    /// The source strategy has a layout for it (or the source is complete).
+    in_src: bool,
+    /// The destination strategy has a layout for it.
+    in_dst: bool,
+    /// The destination stages it belongs to.
+    stages: Vec<u32>,
+    /// Resolved layout for ranks of stage 0, and for ranks of later stages (MindSpore may pick
+    /// different layout items for a parameter shared by stages).
+    first: Option<ResolvedLayout>,
+    later: Option<ResolvedLayout>,
 }
 
 /// A box of a source slice to copy into a destination tensor.
@@ -316,7 +336,7 @@ impl Plan {
         let mut params: Vec<ParamInfo> = Vec::new();
         let mut param_index: HashMap<String, usize> = HashMap::new();
         for s in sources.values() {
-            for t in &s.index.tensors {
+            for (pos, t) in s.index.tensors.iter().enumerate() {
                 match param_index.get(&t.name) {
                     Some(&i) => {
                         let p = &mut params[i];
@@ -331,6 +351,7 @@ impl Plan {
                             ));
                         }
                         p.holders.push(s.rank);
+                        p.positions.push(pos as u32);
                     }
                     None => {
                         param_index.insert(t.name.clone(), params.len());
@@ -340,6 +361,8 @@ impl Plan {
                             full: t.shape.clone(),
                             kind: SrcKind::Raw,
                             holders: vec![s.rank],
+                            positions: vec![pos as u32],
+                            dst: DstInfo::default(),
                         });
                     }
                 }
@@ -386,6 +409,14 @@ impl Plan {
                     if odd.len() > 5 { ", ..." } else { "" }
                 ));
             }
+        }
+        for p in &mut params {
+            p.dst = resolve_dst(
+                p,
+                src_strategy.as_ref(),
+                dst_strategy.as_ref(),
+                dst_stage_devices,
+            )?;
         }
         Ok(Plan {
             src_dir: set.dir,
@@ -465,105 +496,93 @@ impl Plan {
         }
         let stage = (u64::from(rank) / self.dst_stage_devices) as u32;
         let local = u64::from(rank) % self.dst_stage_devices;
+        // (param index, tensor) for the transformed and the copied parameters.
         let mut transformed = Vec::new();
         let mut copied = Vec::new();
-        for p in &self.params {
-            let in_src = match &self.src_strategy {
-                None => true,
-                Some(s) => s.contains(&p.name),
-            };
-            let dst_layout = match &self.dst_strategy {
-                None => None,
-                Some(d) if d.contains(&p.name) => {
-                    if !d.stages_of(&p.name).contains(&stage) {
-                        // MindSpore drops it unless the source strategy lacks it.
-                        if in_src {
-                            continue;
-                        }
-                        copied.push(self.raw(p, rank, local)?);
-                        continue;
-                    }
-                    Some(d.layout_for_rank(&p.name, u64::from(rank)).ok_or_else(|| {
-                        Error::Invalid(format!(
-                            "destination strategy lost the layout of '{}'",
-                            p.name
-                        ))
-                    })?)
+        for (i, p) in self.params.iter().enumerate() {
+            let d = &p.dst;
+            if self.dst_strategy.is_some() && d.in_dst && !d.stages.contains(&stage) {
+                // Outside this rank's stage: MindSpore drops it unless the source strategy lacks it.
+                if !d.in_src {
+                    copied.push((i, self.raw(p, local)?));
                 }
-                Some(_) => {
-                    // Not in the destination strategy: MindSpore copies the source slice as it
-                    // is; a sharded one would be a wrong tensor, so write the complete tensor.
-                    match p.kind {
-                        SrcKind::Sharded { .. } => {
-                            copied.push(self.pieces(p, Region::full(&p.full), rank, local)?)
-                        }
-                        _ => copied.push(self.raw(p, rank, local)?),
-                    }
-                    continue;
-                }
-            };
-            if !in_src || matches!(p.kind, SrcKind::Raw) {
-                copied.push(self.raw(p, rank, local)?);
                 continue;
             }
-            let dst_box = match dst_layout {
-                None => Region::full(&p.full),
-                Some(l) => {
-                    let path = self
-                        .dst_strategy
-                        .as_ref()
-                        .map(|s| s.path.clone())
-                        .unwrap_or_default();
-                    ResolvedLayout::new(l, &p.full, &p.name, &path)?.rank_box(local)
-                }
+            if self.dst_strategy.is_some() && !d.in_dst {
+                // Not in the destination strategy: MindSpore copies the source slice as it is;
+                // a sharded one would be a wrong tensor, so write the complete tensor.
+                let t = match p.kind {
+                    SrcKind::Sharded { .. } => self.pieces(p, Region::full(&p.full), local)?,
+                    _ => self.raw(p, local)?,
+                };
+                copied.push((i, t));
+                continue;
+            }
+            if !d.in_src || matches!(p.kind, SrcKind::Raw) {
+                copied.push((i, self.raw(p, local)?));
+                continue;
+            }
+            let layout = if stage == 0 {
+                d.first.as_ref()
+            } else {
+                d.later.as_ref()
             };
-            transformed.push(self.pieces(p, dst_box, rank, local)?);
+            let dst_box = layout.map_or_else(|| Region::full(&p.full), |l| l.rank_box(local));
+            transformed.push((i, self.pieces(p, dst_box, local)?));
         }
         self.order_like_mindspore(&mut transformed, &mut copied);
-        transformed.extend(copied);
+        let tensors = transformed
+            .into_iter()
+            .chain(copied)
+            .map(|(_, t)| t)
+            .collect();
         Ok(RankPlan {
             rank,
             stage,
-            tensors: transformed,
+            tensors,
         })
     }
 
     /// MindSpore loads the needed source files from the highest rank down and writes parameters
     /// in order of first appearance, transformed ones before copied ones.
-    fn order_like_mindspore(&self, transformed: &mut [TensorPlan], copied: &mut [TensorPlan]) {
-        let mut used: Vec<u32> = transformed
-            .iter()
-            .chain(copied.iter())
-            .flat_map(|t| match &t.source {
-                TensorSource::Raw { src_rank } => vec![*src_rank],
-                TensorSource::Pieces { pieces, .. } => pieces.iter().map(|p| p.src_rank).collect(),
-            })
-            .collect();
-        used.sort_unstable_by(|a, b| b.cmp(a));
-        used.dedup();
-        let mut pos: HashMap<&str, usize> = HashMap::new();
-        for r in used {
-            if let Some(s) = self.sources.get(&r) {
-                for t in &s.index.tensors {
-                    let n = pos.len();
-                    pos.entry(t.name.as_str()).or_insert(n);
+    fn order_like_mindspore(
+        &self,
+        transformed: &mut [(usize, TensorPlan)],
+        copied: &mut [(usize, TensorPlan)],
+    ) {
+        let mut used: Vec<u32> = Vec::new();
+        for (_, t) in transformed.iter().chain(copied.iter()) {
+            match &t.source {
+                TensorSource::Raw { src_rank } => used.push(*src_rank),
+                TensorSource::Pieces { pieces, .. } => {
+                    used.extend(pieces.iter().map(|p| p.src_rank))
                 }
             }
         }
-        let key = |t: &TensorPlan| pos.get(t.name.as_str()).copied().unwrap_or(usize::MAX);
-        transformed.sort_by_key(key);
-        copied.sort_by_key(key);
+        used.sort_unstable_by(|a, b| b.cmp(a));
+        used.dedup();
+        // Key: (first used file holding it, its position there). Files of one stage list their
+        // parameters in the same order, so this is the order of first appearance.
+        let key = |i: &usize| {
+            let p = &self.params[*i];
+            used.iter()
+                .enumerate()
+                .find_map(|(k, u)| p.holders.binary_search(u).ok().map(|j| (k, p.positions[j])))
+                .unwrap_or((usize::MAX, u32::MAX))
+        };
+        transformed.sort_by_cached_key(|(i, _)| key(i));
+        copied.sort_by_cached_key(|(i, _)| key(i));
     }
 
-    fn raw(&self, p: &ParamInfo, _rank: u32, local: u64) -> Result<TensorPlan> {
+    fn raw(&self, p: &ParamInfo, local: u64) -> Result<TensorPlan> {
         let want_local = local % self.src_stage_devices;
-        let src_rank = p
+        let j = p
             .holders
             .iter()
-            .copied()
-            .find(|&h| u64::from(h - self.src_base) % self.src_stage_devices == want_local)
-            .unwrap_or(p.holders[0]);
-        let t = self.tensor_info(src_rank, &p.name)?;
+            .position(|&h| u64::from(h - self.src_base) % self.src_stage_devices == want_local)
+            .unwrap_or(0);
+        let src_rank = p.holders[j];
+        let t = &self.sources[&src_rank].index.tensors[p.positions[j] as usize];
         let dims = if t.dtype == DType::Str {
             t.raw_dims.clone()
         } else {
@@ -578,7 +597,7 @@ impl Plan {
         })
     }
 
-    fn pieces(&self, p: &ParamInfo, dst_box: Region, _rank: u32, local: u64) -> Result<TensorPlan> {
+    fn pieces(&self, p: &ParamInfo, dst_box: Region, local: u64) -> Result<TensorPlan> {
         let pieces = match &p.kind {
             SrcKind::Complete | SrcKind::Raw => {
                 let src_rank = p.holders[0];
@@ -650,6 +669,50 @@ impl Plan {
     pub fn has_param(&self, name: &str) -> bool {
         self.param_index.contains_key(name)
     }
+}
+
+/// Resolves what the destination strategy says of a parameter.
+fn resolve_dst(
+    p: &ParamInfo,
+    src: Option<&Strategy>,
+    dst: Option<&Strategy>,
+    dst_stage_dev: u64,
+) -> Result<DstInfo> {
+    let in_src = src.is_none_or(|s| s.contains(&p.name));
+    let Some(d) = dst else {
+        return Ok(DstInfo {
+            in_src,
+            ..DstInfo::default()
+        });
+    };
+    if !d.contains(&p.name) {
+        return Ok(DstInfo {
+            in_src,
+            ..DstInfo::default()
+        });
+    }
+    let stages = d.stages_of(&p.name);
+    let mut info = DstInfo {
+        in_src,
+        in_dst: true,
+        stages,
+        first: None,
+        later: None,
+    };
+    if in_src && !matches!(p.kind, SrcKind::Raw) {
+        let resolve = |rank: u64| -> Result<Option<ResolvedLayout>> {
+            d.layout_for_rank(&p.name, rank)
+                .map(|l| ResolvedLayout::new(l, &p.full, &p.name, &d.path))
+                .transpose()
+        };
+        if info.stages.contains(&0) {
+            info.first = resolve(0)?;
+        }
+        if info.stages.iter().any(|&s| s > 0) {
+            info.later = resolve(dst_stage_dev)?;
+        }
+    }
+    Ok(info)
 }
 
 /// The source layout of a sharded parameter, its slices, and the full shape they imply.

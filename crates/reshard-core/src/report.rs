@@ -14,27 +14,30 @@ pub fn plan_json(
     opts: &ExecuteOptions,
     detail: bool,
 ) -> Result<Value> {
-    let mut ranks = Vec::new();
-    for r in 0..plan.dst_rank_count() {
-        let rp = plan.rank_plan(r)?;
-        let sources: Vec<Value> = rp
-            .bytes_read()
-            .iter()
-            .map(|(s, b)| json!({"rank": s, "path": plan.sources[s].path, "bytes": b}))
-            .collect();
-        let mut v = json!({
-            "rank": r,
-            "stage": rp.stage,
-            "output": output_path(plan, dst_dir, r, opts),
-            "tensors": rp.tensors.len(),
-            "bytes_written": rp.bytes_written(),
-            "sources": sources,
-        });
-        if detail {
-            v["plan"] = serde_json::to_value(&rp.tensors).unwrap_or(Value::Null);
-        }
-        ranks.push(v);
-    }
+    use rayon::prelude::*;
+    let ranks: Vec<Value> = (0..plan.dst_rank_count())
+        .into_par_iter()
+        .map(|r| -> Result<Value> {
+            let rp = plan.rank_plan(r)?;
+            let sources: Vec<Value> = rp
+                .bytes_read()
+                .iter()
+                .map(|(s, b)| json!({"rank": s, "path": plan.sources[s].path, "bytes": b}))
+                .collect();
+            let mut v = json!({
+                "rank": r,
+                "stage": rp.stage,
+                "output": output_path(plan, dst_dir, r, opts),
+                "tensors": rp.tensors.len(),
+                "bytes_written": rp.bytes_written(),
+                "sources": sources,
+            });
+            if detail {
+                v["plan"] = serde_json::to_value(&rp.tensors).unwrap_or(Value::Null);
+            }
+            Ok(v)
+        })
+        .collect::<Result<_>>()?;
     Ok(json!({
         "src_dir": plan.src_dir,
         "src_format": plan.src_format,

@@ -149,13 +149,13 @@ pub fn parse(path: &Path, bytes: &[u8], opts: ReadOptions) -> Result<CheckpointI
         }
         crc = Some(expected);
     }
-    Ok(CheckpointIndex {
-        format: Format::Safetensors,
+    Ok(CheckpointIndex::new(
+        Format::Safetensors,
         tensors,
-        file_len: bytes.len() as u64,
+        bytes.len() as u64,
         crc,
         metadata,
-    })
+    ))
 }
 
 /// MindSpore's safetensors crc: crc32 chained over each name then `bytes(ndarray)`, names
