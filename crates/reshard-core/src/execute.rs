@@ -233,11 +233,19 @@ pub fn execute(
 pub fn file_layout(headers: &[TensorHeader], format: Format) -> Result<FileLayout> {
     match format {
         Format::Ckpt => Ok(ckpt::layout(headers, ckpt::CHUNK_BYTES)),
-        Format::Safetensors => {
-            let meta = BTreeMap::from([("format".to_string(), "ms".to_string())]);
-            safetensors::layout(headers, &meta)
-        }
+        Format::Safetensors => safetensors::layout(headers, &safetensors_metadata(None)),
     }
+}
+
+/// MindSpore's safetensors metadata; with `crc`, its `crc_num`. The crc is only known after
+/// the data is written, so the header is first laid out with the widest value ("4294967295")
+/// and rewritten, padded with spaces to the same length, at the end.
+fn safetensors_metadata(crc: Option<u32>) -> BTreeMap<String, String> {
+    let mut m = BTreeMap::from([("format".to_string(), "ms".to_string())]);
+    if let Some(c) = crc {
+        m.insert("crc_num".to_string(), c.to_string());
+    }
+    m
 }
 
 /// A unit of work: one block of one tensor.
@@ -278,7 +286,13 @@ fn write_rank(
             }
         })
         .collect();
-    let layout = file_layout(&headers, opts.format)?;
+    let want_st_crc = opts.crc && opts.format == Format::Safetensors;
+    let layout = match opts.format {
+        Format::Safetensors if want_st_crc => {
+            safetensors::layout(&headers, &safetensors_metadata(Some(u32::MAX)))?
+        }
+        f => file_layout(&headers, f)?,
+    };
     let final_path = output_path(plan, dst_dir, rp.rank, opts);
     let dir = final_path
         .parent()
@@ -377,6 +391,23 @@ fn write_rank(
         // The runs tile the file; combining their crcs in file order gives the file's crc
         // without reading it back.
         crcs.sort_by_key(|(off, _)| *off);
+        if want_st_crc {
+            let st_crc = safetensors_crc(&headers, &layout, &crcs);
+            let real = safetensors::layout(&headers, &safetensors_metadata(Some(st_crc)))?;
+            let (mut head, old) = (real.fixed[0].1.clone(), &layout.fixed[0].1);
+            // Same header length: the first 8 bytes give it; pad the JSON with spaces.
+            head.truncate(8);
+            let text = &real.fixed[0].1[8..];
+            let text = std::str::from_utf8(text).unwrap_or_default().trim_end();
+            head = old[..8].to_vec();
+            head.extend_from_slice(text.as_bytes());
+            head.resize(old.len(), b' ');
+            file.write_all_at(&head, 0)
+                .map_err(|e| Error::io(&tmp_path, "write", e))?;
+            let mut h = crc32fast::Hasher::new();
+            h.update(&head);
+            crcs[0] = (0, h);
+        }
         let mut whole = crc32fast::Hasher::new();
         for (_, h) in &crcs {
             whole.combine(h);
@@ -559,6 +590,33 @@ fn write_block(
         }
     }
     Ok((len, crcs))
+}
+
+/// MindSpore's safetensors crc (see [`safetensors`]): crc32 chained over each name, then its
+/// data, names sorted; computed from the crcs of the runs written.
+fn safetensors_crc(
+    headers: &[TensorHeader],
+    layout: &FileLayout,
+    runs: &[(u64, crc32fast::Hasher)],
+) -> u32 {
+    let mut order: Vec<usize> = (0..headers.len()).collect();
+    order.sort_by(|&a, &b| headers[a].name.cmp(&headers[b].name));
+    let mut h = crc32fast::Hasher::new();
+    for i in order {
+        h.update(headers[i].name.as_bytes());
+        let (start, len) = layout.content[i]
+            .first()
+            .map_or((0, 0), |r| (r.file_offset, r.len));
+        // Runs are sorted by offset; those inside this tensor's data are its content.
+        let from = runs.partition_point(|(o, _)| *o < start);
+        for (o, rh) in &runs[from..] {
+            if *o >= start + len {
+                break;
+            }
+            h.combine(rh);
+        }
+    }
+    h.finalize()
 }
 
 /// Removes temporary files that killed runs left for output `name` (ours are
