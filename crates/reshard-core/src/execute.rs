@@ -394,12 +394,10 @@ fn write_rank(
         if want_st_crc {
             let st_crc = safetensors_crc(&headers, &layout, &crcs);
             let real = safetensors::layout(&headers, &safetensors_metadata(Some(st_crc)))?;
-            let (mut head, old) = (real.fixed[0].1.clone(), &layout.fixed[0].1);
-            // Same header length: the first 8 bytes give it; pad the JSON with spaces.
-            head.truncate(8);
-            let text = &real.fixed[0].1[8..];
-            let text = std::str::from_utf8(text).unwrap_or_default().trim_end();
-            head = old[..8].to_vec();
+            // Same header length as laid out (the first 8 bytes say it): pad the JSON with spaces.
+            let old = &layout.fixed[0].1;
+            let text = std::str::from_utf8(&real.fixed[0].1[8..]).unwrap_or_default().trim_end();
+            let mut head = old[..8].to_vec();
             head.extend_from_slice(text.as_bytes());
             head.resize(old.len(), b' ');
             file.write_all_at(&head, 0)

@@ -1,6 +1,9 @@
 //! Status codes and the error object handed to C.
 
-use std::ffi::CString;
+use std::ffi::{c_char, CString};
+
+use crate::ffi;
+use crate::panic;
 
 /// Status codes returned by the `int32_t` functions of this library.
 ///
@@ -108,4 +111,49 @@ pub(crate) fn c_string_lossy(s: String) -> CString {
             CString::new(cleaned).unwrap_or_default()
         }
     }
+}
+
+/// The status code of an error object, or `RESHARD_STATUS_NULL_ARGUMENT` when `error` is NULL.
+///
+/// # Safety
+///
+/// `error` must be NULL or a live error object from this library.
+#[no_mangle]
+pub unsafe extern "C" fn reshard_error_code(error: *const ReshardError) -> i32 {
+    panic::or_value(ReshardStatus::Panic.code(), || {
+        // SAFETY: NULL or a live error object (# Safety).
+        unsafe { ffi::try_ref(error, "error") }
+            .map_or(ReshardStatus::NullArgument.code(), |e| e.code)
+    })
+}
+
+/// The full message of an error object: what failed, naming the file, rank, parameter and
+/// shapes involved. The string belongs to the error object and stays valid until
+/// `reshard_error_free`; do not free it. When `error` is NULL returns a static message saying
+/// so (never NULL).
+///
+/// # Safety
+///
+/// `error` must be NULL or a live error object from this library.
+#[no_mangle]
+pub unsafe extern "C" fn reshard_error_message(error: *const ReshardError) -> *const c_char {
+    const NULL_ERROR: &str = "reshard_error_message: the error object is NULL\0";
+    let null_error = NULL_ERROR.as_ptr().cast::<c_char>();
+    panic::or_value(null_error, || {
+        // SAFETY: NULL or a live error object (# Safety).
+        unsafe { ffi::try_ref(error, "error") }.map_or(null_error, |e| e.message.as_ptr())
+    })
+}
+
+/// Frees an error object. NULL is a no-op.
+///
+/// # Safety
+///
+/// `error` must be NULL or an error object from this library that was not freed before.
+#[no_mangle]
+pub unsafe extern "C" fn reshard_error_free(error: *mut ReshardError) {
+    panic::or_value((), || {
+        // SAFETY: NULL or an unfreed error object (# Safety).
+        unsafe { ffi::free_handle(error) }
+    })
 }
