@@ -42,20 +42,14 @@ fn make_source(dir: &Path, layers: usize) -> (PathBuf, PathBuf) {
     let layout = ckpt::layout(&headers, ckpt::CHUNK_BYTES);
     let path = dir.join("complete/rank_0/model.ckpt");
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    let mut bytes = vec![0u8; layout.len as usize];
-    for (o, b) in &layout.fixed {
-        bytes[*o as usize..*o as usize + b.len()].copy_from_slice(b);
-    }
-    for (i, runs) in layout.content.iter().enumerate() {
-        for r in runs {
-            for (k, b) in bytes[r.file_offset as usize..(r.file_offset + r.len) as usize]
-                .iter_mut()
-                .enumerate()
-            {
-                *b = (k as u8).wrapping_mul(7).wrapping_add(i as u8);
-            }
-        }
-    }
+    let contents: Vec<Vec<u8>> = (0..headers.len())
+        .map(|i| {
+            (0..4u32 << 20)
+                .map(|k| (k as u8).wrapping_mul(7).wrapping_add(i as u8))
+                .collect()
+        })
+        .collect();
+    let bytes = layout.render(&contents.iter().map(Vec::as_slice).collect::<Vec<_>>());
     std::fs::write(&path, bytes).unwrap();
     let strategy = dir.join("dst.json");
     let v = serde_json::json!({"current_stage": 0, "parallel_strategy_item": {"op": {"stage": 0, "parallel_strategy": [[8]]}},

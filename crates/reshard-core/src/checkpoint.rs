@@ -248,6 +248,22 @@ pub struct FileLayout {
 }
 
 impl FileLayout {
+    /// The whole file in memory, given each tensor's content (for small files and tests; the
+    /// executor writes runs at their offsets instead).
+    pub fn render(&self, contents: &[&[u8]]) -> Vec<u8> {
+        let mut out = vec![0u8; self.len as usize];
+        for (off, b) in &self.fixed {
+            out[*off as usize..*off as usize + b.len()].copy_from_slice(b);
+        }
+        for (runs, data) in self.content.iter().zip(contents) {
+            for r in runs {
+                out[r.file_offset as usize..(r.file_offset + r.len) as usize]
+                    .copy_from_slice(&data[r.start as usize..(r.start + r.len) as usize]);
+            }
+        }
+        out
+    }
+
     /// Maps a range of a tensor's content to file runs: (file offset, offset within range, len).
     pub fn place(&self, tensor: usize, start: u64, len: u64) -> Vec<(u64, u64, u64)> {
         let end = start + len;

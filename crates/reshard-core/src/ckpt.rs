@@ -350,17 +350,7 @@ mod tests {
     }
 
     fn render(l: &FileLayout, contents: &[Vec<u8>]) -> Vec<u8> {
-        let mut out = vec![0u8; l.len as usize];
-        for (off, b) in &l.fixed {
-            out[*off as usize..*off as usize + b.len()].copy_from_slice(b);
-        }
-        for (i, runs) in l.content.iter().enumerate() {
-            for r in runs {
-                out[r.file_offset as usize..(r.file_offset + r.len) as usize]
-                    .copy_from_slice(&contents[i][r.start as usize..(r.start + r.len) as usize]);
-            }
-        }
-        out
+        l.render(&contents.iter().map(Vec::as_slice).collect::<Vec<_>>())
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use proptest::prelude::*;
-use reshard_core::checkpoint::{CheckpointFile, FileLayout, ReadOptions, TensorHeader};
+use reshard_core::checkpoint::{CheckpointFile, ReadOptions, TensorHeader};
 use reshard_core::execute::{execute, ExecuteOptions};
 use reshard_core::plan::{Plan, PlanOptions, TensorSource};
 use reshard_core::{ckpt, DType};
@@ -29,17 +29,8 @@ fn write_ckpt(path: &Path, tensors: &[(String, DType, Vec<u64>, Vec<u8>)]) {
             nbytes: b.len() as u64,
         })
         .collect();
-    let l: FileLayout = ckpt::layout(&headers, 64);
-    let mut out = vec![0u8; l.len as usize];
-    for (o, b) in &l.fixed {
-        out[*o as usize..*o as usize + b.len()].copy_from_slice(b);
-    }
-    for (i, runs) in l.content.iter().enumerate() {
-        for r in runs {
-            out[r.file_offset as usize..(r.file_offset + r.len) as usize]
-                .copy_from_slice(&tensors[i].3[r.start as usize..(r.start + r.len) as usize]);
-        }
-    }
+    let contents: Vec<&[u8]> = tensors.iter().map(|t| t.3.as_slice()).collect();
+    let out = ckpt::layout(&headers, 64).render(&contents);
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     std::fs::write(path, out).unwrap();
 }
