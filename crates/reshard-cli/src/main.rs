@@ -440,12 +440,7 @@ fn check_not_inside(dst: &Path, src: &Path) -> Result<(), Error> {
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, "create folder", e))?;
-    }
-    let tmp = path.with_extension(format!("reshard-{}.tmp", std::process::id()));
-    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, "write", e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, "rename into place", e))
+    reshard_core::manifest::write_atomic(path, bytes, true)
 }
 
 fn looks_like_strategy(path: &Path) -> bool {
