@@ -200,6 +200,10 @@ struct OutArgs {
     /// Worker threads (0 = all cores).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// Bound, in MiB, on the buffers all workers hold at once (sources are memory-mapped and
+    /// stay in the page cache, outside this budget).
+    #[arg(long = "memory-budget", default_value_t = 256)]
+    memory_budget: u64,
 }
 
 impl JobArgs {
@@ -223,6 +227,7 @@ impl OutArgs {
             prefix: self.prefix.clone(),
             format: Format::parse(&self.output_format)?,
             threads: self.threads,
+            memory_budget: self.memory_budget << 20,
             ..ExecuteOptions::default()
         })
     }

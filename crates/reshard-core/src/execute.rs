@@ -30,9 +30,12 @@ pub struct ExecuteOptions {
     pub format: Format,
     /// Worker threads (0 = all cores).
     pub threads: usize,
-    /// Largest buffer one worker assembles at a time. Peak anonymous memory stays under about
-    /// `threads x block_bytes`.
+    /// Largest buffer one worker assembles at a time.
     pub block_bytes: u64,
+    /// Bound on the buffers of all workers together: blocks shrink to `memory_budget / (2 x
+    /// threads)` when that is below `block_bytes`. Source files are memory-mapped, so the page
+    /// cache holds them, not this budget.
+    pub memory_budget: u64,
     /// Append MindSpore's crc trailer to `.ckpt` outputs (`crc_num` metadata for safetensors).
     pub crc: bool,
     /// fsync each output before renaming it into place (on by default: a file under its final
@@ -52,6 +55,7 @@ impl Default for ExecuteOptions {
             format: Format::Ckpt,
             threads: 0,
             block_bytes: 16 << 20,
+            memory_budget: 256 << 20,
             crc: false,
             sync: true,
             resume: true,
@@ -67,6 +71,7 @@ impl std::fmt::Debug for ExecuteOptions {
             .field("format", &self.format)
             .field("threads", &self.threads)
             .field("block_bytes", &self.block_bytes)
+            .field("memory_budget", &self.memory_budget)
             .field("crc", &self.crc)
             .field("sync", &self.sync)
             .field("resume", &self.resume)
@@ -221,10 +226,14 @@ pub fn execute(
         .num_threads(opts.threads)
         .build()
         .map_err(|e| Error::Invalid(format!("cannot start worker threads: {e}")))?;
+    let block_bytes = opts
+        .block_bytes
+        .min(opts.memory_budget / (2 * pool.current_num_threads() as u64).max(1))
+        .max(1);
     pool.install(|| {
         rank_plans
             .par_iter()
-            .map(|rp| write_rank(plan, &maps, rp, dst_dir, opts, &written, total))
+            .map(|rp| write_rank(plan, &maps, rp, dst_dir, opts, block_bytes, &written, total))
             .collect::<Result<Vec<_>>>()
     })
 }
@@ -251,17 +260,94 @@ fn safetensors_metadata(crc: Option<u32>) -> BTreeMap<String, String> {
 /// A unit of work: one block of one tensor.
 struct Block {
     tensor: usize,
-    /// Rows [row0, row1) of dim 0 of the destination box (whole tensor for 0-d).
-    row0: u64,
-    row1: u64,
+    /// A sub-box of the destination box (relative to it) that is one contiguous byte range of
+    /// the tensor: single indices on the outer dims, a range on one dim, whole inner dims.
+    offset: Vec<u64>,
+    shape: Vec<u64>,
+    /// Its byte range in the tensor's content.
+    start: u64,
+    len: u64,
 }
 
+/// Cuts a tensor into blocks of at most `max` bytes (one element at least).
+fn blocks_for(tensor: usize, t: &crate::plan::TensorPlan, max: u64, out: &mut Vec<Block>) {
+    let dims: &[u64] = match &t.source {
+        TensorSource::Pieces { dst_box, .. } => &dst_box.shape,
+        // Raw copies are byte ranges: treat the content as one dim of bytes.
+        TensorSource::Raw { .. } => &[],
+    };
+    if dims.is_empty() || t.nbytes == 0 {
+        let mut start = 0;
+        loop {
+            let len = (t.nbytes - start).min(max.max(1));
+            out.push(Block {
+                tensor,
+                offset: vec![0; dims.len()],
+                shape: dims.to_vec(),
+                start,
+                len,
+            });
+            start += len;
+            if start >= t.nbytes {
+                return;
+            }
+        }
+    }
+    let elem = t.dtype.size();
+    let nd = dims.len();
+    // inner[k] = bytes of one index of dim k-1, i.e. of dims k.. together.
+    let mut inner = vec![elem; nd + 1];
+    for k in (0..nd).rev() {
+        inner[k] = inner[k + 1] * dims[k];
+    }
+    // The outermost dim whose one-index slab fits in a block is cut in ranges.
+    let d = (0..nd).find(|&k| inner[k + 1] <= max).unwrap_or(nd - 1);
+    let per = (max / inner[d + 1]).max(1);
+    let mut idx = vec![0u64; d];
+    loop {
+        let base: u64 = (0..d).map(|k| idx[k] * inner[k + 1]).sum();
+        let mut r = 0;
+        while r < dims[d] {
+            let e = (r + per).min(dims[d]);
+            let mut offset = idx.clone();
+            offset.push(r);
+            offset.resize(nd, 0);
+            let mut shape = vec![1; d];
+            shape.push(e - r);
+            shape.extend_from_slice(&dims[d + 1..]);
+            out.push(Block {
+                tensor,
+                offset,
+                shape,
+                start: base + r * inner[d + 1],
+                len: (e - r) * inner[d + 1],
+            });
+            r = e;
+        }
+        // Next outer index (odometer over dims 0..d).
+        let mut k = d;
+        loop {
+            if k == 0 {
+                return;
+            }
+            k -= 1;
+            idx[k] += 1;
+            if idx[k] < dims[k] {
+                break;
+            }
+            idx[k] = 0;
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn write_rank(
     plan: &Plan,
     maps: &SourceMaps<'_>,
     rp: &RankPlan,
     dst_dir: &Path,
     opts: &ExecuteOptions,
+    block_bytes: u64,
     written: &AtomicU64,
     total: u64,
 ) -> Result<WrittenFile> {
@@ -358,22 +444,10 @@ fn write_rank(
             h.update(bytes);
             crcs.push((*off, h));
         }
-        // Blocks of at most block_bytes, cut along dim 0 of the destination box.
+        // Blocks of bounded size: the memory a worker holds at once.
         let mut blocks = Vec::new();
         for (i, t) in tensors.iter().enumerate() {
-            let rows = t.dims.first().copied().unwrap_or(1).max(1);
-            let row_bytes = (t.nbytes / rows).max(1);
-            let per = (opts.block_bytes / row_bytes).max(1);
-            let mut r = 0;
-            while r < rows {
-                let e = (r + per).min(rows);
-                blocks.push(Block {
-                    tensor: i,
-                    row0: r,
-                    row1: e,
-                });
-                r = e;
-            }
+            blocks_for(i, t, block_bytes, &mut blocks);
         }
         let block_crcs: Vec<Vec<(u64, crc32fast::Hasher)>> = blocks
             .par_iter()
@@ -396,7 +470,9 @@ fn write_rank(
             let real = safetensors::layout(&headers, &safetensors_metadata(Some(st_crc)))?;
             // Same header length as laid out (the first 8 bytes say it): pad the JSON with spaces.
             let old = &layout.fixed[0].1;
-            let text = std::str::from_utf8(&real.fixed[0].1[8..]).unwrap_or_default().trim_end();
+            let text = std::str::from_utf8(&real.fixed[0].1[8..])
+                .unwrap_or_default()
+                .trim_end();
             let mut head = old[..8].to_vec();
             head.extend_from_slice(text.as_bytes());
             head.resize(old.len(), b' ');
@@ -465,10 +541,7 @@ fn write_block(
     file: &File,
     out_path: &Path,
 ) -> Result<(u64, Vec<(u64, crc32fast::Hasher)>)> {
-    let rows = t.dims.first().copied().unwrap_or(1).max(1);
-    let row_bytes = if t.nbytes == 0 { 0 } else { t.nbytes / rows };
-    let start = b.row0 * row_bytes;
-    let len = (b.row1 - b.row0) * row_bytes;
+    let (start, len) = (b.start, b.len);
     if len == 0 {
         return Ok((0, Vec::new()));
     }
@@ -522,11 +595,10 @@ fn write_block(
             let elem = t.dtype.size();
             let nd = dst_box.shape.len();
             // The block as a box in full-tensor coordinates.
-            let mut block = dst_box.clone();
-            if nd > 0 {
-                block.offset[0] += b.row0;
-                block.shape[0] = b.row1 - b.row0;
-            }
+            let block = crate::region::Region {
+                offset: (0..nd).map(|d| dst_box.offset[d] + b.offset[d]).collect(),
+                shape: b.shape.clone(),
+            };
             // When every piece is one contiguous run both in its source and in the block (row
             // splits), copy file to file with no buffer.
             let mut direct = Vec::new();
@@ -650,4 +722,54 @@ fn contiguous_offset(
         off = off * outer.shape[d] + (region.offset[d] - outer.offset[d]);
     }
     Some(off * elem)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::TensorPlan;
+    use crate::region::Region;
+    use crate::DType;
+
+    fn pieces_tensor(shape: &[u64]) -> TensorPlan {
+        let n: u64 = shape.iter().product();
+        TensorPlan {
+            name: "t".into(),
+            dtype: DType::Float32,
+            dims: shape.to_vec(),
+            nbytes: n * 4,
+            source: TensorSource::Pieces {
+                dst_box: Region::full(shape),
+                pieces: vec![],
+            },
+        }
+    }
+
+    /// Blocks are within the size bound, contiguous, and tile the tensor in order.
+    fn check(shape: &[u64], max: u64) {
+        let t = pieces_tensor(shape);
+        let mut blocks = Vec::new();
+        blocks_for(0, &t, max, &mut blocks);
+        let mut at = 0;
+        for b in &blocks {
+            assert_eq!(b.start, at, "{shape:?} {max}");
+            assert_eq!(b.len, b.shape.iter().product::<u64>() * 4);
+            assert!(
+                b.len <= max.max(4),
+                "{shape:?}: block of {} over {max}",
+                b.len
+            );
+            at += b.len;
+        }
+        assert_eq!(at, t.nbytes);
+    }
+
+    #[test]
+    fn blocks_respect_the_bound_even_when_one_row_is_larger() {
+        check(&[8, 4], 16);
+        check(&[2, 3, 1000], 64);
+        check(&[3, 5], 1);
+        check(&[1000], 1 << 20);
+        check(&[7, 9, 11], 100);
+    }
 }
