@@ -445,7 +445,7 @@ fn check_not_inside(dst: &Path, src: &Path) -> Result<(), Error> {
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
-    reshard_core::manifest::write_atomic(path, bytes, true)
+    reshard_core::atomic::write_atomic(path, bytes, true)
 }
 
 fn looks_like_strategy(path: &Path) -> bool {

@@ -9,10 +9,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::atomic::write_atomic;
 use crate::checkpoint::Format;
 use crate::error::{Error, Result};
 use crate::execute::{execute, ExecuteOptions};
-use crate::manifest::write_atomic;
 use crate::plan::{Plan, PlanOptions};
 use crate::source::{discover, epoch_step, SourceSet};
 use crate::strategy::{self, Strategy};

@@ -10,6 +10,7 @@ use std::sync::{Arc, OnceLock};
 
 use rayon::prelude::*;
 
+use crate::atomic::{remove_stale_temps, temp_path};
 use crate::checkpoint::{FileLayout, Format, Segment, TensorHeader};
 use crate::error::{Error, Result};
 use crate::manifest::{entry_matches, Manifest, ManifestEntry};
@@ -199,7 +200,10 @@ pub fn execute(
     let ranks: Vec<u32> = if ranks.is_empty() {
         (0..plan.dst_rank_count()).collect()
     } else {
-        ranks.to_vec()
+        let mut r = ranks.to_vec();
+        r.sort_unstable();
+        r.dedup();
+        r
     };
     let rank_plans: Vec<RankPlan> = ranks
         .iter()
@@ -418,14 +422,7 @@ fn write_rank(
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, "create folder", e))?;
     remove_stale_temps(&dir, &name);
     remove_stale_temps(&dir, crate::manifest::MANIFEST_NAME);
-    let tmp_path = dir.join(format!(
-        ".{}.reshard-{}.tmp",
-        final_path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("out"),
-        std::process::id()
-    ));
+    let tmp_path = temp_path(&final_path);
     let result = (|| {
         let file = std::fs::OpenOptions::new()
             .read(true)
@@ -687,21 +684,6 @@ fn safetensors_crc(
         }
     }
     h.finalize()
-}
-
-/// Removes temporary files that killed runs left for output `name` (ours are
-/// `.{name}.reshard-{pid}.tmp`).
-fn remove_stale_temps(dir: &Path, name: &str) {
-    let prefix = format!(".{name}.reshard-");
-    if let Ok(rd) = std::fs::read_dir(dir) {
-        for e in rd.flatten() {
-            let n = e.file_name();
-            let n = n.to_string_lossy();
-            if n.starts_with(&prefix) && n.ends_with(".tmp") {
-                let _ = std::fs::remove_file(e.path());
-            }
-        }
-    }
 }
 
 /// Byte offset of `region` inside a C-order array holding `outer`, if the region is one

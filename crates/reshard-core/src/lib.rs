@@ -28,6 +28,7 @@ pub mod source;
 
 pub use execute::{execute, ExecuteOptions, WrittenFile};
 pub use plan::{CopyPiece, Plan, PlanOptions, RankPlan, TensorPlan, TensorSource};
+pub mod atomic;
 pub mod auto;
 pub mod manifest;
 pub mod report;

@@ -7,6 +7,7 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+use crate::atomic::write_atomic;
 use crate::checkpoint::{CheckpointFile, ReadOptions};
 use crate::error::{Error, Result};
 
@@ -72,28 +73,6 @@ impl Manifest {
         let bytes = serde_json::to_vec_pretty(self).map_err(|e| Error::Invalid(e.to_string()))?;
         write_atomic(&dir.join(MANIFEST_NAME), &bytes, sync)
     }
-}
-
-/// Writes `bytes` to `path` through a temporary file in the same folder and a rename.
-pub fn write_atomic(path: &Path, bytes: &[u8], sync: bool) -> Result<()> {
-    use std::io::Write;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, "create folder", e))?;
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("out");
-    let tmp = dir.join(format!(".{name}.reshard-{}.tmp", std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, "create", e))?;
-        f.write_all(bytes)
-            .map_err(|e| Error::io(&tmp, "write", e))?;
-        if sync {
-            f.sync_all().map_err(|e| Error::io(&tmp, "sync", e))?;
-        }
-        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, "rename into place", e))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
 }
 
 /// crc32 and size of a file, read in bounded chunks.
