@@ -1,0 +1,228 @@
+//! The `options_json` arguments: a JSON object with known keys only, each of a fixed type, so a
+//! typo is an error rather than a silently ignored setting.
+
+use reshard_core::checkpoint::Format;
+use reshard_core::execute::ExecuteOptions;
+use reshard_core::plan::PlanOptions;
+use serde_json::{Map, Value};
+
+use crate::error::{FfiError, ReshardStatus};
+
+fn invalid(msg: impl Into<String>) -> FfiError {
+    FfiError::new(ReshardStatus::InvalidOptions, msg)
+}
+
+fn object(json: Option<&str>, func: &str) -> Result<Map<String, Value>, FfiError> {
+    let Some(text) = json else {
+        return Ok(Map::new());
+    };
+    match serde_json::from_str::<Value>(text) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(other) => Err(invalid(format!(
+            "{func}: options_json must be a JSON object, got {}",
+            kind(&other)
+        ))),
+        Err(e) => Err(invalid(format!(
+            "{func}: options_json is not valid JSON: {e}"
+        ))),
+    }
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn wrong_type(func: &str, key: &str, want: &str, got: &Value) -> FfiError {
+    invalid(format!(
+        "{func}: option \"{key}\" must be {want}, got {}",
+        kind(got)
+    ))
+}
+
+fn unknown(func: &str, key: &str, known: &[&str]) -> FfiError {
+    invalid(format!(
+        "{func}: unknown option \"{key}\" (known options: {})",
+        known
+            .iter()
+            .map(|k| format!("\"{k}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ))
+}
+
+/// Options of `reshard_plan`: `{"src_ckpt_name": string|null, "skip_crc": bool}`.
+pub(crate) fn plan_options(json: Option<&str>) -> Result<PlanOptions, FfiError> {
+    const F: &str = "reshard_plan";
+    let mut opts = PlanOptions::default();
+    for (key, v) in object(json, F)? {
+        match key.as_str() {
+            "src_ckpt_name" => {
+                opts.src_ckpt_name = match v {
+                    Value::Null => None,
+                    Value::String(s) if !s.is_empty() => Some(s),
+                    other => return Err(wrong_type(F, &key, "a non-empty string or null", &other)),
+                }
+            }
+            "skip_crc" => {
+                opts.skip_crc = v
+                    .as_bool()
+                    .ok_or_else(|| wrong_type(F, &key, "a boolean", &v))?
+            }
+            _ => return Err(unknown(F, &key, &["src_ckpt_name", "skip_crc"])),
+        }
+    }
+    Ok(opts)
+}
+
+/// Options of `reshard_execute`: `{"prefix": string, "output_format": "ckpt"|"safetensors",
+/// "threads": integer >= 0, "crc": bool, "resume": bool, "sync": bool}`.
+pub(crate) fn execute_options(json: Option<&str>, func: &str) -> Result<ExecuteOptions, FfiError> {
+    // Far above any machine, low enough that a garbage value fails cleanly instead of trying
+    // to start billions of threads.
+    const MAX_THREADS: u64 = 4096;
+    let mut opts = ExecuteOptions::default();
+    for (key, v) in object(json, func)? {
+        match key.as_str() {
+            "prefix" => {
+                let Value::String(p) = v else {
+                    return Err(wrong_type(func, &key, "a string", &v));
+                };
+                // The prefix becomes part of a file name inside rank_N/: no way out of it.
+                if p.contains('/') || p.contains('\0') {
+                    return Err(invalid(format!(
+                        "{func}: option \"prefix\" must be a file name prefix without '/' or NUL, got {p:?}"
+                    )));
+                }
+                opts.prefix = p;
+            }
+            "output_format" => {
+                let Value::String(f) = &v else {
+                    return Err(wrong_type(func, &key, "\"ckpt\" or \"safetensors\"", &v));
+                };
+                opts.format = Format::parse(f).map_err(|e| invalid(format!("{func}: {e}")))?;
+            }
+            "threads" => {
+                let n = v
+                    .as_u64()
+                    .ok_or_else(|| wrong_type(func, &key, "a non-negative integer", &v))?;
+                if n > MAX_THREADS {
+                    return Err(invalid(format!(
+                        "{func}: option \"threads\" is {n}; at most {MAX_THREADS} (0 = all cores)"
+                    )));
+                }
+                opts.threads = n as usize;
+            }
+            "crc" | "resume" | "sync" => {
+                let b = v
+                    .as_bool()
+                    .ok_or_else(|| wrong_type(func, &key, "a boolean", &v))?;
+                match key.as_str() {
+                    "crc" => opts.crc = b,
+                    "resume" => opts.resume = b,
+                    _ => opts.sync = b,
+                }
+            }
+            _ => {
+                return Err(unknown(
+                    func,
+                    &key,
+                    &[
+                        "prefix",
+                        "output_format",
+                        "threads",
+                        "crc",
+                        "resume",
+                        "sync",
+                    ],
+                ))
+            }
+        }
+    }
+    Ok(opts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_values() {
+        let p = plan_options(None).unwrap();
+        assert_eq!(p.src_ckpt_name, None);
+        assert!(!p.skip_crc);
+        let p = plan_options(Some(
+            r#"{"src_ckpt_name": "a_{rank}.ckpt", "skip_crc": true}"#,
+        ))
+        .unwrap();
+        assert_eq!(p.src_ckpt_name.as_deref(), Some("a_{rank}.ckpt"));
+        assert!(p.skip_crc);
+        let e = execute_options(None, "f").unwrap();
+        assert_eq!(e.prefix, "checkpoint_");
+        assert_eq!(e.format, Format::Ckpt);
+        assert!(e.resume && e.sync);
+        let e = execute_options(
+            Some(
+                r#"{"prefix": "p_", "output_format": "safetensors", "threads": 2, "crc": true,
+                    "resume": false, "sync": false}"#,
+            ),
+            "f",
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                e.prefix.as_str(),
+                e.format,
+                e.threads,
+                e.crc,
+                e.resume,
+                e.sync
+            ),
+            ("p_", Format::Safetensors, 2, true, false, false)
+        );
+    }
+
+    #[test]
+    fn bad_options_are_refused_with_the_key_named() {
+        for (json, needle) in [
+            (r#"{"prefx": "a"}"#, "unknown option \"prefx\""),
+            (
+                r#"{"threads": "2"}"#,
+                "\"threads\" must be a non-negative integer",
+            ),
+            (
+                r#"{"threads": -1}"#,
+                "\"threads\" must be a non-negative integer",
+            ),
+            (r#"{"threads": 100000}"#, "at most 4096"),
+            (r#"{"output_format": "npz"}"#, "unknown output format 'npz'"),
+            (r#"{"prefix": "../x"}"#, "without '/'"),
+            (r#"{"crc": 1}"#, "\"crc\" must be a boolean"),
+            (r#"{"resume": "no"}"#, "\"resume\" must be a boolean"),
+            ("[1]", "must be a JSON object, got an array"),
+            ("{", "not valid JSON"),
+        ] {
+            let e = execute_options(Some(json), "reshard_execute").unwrap_err();
+            assert_eq!(e.code, ReshardStatus::InvalidOptions.code(), "{json}");
+            assert!(e.message.contains(needle), "{json}: {}", e.message);
+        }
+        let e = plan_options(Some(r#"{"skip_crc": "yes"}"#)).unwrap_err();
+        assert!(
+            e.message.contains("\"skip_crc\" must be a boolean"),
+            "{}",
+            e.message
+        );
+        let e = plan_options(Some(r#"{"prefix": "x"}"#)).unwrap_err();
+        assert!(
+            e.message.contains("unknown option \"prefix\""),
+            "{}",
+            e.message
+        );
+    }
+}

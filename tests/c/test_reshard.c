@@ -1,0 +1,688 @@
+/*
+ * C test of libreshard on MindSpore-made fixtures: outputs are compared byte for byte with what
+ * mindspore.transform_checkpoints wrote, and bad calls must give errors, never crashes.
+ *
+ * usage: test_reshard FIXTURES_CONFORMANCE_DIR SCRATCH_DIR
+ * Prints "N passed, M failed" last; exits 1 if anything failed.
+ */
+#define _POSIX_C_SOURCE 200809L
+#include <errno.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "reshard.h"
+
+static int passed;
+static int failed;
+
+#define CHECK(cond, ...)                                                 \
+    do {                                                                 \
+        if (cond) {                                                      \
+            passed++;                                                    \
+        } else {                                                         \
+            failed++;                                                    \
+            fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond); \
+            fprintf(stderr, __VA_ARGS__);                                \
+            fputc('\n', stderr);                                         \
+        }                                                                \
+    } while (0)
+
+static const char *fixtures;
+static const char *scratch;
+
+/* path_of(buf, "%s/%s", ...) into a caller buffer. */
+#define PATH_LEN 4096
+static const char *path_of(char *buf, const char *fmt, const char *a, const char *b)
+{
+    snprintf(buf, PATH_LEN, fmt, a, b);
+    return buf;
+}
+
+static int read_file(const char *path, unsigned char **data, size_t *len)
+{
+    FILE *f = fopen(path, "rb");
+    if (f == NULL) {
+        return -1;
+    }
+    size_t cap = 1 << 16, n = 0;
+    unsigned char *buf = malloc(cap);
+    while (buf != NULL) {
+        size_t got = fread(buf + n, 1, cap - n, f);
+        n += got;
+        if (n < cap) {
+            break;
+        }
+        unsigned char *bigger = realloc(buf, cap * 2);
+        if (bigger == NULL) {
+            free(buf);
+            buf = NULL;
+            break;
+        }
+        buf = bigger;
+        cap *= 2;
+    }
+    fclose(f);
+    if (buf == NULL) {
+        return -1;
+    }
+    *data = buf;
+    *len = n;
+    return 0;
+}
+
+/* 1 when both files exist and have the same bytes (cmp). */
+static int same_bytes(const char *a, const char *b)
+{
+    unsigned char *x = NULL, *y = NULL;
+    size_t nx = 0, ny = 0;
+    int ok = read_file(a, &x, &nx) == 0 && read_file(b, &y, &ny) == 0 && nx == ny &&
+             memcmp(x, y, nx) == 0;
+    free(x);
+    free(y);
+    return ok;
+}
+
+static int exists(const char *p)
+{
+    struct stat st;
+    return stat(p, &st) == 0;
+}
+
+/* Compares dst/rank_r/<prefix>r.<ext> with the case's expected/rank_r/checkpoint_r.<ext>. */
+static void check_rank_output(const char *case_name, const char *dst, uint32_t r, const char *prefix,
+                              const char *ext)
+{
+    char got[PATH_LEN], want[PATH_LEN];
+    snprintf(got, sizeof got, "%s/rank_%u/%s%u.%s", dst, r, prefix, r, ext);
+    snprintf(want, sizeof want, "%s/%s/expected/rank_%u/checkpoint_%u.%s", fixtures, case_name, r, r,
+             ext);
+    CHECK(same_bytes(got, want), "%s differs from MindSpore's %s", got, want);
+}
+
+/* Checks a failed call: status, error object with that code, message containing `needle`. */
+static void check_error(int32_t status, ReshardError *err, int32_t want, const char *needle)
+{
+    CHECK(status == want, "status %d, want %d (%s)", status, want,
+          err ? reshard_error_message(err) : "no error object");
+    CHECK(err != NULL, "no error object for status %d", status);
+    if (err != NULL) {
+        const char *msg = reshard_error_message(err);
+        CHECK(reshard_error_code(err) == status, "error code %d != status %d",
+              reshard_error_code(err), status);
+        CHECK(msg != NULL && strstr(msg, needle) != NULL, "message \"%s\" lacks \"%s\"", msg,
+              needle);
+    }
+    reshard_error_free(err);
+}
+
+static ReshardPlan *make_plan(const char *case_name, const char *src_strategy, const char *dst_strategy)
+{
+    char src[PATH_LEN], s[PATH_LEN], d[PATH_LEN], base[PATH_LEN];
+    path_of(base, "%s/%s", fixtures, case_name);
+    path_of(src, "%s/%s", base, "src");
+    if (src_strategy != NULL) {
+        path_of(s, "%s/%s", base, src_strategy);
+    }
+    if (dst_strategy != NULL) {
+        path_of(d, "%s/%s", base, dst_strategy);
+    }
+    ReshardPlan *plan = NULL;
+    ReshardError *err = NULL;
+    int32_t st = reshard_plan(src, src_strategy ? s : NULL, dst_strategy ? d : NULL, NULL, &plan, &err);
+    CHECK(st == RESHARD_STATUS_OK && plan != NULL && err == NULL, "reshard_plan(%s): %d %s",
+          case_name, st, err ? reshard_error_message(err) : "");
+    reshard_error_free(err);
+    return plan;
+}
+
+static void test_version(void)
+{
+    CHECK(reshard_abi_version() == RESHARD_ABI_VERSION, "abi %u", reshard_abi_version());
+    const char *v = reshard_version();
+    CHECK(v != NULL && strlen(v) >= 5 && strchr(v, '.') != NULL, "version \"%s\"", v ? v : "(null)");
+}
+
+/* Progress recorder for reshard_execute_with_progress. */
+struct progress {
+    int calls;
+    int monotonic;
+    uint64_t last;
+    uint64_t total;
+    int user_ok;
+};
+
+static void on_progress(uint64_t done, uint64_t total, void *user)
+{
+    struct progress *p = user;
+    if (p->calls > 0 && done <= p->last) {
+        p->monotonic = 0;
+    }
+    p->calls++;
+    p->last = done;
+    p->total = total;
+}
+
+/* A callback that holds the execute call open until the main thread has tried the same rank. */
+struct gate {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int started;
+    int released;
+};
+
+static void hold_until_released(uint64_t done, uint64_t total, void *user)
+{
+    (void)done;
+    (void)total;
+    struct gate *g = user;
+    pthread_mutex_lock(&g->mu);
+    g->started = 1;
+    pthread_cond_broadcast(&g->cv);
+    while (!g->released) {
+        pthread_cond_wait(&g->cv, &g->mu);
+    }
+    pthread_mutex_unlock(&g->mu);
+}
+
+struct held_job {
+    const ReshardPlan *plan;
+    const char *dst;
+    struct gate *gate;
+    int32_t status;
+};
+
+static void *run_held(void *arg)
+{
+    struct held_job *j = arg;
+    uint32_t rank = 0;
+    ReshardError *err = NULL;
+    j->status = reshard_execute_with_progress(j->plan, j->dst, &rank, 1, "{\"threads\": 1}",
+                                              hold_until_released, j->gate, &err);
+    if (err != NULL) {
+        fprintf(stderr, "held execute: %s\n", reshard_error_message(err));
+    }
+    reshard_error_free(err);
+    return NULL;
+}
+
+static void test_complete_to_dp2mp2(void)
+{
+    const char *c = "complete_to_dp2mp2";
+    ReshardPlan *plan = make_plan(c, NULL, "dst_strategy.ckpt");
+    if (plan == NULL) {
+        return;
+    }
+    CHECK(reshard_plan_dst_rank_count(plan) == 4, "count %u", reshard_plan_dst_rank_count(plan));
+    for (uint32_t r = 0; r < 4; r++) {
+        uint32_t ranks[4] = {99, 99, 99, 99};
+        size_t n = 0;
+        int32_t st = reshard_plan_src_ranks(plan, r, ranks, 4, &n);
+        CHECK(st == RESHARD_STATUS_OK && n == 1 && ranks[0] == 0, "src ranks of %u: %d n=%zu", r, st, n);
+    }
+
+    /* All ranks, default options. */
+    char dst[PATH_LEN];
+    path_of(dst, "%s/%s", scratch, "c2d_all");
+    ReshardError *err = NULL;
+    int32_t st = reshard_execute(plan, dst, NULL, 0, NULL, &err);
+    CHECK(st == RESHARD_STATUS_OK && err == NULL, "execute all: %d %s", st,
+          err ? reshard_error_message(err) : "");
+    reshard_error_free(err);
+    err = NULL;
+    for (uint32_t r = 0; r < 4; r++) {
+        check_rank_output(c, dst, r, "checkpoint_", "ckpt");
+    }
+
+    /* Double execute of one rank after the first call returned: a verified output is kept,
+     * a damaged one rewritten, and "resume": false always rewrites. */
+    uint32_t two = 2;
+    st = reshard_execute(plan, dst, &two, 1, NULL, &err);
+    CHECK(st == RESHARD_STATUS_OK, "re-execute rank 2: %d", st);
+    reshard_error_free(err);
+    err = NULL;
+    check_rank_output(c, dst, 2, "checkpoint_", "ckpt");
+    char out2[PATH_LEN];
+    path_of(out2, "%s/%s", dst, "rank_2/checkpoint_2.ckpt");
+    FILE *damage = fopen(out2, "r+b");
+    CHECK(damage != NULL && fseek(damage, 100, SEEK_SET) == 0 && fwrite("damage", 1, 6, damage) == 6,
+          "damage %s", out2);
+    if (damage != NULL) {
+        fclose(damage);
+    }
+    st = reshard_execute(plan, dst, &two, 1, NULL, &err);
+    CHECK(st == RESHARD_STATUS_OK, "re-execute damaged rank 2: %d", st);
+    reshard_error_free(err);
+    err = NULL;
+    check_rank_output(c, dst, 2, "checkpoint_", "ckpt");
+    st = reshard_execute(plan, dst, &two, 1, "{\"resume\": false, \"sync\": false}", &err);
+    CHECK(st == RESHARD_STATUS_OK, "re-execute rank 2 without resume: %d", st);
+    reshard_error_free(err);
+    err = NULL;
+    check_rank_output(c, dst, 2, "checkpoint_", "ckpt");
+
+    /* Options: prefix and threads; the prefix only changes the file name. */
+    path_of(dst, "%s/%s", scratch, "c2d_prefix");
+    uint32_t one = 1;
+    st = reshard_execute(plan, dst, &one, 1, "{\"prefix\": \"ckpt_\", \"threads\": 1, \"output_format\": \"ckpt\"}",
+                         &err);
+    CHECK(st == RESHARD_STATUS_OK, "execute with options: %d", st);
+    reshard_error_free(err);
+    err = NULL;
+    check_rank_output(c, dst, 1, "ckpt_", "ckpt");
+
+    /* Progress callback. */
+    path_of(dst, "%s/%s", scratch, "c2d_progress");
+    struct progress p = {0, 1, 0, 0, 1};
+    uint32_t both[2] = {3, 0};
+    st = reshard_execute_with_progress(plan, dst, both, 2, NULL, on_progress, &p, &err);
+    CHECK(st == RESHARD_STATUS_OK, "execute with progress: %d", st);
+    reshard_error_free(err);
+    err = NULL;
+    CHECK(p.calls > 0 && p.monotonic && p.last == p.total && p.total > 0,
+          "progress calls=%d monotonic=%d last=%llu total=%llu", p.calls, p.monotonic,
+          (unsigned long long)p.last, (unsigned long long)p.total);
+    check_rank_output(c, dst, 3, "checkpoint_", "ckpt");
+    check_rank_output(c, dst, 0, "checkpoint_", "ckpt");
+    st = reshard_execute_with_progress(plan, dst, both, 2, NULL, NULL, NULL, &err);
+    CHECK(st == RESHARD_STATUS_OK, "execute with NULL progress: %d", st);
+    reshard_error_free(err);
+    err = NULL;
+
+    /* Concurrent execute of the same rank: the second call is refused with BUSY and writes
+     * nothing; a disjoint rank goes through meanwhile. */
+    path_of(dst, "%s/%s", scratch, "c2d_busy");
+    struct gate g;
+    pthread_mutex_init(&g.mu, NULL);
+    pthread_cond_init(&g.cv, NULL);
+    g.started = 0;
+    g.released = 0;
+    struct held_job job = {plan, dst, &g, -1};
+    pthread_t t;
+    CHECK(pthread_create(&t, NULL, run_held, &job) == 0, "pthread_create");
+    pthread_mutex_lock(&g.mu);
+    while (!g.started) {
+        pthread_cond_wait(&g.cv, &g.mu);
+    }
+    pthread_mutex_unlock(&g.mu);
+    uint32_t overlap[2] = {3, 0};
+    st = reshard_execute(plan, dst, overlap, 2, NULL, &err);
+    check_error(st, err, RESHARD_STATUS_BUSY, "rank(s) 0 are being written");
+    err = NULL;
+    char rank3[PATH_LEN];
+    path_of(rank3, "%s/%s", dst, "rank_3");
+    CHECK(!exists(rank3), "a refused call wrote %s", rank3);
+    uint32_t three = 3;
+    st = reshard_execute(plan, dst, &three, 1, NULL, &err);
+    CHECK(st == RESHARD_STATUS_OK, "disjoint rank while another call runs: %d", st);
+    reshard_error_free(err);
+    err = NULL;
+    pthread_mutex_lock(&g.mu);
+    g.released = 1;
+    pthread_cond_broadcast(&g.cv);
+    pthread_mutex_unlock(&g.mu);
+    pthread_join(t, NULL);
+    CHECK(job.status == RESHARD_STATUS_OK, "held execute: %d", job.status);
+    check_rank_output(c, dst, 0, "checkpoint_", "ckpt");
+    check_rank_output(c, dst, 3, "checkpoint_", "ckpt");
+    /* Once the first call has returned, the rank can be executed again. */
+    uint32_t zero = 0;
+    st = reshard_execute(plan, dst, &zero, 1, NULL, &err);
+    CHECK(st == RESHARD_STATUS_OK, "execute rank 0 after the held call returned: %d", st);
+    reshard_error_free(err);
+    err = NULL;
+    pthread_cond_destroy(&g.cv);
+    pthread_mutex_destroy(&g.mu);
+
+    /* JSON summary. */
+    char *json = reshard_plan_to_json(plan);
+    CHECK(json != NULL && strstr(json, "\"dst_ranks\":4") != NULL &&
+              strstr(json, "rank_3/checkpoint_3.ckpt") != NULL,
+          "json: %.200s", json ? json : "(null)");
+    reshard_string_free(json);
+
+    /* Bad rank lists and arguments. */
+    path_of(dst, "%s/%s", scratch, "c2d_bad");
+    uint32_t far = 99;
+    st = reshard_execute(plan, dst, &far, 1, NULL, &err);
+    check_error(st, err, RESHARD_STATUS_RANK_OUT_OF_RANGE, "destination rank 99 does not exist");
+    err = NULL;
+    uint32_t dup[2] = {1, 1};
+    st = reshard_execute(plan, dst, dup, 2, NULL, &err);
+    check_error(st, err, RESHARD_STATUS_INVALID_ARGUMENT, "appears more than once");
+    err = NULL;
+    st = reshard_execute(plan, dst, NULL, 2, NULL, &err);
+    check_error(st, err, RESHARD_STATUS_NULL_ARGUMENT, "'dst_ranks' is NULL");
+    err = NULL;
+    uint32_t five[5] = {0, 1, 2, 3, 0};
+    st = reshard_execute(plan, dst, five, 5, NULL, &err);
+    check_error(st, err, RESHARD_STATUS_INVALID_ARGUMENT, "n_dst_ranks is 5");
+    err = NULL;
+    st = reshard_execute(plan, NULL, NULL, 0, NULL, &err);
+    check_error(st, err, RESHARD_STATUS_NULL_ARGUMENT, "'dst_ckpt_dir' is NULL");
+    err = NULL;
+    st = reshard_execute(plan, "", NULL, 0, NULL, &err);
+    check_error(st, err, RESHARD_STATUS_INVALID_ARGUMENT, "empty path");
+    err = NULL;
+    st = reshard_execute(NULL, dst, NULL, 0, NULL, &err);
+    check_error(st, err, RESHARD_STATUS_NULL_ARGUMENT, "'plan' is NULL");
+    err = NULL;
+    st = reshard_execute(plan, dst, NULL, 0, "{\"prefx\": \"a\"}", &err);
+    check_error(st, err, RESHARD_STATUS_INVALID_OPTIONS, "unknown option \"prefx\"");
+    err = NULL;
+    st = reshard_execute(plan, dst, NULL, 0, "{\"threads\": \"2\"}", &err);
+    check_error(st, err, RESHARD_STATUS_INVALID_OPTIONS, "\"threads\" must be");
+    err = NULL;
+    st = reshard_execute(plan, dst, NULL, 0, "{\"output_format\": \"npz\"}", &err);
+    check_error(st, err, RESHARD_STATUS_INVALID_OPTIONS, "npz");
+    err = NULL;
+    st = reshard_execute(plan, dst, NULL, 0, "{", &err);
+    check_error(st, err, RESHARD_STATUS_INVALID_OPTIONS, "not valid JSON");
+    err = NULL;
+    st = reshard_execute(plan, dst, NULL, 0, "{\"prefix\": \"\xff\"}", &err);
+    check_error(st, err, RESHARD_STATUS_INVALID_UTF8, "not valid UTF-8");
+    err = NULL;
+    CHECK(!exists(dst), "failed calls created %s", dst);
+    /* No error object wanted: the status alone. */
+    CHECK(reshard_execute(plan, dst, &far, 1, NULL, NULL) == RESHARD_STATUS_RANK_OUT_OF_RANGE,
+          "status without error_out");
+
+    /* src_ranks misuse. */
+    uint32_t out[1] = {77};
+    size_t n = 12345;
+    CHECK(reshard_plan_src_ranks(plan, 4, out, 1, &n) == RESHARD_STATUS_RANK_OUT_OF_RANGE && n == 12345,
+          "src_ranks rank 4");
+    CHECK(reshard_plan_src_ranks(plan, 0, out, 1, NULL) == RESHARD_STATUS_NULL_ARGUMENT, "NULL len_out");
+    CHECK(reshard_plan_src_ranks(plan, 0, NULL, 3, &n) == RESHARD_STATUS_NULL_ARGUMENT, "NULL out");
+    CHECK(reshard_plan_src_ranks(NULL, 0, out, 1, &n) == RESHARD_STATUS_NULL_ARGUMENT, "NULL plan");
+    CHECK(out[0] == 77 && n == 12345, "outputs written on failure");
+    reshard_plan_free(plan);
+}
+
+static int copy_file(const char *from, const char *to)
+{
+    unsigned char *data = NULL;
+    size_t len = 0;
+    if (read_file(from, &data, &len) != 0) {
+        return -1;
+    }
+    FILE *f = fopen(to, "wb");
+    int ok = f != NULL && fwrite(data, 1, len, f) == len;
+    if (f != NULL && fclose(f) != 0) {
+        ok = 0;
+    }
+    free(data);
+    return ok ? 0 : -1;
+}
+
+/* An output folder inside the source folder is refused, however it is spelled. Works on a copy
+ * of the source, so a regression cannot write into the fixtures. */
+static void test_output_inside_source(void)
+{
+    char src[PATH_LEN], rank0[PATH_LEN], file[PATH_LEN], from[PATH_LEN], d[PATH_LEN], dst[PATH_LEN];
+    path_of(src, "%s/%s", scratch, "inside_src");
+    path_of(rank0, "%s/%s", src, "rank_0");
+    path_of(file, "%s/%s", rank0, "llama_tiny.ckpt");
+    snprintf(from, sizeof from, "%s/complete_to_dp2mp2/src/rank_0/llama_tiny.ckpt", fixtures);
+    snprintf(d, sizeof d, "%s/complete_to_dp2mp2/dst_strategy.ckpt", fixtures);
+    CHECK(mkdir(src, 0755) == 0 && mkdir(rank0, 0755) == 0 && copy_file(from, file) == 0, "copy %s", from);
+    ReshardPlan *plan = NULL;
+    ReshardError *err = NULL;
+    int32_t st = reshard_plan(src, NULL, d, NULL, &plan, &err);
+    CHECK(st == RESHARD_STATUS_OK, "plan: %d", st);
+    reshard_error_free(err);
+    err = NULL;
+    const char *spellings[] = {"%s/%s", "%s/new/../%s", "%s/../inside_src/%s"};
+    for (size_t i = 0; i < sizeof spellings / sizeof spellings[0]; i++) {
+        snprintf(dst, sizeof dst, spellings[i], src, "out");
+        st = reshard_execute(plan, dst, NULL, 0, NULL, &err);
+        check_error(st, err, RESHARD_STATUS_INVALID_ARGUMENT, "inside the source folder");
+        err = NULL;
+    }
+    path_of(dst, "%s/%s", src, "out");
+    CHECK(!exists(dst), "wrote into the source folder");
+    path_of(dst, "%s/%s", src, "new");
+    CHECK(!exists(dst), "wrote into the source folder");
+    reshard_plan_free(plan);
+}
+
+static void test_dp2mp2_to_complete(void)
+{
+    const char *c = "dp2mp2_to_complete";
+    ReshardPlan *plan = make_plan(c, "src_strategy.ckpt", NULL);
+    if (plan == NULL) {
+        return;
+    }
+    CHECK(reshard_plan_dst_rank_count(plan) == 1, "count %u", reshard_plan_dst_rank_count(plan));
+    /* MindSpore's rank_list_for_transform(0, ...) = [1, 0]. */
+    size_t n = 0;
+    CHECK(reshard_plan_src_ranks(plan, 0, NULL, 0, &n) == RESHARD_STATUS_BUFFER_TOO_SMALL && n == 2,
+          "length query n=%zu", n);
+    uint32_t small[1] = {77};
+    CHECK(reshard_plan_src_ranks(plan, 0, small, 1, &n) == RESHARD_STATUS_BUFFER_TOO_SMALL && n == 2 &&
+              small[0] == 77,
+          "cap 1");
+    uint32_t ranks[2] = {0, 0};
+    CHECK(reshard_plan_src_ranks(plan, 0, ranks, 2, &n) == RESHARD_STATUS_OK && n == 2 && ranks[0] == 1 &&
+              ranks[1] == 0,
+          "ranks %u %u", ranks[0], ranks[1]);
+    char dst[PATH_LEN];
+    path_of(dst, "%s/%s", scratch, "d2c");
+    uint32_t zero = 0;
+    ReshardError *err = NULL;
+    int32_t st = reshard_execute(plan, dst, &zero, 1, NULL, &err);
+    CHECK(st == RESHARD_STATUS_OK, "execute: %d %s", st, err ? reshard_error_message(err) : "");
+    reshard_error_free(err);
+    check_rank_output(c, dst, 0, "checkpoint_", "ckpt");
+    reshard_plan_free(plan);
+}
+
+struct rank_job {
+    const ReshardPlan *plan;
+    const char *dst;
+    uint32_t rank;
+    int32_t status;
+};
+
+static void *run_rank(void *arg)
+{
+    struct rank_job *j = arg;
+    ReshardError *err = NULL;
+    j->status = reshard_execute(j->plan, j->dst, &j->rank, 1, "{\"threads\": 1}", &err);
+    if (err != NULL) {
+        fprintf(stderr, "rank %u: %s\n", j->rank, reshard_error_message(err));
+    }
+    reshard_error_free(err);
+    return NULL;
+}
+
+/* Pipeline stages, strategies given as folders of stage files, ranks executed from 4 threads. */
+static void test_pipeline_threads(void)
+{
+    const char *c = "dp2mp2pp2_to_dp1mp2pp2";
+    ReshardPlan *plan = make_plan(c, "src_strategy_stages", "dst_strategy_stages");
+    if (plan == NULL) {
+        return;
+    }
+    CHECK(reshard_plan_dst_rank_count(plan) == 4, "count %u", reshard_plan_dst_rank_count(plan));
+    /* The source ranks reshard reads: highest first, within the 8 source ranks. (MindSpore's
+     * rank_list_for_transform lists all 8 here; reshard reads only the ranks it needs.) */
+    for (uint32_t r = 0; r < 4; r++) {
+        uint32_t ranks[8] = {0};
+        size_t n = 0;
+        int ok = reshard_plan_src_ranks(plan, r, ranks, 8, &n) == RESHARD_STATUS_OK && n > 0 && n <= 8;
+        for (size_t i = 0; ok && i < n; i++) {
+            ok = ranks[i] < 8 && (i == 0 || ranks[i] < ranks[i - 1]);
+        }
+        CHECK(ok, "src ranks of %u (n=%zu) not descending source ranks", r, n);
+    }
+    char dst[PATH_LEN];
+    path_of(dst, "%s/%s", scratch, "pp_threads");
+    pthread_t threads[4];
+    struct rank_job jobs[4];
+    for (uint32_t r = 0; r < 4; r++) {
+        jobs[r] = (struct rank_job){plan, dst, r, -1};
+        CHECK(pthread_create(&threads[r], NULL, run_rank, &jobs[r]) == 0, "pthread_create %u", r);
+    }
+    for (uint32_t r = 0; r < 4; r++) {
+        pthread_join(threads[r], NULL);
+        CHECK(jobs[r].status == RESHARD_STATUS_OK, "thread %u: %d", r, jobs[r].status);
+        check_rank_output(c, dst, r, "checkpoint_", "ckpt");
+    }
+    reshard_plan_free(plan);
+}
+
+static void test_safetensors(void)
+{
+    const char *c = "safetensors_dp2mp2_to_dp1mp4";
+    ReshardPlan *plan = make_plan(c, "src_strategy.ckpt", "dst_strategy.ckpt");
+    if (plan == NULL) {
+        return;
+    }
+    char dst[PATH_LEN];
+    path_of(dst, "%s/%s", scratch, "st");
+    ReshardError *err = NULL;
+    int32_t st = reshard_execute(plan, dst, NULL, 0, "{\"output_format\": \"safetensors\"}", &err);
+    CHECK(st == RESHARD_STATUS_OK, "execute: %d %s", st, err ? reshard_error_message(err) : "");
+    reshard_error_free(err);
+    for (uint32_t r = 0; r < 4; r++) {
+        check_rank_output(c, dst, r, "checkpoint_", "safetensors");
+    }
+    reshard_plan_free(plan);
+}
+
+static void test_merge(void)
+{
+    const char *c = "dp2mp2pp2_to_dp1mp2pp2";
+    char stages[PATH_LEN], base[PATH_LEN], out[PATH_LEN], want[PATH_LEN];
+    path_of(base, "%s/%s", fixtures, c);
+    const char *which[2][2] = {{"src_strategy_stages", "src_strategy.ckpt"},
+                               {"dst_strategy_stages", "dst_strategy.ckpt"}};
+    for (int i = 0; i < 2; i++) {
+        path_of(stages, "%s/%s", base, which[i][0]);
+        path_of(want, "%s/%s", base, which[i][1]);
+        snprintf(out, sizeof out, "%s/merged/new_dir/%s", scratch, which[i][1]);
+        ReshardError *err = NULL;
+        int32_t st = reshard_merge_strategies(stages, out, &err);
+        CHECK(st == RESHARD_STATUS_OK, "merge %s: %d %s", stages, st, err ? reshard_error_message(err) : "");
+        reshard_error_free(err);
+        CHECK(same_bytes(out, want), "merged %s differs from MindSpore's %s", out, want);
+    }
+    ReshardError *err = NULL;
+    int32_t st = reshard_merge_strategies(NULL, out, &err);
+    check_error(st, err, RESHARD_STATUS_NULL_ARGUMENT, "'src_dir' is NULL");
+    err = NULL;
+    st = reshard_merge_strategies(stages, NULL, &err);
+    check_error(st, err, RESHARD_STATUS_NULL_ARGUMENT, "'dst_file' is NULL");
+    err = NULL;
+    path_of(stages, "%s/%s", scratch, "no_such_stage_dir");
+    st = reshard_merge_strategies(stages, out, &err);
+    check_error(st, err, RESHARD_STATUS_IO, "no_such_stage_dir");
+    err = NULL;
+    path_of(stages, "%s/%s", base, "expected");
+    st = reshard_merge_strategies(stages, out, &err);
+    check_error(st, err, RESHARD_STATUS_SOURCE, "no strategy files");
+}
+
+static void test_bad_plans(void)
+{
+    char src[PATH_LEN], strat[PATH_LEN], ckpt[PATH_LEN], missing[PATH_LEN];
+    ReshardPlan *plan = NULL;
+    ReshardError *err = NULL;
+
+    /* NULL where a path or out-pointer is required. */
+    int32_t st = reshard_plan(NULL, NULL, NULL, NULL, &plan, &err);
+    check_error(st, err, RESHARD_STATUS_NULL_ARGUMENT, "'src_ckpt_dir' is NULL");
+    CHECK(plan == NULL, "plan_out written on failure");
+    err = NULL;
+    snprintf(src, sizeof src, "%s/complete_to_dp2mp2/src", fixtures);
+    st = reshard_plan(src, NULL, NULL, NULL, NULL, &err);
+    check_error(st, err, RESHARD_STATUS_NULL_ARGUMENT, "'plan_out' is NULL");
+    err = NULL;
+    CHECK(reshard_plan(NULL, NULL, NULL, NULL, &plan, NULL) == RESHARD_STATUS_NULL_ARGUMENT,
+          "status without error_out");
+    st = reshard_plan("", NULL, NULL, NULL, &plan, &err);
+    check_error(st, err, RESHARD_STATUS_INVALID_ARGUMENT, "empty path");
+    err = NULL;
+
+    /* Missing source folder and strategy file. */
+    snprintf(missing, sizeof missing, "%s/no_such_case/src", fixtures);
+    st = reshard_plan(missing, NULL, NULL, NULL, &plan, &err);
+    check_error(st, err, RESHARD_STATUS_SOURCE, "no_such_case/src");
+    err = NULL;
+    snprintf(strat, sizeof strat, "%s/complete_to_dp2mp2/no_such_strategy.ckpt", fixtures);
+    st = reshard_plan(src, NULL, strat, NULL, &plan, &err);
+    check_error(st, err, RESHARD_STATUS_IO, "no_such_strategy.ckpt");
+    err = NULL;
+
+    /* A checkpoint where a strategy belongs. */
+    snprintf(ckpt, sizeof ckpt, "%s/complete_to_dp2mp2/src/rank_0/llama_tiny.ckpt", fixtures);
+    st = reshard_plan(src, NULL, ckpt, NULL, &plan, &err);
+    check_error(st, err, RESHARD_STATUS_MALFORMED, "llama_tiny.ckpt");
+    err = NULL;
+
+    /* The wrong strategy for the sources: an 8-rank pipeline strategy for 4 ranks. */
+    snprintf(src, sizeof src, "%s/dp2mp2_to_complete/src", fixtures);
+    snprintf(strat, sizeof strat, "%s/dp2mp2pp2_to_dp1mp2pp2/src_strategy.ckpt", fixtures);
+    st = reshard_plan(src, strat, NULL, NULL, &plan, &err);
+    check_error(st, err, RESHARD_STATUS_SOURCE, "rank folders are missing: 4, 5, 6, 7");
+    err = NULL;
+    /* A strategy of another layout whose tensor_shape contradicts the stored slices. */
+    snprintf(strat, sizeof strat, "%s/json_dp2mp2pp2_opt_to_dp1mp4/dst_strategy.json", fixtures);
+    st = reshard_plan(src, strat, NULL, NULL, &plan, &err);
+    check_error(st, err, RESHARD_STATUS_SHAPE_MISMATCH, "tensor_shape");
+    err = NULL;
+
+    /* Options. */
+    snprintf(src, sizeof src, "%s/complete_to_dp2mp2/src", fixtures);
+    st = reshard_plan(src, NULL, NULL, "{\"skip_crc\": 1}", &plan, &err);
+    check_error(st, err, RESHARD_STATUS_INVALID_OPTIONS, "\"skip_crc\" must be a boolean");
+    err = NULL;
+    st = reshard_plan(src, NULL, NULL, "{\"prefix\": \"x\"}", &plan, &err);
+    check_error(st, err, RESHARD_STATUS_INVALID_OPTIONS, "unknown option \"prefix\"");
+    err = NULL;
+    st = reshard_plan(src, NULL, NULL, "{\"skip_crc\": true, \"src_ckpt_name\": null}", &plan, &err);
+    CHECK(st == RESHARD_STATUS_OK && plan != NULL, "valid plan options: %d", st);
+    reshard_error_free(err);
+    reshard_plan_free(plan);
+    plan = NULL;
+    CHECK(plan == NULL, "plan still NULL after failures");
+
+    /* Functions on NULL handles. */
+    CHECK(reshard_plan_dst_rank_count(NULL) == 0, "count of NULL");
+    CHECK(reshard_plan_to_json(NULL) == NULL, "json of NULL");
+    CHECK(reshard_error_code(NULL) == RESHARD_STATUS_NULL_ARGUMENT, "code of NULL");
+    CHECK(reshard_error_message(NULL) != NULL, "message of NULL");
+    reshard_plan_free(NULL);
+    reshard_error_free(NULL);
+    reshard_string_free(NULL);
+    passed++;
+}
+
+int main(int argc, char **argv)
+{
+    if (argc != 3) {
+        fprintf(stderr, "usage: %s FIXTURES_CONFORMANCE_DIR SCRATCH_DIR\n", argv[0]);
+        return 2;
+    }
+    fixtures = argv[1];
+    scratch = argv[2];
+    if (mkdir(scratch, 0755) != 0 && errno != EEXIST) {
+        perror(scratch);
+        return 2;
+    }
+    test_version();
+    test_complete_to_dp2mp2();
+    test_output_inside_source();
+    test_dp2mp2_to_complete();
+    test_pipeline_threads();
+    test_safetensors();
+    test_merge();
+    test_bad_plans();
+    printf("%d passed, %d failed\n", passed, failed);
+    return failed == 0 ? 0 : 1;
+}
