@@ -35,33 +35,15 @@ fn parse_args() -> Args {
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
-        let mut val = || {
-            it.next()
-                .unwrap_or_else(|| die(&format!("{k} needs a value")))
-        };
+        let mut val = || it.next().unwrap_or_else(|| die(&format!("{k} needs a value")));
         match k.as_str() {
-            "--size-mb" => {
-                a.size_mb = val()
-                    .parse()
-                    .unwrap_or_else(|_| die("--size-mb takes a number"))
-            }
+            "--size-mb" => a.size_mb = val().parse().unwrap_or_else(|_| die("--size-mb takes a number")),
             "--dir" => a.dir = PathBuf::from(val()),
-            "--runs" => {
-                a.runs = val()
-                    .parse()
-                    .unwrap_or_else(|_| die("--runs takes a number"))
-            }
+            "--runs" => a.runs = val().parse().unwrap_or_else(|_| die("--runs takes a number")),
             "--python" => a.python = Some(val()),
             "--no-mindspore" => a.python = None,
             "-h" | "--help" => {
-                println!(
-                    "{}",
-                    include_str!("main.rs")
-                        .lines()
-                        .take(9)
-                        .collect::<Vec<_>>()
-                        .join("\n")
-                );
+                println!("{}", include_str!("main.rs").lines().take(9).collect::<Vec<_>>().join("\n"));
                 std::process::exit(0);
             }
             other => die(&format!("unknown argument {other}")),
@@ -93,120 +75,31 @@ fn model(size_mb: u64) -> Vec<Param> {
     let layers = ((size_mb << 20).saturating_sub(fixed) / per_layer).max(2) & !1;
     let mut ps = Vec::new();
     let mut add = |name: String, dtype, shape: Vec<u64>, map: Vec<i64>, stage, opt| {
-        ps.push(Param {
-            name,
-            dtype,
-            shape,
-            map,
-            stage,
-            opt,
-        })
+        ps.push(Param { name, dtype, shape, map, stage, opt })
     };
-    add(
-        "model.tok_embeddings.embedding_weight".into(),
-        DType::Float32,
-        vec![vocab, h],
-        vec![0, -1],
-        0,
-        true,
-    );
+    add("model.tok_embeddings.embedding_weight".into(), DType::Float32, vec![vocab, h], vec![0, -1], 0, true);
     for l in 0..layers {
         let stage = u32::from(l >= layers / 2);
         let p = format!("model.layers.{l}");
         for w in ["wq", "wk", "wv"] {
-            add(
-                format!("{p}.attention.{w}.weight"),
-                DType::BFloat16,
-                vec![h, h],
-                vec![0, -1],
-                stage,
-                true,
-            );
+            add(format!("{p}.attention.{w}.weight"), DType::BFloat16, vec![h, h], vec![0, -1], stage, true);
         }
-        add(
-            format!("{p}.attention.wo.weight"),
-            DType::BFloat16,
-            vec![h, h],
-            vec![-1, 0],
-            stage,
-            true,
-        );
-        add(
-            format!("{p}.feed_forward.w1.weight"),
-            DType::BFloat16,
-            vec![ffn, h],
-            vec![0, -1],
-            stage,
-            true,
-        );
-        add(
-            format!("{p}.feed_forward.w3.weight"),
-            DType::BFloat16,
-            vec![ffn, h],
-            vec![0, -1],
-            stage,
-            true,
-        );
-        add(
-            format!("{p}.feed_forward.w2.weight"),
-            DType::BFloat16,
-            vec![h, ffn],
-            vec![-1, 0],
-            stage,
-            true,
-        );
-        add(
-            format!("{p}.attention_norm.weight"),
-            DType::Float16,
-            vec![h],
-            vec![-1],
-            stage,
-            false,
-        );
-        add(
-            format!("{p}.ffn_norm.weight"),
-            DType::Float16,
-            vec![h],
-            vec![-1],
-            stage,
-            false,
-        );
+        add(format!("{p}.attention.wo.weight"), DType::BFloat16, vec![h, h], vec![-1, 0], stage, true);
+        add(format!("{p}.feed_forward.w1.weight"), DType::BFloat16, vec![ffn, h], vec![0, -1], stage, true);
+        add(format!("{p}.feed_forward.w3.weight"), DType::BFloat16, vec![ffn, h], vec![0, -1], stage, true);
+        add(format!("{p}.feed_forward.w2.weight"), DType::BFloat16, vec![h, ffn], vec![-1, 0], stage, true);
+        add(format!("{p}.attention_norm.weight"), DType::Float16, vec![h], vec![-1], stage, false);
+        add(format!("{p}.ffn_norm.weight"), DType::Float16, vec![h], vec![-1], stage, false);
     }
-    add(
-        "model.norm_out.weight".into(),
-        DType::Float16,
-        vec![h],
-        vec![-1],
-        1,
-        false,
-    );
-    add(
-        "lm_head.weight".into(),
-        DType::Float32,
-        vec![vocab, h],
-        vec![0, -1],
-        1,
-        true,
-    );
+    add("model.norm_out.weight".into(), DType::Float16, vec![h], vec![-1], 1, false);
+    add("lm_head.weight".into(), DType::Float32, vec![vocab, h], vec![0, -1], 1, true);
     let n = ps.len();
     for i in 0..n {
         if ps[i].shape.len() == 2 {
             for m in ["adam_m", "adam_v"] {
-                let (name, shape, map, stage, opt) = (
-                    format!("{m}.{}", ps[i].name),
-                    ps[i].shape.clone(),
-                    ps[i].map.clone(),
-                    ps[i].stage,
-                    ps[i].opt,
-                );
-                ps.push(Param {
-                    name,
-                    dtype: DType::Float32,
-                    shape,
-                    map,
-                    stage,
-                    opt,
-                });
+                let (name, shape, map, stage, opt) =
+                    (format!("{m}.{}", ps[i].name), ps[i].shape.clone(), ps[i].map.clone(), ps[i].stage, ps[i].opt);
+                ps.push(Param { name, dtype: DType::Float32, shape, map, stage, opt });
             }
         }
     }
@@ -221,26 +114,14 @@ fn nbytes(p: &Param) -> u64 {
 fn write_model(path: &Path, ps: &[Param]) {
     let mut headers: Vec<TensorHeader> = ps
         .iter()
-        .map(|p| TensorHeader {
-            name: p.name.clone(),
-            dtype: p.dtype,
-            dims: p.shape.clone(),
-            nbytes: nbytes(p),
-        })
+        .map(|p| TensorHeader { name: p.name.clone(), dtype: p.dtype, dims: p.shape.clone(), nbytes: nbytes(p) })
         .collect();
-    headers.push(TensorHeader {
-        name: "global_step".into(),
-        dtype: DType::Int32,
-        dims: vec![],
-        nbytes: 4,
-    });
+    headers.push(TensorHeader { name: "global_step".into(), dtype: DType::Int32, dims: vec![], nbytes: 4 });
     let layout = ckpt::layout(&headers, ckpt::CHUNK_BYTES);
-    std::fs::create_dir_all(path.parent().unwrap_or(Path::new(".")))
-        .unwrap_or_else(|e| die(&e.to_string()));
+    std::fs::create_dir_all(path.parent().unwrap_or(Path::new("."))).unwrap_or_else(|e| die(&e.to_string()));
     let f = File::create(path).unwrap_or_else(|e| die(&format!("{}: {e}", path.display())));
     for (off, b) in &layout.fixed {
-        f.write_all_at(b, *off)
-            .unwrap_or_else(|e| die(&e.to_string()));
+        f.write_all_at(b, *off).unwrap_or_else(|e| die(&e.to_string()));
     }
     let mut state = 0x9E37_79B9_7F4A_7C15u64;
     let mut buf = vec![0u8; 8 << 20];
@@ -259,8 +140,7 @@ fn write_model(path: &Path, ps: &[Param]) {
                 if i == headers.len() - 1 {
                     buf[..4].copy_from_slice(&1000i32.to_le_bytes());
                 }
-                f.write_all_at(&buf[..n], r.file_offset + done)
-                    .unwrap_or_else(|e| die(&e.to_string()));
+                f.write_all_at(&buf[..n], r.file_offset + done).unwrap_or_else(|e| die(&e.to_string()));
                 done += n as u64;
             }
         }
@@ -285,12 +165,8 @@ fn write_strategy(dir: &Path, ps: &[Param], dp: u64, mp: u64, pp: u32, opt: bool
         let v = json!({"current_stage": stage,
                        "parallel_strategy_item": {format!("op_stage{stage}"): {"stage": stage, "parallel_strategy": [[dp, mp]]}},
                        "parallel_layout_item": items});
-        let f = dir.join(format!(
-            "ckpt_strategy_rank_{}.json",
-            u64::from(stage) * dp * mp
-        ));
-        std::fs::write(&f, serde_json::to_vec(&v).unwrap_or_default())
-            .unwrap_or_else(|e| die(&e.to_string()));
+        let f = dir.join(format!("ckpt_strategy_rank_{}.json", u64::from(stage) * dp * mp));
+        std::fs::write(&f, serde_json::to_vec(&v).unwrap_or_default()).unwrap_or_else(|e| die(&e.to_string()));
     }
     let merged = reshard_core::strategy::merge_dir(dir).unwrap_or_else(|e| die(&e.to_string()));
     let out = dir.with_extension("merged.json");
@@ -313,9 +189,7 @@ fn status_kb(pid: u32, key: &str) -> Option<u64> {
 
 fn run(cmd: &mut Command) -> Measured {
     let start = Instant::now();
-    let mut child = cmd
-        .spawn()
-        .unwrap_or_else(|e| die(&format!("cannot start {cmd:?}: {e}")));
+    let mut child = cmd.spawn().unwrap_or_else(|e| die(&format!("cannot start {cmd:?}: {e}")));
     let pid = child.id();
     let stop = Arc::new(AtomicBool::new(false));
     let s2 = stop.clone();
@@ -335,11 +209,7 @@ fn run(cmd: &mut Command) -> Measured {
     if !status.success() {
         die(&format!("{cmd:?} failed: {status}"));
     }
-    Measured {
-        secs,
-        peak_rss_kb,
-        peak_anon_kb,
-    }
+    Measured { secs, peak_rss_kb, peak_anon_kb }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -351,10 +221,7 @@ fn du(p: &Path) -> u64 {
     let mut total = 0;
     if let Ok(rd) = std::fs::read_dir(p) {
         for e in rd.flatten() {
-            let m = e
-                .metadata()
-                .map(|m| (m.is_dir(), m.len()))
-                .unwrap_or((false, 0));
+            let m = e.metadata().map(|m| (m.is_dir(), m.len())).unwrap_or((false, 0));
             total += if m.0 { du(&e.path()) } else { m.1 };
         }
     }
@@ -370,10 +237,7 @@ struct Case {
 
 fn main() {
     let a = parse_args();
-    let exe_dir = std::env::current_exe()
-        .ok()
-        .and_then(|p| p.parent().map(Path::to_path_buf))
-        .unwrap_or_default();
+    let exe_dir = std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf)).unwrap_or_default();
     let reshard = exe_dir.join("reshard");
     if !reshard.exists() {
         die("target/release/reshard is missing: run `cargo build --release -p reshard-cli` first");
@@ -393,14 +257,7 @@ fn main() {
         t.elapsed().as_secs_f64()
     );
     let train = write_strategy(&dir.join("strategy/train_dp2mp2pp2"), &ps, 2, 2, 2, true);
-    let finetune = write_strategy(
-        &dir.join("strategy/finetune_dp1mp2pp2"),
-        &ps,
-        1,
-        2,
-        2,
-        false,
-    );
+    let finetune = write_strategy(&dir.join("strategy/finetune_dp1mp2pp2"), &ps, 1, 2, 2, false);
     // The 8-rank source for the other cases, made by reshard itself.
     let sharded = dir.join("sharded8");
     run(Command::new(&reshard)
@@ -424,12 +281,7 @@ fn main() {
             src_strategy: Some(train.clone()),
             dst_strategy: Some(finetune.clone()),
         },
-        Case {
-            name: "8 -> complete",
-            src: sharded.clone(),
-            src_strategy: Some(train.clone()),
-            dst_strategy: None,
-        },
+        Case { name: "8 -> complete", src: sharded.clone(), src_strategy: Some(train.clone()), dst_strategy: None },
     ];
     let ms_python = a.python.filter(|py| {
         Command::new(py)
@@ -458,11 +310,7 @@ fn main() {
                 let _ = std::fs::remove_dir_all(&copy);
                 settle();
                 let mut cp = Command::new("sh");
-                cp.arg("-c").arg(if synced {
-                    "cp -r \"$0\" \"$1\" && sync"
-                } else {
-                    "cp -r \"$0\" \"$1\""
-                });
+                cp.arg("-c").arg(if synced { "cp -r \"$0\" \"$1\" && sync" } else { "cp -r \"$0\" \"$1\"" });
                 let t = run(cp.arg(&c.src).arg(&copy)).secs;
                 if synced {
                     t_cps.push(t)
@@ -472,10 +320,7 @@ fn main() {
                 let _ = std::fs::remove_dir_all(&out);
                 settle();
                 let mut cmd = Command::new(&reshard);
-                cmd.args(["transform", "-q", "--src_ckpt_dir"])
-                    .arg(&c.src)
-                    .arg("--dst_ckpt_dir")
-                    .arg(&out);
+                cmd.args(["transform", "-q", "--src_ckpt_dir"]).arg(&c.src).arg("--dst_ckpt_dir").arg(&out);
                 if !synced {
                     cmd.arg("--no-sync");
                 }
@@ -502,9 +347,7 @@ fn main() {
             let msout = dir.join("ms_out");
             let _ = std::fs::remove_dir_all(&msout);
             let arg = |p: &Option<PathBuf>| {
-                p.as_ref().map_or("None".to_string(), |p| {
-                    format!("{:?}", p.display().to_string())
-                })
+                p.as_ref().map_or("None".to_string(), |p| format!("{:?}", p.display().to_string()))
             };
             let script = format!(
                 "import mindspore as ms\nms.transform_checkpoints({:?}, {:?}, 'checkpoint_', {}, {})",
@@ -513,15 +356,8 @@ fn main() {
                 arg(&c.src_strategy),
                 arg(&c.dst_strategy)
             );
-            let m = run(Command::new(py)
-                .args(["-c", &script])
-                .stderr(std::process::Stdio::null()));
-            ms_cols = format!(
-                "{:.2} | {:.0} | {:.1}x",
-                m.secs,
-                m.peak_rss_kb as f64 / 1024.0,
-                m.secs / rss_t
-            );
+            let m = run(Command::new(py).args(["-c", &script]).stderr(std::process::Stdio::null()));
+            ms_cols = format!("{:.2} | {:.0} | {:.1}x", m.secs, m.peak_rss_kb as f64 / 1024.0, m.secs / rss_t);
             let _ = std::fs::remove_dir_all(&msout);
         }
         println!(
@@ -541,20 +377,12 @@ fn main() {
         );
         if c.dst_strategy.is_none() {
             let back = std::fs::read(out.join("rank_0/checkpoint_0.ckpt")).unwrap_or_default();
-            let orig = reshard_core::CheckpointFile::open(
-                &complete.join("rank_0/model.ckpt"),
-                Default::default(),
-            );
-            let got = reshard_core::CheckpointFile::open(
-                &out.join("rank_0/checkpoint_0.ckpt"),
-                Default::default(),
-            );
+            let orig = reshard_core::CheckpointFile::open(&complete.join("rank_0/model.ckpt"), Default::default());
+            let got = reshard_core::CheckpointFile::open(&out.join("rank_0/checkpoint_0.ckpt"), Default::default());
             let same = match (orig, got) {
                 (Ok(o), Ok(g)) => {
                     o.index().tensors.iter().all(|t| {
-                        g.index()
-                            .get(&t.name)
-                            .is_some_and(|u| u.shape == t.shape && g.content(u) == o.content(t))
+                        g.index().get(&t.name).is_some_and(|u| u.shape == t.shape && g.content(u) == o.content(t))
                     }) && o.index().tensors.len() == g.index().tensors.len()
                 }
                 _ => false,
@@ -589,8 +417,8 @@ fn plan_4096(dir: &Path) {
     write_model(&src.join("rank_0/model.ckpt"), &ps);
     let dst = write_strategy(&dir.join("plan4096/strategy"), &ps, 64, 64, 1, false);
     let t = Instant::now();
-    let plan = reshard_core::Plan::build(&src, None, Some(&dst), &Default::default())
-        .unwrap_or_else(|e| die(&e.to_string()));
+    let plan =
+        reshard_core::Plan::build(&src, None, Some(&dst), &Default::default()).unwrap_or_else(|e| die(&e.to_string()));
     let build = t.elapsed().as_secs_f64();
     let t = Instant::now();
     let one = plan.rank_plan(4095).unwrap_or_else(|e| die(&e.to_string()));

@@ -93,11 +93,7 @@ enum Cmd {
         #[command(flatten)]
         job: JobArgs,
         /// Output folder the plan is for (only used to print output paths).
-        #[arg(
-            long = "dst_ckpt_dir",
-            visible_alias = "dst-ckpt-dir",
-            default_value = "output"
-        )]
+        #[arg(long = "dst_ckpt_dir", visible_alias = "dst-ckpt-dir", default_value = "output")]
         dst_ckpt_dir: PathBuf,
         #[command(flatten)]
         out: OutArgs,
@@ -118,17 +114,10 @@ enum Cmd {
         #[arg(long = "load_checkpoint", visible_alias = "load-checkpoint")]
         load_checkpoint: PathBuf,
         /// Strategy of a distributed source: a merged file, one stage's file, or a folder.
-        #[arg(
-            long = "src_strategy_path_or_dir",
-            visible_alias = "src-strategy-path-or-dir"
-        )]
+        #[arg(long = "src_strategy_path_or_dir", visible_alias = "src-strategy-path-or-dir")]
         src_strategy_path_or_dir: Option<PathBuf>,
         /// The run's output folder.
-        #[arg(
-            long = "output_dir",
-            visible_alias = "output-dir",
-            default_value = "output"
-        )]
+        #[arg(long = "output_dir", visible_alias = "output-dir", default_value = "output")]
         output_dir: PathBuf,
         /// Where the runtime writes ckpt_strategy_rank_{r}.ckpt [default: OUTPUT_DIR/strategy].
         #[arg(long = "dst_strategy_dir", visible_alias = "dst-strategy-dir")]
@@ -208,16 +197,8 @@ struct OutArgs {
 
 impl JobArgs {
     fn plan(&self) -> Result<Plan, Error> {
-        let opts = PlanOptions {
-            src_ckpt_name: self.src_ckpt_name.clone(),
-            skip_crc: self.no_crc_check,
-        };
-        Plan::build(
-            &self.src_ckpt_dir,
-            self.src_ckpt_strategy.as_deref(),
-            self.dst_ckpt_strategy.as_deref(),
-            &opts,
-        )
+        let opts = PlanOptions { src_ckpt_name: self.src_ckpt_name.clone(), skip_crc: self.no_crc_check };
+        Plan::build(&self.src_ckpt_dir, self.src_ckpt_strategy.as_deref(), self.dst_ckpt_strategy.as_deref(), &opts)
     }
 }
 
@@ -260,13 +241,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             eprintln!("merged {} into {}", src_dir.display(), dst_file.display());
             Ok(())
         }
-        Cmd::Plan {
-            job,
-            dst_ckpt_dir,
-            out,
-            json,
-            detail,
-        } => {
+        Cmd::Plan { job, dst_ckpt_dir, out, json, detail } => {
             let plan = job.plan()?;
             let opts = out.exec_options()?;
             if json {
@@ -299,18 +274,11 @@ fn run(cli: Cli) -> Result<(), Error> {
                 timeout,
                 threads: out.threads,
             };
-            let tag = o
-                .rank
-                .or_else(|| reshard_core::auto::rank_from_env().map(|x| x.0))
-                .unwrap_or(0);
+            let tag = o.rank.or_else(|| reshard_core::auto::rank_from_env().map(|x| x.0)).unwrap_or(0);
             match reshard_core::auto::auto(&o) {
                 Ok(r) => {
                     // One write per line, so that the logs of concurrent ranks do not interleave.
-                    let text: String = r
-                        .log
-                        .iter()
-                        .map(|l| format!("reshard[rank {tag}]: {l}\n"))
-                        .collect();
+                    let text: String = r.log.iter().map(|l| format!("reshard[rank {tag}]: {l}\n")).collect();
                     for line in text.split_inclusive('\n') {
                         use std::io::Write as _;
                         let _ = std::io::stderr().write_all(line.as_bytes());
@@ -335,22 +303,14 @@ fn run(cli: Cli) -> Result<(), Error> {
                 }
             }
             if r.bad.is_empty() {
-                eprintln!(
-                    "reshard: {} file(s) verified in {} manifest(s)",
-                    r.ok.len(),
-                    r.manifests
-                );
+                eprintln!("reshard: {} file(s) verified in {} manifest(s)", r.ok.len(), r.manifests);
                 Ok(())
             } else {
                 Err(Error::Invalid(format!(
                     "{} bad file(s) under {}: {}",
                     r.bad.len(),
                     dir.display(),
-                    r.bad
-                        .iter()
-                        .map(|(p, _)| p.display().to_string())
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    r.bad.iter().map(|(p, _)| p.display().to_string()).collect::<Vec<_>>().join(", ")
                 )))
             }
         }
@@ -360,29 +320,17 @@ fn run(cli: Cli) -> Result<(), Error> {
             outln!("{}", serde_json::to_string(&ranks).unwrap_or_default());
             Ok(())
         }
-        Cmd::Transform {
-            job,
-            dst_ckpt_dir,
-            out,
-            ranks,
-            crc,
-            no_sync,
-            force,
-            quiet,
-        } => {
-            check_not_inside(&dst_ckpt_dir, &job.src_ckpt_dir)?;
+        Cmd::Transform { job, dst_ckpt_dir, out, ranks, crc, no_sync, force, quiet } => {
+            // Before anything is written (strategy merges go into the output folder too).
+            reshard_core::execute::check_output(&job.src_ckpt_dir, &dst_ckpt_dir, &out.prefix)?;
             let mut job = job;
             // Strategy folders are merged into the output folder, never into the source.
-            for (slot, name) in [
-                (&mut job.src_ckpt_strategy, "src"),
-                (&mut job.dst_ckpt_strategy, "dst"),
-            ] {
+            for (slot, name) in [(&mut job.src_ckpt_strategy, "src"), (&mut job.dst_ckpt_strategy, "dst")] {
                 if let Some(p) = slot.as_ref().filter(|p| p.is_dir()) {
                     let merged = strategy::merge_dir(p)?;
-                    let f = dst_ckpt_dir.join("merged_strategy").join(format!(
-                        "{name}_merged_ckpt_strategy.{}",
-                        merged.extension()
-                    ));
+                    let f = dst_ckpt_dir
+                        .join("merged_strategy")
+                        .join(format!("{name}_merged_ckpt_strategy.{}", merged.extension()));
                     write_atomic(&f, &merged.to_bytes())?;
                     eprintln!("merged {} into {}", p.display(), f.display());
                     *slot = Some(f);
@@ -414,7 +362,9 @@ fn run(cli: Cli) -> Result<(), Error> {
                 let bytes: u64 = files.iter().map(|f| f.len).sum();
                 let kept = files.iter().filter(|f| f.reused).count();
                 if kept > 0 {
-                    eprintln!("reshard: kept {kept} file(s) a previous run of the same plan finished (verified by crc32)");
+                    eprintln!(
+                        "reshard: kept {kept} file(s) a previous run of the same plan finished (verified by crc32)"
+                    );
                 }
                 eprintln!(
                     "reshard: wrote {} file(s), {} bytes, to {} in {:.2}s",
@@ -427,21 +377,6 @@ fn run(cli: Cli) -> Result<(), Error> {
             Ok(())
         }
     }
-}
-
-fn check_not_inside(dst: &Path, src: &Path) -> Result<(), Error> {
-    let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
-    let (d, s) = (abs(dst), abs(src));
-    let d = d.canonicalize().unwrap_or(d);
-    let s = s.canonicalize().unwrap_or(s);
-    if d.starts_with(&s) {
-        return Err(Error::Invalid(format!(
-            "the output folder {} is inside the source folder {}; choose another output folder",
-            dst.display(),
-            src.display()
-        )));
-    }
-    Ok(())
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
@@ -467,26 +402,10 @@ fn inspect(path: &Path, json: bool) -> Result<(), Error> {
                 .iter()
                 .map(|t| serde_json::json!({"name": t.name, "dtype": t.dtype.ckpt_name(), "shape": t.shape, "bytes": t.nbytes}))
                 .collect();
-            outln!(
-                "{}",
-                serde_json::to_string_pretty(&serde_json::json!({ "tensors": tensors }))
-                    .unwrap_or_default()
-            );
+            outln!("{}", serde_json::to_string_pretty(&serde_json::json!({ "tensors": tensors })).unwrap_or_default());
         } else {
-            let w = idx
-                .tensors
-                .iter()
-                .map(|t| t.name.len())
-                .max()
-                .unwrap_or(4)
-                .max(4);
-            outln!(
-                "{:<w$}  {:<9}  {:<20}  {:>12}",
-                "name",
-                "dtype",
-                "shape",
-                "bytes"
-            );
+            let w = idx.tensors.iter().map(|t| t.name.len()).max().unwrap_or(4).max(4);
+            outln!("{:<w$}  {:<9}  {:<20}  {:>12}", "name", "dtype", "shape", "bytes");
             for t in &idx.tensors {
                 outln!(
                     "{:<w$}  {:<9}  {:<20}  {:>12}",
@@ -497,17 +416,8 @@ fn inspect(path: &Path, json: bool) -> Result<(), Error> {
                 );
             }
             let total: u64 = idx.tensors.iter().map(|t| t.nbytes).sum();
-            let crc = idx
-                .crc
-                .map(|c| format!(", crc32 {c:#010x} verified"))
-                .unwrap_or_default();
-            outln!(
-                "{} tensors, {} bytes of content, file {} bytes{}",
-                idx.tensors.len(),
-                total,
-                idx.file_len,
-                crc
-            );
+            let crc = idx.crc.map(|c| format!(", crc32 {c:#010x} verified")).unwrap_or_default();
+            outln!("{} tensors, {} bytes of content, file {} bytes{}", idx.tensors.len(), total, idx.file_len, crc);
         }
         return Ok(());
     }
@@ -526,18 +436,8 @@ fn inspect(path: &Path, json: bool) -> Result<(), Error> {
         let v = serde_json::json!({"stages": s.stage_num()?, "stage_devices": s.stage_device_num()?, "params": params});
         outln!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
     } else {
-        outln!(
-            "{} stage(s) x {} devices",
-            s.stage_num()?,
-            s.stage_device_num()?
-        );
-        let w = s
-            .params
-            .iter()
-            .map(|(n, _)| n.len())
-            .max()
-            .unwrap_or(4)
-            .max(4);
+        outln!("{} stage(s) x {} devices", s.stage_num()?, s.stage_device_num()?);
+        let w = s.params.iter().map(|(n, _)| n.len()).max().unwrap_or(4).max(4);
         outln!(
             "{:<w$}  {:>5}  {:<14}  {:<18}  {:>8}  {:>8}",
             "name",
@@ -553,13 +453,7 @@ fn inspect(path: &Path, json: bool) -> Result<(), Error> {
                     .layout
                     .tensor_map
                     .iter()
-                    .map(|a| {
-                        if a.len() == 1 {
-                            a[0].to_string()
-                        } else {
-                            format!("{a:?}")
-                        }
-                    })
+                    .map(|a| if a.len() == 1 { a[0].to_string() } else { format!("{a:?}") })
                     .collect();
                 outln!(
                     "{:<w$}  {:>5}  {:<14}  {:<18}  {:>8}  {:>8}",

@@ -163,17 +163,11 @@ pub fn run(cmd: StrategyCmd) -> Result<(), Error> {
         }
         StrategyCmd::Show { path, json, from } => {
             let s = Strategy::load(&path)?;
-            let shapes = from
-                .as_deref()
-                .map(strategy_new::read_params)
-                .transpose()?
-                .map(|p| strategy_new::shapes_of(&p));
+            let shapes =
+                from.as_deref().map(strategy_new::read_params).transpose()?.map(|p| strategy_new::shapes_of(&p));
             let report = strategy_new::show(&s, shapes.as_ref())?;
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&report.to_json()).unwrap_or_default()
-                );
+                println!("{}", serde_json::to_string_pretty(&report.to_json()).unwrap_or_default());
             } else {
                 print!("{}", report.to_text());
             }
@@ -196,21 +190,11 @@ fn report_new(spec: &StrategySpec, w: &strategy_new::Written) {
         );
     }
     eprintln!("merged: {}", w.merged.display());
-    let scalars = a
-        .omitted
-        .iter()
-        .filter(|(_, o)| *o == Omitted::Scalar)
-        .count();
-    let skipped: Vec<&str> = a
-        .omitted
-        .iter()
-        .filter(|(_, o)| matches!(o, Omitted::Skipped { .. }))
-        .map(|(n, _)| n.as_str())
-        .collect();
+    let scalars = a.omitted.iter().filter(|(_, o)| *o == Omitted::Scalar).count();
+    let skipped: Vec<&str> =
+        a.omitted.iter().filter(|(_, o)| matches!(o, Omitted::Skipped { .. })).map(|(n, _)| n.as_str()).collect();
     if scalars > 0 {
-        eprintln!(
-            "{scalars} scalar/bookkeeping parameter(s) have no layout (copied whole, as MindSpore)"
-        );
+        eprintln!("{scalars} scalar/bookkeeping parameter(s) have no layout (copied whole, as MindSpore)");
     }
     if !skipped.is_empty() {
         eprintln!("skipped by rule: {}", list(&skipped));
@@ -235,10 +219,6 @@ fn list(names: &[&str]) -> String {
     if names.len() <= MAX {
         names.join(", ")
     } else {
-        format!(
-            "{}, ... ({} more)",
-            names[..MAX].join(", "),
-            names.len() - MAX
-        )
+        format!("{}, ... ({} more)", names[..MAX].join(", "), names.len() - MAX)
     }
 }

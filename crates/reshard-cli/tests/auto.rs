@@ -9,9 +9,7 @@ use reshard_core::strategy::Strategy;
 const BIN: &str = env!("CARGO_BIN_EXE_reshard");
 
 fn fixture(case: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/conformance")
-        .join(case)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/conformance").join(case)
 }
 
 fn scratch(name: &str) -> PathBuf {
@@ -27,10 +25,7 @@ fn write_runtime_strategies(case: &Path, dir: &Path) -> u32 {
     std::fs::create_dir_all(dir).unwrap();
     let stages = case.join("dst_strategy_stages");
     let stage_files: Vec<PathBuf> = if stages.is_dir() {
-        let mut v: Vec<PathBuf> = std::fs::read_dir(&stages)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .collect();
+        let mut v: Vec<PathBuf> = std::fs::read_dir(&stages).unwrap().map(|e| e.unwrap().path()).collect();
         v.sort_by_key(|p| {
             let n = p.file_stem().unwrap().to_string_lossy().into_owned();
             n.rsplit('_').next().unwrap().parse::<u32>().unwrap()
@@ -39,27 +34,18 @@ fn write_runtime_strategies(case: &Path, dir: &Path) -> u32 {
     } else {
         vec![case.join("dst_strategy.ckpt")]
     };
-    let per_stage = Strategy::load(&stage_files[0])
-        .unwrap()
-        .stage_device_num()
-        .unwrap() as u32;
+    let per_stage = Strategy::load(&stage_files[0]).unwrap().stage_device_num().unwrap() as u32;
     let world = per_stage * stage_files.len() as u32;
     for r in 0..world {
-        std::fs::copy(
-            &stage_files[(r / per_stage) as usize],
-            dir.join(format!("ckpt_strategy_rank_{r}.ckpt")),
-        )
-        .unwrap();
+        std::fs::copy(&stage_files[(r / per_stage) as usize], dir.join(format!("ckpt_strategy_rank_{r}.ckpt")))
+            .unwrap();
     }
     world
 }
 
 fn spawn(case: &Path, out: &Path, rank: u32, world: u32, env: (&str, &str)) -> Child {
     let mut c = Command::new(BIN);
-    c.args(["auto", "--timeout", "60", "--load_checkpoint"])
-        .arg(case.join("src"))
-        .arg("--output_dir")
-        .arg(out);
+    c.args(["auto", "--timeout", "60", "--load_checkpoint"]).arg(case.join("src")).arg("--output_dir").arg(out);
     let src_stages = case.join("src_strategy_stages");
     if src_stages.is_dir() {
         c.arg("--src_strategy_path_or_dir").arg(&src_stages);
@@ -70,10 +56,7 @@ fn spawn(case: &Path, out: &Path, rank: u32, world: u32, env: (&str, &str)) -> C
             c.env_remove(r).env_remove(w);
         }
     }
-    c.stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap()
+    c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap()
 }
 
 fn check(o: Output, rank: u32) -> String {
@@ -86,14 +69,8 @@ fn check(o: Output, rank: u32) -> String {
 fn same_files(out: &Path, reference: &Path, world: u32) {
     for r in 0..world {
         let f = format!("rank_{r}/checkpoint_{r}.ckpt");
-        let (a, b) = (
-            std::fs::read(out.join(&f)),
-            std::fs::read(reference.join(&f)),
-        );
-        assert!(
-            a.is_ok() && a.unwrap() == b.unwrap(),
-            "{f} differs from the reference"
-        );
+        let (a, b) = (std::fs::read(out.join(&f)), std::fs::read(reference.join(&f)));
+        assert!(a.is_ok() && a.unwrap() == b.unwrap(), "{f} differs from the reference");
     }
 }
 
@@ -101,24 +78,13 @@ fn run_case(case_name: &str, reference: Option<&Path>) -> (PathBuf, u32) {
     let case = fixture(case_name);
     let out = scratch(case_name).join("output");
     let has_dst = case.join("dst_strategy.ckpt").exists();
-    let world = if has_dst {
-        write_runtime_strategies(&case, &out.join("strategy"))
-    } else {
-        1
-    };
-    let children: Vec<Child> = (0..world)
-        .map(|r| spawn(&case, &out, r, world, ("RANK_ID", "RANK_SIZE")))
-        .collect();
+    let world = if has_dst { write_runtime_strategies(&case, &out.join("strategy")) } else { 1 };
+    let children: Vec<Child> = (0..world).map(|r| spawn(&case, &out, r, world, ("RANK_ID", "RANK_SIZE"))).collect();
     for (r, c) in children.into_iter().enumerate() {
         let path = check(c.wait_with_output().unwrap(), r as u32);
-        assert!(
-            path.ends_with(&format!("rank_{r}/checkpoint_{r}.ckpt")),
-            "{path}"
-        );
+        assert!(path.ends_with(&format!("rank_{r}/checkpoint_{r}.ckpt")), "{path}");
     }
-    let reference = reference
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| case.join("expected"));
+    let reference = reference.map(Path::to_path_buf).unwrap_or_else(|| case.join("expected"));
     same_files(&out.join("transformed_checkpoint"), &reference, world);
     (out, world)
 }
@@ -173,36 +139,22 @@ fn relaunch_with_fewer_ranks_replaces_old_results() {
     // Same output folder, new launch: 4 ranks from an 8-rank checkpoint.
     std::fs::remove_dir_all(out.join("strategy")).unwrap();
     let world = write_runtime_strategies(&case, &out.join("strategy"));
-    let children: Vec<Child> = (0..world)
-        .map(|r| spawn(&case, &out, r, world, ("RANK", "WORLD_SIZE")))
-        .collect();
+    let children: Vec<Child> = (0..world).map(|r| spawn(&case, &out, r, world, ("RANK", "WORLD_SIZE"))).collect();
     let mut logs = String::new();
     for (r, c) in children.into_iter().enumerate() {
         let o = c.wait_with_output().unwrap();
         logs += &String::from_utf8_lossy(&o.stderr);
         check(o, r as u32);
     }
-    same_files(
-        &out.join("transformed_checkpoint"),
-        &case.join("expected"),
-        world,
-    );
+    same_files(&out.join("transformed_checkpoint"), &case.join("expected"), world);
     for r in world..8 {
         assert!(
-            !out.join(format!("transformed_checkpoint/rank_{r}"))
-                .exists(),
+            !out.join(format!("transformed_checkpoint/rank_{r}")).exists(),
             "rank_{r} of the old launch is still there"
         );
     }
-    assert!(
-        logs.contains("earlier launch"),
-        "the log does not say what was replaced:\n{logs}"
-    );
-    let v = Command::new(BIN)
-        .arg("verify")
-        .arg(out.join("transformed_checkpoint"))
-        .output()
-        .unwrap();
+    assert!(logs.contains("earlier launch"), "the log does not say what was replaced:\n{logs}");
+    let v = Command::new(BIN).arg("verify").arg(out.join("transformed_checkpoint")).output().unwrap();
     assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stdout));
 }
 
@@ -225,14 +177,10 @@ fn missing_stage_file_times_out_naming_it() {
     assert_eq!(o.status.code(), Some(1));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
-        err.contains("timed out")
-            && err.contains("ckpt_strategy_rank_3.ckpt")
-            && !err.contains("rank_2.ckpt"),
+        err.contains("timed out") && err.contains("ckpt_strategy_rank_3.ckpt") && !err.contains("rank_2.ckpt"),
         "{err}"
     );
-    assert!(!out
-        .join("transformed_checkpoint/rank_0/checkpoint_0.ckpt")
-        .exists());
+    assert!(!out.join("transformed_checkpoint/rank_0/checkpoint_0.ckpt").exists());
 }
 
 #[test]
@@ -243,27 +191,12 @@ fn two_nodes_with_different_launchers_and_local_rank_sets() {
     let out = scratch("two-nodes").join("output");
     let world = write_runtime_strategies(&case, &out.join("strategy"));
     assert_eq!(world, 8);
-    let a: Vec<Child> = (0..4)
-        .map(|r| spawn(&case, &out, r, world, ("RANK_ID", "RANK_SIZE")))
-        .collect();
+    let a: Vec<Child> = (0..4).map(|r| spawn(&case, &out, r, world, ("RANK_ID", "RANK_SIZE"))).collect();
     std::thread::sleep(std::time::Duration::from_millis(50));
-    let b: Vec<Child> = (4..8)
-        .map(|r| {
-            spawn(
-                &case,
-                &out,
-                r,
-                world,
-                ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
-            )
-        })
-        .collect();
+    let b: Vec<Child> =
+        (4..8).map(|r| spawn(&case, &out, r, world, ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"))).collect();
     for (r, c) in a.into_iter().chain(b).enumerate() {
         check(c.wait_with_output().unwrap(), r as u32);
     }
-    same_files(
-        &out.join("transformed_checkpoint"),
-        &case.join("expected"),
-        world,
-    );
+    same_files(&out.join("transformed_checkpoint"), &case.join("expected"), world);
 }

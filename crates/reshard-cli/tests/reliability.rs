@@ -43,11 +43,7 @@ fn make_source(dir: &Path, layers: usize) -> (PathBuf, PathBuf) {
     let path = dir.join("complete/rank_0/model.ckpt");
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     let contents: Vec<Vec<u8>> = (0..headers.len())
-        .map(|i| {
-            (0..4u32 << 20)
-                .map(|k| (k as u8).wrapping_mul(7).wrapping_add(i as u8))
-                .collect()
-        })
+        .map(|i| (0..4u32 << 20).map(|k| (k as u8).wrapping_mul(7).wrapping_add(i as u8)).collect())
         .collect();
     let bytes = layout.render(&contents.iter().map(Vec::as_slice).collect::<Vec<_>>());
     std::fs::write(&path, bytes).unwrap();
@@ -70,9 +66,7 @@ fn transform(src: &Path, strategy: &Path, out: &Path) -> Command {
 }
 
 fn outputs(dir: &Path) -> Vec<PathBuf> {
-    (0..8)
-        .map(|r| dir.join(format!("rank_{r}/checkpoint_{r}.ckpt")))
-        .collect()
+    (0..8).map(|r| dir.join(format!("rank_{r}/checkpoint_{r}.ckpt"))).collect()
 }
 
 #[test]
@@ -80,19 +74,13 @@ fn killed_run_leaves_complete_files_and_rerun_matches_clean_run() {
     let dir = scratch("main");
     let (src, strategy) = make_source(&dir, 40); // 320 MiB
     let clean = dir.join("clean");
-    assert!(transform(&src, &strategy, &clean)
-        .status()
-        .unwrap()
-        .success());
+    assert!(transform(&src, &strategy, &clean).status().unwrap().success());
 
     let out = dir.join("killed");
     let mut killed_midway = false;
     for _attempt in 0..5 {
         let _ = std::fs::remove_dir_all(&out);
-        let mut child = transform(&src, &strategy, &out)
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut child = transform(&src, &strategy, &out).stderr(Stdio::null()).spawn().unwrap();
         // Kill as soon as the first output is under its final name.
         let start = Instant::now();
         while !outputs(&out)[0].exists() && start.elapsed() < Duration::from_secs(30) {
@@ -106,33 +94,20 @@ fn killed_run_leaves_complete_files_and_rerun_matches_clean_run() {
             break;
         }
     }
-    assert!(
-        killed_midway,
-        "the transform always finished before it could be killed"
-    );
+    assert!(killed_midway, "the transform always finished before it could be killed");
     // Every file under a final name is complete: it parses and matches the clean run.
     for (a, b) in outputs(&out).iter().zip(outputs(&clean)) {
         if a.exists() {
             CheckpointFile::open(a, ReadOptions::default())
                 .unwrap_or_else(|e| panic!("partial file {}: {e}", a.display()));
-            assert_eq!(
-                std::fs::read(a).unwrap(),
-                std::fs::read(&b).unwrap(),
-                "{}",
-                a.display()
-            );
+            assert_eq!(std::fs::read(a).unwrap(), std::fs::read(&b).unwrap(), "{}", a.display());
         }
     }
     // Rerun: keeps what verifies, redoes the rest, ends identical to the clean run.
     let o = transform(&src, &strategy, &out).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     for (a, b) in outputs(&out).iter().zip(outputs(&clean)) {
-        assert_eq!(
-            std::fs::read(a).unwrap(),
-            std::fs::read(&b).unwrap(),
-            "{}",
-            a.display()
-        );
+        assert_eq!(std::fs::read(a).unwrap(), std::fs::read(&b).unwrap(), "{}", a.display());
     }
     // No temporary files left behind.
     for r in 0..8 {
@@ -157,9 +132,6 @@ fn killed_run_leaves_complete_files_and_rerun_matches_clean_run() {
     assert!(!stderr.contains("rank_4/checkpoint_4.ckpt"), "{stderr}");
     // And a rerun repairs exactly that file.
     assert!(transform(&src, &strategy, &out).status().unwrap().success());
-    assert_eq!(
-        std::fs::read(&victim).unwrap(),
-        std::fs::read(outputs(&clean)[5].clone()).unwrap()
-    );
+    assert_eq!(std::fs::read(&victim).unwrap(), std::fs::read(outputs(&clean)[5].clone()).unwrap());
     std::fs::remove_dir_all(&dir).ok();
 }

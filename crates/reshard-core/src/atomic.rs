@@ -11,10 +11,7 @@ static COUNTER: AtomicU64 = AtomicU64::new(0);
 /// A temporary path next to `final_path`, unique within this process.
 pub fn temp_path(final_path: &Path) -> PathBuf {
     let dir = final_path.parent().unwrap_or(Path::new("."));
-    let name = final_path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or("out");
+    let name = final_path.file_name().and_then(|n| n.to_str()).unwrap_or("out");
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     dir.join(format!(".{name}.reshard-{}-{n}.tmp", std::process::id()))
 }
@@ -49,8 +46,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8], sync: bool) -> Result<()> {
     let tmp = temp_path(path);
     let result = (|| {
         let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, "create", e))?;
-        f.write_all(bytes)
-            .map_err(|e| Error::io(&tmp, "write", e))?;
+        f.write_all(bytes).map_err(|e| Error::io(&tmp, "write", e))?;
         if sync {
             f.sync_all().map_err(|e| Error::io(&tmp, "sync", e))?;
         }

@@ -105,20 +105,14 @@ pub fn auto(o: &AutoOptions) -> Result<AutoResult> {
         }
     };
     if world == 0 || rank >= world {
-        return Err(Error::Invalid(format!(
-            "rank {rank} is not below world size {world}"
-        )));
+        return Err(Error::Invalid(format!("rank {rank} is not below world size {world}")));
     }
     let format = Format::parse(&o.output_format)?;
     let (set, distributed) = find_source(&o.load_checkpoint)?;
     log.push(format!(
         "source {}: {} ({} rank folder(s), {})",
         o.load_checkpoint.display(),
-        if distributed {
-            "distributed checkpoint"
-        } else {
-            "complete checkpoint"
-        },
+        if distributed { "distributed checkpoint" } else { "complete checkpoint" },
         set.files.len(),
         set.format.extension()
     ));
@@ -142,17 +136,8 @@ pub fn auto(o: &AutoOptions) -> Result<AutoResult> {
     } else {
         None
     };
-    let strategy_dir = o
-        .dst_strategy_dir
-        .clone()
-        .unwrap_or_else(|| o.output_dir.join("strategy"));
-    let dst_strategy = wait_for_strategies(
-        &strategy_dir,
-        rank,
-        world,
-        Duration::from_secs(o.timeout),
-        &mut log,
-    )?;
+    let strategy_dir = o.dst_strategy_dir.clone().unwrap_or_else(|| o.output_dir.join("strategy"));
+    let dst_strategy = wait_for_strategies(&strategy_dir, rank, world, Duration::from_secs(o.timeout), &mut log)?;
     if let Some(d) = &dst_strategy {
         let n = d.rank_num()?;
         if n != u64::from(world) {
@@ -189,22 +174,13 @@ pub fn auto(o: &AutoOptions) -> Result<AutoResult> {
     for w in &plan.warnings {
         log.push(format!("warning: {w}"));
     }
-    let opts = ExecuteOptions {
-        prefix: o.prefix.clone(),
-        format,
-        threads: o.threads,
-        ..ExecuteOptions::default()
-    };
+    let opts = ExecuteOptions { prefix: o.prefix.clone(), format, threads: o.threads, ..ExecuteOptions::default() };
     let written = execute(&plan, &out_root, &[my_rank], &opts)?;
     let load_path = written.first().map(|w| w.path.clone()).unwrap_or_default();
     remove_other_checkpoints(&load_path, &mut log);
     log.push(format!(
         "{} {}; load it (or the folder {})",
-        if written.first().is_some_and(|w| w.reused) {
-            "kept the finished"
-        } else {
-            "wrote"
-        },
+        if written.first().is_some_and(|w| w.reused) { "kept the finished" } else { "wrote" },
         load_path.display(),
         out_root.display()
     ));
@@ -219,20 +195,10 @@ fn find_source(path: &Path) -> Result<(SourceSet, bool)> {
             detail: "not a .ckpt or .safetensors file".into(),
         })?;
         let files = BTreeMap::from([(0, path.to_path_buf())]);
-        return Ok((
-            SourceSet {
-                dir: path.parent().unwrap_or(Path::new(".")).to_path_buf(),
-                files,
-                format,
-            },
-            false,
-        ));
+        return Ok((SourceSet { dir: path.parent().unwrap_or(Path::new(".")).to_path_buf(), files, format }, false));
     }
     if !path.is_dir() {
-        return Err(Error::Source {
-            path: path.to_path_buf(),
-            detail: "load_checkpoint does not exist".into(),
-        });
+        return Err(Error::Source { path: path.to_path_buf(), detail: "load_checkpoint does not exist".into() });
     }
     let has_rank_dirs = std::fs::read_dir(path)
         .map_err(|e| Error::io(path, "read folder", e))?
@@ -260,10 +226,8 @@ fn find_source(path: &Path) -> Result<(SourceSet, bool)> {
         }
         [one] => one.clone(),
         many => {
-            let mut steps: Vec<(u64, u64, &PathBuf)> = many
-                .iter()
-                .filter_map(|f| epoch_step(f).map(|(e, s)| (e, s, f)))
-                .collect();
+            let mut steps: Vec<(u64, u64, &PathBuf)> =
+                many.iter().filter_map(|f| epoch_step(f).map(|(e, s)| (e, s, f))).collect();
             steps.sort();
             match steps.last() {
                 Some((e, s, f)) if steps.len() == many.len() && steps.iter().filter(|x| (x.0, x.1) == (*e, *s)).count() == 1 => {
@@ -294,16 +258,9 @@ fn wait_for_strategies(
     log: &mut Vec<String>,
 ) -> Result<Option<Strategy>> {
     let name = |r: u32, ext: &str| dir.join(format!("ckpt_strategy_rank_{r}.{ext}"));
-    let find = |r: u32| {
-        [name(r, "ckpt"), name(r, "json")]
-            .into_iter()
-            .find(|p| p.is_file())
-    };
+    let find = |r: u32| [name(r, "ckpt"), name(r, "json")].into_iter().find(|p| p.is_file());
     if world == 1 && find(0).is_none() {
-        log.push(format!(
-            "no strategy file in {} and world size 1: writing one complete checkpoint",
-            dir.display()
-        ));
+        log.push(format!("no strategy file in {} and world size 1: writing one complete checkpoint", dir.display()));
         return Ok(None);
     }
     // Files older than our own rank's by more than the timeout are from an earlier launch.
@@ -317,9 +274,7 @@ fn wait_for_strategies(
         let mut files = Vec::new();
         for r in 0..world {
             match find(r) {
-                Some(p)
-                    if after.is_none_or(|a| mtime(&p).is_some_and(|m| m >= a)) && own.is_some() =>
-                {
+                Some(p) if after.is_none_or(|a| mtime(&p).is_some_and(|m| m >= a)) && own.is_some() => {
                     // A file still being written may not parse yet: wait for it like a missing one.
                     match Strategy::load(&p) {
                         Ok(_) => files.push(p),
@@ -330,9 +285,7 @@ fn wait_for_strategies(
             }
         }
         if missing.is_empty() {
-            let json = files
-                .iter()
-                .all(|p| p.extension().is_some_and(|e| e == "json"));
+            let json = files.iter().all(|p| p.extension().is_some_and(|e| e == "json"));
             let merged = strategy::merge_files(&files, json)?;
             let out = dir.join(format!("merged_ckpt_strategy.{}", merged.extension()));
             write_atomic(&out, &merged.to_bytes(), true)?;
@@ -348,11 +301,7 @@ fn wait_for_strategies(
             return Ok(Some(s));
         }
         if start.elapsed() >= timeout {
-            let shown: Vec<String> = missing
-                .iter()
-                .take(16)
-                .map(|r| format!("ckpt_strategy_rank_{r}.ckpt"))
-                .collect();
+            let shown: Vec<String> = missing.iter().take(16).map(|r| format!("ckpt_strategy_rank_{r}.ckpt")).collect();
             return Err(Error::Source {
                 path: dir.to_path_buf(),
                 detail: format!(
@@ -377,10 +326,7 @@ fn remove_ranks_beyond(root: &Path, world: u32, log: &mut Vec<String>) {
         let n = e.file_name().to_string_lossy().into_owned();
         if let Some(r) = n.strip_prefix("rank_").and_then(|x| x.parse::<u32>().ok()) {
             if r >= world && std::fs::remove_dir_all(e.path()).is_ok() {
-                log.push(format!(
-                    "removed {} left by an earlier launch with more ranks",
-                    e.path().display()
-                ));
+                log.push(format!("removed {} left by an earlier launch with more ranks", e.path().display()));
             }
         }
     }

@@ -9,9 +9,7 @@ use crate::sys::MappedFile;
 use crate::{ckpt, safetensors};
 
 /// Checkpoint file formats.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Format {
     /// MindSpore protobuf `.ckpt`.
@@ -34,9 +32,7 @@ impl Format {
         match s {
             "ckpt" => Ok(Format::Ckpt),
             "safetensors" => Ok(Format::Safetensors),
-            other => Err(Error::Invalid(format!(
-                "unknown output format '{other}': expected 'ckpt' or 'safetensors'"
-            ))),
+            other => Err(Error::Invalid(format!("unknown output format '{other}': expected 'ckpt' or 'safetensors'"))),
         }
     }
 
@@ -108,19 +104,8 @@ impl CheckpointIndex {
         crc: Option<u32>,
         metadata: BTreeMap<String, String>,
     ) -> Self {
-        let by_name = tensors
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.name.clone(), i))
-            .collect();
-        CheckpointIndex {
-            format,
-            tensors,
-            file_len,
-            crc,
-            metadata,
-            by_name,
-        }
+        let by_name = tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
+        CheckpointIndex { format, tensors, file_len, crc, metadata, by_name }
     }
 
     /// Finds a tensor by name.
@@ -163,11 +148,7 @@ impl CheckpointFile {
             Some(Format::Safetensors) => safetensors::parse(path, &map, opts)?,
             _ => ckpt::parse(path, &map, opts)?,
         };
-        Ok(CheckpointFile {
-            path: path.to_path_buf(),
-            map,
-            index,
-        })
+        Ok(CheckpointFile { path: path.to_path_buf(), map, index })
     }
 
     /// The path it was opened from.
@@ -202,12 +183,7 @@ pub fn content_of<'a>(bytes: &'a [u8], t: &TensorInfo) -> std::borrow::Cow<'a, [
     if t.segments.len() == 1 {
         std::borrow::Cow::Borrowed(seg(&t.segments[0]))
     } else {
-        std::borrow::Cow::Owned(
-            t.segments
-                .iter()
-                .flat_map(|s| seg(s).iter().copied())
-                .collect(),
-        )
+        std::borrow::Cow::Owned(t.segments.iter().flat_map(|s| seg(s).iter().copied()).collect())
     }
 }
 

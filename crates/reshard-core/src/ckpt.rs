@@ -29,27 +29,15 @@ pub fn crc_trailer(crc: u32) -> [u8; CRC_TRAILER_LEN] {
 }
 
 fn malformed(path: &Path, detail: String) -> Error {
-    Error::Malformed {
-        path: path.to_path_buf(),
-        kind: "checkpoint",
-        detail,
-    }
+    Error::Malformed { path: path.to_path_buf(), kind: "checkpoint", detail }
 }
 
 fn bad_tensor(path: &Path, tensor: &str, detail: String) -> Error {
-    Error::BadTensor {
-        path: path.to_path_buf(),
-        tensor: tensor.to_string(),
-        detail,
-    }
+    Error::BadTensor { path: path.to_path_buf(), tensor: tensor.to_string(), detail }
 }
 
 /// Splits off and checks a crc trailer. Returns the protobuf body and the crc if there was one.
-fn split_crc<'a>(
-    path: &Path,
-    bytes: &'a [u8],
-    opts: ReadOptions,
-) -> Result<(&'a [u8], Option<u32>)> {
+fn split_crc<'a>(path: &Path, bytes: &'a [u8], opts: ReadOptions) -> Result<(&'a [u8], Option<u32>)> {
     let n = bytes.len();
     if n < CRC_TRAILER_LEN || &bytes[n - CRC_TRAILER_LEN..n - 10] != CRC_MAGIC {
         return Ok((bytes, None));
@@ -57,20 +45,13 @@ fn split_crc<'a>(
     let body = &bytes[..n - CRC_TRAILER_LEN];
     let stored = &bytes[n - 10..];
     if stored[..6].iter().any(|&b| b != 0) {
-        return Err(malformed(
-            path,
-            "crc_num trailer holds a value wider than 32 bits".into(),
-        ));
+        return Err(malformed(path, "crc_num trailer holds a value wider than 32 bits".into()));
     }
     let expected = u32::from_be_bytes([stored[6], stored[7], stored[8], stored[9]]);
     if opts.verify_crc {
         let actual = crc32fast::hash(body);
         if actual != expected {
-            return Err(Error::CrcMismatch {
-                path: path.to_path_buf(),
-                expected,
-                actual,
-            });
+            return Err(Error::CrcMismatch { path: path.to_path_buf(), expected, actual });
         }
     }
     Ok((body, Some(expected)))
@@ -80,9 +61,7 @@ fn split_crc<'a>(
 pub fn parse(path: &Path, bytes: &[u8], opts: ReadOptions) -> Result<CheckpointIndex> {
     if bytes.len() >= 4 {
         let head = [bytes[0], bytes[1], bytes[2], bytes[3]];
-        if CIPHER_MAGICS.contains(&u32::from_be_bytes(head))
-            || CIPHER_MAGICS.contains(&u32::from_le_bytes(head))
-        {
+        if CIPHER_MAGICS.contains(&u32::from_be_bytes(head)) || CIPHER_MAGICS.contains(&u32::from_le_bytes(head)) {
             return Err(Error::Unsupported {
                 path: path.to_path_buf(),
                 detail: "the checkpoint is encrypted (MindSpore enc_key/enc_mode); decrypt it with MindSpore first, \
@@ -99,9 +78,7 @@ pub fn parse(path: &Path, bytes: &[u8], opts: ReadOptions) -> Result<CheckpointI
         let at = cur.offset();
         let (field, wt) = cur.key().map_err(|e| malformed(path, e))?;
         if field != 1 || wt != WT_LEN {
-            cur.skip(wt).map_err(|e| {
-                malformed(path, format!("{e} (unknown field {field} at byte {at})"))
-            })?;
+            cur.skip(wt).map_err(|e| malformed(path, format!("{e} (unknown field {field} at byte {at})")))?;
             continue;
         }
         let (value, base) = cur.len_delimited().map_err(|e| malformed(path, e))?;
@@ -143,13 +120,7 @@ pub fn parse(path: &Path, bytes: &[u8], opts: ReadOptions) -> Result<CheckpointI
     for t in &mut tensors {
         t.shape = checked_shape(path, t)?;
     }
-    Ok(CheckpointIndex::new(
-        Format::Ckpt,
-        tensors,
-        bytes.len() as u64,
-        crc,
-        Default::default(),
-    ))
+    Ok(CheckpointIndex::new(Format::Ckpt, tensors, bytes.len() as u64, crc, Default::default()))
 }
 
 /// Checks content size against dims x dtype size and returns the logical shape.
@@ -157,11 +128,7 @@ fn checked_shape(path: &Path, t: &TensorInfo) -> Result<Vec<u64>> {
     let size = t.dtype.size();
     if t.dtype == DType::Str {
         if t.nbytes % 4 != 0 {
-            return Err(bad_tensor(
-                path,
-                &t.name,
-                format!("string content of {} bytes is not UTF-32", t.nbytes),
-            ));
+            return Err(bad_tensor(path, &t.name, format!("string content of {} bytes is not UTF-32", t.nbytes)));
         }
         return Ok(Vec::new());
     }
@@ -169,10 +136,7 @@ fn checked_shape(path: &Path, t: &TensorInfo) -> Result<Vec<u64>> {
     if t.raw_dims == [0] && t.nbytes == size {
         return Ok(Vec::new());
     }
-    let numel = t
-        .raw_dims
-        .iter()
-        .try_fold(1u64, |acc, &d| acc.checked_mul(d));
+    let numel = t.raw_dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d));
     let expected = numel.and_then(|n| n.checked_mul(size));
     match expected {
         Some(e) if e == t.nbytes => Ok(t.raw_dims.clone()),
@@ -184,11 +148,7 @@ fn checked_shape(path: &Path, t: &TensorInfo) -> Result<Vec<u64>> {
                 t.nbytes, t.raw_dims, t.dtype, size, e
             ),
         )),
-        None => Err(bad_tensor(
-            path,
-            &t.name,
-            format!("dims {:?} overflow 64 bits", t.raw_dims),
-        )),
+        None => Err(bad_tensor(path, &t.name, format!("dims {:?} overflow 64 bits", t.raw_dims))),
     }
 }
 
@@ -201,8 +161,8 @@ fn parse_value(path: &Path, value: &[u8], base: u64) -> Result<(String, DType, V
         match (field, wt) {
             (1, WT_LEN) => {
                 let (b, at) = cur.len_delimited().map_err(|e| malformed(path, e))?;
-                let s = std::str::from_utf8(b)
-                    .map_err(|_| malformed(path, format!("tag at byte {at} is not UTF-8")))?;
+                let s =
+                    std::str::from_utf8(b).map_err(|_| malformed(path, format!("tag at byte {at} is not UTF-8")))?;
                 tag = Some(s.to_string());
             }
             (2, WT_LEN) => tensor = Some(cur.len_delimited().map_err(|e| malformed(path, e))?),
@@ -210,17 +170,16 @@ fn parse_value(path: &Path, value: &[u8], base: u64) -> Result<(String, DType, V
                 return Err(Error::Unsupported {
                     path: path.to_path_buf(),
                     detail: format!(
-                    "value '{}' is a MapTensor (MapParameter); reshard only handles dense tensors",
-                    tag.unwrap_or_default()
-                ),
+                        "value '{}' is a MapTensor (MapParameter); reshard only handles dense tensors",
+                        tag.unwrap_or_default()
+                    ),
                 })
             }
             _ => cur.skip(wt).map_err(|e| malformed(path, e))?,
         }
     }
     let tag = tag.ok_or_else(|| malformed(path, format!("value at byte {base} has no tag")))?;
-    let (tp, tp_base) = tensor
-        .ok_or_else(|| malformed(path, format!("value '{tag}' at byte {base} has no tensor")))?;
+    let (tp, tp_base) = tensor.ok_or_else(|| malformed(path, format!("value '{tag}' at byte {base} has no tensor")))?;
     let mut cur = Cursor::new(tp, tp_base);
     let mut dims = Vec::new();
     let mut dtype: Option<String> = None;
@@ -249,10 +208,7 @@ fn parse_value(path: &Path, value: &[u8], base: u64) -> Result<(String, DType, V
             }
             (3, WT_LEN) => {
                 let (b, at) = cur.len_delimited().map_err(|e| malformed(path, e))?;
-                content = Some(Segment {
-                    offset: at,
-                    len: b.len() as u64,
-                });
+                content = Some(Segment { offset: at, len: b.len() as u64 });
             }
             _ => cur.skip(wt).map_err(|e| malformed(path, e))?,
         }
@@ -277,8 +233,7 @@ fn value_prefix(h: &TensorHeader, content_len: u64) -> Vec<u8> {
         + varint_len(content_len)
         + content_len;
     let name = h.name.as_bytes();
-    let value_len =
-        1 + varint_len(name.len() as u64) + name.len() as u64 + 1 + varint_len(tp_len) + tp_len;
+    let value_len = 1 + varint_len(name.len() as u64) + name.len() as u64 + 1 + varint_len(tp_len) + tp_len;
     let mut out = Vec::with_capacity(32 + name.len() + h.dims.len() * 4);
     put_key(&mut out, 1, WT_LEN);
     put_varint(&mut out, value_len);
@@ -315,11 +270,7 @@ pub fn layout(tensors: &[TensorHeader], chunk: u64) -> FileLayout {
             let plen = prefix.len() as u64;
             fixed.push((pos, prefix));
             pos += plen;
-            runs.push(ContentRun {
-                start,
-                file_offset: pos,
-                len,
-            });
+            runs.push(ContentRun { start, file_offset: pos, len });
             pos += len;
             start += len;
             if start >= h.nbytes {
@@ -328,11 +279,7 @@ pub fn layout(tensors: &[TensorHeader], chunk: u64) -> FileLayout {
         }
         content.push(runs);
     }
-    FileLayout {
-        fixed,
-        content,
-        len: pos,
-    }
+    FileLayout { fixed, content, len: pos }
 }
 
 #[cfg(test)]
@@ -341,12 +288,7 @@ mod tests {
 
     fn header(name: &str, dtype: DType, dims: &[u64]) -> TensorHeader {
         let n: u64 = dims.iter().product::<u64>() * dtype.size();
-        TensorHeader {
-            name: name.into(),
-            dtype,
-            dims: dims.to_vec(),
-            nbytes: n,
-        }
+        TensorHeader { name: name.into(), dtype, dims: dims.to_vec(), nbytes: n }
     }
 
     fn render(l: &FileLayout, contents: &[Vec<u8>]) -> Vec<u8> {
@@ -355,14 +297,8 @@ mod tests {
 
     #[test]
     fn write_then_read_with_chunks() {
-        let hs = vec![
-            header("a", DType::Float32, &[3, 5]),
-            header("s", DType::Int32, &[]),
-        ];
-        let contents: Vec<Vec<u8>> = hs
-            .iter()
-            .map(|h| (0..h.nbytes).map(|i| i as u8).collect())
-            .collect();
+        let hs = vec![header("a", DType::Float32, &[3, 5]), header("s", DType::Int32, &[])];
+        let contents: Vec<Vec<u8>> = hs.iter().map(|h| (0..h.nbytes).map(|i| i as u8).collect()).collect();
         let l = layout(&hs, 16);
         let bytes = render(&l, &contents);
         let idx = parse(Path::new("t.ckpt"), &bytes, ReadOptions::default()).unwrap();
@@ -399,11 +335,8 @@ mod tests {
         let err = parse(Path::new("x.ckpt"), &bytes, ReadOptions::default()).unwrap_err();
         assert!(err.to_string().contains("need 8"), "{err}");
 
-        let hs = vec![
-            header("a", DType::UInt8, &[1]),
-            header("b", DType::UInt8, &[1]),
-            header("a", DType::UInt8, &[1]),
-        ];
+        let hs =
+            vec![header("a", DType::UInt8, &[1]), header("b", DType::UInt8, &[1]), header("a", DType::UInt8, &[1])];
         let l = layout(&hs, CHUNK_BYTES);
         let bytes = render(&l, &[vec![0], vec![0], vec![0]]);
         let err = parse(Path::new("x.ckpt"), &bytes, ReadOptions::default()).unwrap_err();
@@ -416,10 +349,7 @@ mod tests {
         let l = layout(&hs, CHUNK_BYTES);
         let bytes = render(&l, &[vec![7; 256]]);
         for cut in [1, 5, bytes.len() / 2, bytes.len() - 1] {
-            assert!(
-                parse(Path::new("t.ckpt"), &bytes[..cut], ReadOptions::default()).is_err(),
-                "cut {cut}"
-            );
+            assert!(parse(Path::new("t.ckpt"), &bytes[..cut], ReadOptions::default()).is_err(), "cut {cut}");
         }
     }
 

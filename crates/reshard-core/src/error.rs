@@ -104,11 +104,7 @@ pub enum Error {
 impl Error {
     /// Wraps an io error with the path and the operation.
     pub fn io(path: impl Into<PathBuf>, op: &'static str, source: std::io::Error) -> Self {
-        Error::Io {
-            path: path.into(),
-            op,
-            source,
-        }
+        Error::Io { path: path.into(), op, source }
     }
 
     /// A stable numeric code for each kind of error (used by the C ABI and exit codes).

@@ -111,10 +111,7 @@ struct SourceMaps<'p> {
 
 impl<'p> SourceMaps<'p> {
     fn new(plan: &'p Plan) -> Self {
-        SourceMaps {
-            plan,
-            maps: plan.sources.keys().map(|&r| (r, OnceLock::new())).collect(),
-        }
+        SourceMaps { plan, maps: plan.sources.keys().map(|&r| (r, OnceLock::new())).collect() }
     }
 
     fn get(&self, rank: u32) -> Result<Arc<MappedFile>> {
@@ -129,8 +126,7 @@ impl<'p> SourceMaps<'p> {
         let src = &self.plan.sources[&rank];
         let cell = &self.maps[&rank];
         let r = cell.get_or_init(|| {
-            let meta = std::fs::metadata(&src.path)
-                .map_err(|e| Error::io(&src.path, "stat", e).to_string())?;
+            let meta = std::fs::metadata(&src.path).map_err(|e| Error::io(&src.path, "stat", e).to_string())?;
             if meta.len() != src.len || meta.modified().ok() != src.mtime {
                 return Err(Error::Source {
                     path: src.path.clone(),
@@ -138,17 +134,11 @@ impl<'p> SourceMaps<'p> {
                 }
                 .to_string());
             }
-            let map = MappedFile::open(&src.path)
-                .map(Arc::new)
-                .map_err(|e| e.to_string())?;
-            let file =
-                File::open(&src.path).map_err(|e| Error::io(&src.path, "open", e).to_string())?;
+            let map = MappedFile::open(&src.path).map(Arc::new).map_err(|e| e.to_string())?;
+            let file = File::open(&src.path).map_err(|e| Error::io(&src.path, "open", e).to_string())?;
             Ok((map, Arc::new(file)))
         });
-        r.clone().map_err(|m| Error::Source {
-            path: src.path.clone(),
-            detail: m,
-        })
+        r.clone().map_err(|m| Error::Source { path: src.path.clone(), detail: m })
     }
 }
 
@@ -167,11 +157,7 @@ impl<'a> SegReader<'a> {
             starts.push(acc);
             acc += s.len;
         }
-        SegReader {
-            bytes,
-            segs,
-            starts,
-        }
+        SegReader { bytes, segs, starts }
     }
 
     fn read(&self, mut off: u64, out: &mut [u8]) {
@@ -190,13 +176,55 @@ impl<'a> SegReader<'a> {
     }
 }
 
+/// The absolute path `p` names, with symlinks resolved as far as the path exists and the rest
+/// (not created yet) normalised lexically, so `src/x/../out` and `link_to_src/out` are caught.
+fn resolved(p: &Path) -> PathBuf {
+    use std::path::Component;
+    let abs = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir().map(|c| c.join(p)).unwrap_or_else(|_| p.to_path_buf())
+    };
+    let comps: Vec<Component<'_>> = abs.components().collect();
+    for split in (1..=comps.len()).rev() {
+        let head: PathBuf = comps[..split].iter().collect();
+        if let Ok(mut base) = head.canonicalize() {
+            for c in &comps[split..] {
+                match c {
+                    Component::ParentDir => {
+                        base.pop();
+                    }
+                    Component::Normal(n) => base.push(n),
+                    _ => {}
+                }
+            }
+            return base;
+        }
+    }
+    abs
+}
+
+/// Refuses an output folder inside the source folder (outputs would replace or join the
+/// sources that other ranks still read) and prefixes that would leave the rank folder.
+pub fn check_output(src_dir: &Path, dst_dir: &Path, prefix: &str) -> Result<()> {
+    if resolved(dst_dir).starts_with(resolved(src_dir)) {
+        return Err(Error::Invalid(format!(
+            "the output folder {} is inside the source folder {}; choose another output folder",
+            dst_dir.display(),
+            src_dir.display()
+        )));
+    }
+    if prefix.contains('/') || prefix.contains('\0') {
+        return Err(Error::Invalid(format!(
+            "the prefix '{prefix}' contains '/' or NUL; it must be a file name prefix"
+        )));
+    }
+    Ok(())
+}
+
 /// Runs the plan for `ranks` (all destination ranks when empty), writing into `dst_dir`.
-pub fn execute(
-    plan: &Plan,
-    dst_dir: &Path,
-    ranks: &[u32],
-    opts: &ExecuteOptions,
-) -> Result<Vec<WrittenFile>> {
+pub fn execute(plan: &Plan, dst_dir: &Path, ranks: &[u32], opts: &ExecuteOptions) -> Result<Vec<WrittenFile>> {
+    check_output(&plan.src_dir, dst_dir, &opts.prefix)?;
     let ranks: Vec<u32> = if ranks.is_empty() {
         (0..plan.dst_rank_count()).collect()
     } else {
@@ -205,17 +233,10 @@ pub fn execute(
         r.dedup();
         r
     };
-    let rank_plans: Vec<RankPlan> = ranks
-        .iter()
-        .map(|&r| plan.rank_plan(r))
-        .collect::<Result<_>>()?;
+    let rank_plans: Vec<RankPlan> = ranks.iter().map(|&r| plan.rank_plan(r)).collect::<Result<_>>()?;
     if opts.format == Format::Safetensors {
         for rp in &rank_plans {
-            if let Some(t) = rp
-                .tensors
-                .iter()
-                .find(|t| t.dtype.safetensors_name().is_none())
-            {
+            if let Some(t) = rp.tensors.iter().find(|t| t.dtype.safetensors_name().is_none()) {
                 return Err(Error::Invalid(format!(
                     "parameter '{}' is a {} and cannot be written to safetensors; use --output_format ckpt",
                     t.name, t.dtype
@@ -230,10 +251,7 @@ pub fn execute(
         .num_threads(opts.threads)
         .build()
         .map_err(|e| Error::Invalid(format!("cannot start worker threads: {e}")))?;
-    let block_bytes = opts
-        .block_bytes
-        .min(opts.memory_budget / (2 * pool.current_num_threads() as u64).max(1))
-        .max(1);
+    let block_bytes = opts.block_bytes.min(opts.memory_budget / (2 * pool.current_num_threads() as u64).max(1)).max(1);
     pool.install(|| {
         rank_plans
             .par_iter()
@@ -284,13 +302,7 @@ fn blocks_for(tensor: usize, t: &crate::plan::TensorPlan, max: u64, out: &mut Ve
         let mut start = 0;
         loop {
             let len = (t.nbytes - start).min(max.max(1));
-            out.push(Block {
-                tensor,
-                offset: vec![0; dims.len()],
-                shape: dims.to_vec(),
-                start,
-                len,
-            });
+            out.push(Block { tensor, offset: vec![0; dims.len()], shape: dims.to_vec(), start, len });
             start += len;
             if start >= t.nbytes {
                 return;
@@ -319,13 +331,7 @@ fn blocks_for(tensor: usize, t: &crate::plan::TensorPlan, max: u64, out: &mut Ve
             let mut shape = vec![1; d];
             shape.push(e - r);
             shape.extend_from_slice(&dims[d + 1..]);
-            out.push(Block {
-                tensor,
-                offset,
-                shape,
-                start: base + r * inner[d + 1],
-                len: (e - r) * inner[d + 1],
-            });
+            out.push(Block { tensor, offset, shape, start: base + r * inner[d + 1], len: (e - r) * inner[d + 1] });
             r = e;
         }
         // Next outer index (odometer over dims 0..d).
@@ -363,59 +369,30 @@ fn write_rank(
         .iter()
         .map(|t| {
             // MindSpore's safetensors transform writes 0-d tensors as shape [1].
-            let dims = if opts.format == Format::Safetensors && t.dims.is_empty() {
-                vec![1]
-            } else {
-                t.dims.clone()
-            };
-            TensorHeader {
-                name: t.name.clone(),
-                dtype: t.dtype,
-                dims,
-                nbytes: t.nbytes,
-            }
+            let dims = if opts.format == Format::Safetensors && t.dims.is_empty() { vec![1] } else { t.dims.clone() };
+            TensorHeader { name: t.name.clone(), dtype: t.dtype, dims, nbytes: t.nbytes }
         })
         .collect();
     let want_st_crc = opts.crc && opts.format == Format::Safetensors;
     let layout = match opts.format {
-        Format::Safetensors if want_st_crc => {
-            safetensors::layout(&headers, &safetensors_metadata(Some(u32::MAX)))?
-        }
+        Format::Safetensors if want_st_crc => safetensors::layout(&headers, &safetensors_metadata(Some(u32::MAX)))?,
         f => file_layout(&headers, f)?,
     };
     let final_path = output_path(plan, dst_dir, rp.rank, opts);
-    let dir = final_path
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default();
-    let name = final_path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or_default()
-        .to_string();
-    let fingerprint = plan.fingerprint(&format!(
-        "{:?} {} crc={}",
-        opts.format, opts.prefix, opts.crc
-    ));
+    let dir = final_path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let name = final_path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+    let fingerprint = plan.fingerprint(&format!("{:?} {} crc={}", opts.format, opts.prefix, opts.crc));
     if opts.resume {
-        if let Some(e) = Manifest::read(&dir).and_then(|m| {
-            m.files
-                .into_iter()
-                .find(|e| e.name == name && e.plan_fingerprint == fingerprint)
-        }) {
+        if let Some(e) = Manifest::read(&dir)
+            .and_then(|m| m.files.into_iter().find(|e| e.name == name && e.plan_fingerprint == fingerprint))
+        {
             if entry_matches(&dir, &e) {
                 let n = rp.bytes_written();
                 let done = written.fetch_add(n, Ordering::Relaxed) + n;
                 if let Some(p) = &opts.progress {
                     p(done, total);
                 }
-                return Ok(WrittenFile {
-                    rank: rp.rank,
-                    path: final_path,
-                    len: e.size,
-                    crc32: e.crc32,
-                    reused: true,
-                });
+                return Ok(WrittenFile { rank: rp.rank, path: final_path, len: e.size, crc32: e.crc32, reused: true });
             }
         }
     }
@@ -431,12 +408,10 @@ fn write_rank(
             .truncate(true)
             .open(&tmp_path)
             .map_err(|e| Error::io(&tmp_path, "create", e))?;
-        file.set_len(layout.len)
-            .map_err(|e| Error::io(&tmp_path, "resize", e))?;
+        file.set_len(layout.len).map_err(|e| Error::io(&tmp_path, "resize", e))?;
         let mut crcs: Vec<(u64, crc32fast::Hasher)> = Vec::new();
         for (off, bytes) in &layout.fixed {
-            file.write_all_at(bytes, *off)
-                .map_err(|e| Error::io(&tmp_path, "write", e))?;
+            file.write_all_at(bytes, *off).map_err(|e| Error::io(&tmp_path, "write", e))?;
             let mut h = crc32fast::Hasher::new();
             h.update(bytes);
             crcs.push((*off, h));
@@ -467,14 +442,11 @@ fn write_rank(
             let real = safetensors::layout(&headers, &safetensors_metadata(Some(st_crc)))?;
             // Same header length as laid out (the first 8 bytes say it): pad the JSON with spaces.
             let old = &layout.fixed[0].1;
-            let text = std::str::from_utf8(&real.fixed[0].1[8..])
-                .unwrap_or_default()
-                .trim_end();
+            let text = std::str::from_utf8(&real.fixed[0].1[8..]).unwrap_or_default().trim_end();
             let mut head = old[..8].to_vec();
             head.extend_from_slice(text.as_bytes());
             head.resize(old.len(), b' ');
-            file.write_all_at(&head, 0)
-                .map_err(|e| Error::io(&tmp_path, "write", e))?;
+            file.write_all_at(&head, 0).map_err(|e| Error::io(&tmp_path, "write", e))?;
             let mut h = crc32fast::Hasher::new();
             h.update(&head);
             crcs[0] = (0, h);
@@ -487,39 +459,25 @@ fn write_rank(
         let mut crc = whole.finalize();
         if opts.crc && opts.format == Format::Ckpt {
             let trailer = ckpt::crc_trailer(crc);
-            file.write_all_at(&trailer, layout.len)
-                .map_err(|e| Error::io(&tmp_path, "write", e))?;
+            file.write_all_at(&trailer, layout.len).map_err(|e| Error::io(&tmp_path, "write", e))?;
             let mut h = crc32fast::Hasher::new_with_initial(crc);
             h.update(&trailer);
             crc = h.finalize();
             len += trailer.len() as u64;
         }
         if opts.sync {
-            file.sync_all()
-                .map_err(|e| Error::io(&tmp_path, "sync", e))?;
+            file.sync_all().map_err(|e| Error::io(&tmp_path, "sync", e))?;
         }
         drop(file);
-        std::fs::rename(&tmp_path, &final_path)
-            .map_err(|e| Error::io(&final_path, "rename into place", e))?;
+        std::fs::rename(&tmp_path, &final_path).map_err(|e| Error::io(&final_path, "rename into place", e))?;
         if opts.sync {
             if let Ok(d) = File::open(&dir) {
                 let _ = d.sync_all();
             }
         }
-        let entry = ManifestEntry {
-            name: name.clone(),
-            size: len,
-            crc32: crc,
-            plan_fingerprint: fingerprint.clone(),
-        };
+        let entry = ManifestEntry { name: name.clone(), size: len, crc32: crc, plan_fingerprint: fingerprint.clone() };
         Manifest::record(&dir, entry, opts.sync)?;
-        Ok(WrittenFile {
-            rank: rp.rank,
-            path: final_path.clone(),
-            len,
-            crc32: crc,
-            reused: false,
-        })
+        Ok(WrittenFile { rank: rp.rank, path: final_path.clone(), len, crc32: crc, reused: false })
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp_path);
@@ -550,14 +508,11 @@ fn write_block(
         for (foff, roff, n) in layout.place(ti, at, data.len() as u64) {
             let part = &data[roff as usize..(roff + n) as usize];
             let copied = match from {
-                Some((src, off)) => {
-                    crate::sys::copy_file_range(src, off + roff, file, foff, n).ok() == Some(n)
-                }
+                Some((src, off)) => crate::sys::copy_file_range(src, off + roff, file, foff, n).ok() == Some(n),
                 None => false,
             };
             if !copied {
-                file.write_all_at(part, foff)
-                    .map_err(|e| Error::io(out_path, "write", e))?;
+                file.write_all_at(part, foff).map_err(|e| Error::io(out_path, "write", e))?;
             }
             let mut h = crc32fast::Hasher::new();
             h.update(part);
@@ -578,11 +533,7 @@ fn write_block(
                 if a < e {
                     let from = (s.offset + (a - seg_start)) as usize;
                     let src = maps.file(*src_rank)?;
-                    write(
-                        &map[from..from + (e - a) as usize],
-                        a,
-                        Some((&src, from as u64)),
-                    )?;
+                    write(&map[from..from + (e - a) as usize], a, Some((&src, from as u64)))?;
                     pos = e;
                 }
                 seg_start += s.len;
@@ -619,11 +570,7 @@ fn write_block(
             if !direct.is_empty() {
                 for (rank, from, dof, n) in direct {
                     let (map, src) = maps.get_both(rank)?;
-                    write(
-                        &map[from as usize..(from + n) as usize],
-                        start + dof,
-                        Some((&src, from)),
-                    )?;
+                    write(&map[from as usize..(from + n) as usize], start + dof, Some((&src, from)))?;
                 }
                 return Ok((len, crcs));
             }
@@ -635,12 +582,8 @@ fn write_block(
                 let info = plan.tensor_info(p.src_rank, &t.name)?;
                 let map = maps.get(p.src_rank)?;
                 let reader = SegReader::new(&map, &info.segments);
-                let src_origin: Vec<u64> = (0..nd)
-                    .map(|d| region.offset[d] - p.src_box.offset[d])
-                    .collect();
-                let dst_origin: Vec<u64> = (0..nd)
-                    .map(|d| region.offset[d] - block.offset[d])
-                    .collect();
+                let src_origin: Vec<u64> = (0..nd).map(|d| region.offset[d] - p.src_box.offset[d]).collect();
+                let dst_origin: Vec<u64> = (0..nd).map(|d| region.offset[d] - block.offset[d]).collect();
                 let mut read = |off: u64, out: &mut [u8]| reader.read(off, out);
                 copy_box(
                     &mut read,
@@ -661,19 +604,13 @@ fn write_block(
 
 /// MindSpore's safetensors crc (see [`safetensors`]): crc32 chained over each name, then its
 /// data, names sorted; computed from the crcs of the runs written.
-fn safetensors_crc(
-    headers: &[TensorHeader],
-    layout: &FileLayout,
-    runs: &[(u64, crc32fast::Hasher)],
-) -> u32 {
+fn safetensors_crc(headers: &[TensorHeader], layout: &FileLayout, runs: &[(u64, crc32fast::Hasher)]) -> u32 {
     let mut order: Vec<usize> = (0..headers.len()).collect();
     order.sort_by(|&a, &b| headers[a].name.cmp(&headers[b].name));
     let mut h = crc32fast::Hasher::new();
     for i in order {
         h.update(headers[i].name.as_bytes());
-        let (start, len) = layout.content[i]
-            .first()
-            .map_or((0, 0), |r| (r.file_offset, r.len));
+        let (start, len) = layout.content[i].first().map_or((0, 0), |r| (r.file_offset, r.len));
         // Runs are sorted by offset; those inside this tensor's data are its content.
         let from = runs.partition_point(|(o, _)| *o < start);
         for (o, rh) in &runs[from..] {
@@ -688,11 +625,7 @@ fn safetensors_crc(
 
 /// Byte offset of `region` inside a C-order array holding `outer`, if the region is one
 /// contiguous run there.
-fn contiguous_offset(
-    outer: &crate::region::Region,
-    region: &crate::region::Region,
-    elem: u64,
-) -> Option<u64> {
+fn contiguous_offset(outer: &crate::region::Region, region: &crate::region::Region, elem: u64) -> Option<u64> {
     let nd = outer.shape.len();
     // After the first dim with extent > 1, every dim must be whole.
     let first = (0..nd).find(|&d| region.shape[d] > 1).unwrap_or(nd);
@@ -710,6 +643,24 @@ fn contiguous_offset(
 mod tests {
     use super::*;
     use crate::plan::TensorPlan;
+
+    #[test]
+    fn output_inside_source_is_caught_through_dotdot_and_symlinks() {
+        let tmp = std::env::temp_dir().join(format!("reshard-inside-{}", std::process::id()));
+        let src = tmp.join("src");
+        std::fs::create_dir_all(src.join("rank_0")).unwrap();
+        std::os::unix::fs::symlink(&src, tmp.join("link")).unwrap();
+        for dst in
+            [src.join("out"), src.join("new/../out"), tmp.join("other/../src/out"), tmp.join("link/out"), src.clone()]
+        {
+            assert!(check_output(&src, &dst, "c_").is_err(), "{}", dst.display());
+        }
+        for dst in [tmp.join("out"), tmp.join("src/../out"), tmp.join("srcx")] {
+            assert!(check_output(&src, &dst, "c_").is_ok(), "{}", dst.display());
+        }
+        assert!(check_output(&src, &tmp.join("out"), "../c_").is_err());
+        std::fs::remove_dir_all(&tmp).unwrap();
+    }
     use crate::region::Region;
     use crate::DType;
 
@@ -720,10 +671,7 @@ mod tests {
             dtype: DType::Float32,
             dims: shape.to_vec(),
             nbytes: n * 4,
-            source: TensorSource::Pieces {
-                dst_box: Region::full(shape),
-                pieces: vec![],
-            },
+            source: TensorSource::Pieces { dst_box: Region::full(shape), pieces: vec![] },
         }
     }
 
@@ -736,11 +684,7 @@ mod tests {
         for b in &blocks {
             assert_eq!(b.start, at, "{shape:?} {max}");
             assert_eq!(b.len, b.shape.iter().product::<u64>() * 4);
-            assert!(
-                b.len <= max.max(4),
-                "{shape:?}: block of {} over {max}",
-                b.len
-            );
+            assert!(b.len <= max.max(4), "{shape:?}: block of {} over {max}", b.len);
             at += b.len;
         }
         assert_eq!(at, t.nbytes);

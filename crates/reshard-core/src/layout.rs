@@ -41,12 +41,7 @@ fn prod(v: &[u64]) -> u64 {
 pub fn tensor_strategy(dev: &[u64], map: &[Vec<i64>]) -> Vec<u64> {
     let n = dev.len() as i64;
     map.iter()
-        .map(|axes| {
-            axes.iter()
-                .filter(|&&a| a >= 0 && a < n)
-                .map(|&a| dev[(n - 1 - a) as usize])
-                .product()
-        })
+        .map(|axes| axes.iter().filter(|&&a| a >= 0 && a < n).map(|&a| dev[(n - 1 - a) as usize]).product())
         .collect()
 }
 
@@ -91,17 +86,8 @@ impl ResolvedLayout {
     }
 
     /// Resolves `l` for a tensor of shape `full`. `what` names the parameter and file for errors.
-    pub fn new(
-        l: &ParamLayout,
-        full: &[u64],
-        param: &str,
-        source: &std::path::Path,
-    ) -> Result<ResolvedLayout> {
-        let err = |detail: String| Error::BadLayout {
-            path: source.to_path_buf(),
-            param: param.to_string(),
-            detail,
-        };
+    pub fn new(l: &ParamLayout, full: &[u64], param: &str, source: &std::path::Path) -> Result<ResolvedLayout> {
+        let err = |detail: String| Error::BadLayout { path: source.to_path_buf(), param: param.to_string(), detail };
         if l.tensor_map.len() != full.len() {
             return Err(err(format!(
                 "tensor_map {:?} has {} dims but the tensor has shape {:?}",
@@ -111,10 +97,7 @@ impl ResolvedLayout {
             )));
         }
         if l.nested && l.tensor_map.iter().any(|a| a.len() > 1 && a.contains(&-1)) {
-            return Err(err(format!(
-                "nested tensor_map {:?} mixes -1 with device axes",
-                l.tensor_map
-            )));
+            return Err(err(format!("nested tensor_map {:?} mixes -1 with device axes", l.tensor_map)));
         }
         let step = l.opt_shard_step;
         let size = effective_opt_size(l);
@@ -124,11 +107,7 @@ impl ResolvedLayout {
             .iter()
             .zip(full)
             .enumerate()
-            .map(|(i, (a, &s))| PDim {
-                axes: a.clone(),
-                size: s,
-                owner: i,
-            })
+            .map(|(i, (a, &s))| PDim { axes: a.clone(), size: s, owner: i })
             .collect();
         let (dev, pdims) = if step == 0 || size == 0 || full.is_empty() {
             (dev, pdims)
@@ -150,10 +129,7 @@ impl ResolvedLayout {
                 accu *= d;
             }
             if p.size % accu != 0 {
-                return Err(err(format!(
-                    "dim of size {} cannot be split {} ways",
-                    p.size, accu
-                )));
+                return Err(err(format!("dim of size {} cannot be split {} ways", p.size, accu)));
             }
             map.push(*p.axes.last().unwrap_or(&-1));
             sizes.push(p.size / accu);
@@ -163,11 +139,7 @@ impl ResolvedLayout {
             if m < -1 || m >= n {
                 return Err(err(format!("device axis {m} outside dev_matrix {dev:?}")));
             }
-            let split = if m == -1 {
-                1
-            } else {
-                dev[(n - 1 - m) as usize]
-            };
+            let split = if m == -1 { 1 } else { dev[(n - 1 - m) as usize] };
             if sizes[j] % split != 0 {
                 return Err(err(format!(
                     "dim {} of shape {:?} cannot be split evenly {} ways (layout dev_matrix {:?}, tensor_map {:?}, \
@@ -176,13 +148,7 @@ impl ResolvedLayout {
                 )));
             }
         }
-        Ok(ResolvedLayout {
-            dev,
-            map,
-            sizes,
-            owner,
-            full: full.to_vec(),
-        })
+        Ok(ResolvedLayout { dev, map, sizes, owner, full: full.to_vec() })
     }
 
     /// Devices of the rewritten device matrix.
@@ -206,10 +172,7 @@ impl ResolvedLayout {
     }
 
     fn rank_of(&self, coords: &[u64]) -> u64 {
-        coords
-            .iter()
-            .zip(&self.dev)
-            .fold(0, |acc, (&c, &d)| acc * d + c)
+        coords.iter().zip(&self.dev).fold(0, |acc, (&c, &d)| acc * d + c)
     }
 
     /// The box of the full tensor that `rank` holds (ranks beyond the device count wrap, as
@@ -233,11 +196,7 @@ impl ResolvedLayout {
             }
             for k in (start..j).rev() {
                 let m = self.map[k];
-                let split = if m == -1 {
-                    1
-                } else {
-                    self.dev[(n - 1 - m) as usize]
-                };
+                let split = if m == -1 { 1 } else { self.dev[(n - 1 - m) as usize] };
                 let idx = if m == -1 { 0 } else { c[(n - 1 - m) as usize] };
                 let part = self.sizes[k] / split;
                 if len == block {
@@ -286,23 +245,15 @@ fn opt_shard(
     let n = dev.len() as i64;
     let map: Vec<Vec<i64>> = pdims.iter().map(|p| p.axes.clone()).collect();
     let strategy = tensor_strategy(dev, &map);
-    let sharded: Vec<usize> = map
-        .iter()
-        .flatten()
-        .filter(|&&a| a >= 0)
-        .map(|&a| (n - 1 - a) as usize)
-        .collect();
-    let repeated: Vec<usize> = (0..dev.len())
-        .filter(|i| !sharded.contains(i) && dev[*i] > 1)
-        .collect();
+    let sharded: Vec<usize> = map.iter().flatten().filter(|&&a| a >= 0).map(|&a| (n - 1 - a) as usize).collect();
+    let repeated: Vec<usize> = (0..dev.len()).filter(|i| !sharded.contains(i) && dev[*i] > 1).collect();
     if repeated.is_empty() {
-        return Err(format!("dev_matrix {dev:?} and tensor_map {map:?} leave no replicated axis for optimizer sharding"));
+        return Err(format!(
+            "dev_matrix {dev:?} and tensor_map {map:?} leave no replicated axis for optimizer sharding"
+        ));
     }
     if strategy[0] == 0 || full[0] % strategy[0] != 0 {
-        return Err(format!(
-            "dim 0 of shape {full:?} cannot be split {} ways",
-            strategy[0]
-        ));
+        return Err(format!("dim 0 of shape {full:?} cannot be split {} ways", strategy[0]));
     }
     if !nested {
         if repeated.len() == 1 && prod(&dev[repeated[0] + 1..]) as i64 != step {
@@ -334,28 +285,12 @@ fn special_branch(
     let repeat = prod(dev) / (step as u64 * size as u64).max(1);
     let mut out = Vec::with_capacity(pdims.len() + 1);
     for (i, p) in pdims.into_iter().enumerate() {
-        let axis = if strategy[i] == 1 {
-            -1
-        } else {
-            ns - 1 - i as i64
-        };
+        let axis = if strategy[i] == 1 { -1 } else { ns - 1 - i as i64 };
         if i == 0 {
-            out.push(PDim {
-                axes: vec![axis],
-                size: strategy[0],
-                owner: 0,
-            });
-            out.push(PDim {
-                axes: vec![ns],
-                size: full[0] / strategy[0],
-                owner: 0,
-            });
+            out.push(PDim { axes: vec![axis], size: strategy[0], owner: 0 });
+            out.push(PDim { axes: vec![ns], size: full[0] / strategy[0], owner: 0 });
         } else {
-            out.push(PDim {
-                axes: vec![axis],
-                size: p.size,
-                owner: p.owner,
-            });
+            out.push(PDim { axes: vec![axis], size: p.size, owner: p.owner });
         }
     }
     new_dev.insert(0, size as u64);
@@ -378,11 +313,7 @@ fn helper_branch(
     let mut new_dev = dev.to_vec();
     let mut new_dev_map: Vec<i64> = (0..nd as i64).collect();
     let mut opt_dims: Vec<usize> = Vec::new();
-    let mut remained = if size == -1 {
-        repeated.iter().map(|&i| dev[i]).product::<u64>()
-    } else {
-        size as u64
-    };
+    let mut remained = if size == -1 { repeated.iter().map(|&i| dev[i]).product::<u64>() } else { size as u64 };
     for &dim in repeated.iter().rev() {
         let mut sz = dev[dim];
         if remained / sz == 0 {
@@ -414,9 +345,7 @@ fn helper_branch(
         }
     }
     if remained != 1 {
-        return Err(format!(
-            "optimizer shard size {size} exceeds the replicated devices of dev_matrix {dev:?}"
-        ));
+        return Err(format!("optimizer shard size {size} exceeds the replicated devices of dev_matrix {dev:?}"));
     }
     if new_dev.len() != nd {
         for d in &mut opt_dims {
@@ -433,31 +362,17 @@ fn helper_branch(
     let first = full[0] / strategy[0];
     let mut accu = 1u64;
     let nn = new_dev.len() as i64;
-    let mut group = vec![PDim {
-        axes: pdims[0].axes.clone(),
-        size: strategy[0],
-        owner: 0,
-    }];
+    let mut group = vec![PDim { axes: pdims[0].axes.clone(), size: strategy[0], owner: 0 }];
     for (i, &od) in opt_dims.iter().enumerate() {
         let axis = nn - od as i64 - 1;
         if i + 1 < opt_dims.len() {
-            group.push(PDim {
-                axes: vec![axis],
-                size: new_dev[od],
-                owner: 0,
-            });
+            group.push(PDim { axes: vec![axis], size: new_dev[od], owner: 0 });
             accu *= new_dev[od];
         } else {
             if first % accu != 0 {
-                return Err(format!(
-                    "dim 0 of shape {full:?} cannot be split for optimizer sharding"
-                ));
+                return Err(format!("dim 0 of shape {full:?} cannot be split for optimizer sharding"));
             }
-            group.push(PDim {
-                axes: vec![axis],
-                size: first / accu,
-                owner: 0,
-            });
+            group.push(PDim { axes: vec![axis], size: first / accu, owner: 0 });
         }
     }
     group.extend(pdims.into_iter().skip(1));
@@ -482,10 +397,7 @@ mod tests {
 
     fn boxes(l: &ParamLayout, full: &[u64]) -> Vec<(Vec<u64>, Vec<u64>)> {
         let r = ResolvedLayout::new(l, full, "p", Path::new("s")).unwrap();
-        (0..l.device_num())
-            .map(|k| r.rank_box(k))
-            .map(|b| (b.offset, b.shape))
-            .collect()
+        (0..l.device_num()).map(|k| r.rank_box(k)).map(|b| (b.offset, b.shape)).collect()
     }
 
     #[test]
@@ -545,11 +457,7 @@ mod tests {
 
     #[test]
     fn uneven_split_is_an_error_naming_the_parameter() {
-        let err = ResolvedLayout::new(&pl(&[4], &[0], 0, 0), &[6], "model.w", Path::new("s.ckpt"))
-            .unwrap_err();
-        assert!(
-            err.to_string().contains("model.w") && err.to_string().contains("4 ways"),
-            "{err}"
-        );
+        let err = ResolvedLayout::new(&pl(&[4], &[0], 0, 0), &[6], "model.w", Path::new("s.ckpt")).unwrap_err();
+        assert!(err.to_string().contains("model.w") && err.to_string().contains("4 ways"), "{err}");
     }
 }

@@ -45,10 +45,7 @@ impl Manifest {
 
     /// Records `entry` in the manifest of `dir` (replacing an entry of the same name).
     pub fn record(dir: &Path, entry: ManifestEntry, sync: bool) -> Result<()> {
-        let mut m = Manifest::read(dir).unwrap_or(Manifest {
-            version: 1,
-            files: Vec::new(),
-        });
+        let mut m = Manifest::read(dir).unwrap_or(Manifest { version: 1, files: Vec::new() });
         m.files.retain(|e| e.name != entry.name);
         m.files.push(entry);
         m.files.sort_by(|a, b| a.name.cmp(&b.name));
@@ -96,9 +93,7 @@ pub fn file_crc(path: &Path) -> Result<(u64, u32)> {
 pub fn entry_matches(dir: &Path, entry: &ManifestEntry) -> bool {
     let p = dir.join(&entry.name);
     match std::fs::metadata(&p) {
-        Ok(m) if m.len() == entry.size => {
-            file_crc(&p).map(|(_, c)| c == entry.crc32).unwrap_or(false)
-        }
+        Ok(m) if m.len() == entry.size => file_crc(&p).map(|(_, c)| c == entry.crc32).unwrap_or(false),
         _ => false,
     }
 }
@@ -120,19 +115,14 @@ pub fn verify(root: &Path) -> Result<VerifyReport> {
     let mut report = VerifyReport::default();
     let mut stack = vec![root.to_path_buf()];
     if !root.is_dir() {
-        return Err(Error::Source {
-            path: root.to_path_buf(),
-            detail: "not a folder".into(),
-        });
+        return Err(Error::Source { path: root.to_path_buf(), detail: "not a folder".into() });
     }
     while let Some(dir) = stack.pop() {
         let mut listed = std::collections::HashSet::new();
         let manifest_path = dir.join(MANIFEST_NAME);
         if manifest_path.exists() {
             let Some(m) = Manifest::read(&dir) else {
-                report
-                    .bad
-                    .push((manifest_path, "the manifest is not readable JSON".into()));
+                report.bad.push((manifest_path, "the manifest is not readable JSON".into()));
                 continue;
             };
             report.manifests += 1;
@@ -142,9 +132,10 @@ pub fn verify(root: &Path) -> Result<VerifyReport> {
                 let problem = match file_crc(&p) {
                     Err(err) => Some(err.to_string()),
                     Ok((size, _)) if size != e.size => Some(format!("size {size}, the manifest says {}", e.size)),
-                    Ok((_, crc)) if crc != e.crc32 => {
-                        Some(format!("crc32 {crc:#010x}, the manifest says {:#010x}: the file changed or is damaged", e.crc32))
-                    }
+                    Ok((_, crc)) if crc != e.crc32 => Some(format!(
+                        "crc32 {crc:#010x}, the manifest says {:#010x}: the file changed or is damaged",
+                        e.crc32
+                    )),
                     Ok(_) => CheckpointFile::open(&p, ReadOptions::default()).err().map(|err| err.to_string()),
                 };
                 match problem {
@@ -162,16 +153,17 @@ pub fn verify(root: &Path) -> Result<VerifyReport> {
                 && !listed.contains(p.file_name().and_then(|n| n.to_str()).unwrap_or(""))
                 && dir != root.join("merged_strategy")
             {
-                report.bad.push((p, "not listed in any reshard manifest (not written by reshard, or its run did not finish)".into()));
+                report.bad.push((
+                    p,
+                    "not listed in any reshard manifest (not written by reshard, or its run did not finish)".into(),
+                ));
             }
         }
     }
     if report.manifests == 0 && report.bad.is_empty() {
         return Err(Error::Source {
             path: root.to_path_buf(),
-            detail: format!(
-                "no {MANIFEST_NAME} under this folder: nothing written by reshard to verify"
-            ),
+            detail: format!("no {MANIFEST_NAME} under this folder: nothing written by reshard to verify"),
         });
     }
     report.ok.sort();

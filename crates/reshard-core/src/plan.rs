@@ -211,12 +211,7 @@ pub struct Plan {
 }
 
 fn mismatch(src: &Source, param: &str, detail: String) -> Error {
-    Error::ShapeMismatch {
-        path: src.path.clone(),
-        rank: src.rank,
-        param: param.to_string(),
-        detail,
-    }
+    Error::ShapeMismatch { path: src.path.clone(), rank: src.rank, param: param.to_string(), detail }
 }
 
 impl Plan {
@@ -259,11 +254,7 @@ impl Plan {
                     st.params
                         .iter()
                         .map(|(n, _)| n.clone())
-                        .filter(|n| {
-                            !["accu_grads", "adam_v", "adam_m"]
-                                .iter()
-                                .any(|p| n.starts_with(p))
-                        })
+                        .filter(|n| !["accu_grads", "adam_v", "adam_m"].iter().any(|p| n.starts_with(p)))
                         .collect()
                 };
                 let (sk, dk) = (keys(s), keys(d));
@@ -275,11 +266,7 @@ impl Plan {
         let src_total = src_stage_devices * u64::from(src_stages);
         // Which ranks to read: a complete source is rank 0 only.
         let wanted: Vec<u32> = (src_base..src_base + src_total as u32).collect();
-        let missing: Vec<u32> = wanted
-            .iter()
-            .copied()
-            .filter(|r| !set.files.contains_key(r))
-            .collect();
+        let missing: Vec<u32> = wanted.iter().copied().filter(|r| !set.files.contains_key(r)).collect();
         if !missing.is_empty() {
             let what = if src_strategy.is_some() {
                 format!(
@@ -293,17 +280,9 @@ impl Plan {
                  missing"
                     .to_string()
             };
-            return Err(Error::Source {
-                path: set.dir.clone(),
-                detail: what,
-            });
+            return Err(Error::Source { path: set.dir.clone(), detail: what });
         }
-        let extra: Vec<u32> = set
-            .files
-            .keys()
-            .copied()
-            .filter(|r| !wanted.contains(r))
-            .collect();
+        let extra: Vec<u32> = set.files.keys().copied().filter(|r| !wanted.contains(r)).collect();
         if !extra.is_empty() && by_stage.is_none() {
             warnings.push(format!(
                 "{}: rank folders {} are beyond the {} source ranks and are ignored",
@@ -312,22 +291,14 @@ impl Plan {
                 src_total
             ));
         }
-        let read = ReadOptions {
-            verify_crc: !opts.skip_crc,
-        };
+        let read = ReadOptions { verify_crc: !opts.skip_crc };
         let sources: Vec<Source> = wanted
             .par_iter()
             .map(|&r| {
                 let path = set.files[&r].clone();
                 let meta = std::fs::metadata(&path).map_err(|e| Error::io(&path, "stat", e))?;
                 let file = CheckpointFile::open(&path, read)?;
-                Ok(Source {
-                    rank: r,
-                    path,
-                    len: meta.len(),
-                    mtime: meta.modified().ok(),
-                    index: file.into_index(),
-                })
+                Ok(Source { rank: r, path, len: meta.len(), mtime: meta.modified().ok(), index: file.into_index() })
             })
             .collect::<Result<_>>()?;
         let sources: BTreeMap<u32, Source> = sources.into_iter().map(|s| (s.rank, s)).collect();
@@ -344,10 +315,7 @@ impl Plan {
                             return Err(mismatch(
                                 s,
                                 &t.name,
-                                format!(
-                                    "dtype {} differs from {} in another source rank",
-                                    t.dtype, p.dtype
-                                ),
+                                format!("dtype {} differs from {} in another source rank", t.dtype, p.dtype),
                             ));
                         }
                         p.holders.push(s.rank);
@@ -372,8 +340,7 @@ impl Plan {
             p.kind = match &src_strategy {
                 None => SrcKind::Complete,
                 Some(st) if st.contains(&p.name) && p.dtype != DType::Str => {
-                    let (kind, full) =
-                        resolve_sharded(p, st, &sources, src_base, src_stage_devices)?;
+                    let (kind, full) = resolve_sharded(p, st, &sources, src_base, src_stage_devices)?;
                     p.full = full;
                     kind
                 }
@@ -381,10 +348,7 @@ impl Plan {
             };
         }
         if let Some(st) = &src_strategy {
-            if !params
-                .iter()
-                .any(|p| matches!(p.kind, SrcKind::Sharded { .. }))
-            {
+            if !params.iter().any(|p| matches!(p.kind, SrcKind::Sharded { .. })) {
                 return Err(Error::Source {
                     path: set.dir.clone(),
                     detail: format!(
@@ -411,12 +375,7 @@ impl Plan {
             }
         }
         for p in &mut params {
-            p.dst = resolve_dst(
-                p,
-                src_strategy.as_ref(),
-                dst_strategy.as_ref(),
-                dst_stage_devices,
-            )?;
+            p.dst = resolve_dst(p, src_strategy.as_ref(), dst_strategy.as_ref(), dst_stage_devices)?;
         }
         Ok(Plan {
             src_dir: set.dir,
@@ -448,10 +407,7 @@ impl Plan {
         };
         eat(env!("CARGO_PKG_VERSION").as_bytes());
         for s in self.sources.values() {
-            let mtime = s
-                .mtime
-                .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
-                .map_or(0, |d| d.as_nanos());
+            let mtime = s.mtime.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
             eat(format!("{}|{}|{}|{}\n", s.rank, s.path.display(), s.len, mtime).as_bytes());
         }
         eat(format!(
@@ -467,8 +423,7 @@ impl Plan {
     /// The output file of destination rank `rank`, relative to the output folder.
     pub fn output_name(&self, rank: u32, prefix: &str, format: Format) -> PathBuf {
         let part = self.part.map(|s| format!("_part{s}")).unwrap_or_default();
-        PathBuf::from(format!("rank_{rank}"))
-            .join(format!("{prefix}{rank}{part}.{}", format.extension()))
+        PathBuf::from(format!("rank_{rank}")).join(format!("{prefix}{rank}{part}.{}", format.extension()))
     }
 
     /// Number of destination ranks (1 for a complete destination).
@@ -522,41 +477,23 @@ impl Plan {
                 copied.push((i, self.raw(p, local)?));
                 continue;
             }
-            let layout = if stage == 0 {
-                d.first.as_ref()
-            } else {
-                d.later.as_ref()
-            };
+            let layout = if stage == 0 { d.first.as_ref() } else { d.later.as_ref() };
             let dst_box = layout.map_or_else(|| Region::full(&p.full), |l| l.rank_box(local));
             transformed.push((i, self.pieces(p, dst_box, local)?));
         }
         self.order_like_mindspore(&mut transformed, &mut copied);
-        let tensors = transformed
-            .into_iter()
-            .chain(copied)
-            .map(|(_, t)| t)
-            .collect();
-        Ok(RankPlan {
-            rank,
-            stage,
-            tensors,
-        })
+        let tensors = transformed.into_iter().chain(copied).map(|(_, t)| t).collect();
+        Ok(RankPlan { rank, stage, tensors })
     }
 
     /// MindSpore loads the needed source files from the highest rank down and writes parameters
     /// in order of first appearance, transformed ones before copied ones.
-    fn order_like_mindspore(
-        &self,
-        transformed: &mut [(usize, TensorPlan)],
-        copied: &mut [(usize, TensorPlan)],
-    ) {
+    fn order_like_mindspore(&self, transformed: &mut [(usize, TensorPlan)], copied: &mut [(usize, TensorPlan)]) {
         let mut used: Vec<u32> = Vec::new();
         for (_, t) in transformed.iter().chain(copied.iter()) {
             match &t.source {
                 TensorSource::Raw { src_rank } => used.push(*src_rank),
-                TensorSource::Pieces { pieces, .. } => {
-                    used.extend(pieces.iter().map(|p| p.src_rank))
-                }
+                TensorSource::Pieces { pieces, .. } => used.extend(pieces.iter().map(|p| p.src_rank)),
             }
         }
         used.sort_unstable_by(|a, b| b.cmp(a));
@@ -583,11 +520,7 @@ impl Plan {
             .unwrap_or(0);
         let src_rank = p.holders[j];
         let t = &self.sources[&src_rank].index.tensors[p.positions[j] as usize];
-        let dims = if t.dtype == DType::Str {
-            t.raw_dims.clone()
-        } else {
-            t.shape.clone()
-        };
+        let dims = if t.dtype == DType::Str { t.raw_dims.clone() } else { t.shape.clone() };
         Ok(TensorPlan {
             name: p.name.clone(),
             dtype: t.dtype,
@@ -601,30 +534,17 @@ impl Plan {
         let pieces = match &p.kind {
             SrcKind::Complete | SrcKind::Raw => {
                 let src_rank = p.holders[0];
-                vec![CopyPiece {
-                    src_rank,
-                    src_box: Region::full(&p.full),
-                    region: dst_box.clone(),
-                }]
+                vec![CopyPiece { src_rank, src_box: Region::full(&p.full), region: dst_box.clone() }]
             }
-            SrcKind::Sharded {
-                stage,
-                layout,
-                slices,
-            } => {
+            SrcKind::Sharded { stage, layout, slices } => {
                 let base = local % self.src_stage_devices;
-                let stage_start =
-                    u64::from(self.src_base) + u64::from(*stage) * self.src_stage_devices;
+                let stage_start = u64::from(self.src_base) + u64::from(*stage) * self.src_stage_devices;
                 slices
                     .iter()
                     .filter_map(|(b, holder)| {
                         let region = b.intersect(&dst_box)?;
                         let replica = layout.replica_near(*holder, base) % self.src_stage_devices;
-                        Some(CopyPiece {
-                            src_rank: (stage_start + replica) as u32,
-                            src_box: b.clone(),
-                            region,
-                        })
+                        Some(CopyPiece { src_rank: (stage_start + replica) as u32, src_box: b.clone(), region })
                     })
                     .collect()
             }
@@ -641,10 +561,7 @@ impl Plan {
 
     /// The stored tensor `name` in source rank `rank`.
     pub fn tensor_info(&self, rank: u32, name: &str) -> Result<&TensorInfo> {
-        let s = self
-            .sources
-            .get(&rank)
-            .ok_or_else(|| Error::Invalid(format!("source rank {rank} is not loaded")))?;
+        let s = self.sources.get(&rank).ok_or_else(|| Error::Invalid(format!("source rank {rank} is not loaded")))?;
         s.index.get(name).ok_or_else(|| Error::ShapeMismatch {
             path: s.path.clone(),
             rank,
@@ -672,38 +589,19 @@ impl Plan {
 }
 
 /// Resolves what the destination strategy says of a parameter.
-fn resolve_dst(
-    p: &ParamInfo,
-    src: Option<&Strategy>,
-    dst: Option<&Strategy>,
-    dst_stage_dev: u64,
-) -> Result<DstInfo> {
+fn resolve_dst(p: &ParamInfo, src: Option<&Strategy>, dst: Option<&Strategy>, dst_stage_dev: u64) -> Result<DstInfo> {
     let in_src = src.is_none_or(|s| s.contains(&p.name));
     let Some(d) = dst else {
-        return Ok(DstInfo {
-            in_src,
-            ..DstInfo::default()
-        });
+        return Ok(DstInfo { in_src, ..DstInfo::default() });
     };
     if !d.contains(&p.name) {
-        return Ok(DstInfo {
-            in_src,
-            ..DstInfo::default()
-        });
+        return Ok(DstInfo { in_src, ..DstInfo::default() });
     }
     let stages = d.stages_of(&p.name);
-    let mut info = DstInfo {
-        in_src,
-        in_dst: true,
-        stages,
-        first: None,
-        later: None,
-    };
+    let mut info = DstInfo { in_src, in_dst: true, stages, first: None, later: None };
     if in_src && !matches!(p.kind, SrcKind::Raw) {
         let resolve = |rank: u64| -> Result<Option<ResolvedLayout>> {
-            d.layout_for_rank(&p.name, rank)
-                .map(|l| ResolvedLayout::new(l, &p.full, &p.name, &d.path))
-                .transpose()
+            d.layout_for_rank(&p.name, rank).map(|l| ResolvedLayout::new(l, &p.full, &p.name, &d.path)).transpose()
         };
         if info.stages.contains(&0) {
             info.first = resolve(0)?;
@@ -723,36 +621,29 @@ fn resolve_sharded(
     base: u32,
     stage_dev: u64,
 ) -> Result<(SrcKind, Vec<u64>)> {
-    let layout = st
-        .layout(&p.name)
-        .ok_or_else(|| Error::Invalid(format!("no layout for '{}'", p.name)))?;
+    let layout = st.layout(&p.name).ok_or_else(|| Error::Invalid(format!("no layout for '{}'", p.name)))?;
     let mut stages = st.stages_of(&p.name);
     stages.sort_unstable();
     // The lowest stage whose files hold the parameter.
-    let stage = stages
-        .iter()
-        .copied()
-        .find(|&s| p.holders.contains(&(base + (u64::from(s) * stage_dev) as u32)))
-        .ok_or_else(|| {
-            let r = base + (u64::from(stages[0]) * stage_dev) as u32;
-            let src = &sources[&r];
-            mismatch(
-                src,
-                &p.name,
-                format!(
+    let stage =
+        stages.iter().copied().find(|&s| p.holders.contains(&(base + (u64::from(s) * stage_dev) as u32))).ok_or_else(
+            || {
+                let r = base + (u64::from(stages[0]) * stage_dev) as u32;
+                let src = &sources[&r];
+                mismatch(
+                    src,
+                    &p.name,
+                    format!(
                     "the source strategy puts it in stage(s) {stages:?}, but the checkpoint of rank {r} (first rank of \
                      stage {}) does not contain it",
                     stages[0]
                 ),
-            )
-        })?;
+                )
+            },
+        )?;
     let start = u64::from(base) + u64::from(stage) * stage_dev;
     let first = &sources[&(start as u32)];
-    let stored0 = &first
-        .index
-        .get(&p.name)
-        .map(|t| t.shape.clone())
-        .unwrap_or_default();
+    let stored0 = &first.index.get(&p.name).map(|t| t.shape.clone()).unwrap_or_default();
     if stored0.len() != layout.tensor_map.len() {
         return Err(mismatch(
             first,
@@ -771,7 +662,9 @@ fn resolve_sharded(
             return Err(mismatch(
                 first,
                 &p.name,
-                format!("stored slice {stored0:?} implies full shape {full:?}, but the strategy says tensor_shape {ts:?}"),
+                format!(
+                    "stored slice {stored0:?} implies full shape {full:?}, but the strategy says tensor_shape {ts:?}"
+                ),
             ));
         }
     }
@@ -782,11 +675,7 @@ fn resolve_sharded(
         let src = &sources[&r];
         let b = resolved.rank_box(local);
         let t = src.index.get(&p.name).ok_or_else(|| {
-            mismatch(
-                src,
-                &p.name,
-                format!("missing from this rank's checkpoint (stage {stage} holds it)"),
-            )
+            mismatch(src, &p.name, format!("missing from this rank's checkpoint (stage {stage} holds it)"))
         })?;
         if t.shape != b.shape {
             return Err(mismatch(
@@ -803,19 +692,9 @@ fn resolve_sharded(
             slices.push((b, local));
         }
     }
-    Ok((
-        SrcKind::Sharded {
-            stage,
-            layout: resolved,
-            slices,
-        },
-        full,
-    ))
+    Ok((SrcKind::Sharded { stage, layout: resolved, slices }, full))
 }
 
 fn fmt_ranks(r: &[u32]) -> String {
-    r.iter()
-        .map(|x| x.to_string())
-        .collect::<Vec<_>>()
-        .join(", ")
+    r.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(", ")
 }

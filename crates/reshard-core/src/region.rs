@@ -12,10 +12,7 @@ pub struct Region {
 impl Region {
     /// The whole of a tensor of `shape`.
     pub fn full(shape: &[u64]) -> Region {
-        Region {
-            offset: vec![0; shape.len()],
-            shape: shape.to_vec(),
-        }
+        Region { offset: vec![0; shape.len()], shape: shape.to_vec() }
     }
 
     /// Number of elements.
@@ -42,8 +39,7 @@ impl Region {
     /// Whether `other` lies inside `self`.
     pub fn contains(&self, other: &Region) -> bool {
         (0..self.offset.len()).all(|d| {
-            other.offset[d] >= self.offset[d]
-                && other.offset[d] + other.shape[d] <= self.offset[d] + self.shape[d]
+            other.offset[d] >= self.offset[d] && other.offset[d] + other.shape[d] <= self.offset[d] + self.shape[d]
         })
     }
 }
@@ -123,25 +119,10 @@ mod tests {
 
     #[test]
     fn intersect_boxes() {
-        let a = Region {
-            offset: vec![0, 0],
-            shape: vec![4, 4],
-        };
-        let b = Region {
-            offset: vec![2, 3],
-            shape: vec![4, 4],
-        };
-        assert_eq!(
-            a.intersect(&b),
-            Some(Region {
-                offset: vec![2, 3],
-                shape: vec![2, 1]
-            })
-        );
-        let c = Region {
-            offset: vec![4, 0],
-            shape: vec![1, 1],
-        };
+        let a = Region { offset: vec![0, 0], shape: vec![4, 4] };
+        let b = Region { offset: vec![2, 3], shape: vec![4, 4] };
+        assert_eq!(a.intersect(&b), Some(Region { offset: vec![2, 3], shape: vec![2, 1] }));
+        let c = Region { offset: vec![4, 0], shape: vec![1, 1] };
         assert_eq!(a.intersect(&c), None);
     }
 
@@ -151,19 +132,8 @@ mod tests {
         // 4x3x3 destination at (2,0,0).
         let src: Vec<u8> = (0u16..60).flat_map(|v| v.to_le_bytes()).collect();
         let mut dst = vec![0u8; 4 * 3 * 3 * 2];
-        let mut read = |off: u64, out: &mut [u8]| {
-            out.copy_from_slice(&src[off as usize..off as usize + out.len()])
-        };
-        copy_box(
-            &mut read,
-            &[3, 4, 5],
-            &[1, 1, 2],
-            &mut dst,
-            &[4, 3, 3],
-            &[2, 0, 0],
-            &[2, 2, 3],
-            2,
-        );
+        let mut read = |off: u64, out: &mut [u8]| out.copy_from_slice(&src[off as usize..off as usize + out.len()]);
+        copy_box(&mut read, &[3, 4, 5], &[1, 1, 2], &mut dst, &[4, 3, 3], &[2, 0, 0], &[2, 2, 3], 2);
         for i in 0..2u64 {
             for j in 0..2u64 {
                 for l in 0..3u64 {

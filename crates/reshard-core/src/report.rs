@@ -8,12 +8,7 @@ use crate::plan::Plan;
 
 /// A JSON summary of the plan: per destination rank, the source files and bytes it reads and the
 /// bytes it writes. With `detail`, every tensor and copy piece too.
-pub fn plan_json(
-    plan: &Plan,
-    dst_dir: &std::path::Path,
-    opts: &ExecuteOptions,
-    detail: bool,
-) -> Result<Value> {
+pub fn plan_json(plan: &Plan, dst_dir: &std::path::Path, opts: &ExecuteOptions, detail: bool) -> Result<Value> {
     use rayon::prelude::*;
     let ranks: Vec<Value> = (0..plan.dst_rank_count())
         .into_par_iter()
@@ -73,11 +68,7 @@ pub fn plan_text(plan: &Plan, dst_dir: &std::path::Path, opts: &ExecuteOptions) 
     );
     for r in 0..plan.dst_rank_count() {
         let rp = plan.rank_plan(r)?;
-        let reads: Vec<String> = rp
-            .bytes_read()
-            .iter()
-            .map(|(s, b)| format!("{s}: {b}"))
-            .collect();
+        let reads: Vec<String> = rp.bytes_read().iter().map(|(s, b)| format!("{s}: {b}")).collect();
         let _ = writeln!(
             out,
             "{:>6} {:>6} {:>8} {:>14}  {}\n{:>39}<- {}",

@@ -17,46 +17,29 @@ use crate::error::{Error, Result};
 pub const MAX_HEADER: u64 = 100_000_000;
 
 fn malformed(path: &Path, detail: String) -> Error {
-    Error::Malformed {
-        path: path.to_path_buf(),
-        kind: "safetensors",
-        detail,
-    }
+    Error::Malformed { path: path.to_path_buf(), kind: "safetensors", detail }
 }
 
 /// Indexes a `.safetensors` file held in `bytes`.
 pub fn parse(path: &Path, bytes: &[u8], opts: ReadOptions) -> Result<CheckpointIndex> {
     if bytes.len() < 8 {
-        return Err(malformed(
-            path,
-            format!(
-                "file is {} bytes, shorter than the 8-byte header length",
-                bytes.len()
-            ),
-        ));
+        return Err(malformed(path, format!("file is {} bytes, shorter than the 8-byte header length", bytes.len())));
     }
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap_or_default());
     let avail = bytes.len() as u64 - 8;
     if n > avail || n > MAX_HEADER {
-        return Err(malformed(
-            path,
-            format!("header length {n} exceeds the file ({avail} bytes after it)"),
-        ));
+        return Err(malformed(path, format!("header length {n} exceeds the file ({avail} bytes after it)")));
     }
     let header = &bytes[8..8 + n as usize];
     let data_start = 8 + n;
     let data_len = avail - n;
-    let json: Map<String, Value> = serde_json::from_slice(header)
-        .map_err(|e| malformed(path, format!("header is not a JSON object: {e}")))?;
+    let json: Map<String, Value> =
+        serde_json::from_slice(header).map_err(|e| malformed(path, format!("header is not a JSON object: {e}")))?;
     let mut metadata = BTreeMap::new();
     if let Some(m) = json.get("__metadata__") {
-        let m = m
-            .as_object()
-            .ok_or_else(|| malformed(path, "__metadata__ is not an object".into()))?;
+        let m = m.as_object().ok_or_else(|| malformed(path, "__metadata__ is not an object".into()))?;
         for (k, v) in m {
-            let v = v
-                .as_str()
-                .ok_or_else(|| malformed(path, format!("__metadata__['{k}'] is not a string")))?;
+            let v = v.as_str().ok_or_else(|| malformed(path, format!("__metadata__['{k}'] is not a string")))?;
             metadata.insert(k.clone(), v.to_string());
         }
     }
@@ -65,21 +48,10 @@ pub fn parse(path: &Path, bytes: &[u8], opts: ReadOptions) -> Result<CheckpointI
         if name == "__metadata__" {
             continue;
         }
-        let bad = |detail: String| Error::BadTensor {
-            path: path.to_path_buf(),
-            tensor: name.clone(),
-            detail,
-        };
-        let dt = info
-            .get("dtype")
-            .and_then(Value::as_str)
-            .ok_or_else(|| bad("no dtype".into()))?;
-        let mut dtype =
-            DType::from_safetensors_name(dt).ok_or_else(|| bad(format!("unknown dtype '{dt}'")))?;
-        if metadata
-            .get(name)
-            .is_some_and(|v| v.to_ascii_lowercase().contains("int4"))
-        {
+        let bad = |detail: String| Error::BadTensor { path: path.to_path_buf(), tensor: name.clone(), detail };
+        let dt = info.get("dtype").and_then(Value::as_str).ok_or_else(|| bad("no dtype".into()))?;
+        let mut dtype = DType::from_safetensors_name(dt).ok_or_else(|| bad(format!("unknown dtype '{dt}'")))?;
+        if metadata.get(name).is_some_and(|v| v.to_ascii_lowercase().contains("int4")) {
             dtype = DType::Int4;
         }
         let shape: Vec<u64> = info
@@ -95,14 +67,9 @@ pub fn parse(path: &Path, bytes: &[u8], opts: ReadOptions) -> Result<CheckpointI
             .ok_or_else(|| bad("data_offsets is not [begin, end]".into()))?;
         let (b, e) = (offs[0], offs[1]);
         if b > e || e > data_len {
-            return Err(bad(format!(
-                "data_offsets [{b}, {e}] outside the {data_len} data bytes"
-            )));
+            return Err(bad(format!("data_offsets [{b}, {e}] outside the {data_len} data bytes")));
         }
-        let need = shape
-            .iter()
-            .try_fold(1u64, |a, &d| a.checked_mul(d))
-            .and_then(|n| n.checked_mul(dtype.size()));
+        let need = shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d)).and_then(|n| n.checked_mul(dtype.size()));
         if need != Some(e - b) {
             return Err(bad(format!(
                 "data is {} bytes but shape {shape:?} x {dtype} needs {}",
@@ -115,10 +82,7 @@ pub fn parse(path: &Path, bytes: &[u8], opts: ReadOptions) -> Result<CheckpointI
             dtype,
             raw_dims: shape.clone(),
             shape,
-            segments: vec![Segment {
-                offset: data_start + b,
-                len: e - b,
-            }],
+            segments: vec![Segment { offset: data_start + b, len: e - b }],
             nbytes: e - b,
         });
     }
@@ -126,36 +90,21 @@ pub fn parse(path: &Path, bytes: &[u8], opts: ReadOptions) -> Result<CheckpointI
     for w in tensors.windows(2) {
         let (a, b) = (&w[0].segments[0], &w[1].segments[0]);
         if a.offset + a.len > b.offset {
-            return Err(malformed(
-                path,
-                format!("tensors '{}' and '{}' overlap", w[0].name, w[1].name),
-            ));
+            return Err(malformed(path, format!("tensors '{}' and '{}' overlap", w[0].name, w[1].name)));
         }
     }
     let mut crc = None;
     if let Some(c) = metadata.get("crc_num") {
-        let expected: u32 = c
-            .parse()
-            .map_err(|_| malformed(path, format!("crc_num '{c}' is not a 32-bit number")))?;
+        let expected: u32 = c.parse().map_err(|_| malformed(path, format!("crc_num '{c}' is not a 32-bit number")))?;
         if opts.verify_crc {
             let actual = content_crc(bytes, &tensors);
             if actual != expected {
-                return Err(Error::CrcMismatch {
-                    path: path.to_path_buf(),
-                    expected,
-                    actual,
-                });
+                return Err(Error::CrcMismatch { path: path.to_path_buf(), expected, actual });
             }
         }
         crc = Some(expected);
     }
-    Ok(CheckpointIndex::new(
-        Format::Safetensors,
-        tensors,
-        bytes.len() as u64,
-        crc,
-        metadata,
-    ))
+    Ok(CheckpointIndex::new(Format::Safetensors, tensors, bytes.len() as u64, crc, metadata))
 }
 
 /// MindSpore's safetensors crc: crc32 chained over each name then `bytes(ndarray)`, names
@@ -167,11 +116,8 @@ fn content_crc(bytes: &[u8], tensors: &[TensorInfo]) -> u32 {
     let mut h = crc32fast::Hasher::new();
     for t in sorted {
         h.update(t.name.as_bytes());
-        let content: Vec<&[u8]> = t
-            .segments
-            .iter()
-            .map(|s| &bytes[s.offset as usize..(s.offset + s.len) as usize])
-            .collect();
+        let content: Vec<&[u8]> =
+            t.segments.iter().map(|s| &bytes[s.offset as usize..(s.offset + s.len) as usize]).collect();
         match scalar_int_value(t, content.first().copied().unwrap_or(&[])) {
             Some(n) => update_zeros(&mut h, n),
             None => content.iter().for_each(|c| h.update(c)),
@@ -242,19 +188,13 @@ pub fn data_order(a: DType, an: &str, b: DType, bn: &str) -> std::cmp::Ordering 
 /// `Str` tensors cannot be stored and are refused.
 pub fn layout(tensors: &[TensorHeader], metadata: &BTreeMap<String, String>) -> Result<FileLayout> {
     let mut header = Map::new();
-    let mut meta: Map<String, Value> = metadata
-        .iter()
-        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
-        .collect();
+    let mut meta: Map<String, Value> = metadata.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
     let mut pos = 0u64;
     let mut content = Vec::with_capacity(tensors.len());
     let mut entries = Vec::with_capacity(tensors.len());
     for h in tensors {
         let dt = h.dtype.safetensors_name().ok_or_else(|| {
-            Error::Invalid(format!(
-                "tensor '{}' of type {} cannot be stored in safetensors",
-                h.name, h.dtype
-            ))
+            Error::Invalid(format!("tensor '{}' of type {} cannot be stored in safetensors", h.name, h.dtype))
         })?;
         if h.dtype == DType::Int4 {
             meta.insert(h.name.clone(), Value::String("Int4".into()));
@@ -262,16 +202,9 @@ pub fn layout(tensors: &[TensorHeader], metadata: &BTreeMap<String, String>) -> 
         let mut e = Map::new();
         e.insert("dtype".into(), Value::String(dt.into()));
         e.insert("shape".into(), Value::from(h.dims.clone()));
-        e.insert(
-            "data_offsets".into(),
-            Value::from(vec![pos, pos + h.nbytes]),
-        );
+        e.insert("data_offsets".into(), Value::from(vec![pos, pos + h.nbytes]));
         entries.push((h.name.clone(), Value::Object(e)));
-        content.push(vec![ContentRun {
-            start: 0,
-            file_offset: pos,
-            len: h.nbytes,
-        }]);
+        content.push(vec![ContentRun { start: 0, file_offset: pos, len: h.nbytes }]);
         pos += h.nbytes;
     }
     if !meta.is_empty() {
@@ -280,8 +213,7 @@ pub fn layout(tensors: &[TensorHeader], metadata: &BTreeMap<String, String>) -> 
     for (k, v) in entries {
         header.insert(k, v);
     }
-    let mut text =
-        serde_json::to_vec(&Value::Object(header)).map_err(|e| Error::Invalid(e.to_string()))?;
+    let mut text = serde_json::to_vec(&Value::Object(header)).map_err(|e| Error::Invalid(e.to_string()))?;
     while (text.len() + 8) % 8 != 0 {
         text.push(b' ');
     }
@@ -293,11 +225,7 @@ pub fn layout(tensors: &[TensorHeader], metadata: &BTreeMap<String, String>) -> 
             r.file_offset += data_start;
         }
     }
-    Ok(FileLayout {
-        fixed: vec![(0, head)],
-        content,
-        len: data_start + pos,
-    })
+    Ok(FileLayout { fixed: vec![(0, head)], content, len: data_start + pos })
 }
 
 #[cfg(test)]
@@ -307,18 +235,8 @@ mod tests {
     #[test]
     fn layout_then_parse() {
         let hs = vec![
-            TensorHeader {
-                name: "b".into(),
-                dtype: DType::BFloat16,
-                dims: vec![2, 2],
-                nbytes: 8,
-            },
-            TensorHeader {
-                name: "a".into(),
-                dtype: DType::Int32,
-                dims: vec![],
-                nbytes: 4,
-            },
+            TensorHeader { name: "b".into(), dtype: DType::BFloat16, dims: vec![2, 2], nbytes: 8 },
+            TensorHeader { name: "a".into(), dtype: DType::Int32, dims: vec![], nbytes: 4 },
         ];
         let meta = BTreeMap::from([("format".to_string(), "ms".to_string())]);
         let l = layout(&hs, &meta).unwrap();

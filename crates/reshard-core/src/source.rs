@@ -18,10 +18,7 @@ pub struct SourceSet {
 }
 
 fn src_err(path: &Path, detail: impl Into<String>) -> Error {
-    Error::Source {
-        path: path.to_path_buf(),
-        detail: detail.into(),
-    }
+    Error::Source { path: path.to_path_buf(), detail: detail.into() }
 }
 
 /// Parses `...-{epoch}_{step}.ckpt` into (epoch, step).
@@ -39,10 +36,7 @@ pub fn epoch_step(path: &Path) -> Option<(u64, u64)> {
 /// every rank is used, and anything ambiguous is refused with the candidates listed.
 pub fn discover(dir: &Path, choose: Option<&str>) -> Result<SourceSet> {
     if !dir.is_dir() {
-        return Err(src_err(
-            dir,
-            "the source checkpoint folder does not exist or is not a folder",
-        ));
+        return Err(src_err(dir, "the source checkpoint folder does not exist or is not a folder"));
     }
     let mut candidates: BTreeMap<u32, Vec<PathBuf>> = BTreeMap::new();
     let rd = std::fs::read_dir(dir).map_err(|e| Error::io(dir, "read folder", e))?;
@@ -60,8 +54,7 @@ pub fn discover(dir: &Path, choose: Option<&str>) -> Result<SourceSet> {
             continue;
         }
         let mut files = Vec::new();
-        let rd =
-            std::fs::read_dir(e.path()).map_err(|err| Error::io(e.path(), "read folder", err))?;
+        let rd = std::fs::read_dir(e.path()).map_err(|err| Error::io(e.path(), "read folder", err))?;
         for f in rd {
             let f = f.map_err(|err| Error::io(e.path(), "read folder", err))?;
             let p = f.path();
@@ -91,19 +84,14 @@ pub fn discover(dir: &Path, choose: Option<&str>) -> Result<SourceSet> {
         }
     }
     if formats.len() > 1 {
-        return Err(src_err(
-            dir,
-            "the source mixes .ckpt and .safetensors files; use one format",
-        ));
+        return Err(src_err(dir, "the source mixes .ckpt and .safetensors files; use one format"));
     }
     let format = *formats.iter().next().unwrap_or(&Format::Ckpt);
     let files = if let Some(pattern) = choose {
         let mut out = BTreeMap::new();
         for (rank, files) in &candidates {
             let want = pattern.replace("{rank}", &rank.to_string());
-            let f = files
-                .iter()
-                .find(|f| f.file_name().and_then(|n| n.to_str()) == Some(want.as_str()));
+            let f = files.iter().find(|f| f.file_name().and_then(|n| n.to_str()) == Some(want.as_str()));
             let f = f.ok_or_else(|| {
                 src_err(
                     &dir.join(format!("rank_{rank}")),
@@ -118,25 +106,14 @@ pub fn discover(dir: &Path, choose: Option<&str>) -> Result<SourceSet> {
     } else {
         pick_common_step(dir, &candidates)?
     };
-    Ok(SourceSet {
-        dir: dir.to_path_buf(),
-        files,
-        format,
-    })
+    Ok(SourceSet { dir: dir.to_path_buf(), files, format })
 }
 
 fn list(files: &[PathBuf]) -> String {
-    files
-        .iter()
-        .filter_map(|f| f.file_name()?.to_str())
-        .collect::<Vec<_>>()
-        .join(", ")
+    files.iter().filter_map(|f| f.file_name()?.to_str()).collect::<Vec<_>>().join(", ")
 }
 
-fn pick_common_step(
-    dir: &Path,
-    candidates: &BTreeMap<u32, Vec<PathBuf>>,
-) -> Result<BTreeMap<u32, PathBuf>> {
+fn pick_common_step(dir: &Path, candidates: &BTreeMap<u32, Vec<PathBuf>>) -> Result<BTreeMap<u32, PathBuf>> {
     let ambiguous = |rank: u32, files: &[PathBuf], why: &str| {
         src_err(
             &dir.join(format!("rank_{rank}")),
@@ -150,14 +127,9 @@ fn pick_common_step(
     for (rank, files) in candidates {
         let mut steps = std::collections::BTreeSet::new();
         for f in files {
-            let s = epoch_step(f)
-                .ok_or_else(|| ambiguous(*rank, files, "not all names end in -EPOCH_STEP"))?;
+            let s = epoch_step(f).ok_or_else(|| ambiguous(*rank, files, "not all names end in -EPOCH_STEP"))?;
             if !steps.insert(s) {
-                return Err(ambiguous(
-                    *rank,
-                    files,
-                    "two of them have the same epoch and step",
-                ));
+                return Err(ambiguous(*rank, files, "two of them have the same epoch and step"));
             }
         }
         common = Some(match common {
@@ -166,25 +138,12 @@ fn pick_common_step(
         });
     }
     let Some(&best) = common.as_ref().and_then(|c| c.iter().next_back()) else {
-        let (rank, files) = candidates
-            .iter()
-            .next()
-            .map(|(r, f)| (*r, f.clone()))
-            .unwrap_or_default();
-        return Err(ambiguous(
-            rank,
-            &files,
-            "no epoch/step is present in every rank",
-        ));
+        let (rank, files) = candidates.iter().next().map(|(r, f)| (*r, f.clone())).unwrap_or_default();
+        return Err(ambiguous(rank, &files, "no epoch/step is present in every rank"));
     };
     Ok(candidates
         .iter()
-        .filter_map(|(r, files)| {
-            files
-                .iter()
-                .find(|f| epoch_step(f) == Some(best))
-                .map(|f| (*r, f.clone()))
-        })
+        .filter_map(|(r, files)| files.iter().find(|f| epoch_step(f) == Some(best)).map(|f| (*r, f.clone())))
         .collect())
 }
 
@@ -194,10 +153,7 @@ mod tests {
 
     #[test]
     fn epoch_step_names() {
-        assert_eq!(
-            epoch_step(Path::new("llama_rank_0-10_200.ckpt")),
-            Some((10, 200))
-        );
+        assert_eq!(epoch_step(Path::new("llama_rank_0-10_200.ckpt")), Some((10, 200)));
         assert_eq!(epoch_step(Path::new("checkpoint_0.ckpt")), None);
     }
 
@@ -217,17 +173,11 @@ mod tests {
         assert!(s.files[&1].ends_with("m_rank_1-1_2.ckpt"));
         std::fs::write(t.join("rank_1").join("other.ckpt"), b"").unwrap();
         let err = discover(&t, None).unwrap_err().to_string();
-        assert!(
-            err.contains("rank_1") && err.contains("other.ckpt"),
-            "{err}"
-        );
+        assert!(err.contains("rank_1") && err.contains("other.ckpt"), "{err}");
         let s = discover(&t, Some("m_rank_{rank}-1_1.ckpt")).unwrap();
         assert!(s.files[&0].ends_with("m_rank_0-1_1.ckpt"));
         std::fs::write(t.join("rank_0").join("x.safetensors"), b"").unwrap();
-        assert!(discover(&t, None)
-            .unwrap_err()
-            .to_string()
-            .contains("mixes"));
+        assert!(discover(&t, None).unwrap_err().to_string().contains("mixes"));
         std::fs::remove_dir_all(&t).unwrap();
     }
 }

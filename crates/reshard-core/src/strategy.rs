@@ -158,11 +158,7 @@ pub fn split_stage_name(name: &str) -> (u32, &str) {
 }
 
 fn bad(path: &Path, detail: impl Into<String>) -> Error {
-    Error::Malformed {
-        path: path.to_path_buf(),
-        kind: "strategy",
-        detail: detail.into(),
-    }
+    Error::Malformed { path: path.to_path_buf(), kind: "strategy", detail: detail.into() }
 }
 
 fn is_json(path: &Path) -> bool {
@@ -187,8 +183,7 @@ impl Strategy {
             return Err(bad(path, "the file is empty"));
         }
         if is_json(path) {
-            let v: Value = serde_json::from_slice(&bytes)
-                .map_err(|e| bad(path, format!("not valid JSON: {e}")))?;
+            let v: Value = serde_json::from_slice(&bytes).map_err(|e| bad(path, format!("not valid JSON: {e}")))?;
             Strategy::from_json(path, &v)
         } else {
             let m = decode_proto(path, &bytes)?;
@@ -237,20 +232,12 @@ impl Strategy {
     }
 
     fn empty(path: &Path, file_stage: Option<u32>) -> Strategy {
-        Strategy {
-            path: path.to_path_buf(),
-            params: Vec::new(),
-            file_stage,
-            index: HashMap::new(),
-        }
+        Strategy { path: path.to_path_buf(), params: Vec::new(), file_stage, index: HashMap::new() }
     }
 
     /// Builds from a decoded protobuf map.
     pub fn from_proto(path: &Path, m: &proto::ParallelStrategyMap) -> Result<Strategy> {
-        let file_stage = m
-            .parallel_strategy_item
-            .first()
-            .map(|i| i.parallel_strategys.stage);
+        let file_stage = m.parallel_strategy_item.first().map(|i| i.parallel_strategys.stage);
         let mut s = Strategy::empty(path, file_stage);
         for item in &m.parallel_layout_item {
             let l = &item.parallel_layouts;
@@ -269,10 +256,7 @@ impl Strategy {
                     .map(|t| t.dim.iter().map(|&d| i64::from(d)).collect())
                     .collect()
             } else {
-                l.tensor_map
-                    .first()
-                    .map(|t| t.dim.iter().map(|&d| vec![i64::from(d)]).collect())
-                    .unwrap_or_default()
+                l.tensor_map.first().map(|t| t.dim.iter().map(|&d| vec![i64::from(d)]).collect()).unwrap_or_default()
             };
             let layout = ParamLayout {
                 dev_matrix: dev.dim.iter().map(|&d| u64::from(d)).collect(),
@@ -289,9 +273,7 @@ impl Strategy {
 
     /// Builds from the JSON form.
     pub fn from_json(path: &Path, v: &Value) -> Result<Strategy> {
-        let obj = v
-            .as_object()
-            .ok_or_else(|| bad(path, "the top level is not a JSON object"))?;
+        let obj = v.as_object().ok_or_else(|| bad(path, "the top level is not a JSON object"))?;
         let file_stage = obj
             .get("parallel_strategy_item")
             .and_then(Value::as_object)
@@ -303,15 +285,9 @@ impl Strategy {
         let Some(items) = obj.get("parallel_layout_item") else {
             return Ok(s);
         };
-        let items = items
-            .as_object()
-            .ok_or_else(|| bad(path, "parallel_layout_item is not an object"))?;
+        let items = items.as_object().ok_or_else(|| bad(path, "parallel_layout_item is not an object"))?;
         for (name, item) in items {
-            let err = |d: &str| Error::BadLayout {
-                path: path.to_path_buf(),
-                param: name.clone(),
-                detail: d.into(),
-            };
+            let err = |d: &str| Error::BadLayout { path: path.to_path_buf(), param: name.clone(), detail: d.into() };
             let ints = |key: &str| -> Result<Vec<i64>> {
                 item.get(key)
                     .and_then(Value::as_array)
@@ -322,10 +298,7 @@ impl Strategy {
             if dev.iter().any(|&d| d < 0) {
                 return Err(err("dev_matrix has a negative entry"));
             }
-            let tm = item
-                .get("tensor_map")
-                .and_then(Value::as_array)
-                .ok_or_else(|| err("'tensor_map' is missing"))?;
+            let tm = item.get("tensor_map").and_then(Value::as_array).ok_or_else(|| err("'tensor_map' is missing"))?;
             let mut nested = false;
             let mut tensor_map = Vec::new();
             for e in tm {
@@ -333,31 +306,21 @@ impl Strategy {
                     Value::Array(a) => {
                         nested = true;
                         let v: Option<Vec<i64>> = a.iter().map(Value::as_i64).collect();
-                        tensor_map.push(
-                            v.ok_or_else(|| err("tensor_map entry is not a list of integers"))?,
-                        );
+                        tensor_map.push(v.ok_or_else(|| err("tensor_map entry is not a list of integers"))?);
                     }
-                    other => tensor_map.push(vec![other
-                        .as_i64()
-                        .ok_or_else(|| err("tensor_map entry is not an integer"))?]),
+                    other => tensor_map
+                        .push(vec![other.as_i64().ok_or_else(|| err("tensor_map entry is not an integer"))?]),
                 }
             }
             let num = |key: &str| -> Result<i64> {
                 match item.get(key) {
                     None => Ok(0),
-                    Some(v) => v
-                        .as_i64()
-                        .ok_or_else(|| err(&format!("'{key}' is not an integer"))),
+                    Some(v) => v.as_i64().ok_or_else(|| err(&format!("'{key}' is not an integer"))),
                 }
             };
             let tensor_shape = match item.get("tensor_shape") {
                 None => None,
-                Some(_) => Some(
-                    ints("tensor_shape")?
-                        .into_iter()
-                        .map(|d| d.max(0) as u64)
-                        .collect(),
-                ),
+                Some(_) => Some(ints("tensor_shape")?.into_iter().map(|d| d.max(0) as u64).collect()),
             };
             let layout = ParamLayout {
                 dev_matrix: dev.into_iter().map(|d| d as u64).collect(),
@@ -384,9 +347,7 @@ impl Strategy {
 
     /// The stages a parameter belongs to.
     pub fn stages_of(&self, name: &str) -> Vec<u32> {
-        self.entries(name)
-            .map(|e| e.iter().map(|x| x.stage).collect())
-            .unwrap_or_default()
+        self.entries(name).map(|e| e.iter().map(|x| x.stage).collect()).unwrap_or_default()
     }
 
     /// The layout MindSpore uses for a parameter when it is not choosing for a particular rank:
@@ -413,20 +374,13 @@ impl Strategy {
 
     /// Devices per pipeline stage: the first parameter's device count, as MindSpore takes it.
     pub fn stage_device_num(&self) -> Result<u64> {
-        let first = self
-            .params
-            .first()
-            .ok_or_else(|| bad(&self.path, "the strategy has no parameter layouts"))?;
+        let first = self.params.first().ok_or_else(|| bad(&self.path, "the strategy has no parameter layouts"))?;
         Ok(self.layout(&first.0).map_or(1, ParamLayout::device_num))
     }
 
     /// Number of pipeline stages. Stages must be 0..n without gaps.
     pub fn stage_num(&self) -> Result<u32> {
-        let mut stages: Vec<u32> = self
-            .params
-            .iter()
-            .flat_map(|(_, e)| e.iter().map(|x| x.stage))
-            .collect();
+        let mut stages: Vec<u32> = self.params.iter().flat_map(|(_, e)| e.iter().map(|x| x.stage)).collect();
         stages.sort_unstable();
         stages.dedup();
         for (i, s) in stages.iter().enumerate() {
@@ -449,12 +403,7 @@ impl Strategy {
 fn decode_proto(path: &Path, bytes: &[u8]) -> Result<proto::ParallelStrategyMap> {
     use prost::Message;
     proto::ParallelStrategyMap::decode(bytes).map_err(|e| {
-        bad(
-            path,
-            format!(
-                "not a protobuf ParallelStrategyMap ({e}); a JSON strategy file must end in .json"
-            ),
-        )
+        bad(path, format!("not a protobuf ParallelStrategyMap ({e}); a JSON strategy file must end in .json"))
     })
 }
 
@@ -504,9 +453,7 @@ pub fn stage_files(dir: &Path) -> Result<(Vec<PathBuf>, bool)> {
     if !pb.is_empty() && !js.is_empty() {
         return Err(Error::Source {
             path: dir.to_path_buf(),
-            detail:
-                "the strategy folder mixes .ckpt and .json files; they must be all one or the other"
-                    .into(),
+            detail: "the strategy folder mixes .ckpt and .json files; they must be all one or the other".into(),
         });
     }
     if pb.is_empty() && js.is_empty() {
@@ -541,28 +488,13 @@ pub fn merge_files(files: &[PathBuf], json: bool) -> Result<Merged> {
             if !seen_bytes.insert(bytes.clone()) {
                 continue;
             }
-            let v: Value = serde_json::from_slice(&bytes)
-                .map_err(|e| bad(f, format!("not valid JSON: {e}")))?;
-            let si = v
-                .get("parallel_strategy_item")
-                .and_then(Value::as_object)
-                .filter(|m| !m.is_empty());
-            let li = v
-                .get("parallel_layout_item")
-                .and_then(Value::as_object)
-                .filter(|m| !m.is_empty());
+            let v: Value = serde_json::from_slice(&bytes).map_err(|e| bad(f, format!("not valid JSON: {e}")))?;
+            let si = v.get("parallel_strategy_item").and_then(Value::as_object).filter(|m| !m.is_empty());
+            let li = v.get("parallel_layout_item").and_then(Value::as_object).filter(|m| !m.is_empty());
             let (Some(si), Some(li)) = (si, li) else {
-                return Err(bad(
-                    f,
-                    "the strategy file is empty (no strategy or layout items)",
-                ));
+                return Err(bad(f, "the strategy file is empty (no strategy or layout items)"));
             };
-            let stage = si
-                .values()
-                .next()
-                .and_then(|i| i.get("stage"))
-                .and_then(Value::as_u64)
-                .unwrap_or(0);
+            let stage = si.values().next().and_then(|i| i.get("stage")).and_then(Value::as_u64).unwrap_or(0);
             if merged_stages.contains(&stage) {
                 continue;
             }
@@ -576,10 +508,7 @@ pub fn merge_files(files: &[PathBuf], json: bool) -> Result<Merged> {
         }
         let mut out = Map::new();
         out.insert("current_stage".into(), Value::from(1));
-        out.insert(
-            "parallel_strategy_item".into(),
-            Value::Object(strategy_items),
-        );
+        out.insert("parallel_strategy_item".into(), Value::Object(strategy_items));
         out.insert("parallel_layout_item".into(), Value::Object(layout_items));
         return Ok(Merged::Json(Value::Object(out)));
     }
@@ -594,10 +523,7 @@ pub fn merge_files(files: &[PathBuf], json: bool) -> Result<Merged> {
         }
         let mut m = decode_proto(f, &bytes)?;
         if m.parallel_strategy_item.is_empty() || m.parallel_layout_item.is_empty() {
-            return Err(bad(
-                f,
-                "the strategy file is empty (no strategy or layout items)",
-            ));
+            return Err(bad(f, "the strategy file is empty (no strategy or layout items)"));
         }
         let stage = m.parallel_strategy_item[0].parallel_strategys.stage;
         if merged_stages.contains(&u64::from(stage)) {
@@ -606,8 +532,7 @@ pub fn merge_files(files: &[PathBuf], json: bool) -> Result<Merged> {
         for item in &mut m.parallel_layout_item {
             item.param_name = format!("{stage}-{}", item.param_name);
         }
-        out.parallel_strategy_item
-            .append(&mut m.parallel_strategy_item);
+        out.parallel_strategy_item.append(&mut m.parallel_strategy_item);
         out.parallel_layout_item.append(&mut m.parallel_layout_item);
         merged_stages.push(u64::from(stage));
     }
@@ -623,10 +548,7 @@ mod tests {
     fn stage_names_split_only_on_numeric_prefix() {
         assert_eq!(split_stage_name("1-model.w"), (1, "model.w"));
         assert_eq!(split_stage_name("12-a-b"), (12, "a-b"));
-        assert_eq!(
-            split_stage_name("attention-norm.weight"),
-            (0, "attention-norm.weight")
-        );
+        assert_eq!(split_stage_name("attention-norm.weight"), (0, "attention-norm.weight"));
         assert_eq!(split_stage_name("-x"), (0, "-x"));
     }
 
@@ -656,9 +578,6 @@ mod tests {
         let v: Value = serde_json::json!({"parallel_layout_item": {
             "w": {"dev_matrix": [2, 2], "tensor_map": [5, -1]}}});
         let err = Strategy::from_json(Path::new("s.json"), &v).unwrap_err();
-        assert!(
-            err.to_string().contains("'w'") && err.to_string().contains("axis 5"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("'w'") && err.to_string().contains("axis 5"), "{err}");
     }
 }

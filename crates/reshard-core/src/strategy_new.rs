@@ -81,11 +81,7 @@ pub struct ParamInfo {
 impl ParamInfo {
     /// A parameter of unknown element type.
     pub fn new(name: impl Into<String>, shape: Vec<u64>) -> ParamInfo {
-        ParamInfo {
-            name: name.into(),
-            shape,
-            dtype: None,
-        }
+        ParamInfo { name: name.into(), shape, dtype: None }
     }
 }
 
@@ -204,13 +200,7 @@ impl ParamPlan {
     pub fn tensor_map(&self) -> Vec<Vec<i32>> {
         self.split
             .iter()
-            .map(|axes| {
-                if axes.is_empty() {
-                    vec![-1]
-                } else {
-                    axes.iter().map(|a| a.map_value()).collect()
-                }
-            })
+            .map(|axes| if axes.is_empty() { vec![-1] } else { axes.iter().map(|a| a.map_value()).collect() })
             .collect()
     }
 
@@ -228,11 +218,7 @@ impl ParamPlan {
     pub fn param_layout(&self, dev: [u32; 2]) -> ParamLayout {
         ParamLayout {
             dev_matrix: dev.iter().map(|&d| u64::from(d)).collect(),
-            tensor_map: self
-                .tensor_map()
-                .into_iter()
-                .map(|v| v.into_iter().map(i64::from).collect())
-                .collect(),
+            tensor_map: self.tensor_map().into_iter().map(|v| v.into_iter().map(i64::from).collect()).collect(),
             nested: self.nested(),
             opt_shard_step: i64::from(self.opt_shard_step),
             opt_shard_size: i64::from(self.opt_shard_size),
@@ -270,20 +256,12 @@ pub struct Assignment {
 impl Assignment {
     /// Non-scalar parameters that matched no rule.
     pub fn unmatched(&self) -> Vec<&str> {
-        self.omitted
-            .iter()
-            .filter(|(_, o)| *o == Omitted::Unmatched)
-            .map(|(n, _)| n.as_str())
-            .collect()
+        self.omitted.iter().filter(|(_, o)| *o == Omitted::Unmatched).map(|(n, _)| n.as_str()).collect()
     }
 
     /// The layouts of one stage, sorted by name (the order of the written files).
     pub fn stage_layouts(&self, stage: u32) -> Vec<&ParamPlan> {
-        let mut v: Vec<&ParamPlan> = self
-            .layouts
-            .iter()
-            .filter(|p| p.stages.contains(&stage))
-            .collect();
+        let mut v: Vec<&ParamPlan> = self.layouts.iter().filter(|p| p.stages.contains(&stage)).collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));
         v
     }
@@ -303,11 +281,9 @@ pub fn base_name(name: &str) -> (&str, bool) {
 pub fn layer_index(name: &str) -> Option<u32> {
     let segs: Vec<&str> = name.split('.').collect();
     segs.windows(2).find_map(|w| {
-        (matches!(w[0], "layers" | "layer" | "blocks")
-            && !w[1].is_empty()
-            && w[1].bytes().all(|b| b.is_ascii_digit()))
-        .then(|| w[1].parse().ok())
-        .flatten()
+        (matches!(w[0], "layers" | "layer" | "blocks") && !w[1].is_empty() && w[1].bytes().all(|b| b.is_ascii_digit()))
+            .then(|| w[1].parse().ok())
+            .flatten()
     })
 }
 
@@ -321,18 +297,12 @@ pub fn assign(spec: &StrategySpec, params: &[ParamInfo]) -> Result<Assignment> {
     let mut seen = std::collections::HashSet::new();
     for p in params {
         if !seen.insert(p.name.as_str()) {
-            return Err(Error::Invalid(format!(
-                "parameter '{}' appears twice in the input",
-                p.name
-            )));
+            return Err(Error::Invalid(format!("parameter '{}' appears twice in the input", p.name)));
         }
     }
     check_rules_match(spec, params)?;
-    let layers = params
-        .iter()
-        .filter_map(|p| layer_index(base_name(&p.name).0))
-        .max()
-        .map_or(0, |m| m.saturating_add(1));
+    let layers =
+        params.iter().filter_map(|p| layer_index(base_name(&p.name).0)).max().map_or(0, |m| m.saturating_add(1));
     let has_user_stage_rules = spec.rules.stages.iter().any(|r| r.strict);
     if spec.pp > 1 && spec.pp > layers && !(layers == 0 && has_user_stage_rules) {
         return Err(Error::Invalid(format!(
@@ -355,17 +325,11 @@ pub fn assign(spec: &StrategySpec, params: &[ParamInfo]) -> Result<Assignment> {
         }
     }
 
-    let mut out = Assignment {
-        layers,
-        ..Assignment::default()
-    };
+    let mut out = Assignment { layers, ..Assignment::default() };
     // Weights first, so that optimizer states can take their weight's decisions.
     let mut decided: HashMap<String, ParamPlan> = HashMap::new();
-    let order: Vec<&ParamInfo> = params
-        .iter()
-        .filter(|p| !base_name(&p.name).1)
-        .chain(params.iter().filter(|p| base_name(&p.name).1))
-        .collect();
+    let order: Vec<&ParamInfo> =
+        params.iter().filter(|p| !base_name(&p.name).1).chain(params.iter().filter(|p| base_name(&p.name).1)).collect();
     let mut omitted: HashMap<&str, Omitted> = HashMap::new();
     for p in order {
         let (base, is_state) = base_name(&p.name);
@@ -379,12 +343,7 @@ pub fn assign(spec: &StrategySpec, params: &[ParamInfo]) -> Result<Assignment> {
         };
         let split = choose_split(spec, rule, &p.name, &p.shape)?;
         let Some(split) = split else {
-            omitted.insert(
-                &p.name,
-                Omitted::Skipped {
-                    rule: rule.origin.clone(),
-                },
-            );
+            omitted.insert(&p.name, Omitted::Skipped { rule: rule.origin.clone() });
             continue;
         };
         let stages = stages_of(spec, base, layers)?;
@@ -397,24 +356,14 @@ pub fn assign(spec: &StrategySpec, params: &[ParamInfo]) -> Result<Assignment> {
             opt_shard_size: 0,
             rule: rule.origin.clone(),
         };
-        let weight = if is_state {
-            decided
-                .get(base)
-                .filter(|w| w.split == plan.split && w.shape == plan.shape)
-        } else {
-            None
-        };
+        let weight =
+            if is_state { decided.get(base).filter(|w| w.split == plan.split && w.shape == plan.shape) } else { None };
         (plan.opt_shard_step, plan.opt_shard_size) = match weight {
             Some(w) => (w.opt_shard_step, w.opt_shard_size),
             None => opt_fields(spec, &plan, p.dtype),
         };
         // The same check the transform will do: every rank's box must exist.
-        ResolvedLayout::new(
-            &plan.param_layout(spec.dev_matrix()),
-            &plan.shape,
-            &plan.name,
-            &rules_path(&rule.origin),
-        )?;
+        ResolvedLayout::new(&plan.param_layout(spec.dev_matrix()), &plan.shape, &plan.name, &rules_path(&rule.origin))?;
         decided.insert(p.name.clone(), plan);
     }
     for p in params {
@@ -431,12 +380,7 @@ pub fn assign(spec: &StrategySpec, params: &[ParamInfo]) -> Result<Assignment> {
              --rules or a built-in set",
             unmatched.len(),
             params.len(),
-            unmatched
-                .iter()
-                .take(3)
-                .map(|n| format!("'{n}'"))
-                .collect::<Vec<_>>()
-                .join(", ")
+            unmatched.iter().take(3).map(|n| format!("'{n}'")).collect::<Vec<_>>().join(", ")
         )));
     }
     for s in 0..spec.pp {
@@ -456,17 +400,11 @@ fn check_rules_match(spec: &StrategySpec, params: &[ParamInfo]) -> Result<()> {
     let names: Vec<&str> = params.iter().map(|p| base_name(&p.name).0).collect();
     let check = |pattern: &pattern::Pattern, origin: &str| -> Result<()> {
         for n in &names {
-            if pattern
-                .matches(n)
-                .map_err(|e| Error::Invalid(format!("{origin}: {e}")))?
-            {
+            if pattern.matches(n).map_err(|e| Error::Invalid(format!("{origin}: {e}")))? {
                 return Ok(());
             }
         }
-        let hint = if ["adam_m", "adam_v", "accu_grads"]
-            .iter()
-            .any(|x| pattern.source.contains(x))
-        {
+        let hint = if ["adam_m", "adam_v", "accu_grads"].iter().any(|x| pattern.source.contains(x)) {
             "; rules see names without the optimizer prefixes (adam_m., adam_v., accu_grads.)"
         } else {
             ""
@@ -487,10 +425,7 @@ fn check_rules_match(spec: &StrategySpec, params: &[ParamInfo]) -> Result<()> {
 
 fn first_split_rule<'a>(spec: &'a StrategySpec, base: &str) -> Result<Option<&'a SplitRule>> {
     for r in &spec.rules.splits {
-        if r.pattern
-            .matches(base)
-            .map_err(|e| Error::Invalid(format!("{}: {e}", r.origin)))?
-        {
+        if r.pattern.matches(base).map_err(|e| Error::Invalid(format!("{}: {e}", r.origin)))? {
             return Ok(Some(r));
         }
     }
@@ -498,12 +433,7 @@ fn first_split_rule<'a>(spec: &'a StrategySpec, base: &str) -> Result<Option<&'a
 }
 
 /// The first alternative of `rule` that fits `shape`; `None` for `skip`.
-fn choose_split(
-    spec: &StrategySpec,
-    rule: &SplitRule,
-    name: &str,
-    shape: &[u64],
-) -> Result<Option<Vec<Vec<Axis>>>> {
+fn choose_split(spec: &StrategySpec, rule: &SplitRule, name: &str, shape: &[u64]) -> Result<Option<Vec<Vec<Axis>>>> {
     let mut first_err = None;
     for choice in &rule.choices {
         let dims = match choice {
@@ -523,11 +453,7 @@ fn choose_split(
     Err(Error::BadLayout {
         path: rules_path(&rule.origin),
         param: name.to_string(),
-        detail: format!(
-            "{detail} (rule '{} = {}')",
-            rule.pattern.source,
-            choices.join(" or ")
-        ),
+        detail: format!("{detail} (rule '{} = {}')", rule.pattern.source, choices.join(" or ")),
     })
 }
 
@@ -543,14 +469,8 @@ fn fits(spec: &StrategySpec, dims: &[Vec<Axis>], shape: &[u64]) -> Result<(), St
     for (i, (axes, &size)) in dims.iter().zip(shape).enumerate() {
         let ways: u64 = axes.iter().map(|&a| spec.axis_size(a)).product();
         if ways > 1 && size % ways != 0 {
-            let by: Vec<String> = axes
-                .iter()
-                .map(|&a| format!("{}={}", a.name(), spec.axis_size(a)))
-                .collect();
-            return Err(format!(
-                "dim {i} of size {size} (shape {shape:?}) does not divide by {}",
-                by.join("*")
-            ));
+            let by: Vec<String> = axes.iter().map(|&a| format!("{}={}", a.name(), spec.axis_size(a))).collect();
+            return Err(format!("dim {i} of size {size} (shape {shape:?}) does not divide by {}", by.join("*")));
         }
     }
     Ok(())
@@ -558,10 +478,7 @@ fn fits(spec: &StrategySpec, dims: &[Vec<Axis>], shape: &[u64]) -> Result<(), St
 
 fn stages_of(spec: &StrategySpec, base: &str, layers: u32) -> Result<Vec<u32>> {
     for r in &spec.rules.stages {
-        if r.pattern
-            .matches(base)
-            .map_err(|e| Error::Invalid(format!("{}: {e}", r.origin)))?
-        {
+        if r.pattern.matches(base).map_err(|e| Error::Invalid(format!("{}: {e}", r.origin)))? {
             let mut out = Vec::new();
             for s in &r.stages {
                 let n = match *s {
@@ -584,9 +501,7 @@ fn stages_of(spec: &StrategySpec, base: &str, layers: u32) -> Result<Vec<u32>> {
             return Ok(out);
         }
     }
-    Ok(vec![
-        layer_index(base).map_or(0, |i| layer_stage(spec, i, layers))
-    ])
+    Ok(vec![layer_index(base).map_or(0, |i| layer_stage(spec, i, layers))])
 }
 
 /// MindFormers' `layer_compute_dtype`: `min(i // max((layers + 1) // pp, 1), pp - 1)`.
@@ -618,13 +533,8 @@ fn opt_fields(spec: &StrategySpec, plan: &ParamPlan, dtype: Option<DType>) -> (i
     }
     let dev = spec.dev_matrix();
     let n = dev.len();
-    let mapped: Vec<usize> = plan
-        .tensor_map()
-        .iter()
-        .flatten()
-        .filter(|&&m| m >= 0)
-        .map(|&m| n - 1 - m as usize)
-        .collect();
+    let mapped: Vec<usize> =
+        plan.tensor_map().iter().flatten().filter(|&&m| m >= 0).map(|&m| n - 1 - m as usize).collect();
     let unmapped: Vec<usize> = (0..n).filter(|i| !mapped.contains(i)).collect();
     let replicas: u64 = unmapped.iter().map(|&i| u64::from(dev[i])).product();
     if replicas <= 1 {
@@ -641,36 +551,22 @@ fn opt_fields(spec: &StrategySpec, plan: &ParamPlan, dtype: Option<DType>) -> (i
     }
     // step = (last - first) / (count - 1) over the ranks that differ only on replicated axes.
     let stride = |i: usize| -> u64 { dev[i + 1..].iter().map(|&d| u64::from(d)).product() };
-    let last: u64 = unmapped
-        .iter()
-        .map(|&i| (u64::from(dev[i]) - 1) * stride(i))
-        .sum();
+    let last: u64 = unmapped.iter().map(|&i| (u64::from(dev[i]) - 1) * stride(i)).sum();
     let step = last / (replicas - 1);
     (i32::try_from(step).unwrap_or(i32::MAX), spec.opt_shard_size)
 }
 
 /// The node items of a stage: one per (non-optimizer) parameter, named as MindSpore names
 /// operators, each carrying the stage. MindSpore's tools only read the stage from them.
-fn strategy_items(
-    spec: &StrategySpec,
-    stage: u32,
-    plans: &[&ParamPlan],
-) -> Vec<(String, Vec<Vec<u32>>)> {
+fn strategy_items(spec: &StrategySpec, stage: u32, plans: &[&ParamPlan]) -> Vec<(String, Vec<Vec<u32>>)> {
     let weights: Vec<&&ParamPlan> = plans.iter().filter(|p| !base_name(&p.name).1).collect();
-    let chosen: Vec<&&ParamPlan> = if weights.is_empty() {
-        plans.iter().collect()
-    } else {
-        weights
-    };
+    let chosen: Vec<&&ParamPlan> = if weights.is_empty() { plans.iter().collect() } else { weights };
     chosen
         .iter()
         .enumerate()
         .map(|(i, p)| {
-            let st: Vec<u32> = p
-                .split
-                .iter()
-                .map(|axes| axes.iter().map(|&a| spec.axis_size(a) as u32).product())
-                .collect();
+            let st: Vec<u32> =
+                p.split.iter().map(|axes| axes.iter().map(|&a| spec.axis_size(a) as u32).product()).collect();
             let op = if p.name.contains("embedding") {
                 "Gather"
             } else if p.shape.len() == 1 {
@@ -698,38 +594,28 @@ pub fn stage_maps(spec: &StrategySpec, a: &Assignment) -> Vec<(u32, proto::Paral
     (0..spec.pp)
         .map(|stage| {
             let plans = a.stage_layouts(stage);
-            let mut m = proto::ParallelStrategyMap {
-                current_stage: 1,
-                ..Default::default()
-            };
+            let mut m = proto::ParallelStrategyMap { current_stage: 1, ..Default::default() };
             for (node, strategies) in strategy_items(spec, stage, &plans) {
                 m.parallel_strategy_item.push(proto::ParallelStrategyItem {
                     node_name: node,
                     parallel_strategys: proto::ParallelStrategys {
                         stage,
-                        parallel_strategy: strategies
-                            .into_iter()
-                            .map(|dim| proto::ParallelStrategy { dim })
-                            .collect(),
+                        parallel_strategy: strategies.into_iter().map(|dim| proto::ParallelStrategy { dim }).collect(),
                     },
                 });
             }
-            m.parallel_strategy_item
-                .sort_by(|x, y| x.node_name.cmp(&y.node_name));
+            m.parallel_strategy_item.sort_by(|x, y| x.node_name.cmp(&y.node_name));
             for p in plans {
                 let tm = p.tensor_map();
                 let tensor_map = if p.nested() {
-                    let mut v: Vec<proto::TensorMap> =
-                        tm.into_iter().map(|dim| proto::TensorMap { dim }).collect();
+                    let mut v: Vec<proto::TensorMap> = tm.into_iter().map(|dim| proto::TensorMap { dim }).collect();
                     if v.len() == 1 {
                         // MindSpore's layout path adds an empty map for 1-D tensors
                         v.push(proto::TensorMap::default());
                     }
                     v
                 } else {
-                    vec![proto::TensorMap {
-                        dim: tm.into_iter().flatten().collect(),
-                    }]
+                    vec![proto::TensorMap { dim: tm.into_iter().flatten().collect() }]
                 };
                 m.parallel_layout_item.push(proto::ParallelLayoutItem {
                     param_name: p.name.clone(),
@@ -756,10 +642,7 @@ pub fn stage_json(spec: &StrategySpec, a: &Assignment, stage: u32) -> Result<Val
     let mut nodes = strategy_items(spec, stage, &plans);
     nodes.sort_by(|x, y| x.0.cmp(&y.0));
     for (node, strategies) in nodes {
-        items.insert(
-            node,
-            serde_json::json!({"stage": stage, "parallel_strategy": strategies}),
-        );
+        items.insert(node, serde_json::json!({"stage": stage, "parallel_strategy": strategies}));
     }
     let mut layouts = Map::new();
     for p in plans {
@@ -795,14 +678,8 @@ pub fn stage_json(spec: &StrategySpec, a: &Assignment, stage: u32) -> Result<Val
 }
 
 /// Per-stage strategy maps for `params` (name, full shape), as MindSpore writes them.
-pub fn generate(
-    spec: &StrategySpec,
-    params: &[(String, Vec<u64>)],
-) -> Result<Vec<(u32, proto::ParallelStrategyMap)>> {
-    let infos: Vec<ParamInfo> = params
-        .iter()
-        .map(|(n, s)| ParamInfo::new(n.clone(), s.clone()))
-        .collect();
+pub fn generate(spec: &StrategySpec, params: &[(String, Vec<u64>)]) -> Result<Vec<(u32, proto::ParallelStrategyMap)>> {
+    let infos: Vec<ParamInfo> = params.iter().map(|(n, s)| ParamInfo::new(n.clone(), s.clone())).collect();
     let a = assign(spec, &infos)?;
     Ok(stage_maps(spec, &a))
 }
@@ -810,18 +687,12 @@ pub fn generate(
 /// The file name MindSpore gives the strategy of `stage`: `ckpt_strategy_rank_{first rank}`.
 pub fn stage_file_name(spec: &StrategySpec, stage: u32, json: bool) -> String {
     let first = u64::from(stage) * spec.stage_devices();
-    format!(
-        "ckpt_strategy_rank_{first}.{}",
-        if json { "json" } else { "ckpt" }
-    )
+    format!("ckpt_strategy_rank_{first}.{}", if json { "json" } else { "ckpt" })
 }
 
 /// The name of the merged file (MindFormers': inside the strategy folder).
 pub fn merged_file_name(json: bool) -> String {
-    format!(
-        "merged_ckpt_strategy.{}",
-        if json { "json" } else { "ckpt" }
-    )
+    format!("merged_ckpt_strategy.{}", if json { "json" } else { "ckpt" })
 }
 
 /// All settings of `reshard strategy new`, deserialisable from JSON for the C ABI
@@ -884,8 +755,7 @@ fn default_preset() -> String {
 impl NewOptions {
     /// Parses the JSON form.
     pub fn from_json(text: &str) -> Result<NewOptions> {
-        serde_json::from_str(text)
-            .map_err(|e| Error::Invalid(format!("bad strategy-new options: {e}")))
+        serde_json::from_str(text).map_err(|e| Error::Invalid(format!("bad strategy-new options: {e}")))
     }
 
     /// The rules: inline text, then the file, then the preset.
@@ -943,8 +813,7 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = PathBuf::from(tmp);
     let result = (|| {
         let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, "create", e))?;
-        f.write_all(bytes)
-            .map_err(|e| Error::io(&tmp, "write", e))?;
+        f.write_all(bytes).map_err(|e| Error::io(&tmp, "write", e))?;
         f.sync_all().map_err(|e| Error::io(&tmp, "sync", e))?;
         std::fs::rename(&tmp, path).map_err(|e| Error::io(path, "rename into place", e))
     })();
@@ -959,8 +828,7 @@ fn json_bytes(v: &Value) -> Result<Vec<u8>> {
     let mut out = Vec::new();
     let fmt = serde_json::ser::PrettyFormatter::with_indent(b" ");
     let mut ser = serde_json::Serializer::with_formatter(&mut out, fmt);
-    v.serialize(&mut ser)
-        .map_err(|e| Error::Invalid(format!("cannot serialise the strategy: {e}")))?;
+    v.serialize(&mut ser).map_err(|e| Error::Invalid(format!("cannot serialise the strategy: {e}")))?;
     out.push(b'\n');
     Ok(out)
 }
@@ -970,16 +838,9 @@ fn json_bytes(v: &Value) -> Result<Vec<u8>> {
 ///
 /// The folder may not hold other strategy files: MindSpore, MindFormers and reshard merge every
 /// `*.ckpt`/`*.json` of a strategy folder, so stale files would join the layout.
-pub fn write(
-    spec: &StrategySpec,
-    params: &[ParamInfo],
-    out_dir: &Path,
-    json: bool,
-) -> Result<Written> {
+pub fn write(spec: &StrategySpec, params: &[ParamInfo], out_dir: &Path, json: bool) -> Result<Written> {
     let a = assign(spec, params)?;
-    let stage_names: Vec<String> = (0..spec.pp)
-        .map(|s| stage_file_name(spec, s, json))
-        .collect();
+    let stage_names: Vec<String> = (0..spec.pp).map(|s| stage_file_name(spec, s, json)).collect();
     let merged_name = merged_file_name(json);
     let mut contents = Vec::new();
     if json {
@@ -1022,11 +883,7 @@ pub fn write(
     let merged = strategy::merge_files(&stage_files, json)?;
     let merged_path = out_dir.join(&merged_name);
     write_atomic(&merged_path, &merged.to_bytes())?;
-    Ok(Written {
-        stage_files,
-        merged: merged_path,
-        assignment: a,
-    })
+    Ok(Written { stage_files, merged: merged_path, assignment: a })
 }
 
 /// The checkpoint file a `--from` argument names: a file, a folder with one checkpoint, or a
@@ -1036,10 +893,7 @@ pub fn complete_checkpoint(path: &Path) -> Result<PathBuf> {
         return Ok(path.to_path_buf());
     }
     if !path.is_dir() {
-        return Err(Error::Source {
-            path: path.to_path_buf(),
-            detail: "no such checkpoint file or folder".into(),
-        });
+        return Err(Error::Source { path: path.to_path_buf(), detail: "no such checkpoint file or folder".into() });
     }
     let has_ranks = std::fs::read_dir(path)
         .map_err(|e| Error::io(path, "read folder", e))?
@@ -1057,10 +911,11 @@ pub fn complete_checkpoint(path: &Path) -> Result<PathBuf> {
                 ),
             });
         }
-        return set.files.into_values().next().ok_or_else(|| Error::Source {
-            path: path.to_path_buf(),
-            detail: "no checkpoint found".into(),
-        });
+        return set
+            .files
+            .into_values()
+            .next()
+            .ok_or_else(|| Error::Source { path: path.to_path_buf(), detail: "no checkpoint found".into() });
     }
     let mut files: Vec<PathBuf> = std::fs::read_dir(path)
         .map_err(|e| Error::io(path, "read folder", e))?
@@ -1074,10 +929,7 @@ pub fn complete_checkpoint(path: &Path) -> Result<PathBuf> {
             path: path.to_path_buf(),
             detail: "no .ckpt or .safetensors file and no rank_0 folder".into(),
         }),
-        n => Err(Error::Source {
-            path: path.to_path_buf(),
-            detail: format!("{n} checkpoint files; name one"),
-        }),
+        n => Err(Error::Source { path: path.to_path_buf(), detail: format!("{n} checkpoint files; name one") }),
     }
 }
 
@@ -1090,20 +942,13 @@ pub fn read_params(path: &Path) -> Result<Vec<ParamInfo>> {
         .tensors
         .iter()
         .filter(|t| t.dtype != DType::Str)
-        .map(|t| ParamInfo {
-            name: t.name.clone(),
-            shape: t.shape.clone(),
-            dtype: Some(t.dtype),
-        })
+        .map(|t| ParamInfo { name: t.name.clone(), shape: t.shape.clone(), dtype: Some(t.dtype) })
         .collect())
 }
 
 /// Full shapes by name, for [`show`].
 pub fn shapes_of(params: &[ParamInfo]) -> BTreeMap<String, Vec<u64>> {
-    params
-        .iter()
-        .map(|p| (p.name.clone(), p.shape.clone()))
-        .collect()
+    params.iter().map(|p| (p.name.clone(), p.shape.clone())).collect()
 }
 
 #[cfg(test)]
@@ -1148,20 +993,13 @@ mod tests {
             p("model.layers.0.ffn_norm.weight", &[6]),
         ];
         let a = assign(&spec, &params).unwrap();
-        let f: Vec<(i32, i32)> = a
-            .layouts
-            .iter()
-            .map(|l| (l.opt_shard_step, l.opt_shard_size))
-            .collect();
+        let f: Vec<(i32, i32)> = a.layouts.iter().map(|l| (l.opt_shard_step, l.opt_shard_size)).collect();
         // [mp,1]: replicas along dp, stride mp; [1,mp]: dim 0 = 16 % (1*2) ok;
         // replicated norm: all 8 ranks, stride 1; 6 % 8 != 0: not sharded
         assert_eq!(f, vec![(4, -1), (4, -1), (1, -1), (0, 0)]);
         spec.opt_shard_size = 2;
         let a = assign(&spec, &params).unwrap();
-        assert_eq!(
-            (a.layouts[3].opt_shard_step, a.layouts[3].opt_shard_size),
-            (1, 2)
-        );
+        assert_eq!((a.layouts[3].opt_shard_step, a.layouts[3].opt_shard_size), (1, 2));
         spec.opt_shard_size = 3; // divides no replica group
         let a = assign(&spec, &params).unwrap();
         assert!(a.layouts.iter().all(|l| l.opt_shard_size == 0));
@@ -1186,10 +1024,7 @@ mod tests {
         params[1].dtype = Some(DType::BFloat16);
         let a = assign(&spec, &params).unwrap();
         assert_eq!(a.layouts.len(), 2);
-        assert_eq!(
-            a.layouts[0].name,
-            "adam_m.model.layers.0.feed_forward.w2.weight"
-        );
+        assert_eq!(a.layouts[0].name, "adam_m.model.layers.0.feed_forward.w2.weight");
         assert_eq!(a.layouts[0].split, a.layouts[1].split);
         assert_eq!(a.layouts[0].opt_shard_step, a.layouts[1].opt_shard_step);
         assert_eq!(a.unmatched(), vec!["model.odd.thing"]);

@@ -20,10 +20,7 @@ impl MappedFile {
     /// Maps `path` read-only. An empty file gives an empty slice (mmap of 0 bytes is an error on Linux).
     pub fn open(path: &Path) -> Result<Self> {
         let file = File::open(path).map_err(|e| Error::io(path, "open", e))?;
-        let len = file
-            .metadata()
-            .map_err(|e| Error::io(path, "stat", e))?
-            .len();
+        let len = file.metadata().map_err(|e| Error::io(path, "stat", e))?.len();
         if len == 0 {
             return Ok(MappedFile { map: None });
         }
@@ -48,25 +45,15 @@ impl Deref for MappedFile {
 /// Copies up to `len` bytes from `src` at `src_off` to `dst` at `dst_off` without moving either
 /// file's position. Returns the bytes copied (short counts and errors are the caller's to
 /// handle, e.g. by writing the rest itself).
-pub fn copy_file_range(
-    src: &File,
-    mut src_off: u64,
-    dst: &File,
-    mut dst_off: u64,
-    len: u64,
-) -> std::io::Result<u64> {
+pub fn copy_file_range(src: &File, mut src_off: u64, dst: &File, mut dst_off: u64, len: u64) -> std::io::Result<u64> {
     let mut done = 0u64;
     while done < len {
-        let want = usize::try_from(len - done)
-            .unwrap_or(usize::MAX)
-            .min(1 << 30);
+        let want = usize::try_from(len - done).unwrap_or(usize::MAX).min(1 << 30);
         let (mut si, mut di) = (src_off as libc::loff_t, dst_off as libc::loff_t);
         // SAFETY: both descriptors are open for the duration of the call (borrowed Files), and
         // the offset pointers point to live stack variables the kernel updates; no memory of
         // ours is read or written by the copy itself.
-        let n = unsafe {
-            libc::copy_file_range(src.as_raw_fd(), &mut si, dst.as_raw_fd(), &mut di, want, 0)
-        };
+        let n = unsafe { libc::copy_file_range(src.as_raw_fd(), &mut si, dst.as_raw_fd(), &mut di, want, 0) };
         if n < 0 {
             return Err(std::io::Error::last_os_error());
         }

@@ -37,20 +37,14 @@ impl<'a> Cursor<'a> {
             };
             self.pos += 1;
             if shift == 63 && b > 1 {
-                return Err(format!(
-                    "varint overflows 64 bits at byte {}",
-                    self.offset() - 1
-                ));
+                return Err(format!("varint overflows 64 bits at byte {}", self.offset() - 1));
             }
             value |= u64::from(b & 0x7f) << shift;
             if b & 0x80 == 0 {
                 return Ok(value);
             }
         }
-        Err(format!(
-            "varint longer than 10 bytes at byte {}",
-            self.offset()
-        ))
+        Err(format!("varint longer than 10 bytes at byte {}", self.offset()))
     }
 
     /// Reads a field key: (field number, wire type).
@@ -71,10 +65,7 @@ impl<'a> Cursor<'a> {
         let start = self.pos;
         let avail = (self.buf.len() - start) as u64;
         if len > avail {
-            return Err(format!(
-                "length {len} at byte {} runs past the end ({avail} bytes left)",
-                self.offset()
-            ));
+            return Err(format!("length {len} at byte {} runs past the end ({avail} bytes left)", self.offset()));
         }
         let end = start + len as usize;
         self.pos = end;
@@ -94,12 +85,7 @@ impl<'a> Cursor<'a> {
             }
             WT_I64 => 8,
             WT_I32 => 4,
-            _ => {
-                return Err(format!(
-                    "unsupported wire type {wt} at byte {}",
-                    self.offset()
-                ))
-            }
+            _ => return Err(format!("unsupported wire type {wt} at byte {}", self.offset())),
         };
         if self.buf.len() - self.pos < n {
             return Err(format!("truncated fixed field at byte {}", self.offset()));

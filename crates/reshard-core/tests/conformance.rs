@@ -25,14 +25,7 @@ fn tensors(path: &Path) -> Vec<(String, String, Vec<u64>, Vec<u8>)> {
     f.index()
         .tensors
         .iter()
-        .map(|t| {
-            (
-                t.name.clone(),
-                t.dtype.ckpt_name().to_string(),
-                t.shape.clone(),
-                f.content(t).into_owned(),
-            )
-        })
+        .map(|t| (t.name.clone(), t.dtype.ckpt_name().to_string(), t.shape.clone(), f.content(t).into_owned()))
         .collect()
 }
 
@@ -54,17 +47,11 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
 }
 
 fn run_case(case: &Path) -> Result<(), String> {
-    let spec: Value =
-        serde_json::from_slice(&std::fs::read(case.join("case.json")).unwrap()).unwrap();
+    let spec: Value = serde_json::from_slice(&std::fs::read(case.join("case.json")).unwrap()).unwrap();
     let strat = |k: &str| spec[k].as_str().map(|s| case.join(s));
     let (src_s, dst_s) = (strat("src_strategy"), strat("dst_strategy"));
-    let plan = Plan::build(
-        &case.join("src"),
-        src_s.as_deref(),
-        dst_s.as_deref(),
-        &PlanOptions::default(),
-    )
-    .map_err(|e| format!("plan: {e}"))?;
+    let plan = Plan::build(&case.join("src"), src_s.as_deref(), dst_s.as_deref(), &PlanOptions::default())
+        .map_err(|e| format!("plan: {e}"))?;
     let out = scratch(case.file_name().unwrap().to_str().unwrap());
     let opts = ExecuteOptions {
         prefix: spec["prefix"].as_str().unwrap_or("checkpoint_").to_string(),
@@ -73,67 +60,39 @@ fn run_case(case: &Path) -> Result<(), String> {
     };
     let written = execute(&plan, &out, &[], &opts).map_err(|e| format!("execute: {e}"))?;
     // Tiny blocks (odd size, below one row) give the same bytes through the strided paths.
-    let small = scratch(&format!(
-        "{}-small",
-        case.file_name().unwrap().to_str().unwrap()
-    ));
-    let tiny = ExecuteOptions {
-        block_bytes: 7,
-        ..opts.clone()
-    };
-    for w in
-        execute(&plan, &small, &[], &tiny).map_err(|e| format!("execute with tiny blocks: {e}"))?
-    {
-        let same = std::fs::read(&w.path).unwrap()
-            == std::fs::read(out.join(w.path.strip_prefix(&small).unwrap())).unwrap();
+    let small = scratch(&format!("{}-small", case.file_name().unwrap().to_str().unwrap()));
+    let tiny = ExecuteOptions { block_bytes: 7, ..opts.clone() };
+    for w in execute(&plan, &small, &[], &tiny).map_err(|e| format!("execute with tiny blocks: {e}"))? {
+        let same =
+            std::fs::read(&w.path).unwrap() == std::fs::read(out.join(w.path.strip_prefix(&small).unwrap())).unwrap();
         if !same {
-            return Err(format!(
-                "{}: tiny blocks give different bytes",
-                w.path.display()
-            ));
+            return Err(format!("{}: tiny blocks give different bytes", w.path.display()));
         }
     }
     std::fs::remove_dir_all(&small).ok();
     for w in &written {
         let bytes = std::fs::read(&w.path).unwrap();
         if crc32fast::hash(&bytes) != w.crc32 || bytes.len() as u64 != w.len {
-            return Err(format!(
-                "{}: reported crc/size do not match the file",
-                w.path.display()
-            ));
+            return Err(format!("{}: reported crc/size do not match the file", w.path.display()));
         }
     }
     let expected = files_under(&case.join("expected"));
     let got = files_under(&out);
     if expected != got {
-        return Err(format!(
-            "output files differ: expected {expected:?}, got {got:?}"
-        ));
+        return Err(format!("output files differ: expected {expected:?}, got {got:?}"));
     }
     // Parameters with a source layout but none in the destination strategy: MindSpore writes
     // the raw source slice; reshard deliberately writes the complete tensor (README). Check those
     // against reshard's complete output, which the *_to_complete cases check against MindSpore.
     let deviating = |name: &str| -> bool {
-        let has = |p: &Option<PathBuf>| {
-            p.as_ref()
-                .map(|p| reshard_core::Strategy::load(p).unwrap().contains(name))
-        };
+        let has = |p: &Option<PathBuf>| p.as_ref().map(|p| reshard_core::Strategy::load(p).unwrap().contains(name));
         has(&src_s) == Some(true) && has(&dst_s) == Some(false)
     };
     let complete = std::cell::OnceCell::new();
     let complete_tensor = |name: &str| {
         let all = complete.get_or_init(|| {
-            let plan = Plan::build(
-                &case.join("src"),
-                src_s.as_deref(),
-                None,
-                &PlanOptions::default(),
-            )
-            .unwrap();
-            let dir = scratch(&format!(
-                "{}-complete",
-                case.file_name().unwrap().to_string_lossy()
-            ));
+            let plan = Plan::build(&case.join("src"), src_s.as_deref(), None, &PlanOptions::default()).unwrap();
+            let dir = scratch(&format!("{}-complete", case.file_name().unwrap().to_string_lossy()));
             let files = execute(&plan, &dir, &[], &ExecuteOptions::default()).unwrap();
             let t = tensors(&files[0].path);
             std::fs::remove_dir_all(&dir).ok();
@@ -142,23 +101,16 @@ fn run_case(case: &Path) -> Result<(), String> {
         all.iter().find(|t| t.0 == name).cloned()
     };
     for f in &expected {
-        let (mut e, g) = (
-            tensors(&case.join("expected").join(f)),
-            tensors(&out.join(f)),
-        );
+        let (mut e, g) = (tensors(&case.join("expected").join(f)), tensors(&out.join(f)));
         for t in e.iter_mut() {
             if deviating(&t.0) {
-                *t = complete_tensor(&t.0)
-                    .ok_or_else(|| format!("no complete tensor for {}", t.0))?;
+                *t = complete_tensor(&t.0).ok_or_else(|| format!("no complete tensor for {}", t.0))?;
             }
         }
         let en: Vec<&str> = e.iter().map(|t| t.0.as_str()).collect();
         let gn: Vec<&str> = g.iter().map(|t| t.0.as_str()).collect();
         if en != gn {
-            return Err(format!(
-                "{}: tensor names/order differ:\n expected {en:?}\n got      {gn:?}",
-                f.display()
-            ));
+            return Err(format!("{}: tensor names/order differ:\n expected {en:?}\n got      {gn:?}", f.display()));
         }
         for (a, b) in e.iter().zip(&g) {
             if a != b {
@@ -179,25 +131,15 @@ fn run_case(case: &Path) -> Result<(), String> {
     }
     // The source ranks we read are among those MindSpore says are needed.
     // (MindSpore's rank_list_for_transform does not know its own by-stage mode.)
-    if let Some(lists) = spec["rank_lists"]
-        .as_object()
-        .filter(|_| plan.part.is_none())
-    {
+    if let Some(lists) = spec["rank_lists"].as_object().filter(|_| plan.part.is_none()) {
         for (r, list) in lists {
             let r: u32 = r.parse().unwrap();
-            let ms: Vec<u64> = list
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_u64().unwrap())
-                .collect();
+            let ms: Vec<u64> = list.as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
             let mut rp = plan.rank_plan(r).map_err(|e| e.to_string())?;
             rp.tensors.retain(|t| !deviating(&t.name));
             let ours = rp.src_ranks();
             if let Some(x) = ours.iter().find(|x| !ms.contains(&u64::from(**x))) {
-                return Err(format!(
-                    "rank {r}: we read source rank {x}, MindSpore's rank list is {ms:?}"
-                ));
+                return Err(format!("rank {r}: we read source rank {x}, MindSpore's rank list is {ms:?}"));
             }
         }
     }
@@ -214,34 +156,21 @@ fn conformance_cases_match_mindspore() {
         .filter(|p| p.join("case.json").is_file())
         .collect();
     cases.sort();
-    assert!(
-        cases.len() >= 10,
-        "expected the conformance fixtures, found {}",
-        cases.len()
-    );
+    assert!(cases.len() >= 10, "expected the conformance fixtures, found {}", cases.len());
     let mut failures = Vec::new();
     for c in &cases {
         if let Err(e) = run_case(c) {
             failures.push(format!("{}: {e}", c.file_name().unwrap().to_string_lossy()));
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} of {} cases failed:\n{}",
-        failures.len(),
-        cases.len(),
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "{} of {} cases failed:\n{}", failures.len(), cases.len(), failures.join("\n"));
 }
 
 #[test]
 fn crc_outputs_carry_mindspore_compatible_checksums() {
     // MindSpore's own loader accepts these with crc_check=True (checked by hand with
     // tests/gen/roundtrip_check.py --crc); here our reader verifies the same checksums.
-    for (case, format) in [
-        ("dp2mp2_to_dp1mp4", "ckpt"),
-        ("safetensors_dp2mp2_to_dp1mp4", "safetensors"),
-    ] {
+    for (case, format) in [("dp2mp2_to_dp1mp4", "ckpt"), ("safetensors_dp2mp2_to_dp1mp4", "safetensors")] {
         let c = fixtures().join("conformance").join(case);
         let plan = Plan::build(
             &c.join("src"),
@@ -251,18 +180,10 @@ fn crc_outputs_carry_mindspore_compatible_checksums() {
         )
         .unwrap();
         let out = scratch(&format!("crc-{case}"));
-        let opts = ExecuteOptions {
-            crc: true,
-            format: Format::parse(format).unwrap(),
-            ..ExecuteOptions::default()
-        };
+        let opts = ExecuteOptions { crc: true, format: Format::parse(format).unwrap(), ..ExecuteOptions::default() };
         for w in execute(&plan, &out, &[], &opts).unwrap() {
             let f = CheckpointFile::open(&w.path, ReadOptions::default()).unwrap();
-            assert!(
-                f.index().crc.is_some(),
-                "{}: no crc written",
-                w.path.display()
-            );
+            assert!(f.index().crc.is_some(), "{}: no crc written", w.path.display());
             assert_eq!(crc32fast::hash(&std::fs::read(&w.path).unwrap()), w.crc32);
             // And the same tensors as without crc.
             let plain = tensors(&c.join("expected").join(w.path.strip_prefix(&out).unwrap()));

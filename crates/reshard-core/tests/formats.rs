@@ -41,28 +41,18 @@ fn checkpoints_read_as_mindspore_loads_them() {
         let ckpt = PathBuf::from(exp.to_string_lossy().trim_end_matches(".expected.json"));
         if e.get("crc_check_error").is_some() {
             // MindSpore refuses it with crc_check=True; so do we, naming the file and crc.
-            let err = CheckpointFile::open(&ckpt, ReadOptions::default())
-                .err()
-                .expect("damaged file accepted");
+            let err = CheckpointFile::open(&ckpt, ReadOptions::default()).err().expect("damaged file accepted");
             assert!(matches!(err, Error::CrcMismatch { .. }), "{err}");
             let msg = err.to_string();
-            assert!(
-                msg.contains("crc") && msg.contains(ckpt.file_name().unwrap().to_str().unwrap()),
-                "{msg}"
-            );
+            assert!(msg.contains("crc") && msg.contains(ckpt.file_name().unwrap().to_str().unwrap()), "{msg}");
             // Without verification, the (damaged) content reads like MindSpore's crc_check=False.
             let f = CheckpointFile::open(&ckpt, ReadOptions { verify_crc: false }).unwrap();
             compare(&f, &e, &ckpt);
             continue;
         }
-        let f =
-            CheckpointFile::open(&ckpt, ReadOptions::default()).unwrap_or_else(|e| panic!("{e}"));
+        let f = CheckpointFile::open(&ckpt, ReadOptions::default()).unwrap_or_else(|e| panic!("{e}"));
         compare(&f, &e, &ckpt);
-        if let Some(c) = e
-            .get("crc")
-            .and_then(|c| c.get("stored"))
-            .and_then(Value::as_u64)
-        {
+        if let Some(c) = e.get("crc").and_then(|c| c.get("stored")).and_then(Value::as_u64) {
             assert_eq!(f.index().crc, Some(c as u32), "{}", ckpt.display());
         }
         checked += 1;
@@ -83,12 +73,7 @@ fn compare(f: &CheckpointFile, e: &Value, path: &Path) {
         assert_eq!(t.name, w["name"].as_str().unwrap(), "{ctx}");
         assert_eq!(t.dtype.ckpt_name(), w["dtype"].as_str().unwrap(), "{ctx}");
         if t.dtype != reshard_core::DType::Str {
-            let shape: Vec<u64> = w["shape"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_u64().unwrap())
-                .collect();
+            let shape: Vec<u64> = w["shape"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
             assert_eq!(t.shape, shape, "{ctx}");
         }
         assert_eq!(hex(&f.content(t)), w["hex"].as_str().unwrap(), "{ctx}");
@@ -100,21 +85,11 @@ fn compare(f: &CheckpointFile, e: &Value, path: &Path) {
 
 fn layouts_match(s: &Strategy, e: &Value, path: &Path) {
     let params = e["params"].as_object().unwrap();
-    assert_eq!(
-        s.params.len(),
-        params.len(),
-        "{}: parameter count",
-        path.display()
-    );
+    assert_eq!(s.params.len(), params.len(), "{}: parameter count", path.display());
     for (name, w) in params {
         let ctx = format!("{}: {name}", path.display());
         let l = s.layout(name).unwrap_or_else(|| panic!("{ctx}: missing"));
-        let dev: Vec<u64> = w["dev_matrix"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap())
-            .collect();
+        let dev: Vec<u64> = w["dev_matrix"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
         assert_eq!(l.dev_matrix, dev, "{ctx}");
         let tm: Vec<Vec<i64>> = w["tensor_map"]
             .as_array()
@@ -126,24 +101,11 @@ fn layouts_match(s: &Strategy, e: &Value, path: &Path) {
             })
             .collect();
         assert_eq!(l.tensor_map, tm, "{ctx}");
-        assert_eq!(
-            l.opt_shard_step,
-            w["opt_weight_shard_step"].as_i64().unwrap(),
-            "{ctx}"
-        );
-        assert_eq!(
-            l.opt_shard_size,
-            w["opt_weight_shard_size"].as_i64().unwrap(),
-            "{ctx}"
-        );
+        assert_eq!(l.opt_shard_step, w["opt_weight_shard_step"].as_i64().unwrap(), "{ctx}");
+        assert_eq!(l.opt_shard_size, w["opt_weight_shard_size"].as_i64().unwrap(), "{ctx}");
         let mut stages = s.stages_of(name);
         stages.sort_unstable();
-        let mut want: Vec<u32> = w["stages"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as u32)
-            .collect();
+        let mut want: Vec<u32> = w["stages"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
         want.sort_unstable();
         assert_eq!(stages, want, "{ctx}");
     }
@@ -170,13 +132,9 @@ fn strategies_parse_as_mindspore_parses_them() {
 #[test]
 fn merge_equals_mindspore_merge() {
     let root = fixtures().join("strategies");
-    for (dir, merged) in [
-        ("pp2_proto", "pp2_proto.merged.ckpt"),
-        ("pp2_json", "pp2_json.merged.json"),
-    ] {
+    for (dir, merged) in [("pp2_proto", "pp2_proto.merged.ckpt"), ("pp2_json", "pp2_json.merged.json")] {
         // The fixture folder also holds expected.json files; merge a copy of the stage files.
-        let stages =
-            std::env::temp_dir().join(format!("reshard-stages-{}-{dir}", std::process::id()));
+        let stages = std::env::temp_dir().join(format!("reshard-stages-{}-{dir}", std::process::id()));
         std::fs::create_dir_all(&stages).unwrap();
         for e in std::fs::read_dir(root.join(dir)).unwrap() {
             let p = e.unwrap().path();
@@ -186,22 +144,15 @@ fn merge_equals_mindspore_merge() {
         }
         let ours = merge_dir(&stages).unwrap();
         std::fs::remove_dir_all(&stages).ok();
-        let out =
-            std::env::temp_dir().join(format!("reshard-merge-{}-{merged}", std::process::id()));
+        let out = std::env::temp_dir().join(format!("reshard-merge-{}-{merged}", std::process::id()));
         std::fs::write(&out, ours.to_bytes()).unwrap();
         let a = Strategy::load(&out).unwrap();
         let b = Strategy::load(&root.join(merged)).unwrap();
         std::fs::remove_file(&out).ok();
-        assert_eq!(
-            a.params, b.params,
-            "{dir}: merged layouts differ from MindSpore's"
-        );
+        assert_eq!(a.params, b.params, "{dir}: merged layouts differ from MindSpore's");
         assert_eq!(a.stage_num().unwrap(), b.stage_num().unwrap());
         // Names with '-' survive the stage prefix.
-        assert!(
-            a.params.iter().any(|(n, _)| n.contains('-')),
-            "{dir}: fixture lost its '-' name"
-        );
+        assert!(a.params.iter().any(|(n, _)| n.contains('-')), "{dir}: fixture lost its '-' name");
     }
 }
 
@@ -210,15 +161,10 @@ fn garbage_and_truncated_files_are_refused_with_the_file_name() {
     let dir = std::env::temp_dir().join(format!("reshard-garbage-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let good = std::fs::read(fixtures().join("formats/basic.ckpt")).unwrap();
-    for (i, cut) in [3usize, good.len() / 3, good.len() - 2]
-        .into_iter()
-        .enumerate()
-    {
+    for (i, cut) in [3usize, good.len() / 3, good.len() - 2].into_iter().enumerate() {
         let p = dir.join(format!("trunc{i}.ckpt"));
         std::fs::write(&p, &good[..cut]).unwrap();
-        let err = CheckpointFile::open(&p, ReadOptions::default())
-            .err()
-            .expect("truncated file accepted");
+        let err = CheckpointFile::open(&p, ReadOptions::default()).err().expect("truncated file accepted");
         assert!(err.to_string().contains(&format!("trunc{i}.ckpt")), "{err}");
     }
     let st = std::fs::read(fixtures().join("formats/basic.safetensors")).unwrap();
@@ -226,19 +172,10 @@ fn garbage_and_truncated_files_are_refused_with_the_file_name() {
     std::fs::write(&p, &st[..st.len() - 3]).unwrap();
     assert!(CheckpointFile::open(&p, ReadOptions::default()).is_err());
     let p = dir.join("garbage.ckpt");
-    std::fs::write(
-        &p,
-        (0..4096u32)
-            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
-            .collect::<Vec<_>>(),
-    )
-    .unwrap();
+    std::fs::write(&p, (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect::<Vec<_>>()).unwrap();
     assert!(CheckpointFile::open(&p, ReadOptions::default()).is_err());
     let p = dir.join("empty.json");
     std::fs::write(&p, b"").unwrap();
-    assert!(Strategy::load(&p)
-        .unwrap_err()
-        .to_string()
-        .contains("empty.json"));
+    assert!(Strategy::load(&p).unwrap_err().to_string().contains("empty.json"));
     std::fs::remove_dir_all(&dir).ok();
 }

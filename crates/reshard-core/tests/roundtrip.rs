@@ -22,12 +22,7 @@ fn scratch(name: &str) -> PathBuf {
 fn write_ckpt(path: &Path, tensors: &[(String, DType, Vec<u64>, Vec<u8>)]) {
     let headers: Vec<TensorHeader> = tensors
         .iter()
-        .map(|(n, d, s, b)| TensorHeader {
-            name: n.clone(),
-            dtype: *d,
-            dims: s.clone(),
-            nbytes: b.len() as u64,
-        })
+        .map(|(n, d, s, b)| TensorHeader { name: n.clone(), dtype: *d, dims: s.clone(), nbytes: b.len() as u64 })
         .collect();
     let contents: Vec<&[u8]> = tensors.iter().map(|t| t.3.as_slice()).collect();
     let out = ckpt::layout(&headers, 64).render(&contents);
@@ -37,18 +32,7 @@ fn write_ckpt(path: &Path, tensors: &[(String, DType, Vec<u64>, Vec<u8>)]) {
 
 fn read_all(path: &Path) -> Vec<(String, DType, Vec<u64>, Vec<u8>)> {
     let f = CheckpointFile::open(path, ReadOptions::default()).unwrap();
-    f.index()
-        .tensors
-        .iter()
-        .map(|t| {
-            (
-                t.name.clone(),
-                t.dtype,
-                t.shape.clone(),
-                f.content(t).into_owned(),
-            )
-        })
-        .collect()
+    f.index().tensors.iter().map(|t| (t.name.clone(), t.dtype, t.shape.clone(), f.content(t).into_owned())).collect()
 }
 
 /// A small model: (name, dtype, shape, tensor_map for a 2-axis dev matrix [a, b]).
@@ -70,9 +54,7 @@ fn complete_tensors() -> Vec<(String, DType, Vec<u64>, Vec<u8>)> {
         .enumerate()
         .map(|(i, (n, d, s, _))| {
             let bytes = s.iter().product::<u64>() * d.size();
-            let data = (0..bytes)
-                .map(|k| (k as u8).wrapping_mul(31).wrapping_add(i as u8 * 17))
-                .collect();
+            let data = (0..bytes).map(|k| (k as u8).wrapping_mul(31).wrapping_add(i as u8 * 17)).collect();
             (n, d, s, data)
         })
         .collect()
@@ -100,16 +82,12 @@ fn strategy(path: &Path, dev: [u64; 2], opt: bool) {
 }
 
 fn transform(src: &Path, src_s: Option<&Path>, dst_s: Option<&Path>, out: &Path) {
-    let plan =
-        Plan::build(src, src_s, dst_s, &PlanOptions::default()).unwrap_or_else(|e| panic!("{e}"));
+    let plan = Plan::build(src, src_s, dst_s, &PlanOptions::default()).unwrap_or_else(|e| panic!("{e}"));
     execute(&plan, out, &[], &ExecuteOptions::default()).unwrap_or_else(|e| panic!("{e}"));
 }
 
 fn round_trip(a: [u64; 2], a_opt: bool, b: [u64; 2], b_opt: bool) {
-    let dir = scratch(&format!(
-        "{}x{}{}-{}x{}{}",
-        a[0], a[1], a_opt, b[0], b[1], b_opt
-    ));
+    let dir = scratch(&format!("{}x{}{}-{}x{}{}", a[0], a[1], a_opt, b[0], b[1], b_opt));
     let original = complete_tensors();
     write_ckpt(&dir.join("complete/rank_0/model.ckpt"), &original);
     let (sa, sb) = (dir.join("a.json"), dir.join("b.json"));
@@ -125,11 +103,7 @@ fn round_trip(a: [u64; 2], a_opt: bool, b: [u64; 2], b_opt: bool) {
         v.sort_by(|x, y| x.0.cmp(&y.0));
         v
     };
-    assert_eq!(
-        sort(back),
-        sort(original.clone()),
-        "A -> B -> complete lost data"
-    );
+    assert_eq!(sort(back), sort(original.clone()), "A -> B -> complete lost data");
     assert_eq!(sort(direct), sort(original), "A -> complete lost data");
     std::fs::remove_dir_all(&dir).ok();
 }
@@ -150,22 +124,13 @@ fn sharded_to_sharded_round_trips() {
 }
 
 fn tile_check(a: [u64; 2], a_opt: bool, b: [u64; 2], b_opt: bool) -> Result<(), TestCaseError> {
-    let dir = scratch(&format!(
-        "tile-{}x{}{}-{}x{}{}",
-        a[0], a[1], a_opt, b[0], b[1], b_opt
-    ));
+    let dir = scratch(&format!("tile-{}x{}{}-{}x{}{}", a[0], a[1], a_opt, b[0], b[1], b_opt));
     let (sa, sb) = (dir.join("a.json"), dir.join("b.json"));
     strategy(&sa, a, a_opt);
     strategy(&sb, b, b_opt);
     write_ckpt(&dir.join("complete/rank_0/model.ckpt"), &complete_tensors());
     transform(&dir.join("complete"), None, Some(&sa), &dir.join("A"));
-    let plan = Plan::build(
-        &dir.join("A"),
-        Some(&sa),
-        Some(&sb),
-        &PlanOptions::default(),
-    )
-    .unwrap();
+    let plan = Plan::build(&dir.join("A"), Some(&sa), Some(&sb), &PlanOptions::default()).unwrap();
     for r in 0..plan.dst_rank_count() {
         for t in plan.rank_plan(r).unwrap().tensors {
             if let TensorSource::Pieces { dst_box, pieces } = &t.source {
@@ -176,11 +141,7 @@ fn tile_check(a: [u64; 2], a_opt: bool, b: [u64; 2], b_opt: bool) -> Result<(), 
                     prop_assert!(dst_box.contains(&p.region));
                     prop_assert!(p.src_box.contains(&p.region));
                     for q in &pieces[i + 1..] {
-                        prop_assert!(
-                            p.region.intersect(&q.region).is_none(),
-                            "overlap in {}",
-                            t.name
-                        );
+                        prop_assert!(p.region.intersect(&q.region).is_none(), "overlap in {}", t.name);
                     }
                 }
             }
@@ -192,11 +153,7 @@ fn tile_check(a: [u64; 2], a_opt: bool, b: [u64; 2], b_opt: bool) -> Result<(), 
 
 fn dev() -> impl Strategy<Value = [u64; 2]> {
     // Axis sizes whose splits (and optimizer splits) divide the model's dims.
-    (
-        prop::sample::select(vec![1u64, 2, 3, 6]),
-        prop::sample::select(vec![1u64, 2, 4]),
-    )
-        .prop_map(|(a, b)| [a, b])
+    (prop::sample::select(vec![1u64, 2, 3, 6]), prop::sample::select(vec![1u64, 2, 4])).prop_map(|(a, b)| [a, b])
 }
 
 proptest! {

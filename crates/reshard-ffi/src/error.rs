@@ -67,19 +67,13 @@ pub(crate) struct FfiError {
 
 impl FfiError {
     pub(crate) fn new(status: ReshardStatus, message: impl Into<String>) -> Self {
-        FfiError {
-            code: status.code(),
-            message: message.into(),
-        }
+        FfiError { code: status.code(), message: message.into() }
     }
 }
 
 impl From<reshard_core::Error> for FfiError {
     fn from(e: reshard_core::Error) -> Self {
-        FfiError {
-            code: e.code(),
-            message: e.to_string(),
-        }
+        FfiError { code: e.code(), message: e.to_string() }
     }
 }
 
@@ -94,10 +88,7 @@ pub struct ReshardError {
 
 impl ReshardError {
     pub(crate) fn from_ffi(e: FfiError) -> Self {
-        ReshardError {
-            code: e.code,
-            message: c_string_lossy(e.message),
-        }
+        ReshardError { code: e.code, message: c_string_lossy(e.message) }
     }
 }
 
@@ -122,8 +113,7 @@ pub(crate) fn c_string_lossy(s: String) -> CString {
 pub unsafe extern "C" fn reshard_error_code(error: *const ReshardError) -> i32 {
     panic::or_value(ReshardStatus::Panic.code(), || {
         // SAFETY: NULL or a live error object (# Safety).
-        unsafe { ffi::try_ref(error, "error") }
-            .map_or(ReshardStatus::NullArgument.code(), |e| e.code)
+        unsafe { ffi::try_ref(error, "error") }.map_or(ReshardStatus::NullArgument.code(), |e| e.code)
     })
 }
 

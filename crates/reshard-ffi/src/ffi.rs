@@ -14,10 +14,7 @@ use std::ptr::NonNull;
 use crate::error::{c_string_lossy, FfiError, ReshardError, ReshardStatus};
 
 fn null(name: &str) -> FfiError {
-    FfiError::new(
-        ReshardStatus::NullArgument,
-        format!("argument '{name}' is NULL"),
-    )
+    FfiError::new(ReshardStatus::NullArgument, format!("argument '{name}' is NULL"))
 }
 
 /// Where a failing call puts its error object: a caller-supplied `ReshardError **`, possibly
@@ -105,19 +102,13 @@ pub(crate) unsafe fn path_arg(ptr: *const c_char, name: &str) -> Result<PathBuf,
 /// # Safety
 ///
 /// As [`c_str`].
-pub(crate) unsafe fn opt_path_arg(
-    ptr: *const c_char,
-    name: &str,
-) -> Result<Option<PathBuf>, FfiError> {
+pub(crate) unsafe fn opt_path_arg(ptr: *const c_char, name: &str) -> Result<Option<PathBuf>, FfiError> {
     // SAFETY: forwarded contract.
     let Some(s) = (unsafe { c_str(ptr) }) else {
         return Ok(None);
     };
     if s.is_empty() {
-        return Err(FfiError::new(
-            ReshardStatus::InvalidArgument,
-            format!("argument '{name}' is an empty path"),
-        ));
+        return Err(FfiError::new(ReshardStatus::InvalidArgument, format!("argument '{name}' is an empty path")));
     }
     Ok(Some(PathBuf::from(OsStr::from_bytes(s.to_bytes()))))
 }
@@ -127,20 +118,14 @@ pub(crate) unsafe fn opt_path_arg(
 /// # Safety
 ///
 /// As [`c_str`].
-pub(crate) unsafe fn opt_utf8_arg<'a>(
-    ptr: *const c_char,
-    name: &str,
-) -> Result<Option<&'a str>, FfiError> {
+pub(crate) unsafe fn opt_utf8_arg<'a>(ptr: *const c_char, name: &str) -> Result<Option<&'a str>, FfiError> {
     // SAFETY: forwarded contract.
     let Some(s) = (unsafe { c_str(ptr) }) else {
         return Ok(None);
     };
-    s.to_str().map(Some).map_err(|e| {
-        FfiError::new(
-            ReshardStatus::InvalidUtf8,
-            format!("argument '{name}' is not valid UTF-8: {e}"),
-        )
-    })
+    s.to_str()
+        .map(Some)
+        .map_err(|e| FfiError::new(ReshardStatus::InvalidUtf8, format!("argument '{name}' is not valid UTF-8: {e}")))
 }
 
 fn check_len<T>(len: usize, name: &str) -> Result<(), FfiError> {
@@ -159,11 +144,7 @@ fn check_len<T>(len: usize, name: &str) -> Result<(), FfiError> {
 ///
 /// A non-NULL `ptr` must point to `len` initialised, aligned values that stay unchanged until the
 /// call returns.
-pub(crate) unsafe fn slice_arg<'a, T>(
-    ptr: *const T,
-    len: usize,
-    name: &str,
-) -> Result<&'a [T], FfiError> {
+pub(crate) unsafe fn slice_arg<'a, T>(ptr: *const T, len: usize, name: &str) -> Result<&'a [T], FfiError> {
     if len == 0 {
         return Ok(&[]);
     }

@@ -36,13 +36,10 @@ mod ffi;
 mod options;
 mod panic;
 
-pub use error::{
-    reshard_error_code, reshard_error_free, reshard_error_message, ReshardError, ReshardStatus,
-};
+pub use error::{reshard_error_code, reshard_error_free, reshard_error_message, ReshardError, ReshardStatus};
 pub use plan::{
-    reshard_execute, reshard_execute_with_progress, reshard_plan, reshard_plan_dst_rank_count,
-    reshard_plan_free, reshard_plan_src_ranks, reshard_plan_to_json, reshard_string_free,
-    ReshardPlan, ReshardProgressFn,
+    reshard_execute, reshard_execute_with_progress, reshard_plan, reshard_plan_dst_rank_count, reshard_plan_free,
+    reshard_plan_src_ranks, reshard_plan_to_json, reshard_string_free, ReshardPlan, ReshardProgressFn,
 };
 pub use strategy::reshard_merge_strategies;
 pub use version::{reshard_abi_version, reshard_version};
@@ -89,10 +86,7 @@ mod tests {
             reshard_error_free(err);
             assert_eq!(reshard_plan_dst_rank_count(null()), 0);
             assert!(reshard_plan_to_json(null()).is_null());
-            assert_eq!(
-                reshard_error_code(null()),
-                ReshardStatus::NullArgument.code()
-            );
+            assert_eq!(reshard_error_code(null()), ReshardStatus::NullArgument.code());
             reshard_plan_free(null_mut());
             reshard_error_free(null_mut());
             reshard_string_free(null_mut());

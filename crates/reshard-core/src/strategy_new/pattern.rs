@@ -41,10 +41,7 @@ impl Pattern {
             }
             None => Kind::Glob(text.chars().collect()),
         };
-        Ok(Pattern {
-            source: text.to_string(),
-            kind,
-        })
+        Ok(Pattern { source: text.to_string(), kind })
     }
 
     /// Whether `name` matches. A regex that needs more than the step budget is an error.
@@ -56,10 +53,7 @@ impl Pattern {
             }
             Kind::Regex(node) => {
                 let n: Vec<char> = name.chars().collect();
-                let m = Matcher {
-                    text: &n,
-                    steps: Cell::new(0),
-                };
+                let m = Matcher { text: &n, steps: Cell::new(0) };
                 for start in 0..=n.len() {
                     if m.run(node, start, &mut |_| true) {
                         return Ok(true);
@@ -127,20 +121,12 @@ impl ClassItem {
 enum Node {
     Char(char),
     Any,
-    Class {
-        items: Vec<ClassItem>,
-        negated: bool,
-    },
+    Class { items: Vec<ClassItem>, negated: bool },
     Start,
     End,
     Concat(Vec<Node>),
     Alt(Vec<Node>),
-    Repeat {
-        node: Box<Node>,
-        min: u32,
-        max: Option<u32>,
-        greedy: bool,
-    },
+    Repeat { node: Box<Node>, min: u32, max: Option<u32>, greedy: bool },
 }
 
 struct Parser {
@@ -150,10 +136,7 @@ struct Parser {
 
 impl Parser {
     fn new(s: &str) -> Parser {
-        Parser {
-            s: s.chars().collect(),
-            i: 0,
-        }
+        Parser { s: s.chars().collect(), i: 0 }
     }
 
     fn peek(&self) -> Option<char> {
@@ -174,11 +157,7 @@ impl Parser {
             self.i += 1;
             branches.push(self.concat()?);
         }
-        Ok(if branches.len() == 1 {
-            branches.pop().unwrap_or(Node::Concat(Vec::new()))
-        } else {
-            Node::Alt(branches)
-        })
+        Ok(if branches.len() == 1 { branches.pop().unwrap_or(Node::Concat(Vec::new())) } else { Node::Alt(branches) })
     }
 
     fn concat(&mut self) -> Result<Node, String> {
@@ -231,12 +210,7 @@ impl Parser {
         if matches!(self.peek(), Some('*' | '+' | '?')) {
             return Err(format!("multiple repeat at position {}", self.i));
         }
-        Ok(Node::Repeat {
-            node: Box::new(atom),
-            min,
-            max,
-            greedy,
-        })
+        Ok(Node::Repeat { node: Box::new(atom), min, max, greedy })
     }
 
     /// `{n}`, `{n,}`, `{n,m}`; None (and no input consumed) when it is not one.
@@ -274,9 +248,7 @@ impl Parser {
                 if self.s[self.i..].starts_with(&['?', ':']) {
                     self.i += 2;
                 } else if self.peek() == Some('?') {
-                    return Err(format!(
-                        "unsupported group syntax '(?' at position {at} (only '(?:' is supported)"
-                    ));
+                    return Err(format!("unsupported group syntax '(?' at position {at} (only '(?:' is supported)"));
                 }
                 let inner = self.alt()?;
                 if self.peek() != Some(')') {
@@ -292,10 +264,7 @@ impl Parser {
             '*' | '+' | '?' => return Err(format!("nothing to repeat at position {at}")),
             '\\' => match self.escape(at)? {
                 Esc::Char(c) => Node::Char(c),
-                Esc::Class(item) => Node::Class {
-                    items: vec![item],
-                    negated: false,
-                },
+                Esc::Class(item) => Node::Class { items: vec![item], negated: false },
             },
             c => Node::Char(c),
         })
@@ -315,9 +284,7 @@ impl Parser {
             'S' => Esc::Class(ClassItem::Space(true)),
             'n' => Esc::Char('\n'),
             't' => Esc::Char('\t'),
-            c if c.is_ascii_alphanumeric() => {
-                return Err(format!("unsupported escape '\\{c}' at position {at}"))
-            }
+            c if c.is_ascii_alphanumeric() => return Err(format!("unsupported escape '\\{c}' at position {at}")),
             c => Esc::Char(c),
         })
     }
@@ -361,9 +328,7 @@ impl Parser {
                 if hi == '\\' {
                     match self.escape(self.i - 1)? {
                         Esc::Char(c) => hi = c,
-                        Esc::Class(_) => {
-                            return Err(format!("bad range in the class at position {at}"))
-                        }
+                        Esc::Class(_) => return Err(format!("bad range in the class at position {at}")),
                     }
                 }
                 if hi < lo {
@@ -407,12 +372,7 @@ impl Matcher<'_> {
             Node::End => pos == t.len() && k(pos),
             Node::Concat(items) => self.seq(items, pos, k),
             Node::Alt(branches) => branches.iter().any(|b| self.run(b, pos, k)),
-            Node::Repeat {
-                node,
-                min,
-                max,
-                greedy,
-            } => self.repeat(node, *min, *max, *greedy, 0, pos, k),
+            Node::Repeat { node, min, max, greedy } => self.repeat(node, *min, *max, *greedy, 0, pos, k),
         }
     }
 
@@ -439,8 +399,7 @@ impl Matcher<'_> {
             can_more
                 && self.run(node, pos, &mut |p| {
                     // an empty iteration past the minimum would loop forever
-                    (p != pos || count < min)
-                        && self.repeat(node, min, max, greedy, count + 1, p, k)
+                    (p != pos || count < min) && self.repeat(node, min, max, greedy, count + 1, p, k)
                 })
         };
         if count < min {
@@ -464,14 +423,8 @@ mod tests {
 
     #[test]
     fn globs_match_whole_names() {
-        assert!(m(
-            "*.attention.wq.weight",
-            "model.layers.0.attention.wq.weight"
-        ));
-        assert!(!m(
-            "*.attention.wq.weight",
-            "model.layers.0.attention.wq.weight.x"
-        ));
+        assert!(m("*.attention.wq.weight", "model.layers.0.attention.wq.weight"));
+        assert!(!m("*.attention.wq.weight", "model.layers.0.attention.wq.weight.x"));
         assert!(m("*norm*", "model.norm_out.weight"));
         assert!(m("lm_head.weight", "lm_head.weight"));
         assert!(!m("lm_head.weight", "lm_headxweight.1"));
@@ -483,14 +436,8 @@ mod tests {
 
     #[test]
     fn regexes_search_with_python_semantics() {
-        assert!(m(
-            r"re:attention\.w[qkv]\.weight$",
-            "model.layers.0.attention.wk.weight"
-        ));
-        assert!(!m(
-            r"re:attention\.w[qkv]\.weight$",
-            "model.layers.0.attention.wo.weight"
-        ));
+        assert!(m(r"re:attention\.w[qkv]\.weight$", "model.layers.0.attention.wk.weight"));
+        assert!(!m(r"re:attention\.w[qkv]\.weight$", "model.layers.0.attention.wo.weight"));
         assert!(m(r"re:^model\.layers\.\d+\.", "model.layers.12.x"));
         assert!(!m(r"re:^model\.layers\.\d+\.", "xmodel.layers.12.x"));
         assert!(m(r"re:(w1|w3)\.weight", "feed_forward.w3.weight"));
@@ -505,15 +452,7 @@ mod tests {
 
     #[test]
     fn bad_regexes_are_refused() {
-        for bad in [
-            "re:(",
-            "re:a)",
-            "re:*a",
-            "re:[a",
-            r"re:\q",
-            "re:",
-            "re:(?P<x>a)",
-        ] {
+        for bad in ["re:(", "re:a)", "re:*a", "re:[a", r"re:\q", "re:", "re:(?P<x>a)"] {
             assert!(Pattern::parse(bad).is_err(), "{bad}");
         }
     }

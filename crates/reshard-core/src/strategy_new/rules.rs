@@ -163,10 +163,7 @@ impl Rules {
     pub fn builtin(name: &str) -> Result<Rules> {
         let (n, _, text) = BUILTIN.iter().find(|(n, _, _)| *n == name).ok_or_else(|| {
             let names: Vec<&str> = BUILTIN.iter().map(|(n, _, _)| *n).collect();
-            Error::Invalid(format!(
-                "unknown built-in rule set '{name}'; available: {}, or 'none'",
-                names.join(", ")
-            ))
+            Error::Invalid(format!("unknown built-in rule set '{name}'; available: {}, or 'none'", names.join(", ")))
         })?;
         Rules::parse(text, &format!("built-in rules '{n}'"), false)
     }
@@ -187,28 +184,15 @@ impl Rules {
                 _ => (false, line),
             };
             let Some((lhs, rhs)) = body.rsplit_once('=') else {
-                return Err(bad(
-                    "expected 'PATTERN = SPLIT' or 'stage PATTERN = STAGES'".into(),
-                ));
+                return Err(bad("expected 'PATTERN = SPLIT' or 'stage PATTERN = STAGES'".into()));
             };
-            let pattern =
-                Pattern::parse(lhs.trim()).map_err(|e| bad(format!("bad pattern: {e}")))?;
+            let pattern = Pattern::parse(lhs.trim()).map_err(|e| bad(format!("bad pattern: {e}")))?;
             if is_stage {
                 let stages = parse_stages(rhs.trim()).map_err(bad)?;
-                rules.stages.push(StageRule {
-                    pattern,
-                    stages,
-                    origin: at,
-                    strict,
-                });
+                rules.stages.push(StageRule { pattern, stages, origin: at, strict });
             } else {
                 let choices = parse_choices(rhs.trim()).map_err(bad)?;
-                rules.splits.push(SplitRule {
-                    pattern,
-                    choices,
-                    origin: at,
-                    strict,
-                });
+                rules.splits.push(SplitRule { pattern, choices, origin: at, strict });
             }
         }
         Ok(rules)
@@ -260,9 +244,7 @@ fn parse_split(s: &str) -> Result<Split, String> {
     let inner = s
         .strip_prefix('[')
         .and_then(|r| r.strip_suffix(']'))
-        .ok_or_else(|| {
-            format!("bad split '{s}': expected a list like [mp, 1], 'replicate' or 'skip'")
-        })?;
+        .ok_or_else(|| format!("bad split '{s}': expected a list like [mp, 1], 'replicate' or 'skip'"))?;
     let mut dims = Vec::new();
     let mut used: Vec<Axis> = Vec::new();
     for e in inner.split(',') {
@@ -279,11 +261,7 @@ fn parse_split(s: &str) -> Result<Split, String> {
             let a = match t.trim() {
                 "mp" => Axis::Mp,
                 "dp" => Axis::Dp,
-                other => {
-                    return Err(format!(
-                        "bad split entry '{other}' in '{s}': use 1, mp, dp or dp*mp"
-                    ))
-                }
+                other => return Err(format!("bad split entry '{other}' in '{s}': use 1, mp, dp or dp*mp")),
             };
             if used.contains(&a) {
                 return Err(format!(
@@ -303,15 +281,14 @@ fn parse_stages(s: &str) -> Result<Vec<StageRef>, String> {
     let mut out = Vec::new();
     for e in s.split(',') {
         let e = e.trim();
-        let r = match e {
-            "first" => StageRef::First,
-            "last" => StageRef::Last,
-            n => StageRef::Num(n.parse().map_err(|_| {
-                format!(
-                    "bad stage '{n}': use a stage number, 'first' or 'last', separated by commas"
-                )
-            })?),
-        };
+        let r =
+            match e {
+                "first" => StageRef::First,
+                "last" => StageRef::Last,
+                n => StageRef::Num(n.parse().map_err(|_| {
+                    format!("bad stage '{n}': use a stage number, 'first' or 'last', separated by commas")
+                })?),
+            };
         out.push(r);
     }
     Ok(out)
@@ -331,15 +308,9 @@ mod tests {
         )
         .unwrap();
         assert_eq!(r.splits.len(), 4);
-        assert_eq!(
-            r.splits[0].choices,
-            vec![Split::Dims(vec![vec![Axis::Mp], vec![]])]
-        );
+        assert_eq!(r.splits[0].choices, vec![Split::Dims(vec![vec![Axis::Mp], vec![]])]);
         assert_eq!(r.splits[1].pattern.source, "re:w#1");
-        assert_eq!(
-            r.splits[1].choices,
-            vec![Split::Dims(vec![vec![], vec![Axis::Dp, Axis::Mp]])]
-        );
+        assert_eq!(r.splits[1].choices, vec![Split::Dims(vec![vec![], vec![Axis::Dp, Axis::Mp]])]);
         assert_eq!(r.splits[2].choices.len(), 2);
         assert_eq!(r.splits[3].choices, vec![Split::Skip]);
         assert_eq!(r.stages[0].stages, vec![StageRef::Last, StageRef::Num(0)]);

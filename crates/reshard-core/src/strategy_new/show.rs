@@ -96,10 +96,7 @@ fn split_text(l: &ParamLayout) -> String {
 /// Describes `strategy`. Full shapes come from the file (`tensor_shape` of JSON strategies) or
 /// from `shapes` (e.g. a complete checkpoint); optimizer states without their own entry use
 /// their parameter's. Without a shape a row has the split only.
-pub fn show(
-    strategy: &Strategy,
-    shapes: Option<&BTreeMap<String, Vec<u64>>>,
-) -> Result<ShowReport> {
+pub fn show(strategy: &Strategy, shapes: Option<&BTreeMap<String, Vec<u64>>>) -> Result<ShowReport> {
     let stage_devices = strategy.stage_device_num()?;
     let stages = strategy.stage_num()?;
     let mut rows = Vec::new();
@@ -108,9 +105,7 @@ pub fn show(
             let l = &item.layout;
             let shape = l.tensor_shape.clone().or_else(|| {
                 let s = shapes?;
-                s.get(name)
-                    .or_else(|| s.get(super::base_name(name).0))
-                    .cloned()
+                s.get(name).or_else(|| s.get(super::base_name(name).0)).cloned()
             });
             let mut row = ShowRow {
                 name: name.clone(),
@@ -141,26 +136,16 @@ pub fn show(
                             }
                         }
                         let first_shape = by_box.first().map(|(b, _)| b.shape.clone());
-                        if by_box
-                            .iter()
-                            .all(|(b, _)| Some(&b.shape) == first_shape.as_ref())
-                        {
+                        if by_box.iter().all(|(b, _)| Some(&b.shape) == first_shape.as_ref()) {
                             row.slice_shape = first_shape;
                         }
                         let first_count = by_box.first().map(|(_, r)| r.len() as u64);
-                        if by_box
-                            .iter()
-                            .all(|(_, r)| Some(r.len() as u64) == first_count)
-                        {
+                        if by_box.iter().all(|(_, r)| Some(r.len() as u64) == first_count) {
                             row.replicas = first_count;
                         }
                         row.boxes = by_box
                             .into_iter()
-                            .map(|(b, ranks)| RankBox {
-                                ranks,
-                                offset: b.offset,
-                                shape: b.shape,
-                            })
+                            .map(|(b, ranks)| RankBox { ranks, offset: b.offset, shape: b.shape })
                             .collect();
                     }
                 }
@@ -168,11 +153,7 @@ pub fn show(
             rows.push(row);
         }
     }
-    Ok(ShowReport {
-        stages,
-        stage_devices,
-        rows,
-    })
+    Ok(ShowReport { stages, stage_devices, rows })
 }
 
 fn dims(v: &[u64]) -> String {
@@ -183,15 +164,7 @@ fn dims(v: &[u64]) -> String {
 impl ShowReport {
     /// A table: name, stage, split, optimizer shard, full shape, slice shape, replicas.
     pub fn to_text(&self) -> String {
-        let header = [
-            "name",
-            "stage",
-            "split",
-            "opt shard",
-            "shape",
-            "slice",
-            "replicas",
-        ];
+        let header = ["name", "stage", "split", "opt shard", "shape", "slice", "replicas"];
         let mut table: Vec<[String; 7]> = Vec::new();
         for r in &self.rows {
             let opt = if r.opt_shard_size == 0 || r.opt_shard_step == 0 {
@@ -266,10 +239,7 @@ impl ShowReport {
             out.push_str(&line(row));
         }
         for r in self.rows.iter().filter(|r| r.error.is_some()) {
-            out.push_str(&format!(
-                "error: {}\n",
-                r.error.as_deref().unwrap_or_default()
-            ));
+            out.push_str(&format!("error: {}\n", r.error.as_deref().unwrap_or_default()));
         }
         out
     }
