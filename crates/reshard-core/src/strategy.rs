@@ -421,7 +421,7 @@ impl Merged {
     pub fn to_bytes(&self) -> Vec<u8> {
         match self {
             Merged::Proto(m) => prost::Message::encode_to_vec(m),
-            Merged::Json(v) => serde_json::to_vec(v).unwrap_or_default(),
+            Merged::Json(v) => to_python_json(v),
         }
     }
 
@@ -432,6 +432,48 @@ impl Merged {
             Merged::Json(_) => "json",
         }
     }
+}
+
+/// JSON as Python's `json.dump` writes it (`", "` and `": "` separators, non-ASCII escaped),
+/// so merged JSON strategies are byte-identical to MindSpore's.
+pub fn to_python_json(v: &Value) -> Vec<u8> {
+    struct PyFormatter;
+    impl serde_json::ser::Formatter for PyFormatter {
+        fn begin_array_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W, first: bool) -> std::io::Result<()> {
+            if first {
+                Ok(())
+            } else {
+                w.write_all(b", ")
+            }
+        }
+        fn begin_object_key<W: ?Sized + std::io::Write>(&mut self, w: &mut W, first: bool) -> std::io::Result<()> {
+            if first {
+                Ok(())
+            } else {
+                w.write_all(b", ")
+            }
+        }
+        fn begin_object_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+            w.write_all(b": ")
+        }
+        fn write_string_fragment<W: ?Sized + std::io::Write>(&mut self, w: &mut W, s: &str) -> std::io::Result<()> {
+            for c in s.chars() {
+                if c.is_ascii() {
+                    w.write_all(&[c as u8])?;
+                } else {
+                    let mut buf = [0u16; 2];
+                    for u in c.encode_utf16(&mut buf) {
+                        write!(w, "\\u{u:04x}")?;
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+    let mut out = Vec::new();
+    let mut ser = serde_json::Serializer::with_formatter(&mut out, PyFormatter);
+    let _ = serde::Serialize::serialize(v, &mut ser);
+    out
 }
 
 /// The strategy files of a folder: every `*.ckpt`, or every `*.json`, sorted by name.

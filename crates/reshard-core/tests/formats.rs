@@ -144,6 +144,8 @@ fn merge_equals_mindspore_merge() {
         }
         let ours = merge_dir(&stages).unwrap();
         std::fs::remove_dir_all(&stages).ok();
+        // Byte for byte what MindSpore wrote (files taken in name order, as the fixture did).
+        assert_eq!(ours.to_bytes(), std::fs::read(root.join(merged)).unwrap(), "{dir}: merged bytes differ");
         let out = std::env::temp_dir().join(format!("reshard-merge-{}-{merged}", std::process::id()));
         std::fs::write(&out, ours.to_bytes()).unwrap();
         let a = Strategy::load(&out).unwrap();
