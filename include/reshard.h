@@ -327,6 +327,52 @@ int32_t reshard_merge_strategies(const char *src_dir,
                                  ReshardError **error_out);
 
 /**
+ * Converts this rank's checkpoint for the strategy the runtime has just written, as
+ * `reshard auto` does: finds what `load_checkpoint` holds (a folder of `rank_*` folders, a
+ * folder with only `rank_0` or loose checkpoints, or one file), waits for every rank's
+ * `ckpt_strategy_rank_{r}.ckpt` in `dst_strategy_dir`, merges them, and writes
+ * `output_dir/transformed_checkpoint/rank_{r}/{prefix}{r}.ckpt`.
+ *
+ * `options_json` (required) is a JSON object with the keys `load_checkpoint` (required),
+ * `src_strategy_path_or_dir`, `output_dir` (default "output"), `dst_strategy_dir` (default
+ * `output_dir/strategy`), `rank` and `world_size` (default: RANK_ID/RANK_SIZE, RANK/WORLD_SIZE,
+ * OMPI_COMM_WORLD_*, PMI_*, SLURM_PROCID/SLURM_NTASKS), `prefix` (default "checkpoint_"),
+ * `output_format` ("ckpt" or "safetensors"), `timeout` (seconds, default 600), `threads`
+ * (0 = all cores) and `quiet` (default false: the log goes to stderr, one line per step).
+ *
+ * Returns 0 on success and stores in `*load_path_out` the checkpoint this rank should load
+ * (free it with `reshard_string_free`). Otherwise returns a `RESHARD_STATUS_*` code, leaves
+ * `*load_path_out` untouched and, if `error_out` is not NULL, stores an error object there (free
+ * it with `reshard_error_free`). Several processes may call this at once for different ranks;
+ * they coordinate only through files.
+ *
+ * # Safety
+ *
+ * `options_json` must be NULL or NUL-terminated; `load_path_out` must be NULL or writable;
+ * `error_out` must be NULL or writable.
+ */
+int32_t reshard_auto(const char *options_json, char **load_path_out, ReshardError **error_out);
+
+/**
+ * Writes strategy files for a target layout without MindSpore, as `reshard strategy new`:
+ * reads parameter names and shapes from a checkpoint, applies sharding rules (a llama preset by
+ * default), and writes one file per pipeline stage plus `merged_ckpt_strategy.ckpt`.
+ *
+ * `options_json` (required) has the keys of `reshard strategy new`: `from` (checkpoint or
+ * folder, required), `dp`, `mp` (required), `pp`, `optimizer_shard`, `opt_shard_size`,
+ * `opt_shard_threshold_kb`, `rules` (a rules file), `rules_text`, `preset`, `layers_per_stage`,
+ * `out` (folder, required) and `json` (write JSON files).
+ *
+ * Returns 0 on success. Otherwise returns a `RESHARD_STATUS_*` code and, if `error_out` is not
+ * NULL, stores an error object there (free it with `reshard_error_free`).
+ *
+ * # Safety
+ *
+ * `options_json` must be NULL or NUL-terminated; `error_out` must be NULL or writable.
+ */
+int32_t reshard_strategy_new(const char *options_json, ReshardError **error_out);
+
+/**
  * The status code of an error object, or `RESHARD_STATUS_NULL_ARGUMENT` when `error` is NULL.
  *
  * # Safety

@@ -663,6 +663,82 @@ static void test_bad_plans(void)
     passed++;
 }
 
+/* reshard_auto: the runtime left ckpt_strategy_rank_{0,1}.ckpt (mp2); each rank converts the
+ * complete checkpoint for itself; the results equal MindSpore's transform. Then bad calls. */
+static void test_auto(void)
+{
+    char out[PATH_LEN], strat[PATH_LEN + 16], from[PATH_LEN + 64], to[PATH_LEN + 64], opts[3 * PATH_LEN];
+    snprintf(out, sizeof out, "%s/auto_output", scratch);
+    snprintf(strat, sizeof strat, "%s/strategy", out);
+    mkdir(out, 0755);
+    mkdir(strat, 0755);
+    snprintf(from, sizeof from, "%s/complete_to_mp2/dst_strategy.ckpt", fixtures);
+    for (int r = 0; r < 2; r++) {
+        snprintf(to, sizeof to, "%s/ckpt_strategy_rank_%d.ckpt", strat, r);
+        CHECK(copy_file(from, to) == 0, "cannot copy %s", from);
+    }
+    for (uint32_t r = 0; r < 2; r++) {
+        snprintf(opts, sizeof opts,
+                 "{\"load_checkpoint\": \"%s/complete_to_mp2/src\", \"output_dir\": \"%s\", "
+                 "\"rank\": %u, \"world_size\": 2, \"timeout\": 10, \"quiet\": true}",
+                 fixtures, out, r);
+        char *load = NULL;
+        ReshardError *err = NULL;
+        int32_t st = reshard_auto(opts, &load, &err);
+        CHECK(st == 0, "reshard_auto rank %u: %s", r, err ? reshard_error_message(err) : "");
+        reshard_error_free(err);
+        char want[PATH_LEN + 96];
+        snprintf(want, sizeof want, "%s/transformed_checkpoint/rank_%u/checkpoint_%u.ckpt", out, r, r);
+        CHECK(load != NULL && strcmp(load, want) == 0, "load path %s, want %s", load ? load : "NULL", want);
+        reshard_string_free(load);
+        char tdir[PATH_LEN + 32];
+        snprintf(tdir, sizeof tdir, "%s/transformed_checkpoint", out);
+        check_rank_output("complete_to_mp2", tdir, r, "checkpoint_", "ckpt");
+    }
+    char *load = NULL;
+    ReshardError *err = NULL;
+    int32_t st = reshard_auto(NULL, &load, &err);
+    check_error(st, err, RESHARD_STATUS_NULL_ARGUMENT, "options_json");
+    err = NULL;
+    st = reshard_auto("{\"load_checkpoint\": \"x\", \"bogus\": 1}", &load, &err);
+    check_error(st, err, RESHARD_STATUS_INVALID_OPTIONS, "bogus");
+    err = NULL;
+    st = reshard_auto("{\"output_dir\": \"x\"}", &load, &err);
+    check_error(st, err, RESHARD_STATUS_INVALID_OPTIONS, "load_checkpoint");
+    err = NULL;
+    st = reshard_auto("{\"load_checkpoint\": \"/nonexistent/ckpt\", \"rank\": 0, \"world_size\": 1}", &load,
+                      &err);
+    check_error(st, err, RESHARD_STATUS_SOURCE, "does not exist");
+    err = NULL;
+    st = reshard_auto("{\"load_checkpoint\": \"x\"}", NULL, &err);
+    check_error(st, err, RESHARD_STATUS_NULL_ARGUMENT, "load_path_out");
+    CHECK(load == NULL, "load_path_out written on failure");
+}
+
+/* reshard_strategy_new writes stage files and the merged file; bad requests are errors. */
+static void test_strategy_new(void)
+{
+    char opts[3 * PATH_LEN], merged[PATH_LEN + 64];
+    snprintf(opts, sizeof opts,
+             "{\"from\": \"%s/complete_to_mp2/src\", \"dp\": 1, \"mp\": 2, \"out\": \"%s/new_strategy\"}",
+             fixtures, scratch);
+    ReshardError *err = NULL;
+    int32_t st = reshard_strategy_new(opts, &err);
+    CHECK(st == 0, "reshard_strategy_new: %s", err ? reshard_error_message(err) : "");
+    reshard_error_free(err);
+    snprintf(merged, sizeof merged, "%s/new_strategy/merged_ckpt_strategy.ckpt", scratch);
+    CHECK(exists(merged), "%s missing", merged);
+    err = NULL;
+    st = reshard_strategy_new(NULL, &err);
+    check_error(st, err, RESHARD_STATUS_NULL_ARGUMENT, "options_json");
+    err = NULL;
+    snprintf(opts, sizeof opts, "{\"from\": \"%s/complete_to_mp2/src\", \"dp\": 1, \"mp\": 5, \"out\": \"%s/x\"}",
+             fixtures, scratch);
+    st = reshard_strategy_new(opts, &err);
+    CHECK(st != 0 && err != NULL, "mp 5 accepted");
+    reshard_error_free(err);
+}
+
 int main(int argc, char **argv)
 {
     if (argc != 3) {
@@ -683,6 +759,8 @@ int main(int argc, char **argv)
     test_safetensors();
     test_merge();
     test_bad_plans();
+    test_auto();
+    test_strategy_new();
     printf("%d passed, %d failed\n", passed, failed);
     return failed == 0 ? 0 : 1;
 }

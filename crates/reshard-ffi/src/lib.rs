@@ -27,6 +27,8 @@ mod plan;
 
 mod strategy;
 
+mod auto;
+
 mod error;
 
 mod version;
@@ -36,6 +38,7 @@ mod ffi;
 mod options;
 mod panic;
 
+pub use auto::{reshard_auto, reshard_strategy_new};
 pub use error::{reshard_error_code, reshard_error_free, reshard_error_message, ReshardError, ReshardStatus};
 pub use plan::{
     reshard_execute, reshard_execute_with_progress, reshard_plan, reshard_plan_dst_rank_count, reshard_plan_free,

@@ -1,43 +1,12 @@
 //! `reshard_merge_strategies`: MindSpore's `merge_pipeline_strategys` over the C ABI.
 
 use std::ffi::c_char;
-use std::io::Write;
-use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use reshard_core::strategy::merge_dir;
-use reshard_core::Error;
 
 use crate::error::ReshardError;
 use crate::ffi::{self, ErrorOut};
 use crate::panic::with_status;
-
-/// Writes `bytes` to `path` through a temporary file in the same folder and a rename, so the
-/// file is never seen half written. Creates the folder if needed.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
-    static SEQ: AtomicU64 = AtomicU64::new(0);
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
-    if let Some(dir) = dir {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, "create folder", e))?;
-    }
-    let name = path.file_name().ok_or_else(|| Error::Invalid(format!("{}: not a file name", path.display())))?;
-    let tmp = path.with_file_name(format!(
-        ".{}.reshard-{}-{}.tmp",
-        name.to_string_lossy(),
-        std::process::id(),
-        SEQ.fetch_add(1, Ordering::Relaxed)
-    ));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, "create", e))?;
-        f.write_all(bytes).map_err(|e| Error::io(&tmp, "write", e))?;
-        f.sync_all().map_err(|e| Error::io(&tmp, "sync", e))?;
-        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, "rename into place", e))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
-}
 
 /// Merges the per-pipeline-stage strategy files in `src_dir` (all `*.ckpt`, or all `*.json`)
 /// into one file `dst_file`, as MindSpore's `merge_pipeline_strategys` does (the same bytes for
@@ -65,7 +34,7 @@ pub unsafe extern "C" fn reshard_merge_strategies(
         // SAFETY: as above.
         let dst = unsafe { ffi::path_arg(dst_file, "dst_file") }?;
         let merged = merge_dir(&src)?;
-        write_atomic(&dst, &merged.to_bytes())?;
+        reshard_core::atomic::write_atomic(&dst, &merged.to_bytes(), true)?;
         Ok(())
     })
 }
