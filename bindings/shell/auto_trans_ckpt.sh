@@ -9,20 +9,18 @@
 #   python run_mindformer.py --load_checkpoint "$(dirname "$(dirname "$ckpt")")" ...
 #
 # Every flag is passed to `reshard auto` (see `reshard auto --help`); the checkpoint this rank
-# should load is printed on stdout, the log goes to stderr. The binary is $RESHARD_BIN, else
-# `reshard` on PATH, else target/release/reshard of this repository.
+# should load is printed on stdout, the log goes to stderr.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# The same lookup as transform_ckpt.sh: $RESHARD_BIN, this tree's build, then PATH.
 bin=${RESHARD_BIN:-}
 if [ -z "$bin" ]; then
-  if command -v reshard >/dev/null 2>&1; then
-    bin=reshard
-  else
-    bin="$here/../../target/release/reshard"
-  fi
+  tree="${CARGO_TARGET_DIR:-$here/../../target}/release/reshard"
+  if [ -x "$tree" ]; then bin=$tree; else bin=$(command -v reshard || true); fi
 fi
-if [ ! -x "$bin" ] && ! command -v "$bin" >/dev/null 2>&1; then
-  echo "auto_trans_ckpt.sh: reshard binary not found (set RESHARD_BIN or build with cargo build --release)" >&2
+if [ -z "$bin" ] || [ ! -x "$bin" ]; then
+  echo "auto_trans_ckpt.sh: cannot find the reshard binary (set RESHARD_BIN, build it with" \
+    "'cargo build --release -p reshard-cli', or put it on PATH)" >&2
   exit 127
 fi
 exec "$bin" auto "$@"

@@ -135,5 +135,24 @@ expect_status 2 bad_format "$script" --src_ckpt_dir "$fixtures/$c/src" --dst_ckp
 expect_log bad_format "invalid value 'npz'"
 if [ -e "$out/x" ]; then fail "failed runs wrote $out/x"; else ok; fi
 
+# auto_trans_ckpt.sh: two ranks launched at once (mp2 inference from a complete checkpoint), as
+# a run_distribute.sh-style launcher would, after the runtime wrote its strategy files.
+c=complete_to_mp2
+auto_out="$out/auto/output"
+mkdir -p "$auto_out/strategy"
+for r in 0 1; do cp "$fixtures/$c/dst_strategy.ckpt" "$auto_out/strategy/ckpt_strategy_rank_$r.ckpt"; done
+for r in 0 1; do
+  RANK_ID=$r RANK_SIZE=2 "$root/bindings/shell/auto_trans_ckpt.sh" --load_checkpoint "$fixtures/$c/src" \
+    --output_dir "$auto_out" --timeout 30 >"$out/auto_$r.path" 2>"$out/auto_$r.log" &
+done
+wait
+for r in 0 1; do
+  if [ "$(cat "$out/auto_$r.path")" = "$auto_out/transformed_checkpoint/rank_$r/checkpoint_$r.ckpt" ]; then ok
+  else fail "auto_trans_ckpt.sh rank $r printed '$(cat "$out/auto_$r.path")'"; sed 's/^/    /' "$out/auto_$r.log"; fi
+done
+same_as_expected "$c" "$auto_out/transformed_checkpoint"
+expect_log auto_0 "reshard[rank 0]: destination: 2 rank(s)"
+RESHARD_BIN=/nonexistent expect_status 127 auto_no_bin "$root/bindings/shell/auto_trans_ckpt.sh" --load_checkpoint x
+
 echo "shell suite: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]
