@@ -70,7 +70,22 @@ pub fn parse(path: &Path, bytes: &[u8], opts: ReadOptions) -> Result<CheckpointI
             });
         }
     }
-    let (body, crc) = split_crc(path, bytes, opts)?;
+    // A trailer is b"crc_num" + 10 bytes at the end. Tensor content can end with the same
+    // bytes by chance; a real trailer never parses as protobuf (0x63 is field 12 with wire type
+    // 3, which checkpoints never use), so when the whole file parses, there is no trailer.
+    let has_trailer = bytes.len() >= CRC_TRAILER_LEN
+        && &bytes[bytes.len() - CRC_TRAILER_LEN..bytes.len() - 10] == CRC_MAGIC
+        && parse_values(path, bytes).is_err();
+    let (body, crc) = if has_trailer { split_crc(path, bytes, opts)? } else { (bytes, None) };
+    let mut tensors = parse_values(path, body)?;
+    for t in &mut tensors {
+        t.shape = checked_shape(path, t)?;
+    }
+    Ok(CheckpointIndex::new(Format::Ckpt, tensors, bytes.len() as u64, crc, Default::default()))
+}
+
+/// Walks the protobuf `Checkpoint` in `body`, joining consecutive values of one tag.
+fn parse_values(path: &Path, body: &[u8]) -> Result<Vec<TensorInfo>> {
     let mut tensors: Vec<TensorInfo> = Vec::new();
     let mut seen = std::collections::HashSet::new();
     let mut cur = Cursor::new(body, 0);
@@ -117,10 +132,7 @@ pub fn parse(path: &Path, bytes: &[u8], opts: ReadOptions) -> Result<CheckpointI
             }
         }
     }
-    for t in &mut tensors {
-        t.shape = checked_shape(path, t)?;
-    }
-    Ok(CheckpointIndex::new(Format::Ckpt, tensors, bytes.len() as u64, crc, Default::default()))
+    Ok(tensors)
 }
 
 /// Checks content size against dims x dtype size and returns the logical shape.
@@ -351,6 +363,24 @@ mod tests {
         for cut in [1, 5, bytes.len() / 2, bytes.len() - 1] {
             assert!(parse(Path::new("t.ckpt"), &bytes[..cut], ReadOptions::default()).is_err(), "cut {cut}");
         }
+    }
+
+    #[test]
+    fn content_that_ends_like_a_crc_trailer_is_content() {
+        // Found by fuzzing: the last tensor's bytes end with b"crc_num" + 10 bytes.
+        let mut content = vec![1u8; 8];
+        content.extend_from_slice(b"crc_num");
+        content.extend_from_slice(&[0xc0, 0x3f, 9, 9, 9, 9, 9, 9, 9, 9]);
+        content.truncate(24);
+        let hs = vec![header("w", DType::UInt8, &[content.len() as u64])];
+        let bytes = render(&layout(&hs, CHUNK_BYTES), &[content.clone()]);
+        let idx = parse(Path::new("c.ckpt"), &bytes, ReadOptions::default()).unwrap();
+        assert_eq!(idx.crc, None);
+        assert_eq!(&*crate::checkpoint::content_of(&bytes, &idx.tensors[0]), &content[..]);
+        // A real trailer after it is still found and checked.
+        let mut with = bytes.clone();
+        with.extend_from_slice(&crc_trailer(crc32fast::hash(&bytes)));
+        assert!(parse(Path::new("c.ckpt"), &with, ReadOptions::default()).unwrap().crc.is_some());
     }
 
     #[test]
