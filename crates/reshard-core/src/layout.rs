@@ -63,9 +63,10 @@ pub fn full_shape_from_slice(l: &ParamLayout, slice: &[u64]) -> Vec<u64> {
         .iter()
         .enumerate()
         .map(|(i, &s)| {
-            let f = s * strat.get(i).copied().unwrap_or(1);
+            // Saturating: an absurd result fails the shape checks instead of wrapping.
+            let f = s.saturating_mul(strat.get(i).copied().unwrap_or(1));
             if i == 0 && opt > 0 {
-                f * opt as u64
+                f.saturating_mul(opt as u64)
             } else {
                 f
             }

@@ -157,6 +157,9 @@ pub fn split_stage_name(name: &str) -> (u32, &str) {
     (0, name)
 }
 
+/// Devices per pipeline stage that a strategy may describe.
+pub const MAX_DEVICES: u64 = 1 << 24;
+
 fn bad(path: &Path, detail: impl Into<String>) -> Error {
     Error::Malformed { path: path.to_path_buf(), kind: "strategy", detail: detail.into() }
 }
@@ -198,6 +201,18 @@ impl Strategy {
                 path: path.to_path_buf(),
                 param: name.into(),
                 detail: "empty dev_matrix (a pipeline-only strategy cannot be transformed)".into(),
+            });
+        }
+        // Bounded so that every product of device counts below fits in 64 bits.
+        let devices = layout.dev_matrix.iter().try_fold(1u64, |a, &d| a.checked_mul(d)).unwrap_or(u64::MAX);
+        if devices > MAX_DEVICES || layout.dev_matrix.len() > 32 {
+            return Err(Error::BadLayout {
+                path: path.to_path_buf(),
+                param: name.into(),
+                detail: format!(
+                    "dev_matrix {:?} describes {devices} devices; at most {MAX_DEVICES} are supported",
+                    layout.dev_matrix
+                ),
             });
         }
         if layout.dev_matrix.contains(&0) {
@@ -613,6 +628,14 @@ mod tests {
         assert_eq!(w.tensor_shape, Some(vec![4, 4]));
         assert!(s.layout("n").unwrap().nested);
         assert_eq!(s.stage_device_num().unwrap(), 4);
+    }
+
+    #[test]
+    fn absurd_device_counts_are_refused() {
+        let v: Value = serde_json::json!({"parallel_layout_item": {
+            "w": {"dev_matrix": [4294967295u64, 4294967295u64, 4294967295u64], "tensor_map": [0, -1]}}});
+        let err = Strategy::from_json(Path::new("s.json"), &v).unwrap_err();
+        assert!(err.to_string().contains("at most"), "{err}");
     }
 
     #[test]
