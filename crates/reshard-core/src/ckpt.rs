@@ -70,6 +70,9 @@ pub fn parse(path: &Path, bytes: &[u8], opts: ReadOptions) -> Result<CheckpointI
             });
         }
     }
+    if bytes.is_empty() {
+        return Err(malformed(path, "the file is empty (0 bytes)".into()));
+    }
     // A trailer is b"crc_num" + 10 bytes at the end. Tensor content can end with the same
     // bytes by chance; a real trailer never parses as protobuf (0x63 is field 12 with wire type
     // 3, which checkpoints never use), so when the whole file parses, there is no trailer.

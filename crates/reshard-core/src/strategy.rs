@@ -235,6 +235,26 @@ impl Strategy {
                 });
             }
         }
+        let mut used: Vec<i64> = layout.tensor_map.iter().flatten().copied().filter(|&m| m >= 0).collect();
+        used.sort_unstable();
+        if used.windows(2).any(|w| w[0] == w[1]) {
+            return Err(Error::BadLayout {
+                path: path.to_path_buf(),
+                param: name.into(),
+                detail: format!("tensor_map {:?} uses one device axis for two tensor dims", layout.tensor_map),
+            });
+        }
+        if layout.opt_shard_size < -1 || layout.opt_shard_step < 0 {
+            return Err(Error::BadLayout {
+                path: path.to_path_buf(),
+                param: name.into(),
+                detail: format!(
+                    "opt_weight_shard_size {} / opt_weight_shard_step {}: the size must be -1 (all replicas), 0 or \
+                     positive, the step 0 or positive",
+                    layout.opt_shard_size, layout.opt_shard_step
+                ),
+            });
+        }
         let entry = StageLayout { stage, layout };
         match self.index.get(name) {
             Some(&i) => self.params[i].1.push(entry),
