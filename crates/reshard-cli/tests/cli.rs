@@ -1,0 +1,1282 @@
+//! CLI-level tests of the `reshard` binary.
+//!
+//! - The bad-input corpus (`tests/corpus`, made by `tests/corpus/make_corpus.py`): one test per
+//!   entry. Each runs the real binary and checks exit status 1, exactly one `reshard: error:`
+//!   line on stderr naming the file (and rank, parameter, shapes where relevant), no panic text,
+//!   and that nothing was written under the output folder.
+//! - Output-folder refusals: inside the source, not writable, a file-size limit hit mid-write.
+//! - Positive runs on MindSpore-made fixtures: `inspect --json`, `merge-strategy`, `transform`
+//!   (byte-identical to MindSpore), `plan --json`, `rank-list`, `--help`.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+const BIN: &str = env!("CARGO_BIN_EXE_reshard");
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+}
+
+fn corpus(rel: &str) -> PathBuf {
+    repo().join("tests/corpus").join(rel)
+}
+
+fn fixture(rel: &str) -> PathBuf {
+    repo().join("tests/fixtures").join(rel)
+}
+
+/// A scratch folder, removed (permissions restored first) when dropped.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(tag: &str) -> Scratch {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let tag: String = tag.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+        let d = std::env::temp_dir().join(format!(
+            "reshard-cli-{}-{}-{tag}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        Scratch(d)
+    }
+
+    fn join(&self, p: impl AsRef<Path>) -> PathBuf {
+        self.0.join(p)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        make_writable(&self.0);
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn make_writable(p: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(m) = std::fs::symlink_metadata(p) {
+        if m.is_dir() {
+            let _ = std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755));
+            if let Ok(rd) = std::fs::read_dir(p) {
+                for e in rd.flatten() {
+                    make_writable(&e.path());
+                }
+            }
+        }
+    }
+}
+
+fn reshard<I, S>(args: I) -> Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    Command::new(BIN).args(args).env("RUST_BACKTRACE", "0").output().unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Every file (not folder) under `dir`, recursively; empty when `dir` does not exist.
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        let ft = e.file_type().unwrap();
+        if ft.is_dir() {
+            out.extend(files_under(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Checks a refusal: exit status 1, one `reshard: error:` line containing every needle, no
+/// panic, nothing on stdout. Returns the message.
+#[track_caller]
+fn assert_refused(out: &Output, needles: &[&str]) -> String {
+    let stderr = text(&out.stderr);
+    let stdout = text(&out.stdout);
+    assert!(!stderr.contains("panicked") && !stderr.contains("RUST_BACKTRACE"), "panic:\n{stderr}");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "expected exit status 1, got {:?}\nstderr:\n{stderr}\nstdout:\n{stdout}",
+        out.status
+    );
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected exactly one line on stderr, got:\n{stderr}");
+    let msg = lines[0];
+    assert!(msg.starts_with("reshard: error: "), "not an error line: {msg}");
+    for n in needles {
+        assert!(msg.contains(n), "message does not name {n:?}:\n{msg}");
+    }
+    assert!(stdout.trim().is_empty(), "a refused command printed to stdout:\n{stdout}");
+    msg.to_string()
+}
+
+/// Nothing under `dst`: no output under a final name, no temporary file, no manifest.
+#[track_caller]
+fn assert_nothing_written(dst: &Path) {
+    let files = files_under(dst);
+    assert!(files.is_empty(), "a failed run left files under {}: {files:?}", dst.display());
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            copy_dir(&p, &to.join(e.file_name()));
+        } else {
+            std::fs::copy(&p, to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+// ------------------------------------------------------------------ corpus: checkpoint files
+
+/// A corrupt checkpoint file: `reshard transform` with it as the complete source in `rank_0`,
+/// and `reshard inspect` (table and JSON) on it, are refused naming it.
+fn refuse_checkpoint_file(rel: &str, needles: &[&str]) {
+    let file = corpus(rel);
+    assert!(file.is_file(), "missing corpus file {}", file.display());
+    let name = file.file_name().unwrap().to_str().unwrap().to_string();
+    let s = Scratch::new(rel);
+    let src = s.join("src");
+    std::fs::create_dir_all(src.join("rank_0")).unwrap();
+    std::fs::copy(&file, src.join("rank_0").join(&name)).unwrap();
+    let dst = s.join("out");
+
+    let mut all: Vec<&str> = vec![&name, "rank_0"];
+    all.extend_from_slice(needles);
+    let out = reshard([
+        OsStr::new("transform"),
+        "--src_ckpt_dir".as_ref(),
+        src.as_os_str(),
+        "--dst_ckpt_dir".as_ref(),
+        dst.as_os_str(),
+        "-q".as_ref(),
+    ]);
+    assert_refused(&out, &all);
+    assert_nothing_written(&dst);
+    // The source folder is left as it was.
+    assert_eq!(files_under(&src), vec![src.join("rank_0").join(&name)]);
+
+    let mut all: Vec<&str> = vec![&name];
+    all.extend_from_slice(needles);
+    assert_refused(&reshard([OsStr::new("inspect"), file.as_os_str()]), &all);
+    assert_refused(&reshard([OsStr::new("inspect"), "--json".as_ref(), file.as_os_str()]), &all);
+}
+
+#[test]
+fn corpus_ckpt_truncated() {
+    refuse_checkpoint_file("ckpt/truncated.ckpt", &["malformed checkpoint", "past the end"]);
+}
+
+#[test]
+fn corpus_ckpt_garbage() {
+    refuse_checkpoint_file("ckpt/garbage.ckpt", &["malformed checkpoint"]);
+}
+
+#[test]
+fn corpus_ckpt_crc_mismatch() {
+    refuse_checkpoint_file("ckpt/crc_mismatch.ckpt", &["crc"]);
+}
+
+#[test]
+fn corpus_ckpt_size_mismatch() {
+    refuse_checkpoint_file("ckpt/size_mismatch.ckpt", &["'w'", "60 bytes", "[4, 4]", "64"]);
+}
+
+#[test]
+fn corpus_ckpt_dims_overflow() {
+    refuse_checkpoint_file("ckpt/dims_overflow.ckpt", &["'w'", "[4294967296, 4294967296, 2]", "overflow"]);
+}
+
+#[test]
+fn corpus_ckpt_dims_absurd() {
+    refuse_checkpoint_file("ckpt/dims_absurd.ckpt", &["'w'", "16 bytes", "[1099511627776, 1024]"]);
+}
+
+#[test]
+fn corpus_ckpt_dims_negative() {
+    refuse_checkpoint_file("ckpt/dims_negative.ckpt", &["'w'", "negative"]);
+}
+
+#[test]
+fn corpus_ckpt_unknown_dtype() {
+    refuse_checkpoint_file("ckpt/unknown_dtype.ckpt", &["'w'", "Float128"]);
+}
+
+#[test]
+fn corpus_ckpt_encrypted() {
+    refuse_checkpoint_file("ckpt/encrypted.ckpt", &["encrypted"]);
+}
+
+#[test]
+fn corpus_ckpt_repeated_tag() {
+    refuse_checkpoint_file("ckpt/repeated_tag.ckpt", &["'w'", "not consecutively"]);
+}
+
+#[test]
+fn corpus_ckpt_maptensor() {
+    refuse_checkpoint_file("ckpt/maptensor.ckpt", &["embedding_table", "MapTensor"]);
+}
+
+#[test]
+fn corpus_ckpt_empty() {
+    refuse_checkpoint_file("ckpt/empty.ckpt", &[]);
+}
+
+/// Found by fuzzing (round trip of the `ckpt` target): a sound file whose last tensor's content
+/// ends with `crc_num` + 10 bytes, which MindSpore's rule reads as a crc trailer. reshard reads it
+/// as content (a real trailer never parses as protobuf), and a complete-to-complete transform
+/// writes it back byte for byte and reads its own output.
+#[test]
+fn corpus_ckpt_content_ends_like_crc_trailer() {
+    let file = corpus("ckpt/content_ends_like_crc_trailer.ckpt");
+    let v = inspect_json(&file);
+    let names: Vec<&str> = v["tensors"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["w", "b", "bytes"]);
+    assert_eq!(v["tensors"][2]["shape"], serde_json::json!([17]));
+    let s = Scratch::new("crc_like");
+    let src = s.join("src");
+    std::fs::create_dir_all(src.join("rank_0")).unwrap();
+    std::fs::copy(&file, src.join("rank_0/model.ckpt")).unwrap();
+    let dst = s.join("out");
+    let out = reshard([
+        OsStr::new("transform"),
+        "--src_ckpt_dir".as_ref(),
+        src.as_os_str(),
+        "--dst_ckpt_dir".as_ref(),
+        dst.as_os_str(),
+        "-q".as_ref(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let written = dst.join("rank_0/checkpoint_0.ckpt");
+    assert!(std::fs::read(&written).unwrap() == std::fs::read(&file).unwrap());
+    assert_eq!(inspect_json(&written), v);
+}
+
+// ------------------------------------------------------------------ corpus: safetensors files
+
+#[test]
+fn corpus_safetensors_header_past_eof() {
+    refuse_checkpoint_file("safetensors/header_past_eof.safetensors", &["malformed safetensors", "4096"]);
+}
+
+#[test]
+fn corpus_safetensors_overlapping_offsets() {
+    refuse_checkpoint_file("safetensors/overlapping_offsets.safetensors", &["'a'", "'b'", "overlap"]);
+}
+
+#[test]
+fn corpus_safetensors_header_not_json() {
+    refuse_checkpoint_file("safetensors/header_not_json.safetensors", &["malformed safetensors", "JSON"]);
+}
+
+#[test]
+fn corpus_safetensors_offsets_past_eof() {
+    refuse_checkpoint_file("safetensors/offsets_past_eof.safetensors", &["'w'", "[0, 64]", "16 data bytes"]);
+}
+
+#[test]
+fn corpus_safetensors_size_mismatch() {
+    refuse_checkpoint_file("safetensors/size_mismatch.safetensors", &["'w'", "16 bytes", "[4, 4]", "64"]);
+}
+
+#[test]
+fn corpus_safetensors_unknown_dtype() {
+    refuse_checkpoint_file("safetensors/unknown_dtype.safetensors", &["'w'", "F128"]);
+}
+
+#[test]
+fn corpus_safetensors_crc_mismatch() {
+    refuse_checkpoint_file("safetensors/crc_mismatch.safetensors", &["crc"]);
+}
+
+/// Found by fuzzing: with overflow checks (debug builds) the crc of a 0-d U64 of 2^64 - 1
+/// panicked inside crc32fast (`safetensors::update_zeros` doubles its block once more than it
+/// needs). Release builds wrap harmlessly and refuse the file on its crc.
+#[test]
+#[cfg_attr(
+    debug_assertions,
+    ignore = "core bug (overflow checks only): safetensors::update_zeros overflows crc32fast's length for a 0-d U64 >= 2^63"
+)]
+fn corpus_safetensors_scalar_u64_max_crc() {
+    refuse_checkpoint_file("safetensors/scalar_u64_max_crc.safetensors", &["crc"]);
+}
+
+// ------------------------------------------------------------------ corpus: strategy files
+
+/// A bad strategy file is refused as the destination strategy (complete source) and as the
+/// source strategy (two-rank source), naming it; nothing is written.
+fn refuse_strategy_file(rel: &str, needles: &[&str]) {
+    let file = corpus(rel);
+    assert!(file.is_file(), "missing corpus file {}", file.display());
+    let name = file.file_name().unwrap().to_str().unwrap().to_string();
+    let mut all: Vec<&str> = vec![&name];
+    all.extend_from_slice(needles);
+    let s = Scratch::new(rel);
+
+    let dst = s.join("as_dst");
+    let out = reshard([
+        OsStr::new("transform"),
+        "--src_ckpt_dir".as_ref(),
+        corpus("good/complete").as_os_str(),
+        "--dst_ckpt_strategy".as_ref(),
+        file.as_os_str(),
+        "--dst_ckpt_dir".as_ref(),
+        dst.as_os_str(),
+        "-q".as_ref(),
+    ]);
+    assert_refused(&out, &all);
+    assert_nothing_written(&dst);
+
+    let dst = s.join("as_src");
+    let out = reshard([
+        OsStr::new("transform"),
+        "--src_ckpt_dir".as_ref(),
+        corpus("good/dp2/src").as_os_str(),
+        "--src_ckpt_strategy".as_ref(),
+        file.as_os_str(),
+        "--dst_ckpt_dir".as_ref(),
+        dst.as_os_str(),
+        "-q".as_ref(),
+    ]);
+    assert_refused(&out, &all);
+    assert_nothing_written(&dst);
+
+    let out = reshard([
+        OsStr::new("plan"),
+        "--src_ckpt_dir".as_ref(),
+        corpus("good/complete").as_os_str(),
+        "--dst_ckpt_strategy".as_ref(),
+        file.as_os_str(),
+        "--json".as_ref(),
+    ]);
+    assert_refused(&out, &all);
+}
+
+#[test]
+fn corpus_strategy_garbage() {
+    refuse_strategy_file("strategy/garbage.ckpt", &["malformed strategy"]);
+}
+
+#[test]
+fn corpus_strategy_empty() {
+    refuse_strategy_file("strategy/empty.ckpt", &["malformed strategy", "empty"]);
+}
+
+#[test]
+fn corpus_strategy_garbage_json() {
+    refuse_strategy_file("strategy/garbage.json", &["malformed strategy", "JSON"]);
+}
+
+#[test]
+fn corpus_strategy_no_layouts() {
+    refuse_strategy_file("strategy/no_layouts.ckpt", &["no parameter layouts"]);
+}
+
+/// Found by fuzzing (strategy targets, known issue K1 in fuzz/fuzz_targets/common.rs).
+#[test]
+fn corpus_strategy_opt_shard_size_negative() {
+    refuse_strategy_file("strategy/opt_shard_size_negative.json", &["'w'", "opt_weight_shard_size", "-2"]);
+    let out = reshard([
+        OsStr::new("transform"),
+        "--src_ckpt_dir".as_ref(),
+        corpus("good/complete").as_os_str(),
+        "--dst_ckpt_strategy".as_ref(),
+        corpus("strategy/opt_shard_size_negative.json").as_os_str(),
+        "--dst_ckpt_dir".as_ref(),
+        Scratch::new("k1").join("out").as_os_str(),
+    ]);
+    assert!(!text(&out.stderr).contains("18446744073709551614"));
+}
+
+/// Found by fuzzing: 2^64 devices wrapped to 0, so the destination had 0 ranks and transform
+/// "succeeded" writing nothing; as a source strategy the message blamed the checkpoints.
+#[test]
+fn corpus_strategy_dev_matrix_overflow() {
+    refuse_strategy_file("strategy/dev_matrix_overflow.json", &["'w'", "dev_matrix"]);
+}
+
+/// A billion destination ranks: `plan` and `transform` used to build every rank's plan up front
+/// and abort on a failed allocation (SIGABRT, backtrace on stderr). Run under `ulimit -v` (4 GB)
+/// so that the test cannot take the machine's memory.
+#[test]
+fn corpus_strategy_dev_matrix_huge() {
+    let file = corpus("strategy/dev_matrix_huge.json");
+    let s = Scratch::new("huge");
+    let dst = s.join("out");
+    for sub in ["transform", "plan"] {
+        let out = Command::new("sh")
+            .args(["-c", "ulimit -v 4000000 && exec \"$0\" \"$@\"", BIN, sub])
+            .arg("--src_ckpt_dir")
+            .arg(corpus("good/complete"))
+            .arg("--dst_ckpt_strategy")
+            .arg(&file)
+            .arg("--dst_ckpt_dir")
+            .arg(&dst)
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .unwrap();
+        assert!(!text(&out.stderr).contains("memory allocation"), "{sub}: {}", text(&out.stderr));
+        assert_refused(&out, &["dev_matrix_huge.json"]);
+        assert_nothing_written(&dst);
+    }
+}
+
+#[test]
+fn corpus_strategy_inspect_refuses_garbage_json() {
+    let f = corpus("strategy/garbage.json");
+    assert_refused(&reshard([OsStr::new("inspect"), f.as_os_str()]), &["garbage.json", "JSON"]);
+}
+
+// ------------------------------------------------------------------ corpus: source folders
+
+/// A source folder case `sources/<case>`: `transform` and `plan` with its `src/` and its
+/// strategies are refused naming what is wrong; nothing is written.
+fn refuse_source_folder(case: &str, needles: &[&str]) {
+    refuse_source_folder_msg(case, needles);
+}
+
+fn refuse_source_folder_msg(case: &str, needles: &[&str]) -> String {
+    let dir = corpus(&format!("sources/{case}"));
+    assert!(dir.join("src").is_dir(), "missing corpus folder {}", dir.display());
+    let mut job: Vec<PathBuf> = vec!["--src_ckpt_dir".into(), dir.join("src")];
+    for (flag, file) in [("--src_ckpt_strategy", "src_strategy.ckpt"), ("--dst_ckpt_strategy", "dst_strategy.ckpt")] {
+        if dir.join(file).is_file() {
+            job.push(flag.into());
+            job.push(dir.join(file));
+        }
+    }
+    let s = Scratch::new(case);
+    let dst = s.join("out");
+    let before = files_under(&dir);
+    let mut args: Vec<PathBuf> = vec!["transform".into()];
+    args.extend(job.iter().cloned());
+    args.extend(["--dst_ckpt_dir".into(), dst.clone(), "-q".into()]);
+    let msg = assert_refused(&reshard(&args), needles);
+    assert_nothing_written(&dst);
+
+    let mut args: Vec<PathBuf> = vec!["plan".into()];
+    args.extend(job.iter().cloned());
+    args.extend(["--json".into()]);
+    let plan_msg = assert_refused(&reshard(&args), needles);
+    assert_eq!(msg, plan_msg, "plan and transform disagree");
+    assert_eq!(files_under(&dir), before, "the corpus folder changed: {}", dir.display());
+    msg
+}
+
+#[test]
+fn corpus_sources_missing_rank_folder() {
+    refuse_source_folder("missing_rank_folder", &["missing_rank_folder/src", "rank_0..rank_3", "missing: 3"]);
+}
+
+#[test]
+fn corpus_sources_noncontiguous_rank_folders() {
+    refuse_source_folder("noncontiguous_rank_folders", &["noncontiguous_rank_folders/src", "missing: 2"]);
+}
+
+#[test]
+fn corpus_sources_no_rank_folders() {
+    refuse_source_folder("no_rank_folders", &["no_rank_folders/src", "rank_"]);
+}
+
+#[test]
+fn corpus_sources_empty_rank_folder() {
+    refuse_source_folder("empty_rank_folder", &["empty_rank_folder/src/rank_1", "no .ckpt or .safetensors"]);
+}
+
+#[test]
+fn corpus_sources_ambiguous_candidates() {
+    refuse_source_folder("ambiguous_candidates", &["src/rank_0", "model_a.ckpt", "model_b.ckpt", "--src_ckpt_name"]);
+}
+
+#[test]
+fn corpus_sources_ambiguous_no_common_step() {
+    refuse_source_folder(
+        "ambiguous_no_common_step",
+        &["src/rank_0", "tiny_rank_0-1_10.ckpt", "tiny_rank_0-1_20.ckpt", "--src_ckpt_name"],
+    );
+}
+
+#[test]
+fn corpus_sources_mixed_formats() {
+    refuse_source_folder("mixed_formats", &["mixed_formats/src", ".ckpt", ".safetensors"]);
+}
+
+#[test]
+fn corpus_sources_strategy_shape_mismatch() {
+    refuse_source_folder(
+        "strategy_shape_mismatch",
+        &["src/rank_1/model.ckpt", "rank 1", "'w'", "[3, 4]", "[2, 4]", "[4, 4]"],
+    );
+}
+
+#[test]
+fn corpus_sources_strategy_ndim_mismatch() {
+    refuse_source_folder("strategy_ndim_mismatch", &["src/rank_0/model.ckpt", "rank 0", "'w'", "[2, 4]", "has 3"]);
+}
+
+#[test]
+fn corpus_sources_strategy_missing_param() {
+    refuse_source_folder("strategy_missing_param", &["src/rank_1/model.ckpt", "rank 1", "'w'", "missing"]);
+}
+
+#[test]
+fn corpus_sources_strategy_wrong_model() {
+    refuse_source_folder("strategy_wrong_model", &["strategy_wrong_model/src", "src_strategy.ckpt"]);
+}
+
+/// Found by fuzzing (K2): a tensor_map naming one device axis for both dims of w is accepted;
+/// the two ranks then hold only the diagonal blocks of the [4, 4] tensor and transform writes
+/// zeros for the rest, exiting 0.
+#[test]
+fn corpus_sources_strategy_axis_twice() {
+    refuse_source_folder("strategy_axis_twice", &["src_strategy.ckpt", "'w'", "tensor_map"]);
+}
+
+/// Found while probing the layout math: the full shape implied by the stored slice overflowed
+/// (wrapped to [0, 0] in release, panicked with overflow checks).
+#[test]
+fn corpus_sources_slice_dim_overflow() {
+    let msg = refuse_source_folder_msg("slice_dim_overflow", &["'w'", "4 ways"]);
+    assert!(!msg.contains("[0, 0]"), "{msg}");
+}
+
+#[test]
+fn corpus_sources_dst_strategy_indivisible() {
+    refuse_source_folder("dst_strategy_indivisible", &["dst_strategy.ckpt", "'w'", "[4, 4]", "8 ways"]);
+}
+
+/// Every entry the README lists has a test above (keeps corpus and tests in step).
+#[test]
+fn corpus_readme_lists_only_tested_entries() {
+    let readme = std::fs::read_to_string(corpus("README.md")).unwrap();
+    let this = std::fs::read_to_string(file!())
+        .or_else(|_| std::fs::read_to_string(repo().join("crates/reshard-cli/tests/cli.rs")))
+        .unwrap();
+    let mut n = 0;
+    for line in readme.lines().filter(|l| l.starts_with("| `")) {
+        let rel = line[3..].split('`').next().unwrap();
+        let (kind, rest) = rel.split_once('/').unwrap();
+        let stem = Path::new(rest).file_stem().unwrap().to_str().unwrap();
+        let key = if kind == "sources" { format!("\"{stem}\"") } else { format!("\"{rel}\"") };
+        assert!(this.contains(&key), "corpus entry {rel} has no test");
+        assert!(corpus(rel).exists(), "corpus entry {rel} does not exist");
+        n += 1;
+    }
+    assert!(n >= 30, "only {n} entries in tests/corpus/README.md");
+}
+
+// ------------------------------------------------------------------ output folder refusals
+
+#[test]
+fn output_inside_source_is_refused() {
+    let s = Scratch::new("inside");
+    let src = s.join("src");
+    copy_dir(&corpus("good/complete"), &src);
+    let before = files_under(&src);
+    for dst in [src.join("out"), src.clone(), src.join("rank_0"), src.join("./out")] {
+        let out = reshard([
+            OsStr::new("transform"),
+            "--src_ckpt_dir".as_ref(),
+            src.as_os_str(),
+            "--dst_ckpt_dir".as_ref(),
+            dst.as_os_str(),
+            "-q".as_ref(),
+        ]);
+        assert_refused(&out, &["inside the source folder", src.to_str().unwrap()]);
+        assert_eq!(files_under(&src), before, "dst {}", dst.display());
+    }
+}
+
+#[test]
+fn output_inside_source_through_dotdot_is_refused() {
+    let s = Scratch::new("inside_dotdot");
+    let src = s.join("src");
+    copy_dir(&corpus("good/complete"), &src);
+    std::fs::create_dir_all(s.join("other")).unwrap();
+    let before = files_under(&src);
+    let dst = s.join("other/../src/out");
+    let out = reshard([
+        OsStr::new("transform"),
+        "--src_ckpt_dir".as_ref(),
+        src.as_os_str(),
+        "--dst_ckpt_dir".as_ref(),
+        dst.as_os_str(),
+        "-q".as_ref(),
+    ]);
+    assert_refused(&out, &["inside the source folder"]);
+    assert_eq!(files_under(&src), before);
+}
+
+#[test]
+fn output_inside_source_through_symlink_is_refused() {
+    let s = Scratch::new("inside_symlink");
+    let src = s.join("src");
+    copy_dir(&corpus("good/complete"), &src);
+    std::os::unix::fs::symlink(&src, s.join("link")).unwrap();
+    let before = files_under(&src);
+    let dst = s.join("link/out");
+    let out = reshard([
+        OsStr::new("transform"),
+        "--src_ckpt_dir".as_ref(),
+        src.as_os_str(),
+        "--dst_ckpt_dir".as_ref(),
+        dst.as_os_str(),
+        "-q".as_ref(),
+    ]);
+    assert_refused(&out, &["inside the source folder"]);
+    assert_eq!(files_under(&src), before);
+}
+
+#[test]
+fn output_under_a_regular_file_is_refused() {
+    let s = Scratch::new("under_file");
+    std::fs::write(s.join("file"), b"not a folder").unwrap();
+    let dst = s.join("file/out");
+    let out = reshard([
+        OsStr::new("transform"),
+        "--src_ckpt_dir".as_ref(),
+        corpus("good/complete").as_os_str(),
+        "--dst_ckpt_dir".as_ref(),
+        dst.as_os_str(),
+        "-q".as_ref(),
+    ]);
+    assert_refused(&out, &[dst.to_str().unwrap(), "Not a directory"]);
+    assert_eq!(std::fs::read(s.join("file")).unwrap(), b"not a folder");
+}
+
+/// `chmod 555` on the output folder. Root ignores permissions, so as root the binary is run as
+/// `nobody` with `setpriv`; without setpriv the test is skipped with a message.
+#[test]
+fn output_not_writable_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = Scratch::new("readonly");
+    std::fs::set_permissions(&s.0, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let src = s.join("src");
+    copy_dir(&corpus("good/complete"), &src);
+    let ro = s.join("ro");
+    std::fs::create_dir(&ro).unwrap();
+    std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o555)).unwrap();
+    let privileged = std::fs::write(ro.join("probe"), b"").is_ok();
+    let _ = std::fs::remove_file(ro.join("probe"));
+    let dst = ro.join("out");
+    let args: Vec<&OsStr> = vec![
+        OsStr::new("transform"),
+        "--src_ckpt_dir".as_ref(),
+        src.as_os_str(),
+        "--dst_ckpt_dir".as_ref(),
+        dst.as_os_str(),
+        "-q".as_ref(),
+    ];
+    let out = if privileged {
+        let setpriv = ["/usr/bin/setpriv", "/bin/setpriv"].into_iter().find(|p| Path::new(p).exists());
+        let Some(setpriv) = setpriv else {
+            eprintln!("skipped: running as root (permissions are not enforced) and no setpriv to drop them");
+            return;
+        };
+        // The scratch folder and sources must be readable by nobody (they are: 0755 / 0644),
+        // and the binary reachable.
+        Command::new(setpriv)
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", BIN])
+            .args(&args)
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .unwrap()
+    } else {
+        reshard(&args)
+    };
+    if privileged && text(&out.stderr).contains("setpriv:") {
+        eprintln!("skipped: setpriv could not drop privileges: {}", text(&out.stderr));
+        return;
+    }
+    assert_refused(&out, &[dst.to_str().unwrap(), "Permission denied"]);
+    assert_nothing_written(&ro);
+}
+
+/// A minimal `.ckpt` writer (independent of the core): one Float32 tensor per entry.
+fn ckpt_bytes(tensors: &[(&str, &[u64], &[u8])]) -> Vec<u8> {
+    fn varint(out: &mut Vec<u8>, mut v: u64) {
+        while v >= 0x80 {
+            out.push((v as u8) | 0x80);
+            v >>= 7;
+        }
+        out.push(v as u8);
+    }
+    fn ld(out: &mut Vec<u8>, field: u64, payload: &[u8]) {
+        varint(out, field << 3 | 2);
+        varint(out, payload.len() as u64);
+        out.extend_from_slice(payload);
+    }
+    let mut file = Vec::new();
+    for (name, dims, content) in tensors {
+        let mut tp = Vec::new();
+        for &d in *dims {
+            varint(&mut tp, 1 << 3);
+            varint(&mut tp, d);
+        }
+        ld(&mut tp, 2, b"Float32");
+        ld(&mut tp, 3, content);
+        let mut v = Vec::new();
+        ld(&mut v, 1, name.as_bytes());
+        ld(&mut v, 2, &tp);
+        ld(&mut file, 1, &v);
+    }
+    file
+}
+
+/// The disk filling up mid-write, simulated with a file-size limit (`ulimit -f 64`, 32 KiB in
+/// dash's 512-byte blocks, 64 KiB in bash's) on a 1 MiB output: the write fails with EFBIG
+/// (the CLI ignores SIGXFSZ), the run exits 1 naming the file, and neither a file under the
+/// final name nor a temporary file is left.
+#[test]
+fn disk_full_during_write_leaves_nothing() {
+    let s = Scratch::new("efbig");
+    let src = s.join("src");
+    std::fs::create_dir_all(src.join("rank_0")).unwrap();
+    let w: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 251) as u8).collect();
+    std::fs::write(src.join("rank_0/big.ckpt"), ckpt_bytes(&[("w", &[512, 512], &w), ("b", &[4], &[0; 16])])).unwrap();
+    let dst = s.join("out");
+    let out = Command::new("sh")
+        .args(["-c", "ulimit -f 64 && exec \"$0\" \"$@\"", BIN, "transform"])
+        .arg("--src_ckpt_dir")
+        .arg(&src)
+        .arg("--dst_ckpt_dir")
+        .arg(&dst)
+        .arg("-q")
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(out.status.signal(), None, "killed by a signal (SIGXFSZ = 25): {:?}", out.status);
+    assert_refused(&out, &["rank_0", "File too large"]);
+    assert_nothing_written(&dst);
+
+    // The same job without the limit succeeds (the source is sound).
+    let out = reshard([
+        OsStr::new("transform"),
+        "--src_ckpt_dir".as_ref(),
+        src.as_os_str(),
+        "--dst_ckpt_dir".as_ref(),
+        dst.as_os_str(),
+        "-q".as_ref(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(dst.join("rank_0/checkpoint_0.ckpt").is_file());
+}
+
+/// Same, with several destination ranks: the ranks whose files fit may be complete, but no
+/// file under a final name is partial and no temporary file is left.
+#[test]
+fn disk_full_with_several_ranks_leaves_only_complete_files() {
+    let s = Scratch::new("efbig_ranks");
+    let src = s.join("src");
+    std::fs::create_dir_all(src.join("rank_0")).unwrap();
+    let w: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 253) as u8).collect();
+    std::fs::write(src.join("rank_0/big.ckpt"), ckpt_bytes(&[("w", &[512, 512], &w), ("b", &[4], &[0; 16])])).unwrap();
+    // w split 4 ways: 256 KiB per rank, over the limit; b whole.
+    let strategy = s.join("dst.json");
+    std::fs::write(
+        &strategy,
+        br#"{"current_stage": 0, "parallel_layout_item": {
+            "w": {"dev_matrix": [4], "tensor_map": [0, -1], "field": 0, "opt_weight_shard_step": 0, "opt_weight_shard_size": 0},
+            "b": {"dev_matrix": [4], "tensor_map": [-1], "field": 0, "opt_weight_shard_step": 0, "opt_weight_shard_size": 0}}}"#,
+    )
+    .unwrap();
+    let dst = s.join("out");
+    let out = Command::new("sh")
+        .args(["-c", "ulimit -f 64 && exec \"$0\" \"$@\"", BIN, "transform"])
+        .arg("--src_ckpt_dir")
+        .arg(&src)
+        .arg("--dst_ckpt_strategy")
+        .arg(&strategy)
+        .arg("--dst_ckpt_dir")
+        .arg(&dst)
+        .arg("-q")
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    assert_refused(&out, &["File too large"]);
+    for f in files_under(&dst) {
+        let name = f.file_name().unwrap().to_str().unwrap();
+        assert!(!name.ends_with(".tmp"), "temporary file left: {}", f.display());
+        if name.ends_with(".ckpt") {
+            let out = reshard([OsStr::new("inspect"), f.as_os_str()]);
+            assert!(out.status.success(), "partial file {}", f.display());
+        }
+    }
+}
+
+/// A tmpfs of `size` mounted on a new folder, unmounted when dropped. `None` when mounting is not
+/// permitted (not root, no CAP_SYS_ADMIN).
+struct SmallFs(PathBuf);
+
+impl SmallFs {
+    fn mount(at: &Path, size: &str) -> Option<SmallFs> {
+        std::fs::create_dir_all(at).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .output()
+            .is_ok_and(|o| o.status.success());
+        ok.then(|| SmallFs(at.to_path_buf()))
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// The disk really filling up: a 640 KiB tmpfs and four outputs of about 256 KiB each. The
+/// outputs are pre-sized sparse files, so the failure comes from a write (ENOSPC), not from
+/// the resize. The run exits 1 naming a file; every file left under a final name is
+/// byte-identical to a clean run's; no temporary file is left. Skipped when tmpfs cannot be
+/// mounted.
+#[test]
+fn disk_full_on_a_small_filesystem_leaves_only_complete_files() {
+    let s = Scratch::new("enospc");
+    let src = s.join("src");
+    std::fs::create_dir_all(src.join("rank_0")).unwrap();
+    let w: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 241) as u8).collect();
+    std::fs::write(src.join("rank_0/big.ckpt"), ckpt_bytes(&[("w", &[512, 512], &w), ("b", &[4], &[1; 16])])).unwrap();
+    let strategy = s.join("dst.json");
+    std::fs::write(
+        &strategy,
+        br#"{"current_stage": 0, "parallel_layout_item": {
+            "w": {"dev_matrix": [4], "tensor_map": [0, -1], "field": 0, "opt_weight_shard_step": 0, "opt_weight_shard_size": 0},
+            "b": {"dev_matrix": [4], "tensor_map": [-1], "field": 0, "opt_weight_shard_step": 0, "opt_weight_shard_size": 0}}}"#,
+    )
+    .unwrap();
+    let job = |dst: &Path, threads: &str| {
+        reshard([
+            OsStr::new("transform"),
+            "--src_ckpt_dir".as_ref(),
+            src.as_os_str(),
+            "--dst_ckpt_strategy".as_ref(),
+            strategy.as_os_str(),
+            "--dst_ckpt_dir".as_ref(),
+            dst.as_os_str(),
+            "--threads".as_ref(),
+            threads.as_ref(),
+            "-q".as_ref(),
+        ])
+    };
+    let clean = s.join("clean");
+    let out = job(&clean, "0");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    let Some(fs) = SmallFs::mount(&s.join("small"), "640k") else {
+        eprintln!("skipped: cannot mount a tmpfs here (needs root / CAP_SYS_ADMIN)");
+        return;
+    };
+    for threads in ["1", "0"] {
+        let dst = fs.0.join(format!("out{threads}"));
+        let out = job(&dst, threads);
+        assert_refused(&out, &["No space left on device"]);
+        let mut complete = 0;
+        for f in files_under(&dst) {
+            let rel = f.strip_prefix(&dst).unwrap();
+            let name = rel.file_name().unwrap().to_str().unwrap();
+            assert!(!name.ends_with(".tmp") && !name.starts_with('.'), "leftover {}", rel.display());
+            if name.ends_with(".ckpt") {
+                assert!(
+                    std::fs::read(&f).unwrap() == std::fs::read(clean.join(rel)).unwrap(),
+                    "partial {}",
+                    rel.display()
+                );
+                complete += 1;
+            }
+        }
+        assert!(complete < 4, "all four outputs fit: make the filesystem smaller");
+        let _ = std::fs::remove_dir_all(&dst);
+    }
+}
+
+// ------------------------------------------------------------------ positive runs
+
+fn inspect_json(path: &Path) -> serde_json::Value {
+    let out = reshard([OsStr::new("inspect"), "--json".as_ref(), path.as_os_str()]);
+    assert!(out.status.success(), "inspect {}: {}", path.display(), text(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// `(name, dtype, shape, bytes)` of each tensor MindSpore saw.
+fn expected_tensors(expected: &Path) -> Vec<(String, String, Vec<u64>, u64)> {
+    let e: serde_json::Value = serde_json::from_slice(&std::fs::read(expected).unwrap()).unwrap();
+    e["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            let dtype = t["dtype"].as_str().unwrap().to_string();
+            let mut shape: Vec<u64> = t["shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap()).collect();
+            // MindSpore stores strings with dims [0]; reshard reports their shape as [].
+            if dtype == "str" && shape == [0] {
+                shape.clear();
+            }
+            let bytes = t["hex"].as_str().unwrap().len() as u64 / 2;
+            (t["name"].as_str().unwrap().to_string(), dtype, shape, bytes)
+        })
+        .collect()
+}
+
+fn got_tensors(v: &serde_json::Value) -> Vec<(String, String, Vec<u64>, u64)> {
+    v["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                t["name"].as_str().unwrap().to_string(),
+                t["dtype"].as_str().unwrap().to_string(),
+                t["shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap()).collect(),
+                t["bytes"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn inspect_json_basic_ckpt_matches_mindspore() {
+    let got = got_tensors(&inspect_json(&fixture("formats/basic.ckpt")));
+    let want = expected_tensors(&fixture("formats/basic.ckpt.expected.json"));
+    assert_eq!(got, want);
+}
+
+/// Every format fixture: same tensors as MindSpore saw (file order for .ckpt, by name for
+/// safetensors); the damaged `crc_bad.*` ones are refused.
+#[test]
+fn inspect_json_every_format_fixture() {
+    let dir = fixture("formats");
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir).unwrap().flatten() {
+        let p = e.path();
+        let name = p.file_name().unwrap().to_str().unwrap().to_string();
+        if !(name.ends_with(".ckpt") || name.ends_with(".safetensors")) {
+            continue;
+        }
+        n += 1;
+        if name.starts_with("crc_bad") {
+            let out = reshard([OsStr::new("inspect"), "--json".as_ref(), p.as_os_str()]);
+            assert_refused(&out, &[&name, "crc"]);
+            continue;
+        }
+        let mut got = got_tensors(&inspect_json(&p));
+        let mut want = expected_tensors(&dir.join(format!("{name}.expected.json")));
+        if name.ends_with(".safetensors") {
+            got.sort();
+            want.sort();
+        }
+        assert_eq!(got, want, "{name}");
+    }
+    assert!(n >= 6, "only {n} format fixtures");
+}
+
+#[test]
+fn merge_strategy_pp2_proto_equals_mindspore() {
+    let s = Scratch::new("merge");
+    let stages = s.join("stages");
+    std::fs::create_dir_all(&stages).unwrap();
+    for e in std::fs::read_dir(fixture("strategies/pp2_proto")).unwrap().flatten() {
+        let p = e.path();
+        if p.extension() == Some(OsStr::new("ckpt")) {
+            std::fs::copy(&p, stages.join(e.file_name())).unwrap();
+        }
+    }
+    let merged = s.join("merged/merged.ckpt");
+    let out = reshard([OsStr::new("merge-strategy"), stages.as_os_str(), merged.as_os_str()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(files_under(&s.join("merged")), vec![merged.clone()], "leftover files");
+    let got = inspect_json(&merged);
+    let want = inspect_json(&fixture("strategies/pp2_proto.merged.ckpt"));
+    assert_eq!(got, want);
+    assert_eq!(got["stages"], 2);
+}
+
+#[test]
+fn merge_strategy_pp2_json_equals_mindspore() {
+    let s = Scratch::new("merge_json");
+    let stages = s.join("stages");
+    std::fs::create_dir_all(&stages).unwrap();
+    for e in std::fs::read_dir(fixture("strategies/pp2_json")).unwrap().flatten() {
+        let n = e.file_name().to_str().unwrap().to_string();
+        if n.ends_with(".json") && !n.ends_with(".expected.json") {
+            std::fs::copy(e.path(), stages.join(&n)).unwrap();
+        }
+    }
+    let merged = s.join("merged.json");
+    let out = reshard([OsStr::new("merge-strategy"), stages.as_os_str(), merged.as_os_str()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(inspect_json(&merged), inspect_json(&fixture("strategies/pp2_json.merged.json")));
+}
+
+#[test]
+fn merge_strategy_of_a_missing_folder_is_refused() {
+    let s = Scratch::new("merge_missing");
+    let out = reshard([OsStr::new("merge-strategy"), s.join("nope").as_os_str(), s.join("m.ckpt").as_os_str()]);
+    assert_refused(&out, &["nope"]);
+    assert_nothing_written(&s.0);
+}
+
+fn conformance_transform(case: &str) {
+    let dir = fixture(&format!("conformance/{case}"));
+    let c: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("case.json")).unwrap()).unwrap();
+    let s = Scratch::new(case);
+    let dst = s.join("out");
+    let mut args: Vec<PathBuf> = vec![
+        "transform".into(),
+        "--src_ckpt_dir".into(),
+        dir.join("src"),
+        "--dst_ckpt_dir".into(),
+        dst.clone(),
+        "--prefix".into(),
+        c["prefix"].as_str().unwrap().into(),
+        "--output_format".into(),
+        c["output_format"].as_str().unwrap().into(),
+        "-q".into(),
+    ];
+    for key in ["src_strategy", "dst_strategy"] {
+        if let Some(p) = c[key].as_str() {
+            args.push(format!("--{key}").replace("_strategy", "_ckpt_strategy").into());
+            args.push(dir.join(p));
+        }
+    }
+    let out = reshard(&args);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let expected = files_under(&dir.join("expected"));
+    assert!(!expected.is_empty());
+    for e in &expected {
+        let rel = e.strip_prefix(dir.join("expected")).unwrap();
+        let got = std::fs::read(dst.join(rel)).unwrap_or_else(|err| panic!("{}: {err}", dst.join(rel).display()));
+        assert!(got == std::fs::read(e).unwrap(), "{case}: {} differs from MindSpore's", rel.display());
+    }
+    // Nothing else under a checkpoint name, and no temporary file.
+    for f in files_under(&dst) {
+        let rel = f.strip_prefix(&dst).unwrap();
+        let name = rel.file_name().unwrap().to_str().unwrap();
+        assert!(!name.ends_with(".tmp") && !name.starts_with('.'), "leftover {}", rel.display());
+        if name.ends_with(".ckpt") || name.ends_with(".safetensors") {
+            assert!(dir.join("expected").join(rel).is_file(), "unexpected output {}", rel.display());
+        }
+    }
+}
+
+#[test]
+fn transform_complete_to_dp2mp2_is_byte_identical() {
+    conformance_transform("complete_to_dp2mp2");
+}
+
+#[test]
+fn transform_safetensors_dp2mp2_to_dp1mp4_is_byte_identical() {
+    conformance_transform("safetensors_dp2mp2_to_dp1mp4");
+}
+
+#[test]
+fn transform_kebab_case_flags_work() {
+    let dir = fixture("conformance/complete_to_dp2mp2");
+    let s = Scratch::new("kebab");
+    let dst = s.join("out");
+    let out = reshard([
+        OsStr::new("transform"),
+        "--src-ckpt-dir".as_ref(),
+        dir.join("src").as_os_str(),
+        "--dst-ckpt-strategy".as_ref(),
+        dir.join("dst_strategy.ckpt").as_os_str(),
+        "--dst-ckpt-dir".as_ref(),
+        dst.as_os_str(),
+        "-q".as_ref(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        std::fs::read(dst.join("rank_3/checkpoint_3.ckpt")).unwrap(),
+        std::fs::read(dir.join("expected/rank_3/checkpoint_3.ckpt")).unwrap()
+    );
+}
+
+#[test]
+fn plan_json_lists_four_ranks_with_outputs_and_sources() {
+    let dir = fixture("conformance/complete_to_dp2mp2");
+    let s = Scratch::new("plan");
+    let dst = s.join("planned");
+    let out = reshard([
+        OsStr::new("plan"),
+        "--src_ckpt_dir".as_ref(),
+        dir.join("src").as_os_str(),
+        "--dst_ckpt_strategy".as_ref(),
+        dir.join("dst_strategy.ckpt").as_os_str(),
+        "--dst_ckpt_dir".as_ref(),
+        dst.as_os_str(),
+        "--json".as_ref(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["dst_ranks"], 4);
+    let ranks = v["ranks"].as_array().unwrap();
+    assert_eq!(ranks.len(), 4);
+    for (r, rank) in ranks.iter().enumerate() {
+        assert_eq!(rank["rank"], r as u64);
+        let output = rank["output"].as_str().unwrap();
+        assert!(output.ends_with(&format!("rank_{r}/checkpoint_{r}.ckpt")), "{output}");
+        assert!(output.starts_with(dst.to_str().unwrap()), "{output}");
+        let sources = rank["sources"].as_array().unwrap();
+        assert_eq!(sources.len(), 1, "{rank}");
+        assert_eq!(sources[0]["rank"], 0);
+        assert!(sources[0]["path"].as_str().unwrap().ends_with("src/rank_0/llama_tiny.ckpt"));
+        assert!(sources[0]["bytes"].as_u64().unwrap() > 0);
+        assert!(rank["bytes_written"].as_u64().unwrap() > 0);
+    }
+    assert!(!dst.exists(), "plan created the output folder");
+}
+
+/// `rank-list` names the source ranks the plan reads for that destination rank, highest first
+/// (MindSpore's order), and they are among those MindSpore's `rank_list_for_transform` names
+/// (MindSpore's list can be longer: it lists ranks it does not need, e.g. `[1, 0]` for rank 0 of
+/// dp2mp2 -> dp1mp4, where reshard reads only rank 0).
+#[test]
+fn rank_list_is_what_the_plan_reads_and_within_mindspores_list() {
+    let mut checked = 0;
+    for case in ["dp2mp2_to_dp1mp4", "dp2mp2pp2_to_dp1mp2pp2", "nested_to_dp2mp2", "dp1mp4_to_dp4mp2"] {
+        let dir = fixture(&format!("conformance/{case}"));
+        let c: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("case.json")).unwrap()).unwrap();
+        let job = [
+            OsStr::new("--src_ckpt_dir"),
+            dir.join("src").as_os_str(),
+            "--src_ckpt_strategy".as_ref(),
+            dir.join(c["src_strategy"].as_str().unwrap()).as_os_str(),
+            "--dst_ckpt_strategy".as_ref(),
+            dir.join(c["dst_strategy"].as_str().unwrap()).as_os_str(),
+        ]
+        .map(|a| a.to_os_string());
+        let mut args = vec![OsStr::new("plan").to_os_string(), "--json".into()];
+        args.extend(job.iter().cloned());
+        let out = reshard(&args);
+        assert!(out.status.success(), "{case}: {}", text(&out.stderr));
+        let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        for (rank, ms) in c["rank_lists"].as_object().unwrap() {
+            let mut args = vec![OsStr::new("rank-list").to_os_string(), "--rank".into(), rank.into()];
+            args.extend(job.iter().cloned());
+            let out = reshard(&args);
+            assert!(out.status.success(), "{case}: {}", text(&out.stderr));
+            let got: Vec<u64> = serde_json::from_slice(&out.stdout).unwrap();
+            let r: usize = rank.parse().unwrap();
+            let mut read: Vec<u64> =
+                plan["ranks"][r]["sources"].as_array().unwrap().iter().map(|s| s["rank"].as_u64().unwrap()).collect();
+            read.sort_unstable_by(|a, b| b.cmp(a));
+            assert_eq!(got, read, "{case} rank {rank}: rank-list vs plan");
+            let ms: Vec<u64> = ms.as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+            assert!(
+                !got.is_empty() && got.iter().all(|x| ms.contains(x)),
+                "{case} rank {rank}: reshard {got:?}, MindSpore {ms:?}"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 12, "{checked}");
+}
+
+#[test]
+fn rank_list_of_a_rank_beyond_the_destination_is_refused() {
+    let dir = fixture("conformance/complete_to_dp2mp2");
+    let out = reshard([
+        OsStr::new("rank-list"),
+        "--rank".as_ref(),
+        "4".as_ref(),
+        "--src_ckpt_dir".as_ref(),
+        dir.join("src").as_os_str(),
+        "--dst_ckpt_strategy".as_ref(),
+        dir.join("dst_strategy.ckpt").as_os_str(),
+    ]);
+    assert_refused(&out, &["rank 4", "4 rank"]);
+}
+
+#[test]
+fn help_of_each_subcommand() {
+    let cases: &[(&str, &[&str])] = &[
+        ("inspect", &["--json"]),
+        ("merge-strategy", &["SRC_DIR", "DST_FILE"]),
+        (
+            "transform",
+            &[
+                "--src_ckpt_dir",
+                "--dst_ckpt_dir",
+                "--src_ckpt_strategy",
+                "--dst_ckpt_strategy",
+                "--prefix",
+                "--output_format",
+                "--src_ckpt_name",
+                "--no-sync",
+                "--crc",
+                "--quiet",
+            ],
+        ),
+        ("plan", &["--src_ckpt_dir", "--src_ckpt_strategy", "--dst_ckpt_strategy", "--json", "--detail"]),
+        ("rank-list", &["--rank", "--src_ckpt_dir", "--dst_ckpt_strategy"]),
+        ("verify", &["--json", "DIR"]),
+    ];
+    for (sub, flags) in cases {
+        for args in [vec![*sub, "--help"], vec!["help", *sub]] {
+            let out = reshard(&args);
+            assert_eq!(out.status.code(), Some(0), "{args:?}: {}", text(&out.stderr));
+            let help = text(&out.stdout);
+            for f in *flags {
+                assert!(help.contains(f), "{args:?} does not mention {f}:\n{help}");
+            }
+        }
+    }
+    let out = reshard(["--help"]);
+    assert_eq!(out.status.code(), Some(0));
+    let help = text(&out.stdout);
+    for (sub, _) in cases {
+        assert!(help.contains(sub), "--help does not list {sub}");
+    }
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    for args in [
+        vec!["transform"],
+        vec!["transform", "--src_ckpt_dir", "x"],
+        vec!["inspect"],
+        vec!["no-such-command"],
+        vec!["transform", "--src_ckpt_dir", "x", "--dst_ckpt_dir", "y", "--bogus"],
+        vec!["transform", "--src_ckpt_dir", "x", "--dst_ckpt_dir", "y", "--output_format", "npz"],
+        vec!["rank-list", "--rank", "minus-one", "--src_ckpt_dir", "x"],
+    ] {
+        let out = reshard(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", text(&out.stderr));
+        assert!(!text(&out.stderr).contains("panicked"));
+    }
+}
+
+#[test]
+fn missing_source_folder_is_refused() {
+    let s = Scratch::new("nosrc");
+    let dst = s.join("out");
+    let out = reshard([
+        OsStr::new("transform"),
+        "--src_ckpt_dir".as_ref(),
+        s.join("does_not_exist").as_os_str(),
+        "--dst_ckpt_dir".as_ref(),
+        dst.as_os_str(),
+    ]);
+    assert_refused(&out, &["does_not_exist"]);
+    assert_nothing_written(&dst);
+}

@@ -1,0 +1,460 @@
+#!/usr/bin/env python3
+"""Writes the bad-input corpus of reshard (issue 7) next to this script.
+
+Standard library only and deterministic: running it twice gives the same bytes. It deletes and
+recreates ckpt/, safetensors/, strategy/, sources/, good/ and README.md here, then the tests in
+crates/reshard-cli/tests/cli.rs run the real `reshard` binary on every entry.
+
+    python3 tests/corpus/make_corpus.py
+
+Every entry is listed in ENTRIES below with what it is and what the error message must name;
+README.md is generated from that list.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+import zlib
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# ---------------------------------------------------------------- protobuf wire format
+
+
+def varint(v):
+    v &= (1 << 64) - 1  # negative int32/int64 are 10-byte varints
+    out = bytearray()
+    while v >= 0x80:
+        out.append((v & 0x7F) | 0x80)
+        v >>= 7
+    out.append(v)
+    return bytes(out)
+
+
+def key(field, wt):
+    return varint((field << 3) | wt)
+
+
+def ld(field, payload):
+    """A length-delimited field."""
+    return key(field, 2) + varint(len(payload)) + payload
+
+
+def vint(field, v):
+    return key(field, 0) + varint(v)
+
+
+# ---------------------------------------------------------------- .ckpt
+
+
+def tensor_proto(dims, dtype, content):
+    """TensorProto{repeated int64 dims = 1 (unpacked); string tensor_type = 2; bytes tensor_content = 3}."""
+    return b"".join(vint(1, d) for d in dims) + ld(2, dtype.encode()) + ld(3, content)
+
+
+def value(tag, tp):
+    """Checkpoint.Value{string tag = 1; TensorProto tensor = 2} as field 1 of Checkpoint."""
+    return ld(1, ld(1, tag.encode()) + ld(2, tp))
+
+
+def f32(values):
+    return b"".join(struct.pack("<f", v) for v in values)
+
+
+def tiny_tensors(rows=4, cols=4, rank=0):
+    """The tiny model every sound checkpoint here holds: w [rows, cols] f32, b [4] f32,
+    global_step int32 scalar. Values depend on the rank so slices differ."""
+    w = f32([rank * 100 + i for i in range(rows * cols)])
+    b = f32([0.5 * i for i in range(4)])
+    return [
+        ("w", [rows, cols], "Float32", w),
+        ("b", [4], "Float32", b),
+        ("global_step", [], "Int32", struct.pack("<i", 7)),
+    ]
+
+
+def ckpt(tensors):
+    return b"".join(value(n, tensor_proto(d, t, c)) for n, d, t, c in tensors)
+
+
+def crc_trailer(crc):
+    return b"crc_num" + crc.to_bytes(10, "big")
+
+
+def noise(seed, n):
+    """Deterministic pseudo-random bytes (sha256 in counter mode)."""
+    out = bytearray()
+    i = 0
+    while len(out) < n:
+        out += hashlib.sha256(f"{seed}:{i}".encode()).digest()
+        i += 1
+    return bytes(out[:n])
+
+
+# ---------------------------------------------------------------- .safetensors
+
+
+def safetensors(header, data, pad=True):
+    h = json.dumps(header, separators=(",", ":")).encode()
+    if pad:
+        h += b" " * ((8 - len(h) % 8) % 8)
+    return struct.pack("<Q", len(h)) + h + data
+
+
+def good_safetensors(rank=0):
+    ts = tiny_tensors(rank=rank)
+    header = {"__metadata__": {"format": "ms"}}
+    data = b""
+    for name, dims, dtype, content in ts:
+        st = {"Float32": "F32", "Int32": "I32"}[dtype]
+        header[name] = {"dtype": st, "shape": dims, "data_offsets": [len(data), len(data) + len(content)]}
+        data += content
+    return safetensors(header, data)
+
+
+# ---------------------------------------------------------------- strategy (node_strategy.proto)
+
+
+def layout_item(name, dev, tensor_map, opt_step=0, opt_size=0):
+    dm = ld(1, b"".join(vint(1, d) for d in dev))
+    tm = ld(2, b"".join(vint(1, m) for m in tensor_map))
+    layouts = dm + tm + vint(5, 0) + vint(6, opt_step) + vint(7, opt_size)
+    return ld(3, ld(1, name.encode()) + ld(2, layouts))
+
+
+def strategy_item(node, stage, dims):
+    strat = ld(2, b"".join(vint(1, d) for d in dims))
+    return ld(2, ld(1, node.encode()) + ld(2, vint(1, stage) + strat))
+
+
+def strategy(layouts, stage=0):
+    """ParallelStrategyMap{current_stage = 1; parallel_strategy_item = 2; parallel_layout_item = 3}."""
+    items = strategy_item("Default/network-Tiny/MatMul-op0", stage, [1, 1])
+    return vint(1, 1) + items + b"".join(layout_item(*l) for l in layouts)
+
+
+def dp_strategy(n, w_map=(0, -1), names=("w", "b")):
+    """n devices in one axis; w split on dim 0 (by default), b replicated."""
+    out = []
+    if "w" in names:
+        out.append(("w", [n], list(w_map)))
+    if "b" in names:
+        out.append(("b", [n], [-1]))
+    for extra in names:
+        if extra not in ("w", "b"):
+            out.append((extra, [n], [0, -1]))
+    return strategy(out)
+
+
+def shard_rows(n, rank, rows=4, cols=4):
+    """Rank `rank`'s slice of a w of [rows, cols] split n ways on dim 0, b and global_step whole."""
+    full = tiny_tensors(rows, cols)
+    w = full[0][3]
+    per = rows // n
+    part = w[rank * per * cols * 4:(rank + 1) * per * cols * 4]
+    return [("w", [per, cols], "Float32", part)] + full[1:]
+
+
+# ---------------------------------------------------------------- the corpus
+
+ENTRIES = []  # (path relative to tests/corpus, what it is, what the refusal must name)
+
+
+def write(rel, data, what, names):
+    path = os.path.join(HERE, rel)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+    if what:
+        ENTRIES.append((rel, what, names))
+
+
+def entry(rel, what, names):
+    ENTRIES.append((rel, what, names))
+
+
+def make_ckpt_files():
+    good = ckpt(tiny_tensors())
+    # Cut inside the content of the first tensor: the length prefix runs past the end.
+    write("ckpt/truncated.ckpt", good[: len(good) * 2 // 5], "a sound checkpoint cut at 40% of its bytes",
+          "file, 'runs past the end'")
+    garbage = noise("garbage.ckpt", 512)
+    write("ckpt/garbage.ckpt", garbage, "512 pseudo-random bytes", "file, 'malformed checkpoint'")
+    body = bytearray(good)
+    crc = zlib.crc32(bytes(body))
+    body[40] ^= 0x01  # a content byte of w, after the crc was taken
+    write("ckpt/crc_mismatch.ckpt", bytes(body) + crc_trailer(crc),
+          "crc_num trailer that does not match the content (one content bit flipped)", "file, 'crc'")
+    write("ckpt/size_mismatch.ckpt",
+          ckpt([("w", [4, 4], "Float32", f32(range(15)))] + tiny_tensors()[1:]),
+          "w says dims [4, 4] Float32 (64 bytes) but holds 60 bytes", "file, tensor w, 60, [4, 4], 64")
+    write("ckpt/dims_overflow.ckpt",
+          ckpt([("w", [1 << 32, 1 << 32, 2], "Float32", f32(range(4)))]),
+          "dims [2^32, 2^32, 2] whose product overflows 64 bits", "file, tensor w, 'overflow'")
+    write("ckpt/dims_absurd.ckpt",
+          ckpt([("w", [1 << 40, 1024], "Float32", f32(range(4)))]),
+          "dims [2^40, 1024] (16 PiB of Float32) with 16 bytes of content", "file, tensor w, 16")
+    write("ckpt/dims_negative.ckpt",
+          ckpt([("w", [-1, 4], "Float32", f32(range(4)))]),
+          "a negative dim (-1 as an int64 varint)", "file, tensor w, 'negative'")
+    write("ckpt/unknown_dtype.ckpt",
+          ckpt([("w", [2], "Float128", b"\0" * 32)]),
+          "tensor_type 'Float128'", "file, tensor w, Float128")
+    write("ckpt/encrypted.ckpt",
+          struct.pack("<I", 0x7F3A5ED8) + noise("encrypted.ckpt", 124),
+          "MindSpore encrypted checkpoint: magic 0x7F3A5ED8 (AES-GCM) then ciphertext", "file, 'encrypted'")
+    ts = tiny_tensors()
+    write("ckpt/repeated_tag.ckpt", ckpt([ts[0], ts[1], ts[0]]),
+          "tag w, then b, then w again (not consecutive)", "file, tensor w, 'not consecutively'")
+    map_value = ld(1, ld(1, b"embedding_table") + ld(3, ld(1, tensor_proto([2], "Int64", b"\0" * 16))
+                                                        + ld(1, tensor_proto([2, 4], "Float32", f32(range(8))))))
+    write("ckpt/maptensor.ckpt", ckpt(ts[:1]) + map_value,
+          "a Value holding a MapTensorProto (MapParameter 'embedding_table')", "file, embedding_table, 'MapTensor'")
+    write("ckpt/empty.ckpt", b"", "an empty (0-byte) .ckpt file", "file")
+    # Found by fuzzing (ckpt target, round trip): MindSpore detects a crc trailer by the bytes
+    # alone, so content that ends the file with b"crc_num" + 10 bytes looks like one. Not bad
+    # input: reshard must read it as content (a real trailer never parses as protobuf).
+    tail = b"crc_num" + bytes([0xC0, 0x3F, 1, 2, 3, 4, 5, 6, 7, 8])
+    write("ckpt/content_ends_like_crc_trailer.ckpt",
+          ckpt(tiny_tensors()[:2] + [("bytes", [len(tail)], "UInt8", tail)]),
+          "SOUND file, no trailer, but the last tensor's content ends with b'crc_num' + 10 bytes, which "
+          "MindSpore's rule reads as a crc trailer; found by fuzzing",
+          "accepted: 3 tensors, and a transform writes it back byte for byte")
+
+
+def make_safetensors_files():
+    data = f32(range(8))
+    write("safetensors/header_past_eof.safetensors",
+          struct.pack("<Q", 4096) + b'{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}' + data,
+          "8-byte header length 4096 in a 96-byte file", "file, 4096")
+    write("safetensors/overlapping_offsets.safetensors",
+          safetensors({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+                       "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}, f32(range(6))),
+          "tensors a [0, 16) and b [8, 24) share bytes", "file, a, b, 'overlap'")
+    text = b"this header is not JSON at all!!"
+    write("safetensors/header_not_json.safetensors", struct.pack("<Q", len(text)) + text + data,
+          "a header of plain text", "file, 'JSON'")
+    write("safetensors/offsets_past_eof.safetensors",
+          safetensors({"w": {"dtype": "F32", "shape": [16], "data_offsets": [0, 64]}}, f32(range(4))),
+          "data_offsets [0, 64] with 16 data bytes", "file, tensor w, 64")
+    write("safetensors/size_mismatch.safetensors",
+          safetensors({"w": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 16]}}, f32(range(4))),
+          "shape [4, 4] F32 (64 bytes) with data_offsets [0, 16]", "file, tensor w, 16, [4, 4]")
+    write("safetensors/unknown_dtype.safetensors",
+          safetensors({"w": {"dtype": "F128", "shape": [1], "data_offsets": [0, 16]}}, b"\0" * 16),
+          "dtype 'F128'", "file, tensor w, F128")
+    # Found by fuzzing (safetensors target): MindSpore's crc counts a 0-d integer as that many
+    # zero bytes; 2^64 - 1 of them overflowed a length inside crc32fast (overflow checks on).
+    header = {"__metadata__": {"format": "ms", "crc_num": "0"},
+              "step": {"dtype": "U64", "shape": [], "data_offsets": [0, 8]}}
+    write("safetensors/scalar_u64_max_crc.safetensors", safetensors(header, b"\xff" * 8),
+          "crc_num and a 0-d U64 of 2^64 - 1 (MindSpore's crc counts it as that many zero bytes); found by fuzzing",
+          "file, 'crc'")
+    header = {"__metadata__": {"format": "ms", "crc_num": "12345"},
+              "w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}
+    write("safetensors/crc_mismatch.safetensors", safetensors(header, f32(range(4))),
+          "__metadata__ crc_num 12345 that the content does not give", "file, 'crc'")
+
+
+def make_strategy_files():
+    write("strategy/garbage.ckpt", noise("garbage_strategy", 256),
+          "256 pseudo-random bytes given as a (protobuf) strategy", "file, 'strategy'")
+    write("strategy/empty.ckpt", b"", "an empty strategy file", "file, 'empty'")
+    write("strategy/garbage.json", b'{"parallel_layout_item": {"w": [1, 2,,]}',
+          "a .json strategy that is not JSON", "file, 'JSON'")
+    write("strategy/no_layouts.ckpt", vint(1, 1),
+          "a valid ParallelStrategyMap with no layout items", "file, 'no parameter layouts'")
+
+    def json_strategy(items):
+        full = {}
+        for name, dev, tmap, step, size in items:
+            full[name] = {"dev_matrix": dev, "tensor_map": tmap, "field": 0,
+                          "opt_weight_shard_step": step, "opt_weight_shard_size": size}
+        return json.dumps({"current_stage": 0, "parallel_layout_item": full}, indent=1).encode()
+
+    # Found by fuzzing (strategy_json / strategy_proto targets).
+    write("strategy/opt_shard_size_negative.json",
+          json_strategy([("w", [2], [-1, -1], 1, -2), ("b", [2], [-1], 0, 0)]),
+          "opt_weight_shard_size -2 (only -1, 0 or a positive size mean something); found by fuzzing",
+          "file, w, opt_weight_shard_size, -2")
+    big = [65536, 65536, 65536, 65536]
+    huge = [1 << 30]
+    write("strategy/dev_matrix_huge.json",
+          json_strategy([("w", huge, [-1, -1], 0, 0), ("b", huge, [-1], 0, 0)]),
+          "dev_matrix [2^30]: a billion destination ranks, whose per-rank plans do not fit in memory",
+          "file, w, dev_matrix (no allocation failure)")
+    write("strategy/dev_matrix_overflow.json",
+          json_strategy([("w", big, [-1, -1], 0, 0), ("b", big, [-1], 0, 0)]),
+          "dev_matrix [65536, 65536, 65536, 65536]: 2^64 devices, the product wraps to 0; found by fuzzing",
+          "file, w, dev_matrix")
+
+
+def rank_files(base, files):
+    """files: {rank: [(name, bytes)]}."""
+    for r, fs in files.items():
+        for name, data in fs:
+            write(f"{base}/src/rank_{r}/{name}", data, None, None)
+
+
+def make_source_folders():
+    s = "sources"
+    # Sound inputs for tests that need one (output-folder tests, strategy tests, fuzz seeds).
+    write("good/complete/rank_0/model.ckpt", ckpt(tiny_tensors()), None, None)
+    write("good/dp2/src_strategy.ckpt", dp_strategy(2), None, None)
+    write("good/dp2/dst_strategy.ckpt", dp_strategy(4), None, None)
+    for r in range(2):
+        write(f"good/dp2/src/rank_{r}/model.ckpt", ckpt(shard_rows(2, r)), None, None)
+    write("good/model.safetensors", good_safetensors(), None, None)
+    write("good/strategy.json", json.dumps({
+        "current_stage": 0,
+        "parallel_strategy_item": {"Default/MatMul-op0": {"stage": 0, "parallel_strategy": [[2, 1]]}},
+        "parallel_layout_item": {
+            "w": {"dev_matrix": [2], "tensor_map": [0, -1], "tensor_shape": [4, 4], "field": 0,
+                  "opt_weight_shard_step": 0, "opt_weight_shard_size": 0},
+            "b": {"dev_matrix": [2], "tensor_map": [-1], "tensor_shape": [4], "field": 0,
+                  "opt_weight_shard_step": 0, "opt_weight_shard_size": 0}}},
+        indent=1).encode(), None, None)
+
+    d = f"{s}/missing_rank_folder"
+    write(f"{d}/src_strategy.ckpt", dp_strategy(4), None, None)
+    rank_files(d, {r: [("model.ckpt", ckpt(shard_rows(4, r)))] for r in (0, 1, 2)})
+    entry(d, "strategy of 4 devices, rank_3 missing", "src folder, rank_3 / '3', 'missing'")
+
+    d = f"{s}/noncontiguous_rank_folders"
+    write(f"{d}/src_strategy.ckpt", dp_strategy(4), None, None)
+    rank_files(d, {r: [("model.ckpt", ckpt(shard_rows(4, r % 4)))] for r in (0, 1, 3, 5)})
+    entry(d, "strategy of 4 devices, folders rank_0, rank_1, rank_3, rank_5", "src folder, '2', 'missing'")
+
+    d = f"{s}/no_rank_folders"
+    write(f"{d}/src/model.ckpt", ckpt(tiny_tensors()), None, None)
+    entry(d, "a complete checkpoint directly in the source folder, no rank_N folder", "src folder, 'rank_'")
+
+    d = f"{s}/empty_rank_folder"
+    write(f"{d}/src_strategy.ckpt", dp_strategy(2), None, None)
+    rank_files(d, {0: [("model.ckpt", ckpt(shard_rows(2, 0)))]})
+    # git keeps no empty folder: a file that is not a checkpoint keeps rank_1 there.
+    write(f"{d}/src/rank_1/.gitkeep", b"", None, None)
+    entry(d, "strategy of 2 devices; rank_1 holds no checkpoint (only .gitkeep)", "rank_1, 'no .ckpt'")
+
+    d = f"{s}/ambiguous_candidates"
+    rank_files(d, {0: [("model_a.ckpt", ckpt(tiny_tensors())), ("model_b.ckpt", ckpt(tiny_tensors()))]})
+    entry(d, "complete source, rank_0 holds model_a.ckpt and model_b.ckpt", "rank_0, both names, --src_ckpt_name")
+
+    d = f"{s}/ambiguous_no_common_step"
+    write(f"{d}/src_strategy.ckpt", dp_strategy(2), None, None)
+    rank_files(d, {
+        0: [("tiny_rank_0-1_10.ckpt", ckpt(shard_rows(2, 0))), ("tiny_rank_0-1_20.ckpt", ckpt(shard_rows(2, 0)))],
+        1: [("tiny_rank_1-1_30.ckpt", ckpt(shard_rows(2, 1))), ("tiny_rank_1-1_40.ckpt", ckpt(shard_rows(2, 1)))],
+    })
+    entry(d, "two checkpoints per rank, no -EPOCH_STEP common to both ranks", "rank folder, names, --src_ckpt_name")
+
+    d = f"{s}/mixed_formats"
+    write(f"{d}/src_strategy.ckpt", dp_strategy(2), None, None)
+    rank_files(d, {0: [("model.ckpt", ckpt(shard_rows(2, 0)))], 1: [("model.safetensors", good_safetensors(1))]})
+    entry(d, "rank_0/model.ckpt and rank_1/model.safetensors", "src folder, 'mixes'")
+
+    d = f"{s}/strategy_shape_mismatch"
+    write(f"{d}/src_strategy.ckpt", dp_strategy(2), None, None)
+    r1 = shard_rows(2, 1)
+    r1[0] = ("w", [3, 4], "Float32", f32(range(12)))
+    rank_files(d, {0: [("model.ckpt", ckpt(shard_rows(2, 0)))], 1: [("model.ckpt", ckpt(r1))]})
+    entry(d, "strategy splits w [4, 4] 2 ways on dim 0; rank_1 stores w as [3, 4]",
+          "rank_1 file, rank 1, w, [3, 4], [2, 4]")
+
+    d = f"{s}/strategy_ndim_mismatch"
+    write(f"{d}/src_strategy.ckpt", dp_strategy(2, w_map=(0, -1, -1)), None, None)
+    rank_files(d, {r: [("model.ckpt", ckpt(shard_rows(2, r)))] for r in (0, 1)})
+    entry(d, "strategy's tensor_map for w has 3 dims, the checkpoints store w with 2", "rank_0 file, w, [2, 4], 3")
+
+    d = f"{s}/strategy_missing_param"
+    write(f"{d}/src_strategy.ckpt", dp_strategy(2), None, None)
+    rank_files(d, {0: [("model.ckpt", ckpt(shard_rows(2, 0)))], 1: [("model.ckpt", ckpt(shard_rows(2, 1)[1:]))]})
+    entry(d, "strategy has w; rank_1's checkpoint lacks it", "rank_1 file, rank 1, w, 'missing'")
+
+    d = f"{s}/strategy_wrong_model"
+    write(f"{d}/src_strategy.ckpt", strategy([("other.weight", [2], [0, -1])]), None, None)
+    rank_files(d, {r: [("model.ckpt", ckpt(shard_rows(2, r)))] for r in (0, 1)})
+    entry(d, "strategy of another model: none of its parameters is in the checkpoints", "src folder, strategy file")
+
+    d = f"{s}/strategy_axis_twice"
+    write(f"{d}/src_strategy.ckpt", strategy([("w", [2], [0, 0]), ("b", [2], [-1])]), None, None)
+    rank_files(d, {r: [("model.ckpt", ckpt([("w", [2, 2], "Float32", f32([r * 10 + i + 1 for i in range(4)]))]
+                                           + tiny_tensors()[1:]))] for r in (0, 1)})
+    entry(d, "tensor_map [0, 0]: device axis 0 splits both dims of w, so the two ranks hold only the diagonal "
+             "blocks of a [4, 4]; found by fuzzing", "src strategy file, w, tensor_map")
+
+    d = f"{s}/slice_dim_overflow"
+    write(f"{d}/src_strategy.ckpt", strategy([("w", [4], [-1, 0]), ("b", [4], [-1])]), None, None)
+    rank_files(d, {r: [("model.ckpt", ckpt([("w", [0, 1 << 62], "Float32", b"")] + tiny_tensors()[1:]))]
+                   for r in range(4)})
+    entry(d, "w stored as [0, 2^62] (no content, so the file is sound) split 4 ways on dim 1: the full dim "
+             "2^64 overflows", "w, '4 ways' (and not a wrapped full shape [0, 0])")
+
+    d = f"{s}/dst_strategy_indivisible"
+    write(f"{d}/dst_strategy.ckpt", dp_strategy(8), None, None)
+    rank_files(d, {0: [("model.ckpt", ckpt(tiny_tensors()))]})
+    entry(d, "complete w [4, 4] to a destination strategy that splits dim 0 8 ways", "dst strategy file, w, [4, 4], 8")
+
+
+def readme():
+    lines = [
+        "# Bad-input corpus",
+        "",
+        "Hostile and inconsistent inputs that reshard must refuse (issue 7): non-zero exit, one",
+        "`reshard: error: ...` line naming the file (and rank, parameter, shapes where relevant), no",
+        "panic, nothing under a final output name. Each entry has one test in",
+        "`crates/reshard-cli/tests/cli.rs` (named after the entry) that runs the real binary.",
+        "",
+        "Generated by `python3 tests/corpus/make_corpus.py` (standard library only, deterministic;",
+        "it rewrites everything here but itself). The fuzz targets in `fuzz/` use these files as",
+        "seeds too.",
+        "",
+        "How the tests use them: a file under `ckpt/` or `safetensors/` is copied to",
+        "`SRC/rank_0/` and transformed as complete weights (`reshard transform --src_ckpt_dir SRC",
+        "--dst_ckpt_dir OUT`), and `reshard inspect` is run on it; a file under `strategy/` is",
+        "given to `transform` as `--dst_ckpt_strategy` (source `good/complete`) and as",
+        "`--src_ckpt_strategy` (source `good/dp2/src`), and to `plan`; a folder under `sources/`",
+        "is the `--src_ckpt_dir` (its `src/`) of `transform` and `plan`, with its",
+        "`src_strategy.ckpt` / `dst_strategy.ckpt` when present. `good/` holds sound inputs for",
+        "tests that need one.",
+        "",
+        "| entry | what it is | the message must name |",
+        "|---|---|---|",
+    ]
+    for rel, what, names in ENTRIES:
+        lines.append(f"| `{rel}` | {what} | {names} |")
+    lines += [
+        "",
+        "Other refusals tested in `cli.rs` without a corpus file: output folder inside the source",
+        "folder (also through `..` and a symlink), output folder not writable (a path under a",
+        "regular file; `chmod 555`, as root run as `nobody` with setpriv), and the disk filling",
+        "up during the write (`ulimit -f` on a generated 1 MiB source, and a 640 KiB tmpfs when",
+        "mounting is permitted).",
+        "",
+        "Entries marked \"found by fuzzing\" came from the targets in `fuzz/`; their tests are",
+        "`#[ignore]`d until the core refuses them (see the reason on each test).",
+        "",
+    ]
+    with open(os.path.join(HERE, "README.md"), "w") as f:
+        f.write("\n".join(lines))
+
+
+def main():
+    for sub in ("ckpt", "safetensors", "strategy", "sources", "good"):
+        shutil.rmtree(os.path.join(HERE, sub), ignore_errors=True)
+    make_ckpt_files()
+    make_safetensors_files()
+    make_strategy_files()
+    make_source_folders()
+    readme()
+    total = 0
+    for root, _, files in os.walk(HERE):
+        for f in files:
+            total += os.path.getsize(os.path.join(root, f))
+    print(f"{len(ENTRIES)} corpus entries, {total} bytes under {HERE}")
+
+
+if __name__ == "__main__":
+    main()
