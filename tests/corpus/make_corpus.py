@@ -327,6 +327,11 @@ def make_source_folders():
     rank_files(d, {r: [("model.ckpt", ckpt(shard_rows(4, r % 4)))] for r in (0, 1, 3, 5)})
     entry(d, "strategy of 4 devices, folders rank_0, rank_1, rank_3, rank_5", "src folder, '2', 'missing'")
 
+    d = f"{s}/many_missing_rank_folders"
+    write(f"{d}/src_strategy.ckpt", dp_strategy(65536), None, None)
+    rank_files(d, {r: [("model.ckpt", ckpt(shard_rows(2, r)))] for r in (0, 1)})
+    entry(d, "strategy of 65536 devices, folders rank_0 and rank_1 only", "src folder, 'missing', in a short line")
+
     d = f"{s}/no_rank_folders"
     write(f"{d}/src/model.ckpt", ckpt(tiny_tensors()), None, None)
     entry(d, "a complete checkpoint directly in the source folder, no rank_N folder", "src folder, 'rank_'")
@@ -433,8 +438,9 @@ def readme():
         "up during the write (`ulimit -f` on a generated 1 MiB source, and a 640 KiB tmpfs when",
         "mounting is permitted).",
         "",
-        "Entries marked \"found by fuzzing\" came from the targets in `fuzz/`; their tests are",
-        "`#[ignore]`d until the core refuses them (see the reason on each test).",
+        "Entries marked \"found by fuzzing\" came from the targets in `fuzz/`; they were bugs, now",
+        "fixed, and their tests guard the fixes. A new finding goes in here with its test marked",
+        "`#[ignore = \"reason\"]` until the core handles it.",
         "",
     ]
     with open(os.path.join(HERE, "README.md"), "w") as f:

@@ -235,6 +235,8 @@ fn corpus_ckpt_maptensor() {
     refuse_checkpoint_file("ckpt/maptensor.ckpt", &["embedding_table", "MapTensor"]);
 }
 
+/// A 0-byte `.ckpt` (what a crashed copy leaves) used to read as a checkpoint with no tensors,
+/// and transform wrote an empty output with exit status 0.
 #[test]
 fn corpus_ckpt_empty() {
     refuse_checkpoint_file("ckpt/empty.ckpt", &[]);
@@ -307,14 +309,10 @@ fn corpus_safetensors_crc_mismatch() {
     refuse_checkpoint_file("safetensors/crc_mismatch.safetensors", &["crc"]);
 }
 
-/// Found by fuzzing: with overflow checks (debug builds) the crc of a 0-d U64 of 2^64 - 1
-/// panicked inside crc32fast (`safetensors::update_zeros` doubles its block once more than it
-/// needs). Release builds wrap harmlessly and refuse the file on its crc.
+/// Found by fuzzing: with overflow checks (debug builds) the crc of a 0-d U64 of 2^64 - 1 used
+/// to panic inside crc32fast (`safetensors::update_zeros` doubled its block once more than it
+/// needed). Refused on its crc, in debug and release builds.
 #[test]
-#[cfg_attr(
-    debug_assertions,
-    ignore = "core bug (overflow checks only): safetensors::update_zeros overflows crc32fast's length for a 0-d U64 >= 2^63"
-)]
 fn corpus_safetensors_scalar_u64_max_crc() {
     refuse_checkpoint_file("safetensors/scalar_u64_max_crc.safetensors", &["crc"]);
 }
@@ -390,7 +388,9 @@ fn corpus_strategy_no_layouts() {
     refuse_strategy_file("strategy/no_layouts.ckpt", &["no parameter layouts"]);
 }
 
-/// Found by fuzzing (strategy targets, known issue K1 in fuzz/fuzz_targets/common.rs).
+/// Found by fuzzing (strategy targets): opt_weight_shard_size -2 used to be accepted; the
+/// optimizer-shard math then overflowed (a panic with overflow checks) and the refusal read
+/// "cannot be split evenly 18446744073709551614 ways".
 #[test]
 fn corpus_strategy_opt_shard_size_negative() {
     refuse_strategy_file("strategy/opt_shard_size_negative.json", &["'w'", "opt_weight_shard_size", "-2"]);
@@ -491,6 +491,14 @@ fn corpus_sources_noncontiguous_rank_folders() {
     refuse_source_folder("noncontiguous_rank_folders", &["noncontiguous_rank_folders/src", "missing: 2"]);
 }
 
+/// 65534 missing rank folders: the message must stay one readable line, not list them all
+/// (with the largest strategies accepted, 2^24 devices, the list was a 156 MB line).
+#[test]
+fn corpus_sources_many_missing_rank_folders() {
+    let msg = refuse_source_folder_msg("many_missing_rank_folders", &["many_missing_rank_folders/src", "missing"]);
+    assert!(msg.len() < 1000, "a {}-byte message", msg.len());
+}
+
 #[test]
 fn corpus_sources_no_rank_folders() {
     refuse_source_folder("no_rank_folders", &["no_rank_folders/src", "rank_"]);
@@ -542,9 +550,9 @@ fn corpus_sources_strategy_wrong_model() {
     refuse_source_folder("strategy_wrong_model", &["strategy_wrong_model/src", "src_strategy.ckpt"]);
 }
 
-/// Found by fuzzing (K2): a tensor_map naming one device axis for both dims of w is accepted;
-/// the two ranks then hold only the diagonal blocks of the [4, 4] tensor and transform writes
-/// zeros for the rest, exiting 0.
+/// Found by fuzzing: a tensor_map naming one device axis for both dims of w used to be
+/// accepted; the two ranks then hold only the diagonal blocks of the [4, 4] tensor and transform
+/// wrote zeros for the rest, exiting 0.
 #[test]
 fn corpus_sources_strategy_axis_twice() {
     refuse_source_folder("strategy_axis_twice", &["src_strategy.ckpt", "'w'", "tensor_map"]);

@@ -695,6 +695,37 @@ fn resolve_sharded(
     Ok((SrcKind::Sharded { stage, layout: resolved, slices }, full))
 }
 
+/// Ranks as short ranges ("0, 2-5, 9"), at most 16 of them, then the count.
 fn fmt_ranks(r: &[u32]) -> String {
-    r.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(", ")
+    let mut runs: Vec<(u32, u32)> = Vec::new();
+    for &x in r {
+        match runs.last_mut() {
+            Some((_, e)) if e.checked_add(1) == Some(x) => *e = x,
+            _ => runs.push((x, x)),
+        }
+    }
+    let mut parts: Vec<String> =
+        runs.iter().take(16).map(|&(a, b)| if a == b { a.to_string() } else { format!("{a}-{b}") }).collect();
+    if runs.len() > 16 {
+        parts.push("...".into());
+    }
+    let text = parts.join(", ");
+    if r.len() > 1 {
+        format!("{text} ({} ranks)", r.len())
+    } else {
+        text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn rank_lists_stay_short() {
+        assert_eq!(super::fmt_ranks(&[3]), "3");
+        assert_eq!(super::fmt_ranks(&[0, 2, 3, 4, 9]), "0, 2-4, 9 (5 ranks)");
+        let many: Vec<u32> = (2..65536).collect();
+        assert_eq!(super::fmt_ranks(&many), "2-65535 (65534 ranks)");
+        let sparse: Vec<u32> = (0..1000).map(|x| x * 2).collect();
+        assert!(super::fmt_ranks(&sparse).len() < 200);
+    }
 }
