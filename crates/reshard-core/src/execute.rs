@@ -334,18 +334,8 @@ fn blocks_for(tensor: usize, t: &crate::plan::TensorPlan, max: u64, out: &mut Ve
             out.push(Block { tensor, offset, shape, start: base + r * inner[d + 1], len: (e - r) * inner[d + 1] });
             r = e;
         }
-        // Next outer index (odometer over dims 0..d).
-        let mut k = d;
-        loop {
-            if k == 0 {
-                return;
-            }
-            k -= 1;
-            idx[k] += 1;
-            if idx[k] < dims[k] {
-                break;
-            }
-            idx[k] = 0;
+        if !crate::region::next_index(&mut idx, &dims[..d]) {
+            return;
         }
     }
 }

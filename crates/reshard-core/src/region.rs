@@ -97,20 +97,23 @@ pub fn copy_box(
             doff += (dst_origin[d] + i) * ds[d];
         }
         read(so, &mut dst[doff as usize..(doff + run) as usize]);
-        // odometer over dims 0..k
-        let mut d = k;
-        loop {
-            if d == 0 {
-                return;
-            }
-            d -= 1;
-            idx[d] += 1;
-            if idx[d] < extent[d] {
-                break;
-            }
-            idx[d] = 0;
+        if !next_index(&mut idx, &extent[..k]) {
+            return;
         }
     }
+}
+
+/// Steps `idx` to the next index of a C-order array of shape `extent` (last dim fastest).
+/// Returns false, leaving `idx` all zeros, after the last one.
+pub(crate) fn next_index(idx: &mut [u64], extent: &[u64]) -> bool {
+    for d in (0..idx.len()).rev() {
+        idx[d] += 1;
+        if idx[d] < extent[d] {
+            return true;
+        }
+        idx[d] = 0;
+    }
+    false
 }
 
 #[cfg(test)]
