@@ -1,6 +1,5 @@
 //! The only module of the core with `unsafe` code: read-only memory maps of source files, and
-//! `copy_file_range(2)` with explicit offsets (file-to-file copies inside the kernel, as `cp`
-//! does, safe to call from several threads on one file).
+//! `sync_file_range(2)` to start write-back early.
 #![allow(unsafe_code)]
 
 use std::os::fd::AsRawFd;
@@ -42,27 +41,16 @@ impl Deref for MappedFile {
     }
 }
 
-/// Copies up to `len` bytes from `src` at `src_off` to `dst` at `dst_off` without moving either
-/// file's position. Returns the bytes copied (short counts and errors are the caller's to
-/// handle, e.g. by writing the rest itself).
-pub fn copy_file_range(src: &File, mut src_off: u64, dst: &File, mut dst_off: u64, len: u64) -> std::io::Result<u64> {
-    let mut done = 0u64;
-    while done < len {
-        let want = usize::try_from(len - done).unwrap_or(usize::MAX).min(1 << 30);
-        let (mut si, mut di) = (src_off as libc::loff_t, dst_off as libc::loff_t);
-        // SAFETY: both descriptors are open for the duration of the call (borrowed Files), and
-        // the offset pointers point to live stack variables the kernel updates; no memory of
-        // ours is read or written by the copy itself.
-        let n = unsafe { libc::copy_file_range(src.as_raw_fd(), &mut si, dst.as_raw_fd(), &mut di, want, 0) };
-        if n < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        if n == 0 {
-            break;
-        }
-        done += n as u64;
-        src_off += n as u64;
-        dst_off += n as u64;
+/// Starts write-back of `len` bytes of `file` at `off` without waiting for it
+/// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`), so that the final fsync finds less to do.
+pub fn start_writeback(file: &File, off: u64, len: u64) {
+    // SAFETY: a plain system call on a descriptor borrowed for its duration; no memory is passed.
+    unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            off as libc::off64_t,
+            len as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        );
     }
-    Ok(done)
 }
