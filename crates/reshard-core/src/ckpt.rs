@@ -49,6 +49,7 @@ fn split_crc<'a>(path: &Path, bytes: &'a [u8], opts: ReadOptions) -> Result<(&'a
     }
     let expected = u32::from_be_bytes([stored[6], stored[7], stored[8], stored[9]]);
     if opts.verify_crc {
+        crate::sys::will_read_sequentially(body);
         let actual = crc32fast::hash(body);
         if actual != expected {
             return Err(Error::CrcMismatch { path: path.to_path_buf(), expected, actual });

@@ -438,6 +438,7 @@ fn write_rank(
             crcs.push((*off, h));
         }
         let out = Output { file: &file, path: &tmp_path, lock: Mutex::new(()), early_writeback: opts.sync };
+        announce_reads(plan, maps, &tensors)?;
         // Blocks of bounded size: the memory a worker holds at once.
         let mut blocks = Vec::new();
         for (i, t) in tensors.iter().enumerate() {
@@ -629,6 +630,51 @@ fn write_block(
         }
     }
     Ok((len, crcs))
+}
+
+/// Tells the kernel which source bytes these tensors need, in the order they will be read, so
+/// that cold sources are read in large requests and nothing else of them is: one rank of
+/// complete -> 8 read 88 MB of the 578 MB source (its share and the headers), in 0.10 s instead
+/// of 0.34 s. (Pages read this way are small folios, which makes a later warm run of
+/// complete -> 8 take 0.16 s instead of 0.11 s; `cp -r` of the same source then takes 0.19 s.)
+fn announce_reads(plan: &Plan, maps: &SourceMaps<'_>, tensors: &[&crate::plan::TensorPlan]) -> Result<()> {
+    for t in tensors {
+        match &t.source {
+            TensorSource::Raw { src_rank } => {
+                let map = maps.get(*src_rank)?;
+                for s in &plan.tensor_info(*src_rank, &t.name)?.segments {
+                    map.will_need(s.offset, s.len);
+                }
+            }
+            TensorSource::Pieces { pieces, .. } => {
+                for p in pieces {
+                    if p.region.numel() == 0 {
+                        continue;
+                    }
+                    // The piece's first and last byte in the source tensor: C order, so the
+                    // span between them is one range of its content.
+                    let (mut first, mut last) = (0, 0);
+                    for d in 0..p.src_box.shape.len() {
+                        let at = p.region.offset[d] - p.src_box.offset[d];
+                        first = first * p.src_box.shape[d] + at;
+                        last = last * p.src_box.shape[d] + at + p.region.shape[d] - 1;
+                    }
+                    let elem = t.dtype.size();
+                    let (from, to) = (first * elem, (last + 1) * elem);
+                    let map = maps.get(p.src_rank)?;
+                    let mut seg_start = 0;
+                    for s in &plan.tensor_info(p.src_rank, &t.name)?.segments {
+                        let (a, e) = (from.max(seg_start), to.min(seg_start + s.len));
+                        if a < e {
+                            map.will_need(s.offset + (a - seg_start), e - a);
+                        }
+                        seg_start += s.len;
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// MindSpore's safetensors crc (see [`safetensors`]): crc32 chained over each name, then its

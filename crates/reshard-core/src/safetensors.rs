@@ -97,6 +97,7 @@ pub fn parse(path: &Path, bytes: &[u8], opts: ReadOptions) -> Result<CheckpointI
     if let Some(c) = metadata.get("crc_num") {
         let expected: u32 = c.parse().map_err(|_| malformed(path, format!("crc_num '{c}' is not a 32-bit number")))?;
         if opts.verify_crc {
+            crate::sys::will_read_sequentially(bytes);
             let actual = content_crc(bytes, &tensors);
             if actual != expected {
                 return Err(Error::CrcMismatch { path: path.to_path_buf(), expected, actual });

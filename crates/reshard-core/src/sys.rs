@@ -28,9 +28,21 @@ impl MappedFile {
         // reshard never writes to its sources and documents that sources must not change during
         // a run (the plan records each source's size and mtime and checks them before executing).
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, "mmap", e))?;
-        // Tensors are copied in strided runs; tell the kernel to read ahead.
-        let _ = map.advise(memmap2::Advice::WillNeed);
+        // No read-around on faults: with the device read-ahead of this project's machine (8 MiB)
+        // indexing a cold 578 MB checkpoint read 439 MB of it, and converting one rank of
+        // complete -> 8 read 470 MB. What the executor needs it announces with `will_need`.
+        let _ = map.advise(memmap2::Advice::Random);
         Ok(MappedFile { map: Some(map) })
+    }
+
+    /// Asks the kernel to start reading `len` bytes at `offset` (`MADV_WILLNEED`) without
+    /// waiting for them. Out-of-range requests and errors are ignored: it is a hint.
+    pub fn will_need(&self, offset: u64, len: u64) {
+        if let Some(map) = &self.map {
+            if len > 0 && offset.checked_add(len).is_some_and(|end| end <= map.len() as u64) {
+                let _ = map.advise_range(memmap2::Advice::WillNeed, offset as usize, len as usize);
+            }
+        }
     }
 }
 
@@ -52,5 +64,23 @@ pub fn start_writeback(file: &File, off: u64, len: u64) {
             len as libc::off64_t,
             libc::SYNC_FILE_RANGE_WRITE,
         );
+    }
+}
+
+/// Tells the kernel that `data` (usually part of a map) is about to be read front to back once,
+/// as a checksum pass over a whole file does (`MADV_SEQUENTIAL`: large read-ahead). Maps are
+/// made with no read-around, and a cold 606 MB source with a crc trailer took 3.2 s to check
+/// page by page. A hint: errors are ignored.
+pub fn will_read_sequentially(data: &[u8]) {
+    if data.is_empty() {
+        return;
+    }
+    let page = 4096usize;
+    let start = data.as_ptr() as usize & !(page - 1);
+    let len = data.as_ptr() as usize + data.len() - start;
+    // SAFETY: MADV_SEQUENTIAL only changes read-ahead for pages of memory we hold a shared
+    // reference to (from the start of its first page); it never changes their contents.
+    unsafe {
+        libc::madvise(start as *mut libc::c_void, len, libc::MADV_SEQUENTIAL);
     }
 }
