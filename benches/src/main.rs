@@ -6,6 +6,7 @@
 //!
 //! Usage: cargo run --release -p reshard-bench -- [--size-mb 600] [--dir bench-out] [--runs 3]
 //!        [--python PYTHON (default: $MINDSPORE_PYTHON or python3)] [--no-mindspore]
+//!        [--cold (drop the source files from the page cache before every run)]
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -24,6 +25,7 @@ struct Args {
     dir: PathBuf,
     runs: usize,
     python: Option<String>,
+    cold: bool,
 }
 
 fn parse_args() -> Args {
@@ -32,6 +34,7 @@ fn parse_args() -> Args {
         dir: PathBuf::from("bench-out"),
         runs: 3,
         python: Some(std::env::var("MINDSPORE_PYTHON").unwrap_or_else(|_| "python3".into())),
+        cold: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -42,8 +45,9 @@ fn parse_args() -> Args {
             "--runs" => a.runs = val().parse().unwrap_or_else(|_| die("--runs takes a number")),
             "--python" => a.python = Some(val()),
             "--no-mindspore" => a.python = None,
+            "--cold" => a.cold = true,
             "-h" | "--help" => {
-                println!("{}", include_str!("main.rs").lines().take(9).collect::<Vec<_>>().join("\n"));
+                println!("{}", include_str!("main.rs").lines().take(10).collect::<Vec<_>>().join("\n"));
                 std::process::exit(0);
             }
             other => die(&format!("unknown argument {other}")),
@@ -228,6 +232,23 @@ fn du(p: &Path) -> u64 {
     total
 }
 
+/// Drops the files under `dir` from the page cache (clean pages only; the caller syncs first).
+fn drop_from_cache(dir: &Path) {
+    use std::os::fd::AsRawFd;
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            drop_from_cache(&p);
+        } else if let Ok(f) = File::open(&p) {
+            // SAFETY: a plain system call on a descriptor that is open for its duration.
+            #[allow(unsafe_code)]
+            unsafe {
+                libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+            }
+        }
+    }
+}
+
 struct Case {
     name: &'static str,
     src: PathBuf,
@@ -304,6 +325,9 @@ fn main() {
             (Vec::new(), Vec::new(), Vec::new(), Vec::new(), 0, 0);
         let settle = || {
             let _ = Command::new("sync").status();
+            if a.cold {
+                drop_from_cache(&c.src);
+            }
         };
         for _ in 0..a.runs {
             for synced in [false, true] {
@@ -346,6 +370,7 @@ fn main() {
         if let Some(py) = &ms_python {
             let msout = dir.join("ms_out");
             let _ = std::fs::remove_dir_all(&msout);
+            settle();
             let arg = |p: &Option<PathBuf>| {
                 p.as_ref().map_or("None".to_string(), |p| format!("{:?}", p.display().to_string()))
             };
