@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use rayon::prelude::*;
@@ -444,16 +444,29 @@ fn write_rank(
         for (i, t) in tensors.iter().enumerate() {
             blocks_for(i, t, block_bytes, &mut blocks);
         }
-        let block_crcs: Vec<Vec<(u64, crc32fast::Hasher)>> = blocks
-            .par_iter()
-            .map(|b| {
-                let t = tensors[b.tensor];
-                let (n, crcs) = write_block(plan, maps, t, b, &layout, b.tensor, &out)?;
-                let done = written.fetch_add(n, Ordering::Relaxed) + n;
-                if let Some(p) = &opts.progress {
-                    p(done, total);
+        // Workers take the blocks in file order from one counter, so the file is written front
+        // to back (a parallel iterator would split it into halves written from two fronts).
+        let next = AtomicUsize::new(0);
+        let failed = AtomicBool::new(false);
+        let block_crcs: Vec<Vec<(u64, crc32fast::Hasher)>> = (0..rayon::current_num_threads().min(blocks.len()))
+            .into_par_iter()
+            .map(|_| {
+                let mut mine = Vec::new();
+                while !failed.load(Ordering::Relaxed) {
+                    let Some(b) = blocks.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                        break;
+                    };
+                    let (n, crcs) = write_block(plan, maps, tensors[b.tensor], b, &layout, b.tensor, &out)
+                        .inspect_err(|_| {
+                            failed.store(true, Ordering::Relaxed);
+                        })?;
+                    mine.extend(crcs);
+                    let done = written.fetch_add(n, Ordering::Relaxed) + n;
+                    if let Some(p) = &opts.progress {
+                        p(done, total);
+                    }
                 }
-                Ok(crcs)
+                Ok(mine)
             })
             .collect::<Result<_>>()?;
         crcs.extend(block_crcs.into_iter().flatten());
