@@ -396,11 +396,19 @@ fn inspect(path: &Path, json: bool) -> Result<(), Error> {
     if Format::from_path(path) == Some(Format::Safetensors) || !looks_like_strategy(path) {
         let f = CheckpointFile::open(path, ReadOptions::default())?;
         let idx = f.index();
+        // A string's dims are what the file says ([0] as MindSpore writes them), not a shape.
+        let shape = |t: &reshard_core::checkpoint::TensorInfo| {
+            if t.dtype == reshard_core::DType::Str {
+                t.raw_dims.clone()
+            } else {
+                t.shape.clone()
+            }
+        };
         if json {
             let tensors: Vec<_> = idx
                 .tensors
                 .iter()
-                .map(|t| serde_json::json!({"name": t.name, "dtype": t.dtype.ckpt_name(), "shape": t.shape, "bytes": t.nbytes}))
+                .map(|t| serde_json::json!({"name": t.name, "dtype": t.dtype.ckpt_name(), "shape": shape(t), "bytes": t.nbytes}))
                 .collect();
             outln!("{}", serde_json::to_string_pretty(&serde_json::json!({ "tensors": tensors })).unwrap_or_default());
         } else {
@@ -411,7 +419,7 @@ fn inspect(path: &Path, json: bool) -> Result<(), Error> {
                     "{:<w$}  {:<9}  {:<20}  {:>12}",
                     t.name,
                     t.dtype.ckpt_name(),
-                    format!("{:?}", t.shape),
+                    format!("{:?}", shape(t)),
                     t.nbytes
                 );
             }
