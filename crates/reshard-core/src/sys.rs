@@ -13,15 +13,43 @@ use crate::error::{Error, Result};
 /// A read-only view of a whole file.
 pub struct MappedFile {
     map: Option<memmap2::Mmap>,
+    /// The most one `MADV_WILLNEED` reads (the kernel caps each call at the device's read-ahead).
+    readahead: u64,
+}
+
+/// The system's page size.
+pub fn page_size() -> u64 {
+    static PAGE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *PAGE.get_or_init(|| {
+        // SAFETY: sysconf only reads a system constant.
+        let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        u64::try_from(n).ok().filter(|&n| n > 0).unwrap_or(4096)
+    })
+}
+
+/// The read-ahead of the device holding a file (`/sys/class/bdi/MAJ:MIN/read_ahead_kb`): the
+/// kernel reads at most that much (or the device's optimal I/O size, if larger) for one
+/// `MADV_WILLNEED`. 128 KiB, Linux's default, when it cannot be found or is 0.
+fn device_readahead(meta: &std::fs::Metadata) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let dev = meta.dev();
+    let path = format!("/sys/class/bdi/{}:{}/read_ahead_kb", libc::major(dev), libc::minor(dev));
+    let kb = std::fs::read_to_string(path).ok().and_then(|s| s.trim().parse::<u64>().ok()).unwrap_or(0);
+    if kb == 0 {
+        128 << 10
+    } else {
+        kb << 10
+    }
 }
 
 impl MappedFile {
     /// Maps `path` read-only. An empty file gives an empty slice (mmap of 0 bytes is an error on Linux).
     pub fn open(path: &Path) -> Result<Self> {
         let file = File::open(path).map_err(|e| Error::io(path, "open", e))?;
-        let len = file.metadata().map_err(|e| Error::io(path, "stat", e))?.len();
-        if len == 0 {
-            return Ok(MappedFile { map: None });
+        let meta = file.metadata().map_err(|e| Error::io(path, "stat", e))?;
+        let readahead = device_readahead(&meta);
+        if meta.len() == 0 {
+            return Ok(MappedFile { map: None, readahead });
         }
         // SAFETY: the map is read-only and lives as long as `self`. If another process truncates
         // or rewrites the file while it is mapped, reads may see changed bytes or raise SIGBUS;
@@ -32,16 +60,25 @@ impl MappedFile {
         // indexing a cold 578 MB checkpoint read 439 MB of it, and converting one rank of
         // complete -> 8 read 470 MB. What the executor needs it announces with `will_need`.
         let _ = map.advise(memmap2::Advice::Random);
-        Ok(MappedFile { map: Some(map) })
+        Ok(MappedFile { map: Some(map), readahead })
     }
 
     /// Asks the kernel to start reading `len` bytes at `offset` (`MADV_WILLNEED`) without
-    /// waiting for them. Out-of-range requests and errors are ignored: it is a hint.
+    /// waiting for them, in calls no larger than the kernel reads for one (larger requests are
+    /// cut short, and the rest would then be read a page per fault). Out-of-range requests and
+    /// errors are ignored: it is a hint.
     pub fn will_need(&self, offset: u64, len: u64) {
-        if let Some(map) = &self.map {
-            if len > 0 && offset.checked_add(len).is_some_and(|end| end <= map.len() as u64) {
-                let _ = map.advise_range(memmap2::Advice::WillNeed, offset as usize, len as usize);
-            }
+        let Some(map) = &self.map else {
+            return;
+        };
+        let Some(end) = offset.checked_add(len).filter(|&e| e <= map.len() as u64) else {
+            return;
+        };
+        let mut at = offset;
+        while at < end {
+            let n = (end - at).min(self.readahead);
+            let _ = map.advise_range(memmap2::Advice::WillNeed, at as usize, n as usize);
+            at += n;
         }
     }
 }
@@ -75,7 +112,7 @@ pub fn will_read_sequentially(data: &[u8]) {
     if data.is_empty() {
         return;
     }
-    let page = 4096usize;
+    let page = page_size() as usize;
     let start = data.as_ptr() as usize & !(page - 1);
     let len = data.as_ptr() as usize + data.len() - start;
     // SAFETY: MADV_SEQUENTIAL only changes read-ahead for pages of memory we hold a shared

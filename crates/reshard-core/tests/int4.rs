@@ -44,8 +44,15 @@ fn same_but_label(ours: &Path, theirs: &Path) {
 #[test]
 fn int4_round_trip_matches_mindspore_but_keeps_the_type() {
     let fx = fixtures();
-    let tmp = std::env::temp_dir().join(format!("reshard-int4-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
+    struct Scratch(PathBuf);
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let scratch = Scratch(std::env::temp_dir().join(format!("reshard-int4-{}", std::process::id())));
+    let tmp = &scratch.0;
+    let _ = std::fs::remove_dir_all(tmp);
     let (rows_s, cols_s) = (fx.join("rows.ckpt"), fx.join("cols.ckpt"));
     transform(&fx.join("complete"), None, Some(&rows_s), &tmp.join("rows"));
     transform(&tmp.join("rows"), Some(&rows_s), Some(&cols_s), &tmp.join("cols"));
@@ -64,5 +71,4 @@ fn int4_round_trip_matches_mindspore_but_keeps_the_type() {
         assert_eq!((u.dtype, &u.shape), (t.dtype, &t.shape), "{}", t.name);
         assert_eq!(back.content(u), orig.content(t), "{}", t.name);
     }
-    std::fs::remove_dir_all(&tmp).ok();
 }
