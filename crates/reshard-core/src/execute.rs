@@ -322,6 +322,16 @@ struct Block {
     len: u64,
 }
 
+impl Block {
+    /// The block as a box in full-tensor coordinates, given the destination box it lies in.
+    fn region(&self, dst_box: &crate::region::Region) -> crate::region::Region {
+        crate::region::Region {
+            offset: dst_box.offset.iter().zip(&self.offset).map(|(a, b)| a + b).collect(),
+            shape: self.shape.clone(),
+        }
+    }
+}
+
 /// Cuts a tensor into blocks of at most `max` bytes (one element at least).
 fn blocks_for(tensor: usize, t: &crate::plan::TensorPlan, max: u64, out: &mut Vec<Block>) {
     let dims: &[u64] = match &t.source {
@@ -582,11 +592,7 @@ fn write_block(
         TensorSource::Pieces { dst_box, pieces } => {
             let elem = t.dtype.size();
             let nd = dst_box.shape.len();
-            // The block as a box in full-tensor coordinates.
-            let block = crate::region::Region {
-                offset: (0..nd).map(|d| dst_box.offset[d] + b.offset[d]).collect(),
-                shape: b.shape.clone(),
-            };
+            let block = b.region(dst_box);
             // When every piece is one contiguous run both in its source and in the block (row
             // splits), write straight from the source maps with no buffer.
             let mut direct = Vec::new();
@@ -676,10 +682,7 @@ fn announce_block(plan: &Plan, maps: &SourceMaps<'_>, t: &crate::plan::TensorPla
         TensorSource::Pieces { dst_box, pieces } => {
             let elem = t.dtype.size();
             let nd = dst_box.shape.len();
-            let block = crate::region::Region {
-                offset: (0..nd).map(|d| dst_box.offset[d] + b.offset[d]).collect(),
-                shape: b.shape.clone(),
-            };
+            let block = b.region(dst_box);
             for p in pieces {
                 let Some(r) = p.region.intersect(&block).filter(|r| r.numel() > 0) else {
                     continue;
