@@ -25,7 +25,6 @@ For every case:
 Exit status: 0 = all equal, 1 = a mismatch, 2 = a tool failed.
 """
 import contextlib
-import glob as _glob
 import os
 import shutil
 import subprocess
@@ -39,12 +38,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-import numpy as np  # noqa: E402
 import mindspore as ms  # noqa: E402
 from mindspore.train import node_strategy_pb2 as spb  # noqa: E402
-import mindspore.parallel.checkpoint_transform as ms_ct  # noqa: E402
-import mindspore.parallel.transform_safetensors as ms_ts  # noqa: E402
 
+import make_fixtures  # noqa: E402  (the MindSpore fixes it makes its fixtures with)
 import roundtrip_check  # noqa: E402  (compare(): tensors by name, dtype, shape and bytes)
 
 CONF = os.path.join(REPO, "tests", "fixtures", "conformance")
@@ -76,28 +73,10 @@ CASES = {
 
 
 @contextlib.contextmanager
-def patched(obj, attr, value):
-    old = getattr(obj, attr)
-    setattr(obj, attr, value)
-    try:
-        yield
-    finally:
-        setattr(obj, attr, old)
-
-
-@contextlib.contextmanager
 def mindspore_fixes():
-    """Sorted glob in merge_pipeline_strategys, contiguous arrays for safetensors.save_file
-    (see make_fixtures.py: safetensors >= 0.6 ignores the strides of the views MindSpore passes)."""
-    real_glob, real_save = _glob.glob, ms_ts.save_file
-
-    def sglob(*a, **k):
-        return sorted(real_glob(*a, **k))
-
-    def save_file(tensor_dict, filename, metadata=None):
-        return real_save({k: np.ascontiguousarray(v) for k, v in tensor_dict.items()}, filename, metadata=metadata)
-
-    with patched(ms_ct.glob, "glob", sglob), patched(ms_ts, "save_file", save_file):
+    """make_fixtures.py's two fixes: sorted glob in merge_pipeline_strategys, contiguous arrays for
+    safetensors.save_file (safetensors >= 0.6 ignores the strides of the views MindSpore passes)."""
+    with make_fixtures.sorted_glob(), make_fixtures.contiguous_safetensors_save():
         yield
 
 
