@@ -576,32 +576,22 @@ fn write_block(
             let info = plan.tensor_info(*src_rank, &t.name)?;
             let map = maps.get(*src_rank)?;
             // Straight from the map to the file: no intermediate buffer.
-            let mut pos = start;
-            let mut seg_start = 0u64;
-            for s in &info.segments {
-                let a = pos.max(seg_start);
-                let e = (start + len).min(seg_start + s.len);
-                if a < e {
-                    let from = (s.offset + (a - seg_start)) as usize;
-                    write(&map[from..from + (e - a) as usize], a)?;
-                    pos = e;
-                }
-                seg_start += s.len;
+            for (at, from, n) in segment_runs(&info.segments, start, start + len) {
+                write(&map[from as usize..(from + n) as usize], at)?;
             }
         }
         TensorSource::Pieces { dst_box, pieces } => {
             let elem = t.dtype.size();
             let nd = dst_box.shape.len();
             let block = b.region(dst_box);
-            // When every piece is one contiguous run both in its source and in the block (row
+            // The pieces' parts inside this block.
+            let parts: Vec<_> = pieces.iter().filter_map(|p| p.region.intersect(&block).map(|r| (p, r))).collect();
+            // When every part is one contiguous run both in its source and in the block (row
             // splits), write straight from the source maps with no buffer.
             let mut direct = Vec::new();
-            for p in pieces {
-                let Some(region) = p.region.intersect(&block) else {
-                    continue;
-                };
-                let src_off = contiguous_offset(&p.src_box, &region, elem);
-                let dst_off = contiguous_offset(&block, &region, elem);
+            for (p, region) in &parts {
+                let src_off = contiguous_offset(&p.src_box, region, elem);
+                let dst_off = contiguous_offset(&block, region, elem);
                 let info = plan.tensor_info(p.src_rank, &t.name)?;
                 match (src_off, dst_off, info.segments.as_slice()) {
                     (Some(so), Some(dof), [seg]) => {
@@ -622,7 +612,7 @@ fn write_block(
             }
             // The pieces tile the block (the plan guarantees it; checked here because the
             // reused buffer would otherwise carry bytes of an earlier block).
-            let covered: u64 = pieces.iter().filter_map(|p| p.region.intersect(&block)).map(|r| r.numel()).sum();
+            let covered: u64 = parts.iter().map(|(_, r)| r.numel()).sum();
             if covered * elem != len {
                 return Err(Error::Invalid(format!(
                     "internal error: the plan for '{}' covers {} of the {} bytes of a block",
@@ -636,10 +626,7 @@ fn write_block(
                     buf.resize(len as usize, 0);
                 }
                 let buf = &mut buf[..len as usize];
-                for p in pieces {
-                    let Some(region) = p.region.intersect(&block) else {
-                        continue;
-                    };
+                for (p, region) in &parts {
                     let info = plan.tensor_info(p.src_rank, &t.name)?;
                     let map = maps.get(p.src_rank)?;
                     let reader = SegReader::new(&map, &info.segments);
@@ -662,6 +649,22 @@ fn write_block(
         }
     }
     Ok((len, crcs))
+}
+
+/// The parts of content bytes [from, to) of a tensor stored in `segments`: (content offset,
+/// file offset, length) for each segment it overlaps.
+fn segment_runs(segments: &[Segment], from: u64, to: u64) -> impl Iterator<Item = (u64, u64, u64)> + '_ {
+    segments
+        .iter()
+        .scan(0u64, |seg_start, s| {
+            let start = *seg_start;
+            *seg_start += s.len;
+            Some((start, s))
+        })
+        .filter_map(move |(seg_start, s)| {
+            let (a, e) = (from.max(seg_start), to.min(seg_start + s.len));
+            (a < e).then(|| (a, s.offset + (a - seg_start), e - a))
+        })
 }
 
 /// How far ahead of the block being written its source bytes are announced: a cold source is
@@ -694,10 +697,7 @@ fn announce_block(plan: &Plan, maps: &SourceMaps<'_>, t: &crate::plan::TensorPla
                 while k > 0 && r.shape[k - 1] == src.shape[k - 1] {
                     k -= 1;
                 }
-                let mut stride = vec![1u64; nd];
-                for d in (0..nd.saturating_sub(1)).rev() {
-                    stride[d] = stride[d + 1] * src.shape[d + 1];
-                }
+                let stride = crate::region::strides(&src.shape, 1);
                 let (outer, run) = if k == 0 { (0, r.numel()) } else { (k - 1, r.shape[k - 1] * stride[k - 1]) };
                 let mut idx = vec![0u64; outer];
                 let mut cur: Option<(u64, u64)> = None;
@@ -726,13 +726,8 @@ fn announce_block(plan: &Plan, maps: &SourceMaps<'_>, t: &crate::plan::TensorPla
     }
     for (rank, from, to) in runs {
         let map = maps.get(rank)?;
-        let mut seg_start = 0;
-        for s in &plan.tensor_info(rank, &t.name)?.segments {
-            let (a, e) = (from.max(seg_start), to.min(seg_start + s.len));
-            if a < e {
-                map.will_need(s.offset + (a - seg_start), e - a);
-            }
-            seg_start += s.len;
+        for (_, at, n) in segment_runs(&plan.tensor_info(rank, &t.name)?.segments, from, to) {
+            map.will_need(at, n);
         }
     }
     Ok(())

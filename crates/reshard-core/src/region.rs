@@ -78,15 +78,8 @@ pub fn copy_box(
             break;
         }
     }
-    let strides = |shape: &[u64]| {
-        let mut s = vec![elem; nd];
-        for d in (0..nd.saturating_sub(1)).rev() {
-            s[d] = s[d + 1] * shape[d + 1];
-        }
-        s
-    };
-    let ss = strides(src_shape);
-    let ds = strides(dst_shape);
+    let ss = strides(src_shape, elem);
+    let ds = strides(dst_shape, elem);
     let mut idx = vec![0u64; k];
     loop {
         let mut so = 0;
@@ -101,6 +94,15 @@ pub fn copy_box(
             return;
         }
     }
+}
+
+/// Strides of a C-order array of `shape` whose elements are `unit` apart (bytes or elements).
+pub(crate) fn strides(shape: &[u64], unit: u64) -> Vec<u64> {
+    let mut s = vec![unit; shape.len()];
+    for d in (0..shape.len().saturating_sub(1)).rev() {
+        s[d] = s[d + 1] * shape[d + 1];
+    }
+    s
 }
 
 /// Steps `idx` to the next index of a C-order array of shape `extent` (last dim fastest).
