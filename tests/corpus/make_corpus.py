@@ -289,6 +289,19 @@ def make_strategy_files():
           json_strategy([("w", big, [-1, -1], 0, 0), ("b", big, [-1], 0, 0)]),
           "dev_matrix [65536, 65536, 65536, 65536]: 2^64 devices, the product wraps to 0; found by fuzzing",
           "file, w, dev_matrix")
+    write("strategy/devices_differ_in_stage.ckpt", strategy([("w", [2], [0, -1]), ("b", [4], [-1])]),
+          "one stage, w on 2 devices and b on 4: the ranks are numbered over 2 (the first parameter's)",
+          "file, b, 4, w, 2")
+    write("strategy/stage_devices_differ.ckpt", strategy([("0-w", [2], [0, -1]), ("1-b", [4], [-1])]),
+          "merged pipeline strategy whose stage 0 has 2 devices and stage 1 has 4",
+          "file, b, stage 1, 4, stage 0, 2")
+    # b in every one of 256 stages of 2^24 devices (each within the per-stage limit): 2^32
+    # ranks, which wrapped to 0 in 32 bits ("wrote 0 file(s)", exit 0).
+    d24 = [1 << 24]
+    write("strategy/ranks_2pow32.json",
+          json_strategy([("0-w", d24, [-1, -1], 0, 0)] + [(f"{k}-b", d24, [-1], 0, 0) for k in range(256)]),
+          "256 pipeline stages of 2^24 devices: 2^32 ranks, a count that wrapped to 0",
+          "file, 4294967296")
 
 
 def rank_files(base, files):
@@ -396,6 +409,15 @@ def make_source_folders():
                    for r in range(4)})
     entry(d, "w stored as [0, 2^62] (no content, so the file is sound) split 4 ways on dim 1: the full dim "
              "2^64 overflows", "w, '4 ways' (and not a wrapped full shape [0, 0])")
+
+    d = f"{s}/stage_file_rank_overflow"
+    # A single stage's file (stage 2^31 of 2 devices) whose parameters are a strict subset of
+    # the destination's: MindSpore's by-stage mode reads ranks 2^32..2^32+1, which wrapped to 0, 1.
+    write(f"{d}/src_strategy.ckpt", strategy([("w", [2], [0, -1])], stage=1 << 31), None, None)
+    write(f"{d}/dst_strategy.ckpt", dp_strategy(2), None, None)
+    rank_files(d, {r: [("model.ckpt", ckpt(shard_rows(2, r)))] for r in (0, 1)})
+    entry(d, "source strategy: the file of stage 2^31 (2 devices), by-stage mode; its ranks pass 2^32",
+          "src strategy file, stage 2147483648 rank, 4294967295")
 
     d = f"{s}/dst_strategy_indivisible"
     write(f"{d}/dst_strategy.ckpt", dp_strategy(8), None, None)

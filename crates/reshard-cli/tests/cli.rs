@@ -439,6 +439,34 @@ fn corpus_strategy_dev_matrix_huge() {
     }
 }
 
+/// Issue 13 item 4: parameters of one stage on different device counts used to be planned over
+/// the first parameter's count (b's slices for ranks 2 and 3 read and written nowhere), exit 0.
+#[test]
+fn corpus_strategy_devices_differ_in_stage() {
+    refuse_strategy_file("strategy/devices_differ_in_stage.ckpt", &["'b'", "4 devices", "'w'", "on 2", "same stage"]);
+}
+
+/// Issue 13 item 4: pipeline stages with different device counts (stage 0 on 2, stage 1 on 4).
+#[test]
+fn corpus_strategy_stage_devices_differ() {
+    refuse_strategy_file(
+        "strategy/stage_devices_differ.ckpt",
+        &["'b'", "stage 1 has 4 devices", "stage 0 has 2", "'w'"],
+    );
+}
+
+/// Issue 13 item 8: 256 stages x 2^24 devices = 2^32 destination ranks wrapped to 0: "wrote 0
+/// file(s)", exit 0. `inspect` refuses it too.
+#[test]
+fn corpus_strategy_ranks_2pow32() {
+    refuse_strategy_file(
+        "strategy/ranks_2pow32.json",
+        &["256 pipeline stage(s)", "16777216 devices", "4294967296 ranks"],
+    );
+    let f = corpus("strategy/ranks_2pow32.json");
+    assert_refused(&reshard([OsStr::new("inspect"), f.as_os_str()]), &["ranks_2pow32.json", "4294967296 ranks"]);
+}
+
 #[test]
 fn corpus_strategy_inspect_refuses_garbage_json() {
     let f = corpus("strategy/garbage.json");
@@ -564,6 +592,13 @@ fn corpus_sources_strategy_axis_twice() {
 fn corpus_sources_slice_dim_overflow() {
     let msg = refuse_source_folder_msg("slice_dim_overflow", &["'w'", "4 ways"]);
     assert!(!msg.contains("[0, 0]"), "{msg}");
+}
+
+/// Issue 13 item 8: by-stage mode with the file of stage 2^31 (2 devices per stage) computed its
+/// first source rank as 2^32, wrapped to 0, and read rank_0 and rank_1 as if they were its ranks.
+#[test]
+fn corpus_sources_stage_file_rank_overflow() {
+    refuse_source_folder("stage_file_rank_overflow", &["src_strategy.ckpt", "stage 2147483648", "4294967296"]);
 }
 
 #[test]

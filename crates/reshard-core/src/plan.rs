@@ -262,10 +262,33 @@ impl Plan {
             }
             _ => None,
         };
-        let src_base = by_stage.map_or(0, |st| (u64::from(st) * src_stage_devices) as u32);
+        // Rank numbers are 32-bit: every product below is checked rather than cast (a wrapped
+        // count once planned 2^32 destination ranks as 0 and wrote nothing, successfully).
+        if let Some(d) = &dst_strategy {
+            d.rank_num()?;
+        }
+        if let Some(s) = &src_strategy {
+            s.rank_num()?;
+        }
+        // Both factors are bounded (devices by MAX_DEVICES, stages by u32): no u64 overflow.
+        let src_base = by_stage.map_or(0, |st| u64::from(st) * src_stage_devices);
         let src_total = src_stage_devices * u64::from(src_stages);
+        let src_end = src_base + src_total;
+        let (Ok(src_base), Ok(src_end)) = (u32::try_from(src_base), u32::try_from(src_end)) else {
+            let path = src_strategy.as_ref().map_or_else(|| set.dir.clone(), |s| s.path.clone());
+            return Err(Error::Source {
+                path,
+                detail: format!(
+                    "the source strategy is the file of pipeline stage {} with {src_stage_devices} devices, so its \
+                     ranks would be {src_base}..{}; rank numbers must stay below {}",
+                    by_stage.unwrap_or(0),
+                    src_end - 1,
+                    u32::MAX
+                ),
+            });
+        };
         // Which ranks to read: a complete source is rank 0 only.
-        let wanted: Vec<u32> = (src_base..src_base + src_total as u32).collect();
+        let wanted: Vec<u32> = (src_base..src_end).collect();
         let missing: Vec<u32> = wanted.iter().copied().filter(|r| !set.files.contains_key(r)).collect();
         if !missing.is_empty() {
             let what = if src_strategy.is_some() {
@@ -428,7 +451,8 @@ impl Plan {
 
     /// Number of destination ranks (1 for a complete destination).
     pub fn dst_rank_count(&self) -> u32 {
-        (self.dst_stage_devices * u64::from(self.dst_stages)) as u32
+        // `from_parts` checked that the product fits (`Strategy::rank_num`).
+        u32::try_from(self.dst_stage_devices * u64::from(self.dst_stages)).unwrap_or(u32::MAX)
     }
 
     /// Number of source ranks read.

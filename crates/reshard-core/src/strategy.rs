@@ -160,6 +160,10 @@ pub fn split_stage_name(name: &str) -> (u32, &str) {
 /// Devices per pipeline stage that a strategy may describe.
 pub const MAX_DEVICES: u64 = 1 << 24;
 
+/// Ranks (devices times pipeline stages) that a strategy may describe: rank numbers and counts
+/// are 32-bit everywhere (plans, rank folders, the C API).
+pub const MAX_RANKS: u64 = u32::MAX as u64;
+
 fn bad(path: &Path, detail: impl Into<String>) -> Error {
     Error::Malformed { path: path.to_path_buf(), kind: "strategy", detail: detail.into() }
 }
@@ -266,6 +270,61 @@ impl Strategy {
         Ok(())
     }
 
+    /// Every layout item must span the stage's devices, and every stage the same number: the
+    /// ranks of a stage are numbered over one device count (the first parameter's, as in
+    /// MindSpore), so a parameter on fewer devices would be planned from the wrong slices and
+    /// one on more would leave slices that no rank reads or writes. All ranks must also be
+    /// numbered in 32 bits (rank folders, plans, the C API), so `devices * stages` is bounded.
+    fn check_devices(&self) -> Result<()> {
+        let Some((first, entries)) = self.params.first() else {
+            return Ok(());
+        };
+        let Some(reference) = entries.iter().min_by_key(|x| x.stage) else {
+            return Ok(());
+        };
+        let devices = reference.layout.device_num();
+        let mut last_stage = 0u32;
+        for (name, entries) in &self.params {
+            for e in entries {
+                last_stage = last_stage.max(e.stage);
+                let n = e.layout.device_num();
+                if n == devices {
+                    continue;
+                }
+                let detail = if e.stage == reference.stage {
+                    format!(
+                        "laid out on {n} devices (dev_matrix {:?}) in stage {}, but parameter '{first}' of the same stage \
+                         on {devices} (dev_matrix {:?}); every parameter of a stage must span the same devices, or part \
+                         of the data would be read or written nowhere",
+                        e.layout.dev_matrix, e.stage, reference.layout.dev_matrix
+                    )
+                } else {
+                    format!(
+                        "pipeline stage {} has {n} devices (dev_matrix {:?} of this parameter), but stage {} has \
+                         {devices} (dev_matrix {:?} of parameter '{first}'); every pipeline stage must have the same \
+                         number of devices, or part of the data would be read or written nowhere",
+                        e.stage, e.layout.dev_matrix, reference.stage, reference.layout.dev_matrix
+                    )
+                };
+                return Err(Error::BadLayout { path: self.path.clone(), param: name.clone(), detail });
+            }
+        }
+        // Stages are numbered from 0 (gaps are refused by `stage_num`), so the highest stage
+        // bounds the rank numbers. Both factors are bounded (2^24 devices, 2^32 stages): no overflow.
+        let ranks = devices * (u64::from(last_stage) + 1);
+        if ranks > MAX_RANKS {
+            return Err(bad(
+                &self.path,
+                format!(
+                    "{} pipeline stage(s) (up to stage {last_stage}) of {devices} devices (parameter '{first}') make \
+                     {ranks} ranks; at most {MAX_RANKS} are supported",
+                    u64::from(last_stage) + 1
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     fn empty(path: &Path, file_stage: Option<u32>) -> Strategy {
         Strategy { path: path.to_path_buf(), params: Vec::new(), file_stage, index: HashMap::new() }
     }
@@ -303,6 +362,7 @@ impl Strategy {
             };
             s.push(path, name, layout)?;
         }
+        s.check_devices()?;
         Ok(s)
     }
 
@@ -367,6 +427,7 @@ impl Strategy {
             };
             s.push(path, name, layout)?;
         }
+        s.check_devices()?;
         Ok(s)
     }
 
@@ -429,9 +490,15 @@ impl Strategy {
         Ok(stages.len().max(1) as u32)
     }
 
-    /// Total ranks: devices per stage times stages.
+    /// Total ranks: devices per stage times stages (at most [`MAX_RANKS`], checked at load).
     pub fn rank_num(&self) -> Result<u64> {
-        Ok(self.stage_device_num()? * u64::from(self.stage_num()?))
+        let (devices, stages) = (self.stage_device_num()?, self.stage_num()?);
+        devices.checked_mul(u64::from(stages)).filter(|&n| n <= MAX_RANKS).ok_or_else(|| {
+            bad(
+                &self.path,
+                format!("{stages} pipeline stage(s) of {devices} devices; at most {MAX_RANKS} ranks are supported"),
+            )
+        })
     }
 }
 
@@ -637,7 +704,7 @@ mod tests {
             "parallel_layout_item": {
                 "w": {"dev_matrix": [2, 2], "tensor_map": [0, -1], "tensor_shape": [4, 4], "field": 0,
                        "opt_weight_shard_step": 2, "opt_weight_shard_size": -1},
-                "n": {"dev_matrix": [2, 2, 2], "tensor_map": [[2, 1], [-1]], "field": 0,
+                "n": {"dev_matrix": [2, 1, 2], "tensor_map": [[2, 1], [-1]], "field": 0,
                        "opt_weight_shard_step": 0, "opt_weight_shard_size": 0}
             }
         });
