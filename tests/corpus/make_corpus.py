@@ -295,6 +295,18 @@ def make_strategy_files():
     write("strategy/stage_devices_differ.ckpt", strategy([("0-w", [2], [0, -1]), ("1-b", [4], [-1])]),
           "merged pipeline strategy whose stage 0 has 2 devices and stage 1 has 4",
           "file, b, stage 1, 4, stage 0, 2")
+    # MindSpore's JSON writer flattens a dim split over several device axes into one dim per
+    # axis; these dims cannot be merged back: no run of [2, 3, 4] multiplies to w's 4 (or to 2,
+    # the rows rank_0 of good/dp2 stores).
+    write("strategy/flattened_unmergeable.json", json.dumps({
+        "current_stage": 0,
+        "parallel_layout_item": {
+            "w": {"dev_matrix": [2, 1], "tensor_map": [1, 0, -1], "tensor_shape": [2, 3, 4], "field": 0,
+                  "opt_weight_shard_step": 0, "opt_weight_shard_size": 0},
+            "b": {"dev_matrix": [2, 1], "tensor_map": [-1], "tensor_shape": [4], "field": 0,
+                  "opt_weight_shard_step": 0, "opt_weight_shard_size": 0}}}, indent=1).encode(),
+          "JSON strategy in MindSpore's flattened form (tensor_map [1, 0, -1], tensor_shape [2, 3, 4]) for w "
+          "[4, 4], whose dims cannot be merged back", "file, w, [2, 3, 4], the checkpoint's shape")
     # b in every one of 256 stages of 2^24 devices (each within the per-stage limit): 2^32
     # ranks, which wrapped to 0 in 32 bits ("wrote 0 file(s)", exit 0).
     d24 = [1 << 24]

@@ -467,6 +467,30 @@ fn corpus_strategy_ranks_2pow32() {
     assert_refused(&reshard([OsStr::new("inspect"), f.as_os_str()]), &["ranks_2pow32.json", "4294967296 ranks"]);
 }
 
+/// Issue 13 item 21: a flattened JSON layout (MindSpore's JSON writer) is merged back using the
+/// checkpoint's shapes; dims that cannot be merged are refused naming both shapes, against the
+/// full tensor (destination) and against the stored slice (source).
+#[test]
+fn corpus_strategy_flattened_unmergeable() {
+    refuse_strategy_file("strategy/flattened_unmergeable.json", &["'w'", "[2, 3, 4]", "flattened", "no runs"]);
+    let out = reshard([
+        OsStr::new("plan"),
+        "--src_ckpt_dir".as_ref(),
+        corpus("good/complete").as_os_str(),
+        "--dst_ckpt_strategy".as_ref(),
+        corpus("strategy/flattened_unmergeable.json").as_os_str(),
+    ]);
+    assert_refused(&out, &["tensor's shape [4, 4]"]);
+    let out = reshard([
+        OsStr::new("plan"),
+        "--src_ckpt_dir".as_ref(),
+        corpus("good/dp2/src").as_os_str(),
+        "--src_ckpt_strategy".as_ref(),
+        corpus("strategy/flattened_unmergeable.json").as_os_str(),
+    ]);
+    assert_refused(&out, &["rank_0/model.ckpt", "rank 0", "shape [2, 4] rank 0 stores"]);
+}
+
 #[test]
 fn corpus_strategy_inspect_refuses_garbage_json() {
     let f = corpus("strategy/garbage.json");

@@ -14,7 +14,7 @@ use rayon::prelude::*;
 use crate::checkpoint::{CheckpointFile, CheckpointIndex, Format, ReadOptions, TensorInfo};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::layout::{full_shape_from_slice, ResolvedLayout};
+use crate::layout::{effective_opt_size, full_shape_from_slice, ResolvedLayout};
 use crate::region::Region;
 use crate::source::{discover, SourceSet};
 use crate::strategy::Strategy;
@@ -232,8 +232,8 @@ impl Plan {
     /// Builds a plan from an already discovered source set and parsed strategies.
     pub fn from_parts(
         set: SourceSet,
-        src_strategy: Option<Strategy>,
-        dst_strategy: Option<Strategy>,
+        mut src_strategy: Option<Strategy>,
+        mut dst_strategy: Option<Strategy>,
         opts: &PlanOptions,
     ) -> Result<Plan> {
         let mut warnings = Vec::new();
@@ -360,7 +360,7 @@ impl Plan {
             }
         }
         for p in &mut params {
-            p.kind = match &src_strategy {
+            p.kind = match &mut src_strategy {
                 None => SrcKind::Complete,
                 Some(st) if st.contains(&p.name) && p.dtype != DType::Str => {
                     let (kind, full) = resolve_sharded(p, st, &sources, src_base, src_stage_devices)?;
@@ -395,6 +395,12 @@ impl Plan {
                     odd.iter().take(5).copied().collect::<Vec<_>>().join(", "),
                     if odd.len() > 5 { ", ..." } else { "" }
                 ));
+            }
+        }
+        if let Some(d) = &mut dst_strategy {
+            // MindSpore's flattened JSON form needs the tensor's shape, known only now.
+            for p in params.iter().filter(|p| !matches!(p.kind, SrcKind::Raw)) {
+                d.unflatten_param(&p.name, &p.full)?;
             }
         }
         for p in &mut params {
@@ -640,12 +646,13 @@ fn resolve_dst(p: &ParamInfo, src: Option<&Strategy>, dst: Option<&Strategy>, ds
 /// The source layout of a sharded parameter, its slices, and the full shape they imply.
 fn resolve_sharded(
     p: &ParamInfo,
-    st: &Strategy,
+    st: &mut Strategy,
     sources: &BTreeMap<u32, Source>,
     base: u32,
     stage_dev: u64,
 ) -> Result<(SrcKind, Vec<u64>)> {
-    let layout = st.layout(&p.name).ok_or_else(|| Error::Invalid(format!("no layout for '{}'", p.name)))?;
+    let no_layout = || Error::Invalid(format!("no layout for '{}'", p.name));
+    let layout = st.layout(&p.name).ok_or_else(no_layout)?;
     let mut stages = st.stages_of(&p.name);
     stages.sort_unstable();
     // The lowest stage whose files hold the parameter.
@@ -668,6 +675,21 @@ fn resolve_sharded(
     let start = u64::from(base) + u64::from(stage) * stage_dev;
     let first = &sources[&(start as u32)];
     let stored0 = &first.index.get(&p.name).map(|t| t.shape.clone()).unwrap_or_default();
+    if layout.is_flattened(stored0.len()) {
+        // MindSpore's flattened JSON form: merge dims back so that each run, split as the
+        // layout says (and by the optimizer shard on dim 0), gives the stored slice.
+        let opt = u64::try_from(effective_opt_size(layout)).unwrap_or(0);
+        let what = format!("the shape {stored0:?} rank {} stores (each dim times its split)", first.rank);
+        let nested = layout
+            .unflatten(stored0.len(), &what, |j, prod, parts| {
+                let slice = stored0[j].checked_mul(parts);
+                let slice = if j == 0 && opt > 0 { slice.and_then(|x| x.checked_mul(opt)) } else { slice };
+                slice == Some(prod)
+            })
+            .map_err(|d| mismatch(first, &p.name, format!("{d} (source strategy {})", st.path.display())))?;
+        st.unflatten_param(&p.name, nested.tensor_shape.as_deref().unwrap_or_default())?;
+    }
+    let layout = st.layout(&p.name).ok_or_else(no_layout)?;
     if stored0.len() != layout.tensor_map.len() {
         return Err(mismatch(
             first,

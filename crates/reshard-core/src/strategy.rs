@@ -122,6 +122,97 @@ impl ParamLayout {
     }
 }
 
+impl ParamLayout {
+    /// Whether this is MindSpore's flattened JSON form for a tensor of `ndim` dims: its JSON
+    /// writer lists a dim split over several device axes as several dims, one per axis, in both
+    /// `tensor_shape` and `tensor_map` (a `[32, 64]` weight with dim 1 over axes (1, 0) becomes
+    /// `tensor_shape [32, 2, 32]`, `tensor_map [-1, 1, 0]`; protobuf gives `[[-1], [1, 0]]`).
+    /// Only the checkpoint's shape tells which dims to merge, so this is undone at plan time.
+    pub fn is_flattened(&self, ndim: usize) -> bool {
+        !self.nested
+            && self.tensor_map.len() > ndim
+            && self.tensor_shape.as_ref().is_some_and(|ts| !ts.is_empty() && ts.len() == self.tensor_map.len())
+    }
+
+    /// Undoes the flattened form (see [`ParamLayout::is_flattened`]) for a tensor of `ndim`
+    /// dims: consecutive flattened dims are merged into one real dim when `fits(dim, product of
+    /// their tensor_shape, product of their device splits)` says so; a merged run never holds a
+    /// `-1` (a dim is either unsplit or split over device axes). The result is the nested
+    /// layout, with `tensor_shape` the merged shape. `what` describes the shape `fits` checks
+    /// against, for the message when no merge or more than one fits.
+    pub fn unflatten(
+        &self,
+        ndim: usize,
+        what: &str,
+        fits: impl Fn(usize, u64, u64) -> bool,
+    ) -> std::result::Result<ParamLayout, String> {
+        let ts = self.tensor_shape.clone().unwrap_or_default();
+        let map: Vec<i64> = self.tensor_map.iter().map(|a| a.first().copied().unwrap_or(-1)).collect();
+        let n = ts.len();
+        if map.len() != n || self.tensor_map.iter().any(|a| a.len() != 1) {
+            return Err(format!("tensor_map {:?} does not match tensor_shape {ts:?}", self.tensor_map));
+        }
+        let nd = self.dev_matrix.len() as i64;
+        // Only runs of distinct device axes merge (`push` refuses an axis used twice), so a
+        // dim gains at most `dev_matrix.len()` flattened dims: this also bounds the work below.
+        if n > ndim + self.dev_matrix.len() {
+            return Err(format!(
+                "the JSON strategy's tensor_shape {ts:?} with tensor_map {map:?} has {n} dims, too many to merge back \
+                 into {what} ({ndim} dims plus at most one per device axis of dev_matrix {:?})",
+                self.dev_matrix
+            ));
+        }
+        let split = |a: i64| if a >= 0 && a < nd { self.dev_matrix[(nd - 1 - a) as usize] } else { 1 };
+        // ways[i][j]: how many ways (capped at 2) the first i flattened dims make the first j real
+        // dims; from[i][j]: where the last run starts in one of them.
+        let mut ways = vec![vec![0u8; ndim + 1]; n + 1];
+        let mut from = vec![vec![0usize; ndim + 1]; n + 1];
+        ways[0][0] = 1;
+        for i in 1..=n {
+            for j in 1..=ndim.min(i) {
+                let (mut prod, mut parts) = (Some(1u64), 1u64);
+                for start in (0..i).rev() {
+                    if i - start > 1 && map[start..i].contains(&-1) {
+                        break;
+                    }
+                    prod = prod.and_then(|p| p.checked_mul(ts[start]));
+                    parts = parts.saturating_mul(split(map[start]));
+                    let Some(prod) = prod else { break };
+                    if ways[start][j - 1] > 0 && fits(j - 1, prod, parts) {
+                        if ways[i][j] == 0 {
+                            from[i][j] = start;
+                        }
+                        ways[i][j] = ways[i][j].saturating_add(ways[start][j - 1]).min(2);
+                    }
+                }
+            }
+        }
+        let context = || {
+            format!(
+                "the JSON strategy's tensor_shape {ts:?} with tensor_map {map:?} is MindSpore's flattened form of a dim \
+                 split over several device axes (dev_matrix {:?}), to be merged back into {what}",
+                self.dev_matrix
+            )
+        };
+        match ways[n][ndim] {
+            0 => return Err(format!("{}, but no runs of consecutive dims multiply to it", context())),
+            1 => {}
+            _ => return Err(format!("{}, and there is more than one way to merge them; refusing to guess", context())),
+        }
+        let mut runs = Vec::with_capacity(ndim);
+        let mut i = n;
+        for j in (1..=ndim).rev() {
+            let start = from[i][j];
+            runs.push(start..i);
+            i = start;
+        }
+        runs.reverse();
+        let tensor_map = runs.iter().map(|r| map[r.clone()].to_vec()).collect();
+        let shape = runs.iter().map(|r| ts[r.clone()].iter().product()).collect();
+        Ok(ParamLayout { tensor_map, nested: true, tensor_shape: Some(shape), ..self.clone() })
+    }
+}
+
 /// One layout item of a parameter, with the pipeline stage it belongs to.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct StageLayout {
@@ -431,6 +522,24 @@ impl Strategy {
         Ok(s)
     }
 
+    /// Rewrites every flattened layout item of `name` (MindSpore's JSON form, see
+    /// [`ParamLayout::is_flattened`]) into the nested form, for a tensor of shape `full`.
+    pub fn unflatten_param(&mut self, name: &str, full: &[u64]) -> Result<()> {
+        let Some(&i) = self.index.get(name) else {
+            return Ok(());
+        };
+        for e in &mut self.params[i].1 {
+            if e.layout.is_flattened(full.len()) {
+                let what = format!("the tensor's shape {full:?}");
+                e.layout = e
+                    .layout
+                    .unflatten(full.len(), &what, |j, prod, _| prod == full[j])
+                    .map_err(|detail| Error::BadLayout { path: self.path.clone(), param: name.to_string(), detail })?;
+            }
+        }
+        Ok(())
+    }
+
     /// Whether the strategy has a layout for `name`.
     pub fn contains(&self, name: &str) -> bool {
         self.index.contains_key(name)
@@ -715,6 +824,53 @@ mod tests {
         assert_eq!(w.tensor_shape, Some(vec![4, 4]));
         assert!(s.layout("n").unwrap().nested);
         assert_eq!(s.stage_device_num().unwrap(), 4);
+    }
+
+    fn flat(dev: &[u64], map: &[i64], shape: &[u64]) -> ParamLayout {
+        ParamLayout {
+            dev_matrix: dev.to_vec(),
+            tensor_map: map.iter().map(|&m| vec![m]).collect(),
+            nested: false,
+            opt_shard_step: 0,
+            opt_shard_size: 0,
+            tensor_shape: Some(shape.to_vec()),
+        }
+    }
+
+    #[test]
+    fn flattened_json_layouts_merge_back_into_the_nested_form() {
+        // The issue's example: [32, 64], dim 1 split over axes (1, 0).
+        let l = flat(&[2, 2], &[-1, 1, 0], &[32, 2, 32]);
+        assert!(l.is_flattened(2) && !l.is_flattened(3));
+        let n = l.unflatten(2, "[32, 64]", |j, prod, _| prod == [32, 64][j]).unwrap();
+        assert_eq!(n.tensor_map, vec![vec![-1], vec![1, 0]]);
+        assert!(n.nested);
+        assert_eq!(n.tensor_shape, Some(vec![32, 64]));
+        // A run never holds -1, so [16, 2, 8] with [-1, 1, 0] is [[-1], [1, 0]] for [16, 16].
+        let l = flat(&[2, 2], &[-1, 1, 0], &[16, 2, 8]);
+        assert_eq!(l.unflatten(2, "", |j, p, _| p == [16, 16][j]).unwrap().tensor_map, vec![vec![-1], vec![1, 0]]);
+        // An empty tensor_shape means "not given": nothing to merge.
+        assert!(!flat(&[2, 2], &[-1, 1, 0], &[]).is_flattened(2));
+    }
+
+    #[test]
+    fn flattened_json_layouts_that_do_not_merge_are_refused() {
+        // No run of [2, 3, 4] multiplies to 4.
+        let err = flat(&[2, 1], &[1, 0, -1], &[2, 3, 4]).unwrap_err_for(&[4, 4]);
+        assert!(err.contains("[2, 3, 4]") && err.contains("[4, 4]") && err.contains("no runs"), "{err}");
+        // [2, 2, 1, 4] over axes that may all be merged: [2, 2] + [1, 4] or [2, 2, 1] + [4].
+        let err = flat(&[1, 2, 2, 1], &[2, 1, 0, 3], &[2, 2, 1, 4]).unwrap_err_for(&[4, 4]);
+        assert!(err.contains("more than one way"), "{err}");
+        // A -1 run of two dims would be a dim both split and unsplit.
+        let err = flat(&[2], &[0, -1], &[2, 8]).unwrap_err_for(&[16]);
+        assert!(err.contains("no runs"), "{err}");
+    }
+
+    impl ParamLayout {
+        fn unwrap_err_for(&self, full: &[u64]) -> String {
+            let what = format!("{full:?}");
+            self.unflatten(full.len(), &what, |j, prod, _| prod == full[j]).unwrap_err()
+        }
     }
 
     #[test]
