@@ -1,0 +1,81 @@
+"""PEP 517 build backend for the reshard wheel: maturin, after the step it cannot do itself.
+
+maturin's ``bindings = "bin"`` builds and packs the ``reshard`` executable (crate reshard-cli)
+but not the C library the ctypes module loads, and it takes the Python package from a folder as
+it is. So ``build_wheel`` first builds libreshard.so (``cargo build --release -p reshard-ffi``,
+in the same target folder and profile as the tests, so an existing build is reused), then lays
+out the package in ``target/python-package/reshard/``:
+
+    __init__.py            bindings/python/reshard.py, as it is
+    libreshard.so          found there first by the module (debug info stripped)
+    include/reshard.h      the C header, and the C++ wrapper reshard.hpp
+
+and hands over to maturin, which adds the executable (stripped, on PATH after install) and
+takes the version from the workspace. Used by both pyproject.toml files (the repository root's
+and bindings/python's).
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import maturin
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir, os.pardir))
+STAGE = os.path.join(ROOT, "target", "python-package")
+
+get_requires_for_build_wheel = maturin.get_requires_for_build_wheel
+
+
+def _run(cmd, **kwargs):
+    print("reshard_wheel: " + " ".join(cmd), file=sys.stderr, flush=True)
+    subprocess.run(cmd, check=True, stdout=sys.stderr, **kwargs)
+
+
+def _target_dir():
+    out = subprocess.run(
+        ["cargo", "metadata", "--no-deps", "--format-version", "1"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    ).stdout
+    return json.loads(out)["target_directory"]
+
+
+def _stage():
+    # With reshard-cli too: the same feature set as the test suites build, so nothing recompiles.
+    _run(["cargo", "build", "--release", "--locked", "-p", "reshard-ffi", "-p", "reshard-cli"], cwd=ROOT)
+    lib = os.path.join(_target_dir(), "release", "libreshard.so")
+    pkg = os.path.join(STAGE, "reshard")
+    shutil.rmtree(STAGE, ignore_errors=True)
+    os.makedirs(os.path.join(pkg, "include"))
+    shutil.copyfile(os.path.join(ROOT, "bindings", "python", "reshard.py"), os.path.join(pkg, "__init__.py"))
+    shutil.copyfile(os.path.join(ROOT, "include", "reshard.h"), os.path.join(pkg, "include", "reshard.h"))
+    shutil.copyfile(os.path.join(ROOT, "bindings", "cpp", "reshard.hpp"), os.path.join(pkg, "include", "reshard.hpp"))
+    dst = os.path.join(pkg, "libreshard.so")
+    if shutil.which("strip"):
+        # The release profile keeps line tables (debug = 1) for profiling: 15 MB of the 16.
+        _run(["strip", "--strip-debug", "-o", dst, lib])
+    else:
+        shutil.copyfile(lib, dst)
+    os.chmod(dst, 0o755)
+
+
+def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
+    _stage()
+    settings = dict(config_settings or {})
+    if "build-args" not in settings and "maturin.build-args" not in settings:
+        # An empty --compatibility is maturin's command-line default: the lowest manylinux tag
+        # that the executable's glibc symbols allow (plain linux if none). Without it maturin's
+        # PEP 517 hook passes "off", which always tags the wheel plain linux.
+        settings["build-args"] = os.environ.get("MATURIN_PEP517_ARGS", "") + " --compatibility"
+    return maturin.build_wheel(wheel_directory, settings, metadata_directory)
+
+
+def build_sdist(sdist_directory, config_settings=None):
+    raise RuntimeError(
+        "reshard has no source distribution: build a wheel from the source tree "
+        "(pip wheel . / pip install . / python -m build --wheel)"
+    )
