@@ -22,6 +22,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import zipfile
 
@@ -105,6 +106,10 @@ def _stage():
 
 def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
     _stage()
+    # maturin's hook runs the `maturin` command from PATH; with --no-build-isolation that is
+    # the interpreter's scripts folder, which need not be on PATH (appended: a build
+    # environment's own maturin stays first).
+    os.environ["PATH"] = os.environ.get("PATH", "") + os.pathsep + sysconfig.get_path("scripts")
     settings = dict(config_settings or {})
     if "build-args" not in settings and "maturin.build-args" not in settings:
         # An empty --compatibility is maturin's command-line default: the lowest manylinux tag
