@@ -7,12 +7,23 @@ command -v cmake >/dev/null 2>&1 || need_apt+=(cmake)
 command -v pkg-config >/dev/null 2>&1 || need_apt+=(pkg-config)
 command -v valgrind >/dev/null 2>&1 || need_apt+=(valgrind)
 command -v g++ >/dev/null 2>&1 || need_apt+=(g++)
+command -v objdump >/dev/null 2>&1 || need_apt+=(binutils)
 if [ ${#need_apt[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 python3 -c "import pytest" 2>/dev/null || python3 -m pip install -q "pytest==8.3.4"
+# tests/package: maturin builds the wheel (the version pyproject.toml pins), a venv installs it.
+MATURIN_VERSION=1.16.0
+if ! python3 -m maturin --version 2>/dev/null | grep -qx "maturin $MATURIN_VERSION"; then
+  python3 -m pip install -q "maturin==$MATURIN_VERSION"
+fi
+if ! python3 -c "import venv" 2>/dev/null; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq python3-venv >/dev/null
+fi
 CBINDGEN_VERSION=0.27.0
 if ! cbindgen --version 2>/dev/null | grep -q "$CBINDGEN_VERSION"; then
   cargo install --locked --quiet cbindgen --version "$CBINDGEN_VERSION"

@@ -312,6 +312,13 @@ def test_bad_calls_raise(tmp_path):
     assert list(os.listdir(tmp_path)) == []
 
 
+# Where a child's `import reshard` finds the module under test: bindings/python in the
+# checkout, site-packages for the installed package (tests/package).
+MODULE_PARENT = os.path.dirname(os.path.abspath(reshard.__file__))
+if os.path.basename(reshard.__file__) == "__init__.py":
+    MODULE_PARENT = os.path.dirname(MODULE_PARENT)
+
+
 def run_python(code, **env):
     e = dict(os.environ)
     e.update(env)
@@ -320,7 +327,7 @@ def run_python(code, **env):
         env=e,
         capture_output=True,
         text=True,
-        cwd=os.path.join(ROOT, "bindings", "python"),
+        cwd=MODULE_PARENT,
     )
 
 
