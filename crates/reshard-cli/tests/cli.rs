@@ -966,6 +966,36 @@ fn inspect_json_basic_ckpt_matches_mindspore() {
     assert_eq!(got, want);
 }
 
+/// A `str` tensor (`note` in basic.ckpt: dims `[0]`, 20 bytes of UTF-32) used to come out of a
+/// complete source as 4 bytes with shape `[]`, and `verify` passed. It is copied whole with its
+/// dims, in its place: complete -> complete gives the file back byte for byte.
+#[test]
+fn transform_keeps_string_tensors_whole() {
+    let file = fixture("formats/basic.ckpt");
+    let s = Scratch::new("str");
+    let src = s.join("src");
+    std::fs::create_dir_all(src.join("rank_0")).unwrap();
+    std::fs::copy(&file, src.join("rank_0/basic.ckpt")).unwrap();
+    let dst = s.join("out");
+    let out = reshard([
+        OsStr::new("transform"),
+        "--src_ckpt_dir".as_ref(),
+        src.as_os_str(),
+        "--dst_ckpt_dir".as_ref(),
+        dst.as_os_str(),
+        "-q".as_ref(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let written = dst.join("rank_0/checkpoint_0.ckpt");
+    let note =
+        |v: &serde_json::Value| v["tensors"].as_array().unwrap().iter().find(|t| t["name"] == "note").cloned().unwrap();
+    assert_eq!(
+        note(&inspect_json(&written)),
+        serde_json::json!({"name": "note", "dtype": "str", "shape": [0], "bytes": 20})
+    );
+    assert!(std::fs::read(&written).unwrap() == std::fs::read(&file).unwrap());
+}
+
 /// Every format fixture: same tensors as MindSpore saw (file order for .ckpt, by name for
 /// safetensors); the damaged `crc_bad.*` ones are refused.
 #[test]

@@ -338,8 +338,10 @@ impl Plan {
         }
         for p in &mut params {
             p.kind = match &src_strategy {
+                // A string is one value, never sliced: its content and dims are copied whole.
+                _ if p.dtype == DType::Str => SrcKind::Raw,
                 None => SrcKind::Complete,
-                Some(st) if st.contains(&p.name) && p.dtype != DType::Str => {
+                Some(st) if st.contains(&p.name) => {
                     let (kind, full) = resolve_sharded(p, st, &sources, src_base, src_stage_devices)?;
                     p.full = full;
                     kind
@@ -474,7 +476,11 @@ impl Plan {
                 continue;
             }
             if !d.in_src || matches!(p.kind, SrcKind::Raw) {
-                copied.push((i, self.raw(p, local)?));
+                // A string the source strategy covers is copied whole only because it cannot be
+                // sliced: it keeps its place among the transformed parameters, so a complete
+                // source comes back in its own order.
+                let list = if d.in_src && p.dtype == DType::Str { &mut transformed } else { &mut copied };
+                list.push((i, self.raw(p, local)?));
                 continue;
             }
             let layout = if stage == 0 { d.first.as_ref() } else { d.later.as_ref() };
