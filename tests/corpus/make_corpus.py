@@ -213,6 +213,12 @@ def make_ckpt_files():
     write("ckpt/maptensor.ckpt", ckpt(ts[:1]) + map_value,
           "a Value holding a MapTensorProto (MapParameter 'embedding_table')", "file, embedding_table, 'MapTensor'")
     write("ckpt/empty.ckpt", b"", "an empty (0-byte) .ckpt file", "file")
+    write("ckpt/no_tensors.ckpt", b"\x08\x05\x08\x07",
+          "4 bytes 08 05 08 07: well-formed protobuf (field 1 as a varint, twice) with no Value; all 48 fuzz "
+          "artifacts were this file, which used to be accepted and written as 0-byte outputs",
+          "file, 'no tensors' (inspect: not 'malformed strategy' alone)")
+    write("ckpt/dtype_with_nul.ckpt", ckpt([("w", [4], "Float32\0", f32(range(4)))]),
+          "tensor_type 'Float32' followed by a NUL byte", "file, tensor w, the type escaped (\\0 shows)")
     # Found by fuzzing (ckpt target, round trip): MindSpore detects a crc trailer by the bytes
     # alone, so content that ends the file with b"crc_num" + 10 bytes looks like one. Not bad
     # input: reshard must read it as content (a real trailer never parses as protobuf).
@@ -252,6 +258,8 @@ def make_safetensors_files():
     write("safetensors/scalar_u64_max_crc.safetensors", safetensors(header, b"\xff" * 8),
           "crc_num and a 0-d U64 of 2^64 - 1 (MindSpore's crc counts it as that many zero bytes); found by fuzzing",
           "file, 'crc'")
+    write("safetensors/no_tensors.safetensors", safetensors({"__metadata__": {"format": "ms"}}, b""),
+          "a header with __metadata__ and no tensor", "file, 'no tensors'")
     header = {"__metadata__": {"format": "ms", "crc_num": "12345"},
               "w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}
     write("safetensors/crc_mismatch.safetensors", safetensors(header, f32(range(4))),

@@ -349,16 +349,43 @@ impl Plan {
                 Some(_) => SrcKind::Raw,
             };
         }
+        // Parameters a strategy names that no source file holds.
+        let lacking = |st: &Strategy| -> Vec<String> {
+            st.params.iter().map(|(n, _)| n.clone()).filter(|n| !param_index.contains_key(n)).collect()
+        };
         if let Some(st) = &src_strategy {
             if !params.iter().any(|p| matches!(p.kind, SrcKind::Sharded { .. })) {
+                let held: Vec<String> = params.iter().map(|p| p.name.clone()).collect();
                 return Err(Error::Source {
                     path: set.dir.clone(),
                     detail: format!(
                         "none of the parameters in the source checkpoints has a layout in the source strategy {}; is it \
-                         the strategy these checkpoints were saved with?",
-                        st.path.display()
+                         the strategy these checkpoints were saved with? The strategy names {} the checkpoints lack, and \
+                         the checkpoints hold {}",
+                        st.path.display(),
+                        fmt_names(&lacking(st)),
+                        fmt_names(&held)
                     ),
                 });
+            }
+            let missing = lacking(st);
+            if !missing.is_empty() {
+                warnings.push(format!(
+                    "the source strategy {} names {} that no source checkpoint holds; they are left out",
+                    st.path.display(),
+                    fmt_names(&missing)
+                ));
+            }
+        }
+        // (In the by-stage mode the destination names the other stages' parameters on purpose.)
+        if let Some(d) = dst_strategy.as_ref().filter(|_| by_stage.is_none()) {
+            let missing = lacking(d);
+            if !missing.is_empty() {
+                warnings.push(format!(
+                    "the destination strategy {} names {} that no source checkpoint holds; the outputs will lack them",
+                    d.path.display(),
+                    fmt_names(&missing)
+                ));
             }
         }
         if let Some(d) = &dst_strategy {
@@ -699,6 +726,13 @@ fn resolve_sharded(
         }
     }
     Ok((SrcKind::Sharded { stage, layout: resolved, slices }, full))
+}
+
+/// "N parameter(s) (a, b, c, d, e, ...)": the count and at most five names.
+fn fmt_names(names: &[String]) -> String {
+    let shown: Vec<&str> = names.iter().take(5).map(String::as_str).collect();
+    let more = if names.len() > 5 { ", ..." } else { "" };
+    format!("{} parameter(s) ({}{more})", names.len(), shown.join(", "))
 }
 
 /// Ranks as short ranges ("0, 2-5, 9"), at most 16 of them, then the count.

@@ -50,7 +50,7 @@ pub fn parse(path: &Path, bytes: &[u8], opts: ReadOptions) -> Result<CheckpointI
         }
         let bad = |detail: String| Error::BadTensor { path: path.to_path_buf(), tensor: name.clone(), detail };
         let dt = info.get("dtype").and_then(Value::as_str).ok_or_else(|| bad("no dtype".into()))?;
-        let mut dtype = DType::from_safetensors_name(dt).ok_or_else(|| bad(format!("unknown dtype '{dt}'")))?;
+        let mut dtype = DType::from_safetensors_name(dt).ok_or_else(|| bad(format!("unknown dtype {dt:?}")))?;
         if metadata.get(name).is_some_and(|v| v.to_ascii_lowercase().contains("int4")) {
             dtype = DType::Int4;
         }
@@ -85,6 +85,9 @@ pub fn parse(path: &Path, bytes: &[u8], opts: ReadOptions) -> Result<CheckpointI
             segments: vec![Segment { offset: data_start + b, len: e - b }],
             nbytes: e - b,
         });
+    }
+    if tensors.is_empty() {
+        return Err(malformed(path, "no tensors: the header lists none".into()));
     }
     tensors.sort_by_key(|t| t.segments[0].offset);
     for w in tensors.windows(2) {

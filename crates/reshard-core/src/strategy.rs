@@ -181,7 +181,7 @@ impl Strategy {
             s.path = path.to_path_buf();
             return Ok(s);
         }
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, "read", e))?;
+        let bytes = crate::input::read_capped(path, crate::input::MAX_STRATEGY_BYTES, "strategy")?;
         if bytes.is_empty() {
             return Err(bad(path, "the file is empty"));
         }
@@ -518,10 +518,17 @@ pub fn stage_files(dir: &Path) -> Result<(Vec<PathBuf>, bool)> {
     for e in rd {
         let e = e.map_err(|e| Error::io(dir, "read folder", e))?;
         let p = e.path();
-        if !p.is_file() {
+        let ext = p.extension().and_then(|x| x.to_str());
+        if !matches!(ext, Some("ckpt" | "json")) {
             continue;
         }
-        match p.extension().and_then(|x| x.to_str()) {
+        if let Some(why) = crate::input::not_regular(&p) {
+            return Err(Error::Source {
+                path: p,
+                detail: format!("{why}; a strategy folder's .ckpt and .json files must be regular files"),
+            });
+        }
+        match ext {
             Some("ckpt") => pb.push(p),
             Some("json") => js.push(p),
             _ => {}
@@ -561,7 +568,7 @@ pub fn merge_files(files: &[PathBuf], json: bool) -> Result<Merged> {
         let mut strategy_items = Map::new();
         let mut layout_items = Map::new();
         for f in files {
-            let bytes = std::fs::read(f).map_err(|e| Error::io(f, "read", e))?;
+            let bytes = crate::input::read_capped(f, crate::input::MAX_STRATEGY_BYTES, "strategy")?;
             if !seen_bytes.insert(bytes.clone()) {
                 continue;
             }
@@ -591,7 +598,7 @@ pub fn merge_files(files: &[PathBuf], json: bool) -> Result<Merged> {
     }
     let mut out = proto::ParallelStrategyMap::default();
     for f in files {
-        let bytes = std::fs::read(f).map_err(|e| Error::io(f, "read", e))?;
+        let bytes = crate::input::read_capped(f, crate::input::MAX_STRATEGY_BYTES, "strategy")?;
         if !seen_bytes.insert(bytes.clone()) {
             continue;
         }
