@@ -260,6 +260,17 @@ def make_safetensors_files():
           "file, 'crc'")
     write("safetensors/no_tensors.safetensors", safetensors({"__metadata__": {"format": "ms"}}, b""),
           "a header with __metadata__ and no tensor", "file, 'no tensors'")
+    dup = b'{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"w":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}'
+    dup += b" " * ((8 - len(dup) % 8) % 8)
+    write("safetensors/duplicate_key.safetensors", struct.pack("<Q", len(dup)) + dup + f32(range(4)),
+          "tensor w listed twice in the header (JSON readers keep one of them silently)", "file, 'w', 'twice'")
+    write("safetensors/data_gap.safetensors",
+          safetensors({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                       "b": {"dtype": "F32", "shape": [2], "data_offsets": [16, 24]}}, f32(range(6))),
+          "tensors a [0, 8) and b [16, 24): bytes [8, 16) belong to no tensor", "file, b, [8, 16)")
+    write("safetensors/trailing_bytes.safetensors",
+          safetensors({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, f32(range(5))),
+          "w [0, 16) and 20 data bytes: 4 trailing bytes", "file, 'trailing', 4")
     header = {"__metadata__": {"format": "ms", "crc_num": "12345"},
               "w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}
     write("safetensors/crc_mismatch.safetensors", safetensors(header, f32(range(4))),
@@ -287,6 +298,19 @@ def make_strategy_files():
           json_strategy([("w", [2], [-1, -1], 1, -2), ("b", [2], [-1], 0, 0)]),
           "opt_weight_shard_size -2 (only -1, 0 or a positive size mean something); found by fuzzing",
           "file, w, opt_weight_shard_size, -2")
+    w_layout = '{"dev_matrix": [2], "tensor_map": [%s], "field": 0, "opt_weight_shard_step": 0, "opt_weight_shard_size": 0}'
+    write("strategy/duplicate_key.json",
+          ('{"current_stage": 0, "parallel_layout_item": {"w": %s, "b": %s, "w": %s}}'
+           % (w_layout % "0, -1", w_layout % "-1", w_layout % "-1, -1")).encode(),
+          "layout item w given twice (split, then replicated); JSON readers keep one silently",
+          "file, 'w', 'twice'")
+    write("strategy/tensor_shape_negative.json",
+          json.dumps({"current_stage": 0, "parallel_layout_item": {
+              "w": {"dev_matrix": [2], "tensor_map": [0, -1], "tensor_shape": [-4, 4], "field": 0,
+                    "opt_weight_shard_step": 0, "opt_weight_shard_size": 0},
+              "b": {"dev_matrix": [2], "tensor_map": [-1], "tensor_shape": [4], "field": 0,
+                    "opt_weight_shard_step": 0, "opt_weight_shard_size": 0}}}, indent=1).encode(),
+          "tensor_shape [-4, 4] for w (it used to be read as [0, 4])", "file, w, tensor_shape, 'negative'")
     big = [65536, 65536, 65536, 65536]
     huge = [1 << 30]
     write("strategy/dev_matrix_huge.json",
@@ -404,6 +428,16 @@ def make_source_folders():
                    for r in range(4)})
     entry(d, "w stored as [0, 2^62] (no content, so the file is sound) split 4 ways on dim 1: the full dim "
              "2^64 overflows", "w, '4 ways' (and not a wrapped full shape [0, 0])")
+
+    d = f"{s}/dst_tensor_shape_mismatch"
+    write(f"{d}/dst_strategy.json", json.dumps({"current_stage": 0, "parallel_layout_item": {
+        "w": {"dev_matrix": [2], "tensor_map": [0, -1], "tensor_shape": [8, 4], "field": 0,
+              "opt_weight_shard_step": 0, "opt_weight_shard_size": 0},
+        "b": {"dev_matrix": [2], "tensor_map": [-1], "tensor_shape": [4], "field": 0,
+              "opt_weight_shard_step": 0, "opt_weight_shard_size": 0}}}, indent=1).encode(), None, None)
+    rank_files(d, {0: [("model.ckpt", ckpt(tiny_tensors()))]})
+    entry(d, "complete w [4, 4] to a JSON destination strategy whose tensor_shape for w is [8, 4]",
+          "dst strategy file, w, [8, 4], [4, 4]")
 
     d = f"{s}/dst_strategy_indivisible"
     write(f"{d}/dst_strategy.ckpt", dp_strategy(8), None, None)

@@ -327,6 +327,21 @@ fn corpus_safetensors_no_tensors() {
     refuse_checkpoint_file("safetensors/no_tensors.safetensors", &["malformed safetensors", "no tensors"]);
 }
 
+#[test]
+fn corpus_safetensors_duplicate_key() {
+    refuse_checkpoint_file("safetensors/duplicate_key.safetensors", &["malformed safetensors", r#""w""#, "twice"]);
+}
+
+#[test]
+fn corpus_safetensors_data_gap() {
+    refuse_checkpoint_file("safetensors/data_gap.safetensors", &["'b'", "[8, 16)"]);
+}
+
+#[test]
+fn corpus_safetensors_trailing_bytes() {
+    refuse_checkpoint_file("safetensors/trailing_bytes.safetensors", &["4 trailing"]);
+}
+
 /// Found by fuzzing: with overflow checks (debug builds) the crc of a 0-d U64 of 2^64 - 1 used
 /// to panic inside crc32fast (`safetensors::update_zeros` doubled its block once more than it
 /// needed). Refused on its crc, in debug and release builds.
@@ -406,6 +421,45 @@ fn corpus_strategy_no_layouts() {
     refuse_strategy_file("strategy/no_layouts.ckpt", &["no parameter layouts"]);
 }
 
+#[test]
+fn corpus_strategy_duplicate_key() {
+    refuse_strategy_file("strategy/duplicate_key.json", &["malformed strategy", r#""w""#, "twice"]);
+}
+
+#[test]
+fn corpus_strategy_tensor_shape_negative() {
+    refuse_strategy_file("strategy/tensor_shape_negative.json", &["'w'", "tensor_shape", "negative"]);
+}
+
+/// MindSpore's transform ignores an empty `tensor_shape []`; so does reshard (it used to compare
+/// it with the full shape and refuse).
+#[test]
+fn empty_tensor_shape_counts_as_not_given() {
+    let s = Scratch::new("ts_empty");
+    let layout = |tm: serde_json::Value| {
+        serde_json::json!({"dev_matrix": [2], "tensor_map": tm, "tensor_shape": [], "field": 0,
+            "opt_weight_shard_step": 0, "opt_weight_shard_size": 0})
+    };
+    let v = serde_json::json!({"current_stage": 0, "parallel_layout_item": {
+        "w": layout(serde_json::json!([0, -1])), "b": layout(serde_json::json!([-1]))}});
+    let strategy = s.join("src_strategy.json");
+    std::fs::write(&strategy, serde_json::to_vec(&v).unwrap()).unwrap();
+    let out = reshard([
+        OsStr::new("transform"),
+        "--src_ckpt_dir".as_ref(),
+        corpus("good/dp2/src").as_os_str(),
+        "--src_ckpt_strategy".as_ref(),
+        strategy.as_os_str(),
+        "--dst_ckpt_strategy".as_ref(),
+        strategy.as_os_str(),
+        "--dst_ckpt_dir".as_ref(),
+        s.join("out").as_os_str(),
+        "-q".as_ref(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(files_under(&s.join("out")).len(), 4);
+}
+
 /// Found by fuzzing (strategy targets): opt_weight_shard_size -2 used to be accepted; the
 /// optimizer-shard math then overflowed (a panic with overflow checks) and the refusal read
 /// "cannot be split evenly 18446744073709551614 ways".
@@ -475,7 +529,12 @@ fn refuse_source_folder_msg(case: &str, needles: &[&str]) -> String {
     let dir = corpus(&format!("sources/{case}"));
     assert!(dir.join("src").is_dir(), "missing corpus folder {}", dir.display());
     let mut job: Vec<PathBuf> = vec!["--src_ckpt_dir".into(), dir.join("src")];
-    for (flag, file) in [("--src_ckpt_strategy", "src_strategy.ckpt"), ("--dst_ckpt_strategy", "dst_strategy.ckpt")] {
+    for (flag, file) in [
+        ("--src_ckpt_strategy", "src_strategy.ckpt"),
+        ("--dst_ckpt_strategy", "dst_strategy.ckpt"),
+        ("--src_ckpt_strategy", "src_strategy.json"),
+        ("--dst_ckpt_strategy", "dst_strategy.json"),
+    ] {
         if dir.join(file).is_file() {
             job.push(flag.into());
             job.push(dir.join(file));
@@ -588,6 +647,11 @@ fn corpus_sources_slice_dim_overflow() {
 #[test]
 fn corpus_sources_dst_strategy_indivisible() {
     refuse_source_folder("dst_strategy_indivisible", &["dst_strategy.ckpt", "'w'", "[4, 4]", "8 ways"]);
+}
+
+#[test]
+fn corpus_sources_dst_tensor_shape_mismatch() {
+    refuse_source_folder("dst_tensor_shape_mismatch", &["dst_strategy.json", "'w'", "[8, 4]", "[4, 4]"]);
 }
 
 /// Every entry the README lists has a test above (keeps corpus and tests in step).

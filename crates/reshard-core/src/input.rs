@@ -87,6 +87,61 @@ pub fn read_capped(path: &Path, cap: u64, what: &str) -> Result<Vec<u8>> {
     Ok(out)
 }
 
+/// Checks that no JSON object in `bytes` has a key twice. serde_json keeps the last value of a
+/// repeated key without a word, so a safetensors header or a strategy could say two things of
+/// one tensor or parameter and be read as one of them. `Err` gives the key and where it is.
+pub fn check_unique_json_keys(bytes: &[u8]) -> std::result::Result<(), String> {
+    use serde::de::{Deserialize, Deserializer, Error as _, MapAccess, SeqAccess, Visitor};
+
+    struct Unique;
+    struct UniqueVisitor;
+    impl<'de> Deserialize<'de> for Unique {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+            d.deserialize_any(UniqueVisitor)
+        }
+    }
+    impl<'de> Visitor<'de> for UniqueVisitor {
+        type Value = Unique;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("any JSON value")
+        }
+        fn visit_bool<E>(self, _: bool) -> std::result::Result<Unique, E> {
+            Ok(Unique)
+        }
+        fn visit_i64<E>(self, _: i64) -> std::result::Result<Unique, E> {
+            Ok(Unique)
+        }
+        fn visit_u64<E>(self, _: u64) -> std::result::Result<Unique, E> {
+            Ok(Unique)
+        }
+        fn visit_f64<E>(self, _: f64) -> std::result::Result<Unique, E> {
+            Ok(Unique)
+        }
+        fn visit_str<E>(self, _: &str) -> std::result::Result<Unique, E> {
+            Ok(Unique)
+        }
+        fn visit_unit<E>(self) -> std::result::Result<Unique, E> {
+            Ok(Unique)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> std::result::Result<Unique, A::Error> {
+            while a.next_element::<Unique>()?.is_some() {}
+            Ok(Unique)
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> std::result::Result<Unique, A::Error> {
+            let mut seen = std::collections::HashSet::new();
+            while let Some(k) = a.next_key::<String>()? {
+                if seen.contains(&k) {
+                    return Err(A::Error::custom(format!("key {k:?} appears twice in one object")));
+                }
+                a.next_value::<Unique>()?;
+                seen.insert(k);
+            }
+            Ok(Unique)
+        }
+    }
+    serde_json::from_slice::<Unique>(bytes).map(|_| ()).map_err(|e| e.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,5 +165,13 @@ mod tests {
         assert!(err.to_string().contains("at most 99"), "{err}");
         assert_eq!(read_capped(&t.join("big.json"), 100, "strategy").unwrap().len(), 100);
         std::fs::remove_dir_all(&t).unwrap();
+    }
+
+    #[test]
+    fn repeated_json_keys_are_found_at_any_depth() {
+        assert!(check_unique_json_keys(br#"{"a": {"b": [1, {"c": 1, "d": 2}]}, "b": 2}"#).is_ok());
+        let e = check_unique_json_keys(br#"{"a": {"b": [1, {"c": 1, "c": 2}]}}"#).unwrap_err();
+        assert!(e.contains("\"c\"") && e.contains("twice"), "{e}");
+        assert!(check_unique_json_keys(br#"{"w": 1, "x": 2, "w": 3}"#).is_err());
     }
 }

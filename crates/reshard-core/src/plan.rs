@@ -630,6 +630,23 @@ fn resolve_dst(p: &ParamInfo, src: Option<&Strategy>, dst: Option<&Strategy>, ds
     if !d.contains(&p.name) {
         return Ok(DstInfo { in_src, ..DstInfo::default() });
     }
+    if p.dtype != DType::Str {
+        for e in d.entries(&p.name).unwrap_or_default() {
+            match &e.layout.tensor_shape {
+                Some(ts) if *ts != p.full => {
+                    return Err(Error::BadLayout {
+                        path: d.path.clone(),
+                        param: p.name.clone(),
+                        detail: format!(
+                            "tensor_shape {ts:?} (stage {}), but the source checkpoints hold a tensor of shape {:?}",
+                            e.stage, p.full
+                        ),
+                    })
+                }
+                _ => {}
+            }
+        }
+    }
     let stages = d.stages_of(&p.name);
     let mut info = DstInfo { in_src, in_dst: true, stages, first: None, later: None };
     if in_src && !matches!(p.kind, SrcKind::Raw) {

@@ -35,6 +35,7 @@ pub fn parse(path: &Path, bytes: &[u8], opts: ReadOptions) -> Result<CheckpointI
     let data_len = avail - n;
     let json: Map<String, Value> =
         serde_json::from_slice(header).map_err(|e| malformed(path, format!("header is not a JSON object: {e}")))?;
+    crate::input::check_unique_json_keys(header).map_err(|e| malformed(path, format!("header: {e}")))?;
     let mut metadata = BTreeMap::new();
     if let Some(m) = json.get("__metadata__") {
         let m = m.as_object().ok_or_else(|| malformed(path, "__metadata__ is not an object".into()))?;
@@ -95,6 +96,27 @@ pub fn parse(path: &Path, bytes: &[u8], opts: ReadOptions) -> Result<CheckpointI
         if a.offset + a.len > b.offset {
             return Err(malformed(path, format!("tensors '{}' and '{}' overlap", w[0].name, w[1].name)));
         }
+    }
+    // As the safetensors library requires: the tensors tile the data, no gap, nothing after.
+    let mut at = 0u64;
+    for t in &tensors {
+        let b = t.segments[0].offset - data_start;
+        if b != at {
+            return Err(malformed(
+                path,
+                format!("data bytes [{at}, {b}) before tensor '{}' belong to no tensor", t.name),
+            ));
+        }
+        at = b + t.segments[0].len;
+    }
+    if at != data_len {
+        return Err(malformed(
+            path,
+            format!(
+                "{} trailing data bytes after the last tensor (data is {data_len} bytes, tensors end at {at})",
+                data_len - at
+            ),
+        ));
     }
     let mut crc = None;
     if let Some(c) = metadata.get("crc_num") {

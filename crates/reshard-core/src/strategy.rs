@@ -187,6 +187,7 @@ impl Strategy {
         }
         if is_json(path) {
             let v: Value = serde_json::from_slice(&bytes).map_err(|e| bad(path, format!("not valid JSON: {e}")))?;
+            crate::input::check_unique_json_keys(&bytes).map_err(|e| bad(path, e))?;
             Strategy::from_json(path, &v)
         } else {
             let m = decode_proto(path, &bytes)?;
@@ -353,9 +354,16 @@ impl Strategy {
                     Some(v) => v.as_i64().ok_or_else(|| err(&format!("'{key}' is not an integer"))),
                 }
             };
+            // MindSpore's transform ignores an empty tensor_shape: it means "not given".
             let tensor_shape = match item.get("tensor_shape") {
                 None => None,
-                Some(_) => Some(ints("tensor_shape")?.into_iter().map(|d| d.max(0) as u64).collect()),
+                Some(_) => {
+                    let ts = ints("tensor_shape")?;
+                    if ts.iter().any(|&d| d < 0) {
+                        return Err(err(&format!("tensor_shape {ts:?} has a negative dim")));
+                    }
+                    Some(ts.into_iter().map(|d| d as u64).collect::<Vec<u64>>()).filter(|ts| !ts.is_empty())
+                }
             };
             let layout = ParamLayout {
                 dev_matrix: dev.into_iter().map(|d| d as u64).collect(),
@@ -573,6 +581,7 @@ pub fn merge_files(files: &[PathBuf], json: bool) -> Result<Merged> {
                 continue;
             }
             let v: Value = serde_json::from_slice(&bytes).map_err(|e| bad(f, format!("not valid JSON: {e}")))?;
+            crate::input::check_unique_json_keys(&bytes).map_err(|e| bad(f, e))?;
             let si = v.get("parallel_strategy_item").and_then(Value::as_object).filter(|m| !m.is_empty());
             let li = v.get("parallel_layout_item").and_then(Value::as_object).filter(|m| !m.is_empty());
             let (Some(si), Some(li)) = (si, li) else {
