@@ -1225,6 +1225,51 @@ fn transform_keeps_string_tensors_whole() {
     assert!(std::fs::read(&written).unwrap() == std::fs::read(&file).unwrap());
 }
 
+/// 0-d tensors stay 0-d in safetensors outputs (they were written as [1], so ckpt -> safetensors
+/// -> ckpt changed every scalar's shape), and with `--crc` the crc counts a 0-d integer as
+/// MindSpore does (that many zero bytes), so the output passes its own check.
+#[test]
+fn safetensors_outputs_keep_scalars_0d() {
+    let s = Scratch::new("st0d");
+    let st = s.join("st");
+    let out = reshard([
+        OsStr::new("transform"),
+        "--src_ckpt_dir".as_ref(),
+        corpus("good/complete").as_os_str(),
+        "--dst_ckpt_dir".as_ref(),
+        st.as_os_str(),
+        "--output_format".as_ref(),
+        "safetensors".as_ref(),
+        "--crc".as_ref(),
+        "-q".as_ref(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v = inspect_json(&st.join("rank_0/checkpoint_0.safetensors"));
+    let step = v["tensors"].as_array().unwrap().iter().find(|t| t["name"] == "global_step").unwrap();
+    assert_eq!(step["shape"], serde_json::json!([]));
+    let back = s.join("back");
+    let out = reshard([
+        OsStr::new("transform"),
+        "--src_ckpt_dir".as_ref(),
+        st.as_os_str(),
+        "--dst_ckpt_dir".as_ref(),
+        back.as_os_str(),
+        "-q".as_ref(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let shapes = |p: &Path| {
+        let mut t: Vec<(String, serde_json::Value)> = inspect_json(p)["tensors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| (t["name"].as_str().unwrap().to_string(), t["shape"].clone()))
+            .collect();
+        t.sort_by(|a, b| a.0.cmp(&b.0));
+        t
+    };
+    assert_eq!(shapes(&back.join("rank_0/checkpoint_0.ckpt")), shapes(&corpus("good/complete/rank_0/model.ckpt")));
+}
+
 /// Every format fixture: same tensors as MindSpore saw (file order for .ckpt, by name for
 /// safetensors); the damaged `crc_bad.*` ones are refused.
 #[test]

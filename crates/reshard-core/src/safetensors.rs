@@ -144,7 +144,7 @@ fn content_crc(bytes: &[u8], tensors: &[TensorInfo]) -> u32 {
         h.update(t.name.as_bytes());
         let content: Vec<&[u8]> =
             t.segments.iter().map(|s| &bytes[s.offset as usize..(s.offset + s.len) as usize]).collect();
-        match scalar_int_value(t, content.first().copied().unwrap_or(&[])) {
+        match scalar_int_value(t.dtype, &t.shape, content.first().copied().unwrap_or(&[])) {
             Some(n) => update_zeros(&mut h, n),
             None => content.iter().for_each(|c| h.update(c)),
         }
@@ -152,9 +152,10 @@ fn content_crc(bytes: &[u8], tensors: &[TensorInfo]) -> u32 {
     h.finalize()
 }
 
-/// The value of a 0-d integer or bool tensor (negative values count as 0).
-fn scalar_int_value(t: &TensorInfo, raw: &[u8]) -> Option<u64> {
-    if !t.shape.is_empty() || raw.len() as u64 != t.dtype.size() {
+/// The value of a 0-d integer or bool tensor (negative values count as 0): the number of zero
+/// bytes MindSpore's crc takes for it. `None` for any other tensor, whose raw bytes count.
+pub(crate) fn scalar_int_value(dtype: DType, shape: &[u64], raw: &[u8]) -> Option<u64> {
+    if !shape.is_empty() || raw.len() as u64 != dtype.size() {
         return None;
     }
     let mut b = [0u8; 8];
@@ -165,7 +166,7 @@ fn scalar_int_value(t: &TensorInfo, raw: &[u8]) -> Option<u64> {
         let v = ((u << (64 - bits)) as i64) >> (64 - bits);
         v.max(0) as u64
     };
-    let n = match t.dtype {
+    let n = match dtype {
         DType::UInt8 | DType::UInt16 | DType::UInt32 | DType::UInt64 | DType::Bool => u,
         DType::Int8 | DType::Int16 | DType::Int32 | DType::Int64 => signed(u),
         _ => return None,
@@ -176,7 +177,7 @@ fn scalar_int_value(t: &TensorInfo, raw: &[u8]) -> Option<u64> {
 }
 
 /// Feeds `n` zero bytes to `h` in O(log n) using crc combination.
-fn update_zeros(h: &mut crc32fast::Hasher, mut n: u64) {
+pub(crate) fn update_zeros(h: &mut crc32fast::Hasher, mut n: u64) {
     let mut block = crc32fast::Hasher::new();
     block.update(&[0]);
     while n > 0 {
