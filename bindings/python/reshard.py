@@ -196,11 +196,15 @@ def _path(value, name, required=True):
             raise TypeError(f"{name} must be a path (str, bytes or os.PathLike), got None")
         return None
     try:
-        return os.fsencode(value)
+        encoded = os.fsencode(value)
     except TypeError:
         raise TypeError(
             f"{name} must be a path (str, bytes or os.PathLike), got {type(value).__name__}"
         ) from None
+    # C strings end at the first NUL: the library would see a shorter, different path.
+    if b"\0" in encoded:
+        raise ValueError(f"{name} contains a NUL byte: {value!r}")
+    return encoded
 
 
 def _rank(value, name):

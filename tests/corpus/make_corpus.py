@@ -213,6 +213,12 @@ def make_ckpt_files():
     write("ckpt/maptensor.ckpt", ckpt(ts[:1]) + map_value,
           "a Value holding a MapTensorProto (MapParameter 'embedding_table')", "file, embedding_table, 'MapTensor'")
     write("ckpt/empty.ckpt", b"", "an empty (0-byte) .ckpt file", "file")
+    write("ckpt/no_tensors.ckpt", b"\x08\x05\x08\x07",
+          "4 bytes 08 05 08 07: well-formed protobuf (field 1 as a varint, twice) with no Value; all 48 fuzz "
+          "artifacts were this file, which used to be accepted and written as 0-byte outputs",
+          "file, 'no tensors' (inspect: not 'malformed strategy' alone)")
+    write("ckpt/dtype_with_nul.ckpt", ckpt([("w", [4], "Float32\0", f32(range(4)))]),
+          "tensor_type 'Float32' followed by a NUL byte", "file, tensor w, the type escaped (\\0 shows)")
     # Found by fuzzing (ckpt target, round trip): MindSpore detects a crc trailer by the bytes
     # alone, so content that ends the file with b"crc_num" + 10 bytes looks like one. Not bad
     # input: reshard must read it as content (a real trailer never parses as protobuf).
@@ -252,6 +258,19 @@ def make_safetensors_files():
     write("safetensors/scalar_u64_max_crc.safetensors", safetensors(header, b"\xff" * 8),
           "crc_num and a 0-d U64 of 2^64 - 1 (MindSpore's crc counts it as that many zero bytes); found by fuzzing",
           "file, 'crc'")
+    write("safetensors/no_tensors.safetensors", safetensors({"__metadata__": {"format": "ms"}}, b""),
+          "a header with __metadata__ and no tensor", "file, 'no tensors'")
+    dup = b'{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"w":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}'
+    dup += b" " * ((8 - len(dup) % 8) % 8)
+    write("safetensors/duplicate_key.safetensors", struct.pack("<Q", len(dup)) + dup + f32(range(4)),
+          "tensor w listed twice in the header (JSON readers keep one of them silently)", "file, 'w', 'twice'")
+    write("safetensors/data_gap.safetensors",
+          safetensors({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                       "b": {"dtype": "F32", "shape": [2], "data_offsets": [16, 24]}}, f32(range(6))),
+          "tensors a [0, 8) and b [16, 24): bytes [8, 16) belong to no tensor", "file, b, [8, 16)")
+    write("safetensors/trailing_bytes.safetensors",
+          safetensors({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, f32(range(5))),
+          "w [0, 16) and 20 data bytes: 4 trailing bytes", "file, 'trailing', 4")
     header = {"__metadata__": {"format": "ms", "crc_num": "12345"},
               "w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}
     write("safetensors/crc_mismatch.safetensors", safetensors(header, f32(range(4))),
@@ -279,6 +298,19 @@ def make_strategy_files():
           json_strategy([("w", [2], [-1, -1], 1, -2), ("b", [2], [-1], 0, 0)]),
           "opt_weight_shard_size -2 (only -1, 0 or a positive size mean something); found by fuzzing",
           "file, w, opt_weight_shard_size, -2")
+    w_layout = '{"dev_matrix": [2], "tensor_map": [%s], "field": 0, "opt_weight_shard_step": 0, "opt_weight_shard_size": 0}'
+    write("strategy/duplicate_key.json",
+          ('{"current_stage": 0, "parallel_layout_item": {"w": %s, "b": %s, "w": %s}}'
+           % (w_layout % "0, -1", w_layout % "-1", w_layout % "-1, -1")).encode(),
+          "layout item w given twice (split, then replicated); JSON readers keep one silently",
+          "file, 'w', 'twice'")
+    write("strategy/tensor_shape_negative.json",
+          json.dumps({"current_stage": 0, "parallel_layout_item": {
+              "w": {"dev_matrix": [2], "tensor_map": [0, -1], "tensor_shape": [-4, 4], "field": 0,
+                    "opt_weight_shard_step": 0, "opt_weight_shard_size": 0},
+              "b": {"dev_matrix": [2], "tensor_map": [-1], "tensor_shape": [4], "field": 0,
+                    "opt_weight_shard_step": 0, "opt_weight_shard_size": 0}}}, indent=1).encode(),
+          "tensor_shape [-4, 4] for w (it used to be read as [0, 4])", "file, w, tensor_shape, 'negative'")
     big = [65536, 65536, 65536, 65536]
     huge = [1 << 30]
     write("strategy/dev_matrix_huge.json",
@@ -430,6 +462,16 @@ def make_source_folders():
     rank_files(d, {r: [("model.ckpt", ckpt(shard_rows(2, r)))] for r in (0, 1)})
     entry(d, "source strategy: the file of stage 2^31 (2 devices), by-stage mode; its ranks pass 2^32",
           "src strategy file, stage 2147483648 rank, 4294967295")
+
+    d = f"{s}/dst_tensor_shape_mismatch"
+    write(f"{d}/dst_strategy.json", json.dumps({"current_stage": 0, "parallel_layout_item": {
+        "w": {"dev_matrix": [2], "tensor_map": [0, -1], "tensor_shape": [8, 4], "field": 0,
+              "opt_weight_shard_step": 0, "opt_weight_shard_size": 0},
+        "b": {"dev_matrix": [2], "tensor_map": [-1], "tensor_shape": [4], "field": 0,
+              "opt_weight_shard_step": 0, "opt_weight_shard_size": 0}}}, indent=1).encode(), None, None)
+    rank_files(d, {0: [("model.ckpt", ckpt(tiny_tensors()))]})
+    entry(d, "complete w [4, 4] to a JSON destination strategy whose tensor_shape for w is [8, 4]",
+          "dst strategy file, w, [8, 4], [4, 4]")
 
     d = f"{s}/dst_strategy_indivisible"
     write(f"{d}/dst_strategy.ckpt", dp_strategy(8), None, None)

@@ -135,7 +135,9 @@ def contiguous_safetensors_save():
     real = ms_ts.save_file
 
     def save_file(tensor_dict, filename, metadata=None):
-        return real({k: np.ascontiguousarray(v) for k, v in tensor_dict.items()}, filename, metadata=metadata)
+        # Only the views: np.ascontiguousarray turns a 0-d array into a 1-d one of shape [1].
+        arrays = {k: v if v.flags["C_CONTIGUOUS"] else np.ascontiguousarray(v) for k, v in tensor_dict.items()}
+        return real(arrays, filename, metadata=metadata)
 
     with patched(ms_ts, "save_file", save_file):
         yield

@@ -319,6 +319,29 @@ if os.path.basename(reshard.__file__) == "__init__.py":
     MODULE_PARENT = os.path.dirname(MODULE_PARENT)
 
 
+def test_paths_with_a_nul_raise(tmp_path):
+    # A C string ends at the NUL: "out\0x" used to be taken as "out", silently.
+    c = case("complete_to_dp2mp2")
+    out = str(tmp_path / "out")
+    calls = [
+        lambda: reshard.transform_checkpoints(c["src"], out + "\0x", "x", None, c["dst_strategy"]),
+        lambda: reshard.transform_checkpoints(c["src"] + "\0x", out, "x", None, c["dst_strategy"]),
+        lambda: reshard.transform_checkpoints(c["src"], out, "x", None, c["dst_strategy"] + "\0x"),
+        lambda: reshard.Plan(os.fsencode(c["src"]) + b"\0x"),
+        lambda: reshard.merge_pipeline_strategys(tmp_path, out + "\0.ckpt"),
+        lambda: reshard.rank_list_for_transform(
+            0, c["dst_strategy"] + "\0x", c["dst_strategy"], src_checkpoints_dir=c["src"]
+        ),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match="NUL"):
+            call()
+    with reshard.Plan(c["src"], None, c["dst_strategy"]) as plan:
+        with pytest.raises(ValueError, match="NUL"):
+            plan.execute(out + "\0x", [0])
+    assert os.listdir(tmp_path) == []
+
+
 def run_python(code, **env):
     e = dict(os.environ)
     e.update(env)

@@ -389,47 +389,94 @@ fn looks_like_strategy(path: &Path) -> bool {
     }
     // A checkpoint starts with field 1 (length-delimited, 0x0a); a strategy map with field 1
     // as a varint (current_stage, 0x08).
-    std::fs::read(path).ok().and_then(|b| b.first().copied()) == Some(0x08)
+    let mut first = [0u8; 1];
+    reshard_core::input::open_regular(path)
+        .ok()
+        .and_then(|(mut f, _)| std::io::Read::read_exact(&mut f, &mut first).ok())
+        .is_some()
+        && first[0] == 0x08
+}
+
+/// Width of a table's name column: the longest name, at least 4, at most 80 (longer names
+/// overflow their column; a width of 65,536 or more made `format!` panic).
+fn name_column<'a>(names: impl Iterator<Item = &'a str>) -> usize {
+    names.map(str::len).max().unwrap_or(4).clamp(4, 80)
+}
+
+/// What `inspect` shows: a checkpoint, or a strategy with at least one layout.
+enum Inspected {
+    Checkpoint(CheckpointFile),
+    Strategy(Strategy),
+}
+
+/// Reads `path` as what it looks like. A `.ckpt` starting like a strategy map (0x08) that is
+/// not a usable strategy is tried as a checkpoint too: protobuf reads any well-formed fields as
+/// either message, so the first byte alone does not tell, and when neither reading works the
+/// message says what each found.
+fn inspected(path: &Path) -> Result<Inspected, Error> {
+    if Format::from_path(path) == Some(Format::Safetensors) || !looks_like_strategy(path) {
+        return Ok(Inspected::Checkpoint(CheckpointFile::open(path, ReadOptions::default())?));
+    }
+    let as_strategy = Strategy::load(path).and_then(|s| s.stage_device_num().map(|_| s));
+    match as_strategy {
+        Ok(s) => Ok(Inspected::Strategy(s)),
+        Err(e) if path.is_dir() || path.to_string_lossy().ends_with(".json") => Err(e),
+        Err(se) => match CheckpointFile::open(path, ReadOptions::default()) {
+            Ok(f) => Ok(Inspected::Checkpoint(f)),
+            Err(ce) => {
+                let detail = |e: &Error| match e {
+                    Error::Malformed { detail, .. } => detail.clone(),
+                    other => other.to_string(),
+                };
+                Err(Error::Malformed {
+                    path: path.to_path_buf(),
+                    kind: "checkpoint or strategy",
+                    detail: format!("as a checkpoint: {}; as a strategy: {}", detail(&ce), detail(&se)),
+                })
+            }
+        },
+    }
 }
 
 fn inspect(path: &Path, json: bool) -> Result<(), Error> {
-    if Format::from_path(path) == Some(Format::Safetensors) || !looks_like_strategy(path) {
-        let f = CheckpointFile::open(path, ReadOptions::default())?;
-        let idx = f.index();
-        // A string's dims are what the file says ([0] as MindSpore writes them), not a shape.
-        let shape = |t: &reshard_core::checkpoint::TensorInfo| {
-            if t.dtype == reshard_core::DType::Str {
-                t.raw_dims.clone()
-            } else {
-                t.shape.clone()
-            }
-        };
-        if json {
-            let tensors: Vec<_> = idx
-                .tensors
-                .iter()
-                .map(|t| serde_json::json!({"name": t.name, "dtype": t.dtype.ckpt_name(), "shape": shape(t), "bytes": t.nbytes}))
-                .collect();
-            outln!("{}", serde_json::to_string_pretty(&serde_json::json!({ "tensors": tensors })).unwrap_or_default());
+    let s = match inspected(path)? {
+        Inspected::Strategy(s) => s,
+        Inspected::Checkpoint(f) => return inspect_checkpoint(&f, json),
+    };
+    inspect_strategy(&s, json)
+}
+
+fn inspect_checkpoint(f: &CheckpointFile, json: bool) -> Result<(), Error> {
+    let idx = f.index();
+    // A string's dims are what the file says ([0] as MindSpore writes them), not a shape.
+    let shape = |t: &reshard_core::checkpoint::TensorInfo| {
+        if t.dtype == reshard_core::DType::Str {
+            t.raw_dims.clone()
         } else {
-            let w = idx.tensors.iter().map(|t| t.name.len()).max().unwrap_or(4).max(4);
-            outln!("{:<w$}  {:<9}  {:<20}  {:>12}", "name", "dtype", "shape", "bytes");
-            for t in &idx.tensors {
-                outln!(
-                    "{:<w$}  {:<9}  {:<20}  {:>12}",
-                    t.name,
-                    t.dtype.ckpt_name(),
-                    format!("{:?}", shape(t)),
-                    t.nbytes
-                );
-            }
-            let total: u64 = idx.tensors.iter().map(|t| t.nbytes).sum();
-            let crc = idx.crc.map(|c| format!(", crc32 {c:#010x} verified")).unwrap_or_default();
-            outln!("{} tensors, {} bytes of content, file {} bytes{}", idx.tensors.len(), total, idx.file_len, crc);
+            t.shape.clone()
         }
-        return Ok(());
+    };
+    if json {
+        let tensors: Vec<_> = idx
+            .tensors
+            .iter()
+            .map(|t| serde_json::json!({"name": t.name, "dtype": t.dtype.ckpt_name(), "shape": shape(t), "bytes": t.nbytes}))
+            .collect();
+        outln!("{}", serde_json::to_string_pretty(&serde_json::json!({ "tensors": tensors })).unwrap_or_default());
+    } else {
+        let w = name_column(idx.tensors.iter().map(|t| t.name.as_str()));
+        outln!("{:<w$}  {:<9}  {:<20}  {:>12}", "name", "dtype", "shape", "bytes");
+        for t in &idx.tensors {
+            outln!("{:<w$}  {:<9}  {:<20}  {:>12}", t.name, t.dtype.ckpt_name(), format!("{:?}", shape(t)), t.nbytes);
+        }
+        let total: u64 = idx.tensors.iter().map(|t| t.nbytes).sum();
+        let crc = idx.crc.map(|c| format!(", crc32 {c:#010x} verified")).unwrap_or_default();
+        outln!("{} tensors, {} bytes of content, file {} bytes{}", idx.tensors.len(), total, idx.file_len, crc);
     }
-    let s = Strategy::load(path)?;
+    Ok(())
+}
+
+fn inspect_strategy(s: &Strategy, json: bool) -> Result<(), Error> {
     if json {
         let params: Vec<_> = s
             .params
@@ -445,7 +492,7 @@ fn inspect(path: &Path, json: bool) -> Result<(), Error> {
         outln!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
     } else {
         outln!("{} stage(s) x {} devices", s.stage_num()?, s.stage_device_num()?);
-        let w = s.params.iter().map(|(n, _)| n.len()).max().unwrap_or(4).max(4);
+        let w = name_column(s.params.iter().map(|(n, _)| n.as_str()));
         outln!(
             "{:<w$}  {:>5}  {:<14}  {:<18}  {:>8}  {:>8}",
             "name",

@@ -242,6 +242,19 @@ fn corpus_ckpt_empty() {
     refuse_checkpoint_file("ckpt/empty.ckpt", &[]);
 }
 
+/// `08 05 08 07` (every fuzz artifact): fields that parse, but no Value. It used to be accepted
+/// and written as 0-byte outputs, and `inspect` called it a malformed strategy file.
+#[test]
+fn corpus_ckpt_no_tensors() {
+    refuse_checkpoint_file("ckpt/no_tensors.ckpt", &["malformed checkpoint", "no tensors"]);
+}
+
+/// A NUL in tensor_type used to be printed raw (`'Float32'` on a terminal): it is escaped.
+#[test]
+fn corpus_ckpt_dtype_with_nul() {
+    refuse_checkpoint_file("ckpt/dtype_with_nul.ckpt", &["'w'", r#""Float32\0""#]);
+}
+
 /// Found by fuzzing (round trip of the `ckpt` target): a sound file whose last tensor's content
 /// ends with `crc_num` + 10 bytes, which MindSpore's rule reads as a crc trailer. reshard reads it
 /// as content (a real trailer never parses as protobuf), and a complete-to-complete transform
@@ -307,6 +320,26 @@ fn corpus_safetensors_unknown_dtype() {
 #[test]
 fn corpus_safetensors_crc_mismatch() {
     refuse_checkpoint_file("safetensors/crc_mismatch.safetensors", &["crc"]);
+}
+
+#[test]
+fn corpus_safetensors_no_tensors() {
+    refuse_checkpoint_file("safetensors/no_tensors.safetensors", &["malformed safetensors", "no tensors"]);
+}
+
+#[test]
+fn corpus_safetensors_duplicate_key() {
+    refuse_checkpoint_file("safetensors/duplicate_key.safetensors", &["malformed safetensors", r#""w""#, "twice"]);
+}
+
+#[test]
+fn corpus_safetensors_data_gap() {
+    refuse_checkpoint_file("safetensors/data_gap.safetensors", &["'b'", "[8, 16)"]);
+}
+
+#[test]
+fn corpus_safetensors_trailing_bytes() {
+    refuse_checkpoint_file("safetensors/trailing_bytes.safetensors", &["4 trailing"]);
 }
 
 /// Found by fuzzing: with overflow checks (debug builds) the crc of a 0-d U64 of 2^64 - 1 used
@@ -386,6 +419,45 @@ fn corpus_strategy_garbage_json() {
 #[test]
 fn corpus_strategy_no_layouts() {
     refuse_strategy_file("strategy/no_layouts.ckpt", &["no parameter layouts"]);
+}
+
+#[test]
+fn corpus_strategy_duplicate_key() {
+    refuse_strategy_file("strategy/duplicate_key.json", &["malformed strategy", r#""w""#, "twice"]);
+}
+
+#[test]
+fn corpus_strategy_tensor_shape_negative() {
+    refuse_strategy_file("strategy/tensor_shape_negative.json", &["'w'", "tensor_shape", "negative"]);
+}
+
+/// MindSpore's transform ignores an empty `tensor_shape []`; so does reshard (it used to compare
+/// it with the full shape and refuse).
+#[test]
+fn empty_tensor_shape_counts_as_not_given() {
+    let s = Scratch::new("ts_empty");
+    let layout = |tm: serde_json::Value| {
+        serde_json::json!({"dev_matrix": [2], "tensor_map": tm, "tensor_shape": [], "field": 0,
+            "opt_weight_shard_step": 0, "opt_weight_shard_size": 0})
+    };
+    let v = serde_json::json!({"current_stage": 0, "parallel_layout_item": {
+        "w": layout(serde_json::json!([0, -1])), "b": layout(serde_json::json!([-1]))}});
+    let strategy = s.join("src_strategy.json");
+    std::fs::write(&strategy, serde_json::to_vec(&v).unwrap()).unwrap();
+    let out = reshard([
+        OsStr::new("transform"),
+        "--src_ckpt_dir".as_ref(),
+        corpus("good/dp2/src").as_os_str(),
+        "--src_ckpt_strategy".as_ref(),
+        strategy.as_os_str(),
+        "--dst_ckpt_strategy".as_ref(),
+        strategy.as_os_str(),
+        "--dst_ckpt_dir".as_ref(),
+        s.join("out").as_os_str(),
+        "-q".as_ref(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(files_under(&s.join("out")).len(), 4);
 }
 
 /// Found by fuzzing (strategy targets): opt_weight_shard_size -2 used to be accepted; the
@@ -509,7 +581,12 @@ fn refuse_source_folder_msg(case: &str, needles: &[&str]) -> String {
     let dir = corpus(&format!("sources/{case}"));
     assert!(dir.join("src").is_dir(), "missing corpus folder {}", dir.display());
     let mut job: Vec<PathBuf> = vec!["--src_ckpt_dir".into(), dir.join("src")];
-    for (flag, file) in [("--src_ckpt_strategy", "src_strategy.ckpt"), ("--dst_ckpt_strategy", "dst_strategy.ckpt")] {
+    for (flag, file) in [
+        ("--src_ckpt_strategy", "src_strategy.ckpt"),
+        ("--dst_ckpt_strategy", "dst_strategy.ckpt"),
+        ("--src_ckpt_strategy", "src_strategy.json"),
+        ("--dst_ckpt_strategy", "dst_strategy.json"),
+    ] {
         if dir.join(file).is_file() {
             job.push(flag.into());
             job.push(dir.join(file));
@@ -599,7 +676,8 @@ fn corpus_sources_strategy_missing_param() {
 
 #[test]
 fn corpus_sources_strategy_wrong_model() {
-    refuse_source_folder("strategy_wrong_model", &["strategy_wrong_model/src", "src_strategy.ckpt"]);
+    // The parameters the strategy names and the checkpoints lack are named.
+    refuse_source_folder("strategy_wrong_model", &["strategy_wrong_model/src", "src_strategy.ckpt", "(other.weight)"]);
 }
 
 /// Found by fuzzing: a tensor_map naming one device axis for both dims of w used to be
@@ -630,6 +708,11 @@ fn corpus_sources_dst_strategy_indivisible() {
     refuse_source_folder("dst_strategy_indivisible", &["dst_strategy.ckpt", "'w'", "[4, 4]", "8 ways"]);
 }
 
+#[test]
+fn corpus_sources_dst_tensor_shape_mismatch() {
+    refuse_source_folder("dst_tensor_shape_mismatch", &["dst_strategy.json", "'w'", "[8, 4]", "[4, 4]"]);
+}
+
 /// Every entry the README lists has a test above (keeps corpus and tests in step).
 #[test]
 fn corpus_readme_lists_only_tested_entries() {
@@ -648,6 +731,152 @@ fn corpus_readme_lists_only_tested_entries() {
         n += 1;
     }
     assert!(n >= 30, "only {n} entries in tests/corpus/README.md");
+}
+
+// ------------------------------------------------------------------ inputs that are not regular files
+
+/// Runs reshard and kills it if it has not finished after a minute (a hang guard, not a timing
+/// assertion: the inputs below used to block for ever or grow without bound).
+fn reshard_or_hang<I, S>(args: I) -> Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env("RUST_BACKTRACE", "0")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    for _ in 0..600 {
+        if child.try_wait().unwrap().is_some() {
+            return child.wait_with_output().unwrap();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("reshard did not finish within a minute");
+}
+
+fn mkfifo(p: &Path) {
+    assert!(Command::new("mkfifo").arg(p).status().unwrap().success());
+}
+
+/// `inspect /dev/zero` and `/dev/zero` as a strategy used to read without end (about 1 GB/s),
+/// and a FIFO blocked `open` for ever: anything but a regular file is refused at once.
+#[test]
+fn devices_and_fifos_as_inputs_are_refused() {
+    let s = Scratch::new("fifo");
+    let fifo_ckpt = s.join("model.ckpt");
+    let fifo_json = s.join("strategy.json");
+    mkfifo(&fifo_ckpt);
+    mkfifo(&fifo_json);
+    let complete = corpus("good/complete");
+    for (file, kind) in [(Path::new("/dev/zero"), "character device"), (&fifo_ckpt, "FIFO"), (&fifo_json, "FIFO")] {
+        let name = file.to_str().unwrap();
+        assert_refused(&reshard_or_hang([OsStr::new("inspect"), file.as_os_str()]), &[name, kind]);
+        let dst = s.join("out");
+        let out = reshard_or_hang([
+            OsStr::new("transform"),
+            "--src_ckpt_dir".as_ref(),
+            complete.as_os_str(),
+            "--dst_ckpt_strategy".as_ref(),
+            file.as_os_str(),
+            "--dst_ckpt_dir".as_ref(),
+            dst.as_os_str(),
+            "-q".as_ref(),
+        ]);
+        assert_refused(&out, &[name, kind]);
+        assert_nothing_written(&dst);
+    }
+}
+
+/// A dangling symlink, a FIFO or a device named `model.ckpt` in a rank folder used to be
+/// skipped, and the refusal read "no .ckpt or .safetensors file in this rank folder".
+#[test]
+fn rank_folder_checkpoint_that_is_not_a_regular_file_is_named() {
+    for what in ["dangling symlink", "fifo", "device"] {
+        let s = Scratch::new(what);
+        let rank0 = s.join("src/rank_0");
+        std::fs::create_dir_all(&rank0).unwrap();
+        let model = rank0.join("model.ckpt");
+        let kind = match what {
+            "fifo" => {
+                mkfifo(&model);
+                "FIFO"
+            }
+            "device" => {
+                std::os::unix::fs::symlink("/dev/zero", &model).unwrap();
+                "character device"
+            }
+            _ => {
+                std::os::unix::fs::symlink(s.join("gone.ckpt"), &model).unwrap();
+                "symbolic link"
+            }
+        };
+        let dst = s.join("out");
+        let out = reshard_or_hang([
+            OsStr::new("transform"),
+            "--src_ckpt_dir".as_ref(),
+            s.join("src").as_os_str(),
+            "--dst_ckpt_dir".as_ref(),
+            dst.as_os_str(),
+            "-q".as_ref(),
+        ]);
+        let msg = assert_refused(&out, &["rank_0/model.ckpt", kind]);
+        assert!(!msg.contains("no .ckpt"), "{msg}");
+        assert_nothing_written(&dst);
+    }
+}
+
+/// Names of 64 KiB or more made `inspect`'s table panic (a format width beyond 65535).
+#[test]
+fn inspect_tables_take_names_of_64_kib() {
+    let s = Scratch::new("longname");
+    let name = "n".repeat(70_000);
+    let ckpt = s.join("long.ckpt");
+    std::fs::write(&ckpt, ckpt_bytes(&[(&name, &[1], &[0; 4])])).unwrap();
+    let strategy = s.join("long.json");
+    let layout = serde_json::json!({"dev_matrix": [2], "tensor_map": [0], "field": 0,
+        "opt_weight_shard_step": 0, "opt_weight_shard_size": 0});
+    let v = serde_json::json!({"current_stage": 0, "parallel_layout_item": {name.clone(): layout}});
+    std::fs::write(&strategy, serde_json::to_vec(&v).unwrap()).unwrap();
+    for f in [&ckpt, &strategy] {
+        let out = reshard([OsStr::new("inspect"), f.as_os_str()]);
+        assert!(out.status.success(), "inspect {}: {}", f.display(), text(&out.stderr));
+        assert!(text(&out.stdout).contains(&name));
+    }
+}
+
+/// A destination strategy naming parameters no source holds: the outputs lack them, and the
+/// warning says which.
+#[test]
+fn dst_strategy_parameters_the_sources_lack_are_named() {
+    let s = Scratch::new("lacking");
+    let strategy = s.join("dst.json");
+    let layout = |tm: serde_json::Value| {
+        serde_json::json!({"dev_matrix": [2], "tensor_map": tm, "field": 0,
+            "opt_weight_shard_step": 0, "opt_weight_shard_size": 0})
+    };
+    let v = serde_json::json!({"current_stage": 0, "parallel_layout_item": {
+        "w": layout(serde_json::json!([0, -1])), "b": layout(serde_json::json!([-1])),
+        "not_in_the_model": layout(serde_json::json!([-1]))}});
+    std::fs::write(&strategy, serde_json::to_vec(&v).unwrap()).unwrap();
+    let out = reshard([
+        OsStr::new("transform"),
+        "--src_ckpt_dir".as_ref(),
+        corpus("good/complete").as_os_str(),
+        "--dst_ckpt_strategy".as_ref(),
+        strategy.as_os_str(),
+        "--dst_ckpt_dir".as_ref(),
+        s.join("out").as_os_str(),
+        "-q".as_ref(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("warning") && stderr.contains("1 parameter(s) (not_in_the_model)"), "{stderr}");
 }
 
 // ------------------------------------------------------------------ output folder refusals
@@ -1023,6 +1252,81 @@ fn inspect_json_basic_ckpt_matches_mindspore() {
     let got = got_tensors(&inspect_json(&fixture("formats/basic.ckpt")));
     let want = expected_tensors(&fixture("formats/basic.ckpt.expected.json"));
     assert_eq!(got, want);
+}
+
+/// A `str` tensor (`note` in basic.ckpt: dims `[0]`, 20 bytes of UTF-32) used to come out of a
+/// complete source as 4 bytes with shape `[]`, and `verify` passed. It is copied whole with its
+/// dims, in its place: complete -> complete gives the file back byte for byte.
+#[test]
+fn transform_keeps_string_tensors_whole() {
+    let file = fixture("formats/basic.ckpt");
+    let s = Scratch::new("str");
+    let src = s.join("src");
+    std::fs::create_dir_all(src.join("rank_0")).unwrap();
+    std::fs::copy(&file, src.join("rank_0/basic.ckpt")).unwrap();
+    let dst = s.join("out");
+    let out = reshard([
+        OsStr::new("transform"),
+        "--src_ckpt_dir".as_ref(),
+        src.as_os_str(),
+        "--dst_ckpt_dir".as_ref(),
+        dst.as_os_str(),
+        "-q".as_ref(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let written = dst.join("rank_0/checkpoint_0.ckpt");
+    let note =
+        |v: &serde_json::Value| v["tensors"].as_array().unwrap().iter().find(|t| t["name"] == "note").cloned().unwrap();
+    assert_eq!(
+        note(&inspect_json(&written)),
+        serde_json::json!({"name": "note", "dtype": "str", "shape": [0], "bytes": 20})
+    );
+    assert!(std::fs::read(&written).unwrap() == std::fs::read(&file).unwrap());
+}
+
+/// 0-d tensors stay 0-d in safetensors outputs (they were written as [1], so ckpt -> safetensors
+/// -> ckpt changed every scalar's shape), and with `--crc` the crc counts a 0-d integer as
+/// MindSpore does (that many zero bytes), so the output passes its own check.
+#[test]
+fn safetensors_outputs_keep_scalars_0d() {
+    let s = Scratch::new("st0d");
+    let st = s.join("st");
+    let out = reshard([
+        OsStr::new("transform"),
+        "--src_ckpt_dir".as_ref(),
+        corpus("good/complete").as_os_str(),
+        "--dst_ckpt_dir".as_ref(),
+        st.as_os_str(),
+        "--output_format".as_ref(),
+        "safetensors".as_ref(),
+        "--crc".as_ref(),
+        "-q".as_ref(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v = inspect_json(&st.join("rank_0/checkpoint_0.safetensors"));
+    let step = v["tensors"].as_array().unwrap().iter().find(|t| t["name"] == "global_step").unwrap();
+    assert_eq!(step["shape"], serde_json::json!([]));
+    let back = s.join("back");
+    let out = reshard([
+        OsStr::new("transform"),
+        "--src_ckpt_dir".as_ref(),
+        st.as_os_str(),
+        "--dst_ckpt_dir".as_ref(),
+        back.as_os_str(),
+        "-q".as_ref(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let shapes = |p: &Path| {
+        let mut t: Vec<(String, serde_json::Value)> = inspect_json(p)["tensors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| (t["name"].as_str().unwrap().to_string(), t["shape"].clone()))
+            .collect();
+        t.sort_by(|a, b| a.0.cmp(&b.0));
+        t
+    };
+    assert_eq!(shapes(&back.join("rank_0/checkpoint_0.ckpt")), shapes(&corpus("good/complete/rank_0/model.ckpt")));
 }
 
 /// Every format fixture: same tensors as MindSpore saw (file order for .ckpt, by name for

@@ -82,6 +82,14 @@ pub fn parse(path: &Path, bytes: &[u8], opts: ReadOptions) -> Result<CheckpointI
         && parse_values(path, bytes).is_err();
     let (body, crc) = if has_trailer { split_crc(path, bytes, opts)? } else { (bytes, None) };
     let mut tensors = parse_values(path, body)?;
+    if tensors.is_empty() {
+        // Protobuf reads any run of well-formed fields as a message, so a stray file (a strategy
+        // file, 4 bytes of `08 05 08 07`) parses as a checkpoint without a single value.
+        return Err(malformed(
+            path,
+            format!("no tensors: the {} bytes hold no Value (field 1) of a Checkpoint", bytes.len()),
+        ));
+    }
     for t in &mut tensors {
         t.shape = checked_shape(path, t)?;
     }
@@ -231,7 +239,7 @@ fn parse_value(path: &Path, value: &[u8], base: u64) -> Result<(String, DType, V
     }
     let dtype = dtype.ok_or_else(|| bad_tensor(path, &tag, "no tensor_type".into()))?;
     let dtype = DType::from_ckpt_name(&dtype)
-        .ok_or_else(|| bad_tensor(path, &tag, format!("unknown tensor_type '{dtype}'")))?;
+        .ok_or_else(|| bad_tensor(path, &tag, format!("unknown tensor_type {dtype:?}")))?;
     let content = content.ok_or_else(|| bad_tensor(path, &tag, "no tensor_content".into()))?;
     Ok((tag, dtype, dims, content))
 }

@@ -399,9 +399,8 @@ fn write_rank(
     let headers: Vec<TensorHeader> = tensors
         .iter()
         .map(|t| {
-            // MindSpore's safetensors transform writes 0-d tensors as shape [1].
-            let dims = if opts.format == Format::Safetensors && t.dims.is_empty() { vec![1] } else { t.dims.clone() };
-            TensorHeader { name: t.name.clone(), dtype: t.dtype, dims, nbytes: t.nbytes }
+            // 0-d tensors stay 0-d (shape []) in safetensors too, as MindSpore writes them.
+            TensorHeader { name: t.name.clone(), dtype: t.dtype, dims: t.dims.clone(), nbytes: t.nbytes }
         })
         .collect();
     let want_st_crc = opts.crc && opts.format == Format::Safetensors;
@@ -501,7 +500,7 @@ fn write_rank(
         // without reading it back.
         crcs.sort_by_key(|(off, _)| *off);
         if want_st_crc {
-            let st_crc = safetensors_crc(&headers, &layout, &crcs);
+            let st_crc = safetensors_crc(&headers, &layout, &crcs, &file, &tmp_path)?;
             let real = safetensors::layout(&headers, &safetensors_metadata(Some(st_crc)))?;
             // Same header length as laid out (the first 8 bytes say it): pad the JSON with spaces.
             let old = &layout.fixed[0].1;
@@ -735,13 +734,29 @@ fn announce_block(plan: &Plan, maps: &SourceMaps<'_>, t: &crate::plan::TensorPla
 
 /// MindSpore's safetensors crc (see [`safetensors`]): crc32 chained over each name, then its
 /// data, names sorted; computed from the crcs of the runs written.
-fn safetensors_crc(headers: &[TensorHeader], layout: &FileLayout, runs: &[(u64, crc32fast::Hasher)]) -> u32 {
+fn safetensors_crc(
+    headers: &[TensorHeader],
+    layout: &FileLayout,
+    runs: &[(u64, crc32fast::Hasher)],
+    file: &File,
+    path: &Path,
+) -> Result<u32> {
     let mut order: Vec<usize> = (0..headers.len()).collect();
     order.sort_by(|&a, &b| headers[a].name.cmp(&headers[b].name));
     let mut h = crc32fast::Hasher::new();
     for i in order {
         h.update(headers[i].name.as_bytes());
         let (start, len) = layout.content[i].first().map_or((0, 0), |r| (r.file_offset, r.len));
+        // A 0-d integer counts as that many zero bytes (MindSpore's `bytes(ndarray)`): read its
+        // few bytes back from the output.
+        if headers[i].dims.is_empty() && len <= 8 {
+            let mut raw = vec![0u8; len as usize];
+            file.read_exact_at(&mut raw, start).map_err(|e| Error::io(path, "read back", e))?;
+            if let Some(n) = safetensors::scalar_int_value(headers[i].dtype, &[], &raw) {
+                safetensors::update_zeros(&mut h, n);
+                continue;
+            }
+        }
         // Runs are sorted by offset; those inside this tensor's data are its content.
         let from = runs.partition_point(|(o, _)| *o < start);
         for (o, rh) in &runs[from..] {
@@ -751,7 +766,7 @@ fn safetensors_crc(headers: &[TensorHeader], layout: &FileLayout, runs: &[(u64, 
             h.combine(rh);
         }
     }
-    h.finalize()
+    Ok(h.finalize())
 }
 
 /// Byte offset of `region` inside a C-order array holding `outer`, if the region is one

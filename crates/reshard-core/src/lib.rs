@@ -9,6 +9,7 @@ pub mod checkpoint;
 pub mod ckpt;
 pub mod dtype;
 pub mod error;
+pub mod input;
 pub mod layout;
 pub mod region;
 pub mod safetensors;

@@ -361,8 +361,10 @@ impl Plan {
         }
         for p in &mut params {
             p.kind = match &mut src_strategy {
+                // A string is one value, never sliced: its content and dims are copied whole.
+                _ if p.dtype == DType::Str => SrcKind::Raw,
                 None => SrcKind::Complete,
-                Some(st) if st.contains(&p.name) && p.dtype != DType::Str => {
+                Some(st) if st.contains(&p.name) => {
                     let (kind, full) = resolve_sharded(p, st, &sources, src_base, src_stage_devices)?;
                     p.full = full;
                     kind
@@ -370,16 +372,43 @@ impl Plan {
                 Some(_) => SrcKind::Raw,
             };
         }
+        // Parameters a strategy names that no source file holds.
+        let lacking = |st: &Strategy| -> Vec<String> {
+            st.params.iter().map(|(n, _)| n.clone()).filter(|n| !param_index.contains_key(n)).collect()
+        };
         if let Some(st) = &src_strategy {
             if !params.iter().any(|p| matches!(p.kind, SrcKind::Sharded { .. })) {
+                let held: Vec<String> = params.iter().map(|p| p.name.clone()).collect();
                 return Err(Error::Source {
                     path: set.dir.clone(),
                     detail: format!(
                         "none of the parameters in the source checkpoints has a layout in the source strategy {}; is it \
-                         the strategy these checkpoints were saved with?",
-                        st.path.display()
+                         the strategy these checkpoints were saved with? The strategy names {} the checkpoints lack, and \
+                         the checkpoints hold {}",
+                        st.path.display(),
+                        fmt_names(&lacking(st)),
+                        fmt_names(&held)
                     ),
                 });
+            }
+            let missing = lacking(st);
+            if !missing.is_empty() {
+                warnings.push(format!(
+                    "the source strategy {} names {} that no source checkpoint holds; they are left out",
+                    st.path.display(),
+                    fmt_names(&missing)
+                ));
+            }
+        }
+        // (In the by-stage mode the destination names the other stages' parameters on purpose.)
+        if let Some(d) = dst_strategy.as_ref().filter(|_| by_stage.is_none()) {
+            let missing = lacking(d);
+            if !missing.is_empty() {
+                warnings.push(format!(
+                    "the destination strategy {} names {} that no source checkpoint holds; the outputs will lack them",
+                    d.path.display(),
+                    fmt_names(&missing)
+                ));
             }
         }
         if let Some(d) = &dst_strategy {
@@ -504,7 +533,11 @@ impl Plan {
                 continue;
             }
             if !d.in_src || matches!(p.kind, SrcKind::Raw) {
-                copied.push((i, self.raw(p, local)?));
+                // A string the source strategy covers is copied whole only because it cannot be
+                // sliced: it keeps its place among the transformed parameters, so a complete
+                // source comes back in its own order.
+                let list = if d.in_src && p.dtype == DType::Str { &mut transformed } else { &mut copied };
+                list.push((i, self.raw(p, local)?));
                 continue;
             }
             let layout = if stage == 0 { d.first.as_ref() } else { d.later.as_ref() };
@@ -627,6 +660,23 @@ fn resolve_dst(p: &ParamInfo, src: Option<&Strategy>, dst: Option<&Strategy>, ds
     if !d.contains(&p.name) {
         return Ok(DstInfo { in_src, ..DstInfo::default() });
     }
+    if p.dtype != DType::Str {
+        for e in d.entries(&p.name).unwrap_or_default() {
+            match &e.layout.tensor_shape {
+                Some(ts) if *ts != p.full => {
+                    return Err(Error::BadLayout {
+                        path: d.path.clone(),
+                        param: p.name.clone(),
+                        detail: format!(
+                            "tensor_shape {ts:?} (stage {}), but the source checkpoints hold a tensor of shape {:?}",
+                            e.stage, p.full
+                        ),
+                    })
+                }
+                _ => {}
+            }
+        }
+    }
     let stages = d.stages_of(&p.name);
     let mut info = DstInfo { in_src, in_dst: true, stages, first: None, later: None };
     if in_src && !matches!(p.kind, SrcKind::Raw) {
@@ -739,6 +789,13 @@ fn resolve_sharded(
         }
     }
     Ok((SrcKind::Sharded { stage, layout: resolved, slices }, full))
+}
+
+/// "N parameter(s) (a, b, c, d, e, ...)": the count and at most five names.
+fn fmt_names(names: &[String]) -> String {
+    let shown: Vec<&str> = names.iter().take(5).map(String::as_str).collect();
+    let more = if names.len() > 5 { ", ..." } else { "" };
+    format!("{} parameter(s) ({}{more})", names.len(), shown.join(", "))
 }
 
 /// Ranks as short ranges ("0, 2-5, 9"), at most 16 of them, then the count.

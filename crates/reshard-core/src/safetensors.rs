@@ -35,6 +35,7 @@ pub fn parse(path: &Path, bytes: &[u8], opts: ReadOptions) -> Result<CheckpointI
     let data_len = avail - n;
     let json: Map<String, Value> =
         serde_json::from_slice(header).map_err(|e| malformed(path, format!("header is not a JSON object: {e}")))?;
+    crate::input::check_unique_json_keys(header).map_err(|e| malformed(path, format!("header: {e}")))?;
     let mut metadata = BTreeMap::new();
     if let Some(m) = json.get("__metadata__") {
         let m = m.as_object().ok_or_else(|| malformed(path, "__metadata__ is not an object".into()))?;
@@ -50,7 +51,7 @@ pub fn parse(path: &Path, bytes: &[u8], opts: ReadOptions) -> Result<CheckpointI
         }
         let bad = |detail: String| Error::BadTensor { path: path.to_path_buf(), tensor: name.clone(), detail };
         let dt = info.get("dtype").and_then(Value::as_str).ok_or_else(|| bad("no dtype".into()))?;
-        let mut dtype = DType::from_safetensors_name(dt).ok_or_else(|| bad(format!("unknown dtype '{dt}'")))?;
+        let mut dtype = DType::from_safetensors_name(dt).ok_or_else(|| bad(format!("unknown dtype {dt:?}")))?;
         if metadata.get(name).is_some_and(|v| v.to_ascii_lowercase().contains("int4")) {
             dtype = DType::Int4;
         }
@@ -86,12 +87,36 @@ pub fn parse(path: &Path, bytes: &[u8], opts: ReadOptions) -> Result<CheckpointI
             nbytes: e - b,
         });
     }
+    if tensors.is_empty() {
+        return Err(malformed(path, "no tensors: the header lists none".into()));
+    }
     tensors.sort_by_key(|t| t.segments[0].offset);
     for w in tensors.windows(2) {
         let (a, b) = (&w[0].segments[0], &w[1].segments[0]);
         if a.offset + a.len > b.offset {
             return Err(malformed(path, format!("tensors '{}' and '{}' overlap", w[0].name, w[1].name)));
         }
+    }
+    // As the safetensors library requires: the tensors tile the data, no gap, nothing after.
+    let mut at = 0u64;
+    for t in &tensors {
+        let b = t.segments[0].offset - data_start;
+        if b != at {
+            return Err(malformed(
+                path,
+                format!("data bytes [{at}, {b}) before tensor '{}' belong to no tensor", t.name),
+            ));
+        }
+        at = b + t.segments[0].len;
+    }
+    if at != data_len {
+        return Err(malformed(
+            path,
+            format!(
+                "{} trailing data bytes after the last tensor (data is {data_len} bytes, tensors end at {at})",
+                data_len - at
+            ),
+        ));
     }
     let mut crc = None;
     if let Some(c) = metadata.get("crc_num") {
@@ -119,7 +144,7 @@ fn content_crc(bytes: &[u8], tensors: &[TensorInfo]) -> u32 {
         h.update(t.name.as_bytes());
         let content: Vec<&[u8]> =
             t.segments.iter().map(|s| &bytes[s.offset as usize..(s.offset + s.len) as usize]).collect();
-        match scalar_int_value(t, content.first().copied().unwrap_or(&[])) {
+        match scalar_int_value(t.dtype, &t.shape, content.first().copied().unwrap_or(&[])) {
             Some(n) => update_zeros(&mut h, n),
             None => content.iter().for_each(|c| h.update(c)),
         }
@@ -127,9 +152,10 @@ fn content_crc(bytes: &[u8], tensors: &[TensorInfo]) -> u32 {
     h.finalize()
 }
 
-/// The value of a 0-d integer or bool tensor (negative values count as 0).
-fn scalar_int_value(t: &TensorInfo, raw: &[u8]) -> Option<u64> {
-    if !t.shape.is_empty() || raw.len() as u64 != t.dtype.size() {
+/// The value of a 0-d integer or bool tensor (negative values count as 0): the number of zero
+/// bytes MindSpore's crc takes for it. `None` for any other tensor, whose raw bytes count.
+pub(crate) fn scalar_int_value(dtype: DType, shape: &[u64], raw: &[u8]) -> Option<u64> {
+    if !shape.is_empty() || raw.len() as u64 != dtype.size() {
         return None;
     }
     let mut b = [0u8; 8];
@@ -140,7 +166,7 @@ fn scalar_int_value(t: &TensorInfo, raw: &[u8]) -> Option<u64> {
         let v = ((u << (64 - bits)) as i64) >> (64 - bits);
         v.max(0) as u64
     };
-    let n = match t.dtype {
+    let n = match dtype {
         DType::UInt8 | DType::UInt16 | DType::UInt32 | DType::UInt64 | DType::Bool => u,
         DType::Int8 | DType::Int16 | DType::Int32 | DType::Int64 => signed(u),
         _ => return None,
@@ -151,7 +177,7 @@ fn scalar_int_value(t: &TensorInfo, raw: &[u8]) -> Option<u64> {
 }
 
 /// Feeds `n` zero bytes to `h` in O(log n) using crc combination.
-fn update_zeros(h: &mut crc32fast::Hasher, mut n: u64) {
+pub(crate) fn update_zeros(h: &mut crc32fast::Hasher, mut n: u64) {
     let mut block = crc32fast::Hasher::new();
     block.update(&[0]);
     while n > 0 {

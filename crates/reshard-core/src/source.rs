@@ -58,7 +58,12 @@ pub fn discover(dir: &Path, choose: Option<&str>) -> Result<SourceSet> {
         for f in rd {
             let f = f.map_err(|err| Error::io(e.path(), "read folder", err))?;
             let p = f.path();
-            if p.is_file() && Format::from_path(&p).is_some() {
+            if Format::from_path(&p).is_some() {
+                // A FIFO, device or dangling symlink named like a checkpoint is refused by name
+                // rather than skipped (skipping it read as "no .ckpt file").
+                if let Some(why) = crate::input::not_regular(&p) {
+                    return Err(src_err(&p, format!("{why}; a rank folder's checkpoint must be a regular file")));
+                }
                 files.push(p);
             }
         }

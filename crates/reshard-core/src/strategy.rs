@@ -276,12 +276,13 @@ impl Strategy {
             s.path = path.to_path_buf();
             return Ok(s);
         }
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, "read", e))?;
+        let bytes = crate::input::read_capped(path, crate::input::MAX_STRATEGY_BYTES, "strategy")?;
         if bytes.is_empty() {
             return Err(bad(path, "the file is empty"));
         }
         if is_json(path) {
             let v: Value = serde_json::from_slice(&bytes).map_err(|e| bad(path, format!("not valid JSON: {e}")))?;
+            crate::input::check_unique_json_keys(&bytes).map_err(|e| bad(path, e))?;
             Strategy::from_json(path, &v)
         } else {
             let m = decode_proto(path, &bytes)?;
@@ -504,9 +505,16 @@ impl Strategy {
                     Some(v) => v.as_i64().ok_or_else(|| err(&format!("'{key}' is not an integer"))),
                 }
             };
+            // MindSpore's transform ignores an empty tensor_shape: it means "not given".
             let tensor_shape = match item.get("tensor_shape") {
                 None => None,
-                Some(_) => Some(ints("tensor_shape")?.into_iter().map(|d| d.max(0) as u64).collect()),
+                Some(_) => {
+                    let ts = ints("tensor_shape")?;
+                    if ts.iter().any(|&d| d < 0) {
+                        return Err(err(&format!("tensor_shape {ts:?} has a negative dim")));
+                    }
+                    Some(ts.into_iter().map(|d| d as u64).collect::<Vec<u64>>()).filter(|ts| !ts.is_empty())
+                }
             };
             let layout = ParamLayout {
                 dev_matrix: dev.into_iter().map(|d| d as u64).collect(),
@@ -694,10 +702,17 @@ pub fn stage_files(dir: &Path) -> Result<(Vec<PathBuf>, bool)> {
     for e in rd {
         let e = e.map_err(|e| Error::io(dir, "read folder", e))?;
         let p = e.path();
-        if !p.is_file() {
+        let ext = p.extension().and_then(|x| x.to_str());
+        if !matches!(ext, Some("ckpt" | "json")) {
             continue;
         }
-        match p.extension().and_then(|x| x.to_str()) {
+        if let Some(why) = crate::input::not_regular(&p) {
+            return Err(Error::Source {
+                path: p,
+                detail: format!("{why}; a strategy folder's .ckpt and .json files must be regular files"),
+            });
+        }
+        match ext {
             Some("ckpt") => pb.push(p),
             Some("json") => js.push(p),
             _ => {}
@@ -737,11 +752,12 @@ pub fn merge_files(files: &[PathBuf], json: bool) -> Result<Merged> {
         let mut strategy_items = Map::new();
         let mut layout_items = Map::new();
         for f in files {
-            let bytes = std::fs::read(f).map_err(|e| Error::io(f, "read", e))?;
+            let bytes = crate::input::read_capped(f, crate::input::MAX_STRATEGY_BYTES, "strategy")?;
             if !seen_bytes.insert(bytes.clone()) {
                 continue;
             }
             let v: Value = serde_json::from_slice(&bytes).map_err(|e| bad(f, format!("not valid JSON: {e}")))?;
+            crate::input::check_unique_json_keys(&bytes).map_err(|e| bad(f, e))?;
             let si = v.get("parallel_strategy_item").and_then(Value::as_object).filter(|m| !m.is_empty());
             let li = v.get("parallel_layout_item").and_then(Value::as_object).filter(|m| !m.is_empty());
             let (Some(si), Some(li)) = (si, li) else {
@@ -767,7 +783,7 @@ pub fn merge_files(files: &[PathBuf], json: bool) -> Result<Merged> {
     }
     let mut out = proto::ParallelStrategyMap::default();
     for f in files {
-        let bytes = std::fs::read(f).map_err(|e| Error::io(f, "read", e))?;
+        let bytes = crate::input::read_capped(f, crate::input::MAX_STRATEGY_BYTES, "strategy")?;
         if !seen_bytes.insert(bytes.clone()) {
             continue;
         }

@@ -45,8 +45,7 @@ fn device_readahead(meta: &std::fs::Metadata) -> u64 {
 impl MappedFile {
     /// Maps `path` read-only. An empty file gives an empty slice (mmap of 0 bytes is an error on Linux).
     pub fn open(path: &Path) -> Result<Self> {
-        let file = File::open(path).map_err(|e| Error::io(path, "open", e))?;
-        let meta = file.metadata().map_err(|e| Error::io(path, "stat", e))?;
+        let (file, meta) = crate::input::open_regular(path)?;
         let readahead = device_readahead(&meta);
         if meta.len() == 0 {
             return Ok(MappedFile { map: None, readahead });
