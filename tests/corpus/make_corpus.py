@@ -289,6 +289,10 @@ def make_strategy_files():
           json_strategy([("w", big, [-1, -1], 0, 0), ("b", big, [-1], 0, 0)]),
           "dev_matrix [65536, 65536, 65536, 65536]: 2^64 devices, the product wraps to 0; found by fuzzing",
           "file, w, dev_matrix")
+    stages = [(f"{st}-w", [1 << 24], [-1, -1], 0, 0) for st in range(256)]
+    write("strategy/rank_count_overflow.json", json_strategy(stages),
+          "256 stages of 2^24 devices: 2^32 ranks, which wrapped to a destination of 0 ranks (transform wrote "
+          "nothing and exited 0)", "file, '256 stage(s)', 16777216")
 
 
 def rank_files(base, files):
@@ -320,12 +324,12 @@ def make_source_folders():
     d = f"{s}/missing_rank_folder"
     write(f"{d}/src_strategy.ckpt", dp_strategy(4), None, None)
     rank_files(d, {r: [("model.ckpt", ckpt(shard_rows(4, r)))] for r in (0, 1, 2)})
-    entry(d, "strategy of 4 devices, rank_3 missing", "src folder, rank_3 / '3', 'missing'")
+    entry(d, "strategy of 4 devices, rank_3 missing", "src folder, rank_0..rank_3, 'missing: rank_3'")
 
     d = f"{s}/noncontiguous_rank_folders"
     write(f"{d}/src_strategy.ckpt", dp_strategy(4), None, None)
     rank_files(d, {r: [("model.ckpt", ckpt(shard_rows(4, r % 4)))] for r in (0, 1, 3, 5)})
-    entry(d, "strategy of 4 devices, folders rank_0, rank_1, rank_3, rank_5", "src folder, '2', 'missing'")
+    entry(d, "strategy of 4 devices, folders rank_0, rank_1, rank_3, rank_5", "src folder, 'missing: rank_2'")
 
     d = f"{s}/many_missing_rank_folders"
     write(f"{d}/src_strategy.ckpt", dp_strategy(65536), None, None)

@@ -359,17 +359,22 @@ fn run(cli: Cli) -> Result<(), Error> {
                 eprintln!();
             }
             if !quiet {
-                let bytes: u64 = files.iter().map(|f| f.len).sum();
-                let kept = files.iter().filter(|f| f.reused).count();
-                if kept > 0 {
+                // What was written and what was kept, each with its own bytes (a resumed run
+                // used to say "wrote 0 file(s), 32144 bytes").
+                let (kept, wrote): (Vec<_>, Vec<_>) = files.iter().partition(|f| f.reused);
+                let bytes = |v: &[&reshard_core::execute::WrittenFile]| v.iter().map(|f| f.len).sum::<u64>();
+                if !kept.is_empty() {
                     eprintln!(
-                        "reshard: kept {kept} file(s) a previous run of the same plan finished (verified by crc32)"
+                        "reshard: kept {} file(s), {} bytes, that a previous run of the same plan finished (verified by \
+                         crc32)",
+                        kept.len(),
+                        bytes(&kept)
                     );
                 }
                 eprintln!(
                     "reshard: wrote {} file(s), {} bytes, to {} in {:.2}s",
-                    files.len() - kept,
-                    bytes,
+                    wrote.len(),
+                    bytes(&wrote),
                     dst_ckpt_dir.display(),
                     start.elapsed().as_secs_f64()
                 );

@@ -445,6 +445,13 @@ fn corpus_strategy_inspect_refuses_garbage_json() {
     assert_refused(&reshard([OsStr::new("inspect"), f.as_os_str()]), &["garbage.json", "JSON"]);
 }
 
+/// 256 stages x 2^24 devices = 2^32 ranks wrapped to a destination of 0 ranks: transform wrote
+/// nothing and exited 0; a rank given with --ranks was refused naming no file.
+#[test]
+fn corpus_strategy_rank_count_overflow() {
+    refuse_strategy_file("strategy/rank_count_overflow.json", &["256 stage(s)", "16777216", "4294967296 ranks"]);
+}
+
 // ------------------------------------------------------------------ corpus: source folders
 
 /// A source folder case `sources/<case>`: `transform` and `plan` with its `src/` and its
@@ -483,12 +490,12 @@ fn refuse_source_folder_msg(case: &str, needles: &[&str]) -> String {
 
 #[test]
 fn corpus_sources_missing_rank_folder() {
-    refuse_source_folder("missing_rank_folder", &["missing_rank_folder/src", "rank_0..rank_3", "missing: 3"]);
+    refuse_source_folder("missing_rank_folder", &["missing_rank_folder/src", "rank_0..rank_3", "missing: rank_3"]);
 }
 
 #[test]
 fn corpus_sources_noncontiguous_rank_folders() {
-    refuse_source_folder("noncontiguous_rank_folders", &["noncontiguous_rank_folders/src", "missing: 2"]);
+    refuse_source_folder("noncontiguous_rank_folders", &["noncontiguous_rank_folders/src", "missing: rank_2"]);
 }
 
 /// 65534 missing rank folders: the message must stay one readable line, not list them all
@@ -1283,5 +1290,58 @@ fn missing_source_folder_is_refused() {
         dst.as_os_str(),
     ]);
     assert_refused(&out, &["does_not_exist"]);
+    assert_nothing_written(&dst);
+}
+
+/// A rerun over finished outputs says what it kept and what it wrote, each with its bytes (it
+/// used to say "wrote 0 file(s), 32144 bytes").
+#[test]
+fn resumed_run_says_what_it_kept_and_what_it_wrote() {
+    let dir = fixture("conformance/complete_to_dp2mp2");
+    let s = Scratch::new("resumed");
+    let dst = s.join("out");
+    let run = || {
+        reshard([
+            OsStr::new("transform"),
+            "--src_ckpt_dir".as_ref(),
+            dir.join("src").as_os_str(),
+            "--dst_ckpt_strategy".as_ref(),
+            dir.join("dst_strategy.ckpt").as_os_str(),
+            "--dst_ckpt_dir".as_ref(),
+            dst.as_os_str(),
+        ])
+    };
+    let first = run();
+    assert!(first.status.success(), "{}", text(&first.stderr));
+    let total: u64 =
+        (0..4).map(|r| std::fs::metadata(dst.join(format!("rank_{r}/checkpoint_{r}.ckpt"))).unwrap().len()).sum();
+    assert!(text(&first.stderr).contains(&format!("wrote 4 file(s), {total} bytes")), "{}", text(&first.stderr));
+    std::fs::remove_file(dst.join("rank_2/checkpoint_2.ckpt")).unwrap();
+    let second = run();
+    let err = text(&second.stderr);
+    assert!(second.status.success(), "{err}");
+    let two = std::fs::metadata(dst.join("rank_2/checkpoint_2.ckpt")).unwrap().len();
+    assert!(err.contains(&format!("kept 3 file(s), {} bytes", total - two)), "{err}");
+    assert!(err.contains(&format!("wrote 1 file(s), {two} bytes")), "{err}");
+}
+
+/// `--ranks 99` names the destination strategy and the valid range.
+#[test]
+fn ranks_beyond_the_destination_name_the_valid_range() {
+    let dir = fixture("conformance/complete_to_dp2mp2");
+    let s = Scratch::new("ranks99");
+    let dst = s.join("out");
+    let out = reshard([
+        OsStr::new("transform"),
+        "--src_ckpt_dir".as_ref(),
+        dir.join("src").as_os_str(),
+        "--dst_ckpt_strategy".as_ref(),
+        dir.join("dst_strategy.ckpt").as_os_str(),
+        "--dst_ckpt_dir".as_ref(),
+        dst.as_os_str(),
+        "--ranks".as_ref(),
+        "99".as_ref(),
+    ]);
+    assert_refused(&out, &["rank 99", "dst_strategy.ckpt", "4 rank(s)", "valid ranks are 0 to 3"]);
     assert_nothing_written(&dst);
 }

@@ -210,6 +210,23 @@ pub struct Plan {
     pub warnings: Vec<String>,
 }
 
+/// Refuses a strategy whose ranks (from `first`) do not all have a u32 number.
+fn check_rank_count(s: &Strategy, stage_devices: u64, stages: u32, first: u64) -> Result<()> {
+    let n = stage_devices.saturating_mul(u64::from(stages));
+    if n.saturating_add(first) > u64::from(u32::MAX) {
+        return Err(Error::Unsupported {
+            path: s.path.clone(),
+            detail: format!(
+                "the strategy describes {stages} stage(s) x {stage_devices} devices = {n} ranks{}; at most {} are \
+                 supported",
+                if first > 0 { format!(" from rank {first}") } else { String::new() },
+                u32::MAX
+            ),
+        });
+    }
+    Ok(())
+}
+
 fn mismatch(src: &Source, param: &str, detail: String) -> Error {
     Error::ShapeMismatch { path: src.path.clone(), rank: src.rank, param: param.to_string(), detail }
 }
@@ -262,7 +279,16 @@ impl Plan {
             }
             _ => None,
         };
-        let src_base = by_stage.map_or(0, |st| (u64::from(st) * src_stage_devices) as u32);
+        // Ranks are u32 (rank_{r} folders, the C ABI): a strategy of more ranks than that would
+        // wrap, 2^24 devices x 256 stages to a destination of 0 ranks that "succeeds" writing nothing.
+        if let Some(d) = &dst_strategy {
+            check_rank_count(d, dst_stage_devices, dst_stages, 0)?;
+        }
+        let src_base64 = by_stage.map_or(0, |st| u64::from(st) * src_stage_devices);
+        if let Some(s) = &src_strategy {
+            check_rank_count(s, src_stage_devices, src_stages, src_base64)?;
+        }
+        let src_base = src_base64 as u32;
         let src_total = src_stage_devices * u64::from(src_stages);
         // Which ranks to read: a complete source is rank 0 only.
         let wanted: Vec<u32> = (src_base..src_base + src_total as u32).collect();
@@ -273,7 +299,7 @@ impl Plan {
                     "the source strategy has {src_stages} stage(s) of {src_stage_devices} devices, so rank_{src_base}..rank_{} \
                      are needed, but these rank folders are missing: {}",
                     u64::from(src_base) + src_total - 1,
-                    fmt_ranks(&missing)
+                    fmt_rank_folders(&missing)
                 )
             } else {
                 "no source strategy was given (complete weights), so rank_0 must hold the complete checkpoint, but it is \
@@ -287,7 +313,7 @@ impl Plan {
             warnings.push(format!(
                 "{}: rank folders {} are beyond the {} source ranks and are ignored",
                 set.dir.display(),
-                fmt_ranks(&extra),
+                fmt_rank_folders(&extra),
                 src_total
             ));
         }
@@ -445,8 +471,13 @@ impl Plan {
     pub fn rank_plan(&self, rank: u32) -> Result<RankPlan> {
         let count = self.dst_rank_count();
         if rank >= count {
+            let what = match &self.dst_strategy {
+                Some(d) => format!("the destination strategy {} has {count} rank(s)", d.path.display()),
+                None => "the destination is one complete checkpoint (no destination strategy), 1 rank".to_string(),
+            };
             return Err(Error::Invalid(format!(
-                "destination rank {rank} does not exist: the destination has {count} rank(s)"
+                "destination rank {rank} does not exist: {what}; valid ranks are 0 to {}",
+                count.saturating_sub(1)
             )));
         }
         let stage = (u64::from(rank) / self.dst_stage_devices) as u32;
@@ -695,8 +726,9 @@ fn resolve_sharded(
     Ok((SrcKind::Sharded { stage, layout: resolved, slices }, full))
 }
 
-/// Ranks as short ranges ("0, 2-5, 9"), at most 16 of them, then the count.
-fn fmt_ranks(r: &[u32]) -> String {
+/// Rank folders as short ranges ("rank_0, rank_2..rank_5, rank_9"), at most 16 of them, then
+/// the count.
+pub fn fmt_rank_folders(r: &[u32]) -> String {
     let mut runs: Vec<(u32, u32)> = Vec::new();
     for &x in r {
         match runs.last_mut() {
@@ -704,8 +736,11 @@ fn fmt_ranks(r: &[u32]) -> String {
             _ => runs.push((x, x)),
         }
     }
-    let mut parts: Vec<String> =
-        runs.iter().take(16).map(|&(a, b)| if a == b { a.to_string() } else { format!("{a}-{b}") }).collect();
+    let mut parts: Vec<String> = runs
+        .iter()
+        .take(16)
+        .map(|&(a, b)| if a == b { format!("rank_{a}") } else { format!("rank_{a}..rank_{b}") })
+        .collect();
     if runs.len() > 16 {
         parts.push("...".into());
     }
@@ -721,11 +756,11 @@ fn fmt_ranks(r: &[u32]) -> String {
 mod tests {
     #[test]
     fn rank_lists_stay_short() {
-        assert_eq!(super::fmt_ranks(&[3]), "3");
-        assert_eq!(super::fmt_ranks(&[0, 2, 3, 4, 9]), "0, 2-4, 9 (5 ranks)");
+        assert_eq!(super::fmt_rank_folders(&[3]), "rank_3");
+        assert_eq!(super::fmt_rank_folders(&[0, 2, 3, 4, 9]), "rank_0, rank_2..rank_4, rank_9 (5 ranks)");
         let many: Vec<u32> = (2..65536).collect();
-        assert_eq!(super::fmt_ranks(&many), "2-65535 (65534 ranks)");
+        assert_eq!(super::fmt_rank_folders(&many), "rank_2..rank_65535 (65534 ranks)");
         let sparse: Vec<u32> = (0..1000).map(|x| x * 2).collect();
-        assert!(super::fmt_ranks(&sparse).len() < 200);
+        assert!(super::fmt_rank_folders(&sparse).len() < 300);
     }
 }
