@@ -140,7 +140,8 @@ enum Cmd {
         cmd: strategy_cmd::StrategyCmd,
     },
     /// Check an output folder: every file listed in a reshard manifest has its size and crc32
-    /// and parses; checkpoints no manifest lists are reported too. Exit 1 naming each bad file.
+    /// and parses; checkpoints no manifest lists, and ranks of the job with no output, are
+    /// reported too. Exit 1 naming each bad file and missing rank folder.
     Verify {
         /// The output folder (as given to --dst_ckpt_dir), or one rank folder.
         dir: PathBuf,
@@ -301,16 +302,22 @@ fn run(cli: Cli) -> Result<(), Error> {
                 for (p, why) in &r.bad {
                     outln!("BAD  {}: {why}", p.display());
                 }
+                for m in &r.missing {
+                    outln!("MISSING {m}");
+                }
             }
-            if r.bad.is_empty() {
+            if r.bad.is_empty() && r.missing.is_empty() {
                 eprintln!("reshard: {} file(s) verified in {} manifest(s)", r.ok.len(), r.manifests);
                 Ok(())
+            } else if r.bad.is_empty() {
+                Err(Error::Invalid(r.missing.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")))
             } else {
                 Err(Error::Invalid(format!(
-                    "{} bad file(s) under {}: {}",
+                    "{} bad file(s) under {}: {}{}",
                     r.bad.len(),
                     dir.display(),
-                    r.bad.iter().map(|(p, _)| p.display().to_string()).collect::<Vec<_>>().join(", ")
+                    r.bad.iter().map(|(p, _)| p.display().to_string()).collect::<Vec<_>>().join(", "),
+                    r.missing.iter().map(|m| format!("; {m}")).collect::<String>()
                 )))
             }
         }

@@ -1345,3 +1345,71 @@ fn ranks_beyond_the_destination_name_the_valid_range() {
     assert_refused(&out, &["rank 99", "dst_strategy.ckpt", "4 rank(s)", "valid ranks are 0 to 3"]);
     assert_nothing_written(&dst);
 }
+
+/// `transform` of the `complete_to_dp2mp2` fixture (4 destination ranks) into `dst`.
+fn transform_complete_to_dp2mp2(dst: &Path, extra: &[&str]) -> Output {
+    let dir = fixture("conformance/complete_to_dp2mp2");
+    let mut args: Vec<std::ffi::OsString> = vec!["transform".into(), "-q".into(), "--src_ckpt_dir".into()];
+    args.extend([dir.join("src").into(), "--dst_ckpt_strategy".into(), dir.join("dst_strategy.ckpt").into()]);
+    args.extend(["--dst_ckpt_dir".into(), dst.into()]);
+    args.extend(extra.iter().map(Into::into));
+    reshard(args)
+}
+
+/// `verify` of a job that wrote 2 of its 4 ranks names the missing rank folders (it passed).
+#[test]
+fn verify_names_the_ranks_an_unfinished_job_did_not_write() {
+    let s = Scratch::new("verify-half");
+    let dst = s.join("out");
+    assert!(transform_complete_to_dp2mp2(&dst, &["--ranks", "0,1"]).status.success());
+    let v = reshard([OsStr::new("verify"), dst.as_os_str()]);
+    let msg = assert_refused_with_stdout(&v, &["has 4 rank(s)", "missing: rank_2..rank_3 (2 ranks)"]);
+    assert!(msg.contains(dst.to_str().unwrap()), "{msg}");
+    // One rank folder on its own is not a job: nothing is missing there.
+    assert!(reshard([OsStr::new("verify"), dst.join("rank_0").as_os_str()]).status.success());
+    assert!(transform_complete_to_dp2mp2(&dst, &["--ranks", "2,3"]).status.success());
+    let v = reshard([OsStr::new("verify"), dst.as_os_str()]);
+    assert!(v.status.success(), "{}", text(&v.stderr));
+    // A whole rank folder gone.
+    std::fs::remove_dir_all(dst.join("rank_1")).unwrap();
+    let v = reshard([OsStr::new("verify"), dst.as_os_str()]);
+    assert_refused_with_stdout(&v, &["missing: rank_1"]);
+}
+
+/// Like `assert_refused`, for `verify`, which also lists what it checked on stdout.
+#[track_caller]
+fn assert_refused_with_stdout(out: &Output, needles: &[&str]) -> String {
+    let quiet = Output { status: out.status, stdout: Vec::new(), stderr: out.stderr.clone() };
+    assert_refused(&quiet, needles)
+}
+
+/// A manifest naming `../rank_1/checkpoint_1.ckpt` or an absolute path: `verify` reports the
+/// manifest and reads neither (it used to check the file outside the folder and pass).
+#[test]
+fn verify_refuses_manifest_names_outside_the_folder() {
+    let s = Scratch::new("verify-names");
+    let dst = s.join("out");
+    assert!(transform_complete_to_dp2mp2(&dst, &[]).status.success());
+    let manifest = dst.join("rank_0/reshard_manifest.json");
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+    let other: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dst.join("rank_1/reshard_manifest.json")).unwrap()).unwrap();
+    let mut outside = other["files"][0].clone();
+    outside["name"] = "../rank_1/checkpoint_1.ckpt".into();
+    m["files"].as_array_mut().unwrap().push(outside);
+    std::fs::write(&manifest, serde_json::to_vec(&m).unwrap()).unwrap();
+    let v = reshard([OsStr::new("verify"), dst.as_os_str()]);
+    assert_refused_with_stdout(&v, &["rank_0/reshard_manifest.json"]);
+    let out = text(&v.stdout);
+    assert!(out.contains("\"../rank_1/checkpoint_1.ckpt\", which is not a file name in this folder"), "{out}");
+    assert!(!out.contains("ok   ") || !out.contains("rank_0/../rank_1"), "{out}");
+
+    let mut abs = other["files"][0].clone();
+    abs["name"] = dst.join("rank_1/checkpoint_1.ckpt").to_str().unwrap().into();
+    m["files"].as_array_mut().unwrap().pop();
+    m["files"].as_array_mut().unwrap().push(abs);
+    std::fs::write(&manifest, serde_json::to_vec(&m).unwrap()).unwrap();
+    let v = reshard([OsStr::new("verify"), dst.as_os_str()]);
+    assert_refused_with_stdout(&v, &["rank_0/reshard_manifest.json"]);
+    assert!(text(&v.stdout).contains("which is not a file name in this folder"), "{}", text(&v.stdout));
+}

@@ -538,7 +538,14 @@ fn write_rank(
                 let _ = d.sync_all();
             }
         }
-        let entry = ManifestEntry { name: name.clone(), size: len, crc32: crc, plan_fingerprint: fingerprint.clone() };
+        let entry = ManifestEntry {
+            name: name.clone(),
+            size: len,
+            crc32: crc,
+            plan_fingerprint: fingerprint.clone(),
+            dst_rank: Some(rp.rank),
+            dst_rank_count: Some(plan.dst_rank_count()),
+        };
         Manifest::record(&dir, entry, opts.sync)?;
         Ok(WrittenFile { rank: rp.rank, path: final_path.clone(), len, crc32: crc, reused: false })
     })()
