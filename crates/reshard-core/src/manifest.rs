@@ -14,6 +14,30 @@ use crate::error::{Error, Result};
 /// File name of a manifest inside an output folder.
 pub const MANIFEST_NAME: &str = "reshard_manifest.json";
 
+/// The lock file next to a manifest: every read-merge-write of the manifest holds an exclusive
+/// `flock` on it, so jobs writing into one folder at once (other prefixes, other ranks' files)
+/// do not lose each other's entries. It stays in the folder: removing it would let a process
+/// that opened it before the removal and one that creates it anew both hold "the" lock.
+pub const MANIFEST_LOCK_NAME: &str = ".reshard_manifest.lock";
+
+/// Holds the manifest lock of `dir` while alive.
+struct ManifestLock(#[allow(dead_code)] std::fs::File);
+
+impl ManifestLock {
+    fn take(dir: &Path) -> Result<ManifestLock> {
+        let path = dir.join(MANIFEST_LOCK_NAME);
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| Error::io(&path, "open the manifest lock", e))?;
+        crate::sys::lock_exclusive(&f).map_err(|e| Error::io(&path, "lock", e))?;
+        Ok(ManifestLock(f))
+    }
+}
+
 /// One file listed in a manifest.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ManifestEntry {
@@ -63,8 +87,10 @@ impl Manifest {
         serde_json::from_slice(&bytes).ok()
     }
 
-    /// Records `entry` in the manifest of `dir` (replacing an entry of the same name).
+    /// Records `entry` in the manifest of `dir` (replacing an entry of the same name), under
+    /// the folder's manifest lock.
     pub fn record(dir: &Path, entry: ManifestEntry, sync: bool) -> Result<()> {
+        let _lock = ManifestLock::take(dir)?;
         let mut m = Manifest::read(dir).unwrap_or(Manifest { version: MANIFEST_VERSION, files: Vec::new() });
         m.version = MANIFEST_VERSION;
         m.files.retain(|e| e.name != entry.name);
@@ -73,8 +99,12 @@ impl Manifest {
         m.write(dir, sync)
     }
 
-    /// Drops entries whose files no longer exist.
+    /// Drops entries whose files no longer exist, under the folder's manifest lock.
     pub fn prune(dir: &Path, sync: bool) -> Result<()> {
+        if !dir.join(MANIFEST_NAME).exists() {
+            return Ok(());
+        }
+        let _lock = ManifestLock::take(dir)?;
         let Some(mut m) = Manifest::read(dir) else {
             return Ok(());
         };
@@ -269,6 +299,36 @@ mod tests {
         for bad in ["", ".", "..", "../x.ckpt", "/etc/passwd", "a/b", "a/", "./a", "a\0b"] {
             assert!(!is_plain_name(bad), "{bad:?}");
         }
+    }
+
+    /// 8 threads x 25 records into one folder, each with its own name (as jobs of other
+    /// prefixes): every entry is in the manifest. Without the lock most were lost.
+    #[test]
+    fn concurrent_records_lose_no_entry() {
+        let dir = std::env::temp_dir().join(format!("reshard-manifest-lock-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+        std::thread::scope(|s| {
+            for t in 0..8 {
+                let dir = &dir;
+                s.spawn(move || {
+                    for i in 0..25 {
+                        let entry = ManifestEntry {
+                            name: format!("p{t}_{i}.ckpt"),
+                            size: 1,
+                            crc32: 0,
+                            plan_fingerprint: "f".into(),
+                            dst_rank: Some(0),
+                            dst_rank_count: Some(1),
+                        };
+                        Manifest::record(dir, entry, false).unwrap_or_else(|e| panic!("{e}"));
+                    }
+                });
+            }
+        });
+        let m = Manifest::read(&dir).unwrap_or_else(|| panic!("no manifest"));
+        assert_eq!(m.files.len(), 200);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
