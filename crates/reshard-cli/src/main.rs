@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 
 mod strategy_cmd;
 use reshard_core::checkpoint::{CheckpointFile, Format, ReadOptions};
-use reshard_core::execute::{execute, ExecuteOptions};
+use reshard_core::execute::{execute, resolved, ExecuteOptions};
 use reshard_core::plan::{Plan, PlanOptions};
 use reshard_core::strategy::{self, Strategy};
 use reshard_core::{report, Error};
@@ -331,16 +331,41 @@ fn run(cli: Cli) -> Result<(), Error> {
             // Before anything is written (strategy merges go into the output folder too).
             reshard_core::execute::check_output(&job.src_ckpt_dir, &dst_ckpt_dir, &out.prefix)?;
             let mut job = job;
-            // Strategy folders are merged into the output folder, never into the source.
-            for (slot, name) in [(&mut job.src_ckpt_strategy, "src"), (&mut job.dst_ckpt_strategy, "dst")] {
-                if let Some(p) = slot.as_ref().filter(|p| p.is_dir()) {
+            // Strategy folders are merged into the output folder, never into the source nor into
+            // a strategy input: both merges are made before anything is written, and a strategy
+            // folder that is OUT/merged_strategy (or a file written there) is refused (the merged
+            // source strategy used to be written into it and read back as the destination).
+            let merge_dir = dst_ckpt_dir.join("merged_strategy");
+            let mut merges = Vec::new();
+            for (p, name) in [(&job.src_ckpt_strategy, "src"), (&job.dst_ckpt_strategy, "dst")] {
+                if let Some(p) = p.as_ref().filter(|p| p.is_dir()) {
                     let merged = strategy::merge_dir(p)?;
-                    let f = dst_ckpt_dir
-                        .join("merged_strategy")
-                        .join(format!("{name}_merged_ckpt_strategy.{}", merged.extension()));
-                    write_atomic(&f, &merged.to_bytes())?;
-                    eprintln!("merged {} into {}", p.display(), f.display());
-                    *slot = Some(f);
+                    let f = merge_dir.join(format!("{name}_merged_ckpt_strategy.{}", merged.extension()));
+                    merges.push((name, p.clone(), f, merged));
+                }
+            }
+            let same = |a: &Path, b: &Path| resolved(a) == resolved(b);
+            for (p, name) in [(&job.src_ckpt_strategy, "source"), (&job.dst_ckpt_strategy, "destination")] {
+                let Some(p) = p else { continue };
+                let what = if same(p, &merge_dir) {
+                    format!("is the folder {}", merge_dir.display())
+                } else if let Some((_, _, f, _)) = merges.iter().find(|(_, _, f, _)| same(p, f)) {
+                    format!("is {}, which this job rewrites", f.display())
+                } else {
+                    continue;
+                };
+                return Err(Error::Invalid(format!(
+                    "the {name} strategy {} {what}, where this job writes the merged strategies of strategy \
+                     folders; give the stage files' folder (or a merged file) from somewhere else",
+                    p.display()
+                )));
+            }
+            for (name, p, f, merged) in merges {
+                write_atomic(&f, &merged.to_bytes())?;
+                eprintln!("merged {} into {}", p.display(), f.display());
+                match name {
+                    "src" => job.src_ckpt_strategy = Some(f),
+                    _ => job.dst_ckpt_strategy = Some(f),
                 }
             }
             let plan = job.plan()?;

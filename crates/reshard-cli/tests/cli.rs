@@ -1454,3 +1454,53 @@ fn concurrent_jobs_with_other_prefixes_lose_no_manifest_entry() {
     let v = reshard([OsStr::new("verify"), dst.as_os_str()]);
     assert!(v.status.success(), "{}", text(&v.stderr));
 }
+
+/// A strategy folder that is OUT/merged_strategy (directly or through a symlink), or a merged
+/// file the job would rewrite: refused, with nothing written. The merged source strategy used to
+/// be written into the destination's folder and read back as one of its stage files.
+#[test]
+fn strategy_folder_that_is_the_merge_folder_is_refused() {
+    let case = fixture("conformance/dp2mp2pp2_to_dp1mp2pp2");
+    let s = Scratch::new("merge-folder");
+    let dst = s.join("out");
+    let stages = dst.join("merged_strategy");
+    copy_dir(&case.join("dst_strategy_stages"), &stages);
+    let link = s.join("link");
+    std::os::unix::fs::symlink(&stages, &link).unwrap();
+    let job = |dst_strategy: &Path| {
+        reshard([
+            OsStr::new("transform"),
+            "-q".as_ref(),
+            "--src_ckpt_dir".as_ref(),
+            case.join("src").as_os_str(),
+            "--src_ckpt_strategy".as_ref(),
+            case.join("src_strategy_stages").as_os_str(),
+            "--dst_ckpt_strategy".as_ref(),
+            dst_strategy.as_os_str(),
+            "--dst_ckpt_dir".as_ref(),
+            dst.as_os_str(),
+        ])
+    };
+    let before = files_under(&dst);
+    for p in [&stages, &link] {
+        assert_refused(&job(p), &["destination strategy", "merged_strategy", "where this job writes"]);
+        assert_eq!(files_under(&dst), before, "{}", p.display());
+    }
+    // A merged file of an earlier run that this run would rewrite.
+    std::fs::remove_dir_all(&dst).unwrap();
+    assert!(job(&case.join("dst_strategy_stages")).status.success());
+    let merged = stages.join("src_merged_ckpt_strategy.ckpt");
+    let out = reshard([
+        OsStr::new("transform"),
+        "-q".as_ref(),
+        "--src_ckpt_dir".as_ref(),
+        case.join("src").as_os_str(),
+        "--src_ckpt_strategy".as_ref(),
+        case.join("src_strategy_stages").as_os_str(),
+        "--dst_ckpt_strategy".as_ref(),
+        merged.as_os_str(),
+        "--dst_ckpt_dir".as_ref(),
+        dst.as_os_str(),
+    ]);
+    assert_refused(&out, &["destination strategy", "src_merged_ckpt_strategy.ckpt", "which this job rewrites"]);
+}

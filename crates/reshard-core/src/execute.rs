@@ -169,7 +169,7 @@ impl<'a> SegReader<'a> {
 
 /// The absolute path `p` names, with symlinks resolved as far as the path exists and the rest
 /// (not created yet) normalised lexically, so `src/x/../out` and `link_to_src/out` are caught.
-pub(crate) fn resolved(p: &Path) -> PathBuf {
+pub fn resolved(p: &Path) -> PathBuf {
     use std::path::Component;
     let abs = if p.is_absolute() {
         p.to_path_buf()
