@@ -452,6 +452,40 @@ fn corpus_strategy_rank_count_overflow() {
     refuse_strategy_file("strategy/rank_count_overflow.json", &["256 stage(s)", "16777216", "4294967296 ranks"]);
 }
 
+/// Merged layout items "0-w" and "00-w" are two layouts of w for stage 0: refused naming both
+/// (the second used to be taken as another layout item of stage 0).
+#[test]
+fn corpus_strategy_stage_name_spelled_twice() {
+    refuse_strategy_file("strategy/stage_name_spelled_twice.json", &["'w'", "'0-w'", "'00-w'", "stage 0"]);
+}
+
+/// Two stage files for stage 0 whose layouts differ: `transform` (as the destination strategy
+/// folder), `inspect` and `merge-strategy` refuse naming both; MindSpore (and reshard before)
+/// silently took the first in name order.
+#[test]
+fn corpus_strategy_two_files_for_one_stage() {
+    let dir = corpus("strategy/two_files_for_one_stage");
+    let needles = ["stage0_a.ckpt", "stage0_b.ckpt", "stage 0", "ambiguous"];
+    let s = Scratch::new("two-for-one-stage");
+    let dst = s.join("out");
+    let out = reshard([
+        OsStr::new("transform"),
+        "-q".as_ref(),
+        "--src_ckpt_dir".as_ref(),
+        corpus("good/complete").as_os_str(),
+        "--dst_ckpt_strategy".as_ref(),
+        dir.as_os_str(),
+        "--dst_ckpt_dir".as_ref(),
+        dst.as_os_str(),
+    ]);
+    assert_refused(&out, &needles);
+    assert_nothing_written(&dst);
+    assert_refused(&reshard([OsStr::new("inspect"), dir.as_os_str()]), &needles);
+    let merged = s.join("merged.ckpt");
+    assert_refused(&reshard([OsStr::new("merge-strategy"), dir.as_os_str(), merged.as_os_str()]), &needles);
+    assert!(!merged.exists());
+}
+
 // ------------------------------------------------------------------ corpus: source folders
 
 /// A source folder case `sources/<case>`: `transform` and `plan` with its `src/` and its
@@ -504,6 +538,19 @@ fn corpus_sources_noncontiguous_rank_folders() {
 fn corpus_sources_many_missing_rank_folders() {
     let msg = refuse_source_folder_msg("many_missing_rank_folders", &["many_missing_rank_folders/src", "missing"]);
     assert!(msg.len() < 1000, "a {}-byte message", msg.len());
+}
+
+#[test]
+fn corpus_sources_rank_folder_spelled_twice() {
+    refuse_source_folder(
+        "rank_folder_spelled_twice",
+        &["rank_folder_spelled_twice/src", "rank_0 and rank_00", "rank 0"],
+    );
+}
+
+#[test]
+fn corpus_sources_rank_folder_symlink() {
+    refuse_source_folder("rank_folder_symlink", &["rank_folder_symlink/src", "rank_0 and rank_1", "symlink"]);
 }
 
 #[test]
