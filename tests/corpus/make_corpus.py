@@ -347,6 +347,19 @@ def make_strategy_files():
           "256 pipeline stages of 2^24 devices: 2^32 ranks, a count that wrapped to 0",
           "file, 4294967296")
 
+    stages = [(f"{st}-w", [1 << 24], [-1, -1], 0, 0) for st in range(256)]
+    write("strategy/stage_name_spelled_twice.json",
+          json_strategy([("0-w", [2], [0, -1], 0, 0), ("00-w", [2], [-1, 0], 0, 0), ("0-b", [2], [-1], 0, 0)]),
+          "merged layout items '0-w' and '00-w': two layouts of w for stage 0", "file, w, '0-w', '00-w'")
+    os.makedirs(os.path.join(HERE, "strategy/two_files_for_one_stage"), exist_ok=True)
+    write("strategy/two_files_for_one_stage/stage0_a.ckpt", dp_strategy(2), None, None)
+    write("strategy/two_files_for_one_stage/stage0_b.ckpt", dp_strategy(2, w_map=(-1, 0)), None, None)
+    entry("strategy/two_files_for_one_stage", "a strategy folder with two files for stage 0 whose layouts of w "
+          "differ (MindSpore takes the first)", "both files, 'stage 0'")
+    write("strategy/rank_count_overflow.json", json_strategy(stages),
+          "256 stages of 2^24 devices: 2^32 ranks, which wrapped to a destination of 0 ranks (transform wrote "
+          "nothing and exited 0)", "file, '256 stage(s)', 16777216")
+
 
 def rank_files(base, files):
     """files: {rank: [(name, bytes)]}."""
@@ -377,17 +390,29 @@ def make_source_folders():
     d = f"{s}/missing_rank_folder"
     write(f"{d}/src_strategy.ckpt", dp_strategy(4), None, None)
     rank_files(d, {r: [("model.ckpt", ckpt(shard_rows(4, r)))] for r in (0, 1, 2)})
-    entry(d, "strategy of 4 devices, rank_3 missing", "src folder, rank_3 / '3', 'missing'")
+    entry(d, "strategy of 4 devices, rank_3 missing", "src folder, rank_0..rank_3, 'missing: rank_3'")
 
     d = f"{s}/noncontiguous_rank_folders"
     write(f"{d}/src_strategy.ckpt", dp_strategy(4), None, None)
     rank_files(d, {r: [("model.ckpt", ckpt(shard_rows(4, r % 4)))] for r in (0, 1, 3, 5)})
-    entry(d, "strategy of 4 devices, folders rank_0, rank_1, rank_3, rank_5", "src folder, '2', 'missing'")
+    entry(d, "strategy of 4 devices, folders rank_0, rank_1, rank_3, rank_5", "src folder, 'missing: rank_2'")
 
     d = f"{s}/many_missing_rank_folders"
     write(f"{d}/src_strategy.ckpt", dp_strategy(65536), None, None)
     rank_files(d, {r: [("model.ckpt", ckpt(shard_rows(2, r)))] for r in (0, 1)})
     entry(d, "strategy of 65536 devices, folders rank_0 and rank_1 only", "src folder, 'missing', in a short line")
+
+    d = f"{s}/rank_folder_spelled_twice"
+    write(f"{d}/src_strategy.ckpt", dp_strategy(2), None, None)
+    rank_files(d, {r: [("model.ckpt", ckpt(shard_rows(2, r)))] for r in (0, 1)})
+    write(f"{d}/src/rank_00/model.ckpt", ckpt(shard_rows(2, 1)), None, None)
+    entry(d, "rank_0, rank_00 and rank_1: two folders for rank 0", "src folder, rank_0, rank_00")
+
+    d = f"{s}/rank_folder_symlink"
+    write(f"{d}/src_strategy.ckpt", dp_strategy(2), None, None)
+    rank_files(d, {0: [("model.ckpt", ckpt(shard_rows(2, 0)))]})
+    os.symlink("rank_0", os.path.join(HERE, d, "src/rank_1"))
+    entry(d, "rank_1 is a symlink to rank_0 (rank 1 would get rank 0's slices)", "src folder, rank_0, rank_1, symlink")
 
     d = f"{s}/no_rank_folders"
     write(f"{d}/src/model.ckpt", ckpt(tiny_tensors()), None, None)

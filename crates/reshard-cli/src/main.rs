@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 
 mod strategy_cmd;
 use reshard_core::checkpoint::{CheckpointFile, Format, ReadOptions};
-use reshard_core::execute::{execute, ExecuteOptions};
+use reshard_core::execute::{execute, resolved, ExecuteOptions};
 use reshard_core::plan::{Plan, PlanOptions};
 use reshard_core::strategy::{self, Strategy};
 use reshard_core::{report, Error};
@@ -140,7 +140,8 @@ enum Cmd {
         cmd: strategy_cmd::StrategyCmd,
     },
     /// Check an output folder: every file listed in a reshard manifest has its size and crc32
-    /// and parses; checkpoints no manifest lists are reported too. Exit 1 naming each bad file.
+    /// and parses; checkpoints no manifest lists, and ranks of the job with no output, are
+    /// reported too. Exit 1 naming each bad file and missing rank folder.
     Verify {
         /// The output folder (as given to --dst_ckpt_dir), or one rank folder.
         dir: PathBuf,
@@ -301,16 +302,22 @@ fn run(cli: Cli) -> Result<(), Error> {
                 for (p, why) in &r.bad {
                     outln!("BAD  {}: {why}", p.display());
                 }
+                for m in &r.missing {
+                    outln!("MISSING {m}");
+                }
             }
-            if r.bad.is_empty() {
+            if r.bad.is_empty() && r.missing.is_empty() {
                 eprintln!("reshard: {} file(s) verified in {} manifest(s)", r.ok.len(), r.manifests);
                 Ok(())
+            } else if r.bad.is_empty() {
+                Err(Error::Invalid(r.missing.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")))
             } else {
                 Err(Error::Invalid(format!(
-                    "{} bad file(s) under {}: {}",
+                    "{} bad file(s) under {}: {}{}",
                     r.bad.len(),
                     dir.display(),
-                    r.bad.iter().map(|(p, _)| p.display().to_string()).collect::<Vec<_>>().join(", ")
+                    r.bad.iter().map(|(p, _)| p.display().to_string()).collect::<Vec<_>>().join(", "),
+                    r.missing.iter().map(|m| format!("; {m}")).collect::<String>()
                 )))
             }
         }
@@ -324,16 +331,41 @@ fn run(cli: Cli) -> Result<(), Error> {
             // Before anything is written (strategy merges go into the output folder too).
             reshard_core::execute::check_output(&job.src_ckpt_dir, &dst_ckpt_dir, &out.prefix)?;
             let mut job = job;
-            // Strategy folders are merged into the output folder, never into the source.
-            for (slot, name) in [(&mut job.src_ckpt_strategy, "src"), (&mut job.dst_ckpt_strategy, "dst")] {
-                if let Some(p) = slot.as_ref().filter(|p| p.is_dir()) {
+            // Strategy folders are merged into the output folder, never into the source nor into
+            // a strategy input: both merges are made before anything is written, and a strategy
+            // folder that is OUT/merged_strategy (or a file written there) is refused (the merged
+            // source strategy used to be written into it and read back as the destination).
+            let merge_dir = dst_ckpt_dir.join("merged_strategy");
+            let mut merges = Vec::new();
+            for (p, name) in [(&job.src_ckpt_strategy, "src"), (&job.dst_ckpt_strategy, "dst")] {
+                if let Some(p) = p.as_ref().filter(|p| p.is_dir()) {
                     let merged = strategy::merge_dir(p)?;
-                    let f = dst_ckpt_dir
-                        .join("merged_strategy")
-                        .join(format!("{name}_merged_ckpt_strategy.{}", merged.extension()));
-                    write_atomic(&f, &merged.to_bytes())?;
-                    eprintln!("merged {} into {}", p.display(), f.display());
-                    *slot = Some(f);
+                    let f = merge_dir.join(format!("{name}_merged_ckpt_strategy.{}", merged.extension()));
+                    merges.push((name, p.clone(), f, merged));
+                }
+            }
+            let same = |a: &Path, b: &Path| resolved(a) == resolved(b);
+            for (p, name) in [(&job.src_ckpt_strategy, "source"), (&job.dst_ckpt_strategy, "destination")] {
+                let Some(p) = p else { continue };
+                let what = if same(p, &merge_dir) {
+                    format!("is the folder {}", merge_dir.display())
+                } else if let Some((_, _, f, _)) = merges.iter().find(|(_, _, f, _)| same(p, f)) {
+                    format!("is {}, which this job rewrites", f.display())
+                } else {
+                    continue;
+                };
+                return Err(Error::Invalid(format!(
+                    "the {name} strategy {} {what}, where this job writes the merged strategies of strategy \
+                     folders; give the stage files' folder (or a merged file) from somewhere else",
+                    p.display()
+                )));
+            }
+            for (name, p, f, merged) in merges {
+                write_atomic(&f, &merged.to_bytes())?;
+                eprintln!("merged {} into {}", p.display(), f.display());
+                match name {
+                    "src" => job.src_ckpt_strategy = Some(f),
+                    _ => job.dst_ckpt_strategy = Some(f),
                 }
             }
             let plan = job.plan()?;
@@ -359,17 +391,22 @@ fn run(cli: Cli) -> Result<(), Error> {
                 eprintln!();
             }
             if !quiet {
-                let bytes: u64 = files.iter().map(|f| f.len).sum();
-                let kept = files.iter().filter(|f| f.reused).count();
-                if kept > 0 {
+                // What was written and what was kept, each with its own bytes (a resumed run
+                // used to say "wrote 0 file(s), 32144 bytes").
+                let (kept, wrote): (Vec<_>, Vec<_>) = files.iter().partition(|f| f.reused);
+                let bytes = |v: &[&reshard_core::execute::WrittenFile]| v.iter().map(|f| f.len).sum::<u64>();
+                if !kept.is_empty() {
                     eprintln!(
-                        "reshard: kept {kept} file(s) a previous run of the same plan finished (verified by crc32)"
+                        "reshard: kept {} file(s), {} bytes, that a previous run of the same plan finished (verified by \
+                         crc32)",
+                        kept.len(),
+                        bytes(&kept)
                     );
                 }
                 eprintln!(
                     "reshard: wrote {} file(s), {} bytes, to {} in {:.2}s",
-                    files.len() - kept,
-                    bytes,
+                    wrote.len(),
+                    bytes(&wrote),
                     dst_ckpt_dir.display(),
                     start.elapsed().as_secs_f64()
                 );

@@ -75,8 +75,14 @@ fn same_files(out: &Path, reference: &Path, world: u32) {
 }
 
 fn run_case(case_name: &str, reference: Option<&Path>) -> (PathBuf, u32) {
+    run_case_in(case_name, case_name, reference)
+}
+
+/// `run_case` in the scratch folder `scratch_name` (tests that run one case and then change its
+/// output need their own).
+fn run_case_in(case_name: &str, scratch_name: &str, reference: Option<&Path>) -> (PathBuf, u32) {
     let case = fixture(case_name);
-    let out = scratch(case_name).join("output");
+    let out = scratch(scratch_name).join("output");
     let has_dst = case.join("dst_strategy.ckpt").exists();
     let world = if has_dst { write_runtime_strategies(&case, &out.join("strategy")) } else { 1 };
     let children: Vec<Child> = (0..world).map(|r| spawn(&case, &out, r, world, ("RANK_ID", "RANK_SIZE"))).collect();
@@ -135,7 +141,7 @@ fn eight_ranks_to_2_ranks_mp2_inference() {
 #[test]
 fn relaunch_with_fewer_ranks_replaces_old_results() {
     let case = fixture("dp2mp2pp2_to_dp1mp2pp2");
-    let (out, _) = run_case("complete_to_dp2mp1pp4_opt", None);
+    let (out, _) = run_case_in("complete_to_dp2mp1pp4_opt", "relaunch-fewer", None);
     // Same output folder, new launch: 4 ranks from an 8-rank checkpoint.
     std::fs::remove_dir_all(out.join("strategy")).unwrap();
     let world = write_runtime_strategies(&case, &out.join("strategy"));
@@ -199,4 +205,66 @@ fn two_nodes_with_different_launchers_and_local_rank_sets() {
         check(c.wait_with_output().unwrap(), r as u32);
     }
     same_files(&out.join("transformed_checkpoint"), &case.join("expected"), world);
+}
+
+/// Every file under `dir` with its bytes.
+fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(snapshot(&p));
+        } else {
+            out.push((p.clone(), std::fs::read(&p).unwrap()));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// A relaunch on 4 ranks whose `--load_checkpoint` is the 8-rank result of the earlier launch
+/// (OUT/transformed_checkpoint, directly or through a symlink): refused before anything is
+/// removed, saying what to do. Rank 0 used to remove rank_4..rank_7 of its own source, and the
+/// job then failed with "stat: No such file". A source strategy inside OUT/strategy, which the
+/// runtime and reshard rewrite, is refused too.
+#[test]
+fn relaunch_from_the_earlier_result_is_refused_and_deletes_nothing() {
+    let (out, _) = run_case_in("complete_to_dp2mp1pp4_opt", "relaunch-from-result", None);
+    let old_result = out.join("transformed_checkpoint");
+    let old_strategy = out.parent().unwrap().join("old_merged_strategy.ckpt");
+    std::fs::copy(out.join("strategy/merged_ckpt_strategy.ckpt"), &old_strategy).unwrap();
+    let before = snapshot(&old_result);
+    assert_eq!(before.iter().filter(|(p, _)| p.extension().is_some_and(|e| e == "ckpt")).count(), 8);
+    std::fs::remove_dir_all(out.join("strategy")).unwrap();
+    let world = write_runtime_strategies(&fixture("dp2mp2pp2_to_dp1mp2pp2"), &out.join("strategy"));
+    let link = out.parent().unwrap().join("link_to_result");
+    std::os::unix::fs::symlink(&old_result, &link).unwrap();
+    let relaunch = |load: &Path, strategy: &Path| {
+        Command::new(BIN)
+            .args(["auto", "--timeout", "5", "--rank", "0", "--world_size"])
+            .arg(world.to_string())
+            .arg("--load_checkpoint")
+            .arg(load)
+            .arg("--src_strategy_path_or_dir")
+            .arg(strategy)
+            .arg("--output_dir")
+            .arg(&out)
+            .output()
+            .unwrap()
+    };
+    for load in [&old_result, &link, &old_result.join("rank_0")] {
+        let o = relaunch(load, &old_strategy);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{}: {err}", load.display());
+        assert!(err.contains("move it aside") && err.contains("transformed_checkpoint"), "{err}");
+        assert_eq!(snapshot(&old_result), before, "the relaunch changed its source {}", load.display());
+    }
+    let aside = out.parent().unwrap().join("aside");
+    std::fs::rename(&old_result, &aside).unwrap();
+    std::fs::copy(&old_strategy, out.join("strategy/old_merged.ckpt")).unwrap();
+    let o = relaunch(&aside, &out.join("strategy/old_merged.ckpt"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("old_merged.ckpt") && err.contains("copy it elsewhere"), "{err}");
+    assert!(!out.join("transformed_checkpoint").exists());
 }

@@ -457,7 +457,9 @@ fn empty_tensor_shape_counts_as_not_given() {
         "-q".as_ref(),
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert_eq!(files_under(&s.join("out")).len(), 4);
+    let outputs: Vec<PathBuf> =
+        files_under(&s.join("out")).into_iter().filter(|p| p.extension().is_some_and(|e| e == "ckpt")).collect();
+    assert_eq!(outputs.len(), 2, "{outputs:?}");
 }
 
 /// Found by fuzzing (strategy targets): opt_weight_shard_size -2 used to be accepted; the
@@ -569,6 +571,50 @@ fn corpus_strategy_inspect_refuses_garbage_json() {
     assert_refused(&reshard([OsStr::new("inspect"), f.as_os_str()]), &["garbage.json", "JSON"]);
 }
 
+/// 256 stages x 2^24 devices = 2^32 ranks wrapped to a destination of 0 ranks: transform wrote
+/// nothing and exited 0; a rank given with --ranks was refused naming no file.
+#[test]
+fn corpus_strategy_rank_count_overflow() {
+    refuse_strategy_file(
+        "strategy/rank_count_overflow.json",
+        &["256 pipeline stage(s)", "16777216", "4294967296 ranks"],
+    );
+}
+
+/// Merged layout items "0-w" and "00-w" are two layouts of w for stage 0: refused naming both
+/// (the second used to be taken as another layout item of stage 0).
+#[test]
+fn corpus_strategy_stage_name_spelled_twice() {
+    refuse_strategy_file("strategy/stage_name_spelled_twice.json", &["'w'", "'0-w'", "'00-w'", "stage 0"]);
+}
+
+/// Two stage files for stage 0 whose layouts differ: `transform` (as the destination strategy
+/// folder), `inspect` and `merge-strategy` refuse naming both; MindSpore (and reshard before)
+/// silently took the first in name order.
+#[test]
+fn corpus_strategy_two_files_for_one_stage() {
+    let dir = corpus("strategy/two_files_for_one_stage");
+    let needles = ["stage0_a.ckpt", "stage0_b.ckpt", "stage 0", "ambiguous"];
+    let s = Scratch::new("two-for-one-stage");
+    let dst = s.join("out");
+    let out = reshard([
+        OsStr::new("transform"),
+        "-q".as_ref(),
+        "--src_ckpt_dir".as_ref(),
+        corpus("good/complete").as_os_str(),
+        "--dst_ckpt_strategy".as_ref(),
+        dir.as_os_str(),
+        "--dst_ckpt_dir".as_ref(),
+        dst.as_os_str(),
+    ]);
+    assert_refused(&out, &needles);
+    assert_nothing_written(&dst);
+    assert_refused(&reshard([OsStr::new("inspect"), dir.as_os_str()]), &needles);
+    let merged = s.join("merged.ckpt");
+    assert_refused(&reshard([OsStr::new("merge-strategy"), dir.as_os_str(), merged.as_os_str()]), &needles);
+    assert!(!merged.exists());
+}
+
 // ------------------------------------------------------------------ corpus: source folders
 
 /// A source folder case `sources/<case>`: `transform` and `plan` with its `src/` and its
@@ -612,12 +658,12 @@ fn refuse_source_folder_msg(case: &str, needles: &[&str]) -> String {
 
 #[test]
 fn corpus_sources_missing_rank_folder() {
-    refuse_source_folder("missing_rank_folder", &["missing_rank_folder/src", "rank_0..rank_3", "missing: 3"]);
+    refuse_source_folder("missing_rank_folder", &["missing_rank_folder/src", "rank_0..rank_3", "missing: rank_3"]);
 }
 
 #[test]
 fn corpus_sources_noncontiguous_rank_folders() {
-    refuse_source_folder("noncontiguous_rank_folders", &["noncontiguous_rank_folders/src", "missing: 2"]);
+    refuse_source_folder("noncontiguous_rank_folders", &["noncontiguous_rank_folders/src", "missing: rank_2"]);
 }
 
 /// 65534 missing rank folders: the message must stay one readable line, not list them all
@@ -626,6 +672,19 @@ fn corpus_sources_noncontiguous_rank_folders() {
 fn corpus_sources_many_missing_rank_folders() {
     let msg = refuse_source_folder_msg("many_missing_rank_folders", &["many_missing_rank_folders/src", "missing"]);
     assert!(msg.len() < 1000, "a {}-byte message", msg.len());
+}
+
+#[test]
+fn corpus_sources_rank_folder_spelled_twice() {
+    refuse_source_folder(
+        "rank_folder_spelled_twice",
+        &["rank_folder_spelled_twice/src", "rank_0 and rank_00", "rank 0"],
+    );
+}
+
+#[test]
+fn corpus_sources_rank_folder_symlink() {
+    refuse_source_folder("rank_folder_symlink", &["rank_folder_symlink/src", "rank_0 and rank_1", "symlink"]);
 }
 
 #[test]
@@ -1191,7 +1250,8 @@ fn disk_full_on_a_small_filesystem_leaves_only_complete_files() {
         for f in files_under(&dst) {
             let rel = f.strip_prefix(&dst).unwrap();
             let name = rel.file_name().unwrap().to_str().unwrap();
-            assert!(!name.ends_with(".tmp") && !name.starts_with('.'), "leftover {}", rel.display());
+            let lock = name == reshard_core::manifest::MANIFEST_LOCK_NAME;
+            assert!(!name.ends_with(".tmp") && (!name.starts_with('.') || lock), "leftover {}", rel.display());
             if name.ends_with(".ckpt") {
                 assert!(
                     std::fs::read(&f).unwrap() == std::fs::read(clean.join(rel)).unwrap(),
@@ -1440,7 +1500,8 @@ fn conformance_transform(case: &str) {
     for f in files_under(&dst) {
         let rel = f.strip_prefix(&dst).unwrap();
         let name = rel.file_name().unwrap().to_str().unwrap();
-        assert!(!name.ends_with(".tmp") && !name.starts_with('.'), "leftover {}", rel.display());
+        let lock = name == reshard_core::manifest::MANIFEST_LOCK_NAME;
+        assert!(!name.ends_with(".tmp") && (!name.starts_with('.') || lock), "leftover {}", rel.display());
         if name.ends_with(".ckpt") || name.ends_with(".safetensors") {
             assert!(dir.join("expected").join(rel).is_file(), "unexpected output {}", rel.display());
         }
@@ -1647,4 +1708,214 @@ fn missing_source_folder_is_refused() {
     ]);
     assert_refused(&out, &["does_not_exist"]);
     assert_nothing_written(&dst);
+}
+
+/// A rerun over finished outputs says what it kept and what it wrote, each with its bytes (it
+/// used to say "wrote 0 file(s), 32144 bytes").
+#[test]
+fn resumed_run_says_what_it_kept_and_what_it_wrote() {
+    let dir = fixture("conformance/complete_to_dp2mp2");
+    let s = Scratch::new("resumed");
+    let dst = s.join("out");
+    let run = || {
+        reshard([
+            OsStr::new("transform"),
+            "--src_ckpt_dir".as_ref(),
+            dir.join("src").as_os_str(),
+            "--dst_ckpt_strategy".as_ref(),
+            dir.join("dst_strategy.ckpt").as_os_str(),
+            "--dst_ckpt_dir".as_ref(),
+            dst.as_os_str(),
+        ])
+    };
+    let first = run();
+    assert!(first.status.success(), "{}", text(&first.stderr));
+    let total: u64 =
+        (0..4).map(|r| std::fs::metadata(dst.join(format!("rank_{r}/checkpoint_{r}.ckpt"))).unwrap().len()).sum();
+    assert!(text(&first.stderr).contains(&format!("wrote 4 file(s), {total} bytes")), "{}", text(&first.stderr));
+    std::fs::remove_file(dst.join("rank_2/checkpoint_2.ckpt")).unwrap();
+    let second = run();
+    let err = text(&second.stderr);
+    assert!(second.status.success(), "{err}");
+    let two = std::fs::metadata(dst.join("rank_2/checkpoint_2.ckpt")).unwrap().len();
+    assert!(err.contains(&format!("kept 3 file(s), {} bytes", total - two)), "{err}");
+    assert!(err.contains(&format!("wrote 1 file(s), {two} bytes")), "{err}");
+}
+
+/// `--ranks 99` names the destination strategy and the valid range.
+#[test]
+fn ranks_beyond_the_destination_name_the_valid_range() {
+    let dir = fixture("conformance/complete_to_dp2mp2");
+    let s = Scratch::new("ranks99");
+    let dst = s.join("out");
+    let out = reshard([
+        OsStr::new("transform"),
+        "--src_ckpt_dir".as_ref(),
+        dir.join("src").as_os_str(),
+        "--dst_ckpt_strategy".as_ref(),
+        dir.join("dst_strategy.ckpt").as_os_str(),
+        "--dst_ckpt_dir".as_ref(),
+        dst.as_os_str(),
+        "--ranks".as_ref(),
+        "99".as_ref(),
+    ]);
+    assert_refused(&out, &["rank 99", "dst_strategy.ckpt", "4 rank(s)", "valid ranks are 0 to 3"]);
+    assert_nothing_written(&dst);
+}
+
+/// `transform` of the `complete_to_dp2mp2` fixture (4 destination ranks) into `dst`.
+fn transform_complete_to_dp2mp2(dst: &Path, extra: &[&str]) -> Output {
+    let dir = fixture("conformance/complete_to_dp2mp2");
+    let mut args: Vec<std::ffi::OsString> = vec!["transform".into(), "-q".into(), "--src_ckpt_dir".into()];
+    args.extend([dir.join("src").into(), "--dst_ckpt_strategy".into(), dir.join("dst_strategy.ckpt").into()]);
+    args.extend(["--dst_ckpt_dir".into(), dst.into()]);
+    args.extend(extra.iter().map(Into::into));
+    reshard(args)
+}
+
+/// `verify` of a job that wrote 2 of its 4 ranks names the missing rank folders (it passed).
+#[test]
+fn verify_names_the_ranks_an_unfinished_job_did_not_write() {
+    let s = Scratch::new("verify-half");
+    let dst = s.join("out");
+    assert!(transform_complete_to_dp2mp2(&dst, &["--ranks", "0,1"]).status.success());
+    let v = reshard([OsStr::new("verify"), dst.as_os_str()]);
+    let msg = assert_refused_with_stdout(&v, &["has 4 rank(s)", "missing: rank_2..rank_3 (2 ranks)"]);
+    assert!(msg.contains(dst.to_str().unwrap()), "{msg}");
+    // One rank folder on its own is not a job: nothing is missing there.
+    assert!(reshard([OsStr::new("verify"), dst.join("rank_0").as_os_str()]).status.success());
+    assert!(transform_complete_to_dp2mp2(&dst, &["--ranks", "2,3"]).status.success());
+    let v = reshard([OsStr::new("verify"), dst.as_os_str()]);
+    assert!(v.status.success(), "{}", text(&v.stderr));
+    // A whole rank folder gone.
+    std::fs::remove_dir_all(dst.join("rank_1")).unwrap();
+    let v = reshard([OsStr::new("verify"), dst.as_os_str()]);
+    assert_refused_with_stdout(&v, &["missing: rank_1"]);
+}
+
+/// Like `assert_refused`, for `verify`, which also lists what it checked on stdout.
+#[track_caller]
+fn assert_refused_with_stdout(out: &Output, needles: &[&str]) -> String {
+    let quiet = Output { status: out.status, stdout: Vec::new(), stderr: out.stderr.clone() };
+    assert_refused(&quiet, needles)
+}
+
+/// A manifest naming `../rank_1/checkpoint_1.ckpt` or an absolute path: `verify` reports the
+/// manifest and reads neither (it used to check the file outside the folder and pass).
+#[test]
+fn verify_refuses_manifest_names_outside_the_folder() {
+    let s = Scratch::new("verify-names");
+    let dst = s.join("out");
+    assert!(transform_complete_to_dp2mp2(&dst, &[]).status.success());
+    let manifest = dst.join("rank_0/reshard_manifest.json");
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+    let other: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dst.join("rank_1/reshard_manifest.json")).unwrap()).unwrap();
+    let mut outside = other["files"][0].clone();
+    outside["name"] = "../rank_1/checkpoint_1.ckpt".into();
+    m["files"].as_array_mut().unwrap().push(outside);
+    std::fs::write(&manifest, serde_json::to_vec(&m).unwrap()).unwrap();
+    let v = reshard([OsStr::new("verify"), dst.as_os_str()]);
+    assert_refused_with_stdout(&v, &["rank_0/reshard_manifest.json"]);
+    let out = text(&v.stdout);
+    assert!(out.contains("\"../rank_1/checkpoint_1.ckpt\", which is not a file name in this folder"), "{out}");
+    assert!(!out.contains("ok   ") || !out.contains("rank_0/../rank_1"), "{out}");
+
+    let mut abs = other["files"][0].clone();
+    abs["name"] = dst.join("rank_1/checkpoint_1.ckpt").to_str().unwrap().into();
+    m["files"].as_array_mut().unwrap().pop();
+    m["files"].as_array_mut().unwrap().push(abs);
+    std::fs::write(&manifest, serde_json::to_vec(&m).unwrap()).unwrap();
+    let v = reshard([OsStr::new("verify"), dst.as_os_str()]);
+    assert_refused_with_stdout(&v, &["rank_0/reshard_manifest.json"]);
+    assert!(text(&v.stdout).contains("which is not a file name in this folder"), "{}", text(&v.stdout));
+}
+
+/// Six jobs with different prefixes write into one folder at once: every rank folder's manifest
+/// lists all six files, and `verify` passes. Without the manifest lock, entries were lost (7 to
+/// 16 of the 24 listed in 10 runs of 6 jobs).
+#[test]
+fn concurrent_jobs_with_other_prefixes_lose_no_manifest_entry() {
+    let s = Scratch::new("concurrent-prefixes");
+    let dst = s.join("out");
+    let dir = fixture("conformance/complete_to_dp2mp2");
+    let prefixes = ["a_", "b_", "c_", "d_", "e_", "f_"];
+    let jobs: Vec<std::process::Child> = prefixes
+        .iter()
+        .map(|p| {
+            Command::new(BIN)
+                .args(["transform", "-q", "--prefix", p, "--src_ckpt_dir"])
+                .arg(dir.join("src"))
+                .arg("--dst_ckpt_strategy")
+                .arg(dir.join("dst_strategy.ckpt"))
+                .arg("--dst_ckpt_dir")
+                .arg(&dst)
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for mut j in jobs {
+        assert!(j.wait().unwrap().success());
+    }
+    for r in 0..4 {
+        let m: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dst.join(format!("rank_{r}/reshard_manifest.json"))).unwrap())
+                .unwrap();
+        let mut names: Vec<&str> = m["files"].as_array().unwrap().iter().map(|e| e["name"].as_str().unwrap()).collect();
+        names.sort_unstable();
+        let want: Vec<String> = prefixes.iter().map(|p| format!("{p}{r}.ckpt")).collect();
+        assert_eq!(names, want, "rank_{r}");
+    }
+    let v = reshard([OsStr::new("verify"), dst.as_os_str()]);
+    assert!(v.status.success(), "{}", text(&v.stderr));
+}
+
+/// A strategy folder that is OUT/merged_strategy (directly or through a symlink), or a merged
+/// file the job would rewrite: refused, with nothing written. The merged source strategy used to
+/// be written into the destination's folder and read back as one of its stage files.
+#[test]
+fn strategy_folder_that_is_the_merge_folder_is_refused() {
+    let case = fixture("conformance/dp2mp2pp2_to_dp1mp2pp2");
+    let s = Scratch::new("merge-folder");
+    let dst = s.join("out");
+    let stages = dst.join("merged_strategy");
+    copy_dir(&case.join("dst_strategy_stages"), &stages);
+    let link = s.join("link");
+    std::os::unix::fs::symlink(&stages, &link).unwrap();
+    let job = |dst_strategy: &Path| {
+        reshard([
+            OsStr::new("transform"),
+            "-q".as_ref(),
+            "--src_ckpt_dir".as_ref(),
+            case.join("src").as_os_str(),
+            "--src_ckpt_strategy".as_ref(),
+            case.join("src_strategy_stages").as_os_str(),
+            "--dst_ckpt_strategy".as_ref(),
+            dst_strategy.as_os_str(),
+            "--dst_ckpt_dir".as_ref(),
+            dst.as_os_str(),
+        ])
+    };
+    let before = files_under(&dst);
+    for p in [&stages, &link] {
+        assert_refused(&job(p), &["destination strategy", "merged_strategy", "where this job writes"]);
+        assert_eq!(files_under(&dst), before, "{}", p.display());
+    }
+    // A merged file of an earlier run that this run would rewrite.
+    std::fs::remove_dir_all(&dst).unwrap();
+    assert!(job(&case.join("dst_strategy_stages")).status.success());
+    let merged = stages.join("src_merged_ckpt_strategy.ckpt");
+    let out = reshard([
+        OsStr::new("transform"),
+        "-q".as_ref(),
+        "--src_ckpt_dir".as_ref(),
+        case.join("src").as_os_str(),
+        "--src_ckpt_strategy".as_ref(),
+        case.join("src_strategy_stages").as_os_str(),
+        "--dst_ckpt_strategy".as_ref(),
+        merged.as_os_str(),
+        "--dst_ckpt_dir".as_ref(),
+        dst.as_os_str(),
+    ]);
+    assert_refused(&out, &["destination strategy", "src_merged_ckpt_strategy.ckpt", "which this job rewrites"]);
 }

@@ -108,6 +108,10 @@ pub fn auto(o: &AutoOptions) -> Result<AutoResult> {
         return Err(Error::Invalid(format!("rank {rank} is not below world size {world}")));
     }
     let format = Format::parse(&o.output_format)?;
+    let strategy_dir = o.dst_strategy_dir.clone().unwrap_or_else(|| o.output_dir.join("strategy"));
+    let out_root = o.output_dir.join("transformed_checkpoint");
+    // Before anything is read, waited for or removed: every rank refuses the same way.
+    check_inputs_outside_outputs(o, &strategy_dir, &out_root)?;
     let (set, distributed) = find_source(&o.load_checkpoint)?;
     log.push(format!(
         "source {}: {} ({} rank folder(s), {})",
@@ -136,7 +140,6 @@ pub fn auto(o: &AutoOptions) -> Result<AutoResult> {
     } else {
         None
     };
-    let strategy_dir = o.dst_strategy_dir.clone().unwrap_or_else(|| o.output_dir.join("strategy"));
     let dst_strategy = wait_for_strategies(&strategy_dir, rank, world, Duration::from_secs(o.timeout), &mut log)?;
     if let Some(d) = &dst_strategy {
         let n = d.rank_num()?;
@@ -150,7 +153,6 @@ pub fn auto(o: &AutoOptions) -> Result<AutoResult> {
             )));
         }
     }
-    let out_root = o.output_dir.join("transformed_checkpoint");
     if rank == 0 {
         remove_ranks_beyond(&out_root, world, &mut log);
     }
@@ -185,6 +187,55 @@ pub fn auto(o: &AutoOptions) -> Result<AutoResult> {
         out_root.display()
     ));
     Ok(AutoResult { load_path, log })
+}
+
+/// Refuses a source that this launch would delete or overwrite: `load_checkpoint` inside (or
+/// holding) `OUT/transformed_checkpoint`, which rank 0 clears of an earlier launch's ranks and
+/// every rank writes into, and a source strategy inside the folder where the runtime writes this
+/// launch's strategy files and reshard merges them. A relaunch from an earlier launch's result
+/// used to delete the source rank folders beyond the new world size, then fail on them.
+fn check_inputs_outside_outputs(o: &AutoOptions, strategy_dir: &Path, out_root: &Path) -> Result<()> {
+    use crate::execute::resolved;
+    let (load, out) = (resolved(&o.load_checkpoint), resolved(out_root));
+    if load.starts_with(&out) {
+        let aside = o.output_dir.join("previous_checkpoint");
+        return Err(Error::Source {
+            path: o.load_checkpoint.clone(),
+            detail: format!(
+                "load_checkpoint is inside {}, which this launch replaces (an earlier launch's result?); move it \
+                 aside first, for example `mv {} {}` (and copy its strategy out of {}), and give that as \
+                 load_checkpoint",
+                out_root.display(),
+                out_root.display(),
+                aside.display(),
+                strategy_dir.display()
+            ),
+        });
+    }
+    if o.load_checkpoint.is_dir() && out.starts_with(&load) {
+        return Err(Error::Source {
+            path: o.load_checkpoint.clone(),
+            detail: format!(
+                "load_checkpoint holds this launch's output folder {}; reshard never writes inside a source: choose \
+                 an output_dir outside it",
+                out_root.display()
+            ),
+        });
+    }
+    if let Some(src) = &o.src_strategy_path_or_dir {
+        if resolved(src).starts_with(resolved(strategy_dir)) {
+            return Err(Error::Source {
+                path: src.clone(),
+                detail: format!(
+                    "the source strategy is inside {}, where the runtime writes this launch's strategy files and \
+                     reshard merges them into merged_ckpt_strategy.ckpt; copy it elsewhere first and give that as \
+                     src_strategy_path_or_dir",
+                    strategy_dir.display()
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Classifies `load_checkpoint`: (sources, distributed?).

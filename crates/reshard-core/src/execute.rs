@@ -169,7 +169,7 @@ impl<'a> SegReader<'a> {
 
 /// The absolute path `p` names, with symlinks resolved as far as the path exists and the rest
 /// (not created yet) normalised lexically, so `src/x/../out` and `link_to_src/out` are caught.
-fn resolved(p: &Path) -> PathBuf {
+pub fn resolved(p: &Path) -> PathBuf {
     use std::path::Component;
     let abs = if p.is_absolute() {
         p.to_path_buf()
@@ -537,7 +537,14 @@ fn write_rank(
                 let _ = d.sync_all();
             }
         }
-        let entry = ManifestEntry { name: name.clone(), size: len, crc32: crc, plan_fingerprint: fingerprint.clone() };
+        let entry = ManifestEntry {
+            name: name.clone(),
+            size: len,
+            crc32: crc,
+            plan_fingerprint: fingerprint.clone(),
+            dst_rank: Some(rp.rank),
+            dst_rank_count: Some(plan.dst_rank_count()),
+        };
         Manifest::record(&dir, entry, opts.sync)?;
         Ok(WrittenFile { rank: rp.rank, path: final_path.clone(), len, crc32: crc, reused: false })
     })()

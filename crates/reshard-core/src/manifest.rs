@@ -14,6 +14,30 @@ use crate::error::{Error, Result};
 /// File name of a manifest inside an output folder.
 pub const MANIFEST_NAME: &str = "reshard_manifest.json";
 
+/// The lock file next to a manifest: every read-merge-write of the manifest holds an exclusive
+/// `flock` on it, so jobs writing into one folder at once (other prefixes, other ranks' files)
+/// do not lose each other's entries. It stays in the folder: removing it would let a process
+/// that opened it before the removal and one that creates it anew both hold "the" lock.
+pub const MANIFEST_LOCK_NAME: &str = ".reshard_manifest.lock";
+
+/// Holds the manifest lock of `dir` while alive.
+struct ManifestLock(#[allow(dead_code)] std::fs::File);
+
+impl ManifestLock {
+    fn take(dir: &Path) -> Result<ManifestLock> {
+        let path = dir.join(MANIFEST_LOCK_NAME);
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| Error::io(&path, "open the manifest lock", e))?;
+        crate::sys::lock_exclusive(&f).map_err(|e| Error::io(&path, "lock", e))?;
+        Ok(ManifestLock(f))
+    }
+}
+
 /// One file listed in a manifest.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ManifestEntry {
@@ -25,6 +49,26 @@ pub struct ManifestEntry {
     pub crc32: u32,
     /// Identifies the plan and options that produced the file.
     pub plan_fingerprint: String,
+    /// The destination rank the file is for (absent in manifests of version 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dst_rank: Option<u32>,
+    /// How many destination ranks the plan has, so that `verify` can name the ranks a job has
+    /// not written (absent in manifests of version 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dst_rank_count: Option<u32>,
+}
+
+/// Version written into new manifests: 2 added `dst_rank` and `dst_rank_count`; version 1
+/// manifests are still read (without the check for missing ranks).
+pub const MANIFEST_VERSION: u32 = 2;
+
+/// Whether a manifest entry's name is a plain file name in its folder (not a path, `..`, or
+/// empty): anything else would make `verify` read, and a rerun trust, files outside the folder.
+pub fn is_plain_name(name: &str) -> bool {
+    use std::path::Component;
+    let mut c = Path::new(name).components();
+    !name.contains('\0')
+        && matches!((c.next(), c.next()), (Some(Component::Normal(n)), None) if n.to_str() == Some(name))
 }
 
 /// The manifest of one output folder.
@@ -43,22 +87,29 @@ impl Manifest {
         serde_json::from_slice(&bytes).ok()
     }
 
-    /// Records `entry` in the manifest of `dir` (replacing an entry of the same name).
+    /// Records `entry` in the manifest of `dir` (replacing an entry of the same name), under
+    /// the folder's manifest lock.
     pub fn record(dir: &Path, entry: ManifestEntry, sync: bool) -> Result<()> {
-        let mut m = Manifest::read(dir).unwrap_or(Manifest { version: 1, files: Vec::new() });
+        let _lock = ManifestLock::take(dir)?;
+        let mut m = Manifest::read(dir).unwrap_or(Manifest { version: MANIFEST_VERSION, files: Vec::new() });
+        m.version = MANIFEST_VERSION;
         m.files.retain(|e| e.name != entry.name);
         m.files.push(entry);
         m.files.sort_by(|a, b| a.name.cmp(&b.name));
         m.write(dir, sync)
     }
 
-    /// Drops entries whose files no longer exist.
+    /// Drops entries whose files no longer exist, under the folder's manifest lock.
     pub fn prune(dir: &Path, sync: bool) -> Result<()> {
+        if !dir.join(MANIFEST_NAME).exists() {
+            return Ok(());
+        }
+        let _lock = ManifestLock::take(dir)?;
         let Some(mut m) = Manifest::read(dir) else {
             return Ok(());
         };
         let before = m.files.len();
-        m.files.retain(|e| dir.join(&e.name).exists());
+        m.files.retain(|e| is_plain_name(&e.name) && dir.join(&e.name).exists());
         if m.files.len() == before {
             return Ok(());
         }
@@ -91,6 +142,9 @@ pub fn file_crc(path: &Path) -> Result<(u64, u32)> {
 
 /// Whether `dir/entry.name` still has the recorded size and crc.
 pub fn entry_matches(dir: &Path, entry: &ManifestEntry) -> bool {
+    if !is_plain_name(&entry.name) {
+        return false;
+    }
     let p = dir.join(&entry.name);
     match std::fs::metadata(&p) {
         Ok(m) if m.len() == entry.size => file_crc(&p).map(|(_, c)| c == entry.crc32).unwrap_or(false),
@@ -107,12 +161,48 @@ pub struct VerifyReport {
     pub bad: Vec<(PathBuf, String)>,
     /// Manifests read.
     pub manifests: usize,
+    /// Jobs whose manifests say they have ranks that have no output.
+    pub missing: Vec<MissingRanks>,
+}
+
+/// The destination ranks of one job (one plan fingerprint in one output folder) that have no
+/// output: the job did not finish, or was run for some ranks only.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct MissingRanks {
+    /// The output folder (holding `rank_{r}/`).
+    pub dir: PathBuf,
+    /// The job's plan fingerprint.
+    pub plan_fingerprint: String,
+    /// How many destination ranks the job has.
+    pub rank_count: u32,
+    /// The ranks with no output.
+    pub ranks: Vec<u32>,
+}
+
+impl std::fmt::Display for MissingRanks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: the job that wrote these outputs (plan {}) has {} rank(s); missing: {} (the job did not finish, \
+             or was run for some ranks only)",
+            self.dir.display(),
+            self.plan_fingerprint,
+            self.rank_count,
+            crate::plan::fmt_rank_folders(&self.ranks)
+        )
+    }
 }
 
 /// Checks every manifest under `root`: each listed file exists, has its size and crc32, and
-/// parses as a checkpoint. Checkpoint files not listed in any manifest are reported as bad.
+/// parses as a checkpoint. Checkpoint files not listed in any manifest are reported as bad, and
+/// so are names in a manifest that are not plain file names of its folder (they are not read).
+/// For each job whose output folder is `root` or below it, the destination ranks that have no
+/// output are reported in `missing` (from version 2 manifests, which record the rank count).
 pub fn verify(root: &Path) -> Result<VerifyReport> {
     let mut report = VerifyReport::default();
+    // (output folder, fingerprint) -> (rank count, ranks with an output listed).
+    let mut jobs: std::collections::BTreeMap<(PathBuf, String), (u32, std::collections::BTreeSet<u32>)> =
+        std::collections::BTreeMap::new();
     let mut stack = vec![root.to_path_buf()];
     if !root.is_dir() {
         return Err(Error::Source { path: root.to_path_buf(), detail: "not a folder".into() });
@@ -127,7 +217,27 @@ pub fn verify(root: &Path) -> Result<VerifyReport> {
             };
             report.manifests += 1;
             for e in &m.files {
+                if !is_plain_name(&e.name) {
+                    report.bad.push((
+                        manifest_path.clone(),
+                        format!(
+                            "lists {:?}, which is not a file name in this folder (a path, '..' or empty); it was not read",
+                            e.name
+                        ),
+                    ));
+                    continue;
+                }
                 listed.insert(e.name.clone());
+                // The rank from the entry, or (version 1 entries a resumed run kept) from the
+                // folder name `rank_{r}`.
+                let folder_rank = || dir.file_name()?.to_str()?.strip_prefix("rank_")?.parse::<u32>().ok();
+                if let (Some(rank), Some(job)) = (e.dst_rank.or_else(folder_rank), dir.parent()) {
+                    if job.starts_with(root) {
+                        let slot = jobs.entry((job.to_path_buf(), e.plan_fingerprint.clone())).or_default();
+                        slot.0 = slot.0.max(e.dst_rank_count.unwrap_or(0));
+                        slot.1.insert(rank);
+                    }
+                }
                 let p = dir.join(&e.name);
                 let problem = match file_crc(&p) {
                     Err(err) => Some(err.to_string()),
@@ -160,6 +270,12 @@ pub fn verify(root: &Path) -> Result<VerifyReport> {
             }
         }
     }
+    for ((dir, plan_fingerprint), (rank_count, seen)) in jobs {
+        let ranks: Vec<u32> = (0..rank_count).filter(|r| !seen.contains(r)).collect();
+        if !ranks.is_empty() {
+            report.missing.push(MissingRanks { dir, plan_fingerprint, rank_count, ranks });
+        }
+    }
     if report.manifests == 0 && report.bad.is_empty() {
         return Err(Error::Source {
             path: root.to_path_buf(),
@@ -169,4 +285,56 @@ pub fn verify(root: &Path) -> Result<VerifyReport> {
     report.ok.sort();
     report.bad.sort();
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_plain_file_names() {
+        for ok in ["checkpoint_0.ckpt", ".hidden", "a..b"] {
+            assert!(is_plain_name(ok), "{ok}");
+        }
+        for bad in ["", ".", "..", "../x.ckpt", "/etc/passwd", "a/b", "a/", "./a", "a\0b"] {
+            assert!(!is_plain_name(bad), "{bad:?}");
+        }
+    }
+
+    /// 8 threads x 25 records into one folder, each with its own name (as jobs of other
+    /// prefixes): every entry is in the manifest. Without the lock most were lost.
+    #[test]
+    fn concurrent_records_lose_no_entry() {
+        let dir = std::env::temp_dir().join(format!("reshard-manifest-lock-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+        std::thread::scope(|s| {
+            for t in 0..8 {
+                let dir = &dir;
+                s.spawn(move || {
+                    for i in 0..25 {
+                        let entry = ManifestEntry {
+                            name: format!("p{t}_{i}.ckpt"),
+                            size: 1,
+                            crc32: 0,
+                            plan_fingerprint: "f".into(),
+                            dst_rank: Some(0),
+                            dst_rank_count: Some(1),
+                        };
+                        Manifest::record(dir, entry, false).unwrap_or_else(|e| panic!("{e}"));
+                    }
+                });
+            }
+        });
+        let m = Manifest::read(&dir).unwrap_or_else(|| panic!("no manifest"));
+        assert_eq!(m.files.len(), 200);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn version_1_manifests_are_still_read() {
+        let v1 = r#"{"version": 1, "files": [{"name": "c_0.ckpt", "size": 3, "crc32": 7, "plan_fingerprint": "ab"}]}"#;
+        let m: Manifest = serde_json::from_str(v1).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((m.files[0].dst_rank, m.files[0].dst_rank_count), (None, None));
+    }
 }

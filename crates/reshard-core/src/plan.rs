@@ -296,7 +296,7 @@ impl Plan {
                     "the source strategy has {src_stages} stage(s) of {src_stage_devices} devices, so rank_{src_base}..rank_{} \
                      are needed, but these rank folders are missing: {}",
                     u64::from(src_base) + src_total - 1,
-                    fmt_ranks(&missing)
+                    fmt_rank_folders(&missing)
                 )
             } else {
                 "no source strategy was given (complete weights), so rank_0 must hold the complete checkpoint, but it is \
@@ -310,7 +310,7 @@ impl Plan {
             warnings.push(format!(
                 "{}: rank folders {} are beyond the {} source ranks and are ignored",
                 set.dir.display(),
-                fmt_ranks(&extra),
+                fmt_rank_folders(&extra),
                 src_total
             ));
         }
@@ -504,8 +504,13 @@ impl Plan {
     pub fn rank_plan(&self, rank: u32) -> Result<RankPlan> {
         let count = self.dst_rank_count();
         if rank >= count {
+            let what = match &self.dst_strategy {
+                Some(d) => format!("the destination strategy {} has {count} rank(s)", d.path.display()),
+                None => "the destination is one complete checkpoint (no destination strategy), 1 rank".to_string(),
+            };
             return Err(Error::Invalid(format!(
-                "destination rank {rank} does not exist: the destination has {count} rank(s)"
+                "destination rank {rank} does not exist: {what}; valid ranks are 0 to {}",
+                count.saturating_sub(1)
             )));
         }
         let stage = (u64::from(rank) / self.dst_stage_devices) as u32;
@@ -798,8 +803,9 @@ fn fmt_names(names: &[String]) -> String {
     format!("{} parameter(s) ({}{more})", names.len(), shown.join(", "))
 }
 
-/// Ranks as short ranges ("0, 2-5, 9"), at most 16 of them, then the count.
-fn fmt_ranks(r: &[u32]) -> String {
+/// Rank folders as short ranges ("rank_0, rank_2..rank_5, rank_9"), at most 16 of them, then
+/// the count.
+pub fn fmt_rank_folders(r: &[u32]) -> String {
     let mut runs: Vec<(u32, u32)> = Vec::new();
     for &x in r {
         match runs.last_mut() {
@@ -807,8 +813,11 @@ fn fmt_ranks(r: &[u32]) -> String {
             _ => runs.push((x, x)),
         }
     }
-    let mut parts: Vec<String> =
-        runs.iter().take(16).map(|&(a, b)| if a == b { a.to_string() } else { format!("{a}-{b}") }).collect();
+    let mut parts: Vec<String> = runs
+        .iter()
+        .take(16)
+        .map(|&(a, b)| if a == b { format!("rank_{a}") } else { format!("rank_{a}..rank_{b}") })
+        .collect();
     if runs.len() > 16 {
         parts.push("...".into());
     }
@@ -824,11 +833,11 @@ fn fmt_ranks(r: &[u32]) -> String {
 mod tests {
     #[test]
     fn rank_lists_stay_short() {
-        assert_eq!(super::fmt_ranks(&[3]), "3");
-        assert_eq!(super::fmt_ranks(&[0, 2, 3, 4, 9]), "0, 2-4, 9 (5 ranks)");
+        assert_eq!(super::fmt_rank_folders(&[3]), "rank_3");
+        assert_eq!(super::fmt_rank_folders(&[0, 2, 3, 4, 9]), "rank_0, rank_2..rank_4, rank_9 (5 ranks)");
         let many: Vec<u32> = (2..65536).collect();
-        assert_eq!(super::fmt_ranks(&many), "2-65535 (65534 ranks)");
+        assert_eq!(super::fmt_rank_folders(&many), "rank_2..rank_65535 (65534 ranks)");
         let sparse: Vec<u32> = (0..1000).map(|x| x * 2).collect();
-        assert!(super::fmt_ranks(&sparse).len() < 200);
+        assert!(super::fmt_rank_folders(&sparse).len() < 300);
     }
 }

@@ -39,6 +39,11 @@ pub fn discover(dir: &Path, choose: Option<&str>) -> Result<SourceSet> {
         return Err(src_err(dir, "the source checkpoint folder does not exist or is not a folder"));
     }
     let mut candidates: BTreeMap<u32, Vec<PathBuf>> = BTreeMap::new();
+    // Each rank's folder name, and each folder's real path: `rank_0` and `rank_00` both
+    // spell rank 0, and a `rank_1` that is a symlink to `rank_0` would feed rank 0's slices to
+    // rank 1. Either is refused, naming both folders.
+    let mut names: BTreeMap<u32, String> = BTreeMap::new();
+    let mut real: std::collections::HashMap<PathBuf, String> = std::collections::HashMap::new();
     let rd = std::fs::read_dir(dir).map_err(|e| Error::io(dir, "read folder", e))?;
     for e in rd {
         let e = e.map_err(|e| Error::io(dir, "read folder", e))?;
@@ -52,6 +57,25 @@ pub fn discover(dir: &Path, choose: Option<&str>) -> Result<SourceSet> {
         };
         if !num.bytes().all(|b| b.is_ascii_digit()) || !e.path().is_dir() {
             continue;
+        }
+        if let Some(other) = names.insert(rank, name.to_string()) {
+            let (a, b) = if other.as_str() < name { (other.as_str(), name) } else { (name, other.as_str()) };
+            return Err(src_err(
+                dir,
+                format!("the rank folders {a} and {b} are both rank {rank}: which one is meant is ambiguous; keep one"),
+            ));
+        }
+        let canonical = e.path().canonicalize().map_err(|err| Error::io(e.path(), "resolve", err))?;
+        if let Some(other) = real.insert(canonical.clone(), name.to_string()) {
+            let (a, b) = if other.as_str() < name { (other.as_str(), name) } else { (name, other.as_str()) };
+            return Err(src_err(
+                dir,
+                format!(
+                    "the rank folders {a} and {b} are the same folder ({}, through a symlink): each rank needs its \
+                     own checkpoint",
+                    canonical.display()
+                ),
+            ));
         }
         let mut files = Vec::new();
         let rd = std::fs::read_dir(e.path()).map_err(|err| Error::io(e.path(), "read folder", err))?;

@@ -233,6 +233,10 @@ pub struct Strategy {
     pub file_stage: Option<u32>,
     #[serde(skip)]
     index: HashMap<String, usize>,
+    /// The name each (parameter, stage) was spelled with, to name both of two items for one
+    /// stage ("0-w" and "00-w").
+    #[serde(skip)]
+    raw_names: HashMap<(String, u32), String>,
 }
 
 /// Splits a merged layout name `"<stage>-<param>"`. Only a decimal prefix counts as a stage, so
@@ -351,6 +355,17 @@ impl Strategy {
                 ),
             });
         }
+        if let Some(first) = self.raw_names.get(&(name.to_string(), stage)) {
+            return Err(Error::BadLayout {
+                path: path.to_path_buf(),
+                param: name.into(),
+                detail: format!(
+                    "two layout items for pipeline stage {stage}, '{first}' and '{raw_name}': the strategy is \
+                     ambiguous; keep one"
+                ),
+            });
+        }
+        self.raw_names.insert((name.to_string(), stage), raw_name.to_string());
         let entry = StageLayout { stage, layout };
         match self.index.get(name) {
             Some(&i) => self.params[i].1.push(entry),
@@ -418,7 +433,13 @@ impl Strategy {
     }
 
     fn empty(path: &Path, file_stage: Option<u32>) -> Strategy {
-        Strategy { path: path.to_path_buf(), params: Vec::new(), file_stage, index: HashMap::new() }
+        Strategy {
+            path: path.to_path_buf(),
+            params: Vec::new(),
+            file_stage,
+            index: HashMap::new(),
+            raw_names: HashMap::new(),
+        }
     }
 
     /// Builds from a decoded protobuf map.
@@ -748,9 +769,25 @@ pub fn merge_dir(dir: &Path) -> Result<Merged> {
 pub fn merge_files(files: &[PathBuf], json: bool) -> Result<Merged> {
     let mut seen_bytes = std::collections::HashSet::new();
     let mut merged_stages = Vec::new();
+    // MindSpore skips a later file for a stage already merged. When both are stage files and
+    // their layouts differ, which one is meant cannot be told: refuse, naming both. (A merged
+    // file next to its stage files, as in MindFormers' output/strategy/, is skipped as before:
+    // its items are all named "<stage>-<param>".)
+    let merged_names = |mut names: std::slice::Iter<'_, String>| {
+        names.len() > 0 && names.all(|n| n.split_once('-').is_some_and(|(p, _)| p.bytes().all(|b| b.is_ascii_digit())))
+    };
+    let two_for_one_stage = |first: &Path, f: &Path, stage: u64| Error::Source {
+        path: f.to_path_buf(),
+        detail: format!(
+            "this file and {} are both for pipeline stage {stage} but their layouts differ: the strategy folder is \
+             ambiguous; keep one file per stage",
+            first.display()
+        ),
+    };
     if json {
         let mut strategy_items = Map::new();
         let mut layout_items = Map::new();
+        let mut firsts: HashMap<u64, (&PathBuf, Map<String, Value>)> = HashMap::new();
         for f in files {
             let bytes = crate::input::read_capped(f, crate::input::MAX_STRATEGY_BYTES, "strategy")?;
             if !seen_bytes.insert(bytes.clone()) {
@@ -764,6 +801,13 @@ pub fn merge_files(files: &[PathBuf], json: bool) -> Result<Merged> {
                 return Err(bad(f, "the strategy file is empty (no strategy or layout items)"));
             };
             let stage = si.values().next().and_then(|i| i.get("stage")).and_then(Value::as_u64).unwrap_or(0);
+            let names: Vec<String> = li.keys().cloned().collect();
+            if !merged_names(names.iter()) {
+                let (first, items) = firsts.entry(stage).or_insert_with(|| (f, li.clone()));
+                if items != li {
+                    return Err(two_for_one_stage(first, f, stage));
+                }
+            }
             if merged_stages.contains(&stage) {
                 continue;
             }
@@ -782,6 +826,7 @@ pub fn merge_files(files: &[PathBuf], json: bool) -> Result<Merged> {
         return Ok(Merged::Json(Value::Object(out)));
     }
     let mut out = proto::ParallelStrategyMap::default();
+    let mut firsts: HashMap<u64, (&PathBuf, Vec<proto::ParallelLayoutItem>)> = HashMap::new();
     for f in files {
         let bytes = crate::input::read_capped(f, crate::input::MAX_STRATEGY_BYTES, "strategy")?;
         if !seen_bytes.insert(bytes.clone()) {
@@ -795,6 +840,13 @@ pub fn merge_files(files: &[PathBuf], json: bool) -> Result<Merged> {
             return Err(bad(f, "the strategy file is empty (no strategy or layout items)"));
         }
         let stage = m.parallel_strategy_item[0].parallel_strategys.stage;
+        let names: Vec<String> = m.parallel_layout_item.iter().map(|i| i.param_name.clone()).collect();
+        if !merged_names(names.iter()) {
+            let (first, items) = firsts.entry(u64::from(stage)).or_insert_with(|| (f, m.parallel_layout_item.clone()));
+            if *items != m.parallel_layout_item {
+                return Err(two_for_one_stage(first, f, u64::from(stage)));
+            }
+        }
         if merged_stages.contains(&u64::from(stage)) {
             continue;
         }

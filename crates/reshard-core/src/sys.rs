@@ -120,3 +120,20 @@ pub fn will_read_sequentially(data: &[u8]) {
         libc::madvise(start as *mut libc::c_void, len, libc::MADV_SEQUENTIAL);
     }
 }
+
+/// Takes an exclusive `flock(2)` on `file`, waiting for it; released when the file is closed.
+/// Locks belong to the open file description, so two opens of one file exclude each other
+/// within a process too.
+pub fn lock_exclusive(file: &File) -> std::io::Result<()> {
+    loop {
+        // SAFETY: a plain system call on a descriptor borrowed for its duration.
+        let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
