@@ -47,6 +47,10 @@ pub struct ExecuteOptions {
     pub resume: bool,
     /// Progress reports.
     pub progress: Option<Arc<ProgressFn>>,
+    /// Set it (from any thread, or a signal handler) to stop the run: the executor looks at it
+    /// between blocks, removes the temporary files of the outputs in flight and returns
+    /// [`Error::Cancelled`]; outputs already renamed into place stay (they are complete).
+    pub cancel: Option<Arc<AtomicBool>>,
 }
 
 impl Default for ExecuteOptions {
@@ -65,6 +69,7 @@ impl Default for ExecuteOptions {
             sync: true,
             resume: true,
             progress: None,
+            cancel: None,
         }
     }
 }
@@ -80,6 +85,7 @@ impl std::fmt::Debug for ExecuteOptions {
             .field("crc", &self.crc)
             .field("sync", &self.sync)
             .field("resume", &self.resume)
+            .field("cancel", &self.cancel)
             .finish()
     }
 }
@@ -287,6 +293,14 @@ pub fn execute(plan: &Plan, dst_dir: &Path, ranks: &[u32], opts: &ExecuteOptions
     })
 }
 
+/// Fails with [`Error::Cancelled`] when the run was asked to stop.
+fn check_cancel(opts: &ExecuteOptions, output: &Path) -> Result<()> {
+    match &opts.cancel {
+        Some(c) if c.load(Ordering::Acquire) => Err(Error::Cancelled { path: output.to_path_buf() }),
+        _ => Ok(()),
+    }
+}
+
 /// Lays out an output file for the given tensors.
 pub fn file_layout(headers: &[TensorHeader], format: Format) -> Result<FileLayout> {
     match format {
@@ -463,6 +477,7 @@ fn write_rank(
             }
         }
     }
+    check_cancel(opts, &final_path)?;
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, "create folder", e))?;
     remove_stale_temps(&dir, &name);
     remove_stale_temps(&dir, crate::manifest::MANIFEST_NAME);
@@ -517,6 +532,7 @@ fn write_rank(
                         break;
                     };
                     let step = || -> Result<_> {
+                        check_cancel(opts, &final_path)?;
                         if let Some(a) = blocks.get(i.saturating_add(ahead)) {
                             announce_block(plan, maps, tensors[a.tensor], a)?;
                         }
@@ -540,6 +556,7 @@ fn write_rank(
         for r in rp.src_ranks() {
             maps.get(r)?.check()?;
         }
+        check_cancel(opts, &final_path)?;
         // The runs tile the file; combining their crcs in file order gives the file's crc
         // without reading it back.
         crcs.sort_by_key(|(off, _)| *off);
