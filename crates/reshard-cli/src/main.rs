@@ -39,7 +39,7 @@ macro_rules! out {
                   optimizer parallel), bit for bit as mindspore.transform_checkpoints does, in bounded memory.\n\n\
                   Exit status: 0 on success, 1 when the input or the job fails (the message names the file, rank and \
                   parameter), 2 for a bad command line, 128 + the signal when SIGINT or SIGTERM stopped a transform \
-                  (its unfinished outputs removed)."
+                  or auto (its unfinished outputs removed)."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -280,6 +280,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                 output_format: out.output_format,
                 timeout,
                 threads: out.threads,
+                cancel: Some(signals::cancel_on_signals()),
             };
             let tag = o.rank.or_else(|| reshard_core::auto::rank_from_env().map(|x| x.0)).unwrap_or(0);
             match reshard_core::auto::auto(&o) {

@@ -1,8 +1,9 @@
-//! SIGINT and SIGTERM while a job writes outputs: the first one asks the executor to stop (it
-//! looks between blocks, removes the temporary files of the outputs in flight and returns), and
-//! reshard then exits with 128 + the signal number. A second one takes the default action at
-//! once (temporary files it leaves are removed by the next run over the folder). Outputs
-//! already under their final names are complete and stay; a rerun keeps them.
+//! SIGINT and SIGTERM during `transform` and `auto`: the first one asks the job to stop (`auto`
+//! stops waiting for strategy files; the executor looks between blocks, removes the temporary
+//! files of the outputs in flight and returns), and reshard then exits with 128 + the signal
+//! number. A second one takes the default action at once (temporary files it leaves are removed
+//! by the next run over the folder). Outputs already under their final names are complete and
+//! stay; a rerun keeps them.
 
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, Ordering};
 use std::sync::Arc;
