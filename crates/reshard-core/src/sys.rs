@@ -145,7 +145,7 @@ impl MappedFile {
     pub fn check(&self) -> Result<()> {
         let now = self.file.metadata().map(|m| Stamp::of(&m));
         let detail = match (&now, self.faulted()) {
-            (Ok(now), true) if now.len < self.opened.len => format!(
+            (Ok(now), _) if now.len < self.opened.len => format!(
                 "the file was truncated from {} to {} bytes while reshard was reading it; nothing read \
                  from it was kept",
                 self.opened.len, now.len
