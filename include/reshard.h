@@ -87,6 +87,12 @@ enum ReshardStatus
    */
   RESHARD_STATUS_INVALID_ARGUMENT = 10,
   /**
+   * The run was asked to stop (the CLI on SIGINT/SIGTERM); its temporary files were removed
+   * and outputs already under their final names are complete. The C API has no way to ask
+   * yet, so it does not return this code today; it is reserved for the core's kind.
+   */
+  RESHARD_STATUS_CANCELLED = 11,
+  /**
    * A pointer argument that must not be NULL was NULL.
    */
   RESHARD_STATUS_NULL_ARGUMENT = 100,

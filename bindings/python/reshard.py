@@ -53,6 +53,7 @@ class Status(enum.IntEnum):
     SHAPE_MISMATCH = 8
     SOURCE = 9
     INVALID_ARGUMENT = 10
+    CANCELLED = 11
     NULL_ARGUMENT = 100
     INVALID_UTF8 = 101
     INVALID_OPTIONS = 102

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
 
+mod signals;
 mod strategy_cmd;
 use reshard_core::checkpoint::{CheckpointFile, Format, ReadOptions};
 use reshard_core::execute::{execute, resolved, ExecuteOptions};
@@ -37,7 +38,8 @@ macro_rules! out {
     long_about = "Convert MindSpore distributed checkpoints between parallel layouts (data, model, pipeline and \
                   optimizer parallel), bit for bit as mindspore.transform_checkpoints does, in bounded memory.\n\n\
                   Exit status: 0 on success, 1 when the input or the job fails (the message names the file, rank and \
-                  parameter), 2 for a bad command line."
+                  parameter), 2 for a bad command line, 128 + the signal when SIGINT or SIGTERM stopped a transform \
+                  or auto (its unfinished outputs removed)."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -228,6 +230,11 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("reshard: error: {e}");
+            // Stopped by SIGINT/SIGTERM (its temporary files removed): the conventional status.
+            if let Some(sig) = signals::received() {
+                eprintln!("reshard: stopped by signal {sig}; files under their final names are complete, a rerun finishes the job");
+                return ExitCode::from(128u8.saturating_add(u8::try_from(sig).unwrap_or(0)));
+            }
             ExitCode::from(1)
         }
     }
@@ -274,6 +281,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                 output_format: out.output_format,
                 timeout,
                 threads: out.threads,
+                cancel: Some(signals::cancel_on_signals()),
             };
             let tag = o.rank.or_else(|| reshard_core::auto::rank_from_env().map(|x| x.0)).unwrap_or(0);
             match reshard_core::auto::auto(&o) {
@@ -385,6 +393,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                     }
                 }));
             }
+            opts.cancel = Some(signals::cancel_on_signals());
             let start = std::time::Instant::now();
             let files = execute(&plan, &dst_ckpt_dir, &ranks, &opts)?;
             if opts.progress.is_some() {

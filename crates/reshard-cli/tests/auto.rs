@@ -268,3 +268,41 @@ fn relaunch_from_the_earlier_result_is_refused_and_deletes_nothing() {
     assert!(err.contains("old_merged.ckpt") && err.contains("copy it elsewhere"), "{err}");
     assert!(!out.join("transformed_checkpoint").exists());
 }
+
+/// Whether process `pid` has a handler for signal `sig` (the SigCgt mask of /proc/PID/status).
+fn catches(pid: u32, sig: i32) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let mask = status.lines().find_map(|l| l.strip_prefix("SigCgt:")).map(str::trim).unwrap_or("0");
+    u64::from_str_radix(mask, 16).is_ok_and(|m| m & (1 << (sig - 1)) != 0)
+}
+
+#[test]
+fn sigterm_while_waiting_for_strategy_files_stops_with_143() {
+    let case = fixture("dp2mp2pp2_to_dp1mp2pp2");
+    let out = scratch("sigterm").join("output");
+    let world = write_runtime_strategies(&case, &out.join("strategy"));
+    std::fs::remove_file(out.join("strategy/ckpt_strategy_rank_3.ckpt")).unwrap();
+    let mut c = Command::new(BIN);
+    c.args(["auto", "--timeout", "600", "--rank", "0", "--world_size"])
+        .arg(world.to_string())
+        .arg("--load_checkpoint")
+        .arg(case.join("src"))
+        .arg("--src_strategy_path_or_dir")
+        .arg(case.join("src_strategy_stages"))
+        .arg("--output_dir")
+        .arg(&out)
+        .stderr(std::process::Stdio::piped());
+    let child = c.spawn().unwrap();
+    // Once its handler is installed (it then waits for the missing file, up to 600 s).
+    let start = std::time::Instant::now();
+    while !catches(child.id(), libc::SIGTERM) && start.elapsed() < std::time::Duration::from_secs(30) {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    // SAFETY: kill(2) on the pid of a child we have not waited for yet.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(143), "{:?}\n{err}", o.status);
+    assert!(err.contains("stopped"), "{err}");
+    assert!(!out.join("transformed_checkpoint/rank_0/checkpoint_0.ckpt").exists());
+}

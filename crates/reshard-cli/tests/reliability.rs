@@ -135,3 +135,74 @@ fn killed_run_leaves_complete_files_and_rerun_matches_clean_run() {
     assert_eq!(std::fs::read(&victim).unwrap(), std::fs::read(outputs(&clean)[5].clone()).unwrap());
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Temporary files (`.tmp`) anywhere under `dir`.
+fn temp_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(temp_files(&p));
+        } else if p.to_string_lossy().ends_with(".tmp") {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn sigterm_and_sigint_remove_the_temporary_files_and_exit_128_plus_the_signal() {
+    let dir = scratch("signal");
+    let (src, strategy) = make_source(&dir, 16); // 128 MiB, 8 outputs of 16 MiB
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        let out = dir.join(format!("out-{sig}"));
+        let mut stopped = None;
+        for _attempt in 0..5 {
+            let _ = std::fs::remove_dir_all(&out);
+            let child = transform(&src, &strategy, &out).stderr(Stdio::piped()).spawn().unwrap();
+            // Signal it once the first output is finished and another one is being written
+            // under its temporary name.
+            let start = Instant::now();
+            while (!outputs(&out)[0].exists() || temp_files(&out).is_empty())
+                && start.elapsed() < Duration::from_secs(30)
+            {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            // SAFETY: kill(2) on the pid of a child we have not waited for yet.
+            assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
+            let o = child.wait_with_output().unwrap();
+            if o.status.success() {
+                continue; // finished before the signal landed: try again
+            }
+            stopped = Some(o);
+            break;
+        }
+        let o = stopped.expect("the transform always finished before the signal");
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(128 + sig), "signal {sig}: {:?}\n{stderr}", o.status);
+        assert!(stderr.contains("stopped"), "{stderr}");
+        let left = temp_files(&out);
+        assert!(left.is_empty(), "signal {sig}: temporary files left: {left:?}");
+        let finished: Vec<PathBuf> = outputs(&out).into_iter().filter(|p| p.exists()).collect();
+        assert!(finished.len() < 8, "signal {sig}: every output was finished");
+        // What is under a final name is complete, and listed with its crc in a manifest.
+        for p in &finished {
+            CheckpointFile::open(p, ReadOptions::default())
+                .unwrap_or_else(|e| panic!("partial file {}: {e}", p.display()));
+        }
+        assert!(!finished.is_empty(), "signal {sig}: rank 0 finished before the signal but is not there");
+        // verify checks what is there and names the ranks the stopped job did not write.
+        let v = Command::new(BIN).arg("verify").arg(&out).output().unwrap();
+        let said = format!("{}{}", String::from_utf8_lossy(&v.stdout), String::from_utf8_lossy(&v.stderr));
+        assert_eq!(v.status.code(), Some(1), "{said}");
+        assert!(said.contains("ok ") && said.contains("MISSING") && said.contains("rank_7"), "{said}");
+        assert!(!said.contains("BAD"), "{said}");
+        // A rerun finishes the job, and then verify passes.
+        let o = transform(&src, &strategy, &out).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v = Command::new(BIN).arg("verify").arg(&out).output().unwrap();
+        assert!(v.status.success(), "{}{}", String::from_utf8_lossy(&v.stdout), String::from_utf8_lossy(&v.stderr));
+        assert!(outputs(&out).iter().all(|p| p.exists()));
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

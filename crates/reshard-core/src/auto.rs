@@ -42,6 +42,10 @@ pub struct AutoOptions {
     pub timeout: u64,
     /// Worker threads (0 = all cores).
     pub threads: usize,
+    /// Set it to stop: the wait for strategy files ends and the transform stops as with
+    /// `ExecuteOptions::cancel` ([`Error::Cancelled`]). Not a JSON key.
+    #[serde(skip)]
+    pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl Default for AutoOptions {
@@ -57,6 +61,7 @@ impl Default for AutoOptions {
             output_format: "ckpt".into(),
             timeout: 600,
             threads: 0,
+            cancel: None,
         }
     }
 }
@@ -140,7 +145,9 @@ pub fn auto(o: &AutoOptions) -> Result<AutoResult> {
     } else {
         None
     };
-    let dst_strategy = wait_for_strategies(&strategy_dir, rank, world, Duration::from_secs(o.timeout), &mut log)?;
+    let cancel = o.cancel.as_deref();
+    let dst_strategy =
+        wait_for_strategies(&strategy_dir, rank, world, Duration::from_secs(o.timeout), cancel, &mut log)?;
     if let Some(d) = &dst_strategy {
         let n = d.rank_num()?;
         if n != u64::from(world) {
@@ -176,7 +183,13 @@ pub fn auto(o: &AutoOptions) -> Result<AutoResult> {
     for w in &plan.warnings {
         log.push(format!("warning: {w}"));
     }
-    let opts = ExecuteOptions { prefix: o.prefix.clone(), format, threads: o.threads, ..ExecuteOptions::default() };
+    let opts = ExecuteOptions {
+        prefix: o.prefix.clone(),
+        format,
+        threads: o.threads,
+        cancel: o.cancel.clone(),
+        ..ExecuteOptions::default()
+    };
     let written = execute(&plan, &out_root, &[my_rank], &opts)?;
     let load_path = written.first().map(|w| w.path.clone()).unwrap_or_default();
     remove_other_checkpoints(&load_path, &mut log);
@@ -306,6 +319,7 @@ fn wait_for_strategies(
     rank: u32,
     world: u32,
     timeout: Duration,
+    cancel: Option<&std::sync::atomic::AtomicBool>,
     log: &mut Vec<String>,
 ) -> Result<Option<Strategy>> {
     let name = |r: u32, ext: &str| dir.join(format!("ckpt_strategy_rank_{r}.{ext}"));
@@ -363,6 +377,9 @@ fn wait_for_strategies(
                     if missing.len() > 16 { ", ..." } else { "" }
                 ),
             });
+        }
+        if cancel.is_some_and(|c| c.load(std::sync::atomic::Ordering::Acquire)) {
+            return Err(Error::Cancelled { path: dir.join("merged_ckpt_strategy.ckpt") });
         }
         std::thread::sleep(Duration::from_millis(100));
     }

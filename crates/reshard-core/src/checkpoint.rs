@@ -145,10 +145,13 @@ impl CheckpointFile {
     pub fn open(path: &Path, opts: ReadOptions) -> Result<Self> {
         let map = MappedFile::open(path)?;
         let index = match Format::from_path(path) {
-            Some(Format::Safetensors) => safetensors::parse(path, &map, opts)?,
-            _ => ckpt::parse(path, &map, opts)?,
+            Some(Format::Safetensors) => safetensors::parse(path, &map, opts),
+            _ => ckpt::parse(path, &map, opts),
         };
-        Ok(CheckpointFile { path: path.to_path_buf(), map, index })
+        // A file truncated or rewritten while it was parsed (and its crc checked) is reported
+        // as such, rather than as the damage that reading a mix of versions looks like.
+        map.check()?;
+        Ok(CheckpointFile { path: path.to_path_buf(), map, index: index? })
     }
 
     /// The path it was opened from.

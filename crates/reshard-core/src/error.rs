@@ -99,6 +99,13 @@ pub enum Error {
     /// Invalid options or arguments.
     #[error("{0}")]
     Invalid(String),
+
+    /// The run was stopped (`ExecuteOptions::cancel`) before this output was finished.
+    #[error("{path}: stopped (cancelled) before this file was finished; nothing of it was left behind")]
+    Cancelled {
+        /// The output that was not finished.
+        path: PathBuf,
+    },
 }
 
 impl Error {
@@ -119,6 +126,7 @@ impl Error {
             Error::ShapeMismatch { .. } => 8,
             Error::Source { .. } => 9,
             Error::Invalid(_) => 10,
+            Error::Cancelled { .. } => 11,
         }
     }
 }

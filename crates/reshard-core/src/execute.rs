@@ -47,6 +47,10 @@ pub struct ExecuteOptions {
     pub resume: bool,
     /// Progress reports.
     pub progress: Option<Arc<ProgressFn>>,
+    /// Set it (from any thread, or a signal handler) to stop the run: the executor looks at it
+    /// between blocks, removes the temporary files of the outputs in flight and returns
+    /// [`Error::Cancelled`]; outputs already renamed into place stay (they are complete).
+    pub cancel: Option<Arc<AtomicBool>>,
 }
 
 impl Default for ExecuteOptions {
@@ -65,6 +69,7 @@ impl Default for ExecuteOptions {
             sync: true,
             resume: true,
             progress: None,
+            cancel: None,
         }
     }
 }
@@ -80,6 +85,7 @@ impl std::fmt::Debug for ExecuteOptions {
             .field("crc", &self.crc)
             .field("sync", &self.sync)
             .field("resume", &self.resume)
+            .field("cancel", &self.cancel)
             .finish()
     }
 }
@@ -119,17 +125,53 @@ impl<'p> SourceMaps<'p> {
         let src = &self.plan.sources[&rank];
         let cell = &self.maps[&rank];
         let r = cell.get_or_init(|| {
-            let meta = std::fs::metadata(&src.path).map_err(|e| Error::io(&src.path, "stat", e).to_string())?;
-            if meta.len() != src.len || meta.modified().ok() != src.mtime {
+            let map = MappedFile::open(&src.path).map_err(|e| e.to_string())?;
+            // The size and mtime of the file mapped (not of the path a moment before).
+            let planned = src.mtime.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_nanos());
+            let now = map.opened();
+            if now.len != src.len || planned.is_some_and(|p| i128::try_from(p).ok() != Some(now.mtime_ns)) {
                 return Err(Error::Source {
                     path: src.path.clone(),
                     detail: "the file changed after the plan was made; make the plan again".into(),
                 }
                 .to_string());
             }
-            MappedFile::open(&src.path).map(Arc::new).map_err(|e| e.to_string())
+            Ok(Arc::new(map))
         });
         r.clone().map_err(|m| Error::Source { path: src.path.clone(), detail: m })
+    }
+
+    /// The map of `rank` if it was opened.
+    fn opened(&self, rank: u32) -> Option<&MappedFile> {
+        self.maps.get(&rank)?.get()?.as_ref().ok().map(|m| &**m)
+    }
+
+    /// After a block of `t`: fails, naming the file, if a read of one of its sources faulted
+    /// (the file was truncated under its map; the block then holds zeros).
+    fn check_faults(&self, t: &crate::plan::TensorPlan) -> Result<()> {
+        if crate::sys::faults_absorbed() == 0 {
+            return Ok(());
+        }
+        let ranks: Vec<u32> = match &t.source {
+            TensorSource::Raw { src_rank } => vec![*src_rank],
+            TensorSource::Pieces { pieces, .. } => pieces.iter().map(|p| p.src_rank).collect(),
+        };
+        for r in ranks {
+            if let Some(m) = self.opened(r).filter(|m| m.faulted()) {
+                m.check()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The error to report for a failed write of bytes taken from the map of `rank`: a `pwrite`
+    /// from a page beyond the end of a truncated source fails with EFAULT (it raises no
+    /// SIGBUS), so a source that changed is named rather than the output.
+    fn explain(&self, rank: u32, e: Error) -> Error {
+        match self.opened(rank).map(MappedFile::check) {
+            Some(Err(changed)) => changed,
+            _ => e,
+        }
     }
 }
 
@@ -249,6 +291,14 @@ pub fn execute(plan: &Plan, dst_dir: &Path, ranks: &[u32], opts: &ExecuteOptions
             .map(|rp| write_rank(plan, &maps, rp, dst_dir, opts, block_bytes, &written, total))
             .collect::<Result<Vec<_>>>()
     })
+}
+
+/// Fails with [`Error::Cancelled`] when the run was asked to stop.
+fn check_cancel(opts: &ExecuteOptions, output: &Path) -> Result<()> {
+    match &opts.cancel {
+        Some(c) if c.load(Ordering::Acquire) => Err(Error::Cancelled { path: output.to_path_buf() }),
+        _ => Ok(()),
+    }
 }
 
 /// Lays out an output file for the given tensors.
@@ -426,6 +476,7 @@ fn write_rank(
             }
         }
     }
+    check_cancel(opts, &final_path)?;
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, "create folder", e))?;
     remove_stale_temps(&dir, &name);
     remove_stale_temps(&dir, crate::manifest::MANIFEST_NAME);
@@ -480,10 +531,13 @@ fn write_rank(
                         break;
                     };
                     let step = || -> Result<_> {
+                        check_cancel(opts, &final_path)?;
                         if let Some(a) = blocks.get(i.saturating_add(ahead)) {
                             announce_block(plan, maps, tensors[a.tensor], a)?;
                         }
-                        write_block(plan, maps, tensors[b.tensor], b, &layout, b.tensor, &out)
+                        let r = write_block(plan, maps, tensors[b.tensor], b, &layout, b.tensor, &out)?;
+                        maps.check_faults(tensors[b.tensor])?;
+                        Ok(r)
                     };
                     let (n, crcs) = step().inspect_err(|_| failed.store(true, Ordering::Relaxed))?;
                     mine.extend(crcs);
@@ -496,6 +550,12 @@ fn write_rank(
             })
             .collect::<Result<_>>()?;
         crcs.extend(block_crcs.into_iter().flatten());
+        // Every source this rank read still has the size and times it had when it was mapped
+        // (else what was read may mix two versions of it), and no read of one faulted.
+        for r in rp.src_ranks() {
+            maps.get(r)?.check()?;
+        }
+        check_cancel(opts, &final_path)?;
         // The runs tile the file; combining their crcs in file order gives the file's crc
         // without reading it back.
         crcs.sort_by_key(|(off, _)| *off);
@@ -583,7 +643,7 @@ fn write_block(
             let map = maps.get(*src_rank)?;
             // Straight from the map to the file: no intermediate buffer.
             for (at, from, n) in segment_runs(&info.segments, start, start + len) {
-                write(&map[from as usize..(from + n) as usize], at)?;
+                write(&map[from as usize..(from + n) as usize], at).map_err(|e| maps.explain(*src_rank, e))?;
             }
         }
         TensorSource::Pieces { dst_box, pieces } => {
@@ -612,7 +672,7 @@ fn write_block(
             if !direct.is_empty() {
                 for (rank, from, dof, n) in direct {
                     let map = maps.get(rank)?;
-                    write(&map[from as usize..(from + n) as usize], start + dof)?;
+                    write(&map[from as usize..(from + n) as usize], start + dof).map_err(|e| maps.explain(rank, e))?;
                 }
                 return Ok((len, crcs));
             }

@@ -35,6 +35,10 @@ pub enum ReshardStatus {
     /// An invalid argument: an empty path, a repeated rank, an output folder inside the source
     /// folder, ...
     InvalidArgument = 10,
+    /// The run was asked to stop (the CLI on SIGINT/SIGTERM); its temporary files were removed
+    /// and outputs already under their final names are complete. The C API has no way to ask
+    /// yet, so it does not return this code today; it is reserved for the core's kind.
+    Cancelled = 11,
     /// A pointer argument that must not be NULL was NULL.
     NullArgument = 100,
     /// A string argument that must be UTF-8 (options_json) was not.

@@ -1,0 +1,172 @@
+//! A source truncated or rewritten in place while a transform reads it: the run fails naming
+//! the file, the process is not killed (SIGBUS), and nothing is left in the output folder.
+//!
+//! The change is made from the progress callback after the first block, with one worker and
+//! small blocks, so it always lands in the middle of the reads.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+#![allow(unsafe_code)] // fork, mmap and waitpid for the chaining test
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use reshard_core::checkpoint::{CheckpointFile, ReadOptions, TensorHeader};
+use reshard_core::execute::{execute, ExecuteOptions};
+use reshard_core::plan::{Plan, PlanOptions};
+use reshard_core::{ckpt, DType};
+use serde_json::json;
+
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Self {
+        let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("reshard-change-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        Scratch(d)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A complete 4 MiB fp32 tensor "w" split in 2 by rows (`tensor_map` [0, -1]: each rank's share
+/// is one run, written straight from the source map with pwrite) or by columns ([-1, 0]: each
+/// row's half is copied with memcpy into a buffer). Returns (source folder, source file,
+/// destination strategy). The source's mtime is set an hour back, so a rewrite always moves it.
+fn make_source(dir: &Path, tensor_map: [i64; 2]) -> (PathBuf, PathBuf, PathBuf) {
+    let headers =
+        vec![TensorHeader { name: "w".into(), dtype: DType::Float32, dims: vec![1024, 1024], nbytes: 4 << 20 }];
+    let content: Vec<u8> = (0..4u32 << 20).map(|k| (k as u8).wrapping_mul(13)).collect();
+    let src = dir.join("complete/rank_0/model.ckpt");
+    std::fs::create_dir_all(src.parent().unwrap()).unwrap();
+    std::fs::write(&src, ckpt::layout(&headers, ckpt::CHUNK_BYTES).render(&[&content])).unwrap();
+    let f = std::fs::File::options().write(true).open(&src).unwrap();
+    f.set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(3600)).unwrap();
+    let strategy = dir.join("mp2.json");
+    let v = json!({"current_stage": 0, "parallel_strategy_item": {"op": {"stage": 0, "parallel_strategy": [[1]]}},
+                   "parallel_layout_item": {"w": {"dev_matrix": [1, 2], "tensor_map": tensor_map, "field": 0,
+                   "opt_weight_shard_step": 0, "opt_weight_shard_size": 0}}});
+    std::fs::write(&strategy, serde_json::to_vec(&v).unwrap()).unwrap();
+    (dir.join("complete"), src, strategy)
+}
+
+/// Runs rank 0 with one worker and 64 KiB blocks, calling `change` once after the first block.
+fn run_with_change(
+    dir: &Path,
+    tensor_map: [i64; 2],
+    change: impl Fn(&Path) + Send + Sync + 'static,
+) -> (reshard_core::Result<Vec<reshard_core::WrittenFile>>, PathBuf) {
+    let (src_dir, src, strategy) = make_source(dir, tensor_map);
+    let plan = Plan::build(&src_dir, None, Some(&strategy), &PlanOptions::default()).unwrap();
+    let done = AtomicBool::new(false);
+    let victim = src.clone();
+    let opts = ExecuteOptions {
+        threads: 1,
+        block_bytes: 64 << 10,
+        sync: false,
+        progress: Some(Arc::new(move |_, _| {
+            if !done.swap(true, Ordering::SeqCst) {
+                change(&victim);
+            }
+        })),
+        ..ExecuteOptions::default()
+    };
+    (execute(&plan, &dir.join("out"), &[0], &opts), src)
+}
+
+/// Every regular file under `dir`.
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            if e.file_type().unwrap().is_dir() {
+                todo.push(e.path());
+            } else {
+                out.push(e.path());
+            }
+        }
+    }
+    out
+}
+
+fn truncate(path: &Path) {
+    std::fs::File::options().write(true).open(path).unwrap().set_len(4096).unwrap();
+}
+
+#[test]
+fn a_source_truncated_during_a_run_fails_cleanly_naming_it() {
+    // Columns: the copy reads the map with memcpy and, without the handler, dies of SIGBUS.
+    // Rows: pwrite from the map fails with EFAULT, which must be reported as the source's fault.
+    for (case, map) in [("cols", [-1, 0]), ("rows", [0, -1])] {
+        let dir = Scratch::new(&format!("truncate-{case}"));
+        let (r, src) = run_with_change(&dir.0, map, truncate);
+        let err = r.expect_err(case).to_string();
+        assert!(err.contains(&src.display().to_string()) && err.contains("truncated from"), "{case}: {err}");
+        let left = files_under(&dir.0.join("out"));
+        assert!(left.is_empty(), "{case}: left behind {left:?}");
+    }
+}
+
+#[test]
+fn a_source_rewritten_in_place_during_a_run_fails_naming_it() {
+    for (case, map) in [("cols", [-1, 0]), ("rows", [0, -1])] {
+        let dir = Scratch::new(&format!("rewrite-{case}"));
+        // Same size, other bytes, from the middle of the content to the end.
+        let rewrite = |p: &Path| {
+            let f = std::fs::File::options().write(true).open(p).unwrap();
+            let len = f.metadata().unwrap().len();
+            f.write_all_at(&vec![0x5a; (len / 2) as usize], len - len / 2).unwrap();
+        };
+        let (r, src) = run_with_change(&dir.0, map, rewrite);
+        let err = r.expect_err(case).to_string();
+        assert!(err.contains(&src.display().to_string()) && err.contains("changed while"), "{case}: {err}");
+        let left = files_under(&dir.0.join("out"));
+        assert!(left.is_empty(), "{case}: left behind {left:?}");
+    }
+}
+
+#[test]
+fn an_untouched_source_still_converts() {
+    let dir = Scratch::new("untouched");
+    let (r, _) = run_with_change(&dir.0, [-1, 0], |_| {});
+    let written = r.unwrap();
+    CheckpointFile::open(&written[0].path, ReadOptions::default()).unwrap();
+}
+
+/// A SIGBUS that is not in one of reshard's maps still does what it did before: here, with
+/// the default action behind the handler, it kills the process with SIGBUS.
+#[test]
+fn a_sigbus_outside_reshards_maps_is_not_swallowed() {
+    let dir = Scratch::new("foreign");
+    let (_, src, _) = make_source(&dir.0, [0, -1]);
+    // Installs reshard's handler (a source is mapped).
+    drop(CheckpointFile::open(&src, ReadOptions::default()).unwrap());
+    let other = dir.0.join("other.bin");
+    std::fs::write(&other, vec![1u8; 1 << 20]).unwrap();
+    let f = std::fs::File::options().read(true).write(true).open(&other).unwrap();
+    use std::os::fd::AsRawFd;
+    // SAFETY: the child only makes system calls (mmap, ftruncate, a volatile read, _exit) on
+    // memory and descriptors it owns; the parent waits for it.
+    unsafe {
+        let p = libc::mmap(std::ptr::null_mut(), 1 << 20, libc::PROT_READ, libc::MAP_SHARED, f.as_raw_fd(), 0);
+        assert_ne!(p, libc::MAP_FAILED);
+        let pid = libc::fork();
+        assert!(pid >= 0);
+        if pid == 0 {
+            libc::ftruncate(f.as_raw_fd(), 0);
+            let _ = std::ptr::read_volatile((p as *const u8).add(8192));
+            libc::_exit(0);
+        }
+        let mut status = 0;
+        assert_eq!(libc::waitpid(pid, &mut status, 0), pid);
+        assert!(libc::WIFSIGNALED(status), "the child exited with status {status:#x} instead of dying of SIGBUS");
+        assert_eq!(libc::WTERMSIG(status), libc::SIGBUS);
+        libc::munmap(p, 1 << 20);
+    }
+}
