@@ -629,7 +629,7 @@ static void test_bad_plans(void)
     snprintf(src, sizeof src, "%s/dp2mp2_to_complete/src", fixtures);
     snprintf(strat, sizeof strat, "%s/dp2mp2pp2_to_dp1mp2pp2/src_strategy.ckpt", fixtures);
     st = reshard_plan(src, strat, NULL, NULL, &plan, &err);
-    check_error(st, err, RESHARD_STATUS_SOURCE, "rank folders are missing: 4-7 (4 ranks)");
+    check_error(st, err, RESHARD_STATUS_SOURCE, "rank folders are missing: rank_4..rank_7 (4 ranks)");
     err = NULL;
     /* A strategy of another layout whose tensor_shape contradicts the stored slices. */
     snprintf(strat, sizeof strat, "%s/json_dp2mp2pp2_opt_to_dp1mp4/dst_strategy.json", fixtures);
