@@ -224,9 +224,13 @@ pub fn execute(plan: &Plan, dst_dir: &Path, ranks: &[u32], opts: &ExecuteOptions
         r.dedup();
         r
     };
-    let rank_plans: Vec<RankPlan> = ranks.iter().map(|&r| plan.rank_plan(r)).collect::<Result<_>>()?;
-    if opts.format == Format::Safetensors {
-        for rp in &rank_plans {
+    // Rank plans are made again by the worker that writes the rank rather than kept for every
+    // rank: with many small tensors they are most of the memory (300,000 tensors: about 100 MB
+    // per rank).
+    let mut total = 0u64;
+    for &r in &ranks {
+        let rp = plan.rank_plan(r)?;
+        if opts.format == Format::Safetensors {
             if let Some(t) = rp.tensors.iter().find(|t| t.dtype.safetensors_name().is_none()) {
                 return Err(Error::Invalid(format!(
                     "parameter '{}' is a {} and cannot be written to safetensors; use --output_format ckpt",
@@ -234,21 +238,31 @@ pub fn execute(plan: &Plan, dst_dir: &Path, ranks: &[u32], opts: &ExecuteOptions
                 )));
             }
         }
+        total += rp.bytes_written();
     }
-    let total: u64 = rank_plans.iter().map(|r| r.bytes_written()).sum();
     let written = AtomicU64::new(0);
     let maps = SourceMaps::new(plan);
+    let fingerprint = plan.fingerprint(&format!("{:?} {} crc={}", opts.format, opts.prefix, opts.crc));
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(opts.threads)
         .build()
         .map_err(|e| Error::Invalid(format!("cannot start worker threads: {e}")))?;
     let block_bytes = opts.block_bytes.min(opts.memory_budget / (2 * pool.current_num_threads() as u64).max(1)).max(1);
-    pool.install(|| {
-        rank_plans
-            .par_iter()
-            .map(|rp| write_rank(plan, &maps, rp, dst_dir, opts, block_bytes, &written, total))
-            .collect::<Result<Vec<_>>>()
-    })
+    let job =
+        Job { plan, maps: &maps, dst_dir, opts, block_bytes, written: &written, total, fingerprint: &fingerprint };
+    pool.install(|| ranks.par_iter().map(|&r| write_rank(&job, &plan.rank_plan(r)?)).collect::<Result<Vec<_>>>())
+}
+
+/// What every rank of one `execute` call shares.
+struct Job<'a> {
+    plan: &'a Plan,
+    maps: &'a SourceMaps<'a>,
+    dst_dir: &'a Path,
+    opts: &'a ExecuteOptions,
+    block_bytes: u64,
+    written: &'a AtomicU64,
+    total: u64,
+    fingerprint: &'a str,
 }
 
 /// Lays out an output file for the given tensors.
@@ -381,17 +395,8 @@ fn blocks_for(tensor: usize, t: &crate::plan::TensorPlan, max: u64, out: &mut Ve
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn write_rank(
-    plan: &Plan,
-    maps: &SourceMaps<'_>,
-    rp: &RankPlan,
-    dst_dir: &Path,
-    opts: &ExecuteOptions,
-    block_bytes: u64,
-    written: &AtomicU64,
-    total: u64,
-) -> Result<WrittenFile> {
+fn write_rank(job: &Job<'_>, rp: &RankPlan) -> Result<WrittenFile> {
+    let Job { plan, maps, dst_dir, opts, block_bytes, written, total, fingerprint } = *job;
     let mut tensors: Vec<&crate::plan::TensorPlan> = rp.tensors.iter().collect();
     if opts.format == Format::Safetensors {
         tensors.sort_by(|a, b| safetensors::data_order(a.dtype, &a.name, b.dtype, &b.name));
@@ -412,7 +417,6 @@ fn write_rank(
     let final_path = output_path(plan, dst_dir, rp.rank, opts);
     let dir = final_path.parent().map(Path::to_path_buf).unwrap_or_default();
     let name = final_path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
-    let fingerprint = plan.fingerprint(&format!("{:?} {} crc={}", opts.format, opts.prefix, opts.crc));
     if opts.resume {
         if let Some(e) = Manifest::read(&dir)
             .and_then(|m| m.files.into_iter().find(|e| e.name == name && e.plan_fingerprint == fingerprint))
@@ -538,7 +542,8 @@ fn write_rank(
                 let _ = d.sync_all();
             }
         }
-        let entry = ManifestEntry { name: name.clone(), size: len, crc32: crc, plan_fingerprint: fingerprint.clone() };
+        let entry =
+            ManifestEntry { name: name.clone(), size: len, crc32: crc, plan_fingerprint: fingerprint.to_string() };
         Manifest::record(&dir, entry, opts.sync)?;
         Ok(WrittenFile { rank: rp.rank, path: final_path.clone(), len, crc32: crc, reused: false })
     })()

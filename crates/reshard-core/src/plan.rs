@@ -85,8 +85,10 @@ struct DstInfo {
     stages: Vec<u32>,
     /// Resolved layout for ranks of stage 0, and for ranks of later stages (MindSpore may pick
     /// different layout items for a parameter shared by stages).
-    first: Option<ResolvedLayout>,
-    later: Option<ResolvedLayout>,
+    /// Shared between parameters with the same layout and shape (most of them, in a model
+    /// of many small tensors).
+    first: Option<std::sync::Arc<ResolvedLayout>>,
+    later: Option<std::sync::Arc<ResolvedLayout>>,
 }
 
 /// A box of a source slice to copy into a destination tensor.
@@ -190,8 +192,11 @@ pub struct Plan {
     pub src_format: Format,
     /// Source files by global rank.
     pub sources: BTreeMap<u32, Source>,
-    src_strategy: Option<Strategy>,
-    dst_strategy: Option<Strategy>,
+    /// Whether a destination strategy was given (else the destination is complete).
+    has_dst_strategy: bool,
+    /// See [`fingerprint_state`]. The strategies themselves are not kept: what the plan needs of
+    /// them is in `params`.
+    fingerprint_state: u64,
     /// Devices per source pipeline stage (1 for a complete source).
     pub src_stage_devices: u64,
     /// Source pipeline stages.
@@ -208,6 +213,38 @@ pub struct Plan {
     pub part: Option<u32>,
     /// Things the user should know (differences from MindSpore, ignored files).
     pub warnings: Vec<String>,
+}
+
+/// FNV-1a over everything written to it, so that text is hashed as it is formatted rather than
+/// built as one string first (the strategies' text is hundreds of MB for 300,000 parameters).
+struct Fnv(u64);
+
+impl std::fmt::Write for Fnv {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        for &x in s.as_bytes() {
+            self.0 = (self.0 ^ u64::from(x)).wrapping_mul(0x0100_0000_01b3);
+        }
+        Ok(())
+    }
+}
+
+/// The fingerprint's hash of the sources, both strategies and the by-stage mode, before the
+/// output options: computed when the plan is built, so the strategies need not be kept.
+fn fingerprint_state(
+    sources: &BTreeMap<u32, Source>,
+    src: Option<&Strategy>,
+    dst: Option<&Strategy>,
+    part: Option<u32>,
+) -> u64 {
+    use std::fmt::Write as _;
+    let mut h = Fnv(0xcbf2_9ce4_8422_2325);
+    let _ = h.write_str(env!("CARGO_PKG_VERSION"));
+    for s in sources.values() {
+        let mtime = s.mtime.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
+        let _ = writeln!(h, "{}|{}|{}|{}", s.rank, s.path.display(), s.len, mtime);
+    }
+    let _ = write!(h, "{:?}|{:?}|{:?}|", src.map(|s| &s.params), dst.map(|s| &s.params), part);
+    h.0
 }
 
 fn mismatch(src: &Source, param: &str, detail: String) -> Error {
@@ -374,15 +411,16 @@ impl Plan {
                 ));
             }
         }
+        let mut shared = std::collections::HashSet::new();
         for p in &mut params {
-            p.dst = resolve_dst(p, src_strategy.as_ref(), dst_strategy.as_ref(), dst_stage_devices)?;
+            p.dst = resolve_dst(p, src_strategy.as_ref(), dst_strategy.as_ref(), dst_stage_devices, &mut shared)?;
         }
         Ok(Plan {
             src_dir: set.dir,
             src_format: set.format,
+            fingerprint_state: fingerprint_state(&sources, src_strategy.as_ref(), dst_strategy.as_ref(), by_stage),
+            has_dst_strategy: dst_strategy.is_some(),
             sources,
-            src_strategy,
-            dst_strategy,
             src_stage_devices,
             src_stages,
             dst_stage_devices,
@@ -399,25 +437,9 @@ impl Plan {
     /// both strategies and `extra` (the output options). Stored in manifests so a rerun can
     /// tell its own finished outputs from anything else.
     pub fn fingerprint(&self, extra: &str) -> String {
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        let mut eat = |b: &[u8]| {
-            for &x in b {
-                h = (h ^ u64::from(x)).wrapping_mul(0x0100_0000_01b3);
-            }
-        };
-        eat(env!("CARGO_PKG_VERSION").as_bytes());
-        for s in self.sources.values() {
-            let mtime = s.mtime.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
-            eat(format!("{}|{}|{}|{}\n", s.rank, s.path.display(), s.len, mtime).as_bytes());
-        }
-        eat(format!(
-            "{:?}|{:?}|{:?}|{extra}",
-            self.src_strategy.as_ref().map(|s| &s.params),
-            self.dst_strategy.as_ref().map(|s| &s.params),
-            self.part
-        )
-        .as_bytes());
-        format!("{h:016x}")
+        let mut h = Fnv(self.fingerprint_state);
+        let _ = std::fmt::Write::write_str(&mut h, extra);
+        format!("{:016x}", h.0)
     }
 
     /// The output file of destination rank `rank`, relative to the output folder.
@@ -438,7 +460,7 @@ impl Plan {
 
     /// Whether the destination is one complete checkpoint.
     pub fn dst_is_complete(&self) -> bool {
-        self.dst_strategy.is_none()
+        !self.has_dst_strategy
     }
 
     /// The plan of destination rank `rank`.
@@ -456,14 +478,14 @@ impl Plan {
         let mut copied = Vec::new();
         for (i, p) in self.params.iter().enumerate() {
             let d = &p.dst;
-            if self.dst_strategy.is_some() && d.in_dst && !d.stages.contains(&stage) {
+            if self.has_dst_strategy && d.in_dst && !d.stages.contains(&stage) {
                 // Outside this rank's stage: MindSpore drops it unless the source strategy lacks it.
                 if !d.in_src {
                     copied.push((i, self.raw(p, local)?));
                 }
                 continue;
             }
-            if self.dst_strategy.is_some() && !d.in_dst {
+            if self.has_dst_strategy && !d.in_dst {
                 // Not in the destination strategy: MindSpore copies the source slice as it is;
                 // a sharded one would be a wrong tensor, so write the complete tensor.
                 let t = match p.kind {
@@ -589,7 +611,13 @@ impl Plan {
 }
 
 /// Resolves what the destination strategy says of a parameter.
-fn resolve_dst(p: &ParamInfo, src: Option<&Strategy>, dst: Option<&Strategy>, dst_stage_dev: u64) -> Result<DstInfo> {
+fn resolve_dst(
+    p: &ParamInfo,
+    src: Option<&Strategy>,
+    dst: Option<&Strategy>,
+    dst_stage_dev: u64,
+    shared: &mut std::collections::HashSet<std::sync::Arc<ResolvedLayout>>,
+) -> Result<DstInfo> {
     let in_src = src.is_none_or(|s| s.contains(&p.name));
     let Some(d) = dst else {
         return Ok(DstInfo { in_src, ..DstInfo::default() });
@@ -600,8 +628,19 @@ fn resolve_dst(p: &ParamInfo, src: Option<&Strategy>, dst: Option<&Strategy>, ds
     let stages = d.stages_of(&p.name);
     let mut info = DstInfo { in_src, in_dst: true, stages, first: None, later: None };
     if in_src && !matches!(p.kind, SrcKind::Raw) {
-        let resolve = |rank: u64| -> Result<Option<ResolvedLayout>> {
-            d.layout_for_rank(&p.name, rank).map(|l| ResolvedLayout::new(l, &p.full, &p.name, &d.path)).transpose()
+        let mut resolve = |rank: u64| -> Result<Option<std::sync::Arc<ResolvedLayout>>> {
+            let Some(l) = d.layout_for_rank(&p.name, rank) else {
+                return Ok(None);
+            };
+            let r = ResolvedLayout::new(l, &p.full, &p.name, &d.path)?;
+            Ok(Some(match shared.get(&r) {
+                Some(a) => a.clone(),
+                None => {
+                    let a = std::sync::Arc::new(r);
+                    shared.insert(a.clone());
+                    a
+                }
+            }))
         };
         if info.stages.contains(&0) {
             info.first = resolve(0)?;
