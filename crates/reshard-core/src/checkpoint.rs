@@ -104,6 +104,9 @@ impl CheckpointIndex {
         crc: Option<u32>,
         metadata: BTreeMap<String, String>,
     ) -> Self {
+        let mut tensors = tensors;
+        // The readers grow it by doubling; the index is kept for the whole job.
+        tensors.shrink_to_fit();
         let by_name = tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
         CheckpointIndex { format, tensors, file_len, crc, metadata, by_name }
     }

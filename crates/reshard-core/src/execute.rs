@@ -228,8 +228,10 @@ pub fn execute(plan: &Plan, dst_dir: &Path, ranks: &[u32], opts: &ExecuteOptions
     // rank: with many small tensors they are most of the memory (300,000 tensors: about 100 MB
     // per rank).
     let mut total = 0u64;
+    let mut most_tensors = 0;
     for &r in &ranks {
         let rp = plan.rank_plan(r)?;
+        most_tensors = most_tensors.max(rp.tensors.len());
         if opts.format == Format::Safetensors {
             if let Some(t) = rp.tensors.iter().find(|t| t.dtype.safetensors_name().is_none()) {
                 return Err(Error::Invalid(format!(
@@ -250,8 +252,21 @@ pub fn execute(plan: &Plan, dst_dir: &Path, ranks: &[u32], opts: &ExecuteOptions
     let block_bytes = opts.block_bytes.min(opts.memory_budget / (2 * pool.current_num_threads() as u64).max(1)).max(1);
     let job =
         Job { plan, maps: &maps, dst_dir, opts, block_bytes, written: &written, total, fingerprint: &fingerprint };
-    pool.install(|| ranks.par_iter().map(|&r| write_rank(&job, &plan.rank_plan(r)?)).collect::<Result<Vec<_>>>())
+    let one_rank = |r: u32| write_rank(&job, &plan.rank_plan(r)?);
+    pool.install(|| {
+        if most_tensors > RANK_AT_A_TIME_TENSORS {
+            // Many tensors per rank: a rank's plan, file layout and blocks take a few hundred
+            // bytes per tensor (about 450 MB for 300,000), so ranks go one at a time, each
+            // still written by all workers (its blocks are many).
+            ranks.iter().map(|&r| one_rank(r)).collect::<Result<Vec<_>>>()
+        } else {
+            ranks.par_iter().map(|&r| one_rank(r)).collect::<Result<Vec<_>>>()
+        }
+    })
 }
+
+/// Above this many tensors in a rank, ranks are written one at a time rather than side by side.
+const RANK_AT_A_TIME_TENSORS: usize = 20_000;
 
 /// What every rank of one `execute` call shares.
 struct Job<'a> {
@@ -462,7 +477,7 @@ fn write_rank(job: &Job<'_>, rp: &RankPlan) -> Result<WrittenFile> {
         }
         let out = Output { file: &file, path: &tmp_path, lock: Mutex::new(()), early_writeback: opts.sync };
         // Blocks of bounded size: the memory a worker holds at once.
-        let mut blocks = Vec::new();
+        let mut blocks = Vec::with_capacity(tensors.len());
         for (i, t) in tensors.iter().enumerate() {
             blocks_for(i, t, block_bytes, &mut blocks);
         }

@@ -49,7 +49,9 @@ enum SrcKind {
     /// Sharded under the source strategy, in one pipeline stage.
     Sharded {
         stage: u32,
-        layout: ResolvedLayout,
+        /// Boxed: most parameters of a large model are not sharded here, and `ParamInfo` is
+        /// kept for each (300,000 of them in a model of many small tensors).
+        layout: Box<ResolvedLayout>,
         /// Distinct boxes with a holder (local rank) each.
         slices: Vec<(Region, u64)>,
     },
@@ -341,7 +343,8 @@ impl Plan {
         let sources: BTreeMap<u32, Source> = sources.into_iter().map(|s| (s.rank, s)).collect();
 
         // Every parameter of every source file, in order of first appearance by rank.
-        let mut params: Vec<ParamInfo> = Vec::new();
+        let mut params: Vec<ParamInfo> =
+            Vec::with_capacity(sources.values().next().map_or(0, |s| s.index.tensors.len()));
         let mut param_index: HashMap<String, usize> = HashMap::new();
         for s in sources.values() {
             for (pos, t) in s.index.tensors.iter().enumerate() {
@@ -474,7 +477,8 @@ impl Plan {
         let stage = (u64::from(rank) / self.dst_stage_devices) as u32;
         let local = u64::from(rank) % self.dst_stage_devices;
         // (param index, tensor) for the transformed and the copied parameters.
-        let mut transformed = Vec::new();
+        // Sized up front: grown by doubling they held up to twice the rank's tensors.
+        let mut transformed = Vec::with_capacity(self.params.len());
         let mut copied = Vec::new();
         for (i, p) in self.params.iter().enumerate() {
             let d = &p.dst;
@@ -504,7 +508,9 @@ impl Plan {
             transformed.push((i, self.pieces(p, dst_box, local)?));
         }
         self.order_like_mindspore(&mut transformed, &mut copied);
-        let tensors = transformed.into_iter().chain(copied).map(|(_, t)| t).collect();
+        // In place (one allocation for the rank's tensors, not two at once).
+        transformed.append(&mut copied);
+        let tensors = transformed.into_iter().map(|(_, t)| t).collect();
         Ok(RankPlan { rank, stage, tensors })
     }
 
@@ -731,7 +737,7 @@ fn resolve_sharded(
             slices.push((b, local));
         }
     }
-    Ok((SrcKind::Sharded { stage, layout: resolved, slices }, full))
+    Ok((SrcKind::Sharded { stage, layout: Box::new(resolved), slices }, full))
 }
 
 /// Ranks as short ranges ("0, 2-5, 9"), at most 16 of them, then the count.
