@@ -208,7 +208,8 @@ pub struct Plan {
     /// Destination pipeline stages.
     pub dst_stages: u32,
     params: Vec<ParamInfo>,
-    param_index: HashMap<String, usize>,
+    /// Parameter positions sorted by name, for [`Plan::has_param`].
+    param_index: Vec<u32>,
     /// First source rank read (non-zero only in MindSpore's by-stage mode).
     src_base: u32,
     /// In MindSpore's by-stage mode, the source stage: outputs are named `{prefix}{r}_part{stage}`.
@@ -265,7 +266,10 @@ impl Plan {
         let src_strategy = src_strategy.map(Strategy::load).transpose()?;
         let dst_strategy = dst_strategy.map(Strategy::load).transpose()?;
         let set = discover(src_dir, opts.src_ckpt_name.as_deref())?;
-        Plan::from_parts(set, src_strategy, dst_strategy, opts)
+        let plan = Plan::from_parts(set, src_strategy, dst_strategy, opts);
+        // The strategies are freed by now (a few hundred bytes per parameter).
+        crate::sys::trim_heap();
+        plan
     }
 
     /// Builds a plan from an already discovered source set and parsed strategies.
@@ -345,10 +349,11 @@ impl Plan {
         // Every parameter of every source file, in order of first appearance by rank.
         let mut params: Vec<ParamInfo> =
             Vec::with_capacity(sources.values().next().map_or(0, |s| s.index.tensors.len()));
-        let mut param_index: HashMap<String, usize> = HashMap::new();
+        // Borrowing the names from the sources' indexes (not a second copy of each).
+        let mut param_index: HashMap<&str, usize> = HashMap::new();
         for s in sources.values() {
             for (pos, t) in s.index.tensors.iter().enumerate() {
-                match param_index.get(&t.name) {
+                match param_index.get(t.name.as_str()) {
                     Some(&i) => {
                         let p = &mut params[i];
                         if p.dtype != t.dtype {
@@ -362,7 +367,7 @@ impl Plan {
                         p.positions.push(pos as u32);
                     }
                     None => {
-                        param_index.insert(t.name.clone(), params.len());
+                        param_index.insert(&t.name, params.len());
                         params.push(ParamInfo {
                             name: t.name.clone(),
                             dtype: t.dtype,
@@ -418,6 +423,9 @@ impl Plan {
         for p in &mut params {
             p.dst = resolve_dst(p, src_strategy.as_ref(), dst_strategy.as_ref(), dst_stage_devices, &mut shared)?;
         }
+        drop(param_index);
+        let mut param_index: Vec<u32> = (0..params.len() as u32).collect();
+        param_index.sort_by(|&a, &b| params[a as usize].name.cmp(&params[b as usize].name));
         Ok(Plan {
             src_dir: set.dir,
             src_format: set.format,
@@ -612,7 +620,7 @@ impl Plan {
 
     /// Whether a parameter exists in the sources.
     pub fn has_param(&self, name: &str) -> bool {
-        self.param_index.contains_key(name)
+        self.param_index.binary_search_by(|&i| self.params[i as usize].name.as_str().cmp(name)).is_ok()
     }
 }
 
