@@ -7,6 +7,7 @@
 //! Usage: cargo run --release -p reshard-bench -- [--size-mb 600] [--dir bench-out] [--runs 3]
 //!        [--python PYTHON (default: $MINDSPORE_PYTHON or python3)] [--no-mindspore]
 //!        [--cold (drop the source files from the page cache before every run)]
+//!        [--many-small-only (only the 300,000-tensor case)]
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -26,6 +27,7 @@ struct Args {
     runs: usize,
     python: Option<String>,
     cold: bool,
+    many_small_only: bool,
 }
 
 fn parse_args() -> Args {
@@ -35,6 +37,7 @@ fn parse_args() -> Args {
         runs: 3,
         python: Some(std::env::var("MINDSPORE_PYTHON").unwrap_or_else(|_| "python3".into())),
         cold: false,
+        many_small_only: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -46,6 +49,7 @@ fn parse_args() -> Args {
             "--python" => a.python = Some(val()),
             "--no-mindspore" => a.python = None,
             "--cold" => a.cold = true,
+            "--many-small-only" => a.many_small_only = true,
             "-h" | "--help" => {
                 println!("{}", include_str!("main.rs").lines().take(10).collect::<Vec<_>>().join("\n"));
                 std::process::exit(0);
@@ -265,6 +269,10 @@ fn main() {
     }
     let dir = a.dir.clone();
     let _ = std::fs::remove_dir_all(&dir);
+    if a.many_small_only {
+        many_small(&dir, &reshard, a.runs);
+        return;
+    }
     let ps = model(a.size_mb);
     let complete = dir.join("complete");
     let t = Instant::now();
@@ -431,7 +439,51 @@ fn main() {
         }
         let _ = std::fs::remove_dir_all(&copy);
     }
+    many_small(&dir, &reshard, a.runs);
     plan_4096(&dir);
+}
+
+/// Per-tensor overhead: a complete checkpoint of 300,000 tensors of 8 floats (about 10 MB)
+/// onto dp2 x mp2 (half the tensors split by mp), timed and with its peak memory.
+fn many_small(dir: &Path, reshard: &Path, runs: usize) {
+    let ps: Vec<Param> = (0..300_000)
+        .map(|i| Param {
+            name: format!("model.layers.{}.p{}.weight", i / 100, i % 100),
+            dtype: DType::Float32,
+            shape: vec![8],
+            map: if i % 2 == 0 { vec![0] } else { vec![-1] },
+            stage: 0,
+            opt: false,
+        })
+        .collect();
+    let src = dir.join("many_small/src");
+    write_model(&src.join("rank_0/model.ckpt"), &ps);
+    let dst = write_strategy(&dir.join("many_small/strategy"), &ps, 2, 2, 1, false);
+    let out = dir.join("many_small/out");
+    let (mut secs, mut rss, mut anon) = (Vec::new(), 0, 0);
+    for _ in 0..runs.max(1) {
+        let _ = std::fs::remove_dir_all(&out);
+        let m = run(Command::new(reshard)
+            .args(["transform", "-q", "--no-sync", "--src_ckpt_dir"])
+            .arg(&src)
+            .arg("--dst_ckpt_strategy")
+            .arg(&dst)
+            .arg("--dst_ckpt_dir")
+            .arg(&out));
+        secs.push(m.secs);
+        rss = rss.max(m.peak_rss_kb);
+        anon = anon.max(m.peak_anon_kb);
+    }
+    println!(
+        "\n{} tensors of 8 floats ({:.1} MB) complete -> 4 (dp2 mp2), --no-sync: {:.2}s, peak RSS {:.0} MB, \
+         peak anon {:.0} MB",
+        ps.len(),
+        du(&src) as f64 / 1e6,
+        median(secs),
+        rss as f64 / 1024.0,
+        anon as f64 / 1024.0
+    );
+    let _ = std::fs::remove_dir_all(&out);
 }
 
 /// Plan-only: 3,000 parameters onto 4,096 destination ranks (dp64 x mp64).

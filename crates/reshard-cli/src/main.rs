@@ -3,10 +3,10 @@
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
 
+mod progress;
 mod signals;
 mod strategy_cmd;
 use reshard_core::checkpoint::{CheckpointFile, Format, ReadOptions};
@@ -86,9 +86,13 @@ enum Cmd {
         /// default they are kept when their manifest entry, size and crc32 still match).
         #[arg(long)]
         force: bool,
-        /// Do not print progress.
+        /// Print nothing on stderr but warnings, unless the job fails (no progress, notes or summary).
         #[arg(long, short)]
         quiet: bool,
+        /// Seconds between progress lines when stderr is not a terminal (on a terminal a bar
+        /// shows progress, rate and ETA).
+        #[arg(long = "progress-interval", default_value_t = 5.0)]
+        progress_interval: f64,
     },
     /// Show what a transform would read and write, without moving data.
     Plan {
@@ -335,7 +339,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             outln!("{}", serde_json::to_string(&ranks).unwrap_or_default());
             Ok(())
         }
-        Cmd::Transform { job, dst_ckpt_dir, out, ranks, crc, no_sync, force, quiet } => {
+        Cmd::Transform { job, dst_ckpt_dir, out, ranks, crc, no_sync, force, quiet, progress_interval } => {
             // Before anything is written (strategy merges go into the output folder too).
             reshard_core::execute::check_output(&job.src_ckpt_dir, &dst_ckpt_dir, &out.prefix)?;
             let mut job = job;
@@ -370,7 +374,9 @@ fn run(cli: Cli) -> Result<(), Error> {
             }
             for (name, p, f, merged) in merges {
                 write_atomic(&f, &merged.to_bytes())?;
-                eprintln!("merged {} into {}", p.display(), f.display());
+                if !quiet {
+                    eprintln!("merged {} into {}", p.display(), f.display());
+                }
                 match name {
                     "src" => job.src_ckpt_strategy = Some(f),
                     _ => job.dst_ckpt_strategy = Some(f),
@@ -384,21 +390,18 @@ fn run(cli: Cli) -> Result<(), Error> {
             opts.crc = crc;
             opts.sync = !no_sync;
             opts.resume = !force;
-            if !quiet && std::io::stderr().is_terminal() {
-                let last = std::sync::atomic::AtomicU64::new(0);
-                opts.progress = Some(Arc::new(move |done: u64, total: u64| {
-                    let pct = (done * 100).checked_div(total).unwrap_or(100);
-                    if last.swap(pct, std::sync::atomic::Ordering::Relaxed) != pct {
-                        eprint!("\rreshard: {pct:>3}% ({done} of {total} bytes)");
-                    }
-                }));
-            }
+            let interval = std::time::Duration::try_from_secs_f64(progress_interval).map_err(|_| {
+                Error::Invalid(format!("--progress-interval {progress_interval}: expected seconds, 0 or more"))
+            })?;
+            let progress = (!quiet).then(|| progress::Progress::new(std::io::stderr().is_terminal(), interval));
+            opts.progress = progress.as_ref().map(progress::Progress::callback);
             opts.cancel = Some(signals::cancel_on_signals());
             let start = std::time::Instant::now();
-            let files = execute(&plan, &dst_ckpt_dir, &ranks, &opts)?;
-            if opts.progress.is_some() {
-                eprintln!();
+            let files = execute(&plan, &dst_ckpt_dir, &ranks, &opts);
+            if let Some(p) = &progress {
+                p.finish();
             }
+            let files = files?;
             if !quiet {
                 // What was written and what was kept, each with its own bytes (a resumed run
                 // used to say "wrote 0 file(s), 32144 bytes").

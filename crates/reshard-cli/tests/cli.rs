@@ -1919,3 +1919,91 @@ fn strategy_folder_that_is_the_merge_folder_is_refused() {
     ]);
     assert_refused(&out, &["destination strategy", "src_merged_ckpt_strategy.ckpt", "which this job rewrites"]);
 }
+
+/// Checks one plain progress line: `reshard:  45% 1.20 GiB of 2.67 GiB (850.30 MiB/s, ETA 2s)`.
+/// Returns the percentage.
+#[track_caller]
+fn progress_line_pct(l: &str) -> u64 {
+    let rest = l.strip_prefix("reshard: ").unwrap_or_else(|| panic!("no prefix: {l}"));
+    let (pct, rest) = rest.trim_start().split_once("% ").unwrap_or_else(|| panic!("no percentage: {l}"));
+    let pct: u64 = pct.parse().unwrap_or_else(|_| panic!("bad percentage: {l}"));
+    let (amounts, rest) = rest.split_once(" (").unwrap_or_else(|| panic!("no rate: {l}"));
+    let (done, total) = amounts.split_once(" of ").unwrap_or_else(|| panic!("no total: {l}"));
+    let unit = |s: &str| {
+        let (n, u) = s.split_once(' ').unwrap_or_else(|| panic!("no unit in {s:?}: {l}"));
+        assert!(n.parse::<f64>().is_ok() && ["B", "KiB", "MiB", "GiB", "TiB"].contains(&u), "{s:?}: {l}");
+    };
+    unit(done);
+    unit(total);
+    let (rate, eta) = rest.split_once("/s, ETA ").unwrap_or_else(|| panic!("no rate or ETA: {l}"));
+    unit(rate);
+    let eta = eta.strip_suffix(')').unwrap_or_else(|| panic!("unclosed: {l}"));
+    assert!(eta == "?" || eta.ends_with('s') || eta.ends_with('m'), "bad ETA: {l}");
+    assert!(pct <= 100, "{l}");
+    pct
+}
+
+#[test]
+fn transform_prints_plain_progress_lines_when_stderr_is_not_a_terminal() {
+    let dir = fixture("conformance/complete_to_dp2mp2");
+    let s = Scratch::new("progress-lines");
+    for (interval, name) in [("0", "every"), ("5", "default")] {
+        let dst = s.join(name);
+        let out = reshard([
+            OsStr::new("transform"),
+            "--src_ckpt_dir".as_ref(),
+            dir.join("src").as_os_str(),
+            "--dst_ckpt_strategy".as_ref(),
+            dir.join("dst_strategy.ckpt").as_os_str(),
+            "--dst_ckpt_dir".as_ref(),
+            dst.as_os_str(),
+            "--progress-interval".as_ref(),
+            interval.as_ref(),
+        ]);
+        let stderr = text(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        let lines: Vec<&str> = stderr.lines().collect();
+        let (last, progress) = lines.split_last().unwrap_or_else(|| panic!("nothing on stderr"));
+        assert!(last.starts_with("reshard: wrote 4 file(s)"), "{stderr}");
+        assert!(!progress.is_empty(), "no progress line:\n{stderr}");
+        assert!(!stderr.contains('\r'), "a terminal bar in a pipe:\n{stderr}");
+        let pcts: Vec<u64> = progress.iter().map(|l| progress_line_pct(l)).collect();
+        assert!(pcts.windows(2).all(|w| w[0] <= w[1]), "{stderr}");
+        assert_eq!(pcts.last(), Some(&100), "{stderr}");
+    }
+}
+
+#[test]
+fn transform_quiet_prints_nothing_on_success() {
+    let dir = fixture("conformance/complete_to_dp2mp2");
+    let s = Scratch::new("quiet");
+    // A strategy folder, so that there is a merge to report.
+    let strategy = s.join("dst_strategy");
+    std::fs::create_dir_all(&strategy).unwrap();
+    std::fs::copy(dir.join("dst_strategy.ckpt"), strategy.join("stage0.ckpt")).unwrap();
+    let src = dir.join("src");
+    for quiet in [false, true] {
+        let dst = s.join(if quiet { "quiet" } else { "loud" });
+        let mut args = vec![
+            OsStr::new("transform"),
+            "--src_ckpt_dir".as_ref(),
+            src.as_os_str(),
+            "--dst_ckpt_strategy".as_ref(),
+            strategy.as_os_str(),
+            "--dst_ckpt_dir".as_ref(),
+            dst.as_os_str(),
+        ];
+        if quiet {
+            args.push("-q".as_ref());
+        }
+        let out = reshard(&args);
+        let stderr = text(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        if quiet {
+            assert_eq!(stderr, "", "-q printed on stderr");
+        } else {
+            assert!(stderr.contains("merged") && stderr.contains("reshard: wrote 4 file(s)"), "{stderr}");
+        }
+        assert!(out.stdout.is_empty());
+    }
+}

@@ -92,7 +92,9 @@ pub struct CheckpointIndex {
     pub crc: Option<u32>,
     /// safetensors `__metadata__`.
     pub metadata: BTreeMap<String, String>,
-    by_name: std::collections::HashMap<String, usize>,
+    /// Positions sorted by name (a name repeated: the later position last), for binary search:
+    /// 4 bytes per tensor where a map by name held a second copy of every name.
+    by_name: Vec<u32>,
 }
 
 impl CheckpointIndex {
@@ -104,7 +106,11 @@ impl CheckpointIndex {
         crc: Option<u32>,
         metadata: BTreeMap<String, String>,
     ) -> Self {
-        let by_name = tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
+        let mut tensors = tensors;
+        // The readers grow it by doubling; the index is kept for the whole job.
+        tensors.shrink_to_fit();
+        let mut by_name: Vec<u32> = (0..tensors.len() as u32).collect();
+        by_name.sort_by(|&a, &b| tensors[a as usize].name.cmp(&tensors[b as usize].name));
         CheckpointIndex { format, tensors, file_len, crc, metadata, by_name }
     }
 
@@ -115,7 +121,10 @@ impl CheckpointIndex {
 
     /// Position of a tensor in file order.
     pub fn position(&self, name: &str) -> Option<usize> {
-        self.by_name.get(name).copied()
+        // The last of the positions with this name, as a map filled in file order would keep.
+        let end = self.by_name.partition_point(|&i| self.tensors[i as usize].name.as_str() <= name);
+        let i = *self.by_name.get(end.checked_sub(1)?)? as usize;
+        (self.tensors[i].name == name).then_some(i)
     }
 }
 
@@ -254,5 +263,34 @@ impl FileLayout {
                 (a < b).then(|| (r.file_offset + (a - r.start), a - start, b - a))
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lookup_by_name_finds_each_name_and_the_last_of_a_repeated_one() {
+        let t = |name: &str, n: u64| TensorInfo {
+            name: name.into(),
+            dtype: DType::Float32,
+            shape: vec![n],
+            raw_dims: vec![n],
+            segments: vec![],
+            nbytes: 4 * n,
+        };
+        let names = ["w", "b", "a.b", "a", "w", "", "zz"];
+        let tensors: Vec<TensorInfo> = names.iter().enumerate().map(|(i, n)| t(n, i as u64)).collect();
+        let idx = CheckpointIndex::new(Format::Ckpt, tensors, 0, None, BTreeMap::new());
+        for (want, n) in [(1, "b"), (2, "a.b"), (3, "a"), (4, "w"), (5, ""), (6, "zz")] {
+            assert_eq!(idx.position(n), Some(want), "{n:?}");
+            assert_eq!(idx.get(n).map(|x| x.shape[0]), Some(want as u64));
+        }
+        for n in ["x", "a.", "ww", "z", "aa", "B"] {
+            assert_eq!(idx.position(n), None, "{n:?}");
+        }
+        let empty = CheckpointIndex::new(Format::Ckpt, vec![], 0, None, BTreeMap::new());
+        assert_eq!(empty.position("w"), None);
     }
 }

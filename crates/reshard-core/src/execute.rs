@@ -266,9 +266,15 @@ pub fn execute(plan: &Plan, dst_dir: &Path, ranks: &[u32], opts: &ExecuteOptions
         r.dedup();
         r
     };
-    let rank_plans: Vec<RankPlan> = ranks.iter().map(|&r| plan.rank_plan(r)).collect::<Result<_>>()?;
-    if opts.format == Format::Safetensors {
-        for rp in &rank_plans {
+    // Rank plans are made again by the worker that writes the rank rather than kept for every
+    // rank: with many small tensors they are most of the memory (300,000 tensors: about 100 MB
+    // per rank).
+    let mut total = 0u64;
+    let mut most_tensors = 0;
+    for &r in &ranks {
+        let rp = plan.rank_plan(r)?;
+        most_tensors = most_tensors.max(rp.tensors.len());
+        if opts.format == Format::Safetensors {
             if let Some(t) = rp.tensors.iter().find(|t| t.dtype.safetensors_name().is_none()) {
                 return Err(Error::Invalid(format!(
                     "parameter '{}' is a {} and cannot be written to safetensors; use --output_format ckpt",
@@ -276,20 +282,30 @@ pub fn execute(plan: &Plan, dst_dir: &Path, ranks: &[u32], opts: &ExecuteOptions
                 )));
             }
         }
+        total += rp.bytes_written();
     }
-    let total: u64 = rank_plans.iter().map(|r| r.bytes_written()).sum();
+    // The rank plans just counted are freed; the workers' own heaps would not reuse them.
+    crate::sys::trim_heap();
     let written = AtomicU64::new(0);
     let maps = SourceMaps::new(plan);
+    let fingerprint = plan.fingerprint(&format!("{:?} {} crc={}", opts.format, opts.prefix, opts.crc));
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(opts.threads)
         .build()
         .map_err(|e| Error::Invalid(format!("cannot start worker threads: {e}")))?;
     let block_bytes = opts.block_bytes.min(opts.memory_budget / (2 * pool.current_num_threads() as u64).max(1)).max(1);
+    let job =
+        Job { plan, maps: &maps, dst_dir, opts, block_bytes, written: &written, total, fingerprint: &fingerprint };
+    let one_rank = |r: u32| write_rank(&job, &plan.rank_plan(r)?);
     pool.install(|| {
-        rank_plans
-            .par_iter()
-            .map(|rp| write_rank(plan, &maps, rp, dst_dir, opts, block_bytes, &written, total))
-            .collect::<Result<Vec<_>>>()
+        if most_tensors > RANK_AT_A_TIME_TENSORS {
+            // Many tensors per rank: a rank's plan, file layout and blocks take a few hundred
+            // bytes per tensor (about 450 MB for 300,000), so ranks go one at a time, each
+            // still written by all workers (its blocks are many).
+            ranks.iter().map(|&r| one_rank(r)).collect::<Result<Vec<_>>>()
+        } else {
+            ranks.par_iter().map(|&r| one_rank(r)).collect::<Result<Vec<_>>>()
+        }
     })
 }
 
@@ -299,6 +315,21 @@ fn check_cancel(opts: &ExecuteOptions, output: &Path) -> Result<()> {
         Some(c) if c.load(Ordering::Acquire) => Err(Error::Cancelled { path: output.to_path_buf() }),
         _ => Ok(()),
     }
+}
+
+/// Above this many tensors in a rank, ranks are written one at a time rather than side by side.
+const RANK_AT_A_TIME_TENSORS: usize = 20_000;
+
+/// What every rank of one `execute` call shares.
+struct Job<'a> {
+    plan: &'a Plan,
+    maps: &'a SourceMaps<'a>,
+    dst_dir: &'a Path,
+    opts: &'a ExecuteOptions,
+    block_bytes: u64,
+    written: &'a AtomicU64,
+    total: u64,
+    fingerprint: &'a str,
 }
 
 /// Lays out an output file for the given tensors.
@@ -431,17 +462,8 @@ fn blocks_for(tensor: usize, t: &crate::plan::TensorPlan, max: u64, out: &mut Ve
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn write_rank(
-    plan: &Plan,
-    maps: &SourceMaps<'_>,
-    rp: &RankPlan,
-    dst_dir: &Path,
-    opts: &ExecuteOptions,
-    block_bytes: u64,
-    written: &AtomicU64,
-    total: u64,
-) -> Result<WrittenFile> {
+fn write_rank(job: &Job<'_>, rp: &RankPlan) -> Result<WrittenFile> {
+    let Job { plan, maps, dst_dir, opts, block_bytes, written, total, fingerprint } = *job;
     let mut tensors: Vec<&crate::plan::TensorPlan> = rp.tensors.iter().collect();
     if opts.format == Format::Safetensors {
         tensors.sort_by(|a, b| safetensors::data_order(a.dtype, &a.name, b.dtype, &b.name));
@@ -461,7 +483,6 @@ fn write_rank(
     let final_path = output_path(plan, dst_dir, rp.rank, opts);
     let dir = final_path.parent().map(Path::to_path_buf).unwrap_or_default();
     let name = final_path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
-    let fingerprint = plan.fingerprint(&format!("{:?} {} crc={}", opts.format, opts.prefix, opts.crc));
     if opts.resume {
         if let Some(e) = Manifest::read(&dir)
             .and_then(|m| m.files.into_iter().find(|e| e.name == name && e.plan_fingerprint == fingerprint))
@@ -508,7 +529,7 @@ fn write_rank(
         }
         let out = Output { file: &file, path: &tmp_path, lock: Mutex::new(()), early_writeback: opts.sync };
         // Blocks of bounded size: the memory a worker holds at once.
-        let mut blocks = Vec::new();
+        let mut blocks = Vec::with_capacity(tensors.len());
         for (i, t) in tensors.iter().enumerate() {
             blocks_for(i, t, block_bytes, &mut blocks);
         }
@@ -601,7 +622,7 @@ fn write_rank(
             name: name.clone(),
             size: len,
             crc32: crc,
-            plan_fingerprint: fingerprint.clone(),
+            plan_fingerprint: fingerprint.to_string(),
             dst_rank: Some(rp.rank),
             dst_rank_count: Some(plan.dst_rank_count()),
         };

@@ -139,7 +139,10 @@ pub fn check_unique_json_keys(bytes: &[u8]) -> std::result::Result<(), String> {
             Ok(Unique)
         }
     }
-    serde_json::from_slice::<Unique>(bytes).map(|_| ()).map_err(|e| e.to_string())
+    serde_json::from_slice::<Unique>(bytes).map(|_| ()).map_err(|e| match e.classify() {
+        serde_json::error::Category::Syntax | serde_json::error::Category::Eof => format!("not valid JSON: {e}"),
+        _ => e.to_string(),
+    })
 }
 
 #[cfg(test)]

@@ -49,7 +49,9 @@ enum SrcKind {
     /// Sharded under the source strategy, in one pipeline stage.
     Sharded {
         stage: u32,
-        layout: ResolvedLayout,
+        /// Boxed: most parameters of a large model are not sharded here, and `ParamInfo` is
+        /// kept for each (300,000 of them in a model of many small tensors).
+        layout: Box<ResolvedLayout>,
         /// Distinct boxes with a holder (local rank) each.
         slices: Vec<(Region, u64)>,
     },
@@ -85,8 +87,10 @@ struct DstInfo {
     stages: Vec<u32>,
     /// Resolved layout for ranks of stage 0, and for ranks of later stages (MindSpore may pick
     /// different layout items for a parameter shared by stages).
-    first: Option<ResolvedLayout>,
-    later: Option<ResolvedLayout>,
+    /// Shared between parameters with the same layout and shape (most of them, in a model
+    /// of many small tensors).
+    first: Option<std::sync::Arc<ResolvedLayout>>,
+    later: Option<std::sync::Arc<ResolvedLayout>>,
 }
 
 /// A box of a source slice to copy into a destination tensor.
@@ -190,8 +194,13 @@ pub struct Plan {
     pub src_format: Format,
     /// Source files by global rank.
     pub sources: BTreeMap<u32, Source>,
-    src_strategy: Option<Strategy>,
-    dst_strategy: Option<Strategy>,
+    /// Whether a destination strategy was given (else the destination is complete).
+    has_dst_strategy: bool,
+    /// The destination strategy's file, for messages.
+    dst_strategy_path: Option<PathBuf>,
+    /// See [`fingerprint_state`]. The strategies themselves are not kept: what the plan needs of
+    /// them is in `params`.
+    fingerprint_state: u64,
     /// Devices per source pipeline stage (1 for a complete source).
     pub src_stage_devices: u64,
     /// Source pipeline stages.
@@ -201,13 +210,46 @@ pub struct Plan {
     /// Destination pipeline stages.
     pub dst_stages: u32,
     params: Vec<ParamInfo>,
-    param_index: HashMap<String, usize>,
+    /// Parameter positions sorted by name, for [`Plan::has_param`].
+    param_index: Vec<u32>,
     /// First source rank read (non-zero only in MindSpore's by-stage mode).
     src_base: u32,
     /// In MindSpore's by-stage mode, the source stage: outputs are named `{prefix}{r}_part{stage}`.
     pub part: Option<u32>,
     /// Things the user should know (differences from MindSpore, ignored files).
     pub warnings: Vec<String>,
+}
+
+/// FNV-1a over everything written to it, so that text is hashed as it is formatted rather than
+/// built as one string first (the strategies' text is hundreds of MB for 300,000 parameters).
+struct Fnv(u64);
+
+impl std::fmt::Write for Fnv {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        for &x in s.as_bytes() {
+            self.0 = (self.0 ^ u64::from(x)).wrapping_mul(0x0100_0000_01b3);
+        }
+        Ok(())
+    }
+}
+
+/// The fingerprint's hash of the sources, both strategies and the by-stage mode, before the
+/// output options: computed when the plan is built, so the strategies need not be kept.
+fn fingerprint_state(
+    sources: &BTreeMap<u32, Source>,
+    src: Option<&Strategy>,
+    dst: Option<&Strategy>,
+    part: Option<u32>,
+) -> u64 {
+    use std::fmt::Write as _;
+    let mut h = Fnv(0xcbf2_9ce4_8422_2325);
+    let _ = h.write_str(env!("CARGO_PKG_VERSION"));
+    for s in sources.values() {
+        let mtime = s.mtime.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
+        let _ = writeln!(h, "{}|{}|{}|{}", s.rank, s.path.display(), s.len, mtime);
+    }
+    let _ = write!(h, "{:?}|{:?}|{:?}|", src.map(|s| &s.params), dst.map(|s| &s.params), part);
+    h.0
 }
 
 fn mismatch(src: &Source, param: &str, detail: String) -> Error {
@@ -226,7 +268,10 @@ impl Plan {
         let src_strategy = src_strategy.map(Strategy::load).transpose()?;
         let dst_strategy = dst_strategy.map(Strategy::load).transpose()?;
         let set = discover(src_dir, opts.src_ckpt_name.as_deref())?;
-        Plan::from_parts(set, src_strategy, dst_strategy, opts)
+        let plan = Plan::from_parts(set, src_strategy, dst_strategy, opts);
+        // The strategies are freed by now (a few hundred bytes per parameter).
+        crate::sys::trim_heap();
+        plan
     }
 
     /// Builds a plan from an already discovered source set and parsed strategies.
@@ -327,11 +372,13 @@ impl Plan {
         let sources: BTreeMap<u32, Source> = sources.into_iter().map(|s| (s.rank, s)).collect();
 
         // Every parameter of every source file, in order of first appearance by rank.
-        let mut params: Vec<ParamInfo> = Vec::new();
-        let mut param_index: HashMap<String, usize> = HashMap::new();
+        let mut params: Vec<ParamInfo> =
+            Vec::with_capacity(sources.values().next().map_or(0, |s| s.index.tensors.len()));
+        // Borrowing the names from the sources' indexes (not a second copy of each).
+        let mut param_index: HashMap<&str, usize> = HashMap::new();
         for s in sources.values() {
             for (pos, t) in s.index.tensors.iter().enumerate() {
-                match param_index.get(&t.name) {
+                match param_index.get(t.name.as_str()) {
                     Some(&i) => {
                         let p = &mut params[i];
                         if p.dtype != t.dtype {
@@ -345,7 +392,7 @@ impl Plan {
                         p.positions.push(pos as u32);
                     }
                     None => {
-                        param_index.insert(t.name.clone(), params.len());
+                        param_index.insert(&t.name, params.len());
                         params.push(ParamInfo {
                             name: t.name.clone(),
                             dtype: t.dtype,
@@ -374,7 +421,7 @@ impl Plan {
         }
         // Parameters a strategy names that no source file holds.
         let lacking = |st: &Strategy| -> Vec<String> {
-            st.params.iter().map(|(n, _)| n.clone()).filter(|n| !param_index.contains_key(n)).collect()
+            st.params.iter().map(|(n, _)| n.clone()).filter(|n| !param_index.contains_key(n.as_str())).collect()
         };
         if let Some(st) = &src_strategy {
             if !params.iter().any(|p| matches!(p.kind, SrcKind::Sharded { .. })) {
@@ -432,15 +479,20 @@ impl Plan {
                 d.unflatten_param(&p.name, &p.full)?;
             }
         }
+        let mut shared = std::collections::HashSet::new();
         for p in &mut params {
-            p.dst = resolve_dst(p, src_strategy.as_ref(), dst_strategy.as_ref(), dst_stage_devices)?;
+            p.dst = resolve_dst(p, src_strategy.as_ref(), dst_strategy.as_ref(), dst_stage_devices, &mut shared)?;
         }
+        drop(param_index);
+        let mut param_index: Vec<u32> = (0..params.len() as u32).collect();
+        param_index.sort_by(|&a, &b| params[a as usize].name.cmp(&params[b as usize].name));
         Ok(Plan {
             src_dir: set.dir,
             src_format: set.format,
+            fingerprint_state: fingerprint_state(&sources, src_strategy.as_ref(), dst_strategy.as_ref(), by_stage),
+            has_dst_strategy: dst_strategy.is_some(),
+            dst_strategy_path: dst_strategy.as_ref().map(|d| d.path.clone()),
             sources,
-            src_strategy,
-            dst_strategy,
             src_stage_devices,
             src_stages,
             dst_stage_devices,
@@ -457,25 +509,9 @@ impl Plan {
     /// both strategies and `extra` (the output options). Stored in manifests so a rerun can
     /// tell its own finished outputs from anything else.
     pub fn fingerprint(&self, extra: &str) -> String {
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        let mut eat = |b: &[u8]| {
-            for &x in b {
-                h = (h ^ u64::from(x)).wrapping_mul(0x0100_0000_01b3);
-            }
-        };
-        eat(env!("CARGO_PKG_VERSION").as_bytes());
-        for s in self.sources.values() {
-            let mtime = s.mtime.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
-            eat(format!("{}|{}|{}|{}\n", s.rank, s.path.display(), s.len, mtime).as_bytes());
-        }
-        eat(format!(
-            "{:?}|{:?}|{:?}|{extra}",
-            self.src_strategy.as_ref().map(|s| &s.params),
-            self.dst_strategy.as_ref().map(|s| &s.params),
-            self.part
-        )
-        .as_bytes());
-        format!("{h:016x}")
+        let mut h = Fnv(self.fingerprint_state);
+        let _ = std::fmt::Write::write_str(&mut h, extra);
+        format!("{:016x}", h.0)
     }
 
     /// The output file of destination rank `rank`, relative to the output folder.
@@ -497,15 +533,15 @@ impl Plan {
 
     /// Whether the destination is one complete checkpoint.
     pub fn dst_is_complete(&self) -> bool {
-        self.dst_strategy.is_none()
+        !self.has_dst_strategy
     }
 
     /// The plan of destination rank `rank`.
     pub fn rank_plan(&self, rank: u32) -> Result<RankPlan> {
         let count = self.dst_rank_count();
         if rank >= count {
-            let what = match &self.dst_strategy {
-                Some(d) => format!("the destination strategy {} has {count} rank(s)", d.path.display()),
+            let what = match &self.dst_strategy_path {
+                Some(d) => format!("the destination strategy {} has {count} rank(s)", d.display()),
                 None => "the destination is one complete checkpoint (no destination strategy), 1 rank".to_string(),
             };
             return Err(Error::Invalid(format!(
@@ -516,18 +552,19 @@ impl Plan {
         let stage = (u64::from(rank) / self.dst_stage_devices) as u32;
         let local = u64::from(rank) % self.dst_stage_devices;
         // (param index, tensor) for the transformed and the copied parameters.
-        let mut transformed = Vec::new();
+        // Sized up front: grown by doubling they held up to twice the rank's tensors.
+        let mut transformed = Vec::with_capacity(self.params.len());
         let mut copied = Vec::new();
         for (i, p) in self.params.iter().enumerate() {
             let d = &p.dst;
-            if self.dst_strategy.is_some() && d.in_dst && !d.stages.contains(&stage) {
+            if self.has_dst_strategy && d.in_dst && !d.stages.contains(&stage) {
                 // Outside this rank's stage: MindSpore drops it unless the source strategy lacks it.
                 if !d.in_src {
                     copied.push((i, self.raw(p, local)?));
                 }
                 continue;
             }
-            if self.dst_strategy.is_some() && !d.in_dst {
+            if self.has_dst_strategy && !d.in_dst {
                 // Not in the destination strategy: MindSpore copies the source slice as it is;
                 // a sharded one would be a wrong tensor, so write the complete tensor.
                 let t = match p.kind {
@@ -550,7 +587,9 @@ impl Plan {
             transformed.push((i, self.pieces(p, dst_box, local)?));
         }
         self.order_like_mindspore(&mut transformed, &mut copied);
-        let tensors = transformed.into_iter().chain(copied).map(|(_, t)| t).collect();
+        // In place (one allocation for the rank's tensors, not two at once).
+        transformed.append(&mut copied);
+        let tensors = transformed.into_iter().map(|(_, t)| t).collect();
         Ok(RankPlan { rank, stage, tensors })
     }
 
@@ -652,12 +691,18 @@ impl Plan {
 
     /// Whether a parameter exists in the sources.
     pub fn has_param(&self, name: &str) -> bool {
-        self.param_index.contains_key(name)
+        self.param_index.binary_search_by(|&i| self.params[i as usize].name.as_str().cmp(name)).is_ok()
     }
 }
 
 /// Resolves what the destination strategy says of a parameter.
-fn resolve_dst(p: &ParamInfo, src: Option<&Strategy>, dst: Option<&Strategy>, dst_stage_dev: u64) -> Result<DstInfo> {
+fn resolve_dst(
+    p: &ParamInfo,
+    src: Option<&Strategy>,
+    dst: Option<&Strategy>,
+    dst_stage_dev: u64,
+    shared: &mut std::collections::HashSet<std::sync::Arc<ResolvedLayout>>,
+) -> Result<DstInfo> {
     let in_src = src.is_none_or(|s| s.contains(&p.name));
     let Some(d) = dst else {
         return Ok(DstInfo { in_src, ..DstInfo::default() });
@@ -685,8 +730,19 @@ fn resolve_dst(p: &ParamInfo, src: Option<&Strategy>, dst: Option<&Strategy>, ds
     let stages = d.stages_of(&p.name);
     let mut info = DstInfo { in_src, in_dst: true, stages, first: None, later: None };
     if in_src && !matches!(p.kind, SrcKind::Raw) {
-        let resolve = |rank: u64| -> Result<Option<ResolvedLayout>> {
-            d.layout_for_rank(&p.name, rank).map(|l| ResolvedLayout::new(l, &p.full, &p.name, &d.path)).transpose()
+        let mut resolve = |rank: u64| -> Result<Option<std::sync::Arc<ResolvedLayout>>> {
+            let Some(l) = d.layout_for_rank(&p.name, rank) else {
+                return Ok(None);
+            };
+            let r = ResolvedLayout::new(l, &p.full, &p.name, &d.path)?;
+            Ok(Some(match shared.get(&r) {
+                Some(a) => a.clone(),
+                None => {
+                    let a = std::sync::Arc::new(r);
+                    shared.insert(a.clone());
+                    a
+                }
+            }))
         };
         if info.stages.contains(&0) {
             info.first = resolve(0)?;
@@ -793,7 +849,7 @@ fn resolve_sharded(
             slices.push((b, local));
         }
     }
-    Ok((SrcKind::Sharded { stage, layout: resolved, slices }, full))
+    Ok((SrcKind::Sharded { stage, layout: Box::new(resolved), slices }, full))
 }
 
 /// "N parameter(s) (a, b, c, d, e, ...)": the count and at most five names.

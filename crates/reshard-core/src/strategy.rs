@@ -280,14 +280,25 @@ impl Strategy {
             s.path = path.to_path_buf();
             return Ok(s);
         }
-        let bytes = crate::input::read_capped(path, crate::input::MAX_STRATEGY_BYTES, "strategy")?;
+        // Mapped rather than read: a strategy of 300,000 parameters is 45 MB of JSON. Only
+        // regular files are mapped (a FIFO or /dev/zero is refused by name).
+        let bytes = crate::sys::MappedFile::open(path)?;
+        if bytes.len() as u64 > crate::input::MAX_STRATEGY_BYTES {
+            return Err(bad(
+                path,
+                format!(
+                    "the file holds {} bytes; a strategy file may hold at most {}",
+                    bytes.len(),
+                    crate::input::MAX_STRATEGY_BYTES
+                ),
+            ));
+        }
         if bytes.is_empty() {
             return Err(bad(path, "the file is empty"));
         }
         if is_json(path) {
-            let v: Value = serde_json::from_slice(&bytes).map_err(|e| bad(path, format!("not valid JSON: {e}")))?;
             crate::input::check_unique_json_keys(&bytes).map_err(|e| bad(path, e))?;
-            Strategy::from_json(path, &v)
+            Strategy::from_json_slice(path, &bytes)
         } else {
             let m = decode_proto(path, &bytes)?;
             Strategy::from_proto(path, &m)
@@ -495,57 +506,7 @@ impl Strategy {
         };
         let items = items.as_object().ok_or_else(|| bad(path, "parallel_layout_item is not an object"))?;
         for (name, item) in items {
-            let err = |d: &str| Error::BadLayout { path: path.to_path_buf(), param: name.clone(), detail: d.into() };
-            let ints = |key: &str| -> Result<Vec<i64>> {
-                item.get(key)
-                    .and_then(Value::as_array)
-                    .and_then(|a| a.iter().map(Value::as_i64).collect::<Option<Vec<_>>>())
-                    .ok_or_else(|| err(&format!("'{key}' is missing or not a list of integers")))
-            };
-            let dev = ints("dev_matrix")?;
-            if dev.iter().any(|&d| d < 0) {
-                return Err(err("dev_matrix has a negative entry"));
-            }
-            let tm = item.get("tensor_map").and_then(Value::as_array).ok_or_else(|| err("'tensor_map' is missing"))?;
-            let mut nested = false;
-            let mut tensor_map = Vec::new();
-            for e in tm {
-                match e {
-                    Value::Array(a) => {
-                        nested = true;
-                        let v: Option<Vec<i64>> = a.iter().map(Value::as_i64).collect();
-                        tensor_map.push(v.ok_or_else(|| err("tensor_map entry is not a list of integers"))?);
-                    }
-                    other => tensor_map
-                        .push(vec![other.as_i64().ok_or_else(|| err("tensor_map entry is not an integer"))?]),
-                }
-            }
-            let num = |key: &str| -> Result<i64> {
-                match item.get(key) {
-                    None => Ok(0),
-                    Some(v) => v.as_i64().ok_or_else(|| err(&format!("'{key}' is not an integer"))),
-                }
-            };
-            // MindSpore's transform ignores an empty tensor_shape: it means "not given".
-            let tensor_shape = match item.get("tensor_shape") {
-                None => None,
-                Some(_) => {
-                    let ts = ints("tensor_shape")?;
-                    if ts.iter().any(|&d| d < 0) {
-                        return Err(err(&format!("tensor_shape {ts:?} has a negative dim")));
-                    }
-                    Some(ts.into_iter().map(|d| d as u64).collect::<Vec<u64>>()).filter(|ts| !ts.is_empty())
-                }
-            };
-            let layout = ParamLayout {
-                dev_matrix: dev.into_iter().map(|d| d as u64).collect(),
-                tensor_map,
-                nested,
-                opt_shard_step: num("opt_weight_shard_step")?,
-                opt_shard_size: num("opt_weight_shard_size")?,
-                tensor_shape,
-            };
-            s.push(path, name, layout)?;
+            s.push(path, name, json_layout(path, name, item)?)?;
         }
         s.check_devices()?;
         Ok(s)
@@ -567,6 +528,27 @@ impl Strategy {
             }
         }
         Ok(())
+    }
+
+    /// Builds from the JSON form's bytes, one layout item at a time: the whole file as a
+    /// `serde_json::Value` takes about 18 times its size (800 MB for 300,000 parameters).
+    /// Same result as parsing it whole and calling [`Strategy::from_json`] (a repeated key is
+    /// refused by `load`, which checks keys first with `check_unique_json_keys`).
+    pub fn from_json_slice(path: &Path, bytes: &[u8]) -> Result<Strategy> {
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        let mut failed = None;
+        let seed = JsonStrategySeed { path, failed: &mut failed };
+        let parsed = serde::de::DeserializeSeed::deserialize(seed, &mut de).and_then(|s| de.end().map(|()| s));
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        match parsed.map_err(|e| bad(path, format!("not valid JSON: {e}")))? {
+            Some(s) => {
+                s.check_devices()?;
+                Ok(s)
+            }
+            None => Err(bad(path, "the top level is not a JSON object")),
+        }
     }
 
     /// Whether the strategy has a layout for `name`.
@@ -637,6 +619,197 @@ impl Strategy {
                 format!("{stages} pipeline stage(s) of {devices} devices; at most {MAX_RANKS} ranks are supported"),
             )
         })
+    }
+}
+
+/// One JSON layout item as a [`ParamLayout`].
+fn json_layout(path: &Path, name: &str, item: &Value) -> Result<ParamLayout> {
+    let err = |d: &str| Error::BadLayout { path: path.to_path_buf(), param: name.to_string(), detail: d.into() };
+    let ints = |key: &str| -> Result<Vec<i64>> {
+        item.get(key)
+            .and_then(Value::as_array)
+            .and_then(|a| a.iter().map(Value::as_i64).collect::<Option<Vec<_>>>())
+            .ok_or_else(|| err(&format!("'{key}' is missing or not a list of integers")))
+    };
+    let dev = ints("dev_matrix")?;
+    if dev.iter().any(|&d| d < 0) {
+        return Err(err("dev_matrix has a negative entry"));
+    }
+    let tm = item.get("tensor_map").and_then(Value::as_array).ok_or_else(|| err("'tensor_map' is missing"))?;
+    let mut nested = false;
+    let mut tensor_map = Vec::new();
+    for e in tm {
+        match e {
+            Value::Array(a) => {
+                nested = true;
+                let v: Option<Vec<i64>> = a.iter().map(Value::as_i64).collect();
+                tensor_map.push(v.ok_or_else(|| err("tensor_map entry is not a list of integers"))?);
+            }
+            other => tensor_map.push(vec![other.as_i64().ok_or_else(|| err("tensor_map entry is not an integer"))?]),
+        }
+    }
+    let num = |key: &str| -> Result<i64> {
+        match item.get(key) {
+            None => Ok(0),
+            Some(v) => v.as_i64().ok_or_else(|| err(&format!("'{key}' is not an integer"))),
+        }
+    };
+    // MindSpore's transform ignores an empty tensor_shape: it means "not given".
+    let tensor_shape = match item.get("tensor_shape") {
+        None => None,
+        Some(_) => {
+            let ts = ints("tensor_shape")?;
+            if ts.iter().any(|&d| d < 0) {
+                return Err(err(&format!("tensor_shape {ts:?} has a negative dim")));
+            }
+            Some(ts.into_iter().map(|d| d as u64).collect::<Vec<u64>>()).filter(|ts| !ts.is_empty())
+        }
+    };
+    Ok(ParamLayout {
+        dev_matrix: dev.into_iter().map(|d| d as u64).collect(),
+        tensor_map,
+        nested,
+        opt_shard_step: num("opt_weight_shard_step")?,
+        opt_shard_size: num("opt_weight_shard_size")?,
+        tensor_shape,
+    })
+}
+
+/// Streams the top-level JSON object of a strategy file into a [`Strategy`]. `None` when the
+/// top level is valid JSON but not an object; errors of the strategy's content go to `failed`
+/// (serde's error type cannot carry them).
+struct JsonStrategySeed<'a> {
+    path: &'a Path,
+    failed: &'a mut Option<Error>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for JsonStrategySeed<'_> {
+    type Value = Option<Strategy>;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> std::result::Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for JsonStrategySeed<'_> {
+    type Value = Option<Strategy>;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a strategy object")
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> std::result::Result<Self::Value, A::Error> {
+        use serde::de::Error as _;
+        let mut s = Strategy::empty(self.path, None);
+        while let Some(key) = map.next_key::<String>()? {
+            match key.as_str() {
+                "parallel_strategy_item" => {
+                    // Small (one entry per operator): only the first entry's stage is used.
+                    let v: Value = map.next_value()?;
+                    s.file_stage = v
+                        .as_object()
+                        .and_then(|m| m.values().next())
+                        .and_then(|i| i.get("stage"))
+                        .and_then(Value::as_u64)
+                        .map(|x| x as u32);
+                }
+                "parallel_layout_item" => {
+                    // A repeated key replaces the earlier one, as in a parsed `Value`.
+                    s.params.clear();
+                    s.index.clear();
+                    s.raw_names.clear();
+                    let items = LayoutItems { strategy: &mut s, failed: &mut *self.failed };
+                    map.next_value_seed(items)?;
+                    if self.failed.is_some() {
+                        return Err(A::Error::custom("invalid layout item"));
+                    }
+                }
+                _ => {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(Some(s))
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<Self::Value, A::Error> {
+        while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+        Ok(None)
+    }
+    fn visit_bool<E>(self, _: bool) -> std::result::Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_i64<E>(self, _: i64) -> std::result::Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_u64<E>(self, _: u64) -> std::result::Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_f64<E>(self, _: f64) -> std::result::Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_str<E>(self, _: &str) -> std::result::Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_unit<E>(self) -> std::result::Result<Self::Value, E> {
+        Ok(None)
+    }
+}
+
+/// `parallel_layout_item`: each item parsed and checked as it is read.
+struct LayoutItems<'a> {
+    strategy: &'a mut Strategy,
+    failed: &'a mut Option<Error>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for LayoutItems<'_> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> std::result::Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for LayoutItems<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an object of layout items")
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> std::result::Result<(), A::Error> {
+        use serde::de::Error as _;
+        let path = self.strategy.path.clone();
+        while let Some(name) = map.next_key::<String>()? {
+            let item: Value = map.next_value()?;
+            let pushed = json_layout(&path, &name, &item).and_then(|l| self.strategy.push(&path, &name, l));
+            if let Err(e) = pushed {
+                *self.failed = Some(e);
+                return Err(A::Error::custom("invalid layout item"));
+            }
+        }
+        Ok(())
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, _: A) -> std::result::Result<(), A::Error> {
+        self.not_object()
+    }
+    fn visit_bool<E: serde::de::Error>(self, _: bool) -> std::result::Result<(), E> {
+        self.not_object()
+    }
+    fn visit_i64<E: serde::de::Error>(self, _: i64) -> std::result::Result<(), E> {
+        self.not_object()
+    }
+    fn visit_u64<E: serde::de::Error>(self, _: u64) -> std::result::Result<(), E> {
+        self.not_object()
+    }
+    fn visit_f64<E: serde::de::Error>(self, _: f64) -> std::result::Result<(), E> {
+        self.not_object()
+    }
+    fn visit_str<E: serde::de::Error>(self, _: &str) -> std::result::Result<(), E> {
+        self.not_object()
+    }
+    fn visit_unit<E: serde::de::Error>(self) -> std::result::Result<(), E> {
+        self.not_object()
+    }
+}
+
+impl LayoutItems<'_> {
+    fn not_object<E: serde::de::Error>(self) -> std::result::Result<(), E> {
+        *self.failed = Some(bad(&self.strategy.path, "parallel_layout_item is not an object"));
+        Err(E::custom("parallel_layout_item is not an object"))
     }
 }
 
@@ -939,6 +1112,50 @@ mod tests {
             let what = format!("{full:?}");
             self.unflatten(full.len(), &what, |j, prod, _| prod == full[j]).unwrap_err()
         }
+    }
+
+    /// Streaming the JSON form gives what parsing it whole gives, repeated keys and errors included.
+    #[test]
+    fn streamed_json_equals_parsed_json() {
+        let p = Path::new("s.json");
+        let item =
+            r#"{"dev_matrix": [2, 2], "tensor_map": [0, -1], "opt_weight_shard_step": 2, "opt_weight_shard_size": -1}"#;
+        let cases = [
+            format!(
+                r#"{{"current_stage": 1, "parallel_strategy_item": {{"op": {{"stage": 1}}}}, "parallel_layout_item": {{"0-w": {item}, "1-w": {{"dev_matrix": [4], "tensor_map": [0, -1]}}, "n": {{"dev_matrix": [2, 2], "tensor_map": [[1, 0], [-1]]}}}}}}"#
+            ),
+            format!(r#"{{"parallel_layout_item": {{"w": {item}}}, "parallel_layout_item": {{"x": {item}}}}}"#),
+            r#"{"parallel_strategy_item": {"a": {"stage": 3}}}"#.to_string(),
+            r#"{"parallel_layout_item": {"w": {"dev_matrix": [2, 0], "tensor_map": [0]}}}"#.to_string(),
+            r#"{"parallel_layout_item": {"w": {"dev_matrix": [2], "tensor_map": "x"}}}"#.to_string(),
+            r#"{"parallel_layout_item": [1, 2]}"#.to_string(),
+            r#"[1, {"a": 2}]"#.to_string(),
+            "7".to_string(),
+        ];
+        for text in &cases {
+            let whole: Result<Strategy> = serde_json::from_str::<Value>(text)
+                .map_err(|e| bad(p, format!("not valid JSON: {e}")))
+                .and_then(|v| Strategy::from_json(p, &v));
+            let streamed = Strategy::from_json_slice(p, text.as_bytes());
+            match (whole, streamed) {
+                (Ok(a), Ok(b)) => {
+                    assert_eq!(a, b, "{text}");
+                    assert_eq!(a.index, b.index, "{text}");
+                }
+                (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string(), "{text}"),
+                (a, b) => panic!("{text}: parsed whole {a:?}, streamed {b:?}"),
+            }
+        }
+        // A parameter given twice for one stage is ambiguous: streamed, it is refused naming both
+        // spellings (`load` refuses a repeated key before that, with the key named).
+        let twice = format!(
+            r#"{{"parallel_layout_item": {{"w": {item}, "x": {item}, "0-w": {{"dev_matrix": [4], "tensor_map": [-1, 0]}}}}}}"#
+        );
+        let err = Strategy::from_json_slice(p, twice.as_bytes()).unwrap_err().to_string();
+        assert!(err.contains("'w' and '0-w'") && err.contains("ambiguous"), "{err}");
+        // Broken JSON is reported as such.
+        let err = Strategy::from_json_slice(p, br#"{"parallel_layout_item": {"w": "#).unwrap_err();
+        assert!(err.to_string().contains("not valid JSON"), "{err}");
     }
 
     #[test]

@@ -458,3 +458,16 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut 
         libc::raise(sig);
     }
 }
+
+/// Gives the memory freed so far back to the system (`malloc_trim`, glibc only). glibc keeps a
+/// heap per thread: what the main thread frees after a phase (the strategies once the plan is
+/// built, the rank plans counted before executing) is not reused by the worker threads, and
+/// would otherwise stay resident for the whole job.
+pub fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free heap memory to the system; it touches no live
+    // allocation.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
