@@ -7,6 +7,9 @@ use std::path::PathBuf;
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Everything that can go wrong while reading, planning or writing.
+///
+/// The C ABI's status code for each kind is the FFI crate's (`reshard-ffi`, one exhaustive
+/// match), not the core's.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// An operating-system error on a named path.
@@ -112,21 +115,5 @@ impl Error {
     /// Wraps an io error with the path and the operation.
     pub fn io(path: impl Into<PathBuf>, op: &'static str, source: std::io::Error) -> Self {
         Error::Io { path: path.into(), op, source }
-    }
-
-    /// A stable numeric code for each kind of error (used by the C ABI and exit codes).
-    pub fn code(&self) -> i32 {
-        match self {
-            Error::Io { .. } => 2,
-            Error::Malformed { .. } => 3,
-            Error::BadTensor { .. } => 4,
-            Error::CrcMismatch { .. } => 5,
-            Error::Unsupported { .. } => 6,
-            Error::BadLayout { .. } => 7,
-            Error::ShapeMismatch { .. } => 8,
-            Error::Source { .. } => 9,
-            Error::Invalid(_) => 10,
-            Error::Cancelled { .. } => 11,
-        }
     }
 }
