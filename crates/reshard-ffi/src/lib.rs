@@ -15,7 +15,7 @@
 //! reshard_plan_free(plan);
 //! ```
 //!
-//! Conventions (see the README section "C API conventions"): functions returning `int32_t`
+//! Conventions (see the README section "C API conventions"): functions returning `ReshardStatus`
 //! return 0 on success or a `RESHARD_STATUS_*` code; out-parameters are written only on
 //! success and error objects only on failure; every pointer is checked for NULL; every export
 //! catches panics; handles are freed by their `_free` function, and freeing NULL is a no-op.
