@@ -1,5 +1,9 @@
 //! Files appear under their final name only when complete: they are written under a temporary
-//! name in the same folder (`.{name}.reshard-{pid}-{n}.tmp`), synced, then renamed.
+//! name in the same folder (`.{name}.reshard-{pid}-{n}.tmp`, unique per call, so two writes of
+//! one file from threads of one process never share a temporary file), synced, then renamed,
+//! and the folder synced so that the rename survives a crash. [`write_atomic`] is the one
+//! implementation for small files (strategies, manifests); the executor writes checkpoints the
+//! same way at known offsets.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -38,7 +42,8 @@ pub fn remove_stale_temps(dir: &Path, name: &str) {
     }
 }
 
-/// Writes `bytes` to `path` through a temporary file in the same folder and a rename.
+/// Writes `bytes` to `path` through a temporary file in the same folder and a rename. With
+/// `sync`, the file is fsynced before the rename and the folder after it.
 pub fn write_atomic(path: &Path, bytes: &[u8], sync: bool) -> Result<()> {
     use std::io::Write;
     let dir = path.parent().unwrap_or(Path::new("."));
@@ -54,6 +59,13 @@ pub fn write_atomic(path: &Path, bytes: &[u8], sync: bool) -> Result<()> {
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
+    } else if sync {
+        // The file is complete under its final name whatever happens next; a folder that cannot
+        // be opened or synced (some network filesystems refuse fsync on folders) only makes the
+        // rename less durable, as in the executor.
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
     }
     result
 }

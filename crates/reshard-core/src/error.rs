@@ -2,12 +2,17 @@
 //! the file, the rank, the parameter and the shapes involved.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// Result alias used throughout the core.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Everything that can go wrong while reading, planning or writing.
-#[derive(Debug, thiserror::Error)]
+///
+/// `Clone`, so that one failure shared by several workers (a source that cannot be mapped)
+/// reaches each of them as the same kind. The C ABI's status code for each kind is the FFI
+/// crate's (`reshard-ffi`, one exhaustive match), not the core's.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     /// An operating-system error on a named path.
     #[error("{path}: {op}: {source}")]
@@ -16,9 +21,9 @@ pub enum Error {
         path: PathBuf,
         /// What was being done (open, read, write, rename...).
         op: &'static str,
-        /// The underlying error.
+        /// The underlying error (shared, so that the error can be cloned).
         #[source]
-        source: std::io::Error,
+        source: Arc<std::io::Error>,
     },
 
     /// A checkpoint, safetensors or strategy file whose bytes do not parse.
@@ -111,22 +116,6 @@ pub enum Error {
 impl Error {
     /// Wraps an io error with the path and the operation.
     pub fn io(path: impl Into<PathBuf>, op: &'static str, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), op, source }
-    }
-
-    /// A stable numeric code for each kind of error (used by the C ABI and exit codes).
-    pub fn code(&self) -> i32 {
-        match self {
-            Error::Io { .. } => 2,
-            Error::Malformed { .. } => 3,
-            Error::BadTensor { .. } => 4,
-            Error::CrcMismatch { .. } => 5,
-            Error::Unsupported { .. } => 6,
-            Error::BadLayout { .. } => 7,
-            Error::ShapeMismatch { .. } => 8,
-            Error::Source { .. } => 9,
-            Error::Invalid(_) => 10,
-            Error::Cancelled { .. } => 11,
-        }
+        Error::Io { path: path.into(), op, source: Arc::new(source) }
     }
 }

@@ -113,7 +113,9 @@ pub fn output_path(plan: &Plan, dst_dir: &Path, rank: u32, opts: &ExecuteOptions
 /// Lazily mapped source files, checked against what the plan saw.
 struct SourceMaps<'p> {
     plan: &'p Plan,
-    maps: BTreeMap<u32, OnceLock<std::result::Result<Arc<MappedFile>, String>>>,
+    /// The first attempt's error is kept as it was (an I/O error stays `Io`, a file that is
+    /// not a regular file stays `Unsupported`), and every later caller gets a copy of it.
+    maps: BTreeMap<u32, OnceLock<Result<Arc<MappedFile>>>>,
 }
 
 impl<'p> SourceMaps<'p> {
@@ -125,7 +127,7 @@ impl<'p> SourceMaps<'p> {
         let src = &self.plan.sources[&rank];
         let cell = &self.maps[&rank];
         let r = cell.get_or_init(|| {
-            let map = MappedFile::open(&src.path).map_err(|e| e.to_string())?;
+            let map = MappedFile::open(&src.path)?;
             // The size and mtime of the file mapped (not of the path a moment before).
             let planned = src.mtime.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_nanos());
             let now = map.opened();
@@ -133,12 +135,11 @@ impl<'p> SourceMaps<'p> {
                 return Err(Error::Source {
                     path: src.path.clone(),
                     detail: "the file changed after the plan was made; make the plan again".into(),
-                }
-                .to_string());
+                });
             }
             Ok(Arc::new(map))
         });
-        r.clone().map_err(|m| Error::Source { path: src.path.clone(), detail: m })
+        r.clone()
     }
 
     /// The map of `rank` if it was opened.

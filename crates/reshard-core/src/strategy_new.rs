@@ -41,6 +41,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
+use crate::atomic::write_atomic;
 use crate::checkpoint::{CheckpointFile, ReadOptions};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -804,25 +805,6 @@ pub struct Written {
     pub assignment: Assignment,
 }
 
-/// Writes through a temporary name (not ending in .ckpt/.json, so a folder merge never sees a
-/// half-written file) and a rename.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!(".reshard-{}.tmp", std::process::id()));
-    let tmp = PathBuf::from(tmp);
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, "create", e))?;
-        f.write_all(bytes).map_err(|e| Error::io(&tmp, "write", e))?;
-        f.sync_all().map_err(|e| Error::io(&tmp, "sync", e))?;
-        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, "rename into place", e))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
-}
-
 fn json_bytes(v: &Value) -> Result<Vec<u8>> {
     use serde::Serialize;
     let mut out = Vec::new();
@@ -877,12 +859,14 @@ pub fn write(spec: &StrategySpec, params: &[ParamInfo], out_dir: &Path, json: bo
     let mut stage_files = Vec::new();
     for (name, bytes) in stage_names.iter().zip(&contents) {
         let p = out_dir.join(name);
-        write_atomic(&p, bytes)?;
+        // The temporary name (`.{name}.reshard-{pid}-{n}.tmp`) does not end in .ckpt/.json, so a
+        // folder merge running meanwhile never sees a half-written file.
+        write_atomic(&p, bytes, true)?;
         stage_files.push(p);
     }
     let merged = strategy::merge_files(&stage_files, json)?;
     let merged_path = out_dir.join(&merged_name);
-    write_atomic(&merged_path, &merged.to_bytes())?;
+    write_atomic(&merged_path, &merged.to_bytes(), true)?;
     Ok(Written { stage_files, merged: merged_path, assignment: a })
 }
 
@@ -957,6 +941,32 @@ mod tests {
 
     fn p(n: &str, s: &[u64]) -> ParamInfo {
         ParamInfo::new(n, s.to_vec())
+    }
+
+    /// The strategy writer used its own `write_atomic` whose temporary name was per process
+    /// (`{file}.reshard-{pid}.tmp`), so a second write of the same file in flight in this process
+    /// (another thread) was truncated and renamed away under it. It now uses `atomic::write_atomic`,
+    /// whose temporary name is unique per call: the other write's file is left alone.
+    #[test]
+    fn a_write_leaves_another_write_in_flight_alone() {
+        let d = std::env::temp_dir().join(format!("reshard-strategy-new-atomic-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        let spec = StrategySpec::new(1, 2, 1);
+        let params = [p("model.layers.0.attention.wq.weight", &[8, 4])];
+        let name = stage_file_name(&spec, 0, false);
+        let in_flight = d.join(format!("{name}.reshard-{}.tmp", std::process::id()));
+        std::fs::write(&in_flight, b"another write's bytes").unwrap();
+        let w = write(&spec, &params, &d, false).unwrap();
+        assert_eq!(std::fs::read(&in_flight).unwrap(), b"another write's bytes");
+        assert!(crate::strategy::Strategy::load(&w.stage_files[0]).is_ok());
+        let left: Vec<String> = std::fs::read_dir(&d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with('.'))
+            .collect();
+        assert!(left.is_empty(), "temporary files left: {left:?}");
+        std::fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]

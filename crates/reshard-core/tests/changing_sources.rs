@@ -131,6 +131,31 @@ fn a_source_rewritten_in_place_during_a_run_fails_naming_it() {
     }
 }
 
+/// A source removed (or replaced by a folder) between the plan and the run keeps its kind:
+/// an I/O error naming the file (`Io`, status IO through the C API), a folder `Unsupported`.
+/// Both used to be flattened into a `Source` error holding the message as text.
+#[test]
+fn a_source_gone_after_the_plan_keeps_its_error_kind() {
+    let dir = Scratch::new("gone");
+    let (src_dir, src, strategy) = make_source(&dir.0, [0, -1]);
+    let plan = Plan::build(&src_dir, None, Some(&strategy), &PlanOptions::default()).unwrap();
+    std::fs::remove_file(&src).unwrap();
+    let opts = ExecuteOptions { sync: false, ..ExecuteOptions::default() };
+    let err = execute(&plan, &dir.0.join("out"), &[0, 1], &opts).unwrap_err();
+    match &err {
+        reshard_core::Error::Io { path, source, .. } => {
+            assert_eq!(path, &src, "{err}");
+            assert_eq!(source.kind(), std::io::ErrorKind::NotFound, "{err}");
+        }
+        other => panic!("expected an I/O error naming {}, got {other:?}", src.display()),
+    }
+    std::fs::create_dir(&src).unwrap();
+    let err = execute(&plan, &dir.0.join("out"), &[0], &opts).unwrap_err();
+    assert!(matches!(&err, reshard_core::Error::Unsupported { path, .. } if path == &src), "{err:?}");
+    let left = files_under(&dir.0.join("out"));
+    assert!(left.is_empty(), "left behind {left:?}");
+}
+
 #[test]
 fn an_untouched_source_still_converts() {
     let dir = Scratch::new("untouched");

@@ -52,7 +52,7 @@ pub unsafe extern "C" fn reshard_auto(
     options_json: *const c_char,
     load_path_out: *mut *mut c_char,
     error_out: *mut *mut ReshardError,
-) -> i32 {
+) -> ReshardStatus {
     // SAFETY: `error_out` is NULL or writable (# Safety).
     let error_out = unsafe { ErrorOut::new(error_out) };
     with_status(error_out, || {
@@ -111,7 +111,10 @@ pub unsafe extern "C" fn reshard_auto(
 ///
 /// `options_json` must be NULL or NUL-terminated; `error_out` must be NULL or writable.
 #[no_mangle]
-pub unsafe extern "C" fn reshard_strategy_new(options_json: *const c_char, error_out: *mut *mut ReshardError) -> i32 {
+pub unsafe extern "C" fn reshard_strategy_new(
+    options_json: *const c_char,
+    error_out: *mut *mut ReshardError,
+) -> ReshardStatus {
     // SAFETY: `error_out` is NULL or writable (# Safety).
     let error_out = unsafe { ErrorOut::new(error_out) };
     with_status(error_out, || {

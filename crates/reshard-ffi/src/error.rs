@@ -5,11 +5,13 @@ use std::ffi::{c_char, CString};
 use crate::ffi;
 use crate::panic;
 
-/// Status codes returned by the `int32_t` functions of this library.
+/// Status codes returned by the functions of this library. An `int32_t` in the ABI: C sees
+/// `typedef int32_t ReshardStatus`, C++ an enum with `int32_t` as its underlying type.
 ///
-/// 0 is success. 2-99 are the core's error kinds (the same numbers as `reshard_core::Error::code`
-/// and as the `error_code` of the error object); 100 and up come from the C layer itself. A
-/// number is never reused for another meaning; new kinds get new numbers. 1 is not used.
+/// 0 is success. 2-99 are the core's error kinds (also the `error_code` of the error object;
+/// the mapping from `reshard_core::Error` is `ReshardStatus::from`, in this crate); 100 and up
+/// come from the C layer itself. A number is never reused for another meaning; new kinds get new
+/// numbers. 1 is not used.
 #[repr(i32)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReshardStatus {
@@ -62,22 +64,42 @@ impl ReshardStatus {
     }
 }
 
+/// The status of each kind of core error: one exhaustive match, without a wildcard arm, so a
+/// new kind in the core does not compile here until it has a status.
+impl From<&reshard_core::Error> for ReshardStatus {
+    fn from(e: &reshard_core::Error) -> Self {
+        use reshard_core::Error;
+        match e {
+            Error::Io { .. } => ReshardStatus::Io,
+            Error::Malformed { .. } => ReshardStatus::Malformed,
+            Error::BadTensor { .. } => ReshardStatus::BadTensor,
+            Error::CrcMismatch { .. } => ReshardStatus::Crc,
+            Error::Unsupported { .. } => ReshardStatus::Unsupported,
+            Error::BadLayout { .. } => ReshardStatus::BadLayout,
+            Error::ShapeMismatch { .. } => ReshardStatus::ShapeMismatch,
+            Error::Source { .. } => ReshardStatus::Source,
+            Error::Invalid(_) => ReshardStatus::InvalidArgument,
+            Error::Cancelled { .. } => ReshardStatus::Cancelled,
+        }
+    }
+}
+
 /// An error on its way out to C: a status code and the full message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct FfiError {
-    pub(crate) code: i32,
+    pub(crate) status: ReshardStatus,
     pub(crate) message: String,
 }
 
 impl FfiError {
     pub(crate) fn new(status: ReshardStatus, message: impl Into<String>) -> Self {
-        FfiError { code: status.code(), message: message.into() }
+        FfiError { status, message: message.into() }
     }
 }
 
 impl From<reshard_core::Error> for FfiError {
     fn from(e: reshard_core::Error) -> Self {
-        FfiError { code: e.code(), message: e.to_string() }
+        FfiError { status: ReshardStatus::from(&e), message: e.to_string() }
     }
 }
 
@@ -86,13 +108,13 @@ impl From<reshard_core::Error> for FfiError {
 /// Opaque to C. Created by the library on failure, owned by the caller, freed with
 /// `reshard_error_free`.
 pub struct ReshardError {
-    pub(crate) code: i32,
+    pub(crate) status: ReshardStatus,
     pub(crate) message: CString,
 }
 
 impl ReshardError {
     pub(crate) fn from_ffi(e: FfiError) -> Self {
-        ReshardError { code: e.code, message: c_string_lossy(e.message) }
+        ReshardError { status: e.status, message: c_string_lossy(e.message) }
     }
 }
 
@@ -114,10 +136,10 @@ pub(crate) fn c_string_lossy(s: String) -> CString {
 ///
 /// `error` must be NULL or a live error object from this library.
 #[no_mangle]
-pub unsafe extern "C" fn reshard_error_code(error: *const ReshardError) -> i32 {
-    panic::or_value(ReshardStatus::Panic.code(), || {
+pub unsafe extern "C" fn reshard_error_code(error: *const ReshardError) -> ReshardStatus {
+    panic::or_value(ReshardStatus::Panic, || {
         // SAFETY: NULL or a live error object (# Safety).
-        unsafe { ffi::try_ref(error, "error") }.map_or(ReshardStatus::NullArgument.code(), |e| e.code)
+        unsafe { ffi::try_ref(error, "error") }.map_or(ReshardStatus::NullArgument, |e| e.status)
     })
 }
 
@@ -150,4 +172,136 @@ pub unsafe extern "C" fn reshard_error_free(error: *mut ReshardError) {
         // SAFETY: NULL or an unfreed error object (# Safety).
         unsafe { ffi::free_handle(error) }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reshard_core::Error;
+    use std::collections::BTreeMap;
+    use std::path::PathBuf;
+
+    /// Every status, with its name in the header. The match has no wildcard: a new status does
+    /// not compile here until it is listed.
+    fn c_name(s: ReshardStatus) -> &'static str {
+        match s {
+            ReshardStatus::Ok => "RESHARD_STATUS_OK",
+            ReshardStatus::Io => "RESHARD_STATUS_IO",
+            ReshardStatus::Malformed => "RESHARD_STATUS_MALFORMED",
+            ReshardStatus::BadTensor => "RESHARD_STATUS_BAD_TENSOR",
+            ReshardStatus::Crc => "RESHARD_STATUS_CRC",
+            ReshardStatus::Unsupported => "RESHARD_STATUS_UNSUPPORTED",
+            ReshardStatus::BadLayout => "RESHARD_STATUS_BAD_LAYOUT",
+            ReshardStatus::ShapeMismatch => "RESHARD_STATUS_SHAPE_MISMATCH",
+            ReshardStatus::Source => "RESHARD_STATUS_SOURCE",
+            ReshardStatus::InvalidArgument => "RESHARD_STATUS_INVALID_ARGUMENT",
+            ReshardStatus::Cancelled => "RESHARD_STATUS_CANCELLED",
+            ReshardStatus::NullArgument => "RESHARD_STATUS_NULL_ARGUMENT",
+            ReshardStatus::InvalidUtf8 => "RESHARD_STATUS_INVALID_UTF8",
+            ReshardStatus::InvalidOptions => "RESHARD_STATUS_INVALID_OPTIONS",
+            ReshardStatus::RankOutOfRange => "RESHARD_STATUS_RANK_OUT_OF_RANGE",
+            ReshardStatus::BufferTooSmall => "RESHARD_STATUS_BUFFER_TOO_SMALL",
+            ReshardStatus::Busy => "RESHARD_STATUS_BUSY",
+            ReshardStatus::Panic => "RESHARD_STATUS_PANIC",
+        }
+    }
+
+    const ALL: [ReshardStatus; 18] = [
+        ReshardStatus::Ok,
+        ReshardStatus::Io,
+        ReshardStatus::Malformed,
+        ReshardStatus::BadTensor,
+        ReshardStatus::Crc,
+        ReshardStatus::Unsupported,
+        ReshardStatus::BadLayout,
+        ReshardStatus::ShapeMismatch,
+        ReshardStatus::Source,
+        ReshardStatus::InvalidArgument,
+        ReshardStatus::Cancelled,
+        ReshardStatus::NullArgument,
+        ReshardStatus::InvalidUtf8,
+        ReshardStatus::InvalidOptions,
+        ReshardStatus::RankOutOfRange,
+        ReshardStatus::BufferTooSmall,
+        ReshardStatus::Busy,
+        ReshardStatus::Panic,
+    ];
+
+    /// One value of each kind of core error, with the number the C ABI promises for it (the
+    /// README's table). `kind` has no wildcard either: a new core kind does not compile here
+    /// until it has a case.
+    fn every_core_error() -> Vec<(Error, i32)> {
+        let p = || PathBuf::from("/data/ckpt/rank_3/model.ckpt");
+        let s = String::from;
+        vec![
+            (Error::io(p(), "open", std::io::Error::from(std::io::ErrorKind::NotFound)), 2),
+            (Error::Malformed { path: p(), kind: "checkpoint", detail: s("truncated at byte 12") }, 3),
+            (Error::BadTensor { path: p(), tensor: s("w"), detail: s("dims [2, 3] need 24 bytes, has 20") }, 4),
+            (Error::CrcMismatch { path: p(), expected: 1, actual: 2 }, 5),
+            (Error::Unsupported { path: p(), detail: s("encrypted") }, 6),
+            (Error::BadLayout { path: p(), param: s("w"), detail: s("axis 5 of 2") }, 7),
+            (Error::ShapeMismatch { path: p(), rank: 3, param: s("w"), detail: s("[4, 4] vs [2, 4]") }, 8),
+            (Error::Source { path: p(), detail: s("the file changed while reshard was reading it") }, 9),
+            (Error::Invalid(s("a repeated rank")), 10),
+            (Error::Cancelled { path: p() }, 11),
+        ]
+    }
+
+    fn kind(e: &Error) -> usize {
+        match e {
+            Error::Io { .. } => 0,
+            Error::Malformed { .. } => 1,
+            Error::BadTensor { .. } => 2,
+            Error::CrcMismatch { .. } => 3,
+            Error::Unsupported { .. } => 4,
+            Error::BadLayout { .. } => 5,
+            Error::ShapeMismatch { .. } => 6,
+            Error::Source { .. } => 7,
+            Error::Invalid(_) => 8,
+            Error::Cancelled { .. } => 9,
+        }
+    }
+    const CORE_KINDS: usize = 10;
+
+    #[test]
+    fn every_core_error_kind_has_its_status() {
+        let cases = every_core_error();
+        let kinds: std::collections::BTreeSet<usize> = cases.iter().map(|(e, _)| kind(e)).collect();
+        assert_eq!(kinds, (0..CORE_KINDS).collect(), "one case per kind of core error");
+        for (e, want) in cases {
+            let message = e.to_string();
+            let f = FfiError::from(e);
+            assert_eq!(f.status.code(), want, "{message}");
+            assert_eq!(f.message, message);
+            let c = ReshardError::from_ffi(f);
+            // SAFETY: a live error object.
+            assert_eq!(unsafe { reshard_error_code(&c) }.code(), want, "{message}");
+        }
+    }
+
+    /// Every status has its own number, and the header's `RESHARD_STATUS_*` constants are
+    /// exactly these names and numbers.
+    #[test]
+    fn statuses_are_distinct_and_match_the_header() {
+        let ours: BTreeMap<&str, i32> = ALL.iter().map(|&s| (c_name(s), s.code())).collect();
+        assert_eq!(ours.len(), ALL.len(), "a status listed twice");
+        let mut numbers: Vec<i32> = ALL.iter().map(|s| s.code()).collect();
+        numbers.sort_unstable();
+        numbers.dedup();
+        assert_eq!(numbers.len(), ALL.len(), "two statuses share a number: {ours:?}");
+
+        let header_path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../include/reshard.h");
+        let header = std::fs::read_to_string(header_path).expect("include/reshard.h");
+        let mut theirs = BTreeMap::new();
+        for line in header.lines() {
+            let Some((name, value)) = line.trim().strip_suffix(',').and_then(|l| l.split_once(" = ")) else {
+                continue;
+            };
+            if name.starts_with("RESHARD_STATUS_") {
+                let value: i32 = value.parse().unwrap_or_else(|_| panic!("{header_path}: {line}"));
+                assert!(theirs.insert(name, value).is_none(), "{header_path}: {name} twice");
+            }
+        }
+        assert_eq!(theirs, ours, "{header_path} is not what cbindgen makes of ReshardStatus; regenerate it");
+    }
 }

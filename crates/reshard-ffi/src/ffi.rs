@@ -30,14 +30,14 @@ impl ErrorOut {
     }
 
     /// Hands `e` to the caller (who then owns it) and returns its status code.
-    pub(crate) fn set(&self, e: FfiError) -> i32 {
-        let code = e.code;
+    pub(crate) fn set(&self, e: FfiError) -> ReshardStatus {
+        let status = e.status;
         if !self.0.is_null() {
             let boxed = Box::into_raw(Box::new(ReshardError::from_ffi(e)));
             // SAFETY: `ErrorOut::new`'s contract: non-NULL means valid for one write.
             unsafe { self.0.write(boxed) };
         }
-        code
+        status
     }
 }
 

@@ -15,7 +15,7 @@
 //! reshard_plan_free(plan);
 //! ```
 //!
-//! Conventions (see the README section "C API conventions"): functions returning `int32_t`
+//! Conventions (see the README section "C API conventions"): functions returning `ReshardStatus`
 //! return 0 on success or a `RESHARD_STATUS_*` code; out-parameters are written only on
 //! success and error objects only on failure; every pointer is checked for NULL; every export
 //! catches panics; handles are freed by their `_free` function, and freeing NULL is a no-op.
@@ -64,10 +64,10 @@ mod tests {
         // SAFETY: `err` is a writable local.
         let out = unsafe { ffi::ErrorOut::new(&mut err) };
         let code = panic::with_status(out, || panic!("boom"));
-        assert_eq!(code, ReshardStatus::Panic.code());
+        assert_eq!(code, ReshardStatus::Panic);
         // SAFETY: `err` was just set by the library.
         unsafe {
-            assert_eq!(reshard_error_code(err), ReshardStatus::Panic.code());
+            assert_eq!(reshard_error_code(err), ReshardStatus::Panic);
             let msg = std::ffi::CStr::from_ptr(reshard_error_message(err));
             assert!(msg.to_str().unwrap().contains("panicked: boom"), "{msg:?}");
             reshard_error_free(err);
@@ -82,14 +82,14 @@ mod tests {
         // SAFETY: NULL and valid out-pointers only.
         unsafe {
             let code = reshard_plan(null(), null(), null(), null(), &mut plan, &mut err);
-            assert_eq!(code, ReshardStatus::NullArgument.code());
+            assert_eq!(code, ReshardStatus::NullArgument);
             assert!(plan.is_null());
             let msg = std::ffi::CStr::from_ptr(reshard_error_message(err));
             assert!(msg.to_str().unwrap().contains("'src_ckpt_dir' is NULL"));
             reshard_error_free(err);
             assert_eq!(reshard_plan_dst_rank_count(null()), 0);
             assert!(reshard_plan_to_json(null()).is_null());
-            assert_eq!(reshard_error_code(null()), ReshardStatus::NullArgument.code());
+            assert_eq!(reshard_error_code(null()), ReshardStatus::NullArgument);
             reshard_plan_free(null_mut());
             reshard_error_free(null_mut());
             reshard_string_free(null_mut());

@@ -160,7 +160,7 @@ mod tests {
             ("{", "not valid JSON"),
         ] {
             let e = execute_options(Some(json), "reshard_execute").unwrap_err();
-            assert_eq!(e.code, ReshardStatus::InvalidOptions.code(), "{json}");
+            assert_eq!(e.status, ReshardStatus::InvalidOptions, "{json}");
             assert!(e.message.contains(needle), "{json}: {}", e.message);
         }
         let e = plan_options(Some(r#"{"skip_crc": "yes"}"#)).unwrap_err();

@@ -30,9 +30,9 @@ pub(crate) fn catch<T>(f: impl FnOnce() -> Result<T, FfiError>) -> Result<T, Ffi
 
 /// The boundary of the functions that return a status and an error object: 0 on success,
 /// otherwise the error's code, with the error handed out through `error_out`.
-pub(crate) fn with_status(error_out: ErrorOut, f: impl FnOnce() -> Result<(), FfiError>) -> i32 {
+pub(crate) fn with_status(error_out: ErrorOut, f: impl FnOnce() -> Result<(), FfiError>) -> ReshardStatus {
     match catch(f) {
-        Ok(()) => ReshardStatus::Ok.code(),
+        Ok(()) => ReshardStatus::Ok,
         Err(e) => error_out.set(e),
     }
 }

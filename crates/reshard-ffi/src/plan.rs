@@ -123,7 +123,7 @@ pub unsafe extern "C" fn reshard_plan(
     options_json: *const c_char,
     plan_out: *mut *mut ReshardPlan,
     error_out: *mut *mut ReshardError,
-) -> i32 {
+) -> ReshardStatus {
     // SAFETY: `error_out` is NULL or writable (# Safety).
     let error_out = unsafe { ErrorOut::new(error_out) };
     with_status(error_out, || {
@@ -193,7 +193,7 @@ pub unsafe extern "C" fn reshard_plan_src_ranks(
     out: *mut u32,
     cap: usize,
     len_out: *mut usize,
-) -> i32 {
+) -> ReshardStatus {
     let r = catch(|| {
         // SAFETY: NULL or a live plan (# Safety).
         let plan = unsafe { ffi::try_ref(plan, "plan") }?;
@@ -209,12 +209,12 @@ pub unsafe extern "C" fn reshard_plan_src_ranks(
         let fits = ranks.len() <= out.cap();
         len_out.write(ranks.len());
         if !fits {
-            return Ok(ReshardStatus::BufferTooSmall.code());
+            return Ok(ReshardStatus::BufferTooSmall);
         }
         out.write(&ranks);
-        Ok(ReshardStatus::Ok.code())
+        Ok(ReshardStatus::Ok)
     });
-    r.unwrap_or_else(|e| e.code)
+    r.unwrap_or_else(|e| e.status)
 }
 
 /// A JSON summary of the plan: source and destination rank counts and stages, warnings, and per
@@ -362,7 +362,7 @@ pub unsafe extern "C" fn reshard_execute(
     n_dst_ranks: usize,
     options_json: *const c_char,
     error_out: *mut *mut ReshardError,
-) -> i32 {
+) -> ReshardStatus {
     // SAFETY: `error_out` is NULL or writable (# Safety).
     let error_out = unsafe { ErrorOut::new(error_out) };
     with_status(error_out, || {
@@ -393,7 +393,7 @@ pub unsafe extern "C" fn reshard_execute_with_progress(
     progress: ReshardProgressFn,
     user: *mut c_void,
     error_out: *mut *mut ReshardError,
-) -> i32 {
+) -> ReshardStatus {
     // SAFETY: `error_out` is NULL or writable (# Safety).
     let error_out = unsafe { ErrorOut::new(error_out) };
     with_status(error_out, || {

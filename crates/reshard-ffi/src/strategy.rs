@@ -4,7 +4,7 @@ use std::ffi::c_char;
 
 use reshard_core::strategy::merge_dir;
 
-use crate::error::ReshardError;
+use crate::error::{ReshardError, ReshardStatus};
 use crate::ffi::{self, ErrorOut};
 use crate::panic::with_status;
 
@@ -25,7 +25,7 @@ pub unsafe extern "C" fn reshard_merge_strategies(
     src_dir: *const c_char,
     dst_file: *const c_char,
     error_out: *mut *mut ReshardError,
-) -> i32 {
+) -> ReshardStatus {
     // SAFETY: `error_out` is NULL or writable (# Safety).
     let error_out = unsafe { ErrorOut::new(error_out) };
     with_status(error_out, || {
