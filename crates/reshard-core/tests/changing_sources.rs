@@ -6,6 +6,8 @@
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 #![allow(unsafe_code)] // fork, mmap and waitpid for the chaining test
 
+mod util;
+
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,23 +18,7 @@ use reshard_core::execute::{execute, ExecuteOptions};
 use reshard_core::plan::{Plan, PlanOptions};
 use reshard_core::{ckpt, DType};
 use serde_json::json;
-
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Self {
-        let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("reshard-change-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        Scratch(d)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use util::{files_under, Scratch};
 
 /// A complete 4 MiB fp32 tensor "w" split in 2 by rows (`tensor_map` [0, -1]: each rank's share
 /// is one run, written straight from the source map with pwrite) or by columns ([-1, 0]: each
@@ -77,22 +63,6 @@ fn run_with_change(
         ..ExecuteOptions::default()
     };
     (execute(&plan, &dir.join("out"), &[0], &opts), src)
-}
-
-/// Every regular file under `dir`.
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut todo = vec![dir.to_path_buf()];
-    while let Some(d) = todo.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            if e.file_type().unwrap().is_dir() {
-                todo.push(e.path());
-            } else {
-                out.push(e.path());
-            }
-        }
-    }
-    out
 }
 
 fn truncate(path: &Path) {
