@@ -69,36 +69,35 @@ fn truncate(path: &Path) {
     std::fs::File::options().write(true).open(path).unwrap().set_len(4096).unwrap();
 }
 
-#[test]
-fn a_source_truncated_during_a_run_fails_cleanly_naming_it() {
-    // Columns: the copy reads the map with memcpy and, without the handler, dies of SIGBUS.
-    // Rows: pwrite from the map fails with EFAULT, which must be reported as the source's fault.
+/// Runs rank 0 with the source split by columns and by rows, `change` made to it after the first
+/// block: the run fails naming the source and saying `says`, and leaves nothing in the output.
+fn fails_naming_the_source(what: &str, change: fn(&Path), says: &str) {
     for (case, map) in [("cols", [-1, 0]), ("rows", [0, -1])] {
-        let dir = Scratch::new(&format!("truncate-{case}"));
-        let (r, src) = run_with_change(&dir.0, map, truncate);
+        let dir = Scratch::new(&format!("{what}-{case}"));
+        let (r, src) = run_with_change(dir.path(), map, change);
         let err = r.expect_err(case).to_string();
-        assert!(err.contains(&src.display().to_string()) && err.contains("truncated from"), "{case}: {err}");
-        let left = files_under(&dir.0.join("out"));
+        assert!(err.contains(&src.display().to_string()) && err.contains(says), "{case}: {err}");
+        let left = files_under(&dir.join("out"));
         assert!(left.is_empty(), "{case}: left behind {left:?}");
     }
 }
 
 #[test]
+fn a_source_truncated_during_a_run_fails_cleanly_naming_it() {
+    // Columns: the copy reads the map with memcpy and, without the handler, dies of SIGBUS.
+    // Rows: pwrite from the map fails with EFAULT, which must be reported as the source's fault.
+    fails_naming_the_source("truncate", truncate, "truncated from");
+}
+
+#[test]
 fn a_source_rewritten_in_place_during_a_run_fails_naming_it() {
-    for (case, map) in [("cols", [-1, 0]), ("rows", [0, -1])] {
-        let dir = Scratch::new(&format!("rewrite-{case}"));
-        // Same size, other bytes, from the middle of the content to the end.
-        let rewrite = |p: &Path| {
-            let f = std::fs::File::options().write(true).open(p).unwrap();
-            let len = f.metadata().unwrap().len();
-            f.write_all_at(&vec![0x5a; (len / 2) as usize], len - len / 2).unwrap();
-        };
-        let (r, src) = run_with_change(&dir.0, map, rewrite);
-        let err = r.expect_err(case).to_string();
-        assert!(err.contains(&src.display().to_string()) && err.contains("changed while"), "{case}: {err}");
-        let left = files_under(&dir.0.join("out"));
-        assert!(left.is_empty(), "{case}: left behind {left:?}");
-    }
+    // Same size, other bytes, from the middle of the content to the end.
+    let rewrite = |p: &Path| {
+        let f = std::fs::File::options().write(true).open(p).unwrap();
+        let len = f.metadata().unwrap().len();
+        f.write_all_at(&vec![0x5a; (len / 2) as usize], len - len / 2).unwrap();
+    };
+    fails_naming_the_source("rewrite", rewrite, "changed while");
 }
 
 #[test]
