@@ -409,6 +409,43 @@ fn corpus_readme_lists_only_tested_entries() {
     assert!(n >= 30, "only {n} entries in tests/corpus/README.md");
 }
 
+// ------------------------------------------------------------------ the test helpers themselves
+
+/// A table test reports every failing row, by name and with its assertion, not only the first.
+#[test]
+fn check_rows_names_every_failing_row() {
+    let rows = [("a", 1), ("b", 2), ("c", 3)];
+    let failed = std::panic::catch_unwind(|| {
+        check_rows(&rows, |r| format!("row {}", r.0), |r| assert!(r.1 == 2, "{} is not 2", r.1));
+    });
+    let e = failed.expect_err("two rows fail");
+    let msg = e.downcast_ref::<String>().unwrap();
+    assert!(msg.contains("2 of 3 rows failed"), "{msg}");
+    assert!(msg.contains("row a: 1 is not 2") && msg.contains("row c: 3 is not 2"), "{msg}");
+    assert!(!msg.contains("row b"), "{msg}");
+    check_rows(&rows, |r| r.0.to_string(), |r| assert!(r.1 > 0));
+}
+
+/// A scratch folder is removed after a passing test and kept after a failing one.
+#[test]
+fn scratch_folders_are_kept_only_when_the_test_fails() {
+    let passed = Scratch::new("passes");
+    let kept = passed.path().to_path_buf();
+    drop(passed);
+    assert!(!kept.exists(), "{} left after a passing test", kept.display());
+    let failed = std::thread::spawn(|| {
+        let s = Scratch::new("fails");
+        std::fs::write(s.join("evidence"), b"what the failed run left").unwrap();
+        let path = s.path().to_path_buf();
+        std::panic::panic_any(path);
+    })
+    .join()
+    .expect_err("the thread panics");
+    let kept = failed.downcast_ref::<PathBuf>().unwrap();
+    assert!(kept.join("evidence").is_file(), "{} removed after a failing test", kept.display());
+    std::fs::remove_dir_all(kept).unwrap();
+}
+
 // ------------------------------------------------------------------ inputs that are not regular files
 
 /// Runs reshard and kills it if it has not finished after a minute (a hang guard, not a timing
