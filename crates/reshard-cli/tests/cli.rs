@@ -1447,21 +1447,10 @@ fn progress_line_pct(l: &str) -> u64 {
 
 #[test]
 fn transform_prints_plain_progress_lines_when_stderr_is_not_a_terminal() {
-    let dir = fixture("conformance/complete_to_dp2mp2");
     let s = Scratch::new("progress-lines");
     for (interval, name) in [("0", "every"), ("5", "default")] {
         let dst = s.join(name);
-        let out = reshard([
-            OsStr::new("transform"),
-            "--src_ckpt_dir".as_ref(),
-            dir.join("src").as_os_str(),
-            "--dst_ckpt_strategy".as_ref(),
-            dir.join("dst_strategy.ckpt").as_os_str(),
-            "--dst_ckpt_dir".as_ref(),
-            dst.as_os_str(),
-            "--progress-interval".as_ref(),
-            interval.as_ref(),
-        ]);
+        let out = reshard(dp2mp2("transform", argv!["--dst_ckpt_dir", &dst, "--progress-interval", interval]));
         let stderr = text(&out.stderr);
         assert!(out.status.success(), "{stderr}");
         let lines: Vec<&str> = stderr.lines().collect();
@@ -1486,17 +1475,10 @@ fn transform_quiet_prints_nothing_on_success() {
     let src = dir.join("src");
     for quiet in [false, true] {
         let dst = s.join(if quiet { "quiet" } else { "loud" });
-        let mut args = vec![
-            OsStr::new("transform"),
-            "--src_ckpt_dir".as_ref(),
-            src.as_os_str(),
-            "--dst_ckpt_strategy".as_ref(),
-            strategy.as_os_str(),
-            "--dst_ckpt_dir".as_ref(),
-            dst.as_os_str(),
-        ];
+        let mut args =
+            argv!["transform", "--src_ckpt_dir", &src, "--dst_ckpt_strategy", &strategy, "--dst_ckpt_dir", &dst];
         if quiet {
-            args.push("-q".as_ref());
+            args.push("-q".into());
         }
         let out = reshard(&args);
         let stderr = text(&out.stderr);
