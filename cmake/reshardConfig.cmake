@@ -26,45 +26,8 @@ set(reshard_CPP_INCLUDE_DIR "${_reshard_root}/bindings/cpp")
 set(_reshard_shared "${RESHARD_LIBRARY_DIR}/libreshard.so")
 set(_reshard_static "${RESHARD_LIBRARY_DIR}/libreshard.a")
 
-if(NOT EXISTS "${_reshard_shared}" OR NOT EXISTS "${reshard_INCLUDE_DIR}/reshard.h")
-  set(reshard_FOUND FALSE)
-  string(CONCAT reshard_NOT_FOUND_MESSAGE
-    "${_reshard_shared} or ${reshard_INCLUDE_DIR}/reshard.h is missing: build the library with "
-    "'cargo build --release -p reshard-ffi' in ${_reshard_root}, or set RESHARD_LIBRARY_DIR")
-  return()
-endif()
-
-include(CMakeFindDependencyMacro)
-find_dependency(Threads)
-
-if(NOT TARGET reshard::reshard)
-  add_library(reshard::reshard SHARED IMPORTED)
-  set_target_properties(reshard::reshard PROPERTIES
-    IMPORTED_LOCATION "${_reshard_shared}"
-    IMPORTED_SONAME "libreshard.so"
-    INTERFACE_INCLUDE_DIRECTORIES "${reshard_INCLUDE_DIR}")
-endif()
-
-if(NOT TARGET reshard::static AND EXISTS "${_reshard_static}")
-  add_library(reshard::static STATIC IMPORTED)
-  set_target_properties(reshard::static PROPERTIES
-    IMPORTED_LOCATION "${_reshard_static}"
-    IMPORTED_LINK_INTERFACE_LANGUAGES "C"
-    INTERFACE_INCLUDE_DIRECTORIES "${reshard_INCLUDE_DIR}"
-    INTERFACE_LINK_LIBRARIES "Threads::Threads;${CMAKE_DL_LIBS};m")
-endif()
-
-if(NOT TARGET reshard::cpp)
-  add_library(reshard::cpp INTERFACE IMPORTED)
-  set_target_properties(reshard::cpp PROPERTIES
-    INTERFACE_INCLUDE_DIRECTORIES "${reshard_CPP_INCLUDE_DIR}"
-    INTERFACE_LINK_LIBRARIES "reshard::reshard"
-    INTERFACE_COMPILE_FEATURES "cxx_std_17")
-endif()
-
-set(reshard_LIBRARIES reshard::reshard)
-set(reshard_INCLUDE_DIRS "${reshard_INCLUDE_DIR}")
+set(_reshard_missing_hint
+    "build the library with 'cargo build --release -p reshard-ffi' in ${_reshard_root}, or set RESHARD_LIBRARY_DIR")
 unset(_reshard_root)
 unset(_reshard_default_libdir)
-unset(_reshard_shared)
-unset(_reshard_static)
+include("${CMAKE_CURRENT_LIST_DIR}/reshardTargets.cmake")

@@ -8,7 +8,7 @@
 #   lib/libreshard.so.VERSION, lib/libreshard.so -> libreshard.so.VERSION (the soname)
 #   lib/libreshard.a
 #   include/reshard.h, include/reshard.hpp
-#   lib/cmake/reshard/reshardConfig.cmake, reshardConfigVersion.cmake
+#   lib/cmake/reshard/reshardConfig.cmake, reshardTargets.cmake, reshardConfigVersion.cmake
 #   lib/pkgconfig/reshard.pc
 # Unpack it anywhere, or its contents into a prefix such as /usr/local: the CMake package and
 # reshard.pc find everything relative to themselves (CMAKE_PREFIX_PATH=<where it was unpacked>).
@@ -47,7 +47,7 @@ strip_copy "$release/libreshard.a" "$dir/lib/libreshard.a"
 chmod 755 "$dir/bin/reshard" "$dir/lib/libreshard.so.$version"
 chmod 644 "$dir/lib/libreshard.a"
 cp include/reshard.h bindings/cpp/reshard.hpp "$dir/include/"
-cp cmake/install/reshardConfig.cmake cmake/reshardConfigVersion.cmake "$dir/lib/cmake/reshard/"
+cp cmake/install/reshardConfig.cmake cmake/reshardTargets.cmake cmake/reshardConfigVersion.cmake "$dir/lib/cmake/reshard/"
 sed "s/@VERSION@/$version/" cmake/install/reshard.pc.in >"$dir/lib/pkgconfig/reshard.pc"
 cp README.md "$dir/"
 

@@ -447,13 +447,10 @@ fn main() {
 /// onto dp2 x mp2 (half the tensors split by mp), timed and with its peak memory.
 fn many_small(dir: &Path, reshard: &Path, runs: usize) {
     let ps: Vec<Param> = (0..300_000)
-        .map(|i| Param {
-            name: format!("model.layers.{}.p{}.weight", i / 100, i % 100),
-            dtype: DType::Float32,
-            shape: vec![8],
-            map: if i % 2 == 0 { vec![0] } else { vec![-1] },
-            stage: 0,
-            opt: false,
+        .map(|i| {
+            let name = format!("model.layers.{}.p{}.weight", i / 100, i % 100);
+            let map = if i % 2 == 0 { vec![0] } else { vec![-1] };
+            Param { name, dtype: DType::Float32, shape: vec![8], map, stage: 0, opt: false }
         })
         .collect();
     let src = dir.join("many_small/src");
@@ -489,13 +486,9 @@ fn many_small(dir: &Path, reshard: &Path, runs: usize) {
 /// Plan-only: 3,000 parameters onto 4,096 destination ranks (dp64 x mp64).
 fn plan_4096(dir: &Path) {
     let ps: Vec<Param> = (0..3000)
-        .map(|i| Param {
-            name: format!("model.p{i}.weight"),
-            dtype: DType::Float16,
-            shape: vec![64, 64],
-            map: if i % 2 == 0 { vec![0, -1] } else { vec![-1, 0] },
-            stage: 0,
-            opt: true,
+        .map(|i| {
+            let (name, map) = (format!("model.p{i}.weight"), if i % 2 == 0 { vec![0, -1] } else { vec![-1, 0] });
+            Param { name, dtype: DType::Float16, shape: vec![64, 64], map, stage: 0, opt: true }
         })
         .collect();
     let src = dir.join("plan4096/src");

@@ -104,9 +104,11 @@ static void check_rank_output(const char *case_name, const char *dst, uint32_t r
     CHECK(same_bytes(got, want), "%s differs from MindSpore's %s", got, want);
 }
 
-/* Checks a failed call: status, error object with that code, message containing `needle`. */
-static void check_error(int32_t status, ReshardError *err, int32_t want, const char *needle)
+/* Checks a failed call: status, error object with that code, message containing `needle`. Frees
+ * the error object and sets *err to NULL for the next call. */
+static void check_error(int32_t status, ReshardError **errp, int32_t want, const char *needle)
 {
+    ReshardError *err = *errp;
     CHECK(status == want, "status %d, want %d (%s)", status, want,
           err ? reshard_error_message(err) : "no error object");
     CHECK(err != NULL, "no error object for status %d", status);
@@ -117,6 +119,16 @@ static void check_error(int32_t status, ReshardError *err, int32_t want, const c
         CHECK(msg != NULL && strstr(msg, needle) != NULL, "message \"%s\" lacks \"%s\"", msg,
               needle);
     }
+    reshard_error_free(err);
+    *errp = NULL;
+}
+
+/* reshard_execute of destination rank `rank` alone succeeds (`what` says when). */
+static void execute_rank_ok(const ReshardPlan *plan, const char *dst, uint32_t rank, const char *what)
+{
+    ReshardError *err = NULL;
+    int32_t st = reshard_execute(plan, dst, &rank, 1, NULL, &err);
+    CHECK(st == RESHARD_STATUS_OK, "%s: %d %s", what, st, err ? reshard_error_message(err) : "");
     reshard_error_free(err);
 }
 
@@ -241,10 +253,7 @@ static void test_complete_to_dp2mp2(void)
     /* Double execute of one rank after the first call returned: a verified output is kept,
      * a damaged one rewritten, and "resume": false always rewrites. */
     uint32_t two = 2;
-    st = reshard_execute(plan, dst, &two, 1, NULL, &err);
-    CHECK(st == RESHARD_STATUS_OK, "re-execute rank 2: %d", st);
-    reshard_error_free(err);
-    err = NULL;
+    execute_rank_ok(plan, dst, two, "re-execute rank 2");
     check_rank_output(c, dst, 2, "checkpoint_", "ckpt");
     char out2[PATH_LEN];
     path_of(out2, "%s/%s", dst, "rank_2/checkpoint_2.ckpt");
@@ -254,10 +263,7 @@ static void test_complete_to_dp2mp2(void)
     if (damage != NULL) {
         fclose(damage);
     }
-    st = reshard_execute(plan, dst, &two, 1, NULL, &err);
-    CHECK(st == RESHARD_STATUS_OK, "re-execute damaged rank 2: %d", st);
-    reshard_error_free(err);
-    err = NULL;
+    execute_rank_ok(plan, dst, two, "re-execute damaged rank 2");
     check_rank_output(c, dst, 2, "checkpoint_", "ckpt");
     st = reshard_execute(plan, dst, &two, 1, "{\"resume\": false, \"sync\": false}", &err);
     CHECK(st == RESHARD_STATUS_OK, "re-execute rank 2 without resume: %d", st);
@@ -311,16 +317,11 @@ static void test_complete_to_dp2mp2(void)
     pthread_mutex_unlock(&g.mu);
     uint32_t overlap[2] = {3, 0};
     st = reshard_execute(plan, dst, overlap, 2, NULL, &err);
-    check_error(st, err, RESHARD_STATUS_BUSY, "rank(s) 0 are being written");
-    err = NULL;
+    check_error(st, &err, RESHARD_STATUS_BUSY, "rank(s) 0 are being written");
     char rank3[PATH_LEN];
     path_of(rank3, "%s/%s", dst, "rank_3");
     CHECK(!exists(rank3), "a refused call wrote %s", rank3);
-    uint32_t three = 3;
-    st = reshard_execute(plan, dst, &three, 1, NULL, &err);
-    CHECK(st == RESHARD_STATUS_OK, "disjoint rank while another call runs: %d", st);
-    reshard_error_free(err);
-    err = NULL;
+    execute_rank_ok(plan, dst, 3, "disjoint rank while another call runs");
     pthread_mutex_lock(&g.mu);
     g.released = 1;
     pthread_cond_broadcast(&g.cv);
@@ -330,11 +331,7 @@ static void test_complete_to_dp2mp2(void)
     check_rank_output(c, dst, 0, "checkpoint_", "ckpt");
     check_rank_output(c, dst, 3, "checkpoint_", "ckpt");
     /* Once the first call has returned, the rank can be executed again. */
-    uint32_t zero = 0;
-    st = reshard_execute(plan, dst, &zero, 1, NULL, &err);
-    CHECK(st == RESHARD_STATUS_OK, "execute rank 0 after the held call returned: %d", st);
-    reshard_error_free(err);
-    err = NULL;
+    execute_rank_ok(plan, dst, 0, "execute rank 0 after the held call returned");
     pthread_cond_destroy(&g.cv);
     pthread_mutex_destroy(&g.mu);
 
@@ -349,43 +346,37 @@ static void test_complete_to_dp2mp2(void)
     path_of(dst, "%s/%s", scratch, "c2d_bad");
     uint32_t far = 99;
     st = reshard_execute(plan, dst, &far, 1, NULL, &err);
-    check_error(st, err, RESHARD_STATUS_RANK_OUT_OF_RANGE, "destination rank 99 does not exist");
-    err = NULL;
+    check_error(st, &err, RESHARD_STATUS_RANK_OUT_OF_RANGE, "destination rank 99 does not exist");
     uint32_t dup[2] = {1, 1};
     st = reshard_execute(plan, dst, dup, 2, NULL, &err);
-    check_error(st, err, RESHARD_STATUS_INVALID_ARGUMENT, "appears more than once");
-    err = NULL;
+    check_error(st, &err, RESHARD_STATUS_INVALID_ARGUMENT, "appears more than once");
     st = reshard_execute(plan, dst, NULL, 2, NULL, &err);
-    check_error(st, err, RESHARD_STATUS_NULL_ARGUMENT, "'dst_ranks' is NULL");
-    err = NULL;
+    check_error(st, &err, RESHARD_STATUS_NULL_ARGUMENT, "'dst_ranks' is NULL");
     uint32_t five[5] = {0, 1, 2, 3, 0};
     st = reshard_execute(plan, dst, five, 5, NULL, &err);
-    check_error(st, err, RESHARD_STATUS_INVALID_ARGUMENT, "n_dst_ranks is 5");
-    err = NULL;
+    check_error(st, &err, RESHARD_STATUS_INVALID_ARGUMENT, "n_dst_ranks is 5");
     st = reshard_execute(plan, NULL, NULL, 0, NULL, &err);
-    check_error(st, err, RESHARD_STATUS_NULL_ARGUMENT, "'dst_ckpt_dir' is NULL");
-    err = NULL;
+    check_error(st, &err, RESHARD_STATUS_NULL_ARGUMENT, "'dst_ckpt_dir' is NULL");
     st = reshard_execute(plan, "", NULL, 0, NULL, &err);
-    check_error(st, err, RESHARD_STATUS_INVALID_ARGUMENT, "empty path");
-    err = NULL;
+    check_error(st, &err, RESHARD_STATUS_INVALID_ARGUMENT, "empty path");
     st = reshard_execute(NULL, dst, NULL, 0, NULL, &err);
-    check_error(st, err, RESHARD_STATUS_NULL_ARGUMENT, "'plan' is NULL");
-    err = NULL;
-    st = reshard_execute(plan, dst, NULL, 0, "{\"prefx\": \"a\"}", &err);
-    check_error(st, err, RESHARD_STATUS_INVALID_OPTIONS, "unknown option \"prefx\"");
-    err = NULL;
-    st = reshard_execute(plan, dst, NULL, 0, "{\"threads\": \"2\"}", &err);
-    check_error(st, err, RESHARD_STATUS_INVALID_OPTIONS, "\"threads\" must be");
-    err = NULL;
-    st = reshard_execute(plan, dst, NULL, 0, "{\"output_format\": \"npz\"}", &err);
-    check_error(st, err, RESHARD_STATUS_INVALID_OPTIONS, "npz");
-    err = NULL;
-    st = reshard_execute(plan, dst, NULL, 0, "{", &err);
-    check_error(st, err, RESHARD_STATUS_INVALID_OPTIONS, "not valid JSON");
-    err = NULL;
-    st = reshard_execute(plan, dst, NULL, 0, "{\"prefix\": \"\xff\"}", &err);
-    check_error(st, err, RESHARD_STATUS_INVALID_UTF8, "not valid UTF-8");
-    err = NULL;
+    check_error(st, &err, RESHARD_STATUS_NULL_ARGUMENT, "'plan' is NULL");
+    /* Bad options: (options, status, what the message names). */
+    static const struct {
+        const char *options;
+        int32_t want;
+        const char *needle;
+    } bad_options[] = {
+        {"{\"prefx\": \"a\"}", RESHARD_STATUS_INVALID_OPTIONS, "unknown option \"prefx\""},
+        {"{\"threads\": \"2\"}", RESHARD_STATUS_INVALID_OPTIONS, "\"threads\" must be"},
+        {"{\"output_format\": \"npz\"}", RESHARD_STATUS_INVALID_OPTIONS, "npz"},
+        {"{", RESHARD_STATUS_INVALID_OPTIONS, "not valid JSON"},
+        {"{\"prefix\": \"\xff\"}", RESHARD_STATUS_INVALID_UTF8, "not valid UTF-8"},
+    };
+    for (size_t i = 0; i < sizeof bad_options / sizeof bad_options[0]; i++) {
+        st = reshard_execute(plan, dst, NULL, 0, bad_options[i].options, &err);
+        check_error(st, &err, bad_options[i].want, bad_options[i].needle);
+    }
     CHECK(!exists(dst), "failed calls created %s", dst);
     /* No error object wanted: the status alone. */
     CHECK(reshard_execute(plan, dst, &far, 1, NULL, NULL) == RESHARD_STATUS_RANK_OUT_OF_RANGE,
@@ -440,8 +431,7 @@ static void test_output_inside_source(void)
     for (size_t i = 0; i < sizeof spellings / sizeof spellings[0]; i++) {
         snprintf(dst, sizeof dst, spellings[i], src, "out");
         st = reshard_execute(plan, dst, NULL, 0, NULL, &err);
-        check_error(st, err, RESHARD_STATUS_INVALID_ARGUMENT, "inside the source folder");
-        err = NULL;
+        check_error(st, &err, RESHARD_STATUS_INVALID_ARGUMENT, "inside the source folder");
     }
     path_of(dst, "%s/%s", src, "out");
     CHECK(!exists(dst), "wrote into the source folder");
@@ -574,18 +564,27 @@ static void test_merge(void)
     }
     ReshardError *err = NULL;
     int32_t st = reshard_merge_strategies(NULL, out, &err);
-    check_error(st, err, RESHARD_STATUS_NULL_ARGUMENT, "'src_dir' is NULL");
-    err = NULL;
+    check_error(st, &err, RESHARD_STATUS_NULL_ARGUMENT, "'src_dir' is NULL");
     st = reshard_merge_strategies(stages, NULL, &err);
-    check_error(st, err, RESHARD_STATUS_NULL_ARGUMENT, "'dst_file' is NULL");
-    err = NULL;
+    check_error(st, &err, RESHARD_STATUS_NULL_ARGUMENT, "'dst_file' is NULL");
     path_of(stages, "%s/%s", scratch, "no_such_stage_dir");
     st = reshard_merge_strategies(stages, out, &err);
-    check_error(st, err, RESHARD_STATUS_IO, "no_such_stage_dir");
-    err = NULL;
+    check_error(st, &err, RESHARD_STATUS_IO, "no_such_stage_dir");
     path_of(stages, "%s/%s", base, "expected");
     st = reshard_merge_strategies(stages, out, &err);
-    check_error(st, err, RESHARD_STATUS_SOURCE, "no strategy files");
+    check_error(st, &err, RESHARD_STATUS_SOURCE, "no strategy files");
+}
+
+/* reshard_plan with these arguments fails with status `want` and an error naming `needle`, and
+ * leaves plan_out NULL. */
+static void plan_fails(const char *src, const char *src_strategy, const char *dst_strategy, const char *options,
+                       int32_t want, const char *needle)
+{
+    ReshardPlan *plan = NULL;
+    ReshardError *err = NULL;
+    int32_t st = reshard_plan(src, src_strategy, dst_strategy, options, &plan, &err);
+    check_error(st, &err, want, needle);
+    CHECK(plan == NULL, "plan_out written on failure (%s)", needle);
 }
 
 static void test_bad_plans(void)
@@ -595,56 +594,36 @@ static void test_bad_plans(void)
     ReshardError *err = NULL;
 
     /* NULL where a path or out-pointer is required. */
-    int32_t st = reshard_plan(NULL, NULL, NULL, NULL, &plan, &err);
-    check_error(st, err, RESHARD_STATUS_NULL_ARGUMENT, "'src_ckpt_dir' is NULL");
-    CHECK(plan == NULL, "plan_out written on failure");
-    err = NULL;
+    plan_fails(NULL, NULL, NULL, NULL, RESHARD_STATUS_NULL_ARGUMENT, "'src_ckpt_dir' is NULL");
     snprintf(src, sizeof src, "%s/complete_to_dp2mp2/src", fixtures);
-    st = reshard_plan(src, NULL, NULL, NULL, NULL, &err);
-    check_error(st, err, RESHARD_STATUS_NULL_ARGUMENT, "'plan_out' is NULL");
-    err = NULL;
+    int32_t st = reshard_plan(src, NULL, NULL, NULL, NULL, &err);
+    check_error(st, &err, RESHARD_STATUS_NULL_ARGUMENT, "'plan_out' is NULL");
     CHECK(reshard_plan(NULL, NULL, NULL, NULL, &plan, NULL) == RESHARD_STATUS_NULL_ARGUMENT,
           "status without error_out");
-    st = reshard_plan("", NULL, NULL, NULL, &plan, &err);
-    check_error(st, err, RESHARD_STATUS_INVALID_ARGUMENT, "empty path");
-    err = NULL;
+    plan_fails("", NULL, NULL, NULL, RESHARD_STATUS_INVALID_ARGUMENT, "empty path");
 
     /* Missing source folder and strategy file. */
     snprintf(missing, sizeof missing, "%s/no_such_case/src", fixtures);
-    st = reshard_plan(missing, NULL, NULL, NULL, &plan, &err);
-    check_error(st, err, RESHARD_STATUS_SOURCE, "no_such_case/src");
-    err = NULL;
+    plan_fails(missing, NULL, NULL, NULL, RESHARD_STATUS_SOURCE, "no_such_case/src");
     snprintf(strat, sizeof strat, "%s/complete_to_dp2mp2/no_such_strategy.ckpt", fixtures);
-    st = reshard_plan(src, NULL, strat, NULL, &plan, &err);
-    check_error(st, err, RESHARD_STATUS_IO, "no_such_strategy.ckpt");
-    err = NULL;
+    plan_fails(src, NULL, strat, NULL, RESHARD_STATUS_IO, "no_such_strategy.ckpt");
 
     /* A checkpoint where a strategy belongs. */
     snprintf(ckpt, sizeof ckpt, "%s/complete_to_dp2mp2/src/rank_0/llama_tiny.ckpt", fixtures);
-    st = reshard_plan(src, NULL, ckpt, NULL, &plan, &err);
-    check_error(st, err, RESHARD_STATUS_MALFORMED, "llama_tiny.ckpt");
-    err = NULL;
+    plan_fails(src, NULL, ckpt, NULL, RESHARD_STATUS_MALFORMED, "llama_tiny.ckpt");
 
     /* The wrong strategy for the sources: an 8-rank pipeline strategy for 4 ranks. */
     snprintf(src, sizeof src, "%s/dp2mp2_to_complete/src", fixtures);
     snprintf(strat, sizeof strat, "%s/dp2mp2pp2_to_dp1mp2pp2/src_strategy.ckpt", fixtures);
-    st = reshard_plan(src, strat, NULL, NULL, &plan, &err);
-    check_error(st, err, RESHARD_STATUS_SOURCE, "rank folders are missing: rank_4..rank_7 (4 ranks)");
-    err = NULL;
+    plan_fails(src, strat, NULL, NULL, RESHARD_STATUS_SOURCE, "rank folders are missing: rank_4..rank_7 (4 ranks)");
     /* A strategy of another layout whose tensor_shape contradicts the stored slices. */
     snprintf(strat, sizeof strat, "%s/json_dp2mp2pp2_opt_to_dp1mp4/dst_strategy.json", fixtures);
-    st = reshard_plan(src, strat, NULL, NULL, &plan, &err);
-    check_error(st, err, RESHARD_STATUS_SHAPE_MISMATCH, "tensor_shape");
-    err = NULL;
+    plan_fails(src, strat, NULL, NULL, RESHARD_STATUS_SHAPE_MISMATCH, "tensor_shape");
 
     /* Options. */
     snprintf(src, sizeof src, "%s/complete_to_dp2mp2/src", fixtures);
-    st = reshard_plan(src, NULL, NULL, "{\"skip_crc\": 1}", &plan, &err);
-    check_error(st, err, RESHARD_STATUS_INVALID_OPTIONS, "\"skip_crc\" must be a boolean");
-    err = NULL;
-    st = reshard_plan(src, NULL, NULL, "{\"prefix\": \"x\"}", &plan, &err);
-    check_error(st, err, RESHARD_STATUS_INVALID_OPTIONS, "unknown option \"prefix\"");
-    err = NULL;
+    plan_fails(src, NULL, NULL, "{\"skip_crc\": 1}", RESHARD_STATUS_INVALID_OPTIONS, "\"skip_crc\" must be a boolean");
+    plan_fails(src, NULL, NULL, "{\"prefix\": \"x\"}", RESHARD_STATUS_INVALID_OPTIONS, "unknown option \"prefix\"");
     st = reshard_plan(src, NULL, NULL, "{\"skip_crc\": true, \"src_ckpt_name\": null}", &plan, &err);
     CHECK(st == RESHARD_STATUS_OK && plan != NULL, "valid plan options: %d", st);
     reshard_error_free(err);
@@ -698,20 +677,16 @@ static void test_auto(void)
     char *load = NULL;
     ReshardError *err = NULL;
     int32_t st = reshard_auto(NULL, &load, &err);
-    check_error(st, err, RESHARD_STATUS_NULL_ARGUMENT, "options_json");
-    err = NULL;
+    check_error(st, &err, RESHARD_STATUS_NULL_ARGUMENT, "options_json");
     st = reshard_auto("{\"load_checkpoint\": \"x\", \"bogus\": 1}", &load, &err);
-    check_error(st, err, RESHARD_STATUS_INVALID_OPTIONS, "bogus");
-    err = NULL;
+    check_error(st, &err, RESHARD_STATUS_INVALID_OPTIONS, "bogus");
     st = reshard_auto("{\"output_dir\": \"x\"}", &load, &err);
-    check_error(st, err, RESHARD_STATUS_INVALID_OPTIONS, "load_checkpoint");
-    err = NULL;
+    check_error(st, &err, RESHARD_STATUS_INVALID_OPTIONS, "load_checkpoint");
     st = reshard_auto("{\"load_checkpoint\": \"/nonexistent/ckpt\", \"rank\": 0, \"world_size\": 1}", &load,
                       &err);
-    check_error(st, err, RESHARD_STATUS_SOURCE, "does not exist");
-    err = NULL;
+    check_error(st, &err, RESHARD_STATUS_SOURCE, "does not exist");
     st = reshard_auto("{\"load_checkpoint\": \"x\"}", NULL, &err);
-    check_error(st, err, RESHARD_STATUS_NULL_ARGUMENT, "load_path_out");
+    check_error(st, &err, RESHARD_STATUS_NULL_ARGUMENT, "load_path_out");
     CHECK(load == NULL, "load_path_out written on failure");
 }
 
@@ -730,8 +705,7 @@ static void test_strategy_new(void)
     CHECK(exists(merged), "%s missing", merged);
     err = NULL;
     st = reshard_strategy_new(NULL, &err);
-    check_error(st, err, RESHARD_STATUS_NULL_ARGUMENT, "options_json");
-    err = NULL;
+    check_error(st, &err, RESHARD_STATUS_NULL_ARGUMENT, "options_json");
     snprintf(opts, sizeof opts, "{\"from\": \"%s/complete_to_mp2/src\", \"dp\": 1, \"mp\": 5, \"out\": \"%s/x\"}",
              fixtures, scratch);
     st = reshard_strategy_new(opts, &err);

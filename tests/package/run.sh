@@ -80,8 +80,8 @@ archive() {
   mkdir "$work/unpacked" && tar -C "$work/unpacked" -xzf "$tgz" || return 1
   prefix="$work/unpacked/reshard-$version-$(uname -m)-linux"
   for f in bin/reshard lib/libreshard.so "lib/libreshard.so.$version" lib/libreshard.a include/reshard.h \
-    include/reshard.hpp lib/cmake/reshard/reshardConfig.cmake lib/cmake/reshard/reshardConfigVersion.cmake \
-    lib/pkgconfig/reshard.pc; do
+    include/reshard.hpp lib/cmake/reshard/reshardConfig.cmake lib/cmake/reshard/reshardTargets.cmake \
+    lib/cmake/reshard/reshardConfigVersion.cmake lib/pkgconfig/reshard.pc; do
     [ -e "$prefix/$f" ] || { echo "the archive has no $f"; return 1; }
   done
   [ "$(readlink "$prefix/lib/libreshard.so")" = "libreshard.so.$version" ] &&

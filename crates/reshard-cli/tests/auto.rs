@@ -1,22 +1,17 @@
 //! `reshard auto`, launched as W concurrent processes per case, on MindSpore-made fixtures.
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
+mod util;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output};
 
 use reshard_core::strategy::Strategy;
+use util::{Scratch, BIN};
 
-const BIN: &str = env!("CARGO_BIN_EXE_reshard");
-
+/// The conformance fixture `case`.
 fn fixture(case: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/conformance").join(case)
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("reshard-auto-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    util::fixture("conformance").join(case)
 }
 
 /// What the runtime leaves before loading weights: `ckpt_strategy_rank_{r}.ckpt` for every rank
@@ -59,6 +54,31 @@ fn spawn(case: &Path, out: &Path, rank: u32, world: u32, env: (&str, &str)) -> C
     c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap()
 }
 
+/// A new scratch folder tagged `tag` whose `output/strategy` holds what the runtime leaves for the
+/// case `case_name`. Returns the case's folder, the scratch folder, the output folder and the
+/// number of ranks.
+fn prepared(case_name: &str, tag: &str) -> (PathBuf, Scratch, PathBuf, u32) {
+    let case = fixture(case_name);
+    let s = Scratch::new(tag);
+    let out = s.join("output");
+    let world = write_runtime_strategies(&case, &out.join("strategy"));
+    (case, s, out, world)
+}
+
+/// `reshard auto --timeout SECONDS` as rank 0 of `world`, loading `load` with the source
+/// strategy `src_strategy` and writing under `out`.
+fn auto_rank0(seconds: &str, world: u32, load: &Path, src_strategy: &Path, out: &Path) -> Command {
+    let mut c = Command::new(BIN);
+    c.args(["auto", "--timeout", seconds, "--rank", "0", "--world_size"]).arg(world.to_string());
+    c.arg("--load_checkpoint")
+        .arg(load)
+        .arg("--src_strategy_path_or_dir")
+        .arg(src_strategy)
+        .arg("--output_dir")
+        .arg(out);
+    c
+}
+
 fn check(o: Output, rank: u32) -> String {
     let err = String::from_utf8_lossy(&o.stderr).into_owned();
     assert!(o.status.success(), "rank {rank} failed:\n{err}");
@@ -74,15 +94,18 @@ fn same_files(out: &Path, reference: &Path, world: u32) {
     }
 }
 
-fn run_case(case_name: &str, reference: Option<&Path>) -> (PathBuf, u32) {
+/// Runs `case_name` with one `reshard auto` per rank in a new scratch folder and compares the
+/// outputs with `reference` (default: the case's `expected/`). Returns the scratch folder, the
+/// output folder in it and the number of ranks.
+fn run_case(case_name: &str, reference: Option<&Path>) -> (Scratch, PathBuf, u32) {
     run_case_in(case_name, case_name, reference)
 }
 
-/// `run_case` in the scratch folder `scratch_name` (tests that run one case and then change its
-/// output need their own).
-fn run_case_in(case_name: &str, scratch_name: &str, reference: Option<&Path>) -> (PathBuf, u32) {
+/// `run_case` in a scratch folder tagged `scratch_name`.
+fn run_case_in(case_name: &str, scratch_name: &str, reference: Option<&Path>) -> (Scratch, PathBuf, u32) {
     let case = fixture(case_name);
-    let out = scratch(scratch_name).join("output");
+    let s = Scratch::new(scratch_name);
+    let out = s.join("output");
     let has_dst = case.join("dst_strategy.ckpt").exists();
     let world = if has_dst { write_runtime_strategies(&case, &out.join("strategy")) } else { 1 };
     let children: Vec<Child> = (0..world).map(|r| spawn(&case, &out, r, world, ("RANK_ID", "RANK_SIZE"))).collect();
@@ -92,7 +115,7 @@ fn run_case_in(case_name: &str, scratch_name: &str, reference: Option<&Path>) ->
     }
     let reference = reference.map(Path::to_path_buf).unwrap_or_else(|| case.join("expected"));
     same_files(&out.join("transformed_checkpoint"), &reference, world);
-    (out, world)
+    (s, out, world)
 }
 
 #[test]
@@ -102,7 +125,7 @@ fn complete_to_8_ranks_dp2_mp1_pp4_opt_shard() {
 
 #[test]
 fn eight_ranks_to_4_dp1_mp2_pp2() {
-    let (out, _) = run_case("dp2mp2pp2_to_dp1mp2pp2", None);
+    let (_s, out, _) = run_case("dp2mp2pp2_to_dp1mp2pp2", None);
     assert!(out.join("strategy/merged_ckpt_strategy.ckpt").is_file());
 }
 
@@ -122,7 +145,8 @@ fn eight_ranks_to_2_ranks_mp2_inference() {
     // slice under their name, reshard the complete tensor (README). Compare with `reshard
     // transform`, which the conformance suite checks against MindSpore for everything else.
     let case = fixture("dp2mp2pp2_to_mp2");
-    let reference = scratch("mp2-reference");
+    let s = Scratch::new("mp2-reference");
+    let reference = s.join("reference");
     let st = Command::new(BIN)
         .args(["transform", "-q", "--src_ckpt_dir"])
         .arg(case.join("src"))
@@ -141,7 +165,7 @@ fn eight_ranks_to_2_ranks_mp2_inference() {
 #[test]
 fn relaunch_with_fewer_ranks_replaces_old_results() {
     let case = fixture("dp2mp2pp2_to_dp1mp2pp2");
-    let (out, _) = run_case_in("complete_to_dp2mp1pp4_opt", "relaunch-fewer", None);
+    let (_s, out, _) = run_case_in("complete_to_dp2mp1pp4_opt", "relaunch-fewer", None);
     // Same output folder, new launch: 4 ranks from an 8-rank checkpoint.
     std::fs::remove_dir_all(out.join("strategy")).unwrap();
     let world = write_runtime_strategies(&case, &out.join("strategy"));
@@ -166,20 +190,9 @@ fn relaunch_with_fewer_ranks_replaces_old_results() {
 
 #[test]
 fn missing_stage_file_times_out_naming_it() {
-    let case = fixture("dp2mp2pp2_to_dp1mp2pp2");
-    let out = scratch("missing").join("output");
-    let world = write_runtime_strategies(&case, &out.join("strategy"));
+    let (case, _s, out, world) = prepared("dp2mp2pp2_to_dp1mp2pp2", "missing");
     std::fs::remove_file(out.join("strategy/ckpt_strategy_rank_3.ckpt")).unwrap();
-    let mut c = Command::new(BIN);
-    c.args(["auto", "--timeout", "1", "--rank", "0", "--world_size"])
-        .arg(world.to_string())
-        .arg("--load_checkpoint")
-        .arg(case.join("src"))
-        .arg("--src_strategy_path_or_dir")
-        .arg(case.join("src_strategy_stages"))
-        .arg("--output_dir")
-        .arg(&out);
-    let o = c.output().unwrap();
+    let o = auto_rank0("1", world, &case.join("src"), &case.join("src_strategy_stages"), &out).output().unwrap();
     assert_eq!(o.status.code(), Some(1));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
@@ -193,9 +206,7 @@ fn missing_stage_file_times_out_naming_it() {
 fn two_nodes_with_different_launchers_and_local_rank_sets() {
     // "Node" A runs ranks 0-3 under MindSpore's variables, node B ranks 4-7 under Open MPI's,
     // started one after the other; they share only the filesystem.
-    let case = fixture("complete_to_dp2mp1pp4_opt");
-    let out = scratch("two-nodes").join("output");
-    let world = write_runtime_strategies(&case, &out.join("strategy"));
+    let (case, _s, out, world) = prepared("complete_to_dp2mp1pp4_opt", "two-nodes");
     assert_eq!(world, 8);
     let a: Vec<Child> = (0..4).map(|r| spawn(&case, &out, r, world, ("RANK_ID", "RANK_SIZE"))).collect();
     std::thread::sleep(std::time::Duration::from_millis(50));
@@ -229,7 +240,7 @@ fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
 /// runtime and reshard rewrite, is refused too.
 #[test]
 fn relaunch_from_the_earlier_result_is_refused_and_deletes_nothing() {
-    let (out, _) = run_case_in("complete_to_dp2mp1pp4_opt", "relaunch-from-result", None);
+    let (_s, out, _) = run_case_in("complete_to_dp2mp1pp4_opt", "relaunch-from-result", None);
     let old_result = out.join("transformed_checkpoint");
     let old_strategy = out.parent().unwrap().join("old_merged_strategy.ckpt");
     std::fs::copy(out.join("strategy/merged_ckpt_strategy.ckpt"), &old_strategy).unwrap();
@@ -239,19 +250,7 @@ fn relaunch_from_the_earlier_result_is_refused_and_deletes_nothing() {
     let world = write_runtime_strategies(&fixture("dp2mp2pp2_to_dp1mp2pp2"), &out.join("strategy"));
     let link = out.parent().unwrap().join("link_to_result");
     std::os::unix::fs::symlink(&old_result, &link).unwrap();
-    let relaunch = |load: &Path, strategy: &Path| {
-        Command::new(BIN)
-            .args(["auto", "--timeout", "5", "--rank", "0", "--world_size"])
-            .arg(world.to_string())
-            .arg("--load_checkpoint")
-            .arg(load)
-            .arg("--src_strategy_path_or_dir")
-            .arg(strategy)
-            .arg("--output_dir")
-            .arg(&out)
-            .output()
-            .unwrap()
-    };
+    let relaunch = |load: &Path, strategy: &Path| auto_rank0("5", world, load, strategy, &out).output().unwrap();
     for load in [&old_result, &link, &old_result.join("rank_0")] {
         let o = relaunch(load, &old_strategy);
         let err = String::from_utf8_lossy(&o.stderr);
@@ -278,21 +277,10 @@ fn catches(pid: u32, sig: i32) -> bool {
 
 #[test]
 fn sigterm_while_waiting_for_strategy_files_stops_with_143() {
-    let case = fixture("dp2mp2pp2_to_dp1mp2pp2");
-    let out = scratch("sigterm").join("output");
-    let world = write_runtime_strategies(&case, &out.join("strategy"));
+    let (case, _s, out, world) = prepared("dp2mp2pp2_to_dp1mp2pp2", "sigterm");
     std::fs::remove_file(out.join("strategy/ckpt_strategy_rank_3.ckpt")).unwrap();
-    let mut c = Command::new(BIN);
-    c.args(["auto", "--timeout", "600", "--rank", "0", "--world_size"])
-        .arg(world.to_string())
-        .arg("--load_checkpoint")
-        .arg(case.join("src"))
-        .arg("--src_strategy_path_or_dir")
-        .arg(case.join("src_strategy_stages"))
-        .arg("--output_dir")
-        .arg(&out)
-        .stderr(std::process::Stdio::piped());
-    let child = c.spawn().unwrap();
+    let mut c = auto_rank0("600", world, &case.join("src"), &case.join("src_strategy_stages"), &out);
+    let child = c.stderr(std::process::Stdio::piped()).spawn().unwrap();
     // Once its handler is installed (it then waits for the missing file, up to 600 s).
     let start = std::time::Instant::now();
     while !catches(child.id(), libc::SIGTERM) && start.elapsed() < std::time::Duration::from_secs(30) {

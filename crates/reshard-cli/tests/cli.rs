@@ -1,258 +1,116 @@
 //! CLI-level tests of the `reshard` binary.
 //!
-//! - The bad-input corpus (`tests/corpus`, made by `tests/corpus/make_corpus.py`): one test per
-//!   entry. Each runs the real binary and checks exit status 1, exactly one `reshard: error:`
-//!   line on stderr naming the file (and rank, parameter, shapes where relevant), no panic text,
-//!   and that nothing was written under the output folder.
+//! - The bad-input corpus (`tests/corpus`, made by `tests/corpus/make_corpus.py`): one table per
+//!   kind of entry (checkpoint file, strategy file, source folder case), each row a corpus path
+//!   and the needles the message must name, checked by one test that reports every failing row.
+//!   Each row runs the real binary and checks exit status 1, exactly one `reshard: error:` line
+//!   on stderr naming the file (and rank, parameter, shapes where relevant), no panic text, and
+//!   that nothing was written under the output folder. Entries that need more have their own test.
 //! - Output-folder refusals: inside the source, not writable, a file-size limit hit mid-write.
 //! - Positive runs on MindSpore-made fixtures: `inspect --json`, `merge-strategy`, `transform`
 //!   (byte-identical to MindSpore), `plan --json`, `rank-list`, `--help`.
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
-use std::ffi::OsStr;
+mod util;
+
+use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::atomic::{AtomicU32, Ordering};
 
-const BIN: &str = env!("CARGO_BIN_EXE_reshard");
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
-}
-
-fn corpus(rel: &str) -> PathBuf {
-    repo().join("tests/corpus").join(rel)
-}
-
-fn fixture(rel: &str) -> PathBuf {
-    repo().join("tests/fixtures").join(rel)
-}
-
-/// A scratch folder, removed (permissions restored first) when dropped.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Scratch {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let tag: String = tag.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
-        let d = std::env::temp_dir().join(format!(
-            "reshard-cli-{}-{}-{tag}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        Scratch(d)
-    }
-
-    fn join(&self, p: impl AsRef<Path>) -> PathBuf {
-        self.0.join(p)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        make_writable(&self.0);
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn make_writable(p: &Path) {
-    use std::os::unix::fs::PermissionsExt;
-    if let Ok(m) = std::fs::symlink_metadata(p) {
-        if m.is_dir() {
-            let _ = std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755));
-            if let Ok(rd) = std::fs::read_dir(p) {
-                for e in rd.flatten() {
-                    make_writable(&e.path());
-                }
-            }
-        }
-    }
-}
-
-fn reshard<I, S>(args: I) -> Output
-where
-    I: IntoIterator<Item = S>,
-    S: AsRef<OsStr>,
-{
-    Command::new(BIN).args(args).env("RUST_BACKTRACE", "0").output().unwrap()
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-/// Every file (not folder) under `dir`, recursively; empty when `dir` does not exist.
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return out;
-    };
-    for e in rd.flatten() {
-        let p = e.path();
-        let ft = e.file_type().unwrap();
-        if ft.is_dir() {
-            out.extend(files_under(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out.sort();
-    out
-}
-
-/// Checks a refusal: exit status 1, one `reshard: error:` line containing every needle, no
-/// panic, nothing on stdout. Returns the message.
-#[track_caller]
-fn assert_refused(out: &Output, needles: &[&str]) -> String {
-    let stderr = text(&out.stderr);
-    let stdout = text(&out.stdout);
-    assert!(!stderr.contains("panicked") && !stderr.contains("RUST_BACKTRACE"), "panic:\n{stderr}");
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "expected exit status 1, got {:?}\nstderr:\n{stderr}\nstdout:\n{stdout}",
-        out.status
-    );
-    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "expected exactly one line on stderr, got:\n{stderr}");
-    let msg = lines[0];
-    assert!(msg.starts_with("reshard: error: "), "not an error line: {msg}");
-    for n in needles {
-        assert!(msg.contains(n), "message does not name {n:?}:\n{msg}");
-    }
-    assert!(stdout.trim().is_empty(), "a refused command printed to stdout:\n{stdout}");
-    msg.to_string()
-}
-
-/// Nothing under `dst`: no output under a final name, no temporary file, no manifest.
-#[track_caller]
-fn assert_nothing_written(dst: &Path) {
-    let files = files_under(dst);
-    assert!(files.is_empty(), "a failed run left files under {}: {files:?}", dst.display());
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            copy_dir(&p, &to.join(e.file_name()));
-        } else {
-            std::fs::copy(&p, to.join(e.file_name())).unwrap();
-        }
-    }
-}
+use util::{
+    argv, assert_nothing_written, assert_refused, check_rows, copy_dir, corpus, files_under, fixture, repo, reshard,
+    text, transform, Scratch, BIN,
+};
 
 // ------------------------------------------------------------------ corpus: checkpoint files
+
+/// Corrupt checkpoint files (`.ckpt` and `.safetensors`) and what the refusal must name besides
+/// the file.
+const CHECKPOINT_FILES: &[(&str, &[&str])] = &[
+    ("ckpt/truncated.ckpt", &["malformed checkpoint", "past the end"]),
+    ("ckpt/garbage.ckpt", &["malformed checkpoint"]),
+    ("ckpt/crc_mismatch.ckpt", &["crc"]),
+    ("ckpt/size_mismatch.ckpt", &["'w'", "60 bytes", "[4, 4]", "64"]),
+    ("ckpt/dims_overflow.ckpt", &["'w'", "[4294967296, 4294967296, 2]", "overflow"]),
+    ("ckpt/dims_absurd.ckpt", &["'w'", "16 bytes", "[1099511627776, 1024]"]),
+    ("ckpt/dims_negative.ckpt", &["'w'", "negative"]),
+    ("ckpt/unknown_dtype.ckpt", &["'w'", "Float128"]),
+    ("ckpt/encrypted.ckpt", &["encrypted"]),
+    ("ckpt/repeated_tag.ckpt", &["'w'", "not consecutively"]),
+    ("ckpt/maptensor.ckpt", &["embedding_table", "MapTensor"]),
+    // A 0-byte `.ckpt` (what a crashed copy leaves) used to read as a checkpoint with no
+    // tensors, and transform wrote an empty output with exit status 0.
+    ("ckpt/empty.ckpt", &[]),
+    // `08 05 08 07` (every fuzz artifact): fields that parse, but no Value. It used to be
+    // accepted and written as 0-byte outputs, and `inspect` called it a malformed strategy file.
+    ("ckpt/no_tensors.ckpt", &["malformed checkpoint", "no tensors"]),
+    // A NUL in tensor_type used to be printed raw (`'Float32'` on a terminal): it is escaped.
+    ("ckpt/dtype_with_nul.ckpt", &["'w'", r#""Float32\0""#]),
+    ("safetensors/header_past_eof.safetensors", &["malformed safetensors", "4096"]),
+    ("safetensors/overlapping_offsets.safetensors", &["'a'", "'b'", "overlap"]),
+    ("safetensors/header_not_json.safetensors", &["malformed safetensors", "JSON"]),
+    ("safetensors/offsets_past_eof.safetensors", &["'w'", "[0, 64]", "16 data bytes"]),
+    ("safetensors/size_mismatch.safetensors", &["'w'", "16 bytes", "[4, 4]", "64"]),
+    ("safetensors/unknown_dtype.safetensors", &["'w'", "F128"]),
+    ("safetensors/crc_mismatch.safetensors", &["crc"]),
+    ("safetensors/no_tensors.safetensors", &["malformed safetensors", "no tensors"]),
+    ("safetensors/duplicate_key.safetensors", &["malformed safetensors", r#""w""#, "twice"]),
+    ("safetensors/data_gap.safetensors", &["'b'", "[8, 16)"]),
+    ("safetensors/trailing_bytes.safetensors", &["4 trailing"]),
+    // Found by fuzzing: with overflow checks (debug builds) the crc of a 0-d U64 of 2^64 - 1
+    // used to panic inside crc32fast (`safetensors::update_zeros` doubled its block once more
+    // than it needed). Refused on its crc, in debug and release builds.
+    ("safetensors/scalar_u64_max_crc.safetensors", &["crc"]),
+];
+
+/// `SCRATCH/src` holding `file` as `rank_0/NAME`: a complete source of one file. Returns the
+/// source folder.
+fn one_rank_source(s: &Scratch, file: &Path, name: &str) -> PathBuf {
+    let src = s.join("src");
+    std::fs::create_dir_all(src.join("rank_0")).unwrap();
+    std::fs::copy(file, src.join("rank_0").join(name)).unwrap();
+    src
+}
+
+/// `transform` of `file` as the complete source `SCRATCH/src/rank_0/NAME` into `SCRATCH/out`,
+/// which must succeed. Returns the file written.
+fn complete_to_complete(s: &Scratch, file: &Path, name: &str) -> PathBuf {
+    let src = one_rank_source(s, file, name);
+    let dst = s.join("out");
+    let out = transform(&src, &dst, vec![]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    dst.join("rank_0/checkpoint_0.ckpt")
+}
+
+/// The corpus file `rel` (which must exist) and its file name.
+fn corpus_file(rel: &str) -> (PathBuf, String) {
+    let file = corpus(rel);
+    assert!(file.is_file(), "missing corpus file {}", file.display());
+    let name = file.file_name().unwrap().to_str().unwrap().to_string();
+    (file, name)
+}
+
+#[test]
+fn corpus_checkpoint_files() {
+    check_rows(CHECKPOINT_FILES, |r| r.0.to_string(), |&(rel, needles)| refuse_checkpoint_file(rel, needles));
+}
 
 /// A corrupt checkpoint file: `reshard transform` with it as the complete source in `rank_0`,
 /// and `reshard inspect` (table and JSON) on it, are refused naming it.
 fn refuse_checkpoint_file(rel: &str, needles: &[&str]) {
-    let file = corpus(rel);
-    assert!(file.is_file(), "missing corpus file {}", file.display());
-    let name = file.file_name().unwrap().to_str().unwrap().to_string();
+    let (file, name) = corpus_file(rel);
     let s = Scratch::new(rel);
-    let src = s.join("src");
-    std::fs::create_dir_all(src.join("rank_0")).unwrap();
-    std::fs::copy(&file, src.join("rank_0").join(&name)).unwrap();
+    let src = one_rank_source(&s, &file, &name);
     let dst = s.join("out");
 
-    let mut all: Vec<&str> = vec![&name, "rank_0"];
-    all.extend_from_slice(needles);
-    let out = reshard([
-        OsStr::new("transform"),
-        "--src_ckpt_dir".as_ref(),
-        src.as_os_str(),
-        "--dst_ckpt_dir".as_ref(),
-        dst.as_os_str(),
-        "-q".as_ref(),
-    ]);
-    assert_refused(&out, &all);
+    assert_refused(&transform(&src, &dst, vec![]), &[&[name.as_str(), "rank_0"], needles].concat());
     assert_nothing_written(&dst);
     // The source folder is left as it was.
     assert_eq!(files_under(&src), vec![src.join("rank_0").join(&name)]);
 
-    let mut all: Vec<&str> = vec![&name];
-    all.extend_from_slice(needles);
-    assert_refused(&reshard([OsStr::new("inspect"), file.as_os_str()]), &all);
-    assert_refused(&reshard([OsStr::new("inspect"), "--json".as_ref(), file.as_os_str()]), &all);
-}
-
-#[test]
-fn corpus_ckpt_truncated() {
-    refuse_checkpoint_file("ckpt/truncated.ckpt", &["malformed checkpoint", "past the end"]);
-}
-
-#[test]
-fn corpus_ckpt_garbage() {
-    refuse_checkpoint_file("ckpt/garbage.ckpt", &["malformed checkpoint"]);
-}
-
-#[test]
-fn corpus_ckpt_crc_mismatch() {
-    refuse_checkpoint_file("ckpt/crc_mismatch.ckpt", &["crc"]);
-}
-
-#[test]
-fn corpus_ckpt_size_mismatch() {
-    refuse_checkpoint_file("ckpt/size_mismatch.ckpt", &["'w'", "60 bytes", "[4, 4]", "64"]);
-}
-
-#[test]
-fn corpus_ckpt_dims_overflow() {
-    refuse_checkpoint_file("ckpt/dims_overflow.ckpt", &["'w'", "[4294967296, 4294967296, 2]", "overflow"]);
-}
-
-#[test]
-fn corpus_ckpt_dims_absurd() {
-    refuse_checkpoint_file("ckpt/dims_absurd.ckpt", &["'w'", "16 bytes", "[1099511627776, 1024]"]);
-}
-
-#[test]
-fn corpus_ckpt_dims_negative() {
-    refuse_checkpoint_file("ckpt/dims_negative.ckpt", &["'w'", "negative"]);
-}
-
-#[test]
-fn corpus_ckpt_unknown_dtype() {
-    refuse_checkpoint_file("ckpt/unknown_dtype.ckpt", &["'w'", "Float128"]);
-}
-
-#[test]
-fn corpus_ckpt_encrypted() {
-    refuse_checkpoint_file("ckpt/encrypted.ckpt", &["encrypted"]);
-}
-
-#[test]
-fn corpus_ckpt_repeated_tag() {
-    refuse_checkpoint_file("ckpt/repeated_tag.ckpt", &["'w'", "not consecutively"]);
-}
-
-#[test]
-fn corpus_ckpt_maptensor() {
-    refuse_checkpoint_file("ckpt/maptensor.ckpt", &["embedding_table", "MapTensor"]);
-}
-
-/// A 0-byte `.ckpt` (what a crashed copy leaves) used to read as a checkpoint with no tensors,
-/// and transform wrote an empty output with exit status 0.
-#[test]
-fn corpus_ckpt_empty() {
-    refuse_checkpoint_file("ckpt/empty.ckpt", &[]);
-}
-
-/// `08 05 08 07` (every fuzz artifact): fields that parse, but no Value. It used to be accepted
-/// and written as 0-byte outputs, and `inspect` called it a malformed strategy file.
-#[test]
-fn corpus_ckpt_no_tensors() {
-    refuse_checkpoint_file("ckpt/no_tensors.ckpt", &["malformed checkpoint", "no tensors"]);
-}
-
-/// A NUL in tensor_type used to be printed raw (`'Float32'` on a terminal): it is escaped.
-#[test]
-fn corpus_ckpt_dtype_with_nul() {
-    refuse_checkpoint_file("ckpt/dtype_with_nul.ckpt", &["'w'", r#""Float32\0""#]);
+    let all = [&[name.as_str()], needles].concat();
+    assert_refused(&reshard(argv!["inspect", &file]), &all);
+    assert_refused(&reshard(argv!["inspect", "--json", &file]), &all);
 }
 
 /// Found by fuzzing (round trip of the `ckpt` target): a sound file whose last tensor's content
@@ -267,168 +125,70 @@ fn corpus_ckpt_content_ends_like_crc_trailer() {
     assert_eq!(names, ["w", "b", "bytes"]);
     assert_eq!(v["tensors"][2]["shape"], serde_json::json!([17]));
     let s = Scratch::new("crc_like");
-    let src = s.join("src");
-    std::fs::create_dir_all(src.join("rank_0")).unwrap();
-    std::fs::copy(&file, src.join("rank_0/model.ckpt")).unwrap();
-    let dst = s.join("out");
-    let out = reshard([
-        OsStr::new("transform"),
-        "--src_ckpt_dir".as_ref(),
-        src.as_os_str(),
-        "--dst_ckpt_dir".as_ref(),
-        dst.as_os_str(),
-        "-q".as_ref(),
-    ]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let written = dst.join("rank_0/checkpoint_0.ckpt");
+    let written = complete_to_complete(&s, &file, "model.ckpt");
     assert!(std::fs::read(&written).unwrap() == std::fs::read(&file).unwrap());
     assert_eq!(inspect_json(&written), v);
 }
 
-// ------------------------------------------------------------------ corpus: safetensors files
-
-#[test]
-fn corpus_safetensors_header_past_eof() {
-    refuse_checkpoint_file("safetensors/header_past_eof.safetensors", &["malformed safetensors", "4096"]);
-}
-
-#[test]
-fn corpus_safetensors_overlapping_offsets() {
-    refuse_checkpoint_file("safetensors/overlapping_offsets.safetensors", &["'a'", "'b'", "overlap"]);
-}
-
-#[test]
-fn corpus_safetensors_header_not_json() {
-    refuse_checkpoint_file("safetensors/header_not_json.safetensors", &["malformed safetensors", "JSON"]);
-}
-
-#[test]
-fn corpus_safetensors_offsets_past_eof() {
-    refuse_checkpoint_file("safetensors/offsets_past_eof.safetensors", &["'w'", "[0, 64]", "16 data bytes"]);
-}
-
-#[test]
-fn corpus_safetensors_size_mismatch() {
-    refuse_checkpoint_file("safetensors/size_mismatch.safetensors", &["'w'", "16 bytes", "[4, 4]", "64"]);
-}
-
-#[test]
-fn corpus_safetensors_unknown_dtype() {
-    refuse_checkpoint_file("safetensors/unknown_dtype.safetensors", &["'w'", "F128"]);
-}
-
-#[test]
-fn corpus_safetensors_crc_mismatch() {
-    refuse_checkpoint_file("safetensors/crc_mismatch.safetensors", &["crc"]);
-}
-
-#[test]
-fn corpus_safetensors_no_tensors() {
-    refuse_checkpoint_file("safetensors/no_tensors.safetensors", &["malformed safetensors", "no tensors"]);
-}
-
-#[test]
-fn corpus_safetensors_duplicate_key() {
-    refuse_checkpoint_file("safetensors/duplicate_key.safetensors", &["malformed safetensors", r#""w""#, "twice"]);
-}
-
-#[test]
-fn corpus_safetensors_data_gap() {
-    refuse_checkpoint_file("safetensors/data_gap.safetensors", &["'b'", "[8, 16)"]);
-}
-
-#[test]
-fn corpus_safetensors_trailing_bytes() {
-    refuse_checkpoint_file("safetensors/trailing_bytes.safetensors", &["4 trailing"]);
-}
-
-/// Found by fuzzing: with overflow checks (debug builds) the crc of a 0-d U64 of 2^64 - 1 used
-/// to panic inside crc32fast (`safetensors::update_zeros` doubled its block once more than it
-/// needed). Refused on its crc, in debug and release builds.
-#[test]
-fn corpus_safetensors_scalar_u64_max_crc() {
-    refuse_checkpoint_file("safetensors/scalar_u64_max_crc.safetensors", &["crc"]);
-}
-
 // ------------------------------------------------------------------ corpus: strategy files
+
+/// Bad strategy files and what the refusal must name besides the file.
+const STRATEGY_FILES: &[(&str, &[&str])] = &[
+    ("strategy/garbage.ckpt", &["malformed strategy"]),
+    ("strategy/empty.ckpt", &["malformed strategy", "empty"]),
+    ("strategy/garbage.json", &["malformed strategy", "JSON"]),
+    ("strategy/no_layouts.ckpt", &["no parameter layouts"]),
+    ("strategy/duplicate_key.json", &["malformed strategy", r#""w""#, "twice"]),
+    ("strategy/tensor_shape_negative.json", &["'w'", "tensor_shape", "negative"]),
+    // Found by fuzzing (strategy targets): opt_weight_shard_size -2 used to be accepted (see
+    // `corpus_strategy_opt_shard_size_negative`).
+    ("strategy/opt_shard_size_negative.json", &["'w'", "opt_weight_shard_size", "-2"]),
+    // Found by fuzzing: 2^64 devices wrapped to 0, so the destination had 0 ranks and transform
+    // "succeeded" writing nothing; as a source strategy the message blamed the checkpoints.
+    ("strategy/dev_matrix_overflow.json", &["'w'", "dev_matrix"]),
+    // Issue 13 item 4: parameters of one stage on different device counts used to be planned
+    // over the first parameter's count (b's slices for ranks 2 and 3 read and written nowhere),
+    // exit 0.
+    ("strategy/devices_differ_in_stage.ckpt", &["'b'", "4 devices", "'w'", "on 2", "same stage"]),
+    // Issue 13 item 4: pipeline stages with different device counts (stage 0 on 2, stage 1 on 4).
+    ("strategy/stage_devices_differ.ckpt", &["'b'", "stage 1 has 4 devices", "stage 0 has 2", "'w'"]),
+    // Issue 13 item 8: 256 stages x 2^24 devices = 2^32 destination ranks wrapped to 0: "wrote 0
+    // file(s)", exit 0 (`inspect`: `INSPECTED_STRATEGY_FILES`).
+    ("strategy/ranks_2pow32.json", &["256 pipeline stage(s)", "16777216 devices", "4294967296 ranks"]),
+    // Issue 13 item 21: a flattened JSON layout whose dims cannot be merged back (the plans:
+    // `corpus_strategy_flattened_unmergeable`).
+    ("strategy/flattened_unmergeable.json", &["'w'", "[2, 3, 4]", "flattened", "no runs"]),
+    // 256 stages x 2^24 devices = 2^32 ranks wrapped to a destination of 0 ranks: transform
+    // wrote nothing and exited 0; a rank given with --ranks was refused naming no file.
+    ("strategy/rank_count_overflow.json", &["256 pipeline stage(s)", "16777216", "4294967296 ranks"]),
+    // Merged layout items "0-w" and "00-w" are two layouts of w for stage 0: refused naming both
+    // (the second used to be taken as another layout item of stage 0).
+    ("strategy/stage_name_spelled_twice.json", &["'w'", "'0-w'", "'00-w'", "stage 0"]),
+];
+
+#[test]
+fn corpus_strategy_files() {
+    check_rows(STRATEGY_FILES, |r| r.0.to_string(), |&(rel, needles)| refuse_strategy_file(rel, needles));
+}
 
 /// A bad strategy file is refused as the destination strategy (complete source) and as the
 /// source strategy (two-rank source), naming it; nothing is written.
 fn refuse_strategy_file(rel: &str, needles: &[&str]) {
-    let file = corpus(rel);
-    assert!(file.is_file(), "missing corpus file {}", file.display());
-    let name = file.file_name().unwrap().to_str().unwrap().to_string();
-    let mut all: Vec<&str> = vec![&name];
-    all.extend_from_slice(needles);
+    let (file, name) = corpus_file(rel);
+    let all = [&[name.as_str()], needles].concat();
     let s = Scratch::new(rel);
 
     let dst = s.join("as_dst");
-    let out = reshard([
-        OsStr::new("transform"),
-        "--src_ckpt_dir".as_ref(),
-        corpus("good/complete").as_os_str(),
-        "--dst_ckpt_strategy".as_ref(),
-        file.as_os_str(),
-        "--dst_ckpt_dir".as_ref(),
-        dst.as_os_str(),
-        "-q".as_ref(),
-    ]);
-    assert_refused(&out, &all);
+    assert_refused(&transform(&corpus("good/complete"), &dst, argv!["--dst_ckpt_strategy", &file]), &all);
     assert_nothing_written(&dst);
 
     let dst = s.join("as_src");
-    let out = reshard([
-        OsStr::new("transform"),
-        "--src_ckpt_dir".as_ref(),
-        corpus("good/dp2/src").as_os_str(),
-        "--src_ckpt_strategy".as_ref(),
-        file.as_os_str(),
-        "--dst_ckpt_dir".as_ref(),
-        dst.as_os_str(),
-        "-q".as_ref(),
-    ]);
-    assert_refused(&out, &all);
+    assert_refused(&transform(&corpus("good/dp2/src"), &dst, argv!["--src_ckpt_strategy", &file]), &all);
     assert_nothing_written(&dst);
 
-    let out = reshard([
-        OsStr::new("plan"),
-        "--src_ckpt_dir".as_ref(),
-        corpus("good/complete").as_os_str(),
-        "--dst_ckpt_strategy".as_ref(),
-        file.as_os_str(),
-        "--json".as_ref(),
-    ]);
+    let complete = corpus("good/complete");
+    let out = reshard(argv!["plan", "--src_ckpt_dir", complete, "--dst_ckpt_strategy", &file, "--json"]);
     assert_refused(&out, &all);
-}
-
-#[test]
-fn corpus_strategy_garbage() {
-    refuse_strategy_file("strategy/garbage.ckpt", &["malformed strategy"]);
-}
-
-#[test]
-fn corpus_strategy_empty() {
-    refuse_strategy_file("strategy/empty.ckpt", &["malformed strategy", "empty"]);
-}
-
-#[test]
-fn corpus_strategy_garbage_json() {
-    refuse_strategy_file("strategy/garbage.json", &["malformed strategy", "JSON"]);
-}
-
-#[test]
-fn corpus_strategy_no_layouts() {
-    refuse_strategy_file("strategy/no_layouts.ckpt", &["no parameter layouts"]);
-}
-
-#[test]
-fn corpus_strategy_duplicate_key() {
-    refuse_strategy_file("strategy/duplicate_key.json", &["malformed strategy", r#""w""#, "twice"]);
-}
-
-#[test]
-fn corpus_strategy_tensor_shape_negative() {
-    refuse_strategy_file("strategy/tensor_shape_negative.json", &["'w'", "tensor_shape", "negative"]);
 }
 
 /// MindSpore's transform ignores an empty `tensor_shape []`; so does reshard (it used to compare
@@ -444,18 +204,8 @@ fn empty_tensor_shape_counts_as_not_given() {
         "w": layout(serde_json::json!([0, -1])), "b": layout(serde_json::json!([-1]))}});
     let strategy = s.join("src_strategy.json");
     std::fs::write(&strategy, serde_json::to_vec(&v).unwrap()).unwrap();
-    let out = reshard([
-        OsStr::new("transform"),
-        "--src_ckpt_dir".as_ref(),
-        corpus("good/dp2/src").as_os_str(),
-        "--src_ckpt_strategy".as_ref(),
-        strategy.as_os_str(),
-        "--dst_ckpt_strategy".as_ref(),
-        strategy.as_os_str(),
-        "--dst_ckpt_dir".as_ref(),
-        s.join("out").as_os_str(),
-        "-q".as_ref(),
-    ]);
+    let both = argv!["--src_ckpt_strategy", &strategy, "--dst_ckpt_strategy", &strategy];
+    let out = transform(&corpus("good/dp2/src"), &s.join("out"), both);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let outputs: Vec<PathBuf> =
         files_under(&s.join("out")).into_iter().filter(|p| p.extension().is_some_and(|e| e == "ckpt")).collect();
@@ -464,27 +214,20 @@ fn empty_tensor_shape_counts_as_not_given() {
 
 /// Found by fuzzing (strategy targets): opt_weight_shard_size -2 used to be accepted; the
 /// optimizer-shard math then overflowed (a panic with overflow checks) and the refusal read
-/// "cannot be split evenly 18446744073709551614 ways".
+/// "cannot be split evenly 18446744073709551614 ways". (Its refusals: `STRATEGY_FILES`.)
 #[test]
 fn corpus_strategy_opt_shard_size_negative() {
-    refuse_strategy_file("strategy/opt_shard_size_negative.json", &["'w'", "opt_weight_shard_size", "-2"]);
-    let out = reshard([
-        OsStr::new("transform"),
-        "--src_ckpt_dir".as_ref(),
-        corpus("good/complete").as_os_str(),
-        "--dst_ckpt_strategy".as_ref(),
-        corpus("strategy/opt_shard_size_negative.json").as_os_str(),
-        "--dst_ckpt_dir".as_ref(),
-        Scratch::new("k1").join("out").as_os_str(),
+    let file = corpus("strategy/opt_shard_size_negative.json");
+    let out = reshard(argv![
+        "transform",
+        "--src_ckpt_dir",
+        corpus("good/complete"),
+        "--dst_ckpt_strategy",
+        file,
+        "--dst_ckpt_dir",
+        Scratch::new("k1").join("out"),
     ]);
     assert!(!text(&out.stderr).contains("18446744073709551614"));
-}
-
-/// Found by fuzzing: 2^64 devices wrapped to 0, so the destination had 0 ranks and transform
-/// "succeeded" writing nothing; as a source strategy the message blamed the checkpoints.
-#[test]
-fn corpus_strategy_dev_matrix_overflow() {
-    refuse_strategy_file("strategy/dev_matrix_overflow.json", &["'w'", "dev_matrix"]);
 }
 
 /// A billion destination ranks: `plan` and `transform` used to build every rank's plan up front
@@ -496,96 +239,45 @@ fn corpus_strategy_dev_matrix_huge() {
     let s = Scratch::new("huge");
     let dst = s.join("out");
     for sub in ["transform", "plan"] {
-        let out = Command::new("sh")
-            .args(["-c", "ulimit -v 4000000 && exec \"$0\" \"$@\"", BIN, sub])
-            .arg("--src_ckpt_dir")
-            .arg(corpus("good/complete"))
-            .arg("--dst_ckpt_strategy")
-            .arg(&file)
-            .arg("--dst_ckpt_dir")
-            .arg(&dst)
-            .env("RUST_BACKTRACE", "0")
-            .output()
-            .unwrap();
+        let job =
+            argv![sub, "--src_ckpt_dir", corpus("good/complete"), "--dst_ckpt_strategy", &file, "--dst_ckpt_dir", &dst];
+        let out = reshard_under_ulimit("-v 4000000", job);
         assert!(!text(&out.stderr).contains("memory allocation"), "{sub}: {}", text(&out.stderr));
         assert_refused(&out, &["dev_matrix_huge.json"]);
         assert_nothing_written(&dst);
     }
 }
 
-/// Issue 13 item 4: parameters of one stage on different device counts used to be planned over
-/// the first parameter's count (b's slices for ranks 2 and 3 read and written nowhere), exit 0.
-#[test]
-fn corpus_strategy_devices_differ_in_stage() {
-    refuse_strategy_file("strategy/devices_differ_in_stage.ckpt", &["'b'", "4 devices", "'w'", "on 2", "same stage"]);
-}
+/// Strategy files `inspect` refuses, and what it must name (their other refusals are in
+/// `STRATEGY_FILES`).
+const INSPECTED_STRATEGY_FILES: &[(&str, &[&str])] = &[
+    // Issue 13 item 8: `inspect` refuses 2^32 ranks too.
+    ("strategy/ranks_2pow32.json", &["ranks_2pow32.json", "4294967296 ranks"]),
+    ("strategy/garbage.json", &["garbage.json", "JSON"]),
+];
 
-/// Issue 13 item 4: pipeline stages with different device counts (stage 0 on 2, stage 1 on 4).
 #[test]
-fn corpus_strategy_stage_devices_differ() {
-    refuse_strategy_file(
-        "strategy/stage_devices_differ.ckpt",
-        &["'b'", "stage 1 has 4 devices", "stage 0 has 2", "'w'"],
+fn corpus_strategy_inspect_refusals() {
+    check_rows(
+        INSPECTED_STRATEGY_FILES,
+        |r| r.0.to_string(),
+        |&(rel, needles)| {
+            assert_refused(&reshard(argv!["inspect", corpus(rel)]), needles);
+        },
     );
-}
-
-/// Issue 13 item 8: 256 stages x 2^24 devices = 2^32 destination ranks wrapped to 0: "wrote 0
-/// file(s)", exit 0. `inspect` refuses it too.
-#[test]
-fn corpus_strategy_ranks_2pow32() {
-    refuse_strategy_file(
-        "strategy/ranks_2pow32.json",
-        &["256 pipeline stage(s)", "16777216 devices", "4294967296 ranks"],
-    );
-    let f = corpus("strategy/ranks_2pow32.json");
-    assert_refused(&reshard([OsStr::new("inspect"), f.as_os_str()]), &["ranks_2pow32.json", "4294967296 ranks"]);
 }
 
 /// Issue 13 item 21: a flattened JSON layout (MindSpore's JSON writer) is merged back using the
 /// checkpoint's shapes; dims that cannot be merged are refused naming both shapes, against the
-/// full tensor (destination) and against the stored slice (source).
+/// full tensor (destination) and against the stored slice (source). (Its other refusals:
+/// `STRATEGY_FILES`.)
 #[test]
 fn corpus_strategy_flattened_unmergeable() {
-    refuse_strategy_file("strategy/flattened_unmergeable.json", &["'w'", "[2, 3, 4]", "flattened", "no runs"]);
-    let out = reshard([
-        OsStr::new("plan"),
-        "--src_ckpt_dir".as_ref(),
-        corpus("good/complete").as_os_str(),
-        "--dst_ckpt_strategy".as_ref(),
-        corpus("strategy/flattened_unmergeable.json").as_os_str(),
-    ]);
+    let file = corpus("strategy/flattened_unmergeable.json");
+    let out = reshard(argv!["plan", "--src_ckpt_dir", corpus("good/complete"), "--dst_ckpt_strategy", &file]);
     assert_refused(&out, &["tensor's shape [4, 4]"]);
-    let out = reshard([
-        OsStr::new("plan"),
-        "--src_ckpt_dir".as_ref(),
-        corpus("good/dp2/src").as_os_str(),
-        "--src_ckpt_strategy".as_ref(),
-        corpus("strategy/flattened_unmergeable.json").as_os_str(),
-    ]);
+    let out = reshard(argv!["plan", "--src_ckpt_dir", corpus("good/dp2/src"), "--src_ckpt_strategy", &file]);
     assert_refused(&out, &["rank_0/model.ckpt", "rank 0", "shape [2, 4] rank 0 stores"]);
-}
-
-#[test]
-fn corpus_strategy_inspect_refuses_garbage_json() {
-    let f = corpus("strategy/garbage.json");
-    assert_refused(&reshard([OsStr::new("inspect"), f.as_os_str()]), &["garbage.json", "JSON"]);
-}
-
-/// 256 stages x 2^24 devices = 2^32 ranks wrapped to a destination of 0 ranks: transform wrote
-/// nothing and exited 0; a rank given with --ranks was refused naming no file.
-#[test]
-fn corpus_strategy_rank_count_overflow() {
-    refuse_strategy_file(
-        "strategy/rank_count_overflow.json",
-        &["256 pipeline stage(s)", "16777216", "4294967296 ranks"],
-    );
-}
-
-/// Merged layout items "0-w" and "00-w" are two layouts of w for stage 0: refused naming both
-/// (the second used to be taken as another layout item of stage 0).
-#[test]
-fn corpus_strategy_stage_name_spelled_twice() {
-    refuse_strategy_file("strategy/stage_name_spelled_twice.json", &["'w'", "'0-w'", "'00-w'", "stage 0"]);
 }
 
 /// Two stage files for stage 0 whose layouts differ: `transform` (as the destination strategy
@@ -597,33 +289,58 @@ fn corpus_strategy_two_files_for_one_stage() {
     let needles = ["stage0_a.ckpt", "stage0_b.ckpt", "stage 0", "ambiguous"];
     let s = Scratch::new("two-for-one-stage");
     let dst = s.join("out");
-    let out = reshard([
-        OsStr::new("transform"),
-        "-q".as_ref(),
-        "--src_ckpt_dir".as_ref(),
-        corpus("good/complete").as_os_str(),
-        "--dst_ckpt_strategy".as_ref(),
-        dir.as_os_str(),
-        "--dst_ckpt_dir".as_ref(),
-        dst.as_os_str(),
-    ]);
-    assert_refused(&out, &needles);
+    assert_refused(&transform(&corpus("good/complete"), &dst, argv!["--dst_ckpt_strategy", &dir]), &needles);
     assert_nothing_written(&dst);
-    assert_refused(&reshard([OsStr::new("inspect"), dir.as_os_str()]), &needles);
+    assert_refused(&reshard(argv!["inspect", &dir]), &needles);
     let merged = s.join("merged.ckpt");
-    assert_refused(&reshard([OsStr::new("merge-strategy"), dir.as_os_str(), merged.as_os_str()]), &needles);
+    assert_refused(&reshard(argv!["merge-strategy", &dir, &merged]), &needles);
     assert!(!merged.exists());
 }
 
 // ------------------------------------------------------------------ corpus: source folders
 
-/// A source folder case `sources/<case>`: `transform` and `plan` with its `src/` and its
-/// strategies are refused naming what is wrong; nothing is written.
-fn refuse_source_folder(case: &str, needles: &[&str]) {
-    refuse_source_folder_msg(case, needles);
+/// Source folder cases `sources/<case>` and what the refusal must name.
+const SOURCE_FOLDERS: &[(&str, &[&str])] = &[
+    ("missing_rank_folder", &["missing_rank_folder/src", "rank_0..rank_3", "missing: rank_3"]),
+    ("noncontiguous_rank_folders", &["noncontiguous_rank_folders/src", "missing: rank_2"]),
+    ("rank_folder_spelled_twice", &["rank_folder_spelled_twice/src", "rank_0 and rank_00", "rank 0"]),
+    ("rank_folder_symlink", &["rank_folder_symlink/src", "rank_0 and rank_1", "symlink"]),
+    ("no_rank_folders", &["no_rank_folders/src", "rank_"]),
+    ("empty_rank_folder", &["empty_rank_folder/src/rank_1", "no .ckpt or .safetensors"]),
+    ("ambiguous_candidates", &["src/rank_0", "model_a.ckpt", "model_b.ckpt", "--src_ckpt_name"]),
+    ("ambiguous_no_common_step", &["src/rank_0", "tiny_rank_0-1_10.ckpt", "tiny_rank_0-1_20.ckpt", "--src_ckpt_name"]),
+    ("mixed_formats", &["mixed_formats/src", ".ckpt", ".safetensors"]),
+    ("strategy_shape_mismatch", &["src/rank_1/model.ckpt", "rank 1", "'w'", "[3, 4]", "[2, 4]", "[4, 4]"]),
+    ("strategy_ndim_mismatch", &["src/rank_0/model.ckpt", "rank 0", "'w'", "[2, 4]", "has 3"]),
+    ("strategy_missing_param", &["src/rank_1/model.ckpt", "rank 1", "'w'", "missing"]),
+    // The parameters the strategy names and the checkpoints lack are named.
+    ("strategy_wrong_model", &["strategy_wrong_model/src", "src_strategy.ckpt", "(other.weight)"]),
+    // Found by fuzzing: a tensor_map naming one device axis for both dims of w used to be
+    // accepted; the two ranks then hold only the diagonal blocks of the [4, 4] tensor and
+    // transform wrote zeros for the rest, exiting 0.
+    ("strategy_axis_twice", &["src_strategy.ckpt", "'w'", "tensor_map"]),
+    // Issue 13 item 8: by-stage mode with the file of stage 2^31 (2 devices per stage) computed
+    // its first source rank as 2^32, wrapped to 0, and read rank_0 and rank_1 as if they were
+    // its ranks.
+    ("stage_file_rank_overflow", &["src_strategy.ckpt", "stage 2147483648", "4294967296"]),
+    ("dst_strategy_indivisible", &["dst_strategy.ckpt", "'w'", "[4, 4]", "8 ways"]),
+    ("dst_tensor_shape_mismatch", &["dst_strategy.json", "'w'", "[8, 4]", "[4, 4]"]),
+];
+
+#[test]
+fn corpus_source_folders() {
+    check_rows(
+        SOURCE_FOLDERS,
+        |r| format!("sources/{}", r.0),
+        |&(case, needles)| {
+            refuse_source_folder(case, needles);
+        },
+    );
 }
 
-fn refuse_source_folder_msg(case: &str, needles: &[&str]) -> String {
+/// A source folder case `sources/<case>`: `transform` and `plan` with its `src/` and its
+/// strategies are refused naming what is wrong; nothing is written. Returns the message.
+fn refuse_source_folder(case: &str, needles: &[&str]) -> String {
     let dir = corpus(&format!("sources/{case}"));
     assert!(dir.join("src").is_dir(), "missing corpus folder {}", dir.display());
     let mut job: Vec<PathBuf> = vec!["--src_ckpt_dir".into(), dir.join("src")];
@@ -656,120 +373,20 @@ fn refuse_source_folder_msg(case: &str, needles: &[&str]) -> String {
     msg
 }
 
-#[test]
-fn corpus_sources_missing_rank_folder() {
-    refuse_source_folder("missing_rank_folder", &["missing_rank_folder/src", "rank_0..rank_3", "missing: rank_3"]);
-}
-
-#[test]
-fn corpus_sources_noncontiguous_rank_folders() {
-    refuse_source_folder("noncontiguous_rank_folders", &["noncontiguous_rank_folders/src", "missing: rank_2"]);
-}
-
 /// 65534 missing rank folders: the message must stay one readable line, not list them all
 /// (with the largest strategies accepted, 2^24 devices, the list was a 156 MB line).
 #[test]
 fn corpus_sources_many_missing_rank_folders() {
-    let msg = refuse_source_folder_msg("many_missing_rank_folders", &["many_missing_rank_folders/src", "missing"]);
+    let msg = refuse_source_folder("many_missing_rank_folders", &["many_missing_rank_folders/src", "missing"]);
     assert!(msg.len() < 1000, "a {}-byte message", msg.len());
-}
-
-#[test]
-fn corpus_sources_rank_folder_spelled_twice() {
-    refuse_source_folder(
-        "rank_folder_spelled_twice",
-        &["rank_folder_spelled_twice/src", "rank_0 and rank_00", "rank 0"],
-    );
-}
-
-#[test]
-fn corpus_sources_rank_folder_symlink() {
-    refuse_source_folder("rank_folder_symlink", &["rank_folder_symlink/src", "rank_0 and rank_1", "symlink"]);
-}
-
-#[test]
-fn corpus_sources_no_rank_folders() {
-    refuse_source_folder("no_rank_folders", &["no_rank_folders/src", "rank_"]);
-}
-
-#[test]
-fn corpus_sources_empty_rank_folder() {
-    refuse_source_folder("empty_rank_folder", &["empty_rank_folder/src/rank_1", "no .ckpt or .safetensors"]);
-}
-
-#[test]
-fn corpus_sources_ambiguous_candidates() {
-    refuse_source_folder("ambiguous_candidates", &["src/rank_0", "model_a.ckpt", "model_b.ckpt", "--src_ckpt_name"]);
-}
-
-#[test]
-fn corpus_sources_ambiguous_no_common_step() {
-    refuse_source_folder(
-        "ambiguous_no_common_step",
-        &["src/rank_0", "tiny_rank_0-1_10.ckpt", "tiny_rank_0-1_20.ckpt", "--src_ckpt_name"],
-    );
-}
-
-#[test]
-fn corpus_sources_mixed_formats() {
-    refuse_source_folder("mixed_formats", &["mixed_formats/src", ".ckpt", ".safetensors"]);
-}
-
-#[test]
-fn corpus_sources_strategy_shape_mismatch() {
-    refuse_source_folder(
-        "strategy_shape_mismatch",
-        &["src/rank_1/model.ckpt", "rank 1", "'w'", "[3, 4]", "[2, 4]", "[4, 4]"],
-    );
-}
-
-#[test]
-fn corpus_sources_strategy_ndim_mismatch() {
-    refuse_source_folder("strategy_ndim_mismatch", &["src/rank_0/model.ckpt", "rank 0", "'w'", "[2, 4]", "has 3"]);
-}
-
-#[test]
-fn corpus_sources_strategy_missing_param() {
-    refuse_source_folder("strategy_missing_param", &["src/rank_1/model.ckpt", "rank 1", "'w'", "missing"]);
-}
-
-#[test]
-fn corpus_sources_strategy_wrong_model() {
-    // The parameters the strategy names and the checkpoints lack are named.
-    refuse_source_folder("strategy_wrong_model", &["strategy_wrong_model/src", "src_strategy.ckpt", "(other.weight)"]);
-}
-
-/// Found by fuzzing: a tensor_map naming one device axis for both dims of w used to be
-/// accepted; the two ranks then hold only the diagonal blocks of the [4, 4] tensor and transform
-/// wrote zeros for the rest, exiting 0.
-#[test]
-fn corpus_sources_strategy_axis_twice() {
-    refuse_source_folder("strategy_axis_twice", &["src_strategy.ckpt", "'w'", "tensor_map"]);
 }
 
 /// Found while probing the layout math: the full shape implied by the stored slice overflowed
 /// (wrapped to [0, 0] in release, panicked with overflow checks).
 #[test]
 fn corpus_sources_slice_dim_overflow() {
-    let msg = refuse_source_folder_msg("slice_dim_overflow", &["'w'", "4 ways"]);
+    let msg = refuse_source_folder("slice_dim_overflow", &["'w'", "4 ways"]);
     assert!(!msg.contains("[0, 0]"), "{msg}");
-}
-
-/// Issue 13 item 8: by-stage mode with the file of stage 2^31 (2 devices per stage) computed its
-/// first source rank as 2^32, wrapped to 0, and read rank_0 and rank_1 as if they were its ranks.
-#[test]
-fn corpus_sources_stage_file_rank_overflow() {
-    refuse_source_folder("stage_file_rank_overflow", &["src_strategy.ckpt", "stage 2147483648", "4294967296"]);
-}
-
-#[test]
-fn corpus_sources_dst_strategy_indivisible() {
-    refuse_source_folder("dst_strategy_indivisible", &["dst_strategy.ckpt", "'w'", "[4, 4]", "8 ways"]);
-}
-
-#[test]
-fn corpus_sources_dst_tensor_shape_mismatch() {
-    refuse_source_folder("dst_tensor_shape_mismatch", &["dst_strategy.json", "'w'", "[8, 4]", "[4, 4]"]);
 }
 
 /// Every entry the README lists has a test above (keeps corpus and tests in step).
@@ -790,6 +407,43 @@ fn corpus_readme_lists_only_tested_entries() {
         n += 1;
     }
     assert!(n >= 30, "only {n} entries in tests/corpus/README.md");
+}
+
+// ------------------------------------------------------------------ the test helpers themselves
+
+/// A table test reports every failing row, by name and with its assertion, not only the first.
+#[test]
+fn check_rows_names_every_failing_row() {
+    let rows = [("a", 1), ("b", 2), ("c", 3)];
+    let failed = std::panic::catch_unwind(|| {
+        check_rows(&rows, |r| format!("row {}", r.0), |r| assert!(r.1 == 2, "{} is not 2", r.1));
+    });
+    let e = failed.expect_err("two rows fail");
+    let msg = e.downcast_ref::<String>().unwrap();
+    assert!(msg.contains("2 of 3 rows failed"), "{msg}");
+    assert!(msg.contains("row a: 1 is not 2") && msg.contains("row c: 3 is not 2"), "{msg}");
+    assert!(!msg.contains("row b"), "{msg}");
+    check_rows(&rows, |r| r.0.to_string(), |r| assert!(r.1 > 0));
+}
+
+/// A scratch folder is removed after a passing test and kept after a failing one.
+#[test]
+fn scratch_folders_are_kept_only_when_the_test_fails() {
+    let passed = Scratch::new("passes");
+    let kept = passed.path().to_path_buf();
+    drop(passed);
+    assert!(!kept.exists(), "{} left after a passing test", kept.display());
+    let failed = std::thread::spawn(|| {
+        let s = Scratch::new("fails");
+        std::fs::write(s.join("evidence"), b"what the failed run left").unwrap();
+        let path = s.path().to_path_buf();
+        std::panic::panic_any(path);
+    })
+    .join()
+    .expect_err("the thread panics");
+    let kept = failed.downcast_ref::<PathBuf>().unwrap();
+    assert!(kept.join("evidence").is_file(), "{} removed after a failing test", kept.display());
+    std::fs::remove_dir_all(kept).unwrap();
 }
 
 // ------------------------------------------------------------------ inputs that are not regular files
@@ -837,15 +491,15 @@ fn devices_and_fifos_as_inputs_are_refused() {
         let name = file.to_str().unwrap();
         assert_refused(&reshard_or_hang([OsStr::new("inspect"), file.as_os_str()]), &[name, kind]);
         let dst = s.join("out");
-        let out = reshard_or_hang([
-            OsStr::new("transform"),
-            "--src_ckpt_dir".as_ref(),
-            complete.as_os_str(),
-            "--dst_ckpt_strategy".as_ref(),
-            file.as_os_str(),
-            "--dst_ckpt_dir".as_ref(),
-            dst.as_os_str(),
-            "-q".as_ref(),
+        let out = reshard_or_hang(argv![
+            "transform",
+            "--src_ckpt_dir",
+            &complete,
+            "--dst_ckpt_strategy",
+            &file,
+            "--dst_ckpt_dir",
+            &dst,
+            "-q"
         ]);
         assert_refused(&out, &[name, kind]);
         assert_nothing_written(&dst);
@@ -876,14 +530,7 @@ fn rank_folder_checkpoint_that_is_not_a_regular_file_is_named() {
             }
         };
         let dst = s.join("out");
-        let out = reshard_or_hang([
-            OsStr::new("transform"),
-            "--src_ckpt_dir".as_ref(),
-            s.join("src").as_os_str(),
-            "--dst_ckpt_dir".as_ref(),
-            dst.as_os_str(),
-            "-q".as_ref(),
-        ]);
+        let out = reshard_or_hang(argv!["transform", "--src_ckpt_dir", s.join("src"), "--dst_ckpt_dir", &dst, "-q"]);
         let msg = assert_refused(&out, &["rank_0/model.ckpt", kind]);
         assert!(!msg.contains("no .ckpt"), "{msg}");
         assert_nothing_written(&dst);
@@ -923,15 +570,15 @@ fn dst_strategy_parameters_the_sources_lack_are_named() {
         "w": layout(serde_json::json!([0, -1])), "b": layout(serde_json::json!([-1])),
         "not_in_the_model": layout(serde_json::json!([-1]))}});
     std::fs::write(&strategy, serde_json::to_vec(&v).unwrap()).unwrap();
-    let out = reshard([
-        OsStr::new("transform"),
-        "--src_ckpt_dir".as_ref(),
-        corpus("good/complete").as_os_str(),
-        "--dst_ckpt_strategy".as_ref(),
-        strategy.as_os_str(),
-        "--dst_ckpt_dir".as_ref(),
-        s.join("out").as_os_str(),
-        "-q".as_ref(),
+    let out = reshard(argv![
+        "transform",
+        "--src_ckpt_dir",
+        corpus("good/complete"),
+        "--dst_ckpt_strategy",
+        &strategy,
+        "--dst_ckpt_dir",
+        s.join("out"),
+        "-q"
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let stderr = text(&out.stderr);
@@ -947,57 +594,26 @@ fn output_inside_source_is_refused() {
     copy_dir(&corpus("good/complete"), &src);
     let before = files_under(&src);
     for dst in [src.join("out"), src.clone(), src.join("rank_0"), src.join("./out")] {
-        let out = reshard([
-            OsStr::new("transform"),
-            "--src_ckpt_dir".as_ref(),
-            src.as_os_str(),
-            "--dst_ckpt_dir".as_ref(),
-            dst.as_os_str(),
-            "-q".as_ref(),
-        ]);
+        let out = transform(&src, &dst, vec![]);
         assert_refused(&out, &["inside the source folder", src.to_str().unwrap()]);
         assert_eq!(files_under(&src), before, "dst {}", dst.display());
     }
 }
 
+/// The output folder inside the source, spelled through `..` or through a symlink to the source.
 #[test]
-fn output_inside_source_through_dotdot_is_refused() {
-    let s = Scratch::new("inside_dotdot");
-    let src = s.join("src");
-    copy_dir(&corpus("good/complete"), &src);
-    std::fs::create_dir_all(s.join("other")).unwrap();
-    let before = files_under(&src);
-    let dst = s.join("other/../src/out");
-    let out = reshard([
-        OsStr::new("transform"),
-        "--src_ckpt_dir".as_ref(),
-        src.as_os_str(),
-        "--dst_ckpt_dir".as_ref(),
-        dst.as_os_str(),
-        "-q".as_ref(),
-    ]);
-    assert_refused(&out, &["inside the source folder"]);
-    assert_eq!(files_under(&src), before);
-}
-
-#[test]
-fn output_inside_source_through_symlink_is_refused() {
-    let s = Scratch::new("inside_symlink");
-    let src = s.join("src");
-    copy_dir(&corpus("good/complete"), &src);
-    std::os::unix::fs::symlink(&src, s.join("link")).unwrap();
-    let before = files_under(&src);
-    let dst = s.join("link/out");
-    let out = reshard([
-        OsStr::new("transform"),
-        "--src_ckpt_dir".as_ref(),
-        src.as_os_str(),
-        "--dst_ckpt_dir".as_ref(),
-        dst.as_os_str(),
-        "-q".as_ref(),
-    ]);
-    assert_refused(&out, &["inside the source folder"]);
-    assert_eq!(files_under(&src), before);
+fn output_inside_source_through_dotdot_or_symlink_is_refused() {
+    for (how, dst) in [("inside_dotdot", "other/../src/out"), ("inside_symlink", "link/out")] {
+        let s = Scratch::new(how);
+        let src = s.join("src");
+        copy_dir(&corpus("good/complete"), &src);
+        std::fs::create_dir_all(s.join("other")).unwrap();
+        std::os::unix::fs::symlink(&src, s.join("link")).unwrap();
+        let before = files_under(&src);
+        let out = transform(&src, &s.join(dst), vec![]);
+        assert_refused(&out, &["inside the source folder"]);
+        assert_eq!(files_under(&src), before, "{how}");
+    }
 }
 
 #[test]
@@ -1005,14 +621,7 @@ fn output_under_a_regular_file_is_refused() {
     let s = Scratch::new("under_file");
     std::fs::write(s.join("file"), b"not a folder").unwrap();
     let dst = s.join("file/out");
-    let out = reshard([
-        OsStr::new("transform"),
-        "--src_ckpt_dir".as_ref(),
-        corpus("good/complete").as_os_str(),
-        "--dst_ckpt_dir".as_ref(),
-        dst.as_os_str(),
-        "-q".as_ref(),
-    ]);
+    let out = transform(&corpus("good/complete"), &dst, vec![]);
     assert_refused(&out, &[dst.to_str().unwrap(), "Not a directory"]);
     assert_eq!(std::fs::read(s.join("file")).unwrap(), b"not a folder");
 }
@@ -1032,14 +641,7 @@ fn output_not_writable_is_refused() {
     let privileged = std::fs::write(ro.join("probe"), b"").is_ok();
     let _ = std::fs::remove_file(ro.join("probe"));
     let dst = ro.join("out");
-    let args: Vec<&OsStr> = vec![
-        OsStr::new("transform"),
-        "--src_ckpt_dir".as_ref(),
-        src.as_os_str(),
-        "--dst_ckpt_dir".as_ref(),
-        dst.as_os_str(),
-        "-q".as_ref(),
-    ];
+    let args = argv!["transform", "--src_ckpt_dir", &src, "--dst_ckpt_dir", &dst, "-q"];
     let out = if privileged {
         let setpriv = ["/usr/bin/setpriv", "/bin/setpriv"].into_iter().find(|p| Path::new(p).exists());
         let Some(setpriv) = setpriv else {
@@ -1096,6 +698,41 @@ fn ckpt_bytes(tensors: &[(&str, &[u64], &[u8])]) -> Vec<u8> {
     file
 }
 
+/// `SCRATCH/src/rank_0/big.ckpt`: a 1 MiB fp32 `w` [512, 512] (bytes `i % modulus`) and a `b` [4]
+/// of `b_byte`s. Returns the source folder.
+fn big_source(s: &Scratch, modulus: u32, b_byte: u8) -> PathBuf {
+    let src = s.join("src");
+    std::fs::create_dir_all(src.join("rank_0")).unwrap();
+    let w: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % modulus) as u8).collect();
+    let file = ckpt_bytes(&[("w", &[512, 512], &w), ("b", &[4], &[b_byte; 16])]);
+    std::fs::write(src.join("rank_0/big.ckpt"), file).unwrap();
+    src
+}
+
+/// `SCRATCH/dst.json`: a strategy splitting `w` 4 ways by rows (256 KiB per rank of `big_source`),
+/// `b` whole. Returns its path.
+fn four_ways(s: &Scratch) -> PathBuf {
+    let path = s.join("dst.json");
+    std::fs::write(
+        &path,
+        br#"{"current_stage": 0, "parallel_layout_item": {
+            "w": {"dev_matrix": [4], "tensor_map": [0, -1], "field": 0, "opt_weight_shard_step": 0, "opt_weight_shard_size": 0},
+            "b": {"dev_matrix": [4], "tensor_map": [-1], "field": 0, "opt_weight_shard_step": 0, "opt_weight_shard_size": 0}}}"#,
+    )
+    .unwrap();
+    path
+}
+
+/// Runs the binary with `args` under `ulimit LIMIT` (e.g. `-f 64`), through `sh`.
+fn reshard_under_ulimit(limit: &str, args: Vec<OsString>) -> Output {
+    Command::new("sh")
+        .args(["-c", &format!("ulimit {limit} && exec \"$0\" \"$@\""), BIN])
+        .args(args)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap()
+}
+
 /// The disk filling up mid-write, simulated with a file-size limit (`ulimit -f 64`, 32 KiB in
 /// dash's 512-byte blocks, 64 KiB in bash's) on a 1 MiB output: the write fails with EFBIG
 /// (the CLI ignores SIGXFSZ), the run exits 1 naming the file, and neither a file under the
@@ -1103,35 +740,16 @@ fn ckpt_bytes(tensors: &[(&str, &[u64], &[u8])]) -> Vec<u8> {
 #[test]
 fn disk_full_during_write_leaves_nothing() {
     let s = Scratch::new("efbig");
-    let src = s.join("src");
-    std::fs::create_dir_all(src.join("rank_0")).unwrap();
-    let w: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 251) as u8).collect();
-    std::fs::write(src.join("rank_0/big.ckpt"), ckpt_bytes(&[("w", &[512, 512], &w), ("b", &[4], &[0; 16])])).unwrap();
+    let src = big_source(&s, 251, 0);
     let dst = s.join("out");
-    let out = Command::new("sh")
-        .args(["-c", "ulimit -f 64 && exec \"$0\" \"$@\"", BIN, "transform"])
-        .arg("--src_ckpt_dir")
-        .arg(&src)
-        .arg("--dst_ckpt_dir")
-        .arg(&dst)
-        .arg("-q")
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .unwrap();
+    let out = reshard_under_ulimit("-f 64", argv!["transform", "--src_ckpt_dir", &src, "--dst_ckpt_dir", &dst, "-q"]);
     use std::os::unix::process::ExitStatusExt;
     assert_eq!(out.status.signal(), None, "killed by a signal (SIGXFSZ = 25): {:?}", out.status);
     assert_refused(&out, &["rank_0", "File too large"]);
     assert_nothing_written(&dst);
 
     // The same job without the limit succeeds (the source is sound).
-    let out = reshard([
-        OsStr::new("transform"),
-        "--src_ckpt_dir".as_ref(),
-        src.as_os_str(),
-        "--dst_ckpt_dir".as_ref(),
-        dst.as_os_str(),
-        "-q".as_ref(),
-    ]);
+    let out = transform(&src, &dst, vec![]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(dst.join("rank_0/checkpoint_0.ckpt").is_file());
 }
@@ -1141,32 +759,12 @@ fn disk_full_during_write_leaves_nothing() {
 #[test]
 fn disk_full_with_several_ranks_leaves_only_complete_files() {
     let s = Scratch::new("efbig_ranks");
-    let src = s.join("src");
-    std::fs::create_dir_all(src.join("rank_0")).unwrap();
-    let w: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 253) as u8).collect();
-    std::fs::write(src.join("rank_0/big.ckpt"), ckpt_bytes(&[("w", &[512, 512], &w), ("b", &[4], &[0; 16])])).unwrap();
-    // w split 4 ways: 256 KiB per rank, over the limit; b whole.
-    let strategy = s.join("dst.json");
-    std::fs::write(
-        &strategy,
-        br#"{"current_stage": 0, "parallel_layout_item": {
-            "w": {"dev_matrix": [4], "tensor_map": [0, -1], "field": 0, "opt_weight_shard_step": 0, "opt_weight_shard_size": 0},
-            "b": {"dev_matrix": [4], "tensor_map": [-1], "field": 0, "opt_weight_shard_step": 0, "opt_weight_shard_size": 0}}}"#,
-    )
-    .unwrap();
+    let src = big_source(&s, 253, 0);
+    let strategy = four_ways(&s); // 256 KiB of w per rank, over the limit
     let dst = s.join("out");
-    let out = Command::new("sh")
-        .args(["-c", "ulimit -f 64 && exec \"$0\" \"$@\"", BIN, "transform"])
-        .arg("--src_ckpt_dir")
-        .arg(&src)
-        .arg("--dst_ckpt_strategy")
-        .arg(&strategy)
-        .arg("--dst_ckpt_dir")
-        .arg(&dst)
-        .arg("-q")
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .unwrap();
+    let job =
+        argv!["transform", "--src_ckpt_dir", &src, "--dst_ckpt_strategy", &strategy, "--dst_ckpt_dir", &dst, "-q"];
+    let out = reshard_under_ulimit("-f 64", job);
     assert_refused(&out, &["File too large"]);
     for f in files_under(&dst) {
         let name = f.file_name().unwrap().to_str().unwrap();
@@ -1208,30 +806,20 @@ impl Drop for SmallFs {
 #[test]
 fn disk_full_on_a_small_filesystem_leaves_only_complete_files() {
     let s = Scratch::new("enospc");
-    let src = s.join("src");
-    std::fs::create_dir_all(src.join("rank_0")).unwrap();
-    let w: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 241) as u8).collect();
-    std::fs::write(src.join("rank_0/big.ckpt"), ckpt_bytes(&[("w", &[512, 512], &w), ("b", &[4], &[1; 16])])).unwrap();
-    let strategy = s.join("dst.json");
-    std::fs::write(
-        &strategy,
-        br#"{"current_stage": 0, "parallel_layout_item": {
-            "w": {"dev_matrix": [4], "tensor_map": [0, -1], "field": 0, "opt_weight_shard_step": 0, "opt_weight_shard_size": 0},
-            "b": {"dev_matrix": [4], "tensor_map": [-1], "field": 0, "opt_weight_shard_step": 0, "opt_weight_shard_size": 0}}}"#,
-    )
-    .unwrap();
+    let src = big_source(&s, 241, 1);
+    let strategy = four_ways(&s);
     let job = |dst: &Path, threads: &str| {
-        reshard([
-            OsStr::new("transform"),
-            "--src_ckpt_dir".as_ref(),
-            src.as_os_str(),
-            "--dst_ckpt_strategy".as_ref(),
-            strategy.as_os_str(),
-            "--dst_ckpt_dir".as_ref(),
-            dst.as_os_str(),
-            "--threads".as_ref(),
-            threads.as_ref(),
-            "-q".as_ref(),
+        reshard(argv![
+            "transform",
+            "--src_ckpt_dir",
+            &src,
+            "--dst_ckpt_strategy",
+            &strategy,
+            "--dst_ckpt_dir",
+            &dst,
+            "--threads",
+            threads,
+            "-q"
         ])
     };
     let clean = s.join("clean");
@@ -1321,20 +909,7 @@ fn inspect_json_basic_ckpt_matches_mindspore() {
 fn transform_keeps_string_tensors_whole() {
     let file = fixture("formats/basic.ckpt");
     let s = Scratch::new("str");
-    let src = s.join("src");
-    std::fs::create_dir_all(src.join("rank_0")).unwrap();
-    std::fs::copy(&file, src.join("rank_0/basic.ckpt")).unwrap();
-    let dst = s.join("out");
-    let out = reshard([
-        OsStr::new("transform"),
-        "--src_ckpt_dir".as_ref(),
-        src.as_os_str(),
-        "--dst_ckpt_dir".as_ref(),
-        dst.as_os_str(),
-        "-q".as_ref(),
-    ]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let written = dst.join("rank_0/checkpoint_0.ckpt");
+    let written = complete_to_complete(&s, &file, "basic.ckpt");
     let note =
         |v: &serde_json::Value| v["tensors"].as_array().unwrap().iter().find(|t| t["name"] == "note").cloned().unwrap();
     assert_eq!(
@@ -1351,30 +926,23 @@ fn transform_keeps_string_tensors_whole() {
 fn safetensors_outputs_keep_scalars_0d() {
     let s = Scratch::new("st0d");
     let st = s.join("st");
-    let out = reshard([
-        OsStr::new("transform"),
-        "--src_ckpt_dir".as_ref(),
-        corpus("good/complete").as_os_str(),
-        "--dst_ckpt_dir".as_ref(),
-        st.as_os_str(),
-        "--output_format".as_ref(),
-        "safetensors".as_ref(),
-        "--crc".as_ref(),
-        "-q".as_ref(),
+    let out = reshard(argv![
+        "transform",
+        "--src_ckpt_dir",
+        corpus("good/complete"),
+        "--dst_ckpt_dir",
+        &st,
+        "--output_format",
+        "safetensors",
+        "--crc",
+        "-q"
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let v = inspect_json(&st.join("rank_0/checkpoint_0.safetensors"));
     let step = v["tensors"].as_array().unwrap().iter().find(|t| t["name"] == "global_step").unwrap();
     assert_eq!(step["shape"], serde_json::json!([]));
     let back = s.join("back");
-    let out = reshard([
-        OsStr::new("transform"),
-        "--src_ckpt_dir".as_ref(),
-        st.as_os_str(),
-        "--dst_ckpt_dir".as_ref(),
-        back.as_os_str(),
-        "-q".as_ref(),
-    ]);
+    let out = transform(&st, &back, vec![]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let shapes = |p: &Path| {
         let mut t: Vec<(String, serde_json::Value)> = inspect_json(p)["tensors"]
@@ -1418,17 +986,22 @@ fn inspect_json_every_format_fixture() {
     assert!(n >= 6, "only {n} format fixtures");
 }
 
+/// `SCRATCH/stages`: the files of the fixture folder `from` whose names `keep` accepts.
+fn copy_stage_files(s: &Scratch, from: &str, keep: impl Fn(&str) -> bool) -> PathBuf {
+    let stages = s.join("stages");
+    std::fs::create_dir_all(&stages).unwrap();
+    for e in std::fs::read_dir(fixture(from)).unwrap().flatten() {
+        if keep(e.file_name().to_str().unwrap()) {
+            std::fs::copy(e.path(), stages.join(e.file_name())).unwrap();
+        }
+    }
+    stages
+}
+
 #[test]
 fn merge_strategy_pp2_proto_equals_mindspore() {
     let s = Scratch::new("merge");
-    let stages = s.join("stages");
-    std::fs::create_dir_all(&stages).unwrap();
-    for e in std::fs::read_dir(fixture("strategies/pp2_proto")).unwrap().flatten() {
-        let p = e.path();
-        if p.extension() == Some(OsStr::new("ckpt")) {
-            std::fs::copy(&p, stages.join(e.file_name())).unwrap();
-        }
-    }
+    let stages = copy_stage_files(&s, "strategies/pp2_proto", |n| n.ends_with(".ckpt"));
     let merged = s.join("merged/merged.ckpt");
     let out = reshard([OsStr::new("merge-strategy"), stages.as_os_str(), merged.as_os_str()]);
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -1442,14 +1015,8 @@ fn merge_strategy_pp2_proto_equals_mindspore() {
 #[test]
 fn merge_strategy_pp2_json_equals_mindspore() {
     let s = Scratch::new("merge_json");
-    let stages = s.join("stages");
-    std::fs::create_dir_all(&stages).unwrap();
-    for e in std::fs::read_dir(fixture("strategies/pp2_json")).unwrap().flatten() {
-        let n = e.file_name().to_str().unwrap().to_string();
-        if n.ends_with(".json") && !n.ends_with(".expected.json") {
-            std::fs::copy(e.path(), stages.join(&n)).unwrap();
-        }
-    }
+    let stages =
+        copy_stage_files(&s, "strategies/pp2_json", |n| n.ends_with(".json") && !n.ends_with(".expected.json"));
     let merged = s.join("merged.json");
     let out = reshard([OsStr::new("merge-strategy"), stages.as_os_str(), merged.as_os_str()]);
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -1518,21 +1085,23 @@ fn transform_safetensors_dp2mp2_to_dp1mp4_is_byte_identical() {
     conformance_transform("safetensors_dp2mp2_to_dp1mp4");
 }
 
+/// `SUB --src_ckpt_dir SRC --dst_ckpt_strategy STRATEGY` of the `complete_to_dp2mp2` fixture (4
+/// destination ranks), then `more`.
+fn dp2mp2(sub: &str, more: Vec<OsString>) -> Vec<OsString> {
+    let dir = fixture("conformance/complete_to_dp2mp2");
+    let mut args = argv![sub, "--src_ckpt_dir", dir.join("src"), "--dst_ckpt_strategy", dir.join("dst_strategy.ckpt")];
+    args.extend(more);
+    args
+}
+
 #[test]
 fn transform_kebab_case_flags_work() {
     let dir = fixture("conformance/complete_to_dp2mp2");
     let s = Scratch::new("kebab");
     let dst = s.join("out");
-    let out = reshard([
-        OsStr::new("transform"),
-        "--src-ckpt-dir".as_ref(),
-        dir.join("src").as_os_str(),
-        "--dst-ckpt-strategy".as_ref(),
-        dir.join("dst_strategy.ckpt").as_os_str(),
-        "--dst-ckpt-dir".as_ref(),
-        dst.as_os_str(),
-        "-q".as_ref(),
-    ]);
+    let (src, strategy) = (dir.join("src"), dir.join("dst_strategy.ckpt"));
+    let kebab = argv!["--src-ckpt-dir", src, "--dst-ckpt-strategy", strategy, "--dst-ckpt-dir", &dst, "-q"];
+    let out = reshard([argv!["transform"], kebab].concat());
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(
         std::fs::read(dst.join("rank_3/checkpoint_3.ckpt")).unwrap(),
@@ -1542,19 +1111,9 @@ fn transform_kebab_case_flags_work() {
 
 #[test]
 fn plan_json_lists_four_ranks_with_outputs_and_sources() {
-    let dir = fixture("conformance/complete_to_dp2mp2");
     let s = Scratch::new("plan");
     let dst = s.join("planned");
-    let out = reshard([
-        OsStr::new("plan"),
-        "--src_ckpt_dir".as_ref(),
-        dir.join("src").as_os_str(),
-        "--dst_ckpt_strategy".as_ref(),
-        dir.join("dst_strategy.ckpt").as_os_str(),
-        "--dst_ckpt_dir".as_ref(),
-        dst.as_os_str(),
-        "--json".as_ref(),
-    ]);
+    let out = reshard(dp2mp2("plan", argv!["--dst_ckpt_dir", &dst, "--json"]));
     assert!(out.status.success(), "{}", text(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["dst_ranks"], 4);
@@ -1623,16 +1182,7 @@ fn rank_list_is_what_the_plan_reads_and_within_mindspores_list() {
 
 #[test]
 fn rank_list_of_a_rank_beyond_the_destination_is_refused() {
-    let dir = fixture("conformance/complete_to_dp2mp2");
-    let out = reshard([
-        OsStr::new("rank-list"),
-        "--rank".as_ref(),
-        "4".as_ref(),
-        "--src_ckpt_dir".as_ref(),
-        dir.join("src").as_os_str(),
-        "--dst_ckpt_strategy".as_ref(),
-        dir.join("dst_strategy.ckpt").as_os_str(),
-    ]);
+    let out = reshard(dp2mp2("rank-list", argv!["--rank", "4"]));
     assert_refused(&out, &["rank 4", "4 rank"]);
 }
 
@@ -1699,13 +1249,7 @@ fn usage_errors_exit_2() {
 fn missing_source_folder_is_refused() {
     let s = Scratch::new("nosrc");
     let dst = s.join("out");
-    let out = reshard([
-        OsStr::new("transform"),
-        "--src_ckpt_dir".as_ref(),
-        s.join("does_not_exist").as_os_str(),
-        "--dst_ckpt_dir".as_ref(),
-        dst.as_os_str(),
-    ]);
+    let out = reshard(argv!["transform", "--src_ckpt_dir", s.join("does_not_exist"), "--dst_ckpt_dir", &dst]);
     assert_refused(&out, &["does_not_exist"]);
     assert_nothing_written(&dst);
 }
@@ -1714,20 +1258,9 @@ fn missing_source_folder_is_refused() {
 /// used to say "wrote 0 file(s), 32144 bytes").
 #[test]
 fn resumed_run_says_what_it_kept_and_what_it_wrote() {
-    let dir = fixture("conformance/complete_to_dp2mp2");
     let s = Scratch::new("resumed");
     let dst = s.join("out");
-    let run = || {
-        reshard([
-            OsStr::new("transform"),
-            "--src_ckpt_dir".as_ref(),
-            dir.join("src").as_os_str(),
-            "--dst_ckpt_strategy".as_ref(),
-            dir.join("dst_strategy.ckpt").as_os_str(),
-            "--dst_ckpt_dir".as_ref(),
-            dst.as_os_str(),
-        ])
-    };
+    let run = || reshard(dp2mp2("transform", argv!["--dst_ckpt_dir", &dst]));
     let first = run();
     assert!(first.status.success(), "{}", text(&first.stderr));
     let total: u64 =
@@ -1745,32 +1278,18 @@ fn resumed_run_says_what_it_kept_and_what_it_wrote() {
 /// `--ranks 99` names the destination strategy and the valid range.
 #[test]
 fn ranks_beyond_the_destination_name_the_valid_range() {
-    let dir = fixture("conformance/complete_to_dp2mp2");
     let s = Scratch::new("ranks99");
     let dst = s.join("out");
-    let out = reshard([
-        OsStr::new("transform"),
-        "--src_ckpt_dir".as_ref(),
-        dir.join("src").as_os_str(),
-        "--dst_ckpt_strategy".as_ref(),
-        dir.join("dst_strategy.ckpt").as_os_str(),
-        "--dst_ckpt_dir".as_ref(),
-        dst.as_os_str(),
-        "--ranks".as_ref(),
-        "99".as_ref(),
-    ]);
+    let out = reshard(dp2mp2("transform", argv!["--dst_ckpt_dir", &dst, "--ranks", "99"]));
     assert_refused(&out, &["rank 99", "dst_strategy.ckpt", "4 rank(s)", "valid ranks are 0 to 3"]);
     assert_nothing_written(&dst);
 }
 
-/// `transform` of the `complete_to_dp2mp2` fixture (4 destination ranks) into `dst`.
+/// `transform -q` of the `complete_to_dp2mp2` fixture (4 destination ranks) into `dst`.
 fn transform_complete_to_dp2mp2(dst: &Path, extra: &[&str]) -> Output {
-    let dir = fixture("conformance/complete_to_dp2mp2");
-    let mut args: Vec<std::ffi::OsString> = vec!["transform".into(), "-q".into(), "--src_ckpt_dir".into()];
-    args.extend([dir.join("src").into(), "--dst_ckpt_strategy".into(), dir.join("dst_strategy.ckpt").into()]);
-    args.extend(["--dst_ckpt_dir".into(), dst.into()]);
-    args.extend(extra.iter().map(Into::into));
-    reshard(args)
+    let mut more = argv!["-q", "--dst_ckpt_dir", dst];
+    more.extend(extra.iter().map(OsString::from));
+    reshard(dp2mp2("transform", more))
 }
 
 /// `verify` of a job that wrote 2 of its 4 ranks names the missing rank folders (it passed).
@@ -1838,18 +1357,12 @@ fn verify_refuses_manifest_names_outside_the_folder() {
 fn concurrent_jobs_with_other_prefixes_lose_no_manifest_entry() {
     let s = Scratch::new("concurrent-prefixes");
     let dst = s.join("out");
-    let dir = fixture("conformance/complete_to_dp2mp2");
     let prefixes = ["a_", "b_", "c_", "d_", "e_", "f_"];
     let jobs: Vec<std::process::Child> = prefixes
         .iter()
         .map(|p| {
             Command::new(BIN)
-                .args(["transform", "-q", "--prefix", p, "--src_ckpt_dir"])
-                .arg(dir.join("src"))
-                .arg("--dst_ckpt_strategy")
-                .arg(dir.join("dst_strategy.ckpt"))
-                .arg("--dst_ckpt_dir")
-                .arg(&dst)
+                .args(dp2mp2("transform", argv!["-q", "--prefix", p, "--dst_ckpt_dir", &dst]))
                 .spawn()
                 .unwrap()
         })
@@ -1883,17 +1396,17 @@ fn strategy_folder_that_is_the_merge_folder_is_refused() {
     let link = s.join("link");
     std::os::unix::fs::symlink(&stages, &link).unwrap();
     let job = |dst_strategy: &Path| {
-        reshard([
-            OsStr::new("transform"),
-            "-q".as_ref(),
-            "--src_ckpt_dir".as_ref(),
-            case.join("src").as_os_str(),
-            "--src_ckpt_strategy".as_ref(),
-            case.join("src_strategy_stages").as_os_str(),
-            "--dst_ckpt_strategy".as_ref(),
-            dst_strategy.as_os_str(),
-            "--dst_ckpt_dir".as_ref(),
-            dst.as_os_str(),
+        reshard(argv![
+            "transform",
+            "-q",
+            "--src_ckpt_dir",
+            case.join("src"),
+            "--src_ckpt_strategy",
+            case.join("src_strategy_stages"),
+            "--dst_ckpt_strategy",
+            &dst_strategy,
+            "--dst_ckpt_dir",
+            &dst
         ])
     };
     let before = files_under(&dst);
@@ -1905,18 +1418,7 @@ fn strategy_folder_that_is_the_merge_folder_is_refused() {
     std::fs::remove_dir_all(&dst).unwrap();
     assert!(job(&case.join("dst_strategy_stages")).status.success());
     let merged = stages.join("src_merged_ckpt_strategy.ckpt");
-    let out = reshard([
-        OsStr::new("transform"),
-        "-q".as_ref(),
-        "--src_ckpt_dir".as_ref(),
-        case.join("src").as_os_str(),
-        "--src_ckpt_strategy".as_ref(),
-        case.join("src_strategy_stages").as_os_str(),
-        "--dst_ckpt_strategy".as_ref(),
-        merged.as_os_str(),
-        "--dst_ckpt_dir".as_ref(),
-        dst.as_os_str(),
-    ]);
+    let out = job(&merged);
     assert_refused(&out, &["destination strategy", "src_merged_ckpt_strategy.ckpt", "which this job rewrites"]);
 }
 
@@ -1945,21 +1447,10 @@ fn progress_line_pct(l: &str) -> u64 {
 
 #[test]
 fn transform_prints_plain_progress_lines_when_stderr_is_not_a_terminal() {
-    let dir = fixture("conformance/complete_to_dp2mp2");
     let s = Scratch::new("progress-lines");
     for (interval, name) in [("0", "every"), ("5", "default")] {
         let dst = s.join(name);
-        let out = reshard([
-            OsStr::new("transform"),
-            "--src_ckpt_dir".as_ref(),
-            dir.join("src").as_os_str(),
-            "--dst_ckpt_strategy".as_ref(),
-            dir.join("dst_strategy.ckpt").as_os_str(),
-            "--dst_ckpt_dir".as_ref(),
-            dst.as_os_str(),
-            "--progress-interval".as_ref(),
-            interval.as_ref(),
-        ]);
+        let out = reshard(dp2mp2("transform", argv!["--dst_ckpt_dir", &dst, "--progress-interval", interval]));
         let stderr = text(&out.stderr);
         assert!(out.status.success(), "{stderr}");
         let lines: Vec<&str> = stderr.lines().collect();
@@ -1984,17 +1475,10 @@ fn transform_quiet_prints_nothing_on_success() {
     let src = dir.join("src");
     for quiet in [false, true] {
         let dst = s.join(if quiet { "quiet" } else { "loud" });
-        let mut args = vec![
-            OsStr::new("transform"),
-            "--src_ckpt_dir".as_ref(),
-            src.as_os_str(),
-            "--dst_ckpt_strategy".as_ref(),
-            strategy.as_os_str(),
-            "--dst_ckpt_dir".as_ref(),
-            dst.as_os_str(),
-        ];
+        let mut args =
+            argv!["transform", "--src_ckpt_dir", &src, "--dst_ckpt_strategy", &strategy, "--dst_ckpt_dir", &dst];
         if quiet {
-            args.push("-q".as_ref());
+            args.push("-q".into());
         }
         let out = reshard(&args);
         let stderr = text(&out.stderr);

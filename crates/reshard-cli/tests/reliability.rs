@@ -3,21 +3,15 @@
 //! file.
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
+mod util;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use reshard_core::checkpoint::{CheckpointFile, ReadOptions, TensorHeader};
 use reshard_core::{ckpt, DType};
-
-const BIN: &str = env!("CARGO_BIN_EXE_reshard");
-
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("reshard-kill-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
+use util::{Scratch, BIN};
 
 /// A complete checkpoint of `layers` x 4 MiB-ish fp32 weights, plus its 8-rank strategy.
 fn make_source(dir: &Path, layers: usize) -> (PathBuf, PathBuf) {
@@ -71,8 +65,9 @@ fn outputs(dir: &Path) -> Vec<PathBuf> {
 
 #[test]
 fn killed_run_leaves_complete_files_and_rerun_matches_clean_run() {
-    let dir = scratch("main");
-    let (src, strategy) = make_source(&dir, 40); // 320 MiB
+    let s = Scratch::new("kill");
+    let dir = s.path();
+    let (src, strategy) = make_source(dir, 40); // 320 MiB
     let clean = dir.join("clean");
     assert!(transform(&src, &strategy, &clean).status().unwrap().success());
 
@@ -133,7 +128,6 @@ fn killed_run_leaves_complete_files_and_rerun_matches_clean_run() {
     // And a rerun repairs exactly that file.
     assert!(transform(&src, &strategy, &out).status().unwrap().success());
     assert_eq!(std::fs::read(&victim).unwrap(), std::fs::read(outputs(&clean)[5].clone()).unwrap());
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 /// Temporary files (`.tmp`) anywhere under `dir`.
@@ -152,8 +146,9 @@ fn temp_files(dir: &Path) -> Vec<PathBuf> {
 
 #[test]
 fn sigterm_and_sigint_remove_the_temporary_files_and_exit_128_plus_the_signal() {
-    let dir = scratch("signal");
-    let (src, strategy) = make_source(&dir, 16); // 128 MiB, 8 outputs of 16 MiB
+    let s = Scratch::new("signal");
+    let dir = s.path();
+    let (src, strategy) = make_source(dir, 16); // 128 MiB, 8 outputs of 16 MiB
     for sig in [libc::SIGTERM, libc::SIGINT] {
         let out = dir.join(format!("out-{sig}"));
         let mut stopped = None;
@@ -204,5 +199,4 @@ fn sigterm_and_sigint_remove_the_temporary_files_and_exit_128_plus_the_signal() 
         assert!(v.status.success(), "{}{}", String::from_utf8_lossy(&v.stdout), String::from_utf8_lossy(&v.stderr));
         assert!(outputs(&out).iter().all(|p| p.exists()));
     }
-    std::fs::remove_dir_all(&dir).ok();
 }

@@ -6,6 +6,8 @@
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 #![allow(unsafe_code)] // fork, mmap and waitpid for the chaining test
 
+mod util;
+
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,23 +18,7 @@ use reshard_core::execute::{execute, ExecuteOptions};
 use reshard_core::plan::{Plan, PlanOptions};
 use reshard_core::{ckpt, DType};
 use serde_json::json;
-
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Self {
-        let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("reshard-change-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        Scratch(d)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use util::{files_under, Scratch};
 
 /// A complete 4 MiB fp32 tensor "w" split in 2 by rows (`tensor_map` [0, -1]: each rank's share
 /// is one run, written straight from the source map with pwrite) or by columns ([-1, 0]: each
@@ -79,56 +65,39 @@ fn run_with_change(
     (execute(&plan, &dir.join("out"), &[0], &opts), src)
 }
 
-/// Every regular file under `dir`.
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut todo = vec![dir.to_path_buf()];
-    while let Some(d) = todo.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            if e.file_type().unwrap().is_dir() {
-                todo.push(e.path());
-            } else {
-                out.push(e.path());
-            }
-        }
-    }
-    out
-}
-
 fn truncate(path: &Path) {
     std::fs::File::options().write(true).open(path).unwrap().set_len(4096).unwrap();
+}
+
+/// Runs rank 0 with the source split by columns and by rows, `change` made to it after the first
+/// block: the run fails naming the source and saying `says`, and leaves nothing in the output.
+fn fails_naming_the_source(what: &str, change: fn(&Path), says: &str) {
+    for (case, map) in [("cols", [-1, 0]), ("rows", [0, -1])] {
+        let dir = Scratch::new(&format!("{what}-{case}"));
+        let (r, src) = run_with_change(dir.path(), map, change);
+        let err = r.expect_err(case).to_string();
+        assert!(err.contains(&src.display().to_string()) && err.contains(says), "{case}: {err}");
+        let left = files_under(&dir.join("out"));
+        assert!(left.is_empty(), "{case}: left behind {left:?}");
+    }
 }
 
 #[test]
 fn a_source_truncated_during_a_run_fails_cleanly_naming_it() {
     // Columns: the copy reads the map with memcpy and, without the handler, dies of SIGBUS.
     // Rows: pwrite from the map fails with EFAULT, which must be reported as the source's fault.
-    for (case, map) in [("cols", [-1, 0]), ("rows", [0, -1])] {
-        let dir = Scratch::new(&format!("truncate-{case}"));
-        let (r, src) = run_with_change(&dir.0, map, truncate);
-        let err = r.expect_err(case).to_string();
-        assert!(err.contains(&src.display().to_string()) && err.contains("truncated from"), "{case}: {err}");
-        let left = files_under(&dir.0.join("out"));
-        assert!(left.is_empty(), "{case}: left behind {left:?}");
-    }
+    fails_naming_the_source("truncate", truncate, "truncated from");
 }
 
 #[test]
 fn a_source_rewritten_in_place_during_a_run_fails_naming_it() {
-    for (case, map) in [("cols", [-1, 0]), ("rows", [0, -1])] {
-        let dir = Scratch::new(&format!("rewrite-{case}"));
-        // Same size, other bytes, from the middle of the content to the end.
-        let rewrite = |p: &Path| {
-            let f = std::fs::File::options().write(true).open(p).unwrap();
-            let len = f.metadata().unwrap().len();
-            f.write_all_at(&vec![0x5a; (len / 2) as usize], len - len / 2).unwrap();
-        };
-        let (r, src) = run_with_change(&dir.0, map, rewrite);
-        let err = r.expect_err(case).to_string();
-        assert!(err.contains(&src.display().to_string()) && err.contains("changed while"), "{case}: {err}");
-        let left = files_under(&dir.0.join("out"));
-        assert!(left.is_empty(), "{case}: left behind {left:?}");
-    }
+    // Same size, other bytes, from the middle of the content to the end.
+    let rewrite = |p: &Path| {
+        let f = std::fs::File::options().write(true).open(p).unwrap();
+        let len = f.metadata().unwrap().len();
+        f.write_all_at(&vec![0x5a; (len / 2) as usize], len - len / 2).unwrap();
+    };
+    fails_naming_the_source("rewrite", rewrite, "changed while");
 }
 
 /// A source removed (or replaced by a folder) between the plan and the run keeps its kind:

@@ -1,16 +1,15 @@
 //! Conformance against files made by MindSpore 2.10 (`tests/gen/make_fixtures.py`).
 #![allow(clippy::unwrap_used)] // test helpers: a failed unwrap is a failed test
 
+mod util;
+
 use std::path::{Path, PathBuf};
 
 use reshard_core::checkpoint::{CheckpointFile, Format, ReadOptions};
 use reshard_core::execute::{execute, ExecuteOptions};
 use reshard_core::plan::{Plan, PlanOptions};
 use serde_json::Value;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
+use util::fixtures;
 
 fn scratch(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("reshard-test-{}-{name}", std::process::id()));

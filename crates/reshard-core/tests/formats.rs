@@ -1,16 +1,15 @@
 //! Readers and the strategy merge checked against files and results made by MindSpore 2.10.
 #![allow(clippy::unwrap_used)] // test helpers: a failed unwrap is a failed test
 
+mod util;
+
 use std::path::{Path, PathBuf};
 
 use reshard_core::checkpoint::{CheckpointFile, ReadOptions};
 use reshard_core::strategy::{merge_dir, Strategy};
 use reshard_core::Error;
 use serde_json::Value;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
+use util::fixtures;
 
 fn json(p: &Path) -> Value {
     serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()

@@ -11,8 +11,10 @@ use reshard_core::execute::{execute, ExecuteOptions};
 use reshard_core::plan::{Plan, PlanOptions};
 use reshard_core::DType;
 
+mod util;
+
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/int4")
+    util::fixtures().join("int4")
 }
 
 fn transform(src: &Path, src_s: Option<&Path>, dst_s: Option<&Path>, out: &Path) {
@@ -44,15 +46,8 @@ fn same_but_label(ours: &Path, theirs: &Path) {
 #[test]
 fn int4_round_trip_matches_mindspore_but_keeps_the_type() {
     let fx = fixtures();
-    struct Scratch(PathBuf);
-    impl Drop for Scratch {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-    let scratch = Scratch(std::env::temp_dir().join(format!("reshard-int4-{}", std::process::id())));
-    let tmp = &scratch.0;
-    let _ = std::fs::remove_dir_all(tmp);
+    let scratch = util::Scratch::new("int4");
+    let tmp = scratch.path();
     let (rows_s, cols_s) = (fx.join("rows.ckpt"), fx.join("cols.ckpt"));
     transform(&fx.join("complete"), None, Some(&rows_s), &tmp.join("rows"));
     transform(&tmp.join("rows"), Some(&rows_s), Some(&cols_s), &tmp.join("cols"));

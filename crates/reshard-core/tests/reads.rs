@@ -8,34 +8,19 @@
 #![allow(clippy::unwrap_used)] // test helpers: a failed unwrap is a failed test
 #![allow(unsafe_code)] // mmap + mincore, fadvise, statfs, getrusage
 
+mod util;
+
 use std::collections::BTreeSet;
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use reshard_core::checkpoint::{CheckpointFile, ReadOptions, TensorHeader};
 use reshard_core::execute::{execute, ExecuteOptions};
 use reshard_core::plan::{Plan, PlanOptions};
 use reshard_core::{ckpt, DType};
 use serde_json::json;
-
-/// A scratch folder under target/ (on the project's filesystem), removed when dropped.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Self {
-        let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("reshard-reads-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        Scratch(d)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use util::Scratch;
 
 fn page() -> u64 {
     // SAFETY: sysconf only reads a system constant.

@@ -2,6 +2,8 @@
 //! same layouts, transforms through them are lossless, and bad requests get clear errors.
 #![allow(clippy::unwrap_used)] // test helpers: a failed unwrap is a failed test
 
+mod util;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -12,10 +14,7 @@ use reshard_core::layout::ResolvedLayout;
 use reshard_core::plan::{Plan, PlanOptions};
 use reshard_core::strategy::{proto, ParamLayout, Strategy};
 use reshard_core::strategy_new::{self, generate, read_params, show, write, ParamInfo, Rules, StrategySpec, Written};
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
+use util::fixtures;
 
 fn case(name: &str) -> PathBuf {
     fixtures().join("conformance").join(name)
