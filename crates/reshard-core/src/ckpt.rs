@@ -278,13 +278,42 @@ fn value_prefix(h: &TensorHeader, content_len: u64) -> Vec<u8> {
     out
 }
 
+/// The bytes one tensor takes in a `.ckpt` file (its values, headers and content), as
+/// [`layout`] lays it out, computed without building the headers.
+pub fn tensor_len(name: &str, dtype: DType, dims: &[u64], nbytes: u64, chunk: u64) -> u64 {
+    let chunk = chunk.max(1);
+    let type_name = dtype.ckpt_name().len() as u64;
+    let dims_len: u64 = dims.iter().map(|&d| 1 + varint_len(d)).sum();
+    let name = name.len() as u64;
+    let mut total = 0;
+    let mut start = 0u64;
+    loop {
+        let len = (nbytes - start).min(chunk);
+        let tp_len = dims_len + 1 + varint_len(type_name) + type_name + 1 + varint_len(len) + len;
+        let value_len = 1 + varint_len(name) + name + 1 + varint_len(tp_len) + tp_len;
+        total += 1 + varint_len(value_len) + value_len;
+        start += len;
+        if start >= nbytes {
+            return total;
+        }
+    }
+}
+
 /// Lays out a `.ckpt` file: tensors in the given order, each cut into values of at most
 /// `chunk` content bytes (MindSpore uses [`CHUNK_BYTES`]).
 pub fn layout(tensors: &[TensorHeader], chunk: u64) -> FileLayout {
+    layout_at(tensors, chunk, 0)
+}
+
+/// [`layout`] for a run of consecutive tensors of a file that starts at file offset `base`
+/// (the values are laid out one after the other, so a run's offsets follow from where it
+/// starts): a file of many tensors can be laid out and written a window at a time. The
+/// returned `len` is the offset where the run ends.
+pub fn layout_at(tensors: &[TensorHeader], chunk: u64, base: u64) -> FileLayout {
     let chunk = chunk.max(1);
     let mut fixed = Vec::new();
     let mut content = Vec::with_capacity(tensors.len());
-    let mut pos = 0u64;
+    let mut pos = base;
     for h in tensors {
         let mut runs = Vec::new();
         let mut start = 0u64;
@@ -332,6 +361,27 @@ mod tests {
         assert_eq!(idx.tensors[1].shape, Vec::<u64>::new());
         let got = crate::checkpoint::content_of(&bytes, &idx.tensors[0]);
         assert_eq!(&*got, &contents[0][..]);
+    }
+
+    #[test]
+    fn windows_and_lengths_agree_with_the_whole_layout() {
+        let hs = vec![
+            header("a", DType::Float32, &[3, 5]),
+            header("s", DType::Int32, &[]),
+            header(&"long".repeat(40), DType::UInt8, &[300]),
+            header("e", DType::Float16, &[0, 4]),
+        ];
+        for chunk in [16, 128, CHUNK_BYTES] {
+            let whole = layout(&hs, chunk);
+            let lens: u64 = hs.iter().map(|h| tensor_len(&h.name, h.dtype, &h.dims, h.nbytes, chunk)).sum();
+            assert_eq!(lens, whole.len, "chunk {chunk}");
+            let first = layout_at(&hs[..2], chunk, 0);
+            let second = layout_at(&hs[2..], chunk, first.len);
+            assert_eq!(second.len, whole.len);
+            let fixed: Vec<_> = first.fixed.iter().chain(&second.fixed).cloned().collect();
+            let content: Vec<_> = first.content.iter().chain(&second.content).cloned().collect();
+            assert_eq!((fixed, content), (whole.fixed, whole.content), "chunk {chunk}");
+        }
     }
 
     #[test]
