@@ -286,7 +286,9 @@ pub fn execute(plan: &Plan, dst_dir: &Path, ranks: &[u32], opts: &ExecuteOptions
         total += rp.bytes_written();
     }
     // The rank plans just counted are freed; the workers' own heaps would not reuse them.
-    crate::sys::trim_heap();
+    if plan.param_count() >= crate::plan::TRIM_HEAP_PARAMS {
+        crate::sys::trim_heap();
+    }
     let written = AtomicU64::new(0);
     let maps = SourceMaps::new(plan);
     let fingerprint = plan.fingerprint(&format!("{:?} {} crc={}", opts.format, opts.prefix, opts.crc));
