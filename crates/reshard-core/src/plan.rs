@@ -431,6 +431,16 @@ impl Plan {
         let lacking = |st: &Strategy| -> Vec<String> {
             st.params.iter().map(|(n, _)| n.clone()).filter(|n| !param_index.contains_key(n.as_str())).collect()
         };
+        let warn_lacking = |warnings: &mut Vec<String>, st: &Strategy, side: &str, consequence: &str| {
+            let missing = lacking(st);
+            if !missing.is_empty() {
+                warnings.push(format!(
+                    "the {side} strategy {} names {} that no source checkpoint holds; {consequence}",
+                    st.path.display(),
+                    fmt_names(&missing)
+                ));
+            }
+        };
         if let Some(st) = &src_strategy {
             if !params.iter().any(|p| matches!(p.kind, SrcKind::Sharded { .. })) {
                 let held: Vec<String> = params.iter().map(|p| p.name.clone()).collect();
@@ -446,25 +456,11 @@ impl Plan {
                     ),
                 });
             }
-            let missing = lacking(st);
-            if !missing.is_empty() {
-                warnings.push(format!(
-                    "the source strategy {} names {} that no source checkpoint holds; they are left out",
-                    st.path.display(),
-                    fmt_names(&missing)
-                ));
-            }
+            warn_lacking(&mut warnings, st, "source", "they are left out");
         }
         // (In the by-stage mode the destination names the other stages' parameters on purpose.)
         if let Some(d) = dst_strategy.as_ref().filter(|_| by_stage.is_none()) {
-            let missing = lacking(d);
-            if !missing.is_empty() {
-                warnings.push(format!(
-                    "the destination strategy {} names {} that no source checkpoint holds; the outputs will lack them",
-                    d.path.display(),
-                    fmt_names(&missing)
-                ));
-            }
+            warn_lacking(&mut warnings, d, "destination", "the outputs will lack them");
         }
         if let Some(d) = &dst_strategy {
             let odd: Vec<&str> = params
