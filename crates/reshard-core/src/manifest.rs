@@ -20,21 +20,29 @@ pub const MANIFEST_NAME: &str = "reshard_manifest.json";
 /// that opened it before the removal and one that creates it anew both hold "the" lock.
 pub const MANIFEST_LOCK_NAME: &str = ".reshard_manifest.lock";
 
-/// Holds the manifest lock of `dir` while alive.
-struct ManifestLock(#[allow(dead_code)] std::fs::File);
+/// Holds the manifest lock of `dir` while alive (`None` on a filesystem without `flock`).
+struct ManifestLock(#[allow(dead_code)] Option<std::fs::File>);
 
 impl ManifestLock {
     fn take(dir: &Path) -> Result<ManifestLock> {
         let path = dir.join(MANIFEST_LOCK_NAME);
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(|e| Error::io(&path, "open the manifest lock", e))?;
-        crate::sys::lock_exclusive(&f).map_err(|e| Error::io(&path, "lock", e))?;
-        Ok(ManifestLock(f))
+        let open_rw = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path);
+        // Another user may have created the lock file (0644): flock works on a read-only
+        // descriptor too, and this user can still rename a new manifest into the folder.
+        let f = match open_rw {
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => std::fs::File::open(&path),
+            other => other,
+        }
+        .map_err(|e| Error::io(&path, "open the manifest lock", e))?;
+        match crate::sys::lock_exclusive(&f) {
+            Ok(()) => Ok(ManifestLock(Some(f))),
+            // Filesystems without flock (Lustre without -o flock, NFS with nolock, some FUSE):
+            // go on unlocked, as before the lock existed, rather than fail a finished output.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::ENOLCK | libc::EOPNOTSUPP)) => {
+                Ok(ManifestLock(None))
+            }
+            Err(e) => Err(Error::io(&path, "lock", e)),
+        }
     }
 }
 
@@ -91,7 +99,16 @@ impl Manifest {
     /// the folder's manifest lock.
     pub fn record(dir: &Path, entry: ManifestEntry, sync: bool) -> Result<()> {
         let _lock = ManifestLock::take(dir)?;
-        let mut m = Manifest::read(dir).unwrap_or(Manifest { version: MANIFEST_VERSION, files: Vec::new() });
+        // A manifest that cannot be read now (EIO, EMFILE, ...) is not an empty one: rewriting
+        // it with only this entry would drop every other entry.
+        // (A manifest that does not parse lists nothing that can be trusted: it is started anew.)
+        let path = dir.join(MANIFEST_NAME);
+        let empty = || Manifest { version: MANIFEST_VERSION, files: Vec::new() };
+        let mut m = match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|_| empty()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => empty(),
+            Err(e) => return Err(Error::io(&path, "read the manifest", e)),
+        };
         m.version = MANIFEST_VERSION;
         m.files.retain(|e| e.name != entry.name);
         m.files.push(entry);
@@ -290,6 +307,26 @@ pub fn verify(root: &Path) -> Result<VerifyReport> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A manifest that cannot be read (here: a folder in its place, EISDIR) is not taken for an
+    /// empty one: recording would otherwise replace every entry by the new one.
+    #[test]
+    fn an_unreadable_manifest_is_an_error_not_an_empty_one() {
+        let dir = std::env::temp_dir().join(format!("reshard-manifest-unreadable-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join(MANIFEST_NAME)).unwrap();
+        let entry = ManifestEntry {
+            name: "a.ckpt".into(),
+            size: 1,
+            crc32: 0,
+            plan_fingerprint: "f".into(),
+            dst_rank: Some(0),
+            dst_rank_count: Some(1),
+        };
+        let err = Manifest::record(&dir, entry, false).unwrap_err().to_string();
+        assert!(err.contains(MANIFEST_NAME) && err.contains("read the manifest"), "{err}");
+        assert!(dir.join(MANIFEST_NAME).is_dir());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn only_plain_file_names() {

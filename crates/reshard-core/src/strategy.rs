@@ -296,13 +296,20 @@ impl Strategy {
         if bytes.is_empty() {
             return Err(bad(path, "the file is empty"));
         }
-        if is_json(path) {
-            crate::input::check_unique_json_keys(&bytes).map_err(|e| bad(path, e))?;
-            Strategy::from_json_slice(path, &bytes)
+        let s = if is_json(path) {
+            Strategy::from_json_slice(path, &bytes)?
         } else {
             let m = decode_proto(path, &bytes)?;
-            Strategy::from_proto(path, &m)
+            Strategy::from_proto(path, &m)?
+        };
+        // A file truncated while it was parsed (its map read zeros) is reported as such. Not
+        // `check()`: `auto`'s ranks rename identical merged strategies over each other, which
+        // changes the mapped file's ctime but not its bytes.
+        if bytes.faulted() {
+            bytes.check()?;
+            return Err(bad(path, "the file changed while it was read"));
         }
+        Ok(s)
     }
 
     fn push(&mut self, path: &Path, raw_name: &str, layout: ParamLayout) -> Result<()> {
@@ -532,9 +539,12 @@ impl Strategy {
 
     /// Builds from the JSON form's bytes, one layout item at a time: the whole file as a
     /// `serde_json::Value` takes about 18 times its size (800 MB for 300,000 parameters).
-    /// Same result as parsing it whole and calling [`Strategy::from_json`] (a repeated key is
-    /// refused by `load`, which checks keys first with `check_unique_json_keys`).
+    /// Same result as parsing it whole and calling [`Strategy::from_json`], except that a key
+    /// given twice is refused (`from_json` sees only the last one).
     pub fn from_json_slice(path: &Path, bytes: &[u8]) -> Result<Strategy> {
+        // Every value parsed in full (the stream below skips unknown keys' values, which would
+        // let through what a parse into `Value` refuses), and no key given twice.
+        crate::input::check_unique_json_keys(bytes).map_err(|e| bad(path, e))?;
         let mut de = serde_json::Deserializer::from_slice(bytes);
         let mut failed = None;
         let seed = JsonStrategySeed { path, failed: &mut failed };
@@ -1124,7 +1134,6 @@ mod tests {
             format!(
                 r#"{{"current_stage": 1, "parallel_strategy_item": {{"op": {{"stage": 1}}}}, "parallel_layout_item": {{"0-w": {item}, "1-w": {{"dev_matrix": [4], "tensor_map": [0, -1]}}, "n": {{"dev_matrix": [2, 2], "tensor_map": [[1, 0], [-1]]}}}}}}"#
             ),
-            format!(r#"{{"parallel_layout_item": {{"w": {item}}}, "parallel_layout_item": {{"x": {item}}}}}"#),
             r#"{"parallel_strategy_item": {"a": {"stage": 3}}}"#.to_string(),
             r#"{"parallel_layout_item": {"w": {"dev_matrix": [2, 0], "tensor_map": [0]}}}"#.to_string(),
             r#"{"parallel_layout_item": {"w": {"dev_matrix": [2], "tensor_map": "x"}}}"#.to_string(),
@@ -1153,6 +1162,14 @@ mod tests {
         );
         let err = Strategy::from_json_slice(p, twice.as_bytes()).unwrap_err().to_string();
         assert!(err.contains("'w' and '0-w'") && err.contains("ambiguous"), "{err}");
+        // A repeated key, at any depth, is refused (a parse into `Value` keeps the last one).
+        let repeated =
+            format!(r#"{{"parallel_layout_item": {{"w": {item}}}, "parallel_layout_item": {{"x": {item}}}}}"#);
+        let err = Strategy::from_json_slice(p, repeated.as_bytes()).unwrap_err().to_string();
+        assert!(err.contains("parallel_layout_item") && err.contains("twice"), "{err}");
+        // Values of keys the reader skips are still parsed in full.
+        let err = Strategy::from_json_slice(p, br#"{"x": 1e400, "parallel_layout_item": {}}"#).unwrap_err();
+        assert!(err.to_string().contains("not valid JSON"), "{err}");
         // Broken JSON is reported as such.
         let err = Strategy::from_json_slice(p, br#"{"parallel_layout_item": {"w": "#).unwrap_err();
         assert!(err.to_string().contains("not valid JSON"), "{err}");
