@@ -251,7 +251,13 @@ fn relaunch_from_the_earlier_result_is_refused_and_deletes_nothing() {
     let link = out.parent().unwrap().join("link_to_result");
     std::os::unix::fs::symlink(&old_result, &link).unwrap();
     let relaunch = |load: &Path, strategy: &Path| auto_rank0("5", world, load, strategy, &out).output().unwrap();
-    for load in [&old_result, &link, &old_result.join("rank_0")] {
+    // A folder whose rank folders are symlinks into the old result.
+    let links = out.parent().unwrap().join("rank_links");
+    std::fs::create_dir_all(&links).unwrap();
+    for r in 0..8 {
+        std::os::unix::fs::symlink(old_result.join(format!("rank_{r}")), links.join(format!("rank_{r}"))).unwrap();
+    }
+    for load in [&old_result, &link, &old_result.join("rank_0"), &links] {
         let o = relaunch(load, &old_strategy);
         let err = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(1), "{}: {err}", load.display());

@@ -118,6 +118,19 @@ pub fn auto(o: &AutoOptions) -> Result<AutoResult> {
     // Before anything is read, waited for or removed: every rank refuses the same way.
     check_inputs_outside_outputs(o, &strategy_dir, &out_root)?;
     let (set, distributed) = find_source(&o.load_checkpoint)?;
+    // Rank folders or files may be symlinks into the output folder: resolved one by one.
+    let out = crate::execute::resolved(&out_root);
+    if let Some(f) = set.files.values().find(|f| crate::execute::resolved(f).starts_with(&out)) {
+        return Err(Error::Source {
+            path: f.clone(),
+            detail: format!(
+                "this source file of load_checkpoint is (through a symlink) inside {}, which this launch replaces;                  move it aside first, for example `mv {} {}`, and give that as load_checkpoint",
+                out_root.display(),
+                out_root.display(),
+                o.output_dir.join("previous_checkpoint").display()
+            ),
+        });
+    }
     log.push(format!(
         "source {}: {} ({} rank folder(s), {})",
         o.load_checkpoint.display(),
