@@ -121,15 +121,13 @@ pub fn auto(o: &AutoOptions) -> Result<AutoResult> {
     // Rank folders or files may be symlinks into the output folder: resolved one by one.
     let out = crate::execute::resolved(&out_root);
     if let Some(f) = set.files.values().find(|f| crate::execute::resolved(f).starts_with(&out)) {
-        return Err(Error::Source {
-            path: f.clone(),
-            detail: format!(
-                "this source file of load_checkpoint is (through a symlink) inside {}, which this launch replaces;                  move it aside first, for example `mv {} {}`, and give that as load_checkpoint",
-                out_root.display(),
-                out_root.display(),
-                o.output_dir.join("previous_checkpoint").display()
-            ),
-        });
+        return Err(inside_output(
+            o,
+            f,
+            "this source file of load_checkpoint is (through a symlink)",
+            &strategy_dir,
+            &out_root,
+        ));
     }
     log.push(format!(
         "source {}: {} ({} rank folder(s), {})",
@@ -215,6 +213,22 @@ pub fn auto(o: &AutoOptions) -> Result<AutoResult> {
     Ok(AutoResult { load_path, log })
 }
 
+/// The refusal of a source inside `OUT/transformed_checkpoint`, which a relaunch replaces (it
+/// used to delete the source rank folders beyond the new world size, then fail on them).
+fn inside_output(o: &AutoOptions, path: &Path, what: &str, strategy_dir: &Path, out_root: &Path) -> Error {
+    Error::Source {
+        path: path.to_path_buf(),
+        detail: format!(
+            "{what} inside {}, which this launch replaces (an earlier launch's result?); move it aside first, for \
+             example `mv {} {}` (and copy its strategy out of {}), and give that as load_checkpoint",
+            out_root.display(),
+            out_root.display(),
+            o.output_dir.join("previous_checkpoint").display(),
+            strategy_dir.display()
+        ),
+    }
+}
+
 /// Refuses a source that this launch would delete or overwrite: `load_checkpoint` inside (or
 /// holding) `OUT/transformed_checkpoint`, which rank 0 clears of an earlier launch's ranks and
 /// every rank writes into, and a source strategy inside the folder where the runtime writes this
@@ -224,19 +238,7 @@ fn check_inputs_outside_outputs(o: &AutoOptions, strategy_dir: &Path, out_root: 
     use crate::execute::resolved;
     let (load, out) = (resolved(&o.load_checkpoint), resolved(out_root));
     if load.starts_with(&out) {
-        let aside = o.output_dir.join("previous_checkpoint");
-        return Err(Error::Source {
-            path: o.load_checkpoint.clone(),
-            detail: format!(
-                "load_checkpoint is inside {}, which this launch replaces (an earlier launch's result?); move it \
-                 aside first, for example `mv {} {}` (and copy its strategy out of {}), and give that as \
-                 load_checkpoint",
-                out_root.display(),
-                out_root.display(),
-                aside.display(),
-                strategy_dir.display()
-            ),
-        });
+        return Err(inside_output(o, &o.load_checkpoint, "load_checkpoint is", strategy_dir, out_root));
     }
     if o.load_checkpoint.is_dir() && out.starts_with(&load) {
         return Err(Error::Source {
