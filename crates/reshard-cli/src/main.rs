@@ -249,7 +249,7 @@ fn run(cli: Cli) -> Result<(), Error> {
         Cmd::Inspect { file, json } => inspect(&file, json),
         Cmd::MergeStrategy { src_dir, dst_file } => {
             let merged = strategy::merge_dir(&src_dir)?;
-            write_atomic(&dst_file, &merged.to_bytes())?;
+            reshard_core::atomic::write_atomic(&dst_file, &merged.to_bytes(), true)?;
             eprintln!("merged {} into {}", src_dir.display(), dst_file.display());
             Ok(())
         }
@@ -373,7 +373,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                 )));
             }
             for (name, p, f, merged) in merges {
-                write_atomic(&f, &merged.to_bytes())?;
+                reshard_core::atomic::write_atomic(&f, &merged.to_bytes(), true)?;
                 if !quiet {
                     eprintln!("merged {} into {}", p.display(), f.display());
                 }
@@ -426,10 +426,6 @@ fn run(cli: Cli) -> Result<(), Error> {
             Ok(())
         }
     }
-}
-
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
-    reshard_core::atomic::write_atomic(path, bytes, true)
 }
 
 fn looks_like_strategy(path: &Path) -> bool {
