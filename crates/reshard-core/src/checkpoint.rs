@@ -1,12 +1,13 @@
 //! What the readers produce and the writers consume, whatever the file format.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::sys::MappedFile;
+use crate::storage::{ByteSource, IoMode};
 use crate::{ckpt, safetensors};
+use std::sync::Arc;
 
 /// Checkpoint file formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
@@ -141,31 +142,36 @@ impl Default for ReadOptions {
     }
 }
 
-/// An open, memory-mapped checkpoint file with its index.
+/// An open checkpoint file (a byte source) with its index.
 pub struct CheckpointFile {
-    path: PathBuf,
-    map: MappedFile,
+    src: Arc<dyn ByteSource>,
     index: CheckpointIndex,
 }
 
 impl CheckpointFile {
-    /// Opens and indexes a `.ckpt` or `.safetensors` file (the extension decides; anything but
-    /// `.safetensors` is read as `.ckpt`).
+    /// Opens (memory-mapped) and indexes a `.ckpt` or `.safetensors` file (the extension
+    /// decides; anything but `.safetensors` is read as `.ckpt`).
     pub fn open(path: &Path, opts: ReadOptions) -> Result<Self> {
-        let map = MappedFile::open(path)?;
-        let index = match Format::from_path(path) {
-            Some(Format::Safetensors) => safetensors::parse(path, &map, opts),
-            _ => ckpt::parse(path, &map, opts),
-        };
+        Self::open_with(path, opts, IoMode::Mmap)
+    }
+
+    /// [`CheckpointFile::open`] with the given way of reading.
+    pub fn open_with(path: &Path, opts: ReadOptions, io: IoMode) -> Result<Self> {
+        Self::from_source(crate::storage::open(path, io)?, opts)
+    }
+
+    /// Indexes an opened byte source (its path's extension picks the format).
+    pub fn from_source(src: Arc<dyn ByteSource>, opts: ReadOptions) -> Result<Self> {
+        let index = parse_source(&*src, opts);
         // A file truncated or rewritten while it was parsed (and its crc checked) is reported
         // as such, rather than as the damage that reading a mix of versions looks like.
-        map.check()?;
-        Ok(CheckpointFile { path: path.to_path_buf(), map, index: index? })
+        src.check()?;
+        Ok(CheckpointFile { src, index: index? })
     }
 
     /// The path it was opened from.
     pub fn path(&self) -> &Path {
-        &self.path
+        self.src.path()
     }
 
     /// The index.
@@ -173,19 +179,48 @@ impl CheckpointFile {
         &self.index
     }
 
-    /// The mapped bytes of the whole file.
-    pub fn bytes(&self) -> &[u8] {
-        &self.map
+    /// The byte source.
+    pub fn source(&self) -> &Arc<dyn ByteSource> {
+        &self.src
     }
 
-    /// A tensor's content, borrowed from the map when it is one segment, else concatenated.
+    /// A tensor's content: borrowed when the source has a view of it in one segment, else read.
     pub fn content(&self, t: &TensorInfo) -> std::borrow::Cow<'_, [u8]> {
-        content_of(&self.map, t)
+        self.try_content(t).unwrap_or_default()
+    }
+
+    /// A tensor's content, or the error reading it.
+    pub fn try_content(&self, t: &TensorInfo) -> Result<std::borrow::Cow<'_, [u8]>> {
+        if let [s] = t.segments.as_slice() {
+            if let Some(v) = self.src.view(s.offset, s.len) {
+                return Ok(std::borrow::Cow::Borrowed(v));
+            }
+        }
+        let mut out = vec![0u8; t.nbytes as usize];
+        let mut at = 0usize;
+        for s in &t.segments {
+            self.src.read_at(s.offset, &mut out[at..at + s.len as usize])?;
+            at += s.len as usize;
+        }
+        Ok(std::borrow::Cow::Owned(out))
     }
 
     /// Consumes self, returning the index.
     pub fn into_index(self) -> CheckpointIndex {
         self.index
+    }
+
+    /// Consumes self, returning the source and the index.
+    pub fn into_parts(self) -> (Arc<dyn ByteSource>, CheckpointIndex) {
+        (self.src, self.index)
+    }
+}
+
+/// Indexes a byte source in the format its path's extension names (`.ckpt` otherwise).
+pub fn parse_source(src: &dyn ByteSource, opts: ReadOptions) -> Result<CheckpointIndex> {
+    match Format::from_path(src.path()) {
+        Some(Format::Safetensors) => safetensors::parse_source(src, opts),
+        _ => ckpt::parse_source(src, opts),
     }
 }
 

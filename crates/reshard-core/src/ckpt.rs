@@ -8,7 +8,8 @@ use crate::checkpoint::{
 };
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::wire::{put_key, put_varint, varint_len, Cursor, WT_LEN, WT_VARINT};
+use crate::storage::{ByteReader, ByteSource, MemSource};
+use crate::wire::{put_key, put_varint, varint_len, Cursor, WT_I32, WT_I64, WT_LEN, WT_VARINT};
 
 /// MindSpore cuts tensors into values of at most this many content bytes (`1024 * SLICE_SIZE`).
 pub const CHUNK_BYTES: u64 = 512 << 20;
@@ -36,32 +37,59 @@ fn bad_tensor(path: &Path, tensor: &str, detail: String) -> Error {
     Error::BadTensor { path: path.to_path_buf(), tensor: tensor.to_string(), detail }
 }
 
-/// Splits off and checks a crc trailer. Returns the protobuf body and the crc if there was one.
-fn split_crc<'a>(path: &Path, bytes: &'a [u8], opts: ReadOptions) -> Result<(&'a [u8], Option<u32>)> {
-    let n = bytes.len();
-    if n < CRC_TRAILER_LEN || &bytes[n - CRC_TRAILER_LEN..n - 10] != CRC_MAGIC {
-        return Ok((bytes, None));
+/// The reads of a table of contents go through the source in chunks of this size (the `pread`
+/// path; maps are read in place).
+const TOC_CHUNK: usize = 256 << 10;
+
+/// Reads a crc trailer at the end of `src`, if its last bytes are one: the crc it holds.
+fn trailer_crc(path: &Path, r: &mut ByteReader<'_>) -> Result<Option<u32>> {
+    let n = r.source().len();
+    if n < CRC_TRAILER_LEN as u64 {
+        return Ok(None);
     }
-    let body = &bytes[..n - CRC_TRAILER_LEN];
-    let stored = &bytes[n - 10..];
+    let t = r.get(n - CRC_TRAILER_LEN as u64, CRC_TRAILER_LEN)?;
+    if &t[..7] != CRC_MAGIC {
+        return Ok(None);
+    }
+    let stored = &t[7..];
     if stored[..6].iter().any(|&b| b != 0) {
         return Err(malformed(path, "crc_num trailer holds a value wider than 32 bits".into()));
     }
-    let expected = u32::from_be_bytes([stored[6], stored[7], stored[8], stored[9]]);
-    if opts.verify_crc {
-        crate::sys::will_read_sequentially(body);
-        let actual = crc32fast::hash(body);
-        if actual != expected {
-            return Err(Error::CrcMismatch { path: path.to_path_buf(), expected, actual });
-        }
-    }
-    Ok((body, Some(expected)))
+    Ok(Some(u32::from_be_bytes([stored[6], stored[7], stored[8], stored[9]])))
 }
 
-/// Indexes a `.ckpt` file held in `bytes` (usually a memory map). No tensor content is copied.
+/// crc32 of the first `len` bytes of `src`, read front to back.
+pub(crate) fn crc_of_prefix(src: &dyn ByteSource, len: u64) -> Result<u32> {
+    src.will_read_all();
+    if let Some(v) = src.view(0, len) {
+        return Ok(crc32fast::hash(v));
+    }
+    let mut h = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; (4 << 20).min(len as usize)];
+    let mut at = 0;
+    while at < len {
+        let n = ((len - at) as usize).min(buf.len());
+        src.read_at(at, &mut buf[..n])?;
+        h.update(&buf[..n]);
+        at += n as u64;
+    }
+    Ok(h.finalize())
+}
+
+/// Indexes a `.ckpt` file held in `bytes`. No tensor content is copied.
 pub fn parse(path: &Path, bytes: &[u8], opts: ReadOptions) -> Result<CheckpointIndex> {
-    if bytes.len() >= 4 {
-        let head = [bytes[0], bytes[1], bytes[2], bytes[3]];
+    parse_source(&MemSource::new(path, bytes), opts)
+}
+
+/// Indexes a `.ckpt` file through a byte source: only the protobuf keys, names, dims and types
+/// are read, never tensor content (unless the crc trailer is verified, which reads the file once).
+pub fn parse_source(src: &dyn ByteSource, opts: ReadOptions) -> Result<CheckpointIndex> {
+    let path = src.path();
+    let len = src.len();
+    let mut r = ByteReader::new(src, TOC_CHUNK);
+    if len >= 4 {
+        let b = r.get(0, 4)?;
+        let head = [b[0], b[1], b[2], b[3]];
         if CIPHER_MAGICS.contains(&u32::from_be_bytes(head)) || CIPHER_MAGICS.contains(&u32::from_le_bytes(head)) {
             return Err(Error::Unsupported {
                 path: path.to_path_buf(),
@@ -71,45 +99,60 @@ pub fn parse(path: &Path, bytes: &[u8], opts: ReadOptions) -> Result<CheckpointI
             });
         }
     }
-    if bytes.is_empty() {
+    if len == 0 {
         return Err(malformed(path, "the file is empty (0 bytes)".into()));
     }
     // A trailer is b"crc_num" + 10 bytes at the end. Tensor content can end with the same
     // bytes by chance; a real trailer never parses as protobuf (0x63 is field 12 with wire type
     // 3, which checkpoints never use), so when the whole file parses, there is no trailer.
-    let has_trailer = bytes.len() >= CRC_TRAILER_LEN
-        && &bytes[bytes.len() - CRC_TRAILER_LEN..bytes.len() - 10] == CRC_MAGIC
-        && parse_values(path, bytes).is_err();
-    let (body, crc) = if has_trailer { split_crc(path, bytes, opts)? } else { (bytes, None) };
-    let mut tensors = parse_values(path, body)?;
+    let (mut tensors, crc) = match parse_values(path, &mut r, len) {
+        Ok(t) => (t, None),
+        Err(e) => match trailer_crc(path, &mut r)? {
+            Some(expected) => {
+                let body = len - CRC_TRAILER_LEN as u64;
+                let tensors = parse_values(path, &mut r, body)?;
+                if opts.verify_crc {
+                    let actual = crc_of_prefix(src, body)?;
+                    if actual != expected {
+                        return Err(Error::CrcMismatch { path: path.to_path_buf(), expected, actual });
+                    }
+                }
+                (tensors, Some(expected))
+            }
+            None => return Err(e),
+        },
+    };
     if tensors.is_empty() {
         // Protobuf reads any run of well-formed fields as a message, so a stray file (a strategy
         // file, 4 bytes of `08 05 08 07`) parses as a checkpoint without a single value.
-        return Err(malformed(
-            path,
-            format!("no tensors: the {} bytes hold no Value (field 1) of a Checkpoint", bytes.len()),
-        ));
+        return Err(malformed(path, format!("no tensors: the {len} bytes hold no Value (field 1) of a Checkpoint")));
     }
     for t in &mut tensors {
         t.shape = checked_shape(path, t)?;
     }
-    Ok(CheckpointIndex::new(Format::Ckpt, tensors, bytes.len() as u64, crc, Default::default()))
+    Ok(CheckpointIndex::new(Format::Ckpt, tensors, len, crc, Default::default()))
 }
 
-/// Walks the protobuf `Checkpoint` in `body`, joining consecutive values of one tag.
-fn parse_values(path: &Path, body: &[u8]) -> Result<Vec<TensorInfo>> {
+/// Walks the protobuf `Checkpoint` in bytes [0, end) of the source, joining consecutive values
+/// of one tag.
+fn parse_values(path: &Path, r: &mut ByteReader<'_>, end: u64) -> Result<Vec<TensorInfo>> {
     let mut tensors: Vec<TensorInfo> = Vec::new();
     let mut seen = std::collections::HashSet::new();
-    let mut cur = Cursor::new(body, 0);
+    let mut cur = SrcCursor { pos: 0, end };
     while !cur.is_empty() {
-        let at = cur.offset();
-        let (field, wt) = cur.key().map_err(|e| malformed(path, e))?;
+        let at = cur.pos;
+        let (field, wt) = cur.key(r)?;
         if field != 1 || wt != WT_LEN {
-            cur.skip(wt).map_err(|e| malformed(path, format!("{e} (unknown field {field} at byte {at})")))?;
+            cur.skip(r, wt).map_err(|e| match e {
+                Error::Malformed { detail, .. } => {
+                    malformed(path, format!("{detail} (unknown field {field} at byte {at})"))
+                }
+                e => e,
+            })?;
             continue;
         }
-        let (value, base) = cur.len_delimited().map_err(|e| malformed(path, e))?;
-        let (name, dtype, dims, seg) = parse_value(path, value, base)?;
+        let value = cur.len_delimited(r)?;
+        let (name, dtype, dims, seg) = parse_value(path, r, value)?;
         match tensors.last_mut() {
             Some(last) if last.name == name => {
                 if last.dtype != dtype || last.raw_dims != dims {
@@ -147,6 +190,152 @@ fn parse_values(path: &Path, body: &[u8]) -> Result<Vec<TensorInfo>> {
     Ok(tensors)
 }
 
+/// A protobuf cursor over bytes [pos, end) of a source, reading keys and small fields through a
+/// [`ByteReader`] and skipping large ones (tensor content) without reading them.
+struct SrcCursor {
+    pos: u64,
+    end: u64,
+}
+
+impl SrcCursor {
+    fn is_empty(&self) -> bool {
+        self.pos >= self.end
+    }
+
+    fn varint(&mut self, r: &mut ByteReader<'_>) -> Result<u64> {
+        let path = r.source().path();
+        let avail = (self.end - self.pos).min(10) as usize;
+        // A read error stays an I/O error; only what the bytes say is "malformed".
+        let b = r.get(self.pos, avail)?;
+        let mut c = Cursor::new(b, self.pos);
+        let v = c.varint().map_err(|e| malformed(path, e))?;
+        self.pos = c.offset();
+        Ok(v)
+    }
+
+    fn key(&mut self, r: &mut ByteReader<'_>) -> Result<(u64, u8)> {
+        let at = self.pos;
+        let k = self.varint(r)?;
+        let field = k >> 3;
+        if field == 0 {
+            return Err(malformed(r.source().path(), format!("field number 0 at byte {at}")));
+        }
+        Ok((field, (k & 7) as u8))
+    }
+
+    /// Skips a length-delimited payload; returns its range.
+    fn len_delimited(&mut self, r: &mut ByteReader<'_>) -> Result<SrcCursor> {
+        let len = self.varint(r)?;
+        let avail = self.end - self.pos;
+        if len > avail {
+            return Err(malformed(
+                r.source().path(),
+                format!("length {len} at byte {} runs past the end ({avail} bytes left)", self.pos),
+            ));
+        }
+        let inner = SrcCursor { pos: self.pos, end: self.pos + len };
+        self.pos += len;
+        Ok(inner)
+    }
+
+    fn skip(&mut self, r: &mut ByteReader<'_>, wt: u8) -> Result<()> {
+        let n = match wt {
+            WT_VARINT => return self.varint(r).map(drop),
+            WT_LEN => return self.len_delimited(r).map(drop),
+            WT_I64 => 8,
+            WT_I32 => 4,
+            _ => return Err(malformed(r.source().path(), format!("unsupported wire type {wt} at byte {}", self.pos))),
+        };
+        if self.end - self.pos < n {
+            return Err(malformed(r.source().path(), format!("truncated fixed field at byte {}", self.pos)));
+        }
+        self.pos += n;
+        Ok(())
+    }
+}
+
+/// The bytes of a small field (names, type names, packed dims).
+fn field_bytes<'r>(path: &Path, r: &'r mut ByteReader<'_>, f: &SrcCursor) -> Result<&'r [u8]> {
+    // A name or a list of dims larger than this is not a checkpoint's.
+    const MAX_FIELD: u64 = 64 << 20;
+    let n = f.end - f.pos;
+    if n > MAX_FIELD {
+        return Err(malformed(path, format!("a {n}-byte name or dims field at byte {}", f.pos)));
+    }
+    r.get(f.pos, n as usize)
+}
+
+fn parse_value(path: &Path, r: &mut ByteReader<'_>, mut cur: SrcCursor) -> Result<(String, DType, Vec<u64>, Segment)> {
+    let base = cur.pos;
+    let mut tag: Option<String> = None;
+    let mut tensor: Option<SrcCursor> = None;
+    while !cur.is_empty() {
+        let (field, wt) = cur.key(r)?;
+        match (field, wt) {
+            (1, WT_LEN) => {
+                let f = cur.len_delimited(r)?;
+                let at = f.pos;
+                let b = field_bytes(path, r, &f)?;
+                let s =
+                    std::str::from_utf8(b).map_err(|_| malformed(path, format!("tag at byte {at} is not UTF-8")))?;
+                tag = Some(s.to_string());
+            }
+            (2, WT_LEN) => tensor = Some(cur.len_delimited(r)?),
+            (3, _) => {
+                return Err(Error::Unsupported {
+                    path: path.to_path_buf(),
+                    detail: format!(
+                        "value '{}' is a MapTensor (MapParameter); reshard only handles dense tensors",
+                        tag.unwrap_or_default()
+                    ),
+                })
+            }
+            _ => cur.skip(r, wt)?,
+        }
+    }
+    let tag = tag.ok_or_else(|| malformed(path, format!("value at byte {base} has no tag")))?;
+    let mut cur = tensor.ok_or_else(|| malformed(path, format!("value '{tag}' at byte {base} has no tensor")))?;
+    let mut dims = Vec::new();
+    let mut dtype: Option<String> = None;
+    let mut content: Option<Segment> = None;
+    let dim = |v: u64, dims: &mut Vec<u64>| -> Result<()> {
+        if (v as i64) < 0 {
+            return Err(bad_tensor(path, &tag, format!("negative dim {}", v as i64)));
+        }
+        dims.push(v);
+        Ok(())
+    };
+    while !cur.is_empty() {
+        let (field, wt) = cur.key(r)?;
+        match (field, wt) {
+            (1, WT_VARINT) => dim(cur.varint(r)?, &mut dims)?,
+            (1, WT_LEN) => {
+                let f = cur.len_delimited(r)?;
+                let at = f.pos;
+                let packed = field_bytes(path, r, &f)?;
+                let mut p = Cursor::new(packed, at);
+                while !p.is_empty() {
+                    dim(p.varint().map_err(|e| malformed(path, e))?, &mut dims)?;
+                }
+            }
+            (2, WT_LEN) => {
+                let f = cur.len_delimited(r)?;
+                dtype = Some(String::from_utf8_lossy(field_bytes(path, r, &f)?).into_owned());
+            }
+            (3, WT_LEN) => {
+                let f = cur.len_delimited(r)?;
+                content = Some(Segment { offset: f.pos, len: f.end - f.pos });
+            }
+            _ => cur.skip(r, wt)?,
+        }
+    }
+    let dtype = dtype.ok_or_else(|| bad_tensor(path, &tag, "no tensor_type".into()))?;
+    let dtype = DType::from_ckpt_name(&dtype)
+        .ok_or_else(|| bad_tensor(path, &tag, format!("unknown tensor_type {dtype:?}")))?;
+    let content = content.ok_or_else(|| bad_tensor(path, &tag, "no tensor_content".into()))?;
+    Ok((tag, dtype, dims, content))
+}
+
 /// Checks content size against dims x dtype size and returns the logical shape.
 fn checked_shape(path: &Path, t: &TensorInfo) -> Result<Vec<u64>> {
     let size = t.dtype.size();
@@ -174,74 +363,6 @@ fn checked_shape(path: &Path, t: &TensorInfo) -> Result<Vec<u64>> {
         )),
         None => Err(bad_tensor(path, &t.name, format!("dims {:?} overflow 64 bits", t.raw_dims))),
     }
-}
-
-fn parse_value(path: &Path, value: &[u8], base: u64) -> Result<(String, DType, Vec<u64>, Segment)> {
-    let mut cur = Cursor::new(value, base);
-    let mut tag: Option<String> = None;
-    let mut tensor: Option<(&[u8], u64)> = None;
-    while !cur.is_empty() {
-        let (field, wt) = cur.key().map_err(|e| malformed(path, e))?;
-        match (field, wt) {
-            (1, WT_LEN) => {
-                let (b, at) = cur.len_delimited().map_err(|e| malformed(path, e))?;
-                let s =
-                    std::str::from_utf8(b).map_err(|_| malformed(path, format!("tag at byte {at} is not UTF-8")))?;
-                tag = Some(s.to_string());
-            }
-            (2, WT_LEN) => tensor = Some(cur.len_delimited().map_err(|e| malformed(path, e))?),
-            (3, _) => {
-                return Err(Error::Unsupported {
-                    path: path.to_path_buf(),
-                    detail: format!(
-                        "value '{}' is a MapTensor (MapParameter); reshard only handles dense tensors",
-                        tag.unwrap_or_default()
-                    ),
-                })
-            }
-            _ => cur.skip(wt).map_err(|e| malformed(path, e))?,
-        }
-    }
-    let tag = tag.ok_or_else(|| malformed(path, format!("value at byte {base} has no tag")))?;
-    let (tp, tp_base) = tensor.ok_or_else(|| malformed(path, format!("value '{tag}' at byte {base} has no tensor")))?;
-    let mut cur = Cursor::new(tp, tp_base);
-    let mut dims = Vec::new();
-    let mut dtype: Option<String> = None;
-    let mut content: Option<Segment> = None;
-    let dim = |v: u64, dims: &mut Vec<u64>| -> Result<()> {
-        if (v as i64) < 0 {
-            return Err(bad_tensor(path, &tag, format!("negative dim {}", v as i64)));
-        }
-        dims.push(v);
-        Ok(())
-    };
-    while !cur.is_empty() {
-        let (field, wt) = cur.key().map_err(|e| malformed(path, e))?;
-        match (field, wt) {
-            (1, WT_VARINT) => dim(cur.varint().map_err(|e| malformed(path, e))?, &mut dims)?,
-            (1, WT_LEN) => {
-                let (packed, at) = cur.len_delimited().map_err(|e| malformed(path, e))?;
-                let mut p = Cursor::new(packed, at);
-                while !p.is_empty() {
-                    dim(p.varint().map_err(|e| malformed(path, e))?, &mut dims)?;
-                }
-            }
-            (2, WT_LEN) => {
-                let (b, _) = cur.len_delimited().map_err(|e| malformed(path, e))?;
-                dtype = Some(String::from_utf8_lossy(b).into_owned());
-            }
-            (3, WT_LEN) => {
-                let (b, at) = cur.len_delimited().map_err(|e| malformed(path, e))?;
-                content = Some(Segment { offset: at, len: b.len() as u64 });
-            }
-            _ => cur.skip(wt).map_err(|e| malformed(path, e))?,
-        }
-    }
-    let dtype = dtype.ok_or_else(|| bad_tensor(path, &tag, "no tensor_type".into()))?;
-    let dtype = DType::from_ckpt_name(&dtype)
-        .ok_or_else(|| bad_tensor(path, &tag, format!("unknown tensor_type {dtype:?}")))?;
-    let content = content.ok_or_else(|| bad_tensor(path, &tag, "no tensor_content".into()))?;
-    Ok((tag, dtype, dims, content))
 }
 
 /// The protobuf bytes that precede `content_len` bytes of content in one value, as MindSpore's

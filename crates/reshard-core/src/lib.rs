@@ -26,6 +26,7 @@ pub use strategy::Strategy;
 pub mod execute;
 pub mod plan;
 pub mod source;
+pub mod storage;
 
 pub use execute::{execute, ExecuteOptions, WrittenFile};
 pub use plan::{CopyPiece, Plan, PlanOptions, RankPlan, TensorPlan, TensorSource};

@@ -12,6 +12,7 @@ use crate::checkpoint::{
 };
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::storage::{ByteSource, MemSource};
 
 /// Headers larger than this are refused before parsing (the safetensors crate uses 100 MB).
 pub const MAX_HEADER: u64 = 100_000_000;
@@ -22,15 +23,34 @@ fn malformed(path: &Path, detail: String) -> Error {
 
 /// Indexes a `.safetensors` file held in `bytes`.
 pub fn parse(path: &Path, bytes: &[u8], opts: ReadOptions) -> Result<CheckpointIndex> {
-    if bytes.len() < 8 {
-        return Err(malformed(path, format!("file is {} bytes, shorter than the 8-byte header length", bytes.len())));
+    parse_source(&MemSource::new(path, bytes), opts)
+}
+
+/// Indexes a `.safetensors` file through a byte source: the 8-byte length and the JSON header
+/// are read, never tensor data (unless a `crc_num` is verified, which reads the data once).
+pub fn parse_source(src: &dyn ByteSource, opts: ReadOptions) -> Result<CheckpointIndex> {
+    let path = src.path();
+    let file_len = src.len();
+    if file_len < 8 {
+        return Err(malformed(path, format!("file is {file_len} bytes, shorter than the 8-byte header length")));
     }
-    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap_or_default());
-    let avail = bytes.len() as u64 - 8;
+    let mut len8 = [0u8; 8];
+    src.read_at(0, &mut len8)?;
+    let n = u64::from_le_bytes(len8);
+    let avail = file_len - 8;
     if n > avail || n > MAX_HEADER {
         return Err(malformed(path, format!("header length {n} exceeds the file ({avail} bytes after it)")));
     }
-    let header = &bytes[8..8 + n as usize];
+    let owned;
+    let header: &[u8] = match src.view(8, n) {
+        Some(v) => v,
+        None => {
+            let mut b = vec![0u8; n as usize];
+            src.read_at(8, &mut b)?;
+            owned = b;
+            &owned
+        }
+    };
     let data_start = 8 + n;
     let data_len = avail - n;
     let json: Map<String, Value> =
@@ -122,34 +142,52 @@ pub fn parse(path: &Path, bytes: &[u8], opts: ReadOptions) -> Result<CheckpointI
     if let Some(c) = metadata.get("crc_num") {
         let expected: u32 = c.parse().map_err(|_| malformed(path, format!("crc_num '{c}' is not a 32-bit number")))?;
         if opts.verify_crc {
-            crate::sys::will_read_sequentially(bytes);
-            let actual = content_crc(bytes, &tensors);
+            let actual = content_crc(src, &tensors)?;
             if actual != expected {
                 return Err(Error::CrcMismatch { path: path.to_path_buf(), expected, actual });
             }
         }
         crc = Some(expected);
     }
-    Ok(CheckpointIndex::new(Format::Safetensors, tensors, bytes.len() as u64, crc, metadata))
+    Ok(CheckpointIndex::new(Format::Safetensors, tensors, file_len, crc, metadata))
 }
 
 /// MindSpore's safetensors crc: crc32 chained over each name then `bytes(ndarray)`, names
 /// sorted. Python's `bytes()` of a 0-d integer array is *value* zero bytes, not the raw bytes,
 /// and MindSpore's crc inherits that.
-fn content_crc(bytes: &[u8], tensors: &[TensorInfo]) -> u32 {
+fn content_crc(src: &dyn ByteSource, tensors: &[TensorInfo]) -> Result<u32> {
+    src.will_read_all();
     let mut sorted: Vec<&TensorInfo> = tensors.iter().collect();
     sorted.sort_by(|a, b| a.name.cmp(&b.name));
     let mut h = crc32fast::Hasher::new();
+    let mut buf = Vec::new();
     for t in sorted {
         h.update(t.name.as_bytes());
-        let content: Vec<&[u8]> =
-            t.segments.iter().map(|s| &bytes[s.offset as usize..(s.offset + s.len) as usize]).collect();
-        match scalar_int_value(t.dtype, &t.shape, content.first().copied().unwrap_or(&[])) {
-            Some(n) => update_zeros(&mut h, n),
-            None => content.iter().for_each(|c| h.update(c)),
+        let first = t.segments.first().copied().unwrap_or(Segment { offset: 0, len: 0 });
+        if t.shape.is_empty() && first.len <= 8 {
+            let mut raw = [0u8; 8];
+            src.read_at(first.offset, &mut raw[..first.len as usize])?;
+            if let Some(n) = scalar_int_value(t.dtype, &t.shape, &raw[..first.len as usize]) {
+                update_zeros(&mut h, n);
+                continue;
+            }
+        }
+        for seg in &t.segments {
+            if let Some(v) = src.view(seg.offset, seg.len) {
+                h.update(v);
+                continue;
+            }
+            let mut at = 0;
+            while at < seg.len {
+                let n = (seg.len - at).min(4 << 20) as usize;
+                buf.resize(n, 0);
+                src.read_at(seg.offset + at, &mut buf)?;
+                h.update(&buf);
+                at += n as u64;
+            }
         }
     }
-    h.finalize()
+    Ok(h.finalize())
 }
 
 /// The value of a 0-d integer or bool tensor (negative values count as 0): the number of zero

@@ -106,8 +106,13 @@ impl MappedFile {
     /// Maps `path` read-only. An empty file gives an empty slice (mmap of 0 bytes is an error on Linux).
     pub fn open(path: &Path) -> Result<Self> {
         let (file, meta) = crate::input::open_regular(path)?;
-        let readahead = device_readahead(&meta);
-        let opened = Stamp::of(&meta);
+        Self::from_file(path, file, &meta)
+    }
+
+    /// Maps an already opened regular file (`meta` is its `fstat`).
+    pub fn from_file(path: &Path, file: File, meta: &std::fs::Metadata) -> Result<Self> {
+        let readahead = device_readahead(meta);
+        let opened = Stamp::of(meta);
         if meta.len() == 0 {
             return Ok(MappedFile { map: None, readahead, path: path.to_path_buf(), file, opened, slot: None });
         }
@@ -125,6 +130,11 @@ impl MappedFile {
         let _ = map.advise(memmap2::Advice::Random);
         let slot = register(map.as_ptr() as usize, map.len());
         Ok(MappedFile { map: Some(map), readahead, path: path.to_path_buf(), file, opened, slot: Some(slot) })
+    }
+
+    /// The path it was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     /// The file's size and times when it was mapped.
@@ -212,6 +222,50 @@ pub fn start_writeback(file: &File, off: u64, len: u64) {
             libc::SYNC_FILE_RANGE_WRITE,
         );
     }
+}
+
+/// Asks the kernel to start reading `len` bytes of `file` at `offset` into the page cache
+/// (`POSIX_FADV_WILLNEED`, the `pread` path's read-ahead). A hint: errors are ignored.
+pub fn fadvise_willneed(file: &File, offset: u64, len: u64) {
+    let (Ok(off), Ok(n)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return;
+    };
+    // SAFETY: a plain system call on a descriptor borrowed for its duration; no memory is passed.
+    unsafe {
+        libc::posix_fadvise(file.as_raw_fd(), off, n, libc::POSIX_FADV_WILLNEED);
+    }
+}
+
+/// Tells the kernel that `file` will be read front to back once (`POSIX_FADV_SEQUENTIAL`:
+/// larger read-ahead). A hint: errors are ignored.
+pub fn fadvise_sequential(file: &File) {
+    // SAFETY: a plain system call on a descriptor borrowed for its duration; no memory is passed.
+    unsafe {
+        libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL);
+    }
+}
+
+/// Whether `file` is on a network or FUSE filesystem (NFS, SMB/CIFS, Lustre, GPFS, CephFS, 9p,
+/// AFS, FUSE), where page faults on a map are slow and `pread` is the better way to read.
+pub fn is_network_fs(file: &File) -> bool {
+    // f_type magic numbers from statfs(2) and the kernel's magic.h.
+    const NETWORK: [u64; 10] = [
+        0x6969,      // NFS
+        0x517b,      // SMB
+        0xff53_4d42, // CIFS
+        0xfe53_4d42, // SMB2
+        0x0bd0_0bd0, // Lustre
+        0x4750_4653, // GPFS
+        0x00c3_6400, // CephFS
+        0x0102_1997, // 9p (v9fs)
+        0x5346_414f, // AFS
+        0x6573_5546, // FUSE
+    ];
+    // SAFETY: statfs is a plain C struct of integers; all zeros is a valid value.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fstatfs writes into the struct we pass, which lives for the call.
+    let r = unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) };
+    r == 0 && NETWORK.contains(&(st.f_type as u64))
 }
 
 /// Tells the kernel that `data` (usually part of a map) is about to be read front to back once,

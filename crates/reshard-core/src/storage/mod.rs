@@ -1,0 +1,275 @@
+//! Where source bytes come from: the [`ByteSource`] trait and its implementations.
+//!
+//! The planner and the executor never touch a file directly: they ask a byte source for its
+//! length, read exact byte ranges at offsets, borrow a zero-copy view where the source is a
+//! memory map, announce the ranges they will read next (`prefetch`), and check before an output
+//! is committed that the source is still the version they planned with. A new backend (object
+//! storage, say) implements [`ByteSource`] and is opened by [`open`]; nothing else changes.
+//!
+//! Implementations: [`MmapSource`] (read-only memory map; zero-copy, page-exact read-ahead),
+//! [`PreadSource`] (positioned reads into the caller's buffers; no SIGBUS when a source is
+//! truncated under it, and no page faults on network filesystems) and [`MemSource`] (bytes
+//! already in memory: tests, fuzzing).
+
+mod local;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub use crate::sys::Stamp;
+pub use local::{MmapSource, PreadSource};
+
+use crate::error::{Error, Result};
+
+/// Which version of a source was read: what says its bytes are still the ones planned with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Version {
+    /// A local file: size, modification and change times, device and inode.
+    Local(Stamp),
+    /// An object: size and entity tag.
+    Remote {
+        /// Size in bytes.
+        len: u64,
+        /// The store's ETag.
+        etag: String,
+    },
+    /// Bytes in memory (never change).
+    Memory {
+        /// Size in bytes.
+        len: u64,
+    },
+}
+
+impl Version {
+    /// The size this version has.
+    pub fn len(&self) -> u64 {
+        match self {
+            Version::Local(s) => s.len,
+            Version::Remote { len, .. } | Version::Memory { len } => *len,
+        }
+    }
+
+    /// Whether the source is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// How `now` differs from `self`, in words, or None when it is the same version. For a
+    /// local file only size and modification time are compared (a plan saved earlier and reloaded
+    /// has those); the executor's own checks while reading also compare change time and inode.
+    pub fn change(&self, now: &Version) -> Option<String> {
+        match (self, now) {
+            (Version::Local(a), Version::Local(b)) => {
+                let mut what = Vec::new();
+                if a.len != b.len {
+                    what.push(format!("its size went from {} to {} bytes", a.len, b.len));
+                }
+                if a.mtime_ns != b.mtime_ns {
+                    what.push("its modification time changed".to_string());
+                }
+                (!what.is_empty()).then(|| what.join(", "))
+            }
+            (Version::Remote { len: la, etag: ea }, Version::Remote { len: lb, etag: eb }) => {
+                (la != lb || ea != eb).then(|| format!("its size or ETag went from {la} {ea} to {lb} {eb}"))
+            }
+            (a, b) if a == b => None,
+            _ => Some("it is another kind of source".into()),
+        }
+    }
+
+    /// A stable text for fingerprints.
+    pub fn fingerprint_text(&self) -> String {
+        match self {
+            Version::Local(s) => format!("{}|{}", s.len, s.mtime_ns),
+            Version::Remote { len, etag } => format!("{len}|{etag}"),
+            Version::Memory { len } => format!("{len}|mem"),
+        }
+    }
+}
+
+/// A readable run of bytes with a length and a version: a local file (mapped or read with
+/// `pread`), an object in a store, or a buffer in memory.
+pub trait ByteSource: Send + Sync {
+    /// The path or URL it was opened from, for messages.
+    fn path(&self) -> &Path;
+
+    /// Its length in bytes when it was opened.
+    fn len(&self) -> u64;
+
+    /// Whether it is empty.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Fills `buf` with the bytes at `offset`; a range beyond the end is an error naming the
+    /// source.
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
+
+    /// The bytes at `offset` borrowed without a copy, when the source is a memory map (or in
+    /// memory); `None` otherwise, and for a range beyond the end.
+    fn view(&self, offset: u64, len: u64) -> Option<&[u8]> {
+        let _ = (offset, len);
+        None
+    }
+
+    /// A hint that these exact bytes will be read soon (read-ahead of exactly them). Errors and
+    /// out-of-range requests are ignored.
+    fn prefetch(&self, offset: u64, len: u64) {
+        let _ = (offset, len);
+    }
+
+    /// A hint that the whole source is about to be read front to back once (a checksum pass).
+    fn will_read_all(&self) {}
+
+    /// The version that was opened.
+    fn version(&self) -> &Version;
+
+    /// Fails, naming the source and what changed, when its bytes may no longer be those of the
+    /// version opened (or a read of a map faulted): what was read may then mix two versions.
+    fn check(&self) -> Result<()>;
+
+    /// Whether a read faulted and was replaced by zeros (maps only; `check` then fails).
+    fn faulted(&self) -> bool {
+        false
+    }
+}
+
+/// How local source files are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IoMode {
+    /// Memory maps: zero-copy, page-exact read-ahead (fastest on local disks).
+    Mmap,
+    /// Positioned reads (`pread`) into bounded buffers: no page faults (network filesystems),
+    /// and a source truncated during a run is a read error, never a SIGBUS.
+    Pread,
+    /// `pread` on network and FUSE filesystems (NFS, SMB/CIFS, Lustre, GPFS, CephFS, 9p, FUSE),
+    /// maps elsewhere.
+    #[default]
+    Auto,
+}
+
+impl IoMode {
+    /// Parses `mmap` / `pread` / `auto`.
+    pub fn parse(s: &str) -> Result<IoMode> {
+        match s {
+            "mmap" => Ok(IoMode::Mmap),
+            "pread" => Ok(IoMode::Pread),
+            "auto" => Ok(IoMode::Auto),
+            other => Err(Error::Invalid(format!("unknown io mode '{other}': expected 'mmap', 'pread' or 'auto'"))),
+        }
+    }
+
+    /// The name `parse` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            IoMode::Mmap => "mmap",
+            IoMode::Pread => "pread",
+            IoMode::Auto => "auto",
+        }
+    }
+}
+
+/// Opens a source for reading with the given mode.
+pub fn open(path: &Path, mode: IoMode) -> Result<Arc<dyn ByteSource>> {
+    let (file, meta) = crate::input::open_regular(path)?;
+    let pread = match mode {
+        IoMode::Mmap => false,
+        IoMode::Pread => true,
+        IoMode::Auto => crate::sys::is_network_fs(&file),
+    };
+    Ok(if pread {
+        Arc::new(PreadSource::new(path, file, &meta))
+    } else {
+        Arc::new(MmapSource::new(path, file, &meta)?)
+    })
+}
+
+/// Bytes in memory as a source (tests, fuzzing, and the parsers' `&[u8]` entry points).
+pub struct MemSource<'a> {
+    path: PathBuf,
+    bytes: &'a [u8],
+    version: Version,
+}
+
+impl<'a> MemSource<'a> {
+    /// `bytes` under the name `path`.
+    pub fn new(path: &Path, bytes: &'a [u8]) -> Self {
+        MemSource { path: path.to_path_buf(), bytes, version: Version::Memory { len: bytes.len() as u64 } }
+    }
+}
+
+impl ByteSource for MemSource<'_> {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+    fn len(&self) -> u64 {
+        self.bytes.len() as u64
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let v =
+            self.view(offset, buf.len() as u64).ok_or_else(|| beyond_end(&self.path, offset, buf.len(), self.len()))?;
+        buf.copy_from_slice(v);
+        Ok(())
+    }
+    fn view(&self, offset: u64, len: u64) -> Option<&[u8]> {
+        let end = offset.checked_add(len).filter(|&e| e <= self.len())?;
+        Some(&self.bytes[offset as usize..end as usize])
+    }
+    fn version(&self) -> &Version {
+        &self.version
+    }
+    fn check(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// The error for a read past the end of a source.
+pub(crate) fn beyond_end(path: &Path, offset: u64, len: usize, have: u64) -> Error {
+    Error::Source {
+        path: path.to_path_buf(),
+        detail: format!(
+            "a read of {len} bytes at byte {offset} runs past the end of the file ({have} bytes): the file is \
+             shorter than its table of contents says, or it was truncated while reshard was reading it"
+        ),
+    }
+}
+
+/// Sequential reads of small pieces (headers, tables of contents) from a source: borrowed from
+/// a view when the source has one, else served from a buffer refilled by large reads.
+pub struct ByteReader<'s> {
+    src: &'s dyn ByteSource,
+    buf: Vec<u8>,
+    buf_start: u64,
+    chunk: usize,
+}
+
+impl<'s> ByteReader<'s> {
+    /// A reader that refills `chunk` bytes at a time.
+    pub fn new(src: &'s dyn ByteSource, chunk: usize) -> Self {
+        ByteReader { src, buf: Vec::new(), buf_start: 0, chunk: chunk.max(1) }
+    }
+
+    /// The source.
+    pub fn source(&self) -> &'s dyn ByteSource {
+        self.src
+    }
+
+    /// Up to `len` bytes at `offset` (fewer only at the end of the source).
+    pub fn get(&mut self, offset: u64, len: usize) -> Result<&[u8]> {
+        let total = self.src.len();
+        let len = (len as u64).min(total.saturating_sub(offset)) as usize;
+        if let Some(v) = self.src.view(offset, len as u64) {
+            return Ok(v);
+        }
+        let have = offset >= self.buf_start && offset + len as u64 <= self.buf_start + self.buf.len() as u64;
+        if !have {
+            let n = (len.max(self.chunk) as u64).min(total - offset) as usize;
+            self.buf.resize(n, 0);
+            self.src.read_at(offset, &mut self.buf)?;
+            self.buf_start = offset;
+        }
+        let at = (offset - self.buf_start) as usize;
+        Ok(&self.buf[at..at + len])
+    }
+}
