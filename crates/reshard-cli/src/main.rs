@@ -12,6 +12,7 @@ mod strategy_cmd;
 use reshard_core::checkpoint::{CheckpointFile, Format, ReadOptions};
 use reshard_core::execute::{execute, resolved, ExecuteOptions};
 use reshard_core::plan::{Plan, PlanOptions};
+use reshard_core::storage::IoMode;
 use reshard_core::strategy::{self, Strategy};
 use reshard_core::{report, Error};
 
@@ -196,15 +197,21 @@ struct OutArgs {
     /// Worker threads (0 = all cores).
     #[arg(long, default_value_t = 0)]
     threads: usize,
-    /// Bound, in MiB, on the buffers all workers hold at once (sources are memory-mapped and
-    /// stay in the page cache, outside this budget).
+    /// Bound, in MiB, on the buffers all workers hold at once (mapped sources stay in the page
+    /// cache, outside this budget).
     #[arg(long = "memory-budget", default_value_t = 256)]
     memory_budget: u64,
+    /// How source files are read: mmap (memory maps: zero-copy, fastest on local disks), pread
+    /// (positioned reads into bounded buffers: no page faults on network filesystems, and a
+    /// source truncated during a run is a clean error), or auto (pread on NFS, SMB/CIFS, Lustre,
+    /// GPFS, CephFS, 9p and FUSE; mmap elsewhere).
+    #[arg(long, default_value = "auto", value_parser = ["mmap", "pread", "auto"])]
+    io: String,
 }
 
 impl JobArgs {
-    fn plan(&self) -> Result<Plan, Error> {
-        let opts = PlanOptions { src_ckpt_name: self.src_ckpt_name.clone(), skip_crc: self.no_crc_check };
+    fn plan(&self, io: IoMode) -> Result<Plan, Error> {
+        let opts = PlanOptions { src_ckpt_name: self.src_ckpt_name.clone(), skip_crc: self.no_crc_check, io };
         Plan::build(&self.src_ckpt_dir, self.src_ckpt_strategy.as_deref(), self.dst_ckpt_strategy.as_deref(), &opts)
     }
 }
@@ -216,6 +223,7 @@ impl OutArgs {
             format: Format::parse(&self.output_format)?,
             threads: self.threads,
             memory_budget: self.memory_budget << 20,
+            io: IoMode::parse(&self.io)?,
             ..ExecuteOptions::default()
         })
     }
@@ -254,8 +262,8 @@ fn run(cli: Cli) -> Result<(), Error> {
             Ok(())
         }
         Cmd::Plan { job, dst_ckpt_dir, out, json, detail } => {
-            let plan = job.plan()?;
             let opts = out.exec_options()?;
+            let plan = job.plan(opts.io)?;
             if json {
                 let v = report::plan_json(&plan, &dst_ckpt_dir, &opts, detail)?;
                 outln!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
@@ -285,6 +293,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                 output_format: out.output_format,
                 timeout,
                 threads: out.threads,
+                io: IoMode::parse(&out.io)?,
                 cancel: Some(signals::cancel_on_signals()),
             };
             let tag = o.rank.or_else(|| reshard_core::auto::rank_from_env().map(|x| x.0)).unwrap_or(0);
@@ -334,7 +343,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             }
         }
         Cmd::RankList { rank, job } => {
-            let plan = job.plan()?;
+            let plan = job.plan(IoMode::Auto)?;
             let ranks = plan.src_ranks_for(rank)?;
             outln!("{}", serde_json::to_string(&ranks).unwrap_or_default());
             Ok(())
@@ -382,11 +391,11 @@ fn run(cli: Cli) -> Result<(), Error> {
                     _ => job.dst_ckpt_strategy = Some(f),
                 }
             }
-            let plan = job.plan()?;
+            let mut opts = out.exec_options()?;
+            let plan = job.plan(opts.io)?;
             for w in &plan.warnings {
                 eprintln!("reshard: warning: {w}");
             }
-            let mut opts = out.exec_options()?;
             opts.crc = crc;
             opts.sync = !no_sync;
             opts.resume = !force;

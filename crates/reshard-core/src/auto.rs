@@ -42,6 +42,9 @@ pub struct AutoOptions {
     pub timeout: u64,
     /// Worker threads (0 = all cores).
     pub threads: usize,
+    /// How source files are read.
+    #[serde(default)]
+    pub io: crate::storage::IoMode,
     /// Set it to stop: the wait for strategy files ends and the transform stops as with
     /// `ExecuteOptions::cancel` ([`Error::Cancelled`]). Not a JSON key.
     #[serde(skip)]
@@ -61,6 +64,7 @@ impl Default for AutoOptions {
             output_format: "ckpt".into(),
             timeout: 600,
             threads: 0,
+            io: crate::storage::IoMode::Auto,
             cancel: None,
         }
     }
@@ -120,7 +124,7 @@ pub fn auto(o: &AutoOptions) -> Result<AutoResult> {
     let (set, distributed) = find_source(&o.load_checkpoint)?;
     // Rank folders or files may be symlinks into the output folder: resolved one by one.
     let out = crate::execute::resolved(&out_root);
-    if let Some(f) = set.files.values().find(|f| crate::execute::resolved(f).starts_with(&out)) {
+    if let Some(f) = set.files.values().flatten().find(|f| crate::execute::resolved(f).starts_with(&out)) {
         return Err(inside_output(
             o,
             f,
@@ -174,7 +178,7 @@ pub fn auto(o: &AutoOptions) -> Result<AutoResult> {
     if rank == 0 {
         remove_ranks_beyond(&out_root, world, &mut log);
     }
-    let plan = Plan::from_parts(set, src_strategy, dst_strategy, &PlanOptions::default())?;
+    let plan = Plan::from_parts(set, src_strategy, dst_strategy, &PlanOptions { io: o.io, ..PlanOptions::default() })?;
     let my_rank = if plan.dst_rank_count() == 1 { 0 } else { rank };
     if plan.dst_rank_count() == 1 && world > 1 {
         return Err(Error::Invalid(format!(
@@ -198,6 +202,7 @@ pub fn auto(o: &AutoOptions) -> Result<AutoResult> {
         prefix: o.prefix.clone(),
         format,
         threads: o.threads,
+        io: o.io,
         cancel: o.cancel.clone(),
         ..ExecuteOptions::default()
     };
@@ -274,7 +279,8 @@ fn find_source(path: &Path) -> Result<(SourceSet, bool)> {
             detail: "not a .ckpt or .safetensors file".into(),
         })?;
         let files = BTreeMap::from([(0, path.to_path_buf())]);
-        return Ok((SourceSet { dir: path.parent().unwrap_or(Path::new(".")).to_path_buf(), files, format }, false));
+        let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        return Ok((SourceSet::single(dir, files, format), false));
     }
     if !path.is_dir() {
         return Err(Error::Source { path: path.to_path_buf(), detail: "load_checkpoint does not exist".into() });

@@ -5,14 +5,13 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
-pub mod checkpoint;
-pub mod ckpt;
+pub mod formats;
+pub use formats::{checkpoint, ckpt, safetensors};
 pub mod dtype;
 pub mod error;
 pub mod input;
 pub mod layout;
 pub mod region;
-pub mod safetensors;
 pub mod strategy;
 mod sys;
 #[allow(missing_docs)]
@@ -23,12 +22,14 @@ pub use dtype::DType;
 pub use error::{Error, Result};
 pub use region::Region;
 pub use strategy::Strategy;
-pub mod execute;
+pub mod exec;
+pub use exec as execute;
 pub mod plan;
 pub mod source;
 pub mod storage;
 
-pub use execute::{execute, ExecuteOptions, WrittenFile};
+pub use exec::memory::{load_rank, LoadOptions, TensorMeta};
+pub use exec::{execute, ExecuteOptions, WrittenFile};
 pub use plan::{CopyPiece, Plan, PlanOptions, RankPlan, TensorPlan, TensorSource};
 pub mod atomic;
 pub mod auto;

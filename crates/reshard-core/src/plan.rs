@@ -7,16 +7,17 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
 
 use rayon::prelude::*;
 
-use crate::checkpoint::{CheckpointFile, CheckpointIndex, Format, ReadOptions, TensorInfo};
+use crate::checkpoint::{Format, ReadOptions, TensorInfo};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::layout::{effective_opt_size, full_shape_from_slice, ResolvedLayout};
 use crate::region::Region;
-use crate::source::{discover, SourceSet};
+use crate::source::{discover, Catalogue};
+pub use crate::source::{Source, SourceFile};
+use crate::storage::IoMode;
 use crate::strategy::Strategy;
 
 /// Settings for building a plan.
@@ -26,21 +27,8 @@ pub struct PlanOptions {
     pub src_ckpt_name: Option<String>,
     /// Skip crc verification of the sources while indexing them.
     pub skip_crc: bool,
-}
-
-/// One source checkpoint file.
-#[derive(Debug, Clone)]
-pub struct Source {
-    /// Global source rank.
-    pub rank: u32,
-    /// The file.
-    pub path: PathBuf,
-    /// Size when planned.
-    pub len: u64,
-    /// Modification time when planned.
-    pub mtime: Option<SystemTime>,
-    /// Its table of contents.
-    pub index: CheckpointIndex,
+    /// How source files are read while indexing them (the executor takes its own).
+    pub io: IoMode,
 }
 
 /// Where a parameter's data comes from.
@@ -245,8 +233,9 @@ fn fingerprint_state(
     let mut h = Fnv(0xcbf2_9ce4_8422_2325);
     let _ = h.write_str(env!("CARGO_PKG_VERSION"));
     for s in sources.values() {
-        let mtime = s.mtime.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
-        let _ = writeln!(h, "{}|{}|{}|{}", s.rank, s.path.display(), s.len, mtime);
+        for f in &s.files {
+            let _ = writeln!(h, "{}|{}|{}", s.rank, f.path.display(), f.version.fingerprint_text());
+        }
     }
     let _ = write!(h, "{:?}|{:?}|{:?}|", src.map(|s| &s.params), dst.map(|s| &s.params), part);
     h.0
@@ -257,7 +246,7 @@ fn fingerprint_state(
 pub(crate) const TRIM_HEAP_PARAMS: usize = 50_000;
 
 fn mismatch(src: &Source, param: &str, detail: String) -> Error {
-    Error::ShapeMismatch { path: src.path.clone(), rank: src.rank, param: param.to_string(), detail }
+    Error::ShapeMismatch { path: src.path_of(param).to_path_buf(), rank: src.rank, param: param.to_string(), detail }
 }
 
 impl Plan {
@@ -284,7 +273,7 @@ impl Plan {
 
     /// Builds a plan from an already discovered source set and parsed strategies.
     pub fn from_parts(
-        set: SourceSet,
+        set: Catalogue,
         mut src_strategy: Option<Strategy>,
         mut dst_strategy: Option<Strategy>,
         opts: &PlanOptions,
@@ -368,15 +357,8 @@ impl Plan {
             ));
         }
         let read = ReadOptions { verify_crc: !opts.skip_crc };
-        let sources: Vec<Source> = wanted
-            .par_iter()
-            .map(|&r| {
-                let path = set.files[&r].clone();
-                let meta = std::fs::metadata(&path).map_err(|e| Error::io(&path, "stat", e))?;
-                let file = CheckpointFile::open(&path, read)?;
-                Ok(Source { rank: r, path, len: meta.len(), mtime: meta.modified().ok(), index: file.into_index() })
-            })
-            .collect::<Result<_>>()?;
+        let sources: Vec<Source> =
+            wanted.par_iter().map(|&r| set.open_rank(r, opts.io, read)).collect::<Result<_>>()?;
         let sources: BTreeMap<u32, Source> = sources.into_iter().map(|s| (s.rank, s)).collect();
 
         // Every parameter of every source file, in order of first appearance by rank.
@@ -509,7 +491,7 @@ impl Plan {
         })
     }
 
-    /// A fingerprint of everything that decides the outputs: the sources (path, size, mtime),
+    /// A fingerprint of everything that decides the outputs: the sources (path and version),
     /// both strategies and `extra` (the output options). Stored in manifests so a rerun can
     /// tell its own finished outputs from anything else.
     pub fn fingerprint(&self, extra: &str) -> String {
@@ -674,7 +656,7 @@ impl Plan {
     pub fn tensor_info(&self, rank: u32, name: &str) -> Result<&TensorInfo> {
         let s = self.sources.get(&rank).ok_or_else(|| Error::Invalid(format!("source rank {rank} is not loaded")))?;
         s.index.get(name).ok_or_else(|| Error::ShapeMismatch {
-            path: s.path.clone(),
+            path: s.path().to_path_buf(),
             rank,
             param: name.to_string(),
             detail: "the parameter is missing from this rank's checkpoint".into(),

@@ -17,7 +17,7 @@ pub fn plan_json(plan: &Plan, dst_dir: &std::path::Path, opts: &ExecuteOptions, 
             let sources: Vec<Value> = rp
                 .bytes_read()
                 .iter()
-                .map(|(s, b)| json!({"rank": s, "path": plan.sources[s].path, "bytes": b}))
+                .map(|(s, b)| json!({"rank": s, "path": plan.sources[s].path(), "bytes": b}))
                 .collect();
             let mut v = json!({
                 "rank": r,

@@ -1,20 +1,116 @@
-//! Finding the source checkpoints: `SRC/rank_{i}/` folders, one checkpoint file chosen per rank.
+//! The source catalogue: for each source rank, the files that hold its tensors, found in
+//! `SRC/rank_{i}/` folders (one checkpoint chosen per rank), and opened into one index per rank.
+//!
+//! The planner consults a [`Catalogue`], never the file system: a new source layout (several
+//! files per rank, a store of objects) is a new way to fill one.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use crate::checkpoint::Format;
+use crate::checkpoint::{CheckpointFile, CheckpointIndex, Format, ReadOptions, TensorInfo};
 use crate::error::{Error, Result};
+use crate::storage::{IoMode, Version};
 
-/// The checkpoint file chosen for each source rank.
+/// The files of each source rank.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SourceSet {
+pub struct Catalogue {
     /// The source folder.
     pub dir: PathBuf,
-    /// Rank -> file.
-    pub files: BTreeMap<u32, PathBuf>,
+    /// Rank -> its files (one or more; together they hold the rank's tensors, each once).
+    pub files: BTreeMap<u32, Vec<PathBuf>>,
     /// Format of all the files.
     pub format: Format,
+}
+
+/// The name [`discover`] returned before the catalogue held several files per rank.
+pub type SourceSet = Catalogue;
+
+/// One source file as it was when planned.
+#[derive(Debug, Clone)]
+pub struct SourceFile {
+    /// Its path (or URL).
+    pub path: PathBuf,
+    /// The version indexed (size and times, or ETag).
+    pub version: Version,
+}
+
+/// One source rank: its files and one table of contents over all of them (each tensor's
+/// [`TensorInfo::file`] says which file holds it).
+#[derive(Debug, Clone)]
+pub struct Source {
+    /// Global source rank.
+    pub rank: u32,
+    /// Its files.
+    pub files: Vec<SourceFile>,
+    /// The tensors of all its files, in file order.
+    pub index: CheckpointIndex,
+}
+
+impl Source {
+    /// The rank's (first) file, for messages about the rank as a whole.
+    pub fn path(&self) -> &Path {
+        self.files.first().map_or(Path::new(""), |f| f.path.as_path())
+    }
+
+    /// The file that holds `t`.
+    pub fn file_of(&self, t: &TensorInfo) -> &SourceFile {
+        &self.files[t.file as usize]
+    }
+
+    /// The file that holds parameter `name` (the rank's first when none does).
+    pub fn path_of(&self, name: &str) -> &Path {
+        self.index.get(name).map_or(self.path(), |t| self.file_of(t).path.as_path())
+    }
+}
+
+impl Catalogue {
+    /// A catalogue of one file per rank.
+    pub fn single(dir: PathBuf, files: BTreeMap<u32, PathBuf>, format: Format) -> Self {
+        Catalogue { dir, files: files.into_iter().map(|(r, f)| (r, vec![f])).collect(), format }
+    }
+
+    /// Opens and indexes every file of `rank` (reading only their tables of contents), and
+    /// joins them into one index. A tensor held by two of them is refused, naming both.
+    pub fn open_rank(&self, rank: u32, io: IoMode, read: ReadOptions) -> Result<Source> {
+        let paths = self.files.get(&rank).ok_or_else(|| Error::Source {
+            path: self.dir.clone(),
+            detail: format!("source rank {rank} has no files"),
+        })?;
+        let mut files = Vec::with_capacity(paths.len());
+        let mut indexes = Vec::with_capacity(paths.len());
+        for p in paths {
+            let (src, index) = CheckpointFile::open_with(p, read, io)?.into_parts();
+            files.push(SourceFile { path: p.clone(), version: src.version().clone() });
+            indexes.push(index);
+        }
+        if indexes.len() == 1 {
+            let index = indexes.pop().unwrap_or_else(|| unreachable!());
+            return Ok(Source { rank, files, index });
+        }
+        let format = indexes[0].format;
+        let metadata = indexes[0].metadata.clone();
+        let file_len = indexes.iter().map(|i| i.file_len).sum();
+        let mut tensors = Vec::new();
+        for (k, idx) in indexes.into_iter().enumerate() {
+            for mut t in idx.tensors {
+                t.file = k as u32;
+                tensors.push(t);
+            }
+        }
+        let index = CheckpointIndex::new(format, tensors, file_len, None, metadata);
+        if let Some((a, b)) = index.first_repeat() {
+            let name = &index.tensors[a].name;
+            return Err(Error::Source {
+                path: self.dir.join(format!("rank_{rank}")),
+                detail: format!(
+                    "tensor '{name}' is in both {} and {}; a rank's files must hold each tensor once",
+                    files[index.tensors[a].file as usize].path.display(),
+                    files[index.tensors[b].file as usize].path.display()
+                ),
+            });
+        }
+        Ok(Source { rank, files, index })
+    }
 }
 
 fn src_err(path: &Path, detail: impl Into<String>) -> Error {
@@ -34,7 +130,7 @@ pub fn epoch_step(path: &Path) -> Option<(u64, u64)> {
 /// With one checkpoint per folder that is the one. With several, `choose` (a file name, where
 /// `{rank}` stands for the rank number) picks; otherwise the newest `-{epoch}_{step}` present in
 /// every rank is used, and anything ambiguous is refused with the candidates listed.
-pub fn discover(dir: &Path, choose: Option<&str>) -> Result<SourceSet> {
+pub fn discover(dir: &Path, choose: Option<&str>) -> Result<Catalogue> {
     if !dir.is_dir() {
         return Err(src_err(dir, "the source checkpoint folder does not exist or is not a folder"));
     }
@@ -135,7 +231,7 @@ pub fn discover(dir: &Path, choose: Option<&str>) -> Result<SourceSet> {
     } else {
         pick_common_step(dir, &candidates)?
     };
-    Ok(SourceSet { dir: dir.to_path_buf(), files, format })
+    Ok(Catalogue::single(dir.to_path_buf(), files, format))
 }
 
 fn list(files: &[PathBuf]) -> String {
@@ -199,12 +295,12 @@ mod tests {
         }
         std::fs::write(t.join("rank_1").join("m_rank_1-1_3.ckpt"), b"").unwrap();
         let s = discover(&t, None).unwrap();
-        assert!(s.files[&1].ends_with("m_rank_1-1_2.ckpt"));
+        assert!(s.files[&1][0].ends_with("m_rank_1-1_2.ckpt"));
         std::fs::write(t.join("rank_1").join("other.ckpt"), b"").unwrap();
         let err = discover(&t, None).unwrap_err().to_string();
         assert!(err.contains("rank_1") && err.contains("other.ckpt"), "{err}");
         let s = discover(&t, Some("m_rank_{rank}-1_1.ckpt")).unwrap();
-        assert!(s.files[&0].ends_with("m_rank_0-1_1.ckpt"));
+        assert!(s.files[&0][0].ends_with("m_rank_0-1_1.ckpt"));
         std::fs::write(t.join("rank_0").join("x.safetensors"), b"").unwrap();
         assert!(discover(&t, None).unwrap_err().to_string().contains("mixes"));
         std::fs::remove_dir_all(&t).unwrap();

@@ -898,6 +898,7 @@ pub fn complete_checkpoint(path: &Path) -> Result<PathBuf> {
         return set
             .files
             .into_values()
+            .flatten()
             .next()
             .ok_or_else(|| Error::Source { path: path.to_path_buf(), detail: "no checkpoint found".into() });
     }

@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use reshard_core::checkpoint::{CheckpointFile, Format, ReadOptions};
 use reshard_core::execute::{execute, ExecuteOptions};
 use reshard_core::plan::{Plan, PlanOptions};
+use reshard_core::storage::IoMode;
+use reshard_core::{load_rank, LoadOptions, TensorMeta};
 use serde_json::Value;
 use util::fixtures;
 
@@ -78,6 +80,57 @@ fn run_case_with(case: &Path, replaced: &[(&str, PathBuf)]) -> Result<(), String
         }
     }
     std::fs::remove_dir_all(&small).ok();
+    // Positioned reads (no maps) give the same bytes, planned and executed that way, with normal
+    // and with tiny blocks (the read-ahead window of the strided path).
+    for (label, block_bytes) in [("pread", opts.block_bytes), ("pread-tiny", 7)] {
+        let po = PlanOptions { io: IoMode::Pread, ..PlanOptions::default() };
+        let pplan = Plan::build(&case.join("src"), src_s.as_deref(), dst_s.as_deref(), &po)
+            .map_err(|e| format!("plan with pread: {e}"))?;
+        let dir = scratch(&format!("{}-{label}", case.file_name().unwrap().to_str().unwrap()));
+        let o = ExecuteOptions { io: IoMode::Pread, block_bytes, ..opts.clone() };
+        for w in execute(&pplan, &dir, &[], &o).map_err(|e| format!("execute with {label}: {e}"))? {
+            let same =
+                std::fs::read(&w.path).unwrap() == std::fs::read(out.join(w.path.strip_prefix(&dir).unwrap())).unwrap();
+            if !same {
+                return Err(format!("{}: {label} gives different bytes than mmap", w.path.display()));
+            }
+        }
+        std::fs::remove_dir_all(&dir).ok();
+    }
+    // Loading each rank into memory gives each tensor exactly the bytes its file holds, the
+    // allocation calls come in the .ckpt file's order, and nothing is written.
+    for w in &written {
+        let file = tensors(&w.path);
+        for io in [IoMode::Mmap, IoMode::Pread] {
+            let mut bufs: Vec<(String, Vec<u64>, Vec<u8>)> = Vec::new();
+            let mut shapes = Vec::new();
+            let lo = LoadOptions { io, ..LoadOptions::default() };
+            // Buffers are allocated up front (sizes from the plan), then lent to the loader.
+            let rp = plan.rank_plan(w.rank).unwrap();
+            let mut storage: Vec<Vec<u8>> = rp.tensors.iter().map(|t| vec![0xA5; t.nbytes as usize]).collect();
+            let mut lend = storage.iter_mut();
+            load_rank(&plan, w.rank, &lo, &mut |m: &TensorMeta<'_>| {
+                shapes.push((m.name.to_string(), m.shape.to_vec()));
+                Ok(lend.next().map(|b| b.as_mut_slice()))
+            })
+            .map_err(|e| format!("load_rank {} ({io:?}): {e}", w.rank))?;
+            for ((name, shape), b) in shapes.into_iter().zip(storage) {
+                bufs.push((name, shape, b));
+            }
+            let order: Vec<&str> = rp.tensors.iter().map(|t| t.name.as_str()).collect();
+            let got: Vec<&str> = bufs.iter().map(|b| b.0.as_str()).collect();
+            if order != got {
+                return Err(format!("rank {}: allocation order {got:?}, the plan's {order:?}", w.rank));
+            }
+            for (name, shape, bytes) in &bufs {
+                let t = file.iter().find(|t| &t.0 == name).ok_or_else(|| format!("{name} not in the file"))?;
+                // The file's reader reports 0-d scalars stored with dims [0] as shape [].
+                if &t.3 != bytes || (&t.2 != shape && !(t.2.is_empty() && shape == &[0])) {
+                    return Err(format!("rank {} ({io:?}): '{name}' loaded differs from {}", w.rank, w.path.display()));
+                }
+            }
+        }
+    }
     for w in &written {
         let bytes = std::fs::read(&w.path).unwrap();
         if crc32fast::hash(&bytes) != w.crc32 || bytes.len() as u64 != w.len {

@@ -4,6 +4,7 @@
 use reshard_core::checkpoint::Format;
 use reshard_core::execute::ExecuteOptions;
 use reshard_core::plan::PlanOptions;
+use reshard_core::storage::IoMode;
 use serde_json::{Map, Value};
 
 use crate::error::{FfiError, ReshardStatus};
@@ -45,7 +46,15 @@ fn unknown(func: &str, key: &str, known: &[&str]) -> FfiError {
     ))
 }
 
-/// Options of `reshard_plan`: `{"src_ckpt_name": string|null, "skip_crc": bool}`.
+/// The `"io"` option: `"mmap"`, `"pread"` or `"auto"`.
+fn io_mode(func: &str, key: &str, v: &Value) -> Result<IoMode, FfiError> {
+    let Value::String(s) = v else {
+        return Err(wrong_type(func, key, "\"mmap\", \"pread\" or \"auto\"", v));
+    };
+    IoMode::parse(s).map_err(|e| invalid(format!("{func}: {e}")))
+}
+
+/// Options of `reshard_plan`: `{"src_ckpt_name": string|null, "skip_crc": bool, "io": "mmap"|"pread"|"auto"}`.
 pub(crate) fn plan_options(json: Option<&str>) -> Result<PlanOptions, FfiError> {
     const F: &str = "reshard_plan";
     let mut opts = PlanOptions::default();
@@ -59,14 +68,15 @@ pub(crate) fn plan_options(json: Option<&str>) -> Result<PlanOptions, FfiError> 
                 }
             }
             "skip_crc" => opts.skip_crc = v.as_bool().ok_or_else(|| wrong_type(F, &key, "a boolean", &v))?,
-            _ => return Err(unknown(F, &key, &["src_ckpt_name", "skip_crc"])),
+            "io" => opts.io = io_mode(F, &key, &v)?,
+            _ => return Err(unknown(F, &key, &["src_ckpt_name", "skip_crc", "io"])),
         }
     }
     Ok(opts)
 }
 
 /// Options of `reshard_execute`: `{"prefix": string, "output_format": "ckpt"|"safetensors",
-/// "threads": integer >= 0, "crc": bool, "resume": bool, "sync": bool}`.
+/// "threads": integer >= 0, "crc": bool, "resume": bool, "sync": bool, "io": "mmap"|"pread"|"auto"}`.
 pub(crate) fn execute_options(json: Option<&str>, func: &str) -> Result<ExecuteOptions, FfiError> {
     // Far above any machine, low enough that a garbage value fails cleanly instead of trying
     // to start billions of threads.
@@ -109,7 +119,10 @@ pub(crate) fn execute_options(json: Option<&str>, func: &str) -> Result<ExecuteO
                     _ => opts.sync = b,
                 }
             }
-            _ => return Err(unknown(func, &key, &["prefix", "output_format", "threads", "crc", "resume", "sync"])),
+            "io" => opts.io = io_mode(func, &key, &v)?,
+            _ => {
+                return Err(unknown(func, &key, &["prefix", "output_format", "threads", "crc", "resume", "sync", "io"]))
+            }
         }
     }
     Ok(opts)
@@ -127,6 +140,8 @@ mod tests {
         let p = plan_options(Some(r#"{"src_ckpt_name": "a_{rank}.ckpt", "skip_crc": true}"#)).unwrap();
         assert_eq!(p.src_ckpt_name.as_deref(), Some("a_{rank}.ckpt"));
         assert!(p.skip_crc);
+        assert_eq!(plan_options(Some(r#"{"io": "pread"}"#)).unwrap().io, IoMode::Pread);
+        assert_eq!(execute_options(Some(r#"{"io": "mmap"}"#), "f").unwrap().io, IoMode::Mmap);
         let e = execute_options(None, "f").unwrap();
         assert_eq!(e.prefix, "checkpoint_");
         assert_eq!(e.format, Format::Ckpt);
@@ -156,6 +171,8 @@ mod tests {
             (r#"{"prefix": "../x"}"#, "without '/'"),
             (r#"{"crc": 1}"#, "\"crc\" must be a boolean"),
             (r#"{"resume": "no"}"#, "\"resume\" must be a boolean"),
+            (r#"{"io": "mapped"}"#, "unknown io mode 'mapped'"),
+            (r#"{"io": 1}"#, "\"io\" must be"),
             ("[1]", "must be a JSON object, got an array"),
             ("{", "not valid JSON"),
         ] {

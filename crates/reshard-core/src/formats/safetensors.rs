@@ -105,6 +105,7 @@ pub fn parse_source(src: &dyn ByteSource, opts: ReadOptions) -> Result<Checkpoin
             shape,
             segments: vec![Segment { offset: data_start + b, len: e - b }],
             nbytes: e - b,
+            file: 0,
         });
     }
     if tensors.is_empty() {

@@ -71,6 +71,9 @@ pub struct TensorInfo {
     pub segments: Vec<Segment>,
     /// Total content bytes.
     pub nbytes: u64,
+    /// Which of its rank's files holds it (0 when a rank is one file).
+    #[serde(default)]
+    pub file: u32,
 }
 
 impl TensorInfo {
@@ -118,6 +121,14 @@ impl CheckpointIndex {
     /// Finds a tensor by name.
     pub fn get(&self, name: &str) -> Option<&TensorInfo> {
         self.position(name).map(|i| &self.tensors[i])
+    }
+
+    /// Two positions holding the same name, if any (the first such pair by name).
+    pub fn first_repeat(&self) -> Option<(usize, usize)> {
+        self.by_name.windows(2).find_map(|w| {
+            let (a, b) = (w[0] as usize, w[1] as usize);
+            (self.tensors[a].name == self.tensors[b].name).then_some((a.min(b), a.max(b)))
+        })
     }
 
     /// Position of a tensor in file order.
@@ -314,6 +325,7 @@ mod tests {
             raw_dims: vec![n],
             segments: vec![],
             nbytes: 4 * n,
+            file: 0,
         };
         let names = ["w", "b", "a.b", "a", "w", "", "zz"];
         let tensors: Vec<TensorInfo> = names.iter().enumerate().map(|(i, n)| t(n, i as u64)).collect();

@@ -183,6 +183,7 @@ fn parse_values(path: &Path, r: &mut ByteReader<'_>, end: u64) -> Result<Vec<Ten
                     raw_dims: dims,
                     nbytes: seg.len,
                     segments: vec![seg],
+                    file: 0,
                 });
             }
         }
