@@ -204,6 +204,9 @@ pub struct Plan {
     src_base: u32,
     /// In MindSpore's by-stage mode, the source stage: outputs are named `{prefix}{r}_part{stage}`.
     pub part: Option<u32>,
+    /// The sources were saved with `remove_redundancy`: a slice is read from a rank of its
+    /// replica group that holds it.
+    sparse: bool,
     /// Things the user should know (differences from MindSpore, ignored files).
     pub warnings: Vec<String>,
 }
@@ -360,6 +363,11 @@ impl Plan {
         let sources: Vec<Source> =
             wanted.par_iter().map(|&r| set.open_rank(r, opts.io, read)).collect::<Result<_>>()?;
         let sources: BTreeMap<u32, Source> = sources.into_iter().map(|s| (s.rank, s)).collect();
+        // Saved with MindSpore's `remove_redundancy`: each slice is in one rank of its replica
+        // group only, so a rank may lack parameters that others of its stage hold.
+        let sparse = sources
+            .values()
+            .any(|s| s.index.metadata.get("remove_redundancy").is_some_and(|v| v.eq_ignore_ascii_case("true")));
 
         // Every parameter of every source file, in order of first appearance by rank.
         let mut params: Vec<ParamInfo> =
@@ -402,7 +410,7 @@ impl Plan {
                 _ if p.dtype == DType::Str => SrcKind::Raw,
                 None => SrcKind::Complete,
                 Some(st) if st.contains(&p.name) => {
-                    let (kind, full) = resolve_sharded(p, st, &sources, src_base, src_stage_devices)?;
+                    let (kind, full) = resolve_sharded(p, st, &sources, src_base, src_stage_devices, sparse)?;
                     p.full = full;
                     kind
                 }
@@ -487,6 +495,7 @@ impl Plan {
             param_index,
             src_base,
             part: by_stage,
+            sparse,
             warnings,
         })
     }
@@ -637,7 +646,12 @@ impl Plan {
                     .filter_map(|(b, holder)| {
                         let region = b.intersect(&dst_box)?;
                         let replica = layout.replica_near(*holder, base) % self.src_stage_devices;
-                        Some(CopyPiece { src_rank: (stage_start + replica) as u32, src_box: b.clone(), region })
+                        let mut src_rank = (stage_start + replica) as u32;
+                        // Redundancy removed: the replica MindSpore would read may not hold it.
+                        if self.sparse && p.holders.binary_search(&src_rank).is_err() {
+                            src_rank = (stage_start + holder) as u32;
+                        }
+                        Some(CopyPiece { src_rank, src_box: b.clone(), region })
                     })
                     .collect()
             }
@@ -752,30 +766,39 @@ fn resolve_sharded(
     sources: &BTreeMap<u32, Source>,
     base: u32,
     stage_dev: u64,
+    sparse: bool,
 ) -> Result<(SrcKind, Vec<u64>)> {
     let no_layout = || Error::Invalid(format!("no layout for '{}'", p.name));
     let layout = st.layout(&p.name).ok_or_else(no_layout)?;
     let mut stages = st.stages_of(&p.name);
     stages.sort_unstable();
-    // The lowest stage whose files hold the parameter.
-    let stage =
-        stages.iter().copied().find(|&s| p.holders.contains(&(base + (u64::from(s) * stage_dev) as u32))).ok_or_else(
-            || {
-                let r = base + (u64::from(stages[0]) * stage_dev) as u32;
-                let src = &sources[&r];
-                mismatch(
-                    src,
-                    &p.name,
-                    format!(
-                    "the source strategy puts it in stage(s) {stages:?}, but the checkpoint of rank {r} (first rank of \
+    // The lowest stage whose files hold the parameter (its first rank's, or with redundancy
+    // removed any rank's).
+    let holds = |s: u32| {
+        let first = u64::from(base) + u64::from(s) * stage_dev;
+        match sparse {
+            false => p.holders.contains(&(first as u32)),
+            true => p.holders.iter().any(|&h| (first..first + stage_dev).contains(&u64::from(h))),
+        }
+    };
+    let stage = stages.iter().copied().find(|&s| holds(s)).ok_or_else(|| {
+        let r = base + (u64::from(stages[0]) * stage_dev) as u32;
+        let src = &sources[&r];
+        mismatch(
+            src,
+            &p.name,
+            format!(
+                "the source strategy puts it in stage(s) {stages:?}, but the checkpoint of rank {r} (first rank of \
                      stage {}) does not contain it",
-                    stages[0]
-                ),
-                )
-            },
-        )?;
+                stages[0]
+            ),
+        )
+    })?;
     let start = u64::from(base) + u64::from(stage) * stage_dev;
-    let first = &sources[&(start as u32)];
+    // The stage's first rank holding it (the first rank, unless redundancy was removed).
+    let first_holder =
+        p.holders.iter().copied().find(|&h| (start..start + stage_dev).contains(&u64::from(h))).unwrap_or(start as u32);
+    let first = &sources[&first_holder];
     let stored0 = &first.index.get(&p.name).map(|t| t.shape.clone()).unwrap_or_default();
     if layout.is_flattened(stored0.len()) {
         // MindSpore's flattened JSON form: merge dims back so that each run, split as the
@@ -818,13 +841,26 @@ fn resolve_sharded(
     }
     let resolved = ResolvedLayout::new(layout, &full, &p.name, &st.path)?;
     let mut slices: Vec<(Region, u64)> = Vec::new();
+    // With redundancy removed: every box some rank should hold, and those ranks.
+    let mut unheld: Vec<(Region, Vec<u32>)> = Vec::new();
     for local in 0..stage_dev {
         let r = (start + local) as u32;
         let src = &sources[&r];
         let b = resolved.rank_box(local);
-        let t = src.index.get(&p.name).ok_or_else(|| {
-            mismatch(src, &p.name, format!("missing from this rank's checkpoint (stage {stage} holds it)"))
-        })?;
+        let Some(t) = src.index.get(&p.name) else {
+            if !sparse {
+                return Err(mismatch(
+                    src,
+                    &p.name,
+                    format!("missing from this rank's checkpoint (stage {stage} holds it)"),
+                ));
+            }
+            match unheld.iter_mut().find(|(x, _)| *x == b) {
+                Some((_, ranks)) => ranks.push(r),
+                None => unheld.push((b, vec![r])),
+            }
+            continue;
+        };
         if t.shape != b.shape {
             return Err(mismatch(
                 src,
@@ -839,6 +875,19 @@ fn resolve_sharded(
         if !slices.iter().any(|(x, _)| *x == b) {
             slices.push((b, local));
         }
+    }
+    if let Some((b, ranks)) = unheld.iter().find(|(b, _)| !slices.iter().any(|(x, _)| x == b)) {
+        return Err(Error::Source {
+            path: first.path().to_path_buf(),
+            detail: format!(
+                "parameter '{}': no source rank holds its slice at offset {:?} of shape {:?} (saved with \
+                 remove_redundancy, one of {} should hold it)",
+                p.name,
+                b.offset,
+                b.shape,
+                fmt_rank_folders(ranks)
+            ),
+        });
     }
     Ok((SrcKind::Sharded { stage, layout: Box::new(resolved), slices }, full))
 }
