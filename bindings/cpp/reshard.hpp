@@ -100,10 +100,13 @@ struct PlanOptions {
     std::optional<std::string> src_ckpt_name;
     /// Do not verify crc trailers of the sources.
     bool skip_crc = false;
+    /// How sources are read while indexing: "mmap", "pread" or "auto" (pread on network filesystems).
+    std::string io = "auto";
 
     [[nodiscard]] std::string to_json() const {
         std::string j = "{\"skip_crc\": ";
         j += skip_crc ? "true" : "false";
+        j += ", \"io\": " + detail::quote(io);
         if (src_ckpt_name) {
             j += ", \"src_ckpt_name\": " + detail::quote(*src_ckpt_name);
         }
@@ -125,12 +128,16 @@ struct ExecuteOptions {
     bool resume = true;
     /// fsync each output before renaming it into place.
     bool sync = true;
+    /// How sources are read: "mmap", "pread" (no maps: no SIGBUS if a source is truncated, no page
+    /// faults on network filesystems) or "auto" (pread on network filesystems, mmap elsewhere).
+    std::string io = "auto";
 
     [[nodiscard]] std::string to_json() const {
         auto flag = [](bool b) { return b ? "true" : "false"; };
         return "{\"prefix\": " + detail::quote(prefix) + ", \"output_format\": " + detail::quote(output_format) +
                ", \"threads\": " + std::to_string(threads) + ", \"crc\": " + flag(crc) +
-               ", \"resume\": " + flag(resume) + ", \"sync\": " + flag(sync) + "}";
+               ", \"resume\": " + flag(resume) + ", \"sync\": " + flag(sync) + ", \"io\": " + detail::quote(io) +
+               "}";
     }
 };
 

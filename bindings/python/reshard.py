@@ -229,7 +229,9 @@ class Plan:
     manager; it is also freed when garbage collected.
 
     ``src_strategy_file`` / ``dst_strategy_file`` are strategy files or folders of per-stage
-    files; None means complete weights.
+    files; None means complete weights. ``io``: how sources are read, "mmap", "pread" (no maps:
+    a source truncated during a run is an error, never a SIGBUS; no page faults on network
+    filesystems) or "auto" (pread on network filesystems, mmap elsewhere).
     """
 
     def __init__(
@@ -240,13 +242,14 @@ class Plan:
         *,
         src_ckpt_name=None,
         skip_crc=False,
+        io="auto",
     ):
         lib = _library()
         self._lock = threading.Lock()
         self._handle = None
         self._users = 0
         self._closing = False
-        options = {"skip_crc": bool(skip_crc)}
+        options = {"skip_crc": bool(skip_crc), "io": io}
         if src_ckpt_name is not None:
             options["src_ckpt_name"] = src_ckpt_name
         handle, err = ctypes.c_void_p(), ctypes.c_void_p()
@@ -368,6 +371,7 @@ class Plan:
         resume=True,
         sync=True,
         progress=None,
+        io="auto",
     ):
         """Writes ``dst_checkpoints_dir/rank_{r}/{prefix}{r}.{output_format}`` for ``ranks``
         (all destination ranks when None or empty).
@@ -375,7 +379,7 @@ class Plan:
         ``threads``: workers, 0 = all cores. ``crc``: append MindSpore's crc32 trailer.
         ``resume``: keep an output this plan already wrote that still verifies against the
         folder's manifest (False: always rewrite). ``sync``: fsync outputs before renaming them
-        into place. ``progress(done, total)``, if given, is called with bytes written so far
+        into place. ``io``: "mmap", "pread" or "auto", as for :class:`Plan`. ``progress(done, total)``, if given, is called with bytes written so far
         (from a worker thread); an exception it raises is re-raised when the call returns."""
         if not isinstance(prefix, str):
             raise TypeError("The ckpt_prefix should be a str.")
@@ -391,6 +395,7 @@ class Plan:
                 "crc": bool(crc),
                 "resume": bool(resume),
                 "sync": bool(sync),
+                "io": io,
             }
         ).encode()
         dst = _path(dst_checkpoints_dir, "dst_checkpoints_dir")
@@ -433,6 +438,8 @@ def transform_checkpoints(
     dst_strategy_file=None,
     process_num=1,
     output_format="ckpt",
+    *,
+    io="auto",
 ):
     """MindSpore's ``transform_checkpoints``: converts ``src_checkpoints_dir/rank_{i}/*`` saved
     under ``src_strategy_file`` into ``dst_checkpoints_dir/rank_{r}/{ckpt_prefix}{r}.ckpt`` (or
@@ -441,16 +448,17 @@ def transform_checkpoints(
     Same signature as MindSpore 2.10 (``process_num`` sits before ``output_format`` there).
     ``process_num`` is accepted and ignored: reshard uses all cores in one process. Strategy
     arguments may also be folders of per-stage files. Plan warnings are issued with
-    :func:`warnings.warn`.
+    :func:`warnings.warn`. ``io`` (keyword only, not MindSpore's): how sources are read, "mmap",
+    "pread" or "auto" (see :class:`Plan`).
     """
     if not isinstance(ckpt_prefix, str):
         raise TypeError("The ckpt_prefix should be a str.")
     if isinstance(process_num, bool) or not isinstance(process_num, int) or process_num < 1:
         raise ValueError(f"process_num should be a positive int, got {process_num!r}")
-    with Plan(src_checkpoints_dir, src_strategy_file, dst_strategy_file) as plan:
+    with Plan(src_checkpoints_dir, src_strategy_file, dst_strategy_file, io=io) as plan:
         for w in plan.warnings:
             warnings.warn(w, stacklevel=2)
-        plan.execute(dst_checkpoints_dir, prefix=ckpt_prefix, output_format=output_format)
+        plan.execute(dst_checkpoints_dir, prefix=ckpt_prefix, output_format=output_format, io=io)
 
 
 def merge_pipeline_strategys(src_strategy_dirs, dst_strategy_file):

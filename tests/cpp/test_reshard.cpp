@@ -202,6 +202,16 @@ void test_dp2mp2_to_complete() {
     CHECK((plan.src_ranks(0) == std::vector<uint32_t>{1, 0}), "MindSpore's rank list [1, 0]");
     plan.execute((scratch / "d2c").string());
     check_output(c, scratch / "d2c", 0);
+    // Positioned reads instead of maps, planned and executed: the same bytes.
+    reshard::PlanOptions po;
+    po.io = "pread";
+    auto pplan = reshard::Plan::build(case_path(c, "src"), case_path(c, "src_strategy.ckpt"), std::nullopt, po);
+    reshard::ExecuteOptions eo;
+    eo.io = "pread";
+    pplan.execute((scratch / "d2c-pread").string(), {}, eo);
+    check_output(c, scratch / "d2c-pread", 0);
+    eo.io = "paged";
+    EXPECT_ERROR(pplan.execute((scratch / "d2c-bad").string(), {}, eo), RESHARD_STATUS_INVALID_OPTIONS, "paged");
 }
 
 void test_pipeline_threads() {

@@ -53,8 +53,9 @@ def test_status_codes_and_abi_match_the_header():
     assert re.fullmatch(r"\d+\.\d+\.\d+.*", reshard.version())
 
 
+@pytest.mark.parametrize("io", ["auto", "pread"])
 @pytest.mark.parametrize("name", CASES)
-def test_transform_checkpoints_matches_mindspore(name, tmp_path):
+def test_transform_checkpoints_matches_mindspore(name, io, tmp_path):
     c = case(name)
     dst = tmp_path / "out"
     with warnings.catch_warnings(record=True) as caught:
@@ -66,6 +67,7 @@ def test_transform_checkpoints_matches_mindspore(name, tmp_path):
             c["src_strategy"],
             c["dst_strategy"],
             output_format=c["output_format"],
+            io=io,
         )
     if not caught:
         assert_same_outputs(c, dst)
@@ -291,6 +293,9 @@ def test_bad_calls_raise(tmp_path):
     with pytest.raises(ReshardError) as e:
         reshard.transform_checkpoints(c["src"], tmp_path, "x", None, c["dst_strategy"], output_format="npz")
     assert e.value.code == Status.INVALID_OPTIONS and "npz" in str(e.value)
+    with pytest.raises(ReshardError) as e:
+        reshard.Plan(c["src"], None, c["dst_strategy"], io="mapped")
+    assert e.value.code == Status.INVALID_OPTIONS and "unknown io mode 'mapped'" in str(e.value)
     with pytest.raises(ReshardError) as e:
         reshard.transform_checkpoints(c["src"], os.path.join(c["src"], "out"), "x", None, c["dst_strategy"])
     assert e.value.code == Status.INVALID_ARGUMENT and "inside the source folder" in str(e.value)

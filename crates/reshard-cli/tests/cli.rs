@@ -105,6 +105,10 @@ fn refuse_checkpoint_file(rel: &str, needles: &[&str]) {
 
     assert_refused(&transform(&src, &dst, vec![]), &[&[name.as_str(), "rank_0"], needles].concat());
     assert_nothing_written(&dst);
+    // Read with pread instead of a map, the table of contents is read the same way and the
+    // file refused for the same reason.
+    assert_refused(&transform(&src, &dst, argv!["--io", "pread"]), &[&[name.as_str(), "rank_0"], needles].concat());
+    assert_nothing_written(&dst);
     // The source folder is left as it was.
     assert_eq!(files_under(&src), vec![src.join("rank_0").join(&name)]);
 
@@ -1032,9 +1036,15 @@ fn merge_strategy_of_a_missing_folder_is_refused() {
 }
 
 fn conformance_transform(case: &str) {
+    for io in ["mmap", "pread"] {
+        conformance_transform_io(case, io);
+    }
+}
+
+fn conformance_transform_io(case: &str, io: &str) {
     let dir = fixture(&format!("conformance/{case}"));
     let c: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("case.json")).unwrap()).unwrap();
-    let s = Scratch::new(case);
+    let s = Scratch::new(&format!("{case}-{io}"));
     let dst = s.join("out");
     let mut args: Vec<PathBuf> = vec![
         "transform".into(),
@@ -1046,6 +1056,8 @@ fn conformance_transform(case: &str) {
         c["prefix"].as_str().unwrap().into(),
         "--output_format".into(),
         c["output_format"].as_str().unwrap().into(),
+        "--io".into(),
+        io.into(),
         "-q".into(),
     ];
     for key in ["src_strategy", "dst_strategy"] {
@@ -1061,7 +1073,7 @@ fn conformance_transform(case: &str) {
     for e in &expected {
         let rel = e.strip_prefix(dir.join("expected")).unwrap();
         let got = std::fs::read(dst.join(rel)).unwrap_or_else(|err| panic!("{}: {err}", dst.join(rel).display()));
-        assert!(got == std::fs::read(e).unwrap(), "{case}: {} differs from MindSpore's", rel.display());
+        assert!(got == std::fs::read(e).unwrap(), "{case} (--io {io}): {} differs from MindSpore's", rel.display());
     }
     // Nothing else under a checkpoint name, and no temporary file.
     for f in files_under(&dst) {

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use reshard_core::checkpoint::{CheckpointFile, ReadOptions, TensorHeader};
 use reshard_core::execute::{execute, ExecuteOptions};
 use reshard_core::plan::{Plan, PlanOptions};
+use reshard_core::storage::IoMode;
 use reshard_core::{ckpt, DType};
 use serde_json::json;
 use util::{files_under, Scratch};
@@ -41,20 +42,23 @@ fn make_source(dir: &Path, tensor_map: [i64; 2]) -> (PathBuf, PathBuf, PathBuf) 
     (dir.join("complete"), src, strategy)
 }
 
-/// Runs rank 0 with one worker and 64 KiB blocks, calling `change` once after the first block.
+/// Runs rank 0 with one worker and 64 KiB blocks, reading the source as `io` says, calling
+/// `change` once after the first block.
 fn run_with_change(
     dir: &Path,
     tensor_map: [i64; 2],
+    io: IoMode,
     change: impl Fn(&Path) + Send + Sync + 'static,
 ) -> (reshard_core::Result<Vec<reshard_core::WrittenFile>>, PathBuf) {
     let (src_dir, src, strategy) = make_source(dir, tensor_map);
-    let plan = Plan::build(&src_dir, None, Some(&strategy), &PlanOptions::default()).unwrap();
+    let plan = Plan::build(&src_dir, None, Some(&strategy), &PlanOptions { io, ..PlanOptions::default() }).unwrap();
     let done = AtomicBool::new(false);
     let victim = src.clone();
     let opts = ExecuteOptions {
         threads: 1,
         block_bytes: 64 << 10,
         sync: false,
+        io,
         progress: Some(Arc::new(move |_, _| {
             if !done.swap(true, Ordering::SeqCst) {
                 change(&victim);
@@ -69,12 +73,18 @@ fn truncate(path: &Path) {
     std::fs::File::options().write(true).open(path).unwrap().set_len(4096).unwrap();
 }
 
-/// Runs rank 0 with the source split by columns and by rows, `change` made to it after the first
-/// block: the run fails naming the source and saying `says`, and leaves nothing in the output.
+/// Runs rank 0 with the source split by columns and by rows, read through a map and with pread,
+/// `change` made to it after the first block: the run fails naming the source and saying `says`,
+/// and leaves nothing in the output.
 fn fails_naming_the_source(what: &str, change: fn(&Path), says: &str) {
-    for (case, map) in [("cols", [-1, 0]), ("rows", [0, -1])] {
+    for (case, map, io) in [
+        ("cols", [-1, 0], IoMode::Mmap),
+        ("rows", [0, -1], IoMode::Mmap),
+        ("cols-pread", [-1, 0], IoMode::Pread),
+        ("rows-pread", [0, -1], IoMode::Pread),
+    ] {
         let dir = Scratch::new(&format!("{what}-{case}"));
-        let (r, src) = run_with_change(dir.path(), map, change);
+        let (r, src) = run_with_change(dir.path(), map, io, change);
         let err = r.expect_err(case).to_string();
         assert!(err.contains(&src.display().to_string()) && err.contains(says), "{case}: {err}");
         let left = files_under(&dir.join("out"));
@@ -128,7 +138,7 @@ fn a_source_gone_after_the_plan_keeps_its_error_kind() {
 #[test]
 fn an_untouched_source_still_converts() {
     let dir = Scratch::new("untouched");
-    let (r, _) = run_with_change(&dir.0, [-1, 0], |_| {});
+    let (r, _) = run_with_change(&dir.0, [-1, 0], IoMode::Mmap, |_| {});
     let written = r.unwrap();
     CheckpointFile::open(&written[0].path, ReadOptions::default()).unwrap();
 }
