@@ -8,6 +8,7 @@
 //!        [--python PYTHON (default: $MINDSPORE_PYTHON or python3)] [--no-mindspore]
 //!        [--cold (drop the source files from the page cache before every run)]
 //!        [--many-small-only (only the 300,000-tensor case)]
+//!        [--io mmap|pread|auto (how reshard reads its sources; default auto)]
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -28,6 +29,7 @@ struct Args {
     python: Option<String>,
     cold: bool,
     many_small_only: bool,
+    io: String,
 }
 
 fn parse_args() -> Args {
@@ -38,6 +40,7 @@ fn parse_args() -> Args {
         python: Some(std::env::var("MINDSPORE_PYTHON").unwrap_or_else(|_| "python3".into())),
         cold: false,
         many_small_only: false,
+        io: "auto".into(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -50,8 +53,9 @@ fn parse_args() -> Args {
             "--no-mindspore" => a.python = None,
             "--cold" => a.cold = true,
             "--many-small-only" => a.many_small_only = true,
+            "--io" => a.io = val(),
             "-h" | "--help" => {
-                println!("{}", include_str!("main.rs").lines().take(10).collect::<Vec<_>>().join("\n"));
+                println!("{}", include_str!("main.rs").lines().take(11).collect::<Vec<_>>().join("\n"));
                 std::process::exit(0);
             }
             other => die(&format!("unknown argument {other}")),
@@ -270,7 +274,7 @@ fn main() {
     let dir = a.dir.clone();
     let _ = std::fs::remove_dir_all(&dir);
     if a.many_small_only {
-        many_small(&dir, &reshard, a.runs);
+        many_small(&dir, &reshard, a.runs, &a.io);
         return;
     }
     let ps = model(a.size_mb);
@@ -352,7 +356,10 @@ fn main() {
                 let _ = std::fs::remove_dir_all(&out);
                 settle();
                 let mut cmd = Command::new(&reshard);
-                cmd.args(["transform", "-q", "--src_ckpt_dir"]).arg(&c.src).arg("--dst_ckpt_dir").arg(&out);
+                cmd.args(["transform", "-q", "--io", &a.io, "--src_ckpt_dir"])
+                    .arg(&c.src)
+                    .arg("--dst_ckpt_dir")
+                    .arg(&out);
                 if !synced {
                     cmd.arg("--no-sync");
                 }
@@ -439,13 +446,13 @@ fn main() {
         }
         let _ = std::fs::remove_dir_all(&copy);
     }
-    many_small(&dir, &reshard, a.runs);
+    many_small(&dir, &reshard, a.runs, &a.io);
     plan_4096(&dir);
 }
 
 /// Per-tensor overhead: a complete checkpoint of 300,000 tensors of 8 floats (about 10 MB)
 /// onto dp2 x mp2 (half the tensors split by mp), timed and with its peak memory.
-fn many_small(dir: &Path, reshard: &Path, runs: usize) {
+fn many_small(dir: &Path, reshard: &Path, runs: usize, io: &str) {
     let ps: Vec<Param> = (0..300_000)
         .map(|i| {
             let name = format!("model.layers.{}.p{}.weight", i / 100, i % 100);
@@ -461,7 +468,7 @@ fn many_small(dir: &Path, reshard: &Path, runs: usize) {
     for _ in 0..runs.max(1) {
         let _ = std::fs::remove_dir_all(&out);
         let m = run(Command::new(reshard)
-            .args(["transform", "-q", "--no-sync", "--src_ckpt_dir"])
+            .args(["transform", "-q", "--no-sync", "--io", io, "--src_ckpt_dir"])
             .arg(&src)
             .arg("--dst_ckpt_strategy")
             .arg(&dst)
