@@ -1,5 +1,5 @@
 //! Writing one destination rank to a file: the codec lays it out, the content is filled into
-//! a [`LayoutSink`] over a temporary file, the codec finishes it (crc), and the file is synced,
+//! a [`FileSink`] over a temporary file, the codec finishes it (crc), and the file is synced,
 //! renamed into place and recorded in the folder's manifest. A rank a previous run of the same
 //! plan finished is kept (resume).
 
@@ -67,15 +67,15 @@ fn crc_of(bytes: &[u8]) -> crc32fast::Hasher {
     h
 }
 
-/// Content put into a laid-out file: each run goes to its offsets, and its crc is kept so the
-/// file's crc is known without reading it back.
-struct LayoutSink<'a> {
+/// The file sink: content put into a laid-out output file, each run at its offsets, with its
+/// crc kept so that the file's crc is known without reading it back.
+struct FileSink<'a> {
     layout: &'a FileLayout,
     out: &'a Output<'a>,
     crcs: Mutex<Vec<RunCrc>>,
 }
 
-impl ContentSink for LayoutSink<'_> {
+impl ContentSink for FileSink<'_> {
     fn put(&self, tensor: usize, at: u64, data: &[u8]) -> Result<()> {
         for (foff, roff, n) in self.layout.place(tensor, at, data.len() as u64) {
             let part = &data[roff as usize..(roff + n) as usize];
@@ -144,7 +144,7 @@ pub(crate) fn write_rank(job: &Job<'_>, codec: &dyn Codec, rp: &RankPlan) -> Res
     for window in windows {
         let headers: Vec<TensorHeader> = window.iter().map(|t| codec.header(t)).collect();
         let layout = codec.layout(&headers, pos)?;
-        let sink = LayoutSink { layout: &layout, out: &out, crcs: Mutex::new(out.write_fixed(&layout)?) };
+        let sink = FileSink { layout: &layout, out: &out, crcs: Mutex::new(out.write_fixed(&layout)?) };
         fill(job, window, &sink, &final_path)?;
         let mut crcs = sink.crcs.into_inner().unwrap_or_else(|p| p.into_inner());
         // A window's runs tile its part of the file, which follows the previous one's.
