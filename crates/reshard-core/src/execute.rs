@@ -511,7 +511,6 @@ fn write_rank(job: &Job<'_>, rp: &RankPlan) -> Result<WrittenFile> {
     check_cancel(opts, &final_path)?;
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, "create folder", e))?;
     remove_stale_temps(&dir, &name);
-    remove_stale_temps(&dir, crate::manifest::MANIFEST_NAME);
     let tmp_path = temp_path(&final_path);
     // Removes the temporary file on every way out, a panic included; after the rename into
     // place there is nothing left under that name.

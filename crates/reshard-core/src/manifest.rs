@@ -7,7 +7,7 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use crate::atomic::write_atomic;
+use crate::atomic::{remove_stale_temps, write_atomic};
 use crate::checkpoint::{CheckpointFile, ReadOptions};
 use crate::error::{Error, Result};
 
@@ -99,6 +99,11 @@ impl Manifest {
     /// the folder's manifest lock.
     pub fn record(dir: &Path, entry: ManifestEntry, sync: bool) -> Result<()> {
         let _lock = ManifestLock::take(dir)?;
+        // Under the lock, so that no other process of this machine is between creating its
+        // manifest temporary file and renaming it; and only this machine's dead processes' files
+        // (another machine sharing the folder may be writing its own even where flock is not
+        // shared between machines, or not there at all).
+        remove_stale_temps(dir, MANIFEST_NAME);
         // A manifest that cannot be read now (EIO, EMFILE, ...) is not an empty one: rewriting
         // it with only this entry would drop every other entry.
         // (A manifest that does not parse lists nothing that can be trusted: it is started anew.)
@@ -122,6 +127,7 @@ impl Manifest {
             return Ok(());
         }
         let _lock = ManifestLock::take(dir)?;
+        remove_stale_temps(dir, MANIFEST_NAME);
         let Some(mut m) = Manifest::read(dir) else {
             return Ok(());
         };
@@ -365,6 +371,33 @@ mod tests {
         });
         let m = Manifest::read(&dir).unwrap_or_else(|| panic!("no manifest"));
         assert_eq!(m.files.len(), 200);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Recording cleans up manifest temporary files of this machine's dead processes, under the
+    /// lock, and leaves another machine's (its pid means nothing here: that job may be about to
+    /// rename it into place).
+    #[test]
+    fn recording_removes_only_this_machines_dead_temporary_manifests() {
+        let dir = std::env::temp_dir().join(format!("reshard-manifest-temps-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let me = crate::atomic::owner().unwrap();
+        let dead_here = dir.join(format!(".{MANIFEST_NAME}.reshard-{me}-{}-0.tmp", u32::MAX));
+        let other_host = dir.join(format!(".{MANIFEST_NAME}.reshard-node-7.0badc0de-{}-0.tmp", u32::MAX));
+        std::fs::write(&dead_here, b"{").unwrap();
+        std::fs::write(&other_host, b"{").unwrap();
+        let entry = ManifestEntry {
+            name: "a.ckpt".into(),
+            size: 1,
+            crc32: 0,
+            plan_fingerprint: "f".into(),
+            dst_rank: Some(0),
+            dst_rank_count: Some(1),
+        };
+        Manifest::record(&dir, entry, false).unwrap();
+        assert!(!dead_here.exists());
+        assert!(other_host.exists(), "another machine's manifest temporary file was removed");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
