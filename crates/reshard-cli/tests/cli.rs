@@ -1312,6 +1312,27 @@ fn verify_names_the_ranks_an_unfinished_job_did_not_write() {
     assert_refused_with_stdout(&v, &["missing: rank_1"]);
 }
 
+/// Symbolic links to folders that lead back up the tree: `verify` enters each folder once,
+/// names the links it did not follow again, and passes (it followed them for ever).
+#[test]
+fn verify_ends_on_symlink_loops_and_names_them() {
+    let s = Scratch::new("verify-loop");
+    let dst = s.join("out");
+    assert!(transform_complete_to_dp2mp2(&dst, &[]).status.success());
+    std::os::unix::fs::symlink("..", dst.join("rank_0/up")).unwrap();
+    std::os::unix::fs::symlink(".", dst.join("rank_1/here")).unwrap();
+    std::os::unix::fs::symlink("../rank_3", dst.join("rank_2/sibling")).unwrap();
+    let v = reshard_or_hang([OsStr::new("verify"), dst.as_os_str()]);
+    assert!(v.status.success(), "{}", text(&v.stderr));
+    let out = text(&v.stdout);
+    for (link, why) in [("rank_0/up", "a symlink loop"), ("rank_1/here", "a symlink loop"), ("rank_2/sibling", "")] {
+        let line = out.lines().find(|l| l.starts_with(&format!("SKIP {}", dst.join(link).display())));
+        let line = line.unwrap_or_else(|| panic!("no SKIP line for {link}: {out}"));
+        assert!(line.contains("a symbolic link to the folder") && line.contains(why), "{line}");
+    }
+    assert_eq!(out.lines().filter(|l| l.starts_with("ok   ")).count(), 4, "{out}");
+}
+
 /// Like `assert_refused`, for `verify`, which also lists what it checked on stdout.
 #[track_caller]
 fn assert_refused_with_stdout(out: &Output, needles: &[&str]) -> String {

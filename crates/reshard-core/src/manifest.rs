@@ -186,6 +186,9 @@ pub struct VerifyReport {
     pub manifests: usize,
     /// Jobs whose manifests say they have ranks that have no output.
     pub missing: Vec<MissingRanks>,
+    /// Folders reached a second time (through a symbolic link: a loop, or a second path to one
+    /// folder), with why they were not entered again.
+    pub skipped: Vec<(PathBuf, String)>,
 }
 
 /// The destination ranks of one job (one plan fingerprint in one output folder) that have no
@@ -227,9 +230,18 @@ pub fn verify(root: &Path) -> Result<VerifyReport> {
     let mut jobs: std::collections::BTreeMap<(PathBuf, String), (u32, std::collections::BTreeSet<u32>)> =
         std::collections::BTreeMap::new();
     let mut stack = vec![root.to_path_buf()];
-    if !root.is_dir() {
-        return Err(Error::Source { path: root.to_path_buf(), detail: "not a folder".into() });
-    }
+    let root_meta = match std::fs::metadata(root) {
+        Ok(m) if m.is_dir() => m,
+        _ => return Err(Error::Source { path: root.to_path_buf(), detail: "not a folder".into() }),
+    };
+    // Every folder is entered once, by device and inode: symbolic links to folders are
+    // followed, but a link back up the tree (a loop) used to be followed for ever.
+    let dev_ino = |m: &std::fs::Metadata| {
+        use std::os::unix::fs::MetadataExt;
+        (m.dev(), m.ino())
+    };
+    let mut entered: std::collections::HashMap<(u64, u64), PathBuf> =
+        std::collections::HashMap::from([(dev_ino(&root_meta), root.to_path_buf())]);
     while let Some(dir) = stack.pop() {
         let mut listed = std::collections::HashSet::new();
         let manifest_path = dir.join(MANIFEST_NAME);
@@ -280,8 +292,28 @@ pub fn verify(root: &Path) -> Result<VerifyReport> {
         let rd = std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, "read folder", e))?;
         for entry in rd.flatten() {
             let p = entry.path();
-            if p.is_dir() {
-                stack.push(p);
+            let folder = std::fs::metadata(&p).ok().filter(std::fs::Metadata::is_dir);
+            if let Some(m) = folder {
+                match entered.entry(dev_ino(&m)) {
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        v.insert(p.clone());
+                        stack.push(p);
+                    }
+                    std::collections::hash_map::Entry::Occupied(first) => {
+                        let link = entry.file_type().is_ok_and(|t| t.is_symlink());
+                        let why = format!(
+                            "{} the folder {}, which is checked already: not entered again ({})",
+                            if link { "a symbolic link to" } else { "another path to" },
+                            first.get().display(),
+                            if first.get().starts_with(&p) || p.starts_with(first.get()) {
+                                "a symlink loop"
+                            } else {
+                                "a second path to one folder"
+                            }
+                        );
+                        report.skipped.push((p, why));
+                    }
+                }
             } else if crate::checkpoint::Format::from_path(&p).is_some()
                 && !listed.contains(p.file_name().and_then(|n| n.to_str()).unwrap_or(""))
                 && dir != root.join("merged_strategy")
@@ -307,6 +339,7 @@ pub fn verify(root: &Path) -> Result<VerifyReport> {
     }
     report.ok.sort();
     report.bad.sort();
+    report.skipped.sort();
     Ok(report)
 }
 
