@@ -1512,3 +1512,48 @@ fn transform_quiet_prints_nothing_on_success() {
         assert!(out.stdout.is_empty());
     }
 }
+
+/// `strategy show` of a JSON strategy in MindSpore's flattened form: without `--from` a note
+/// names the parameters whose shapes may be the flattened ones and says how to get the real
+/// ones; with `--from` they are merged back into the checkpoint's dims. (Both showed the
+/// flattened slices, `[2, 8, 16]` for a `[16, 16]` weight, without a word.)
+#[test]
+fn strategy_show_of_a_flattened_json_strategy_says_so_or_merges_it_back() {
+    let flat = fixture("flat_json/nested_to_dp2mp2/src_strategy.json");
+    let out = reshard([OsStr::new("strategy"), OsStr::new("show"), flat.as_os_str()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let note = stdout.lines().find(|l| l.starts_with("note: ")).unwrap_or_else(|| panic!("no note: {stdout}"));
+    for needle in ["18 parameter(s)", "flattened form", "model.layers.0.attention.wk.weight", "--from CKPT"] {
+        assert!(note.contains(needle), "{needle:?} not in {note}");
+    }
+    assert!(!note.contains("lm_head.weight"), "{note}");
+    let json = reshard([OsStr::new("strategy"), OsStr::new("show"), OsStr::new("--json"), flat.as_os_str()]);
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    let row = |v: &serde_json::Value, name: &str| {
+        v["rows"].as_array().unwrap().iter().find(|r| r["name"] == name).unwrap().clone()
+    };
+    assert_eq!(row(&v, "model.layers.0.attention.wk.weight")["maybe_flattened"], true);
+    assert_eq!(row(&v, "lm_head.weight")["maybe_flattened"], false);
+    assert_eq!(v["notes"].as_array().unwrap().len(), 1);
+
+    let complete = fixture("conformance/complete_to_dp2mp2/src");
+    let args = |json: bool| {
+        let mut a = argv!["strategy", "show", &flat, "--from", &complete];
+        if json {
+            a.push("--json".into());
+        }
+        a
+    };
+    let out = reshard(args(false));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(!stdout.contains("note: "), "{stdout}");
+    let wk = stdout.lines().find(|l| l.starts_with("model.layers.0.attention.wk.weight ")).unwrap();
+    assert!(wk.contains("[16, 16]") && wk.contains("[4, 16]") && wk.contains("axis2(2)*axis1(2)"), "{wk}");
+    let v: serde_json::Value = serde_json::from_slice(&reshard(args(true)).stdout).unwrap();
+    let wk = row(&v, "model.layers.0.attention.wk.weight");
+    assert_eq!(wk["shape"], serde_json::json!([16, 16]));
+    assert_eq!(wk["tensor_map"], serde_json::json!([[2, 1], [-1]]));
+    assert_eq!(wk["maybe_flattened"], false);
+}
