@@ -23,18 +23,35 @@ pub const MANIFEST_LOCK_NAME: &str = ".reshard_manifest.lock";
 /// Holds the manifest lock of `dir` while alive (`None` on a filesystem without `flock`).
 struct ManifestLock(#[allow(dead_code)] Option<std::fs::File>);
 
+/// How the manifest lock file is opened and locked: the system's calls, or in tests stand-ins
+/// that fail as some filesystems and other users' lock files make them fail.
+struct LockCalls {
+    /// Opens (creating it if needed) the lock file for reading and writing.
+    open_rw: fn(&Path) -> std::io::Result<std::fs::File>,
+    /// Takes an exclusive lock on the open file, waiting for it.
+    lock: fn(&std::fs::File) -> std::io::Result<()>,
+}
+
+const SYSTEM_LOCK_CALLS: LockCalls = LockCalls {
+    open_rw: |path| std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path),
+    lock: crate::sys::lock_exclusive,
+};
+
 impl ManifestLock {
     fn take(dir: &Path) -> Result<ManifestLock> {
+        Self::take_with(dir, &SYSTEM_LOCK_CALLS)
+    }
+
+    fn take_with(dir: &Path, calls: &LockCalls) -> Result<ManifestLock> {
         let path = dir.join(MANIFEST_LOCK_NAME);
-        let open_rw = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path);
         // Another user may have created the lock file (0644): flock works on a read-only
         // descriptor too, and this user can still rename a new manifest into the folder.
-        let f = match open_rw {
+        let f = match (calls.open_rw)(&path) {
             Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => std::fs::File::open(&path),
             other => other,
         }
         .map_err(|e| Error::io(&path, "open the manifest lock", e))?;
-        match crate::sys::lock_exclusive(&f) {
+        match (calls.lock)(&f) {
             Ok(()) => Ok(ManifestLock(Some(f))),
             // Filesystems without flock (Lustre without -o flock, NFS with nolock, some FUSE):
             // go on unlocked, as before the lock existed, rather than fail a finished output.
@@ -98,7 +115,11 @@ impl Manifest {
     /// Records `entry` in the manifest of `dir` (replacing an entry of the same name), under
     /// the folder's manifest lock.
     pub fn record(dir: &Path, entry: ManifestEntry, sync: bool) -> Result<()> {
-        let _lock = ManifestLock::take(dir)?;
+        Self::record_with(dir, entry, sync, &SYSTEM_LOCK_CALLS)
+    }
+
+    fn record_with(dir: &Path, entry: ManifestEntry, sync: bool, calls: &LockCalls) -> Result<()> {
+        let _lock = ManifestLock::take_with(dir, calls)?;
         // Under the lock, so that no other process of this machine is between creating its
         // manifest temporary file and renaming it; and only this machine's dead processes' files
         // (another machine sharing the folder may be writing its own even where flock is not
@@ -431,6 +452,87 @@ mod tests {
         Manifest::record(&dir, entry, false).unwrap();
         assert!(!dead_here.exists());
         assert!(other_host.exists(), "another machine's manifest temporary file was removed");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn entry(name: &str) -> ManifestEntry {
+        ManifestEntry {
+            name: name.into(),
+            size: 1,
+            crc32: 0,
+            plan_fingerprint: "f".into(),
+            dst_rank: Some(0),
+            dst_rank_count: Some(1),
+        }
+    }
+
+    fn scratch(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("reshard-manifest-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// Where flock is not supported (ENOSYS, ENOLCK, EOPNOTSUPP), a record goes on unlocked, as
+    /// before the lock existed; any other lock failure fails the record naming the lock file.
+    #[test]
+    fn without_flock_records_go_on_unlocked_other_lock_errors_fail() {
+        let dir = scratch("no-flock");
+        fn unsupported(code: i32) -> std::io::Result<()> {
+            Err(std::io::Error::from_raw_os_error(code))
+        }
+        type Lock = fn(&std::fs::File) -> std::io::Result<()>;
+        let failing: [(i32, Lock); 4] = [
+            (libc::ENOSYS, |_| unsupported(libc::ENOSYS)),
+            (libc::ENOLCK, |_| unsupported(libc::ENOLCK)),
+            (libc::EOPNOTSUPP, |_| unsupported(libc::EOPNOTSUPP)),
+            (libc::EIO, |_| unsupported(libc::EIO)),
+        ];
+        for (code, lock) in failing {
+            let calls = LockCalls { open_rw: SYSTEM_LOCK_CALLS.open_rw, lock };
+            let held = ManifestLock::take_with(&dir, &calls);
+            let name = format!("e{code}.ckpt");
+            let recorded = Manifest::record_with(&dir, entry(&name), false, &calls);
+            if code == libc::EIO {
+                let err = held.err().map(|e| e.to_string()).unwrap_or_default();
+                assert!(err.contains(MANIFEST_LOCK_NAME) && err.contains("lock"), "{err}");
+                assert!(recorded.is_err());
+            } else {
+                assert!(held.unwrap().0.is_none(), "errno {code}: a lock was held");
+                recorded.unwrap();
+                let m = Manifest::read(&dir).unwrap();
+                assert!(m.files.iter().any(|e| e.name == name), "errno {code}: not recorded");
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A lock file that this user may not open for writing (another user created it, 0644) is
+    /// opened read-only, and flock on that descriptor still excludes other lockers.
+    #[test]
+    fn a_lock_file_this_user_cannot_write_is_locked_read_only() {
+        let dir = scratch("read-only-lock");
+        let calls = LockCalls {
+            open_rw: |_| Err(std::io::Error::from_raw_os_error(libc::EACCES)),
+            lock: SYSTEM_LOCK_CALLS.lock,
+        };
+        // Made by "the other user" (the fallback only opens an existing file).
+        std::fs::write(dir.join(MANIFEST_LOCK_NAME), b"").unwrap();
+        let held = ManifestLock::take_with(&dir, &calls).unwrap();
+        let f = held.0.as_ref().expect("a lock is held");
+        use std::io::Write;
+        assert!((&*f).write(b"x").is_err(), "the lock file was opened for writing");
+        let other = std::fs::File::open(dir.join(MANIFEST_LOCK_NAME)).unwrap();
+        assert!(!crate::sys::try_lock_exclusive(&other).unwrap(), "the read-only descriptor holds no lock");
+        drop(held);
+        assert!(crate::sys::try_lock_exclusive(&other).unwrap());
+        drop(other);
+        Manifest::record_with(&dir, entry("a.ckpt"), false, &calls).unwrap();
+        assert_eq!(Manifest::read(&dir).unwrap().files.len(), 1);
+        // No lock file and no right to create one: the record fails naming it.
+        std::fs::remove_file(dir.join(MANIFEST_LOCK_NAME)).unwrap();
+        let err = Manifest::record_with(&dir, entry("b.ckpt"), false, &calls).unwrap_err().to_string();
+        assert!(err.contains(MANIFEST_LOCK_NAME) && err.contains("open the manifest lock"), "{err}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

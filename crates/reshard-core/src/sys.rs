@@ -249,6 +249,22 @@ pub fn lock_exclusive(file: &File) -> std::io::Result<()> {
     }
 }
 
+/// Tries to take an exclusive `flock(2)` on `file` without waiting: `Ok(false)` when another
+/// open file description holds one.
+#[cfg(test)]
+pub fn try_lock_exclusive(file: &File) -> std::io::Result<bool> {
+    // SAFETY: a plain system call on a descriptor borrowed for its duration.
+    let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if r == 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EWOULDBLOCK) => Ok(false),
+        _ => Err(e),
+    }
+}
+
 // ---- SIGBUS: a source truncated while it is mapped ----
 //
 // Reading a page of a map beyond the end of its file raises SIGBUS, whose default action
