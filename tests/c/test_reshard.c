@@ -812,6 +812,55 @@ static void test_auto(void)
     CHECK(load == NULL, "load_path_out written on failure");
 }
 
+struct auto_job {
+    const char *opts;
+    ReshardCancel *cancel;
+    int32_t status;
+    char message[1024];
+};
+
+static void *run_auto(void *arg)
+{
+    struct auto_job *j = arg;
+    char *load = NULL;
+    ReshardError *err = NULL;
+    j->status = reshard_auto_cancellable(j->opts, j->cancel, &load, &err);
+    snprintf(j->message, sizeof j->message, "%s", err ? reshard_error_message(err) : "");
+    reshard_error_free(err);
+    reshard_string_free(load);
+    return NULL;
+}
+
+/* reshard_auto_cancellable waiting for a strategy file that never comes (rank 1 of 2): another
+ * thread's request ends the wait with CANCELLED (not the timeout's SOURCE), nothing written. */
+static void test_auto_cancel(void)
+{
+    char out[PATH_LEN], strat[PATH_LEN + 16], from[PATH_LEN + 64], to[PATH_LEN + 64], opts[3 * PATH_LEN];
+    snprintf(out, sizeof out, "%s/auto_cancel", scratch);
+    snprintf(strat, sizeof strat, "%s/strategy", out);
+    mkdir(out, 0755);
+    mkdir(strat, 0755);
+    snprintf(from, sizeof from, "%s/complete_to_mp2/dst_strategy.ckpt", fixtures);
+    snprintf(to, sizeof to, "%s/ckpt_strategy_rank_0.ckpt", strat);
+    CHECK(copy_file(from, to) == 0, "cannot copy %s", from);
+    snprintf(opts, sizeof opts,
+             "{\"load_checkpoint\": \"%s/complete_to_mp2/src\", \"output_dir\": \"%s\", "
+             "\"rank\": 0, \"world_size\": 2, \"timeout\": 30, \"quiet\": true}",
+             fixtures, out);
+    struct auto_job job = {opts, reshard_cancel_new(), -1, ""};
+    pthread_t t;
+    CHECK(pthread_create(&t, NULL, run_auto, &job) == 0, "pthread_create");
+    CHECK(reshard_cancel_request(job.cancel) == RESHARD_STATUS_OK, "reshard_cancel_request");
+    pthread_join(t, NULL);
+    CHECK(job.status == RESHARD_STATUS_CANCELLED, "reshard_auto_cancellable returned %d: %s", job.status,
+          job.message);
+    CHECK(strstr(job.message, "cancelled") != NULL, "message \"%s\"", job.message);
+    char tdir[PATH_LEN + 32];
+    snprintf(tdir, sizeof tdir, "%s/transformed_checkpoint/rank_0", out);
+    CHECK(!exists(tdir), "a cancelled auto wrote %s", tdir);
+    reshard_cancel_free(job.cancel);
+}
+
 /* reshard_strategy_new writes stage files and the merged file; bad requests are errors. */
 static void test_strategy_new(void)
 {
@@ -857,6 +906,7 @@ int main(int argc, char **argv)
     test_merge();
     test_bad_plans();
     test_auto();
+    test_auto_cancel();
     test_strategy_new();
     printf("%d passed, %d failed\n", passed, failed);
     return failed == 0 ? 0 : 1;
