@@ -7,9 +7,9 @@
  *   otherwise a RESHARD_STATUS_* code. Out-parameters are written only on success (and the required
  *   length on RESHARD_STATUS_BUFFER_TOO_SMALL); error objects (ReshardError **error_out, which
  *   may be NULL) only on failure. Initialise them to NULL.
- * - The caller owns every object it receives: ReshardPlan (reshard_plan_free), ReshardError
- *   (reshard_error_free), strings from reshard_plan_to_json (reshard_string_free). Freeing NULL
- *   is a no-op. Strings passed in are only borrowed for the duration of the call.
+ * - The caller owns every object it receives: ReshardPlan (reshard_plan_free), ReshardCancel
+ *   (reshard_cancel_free), ReshardError (reshard_error_free), strings from reshard_plan_to_json
+ *   and reshard_auto (reshard_string_free). Freeing NULL is a no-op. Strings passed in are only borrowed for the duration of the call.
  * - Every pointer is checked: NULL where a value is required gives
  *   RESHARD_STATUS_NULL_ARGUMENT (with an error object where the function has one), never a
  *   crash. Paths are byte strings (any non-empty string); options_json must be UTF-8.
@@ -89,9 +89,8 @@ enum ReshardStatus
    */
   RESHARD_STATUS_INVALID_ARGUMENT = 10,
   /**
-   * The run was asked to stop (the CLI on SIGINT/SIGTERM); its temporary files were removed
-   * and outputs already under their final names are complete. The C API has no way to ask
-   * yet, so it does not return this code today; it is reserved for the core's kind.
+   * The run was asked to stop (`reshard_cancel_request`; the CLI on SIGINT/SIGTERM); its
+   * temporary files were removed and outputs already under their final names are complete.
    */
   RESHARD_STATUS_CANCELLED = 11,
   /**
@@ -126,6 +125,15 @@ enum ReshardStatus
 #ifndef __cplusplus
 typedef int32_t ReshardStatus;
 #endif // __cplusplus
+
+/**
+ * A request to stop, shared between the thread that runs a transform and the one that stops it.
+ *
+ * Opaque to C. Made by `reshard_cancel_new`, freed with `reshard_cancel_free`. Once requested it
+ * stays requested: use a new one for the next run. One handle may be given to several calls
+ * (one request stops all of them).
+ */
+typedef struct ReshardCancel ReshardCancel;
 
 /**
  * An error: a status code and a message naming the file, rank and parameter involved.
@@ -317,6 +325,61 @@ ReshardStatus reshard_execute_with_progress(const ReshardPlan *plan,
                                             ReshardError **error_out);
 
 /**
+ * `reshard_execute_with_progress` that another thread can stop: `reshard_cancel_request(cancel)`
+ * makes it return `RESHARD_STATUS_CANCELLED` at its next block of work. The output being written
+ * then is removed (only its temporary file existed; nothing appears under its final name and
+ * its manifest entry is not written), outputs of ranks finished before stay, complete, and a
+ * later call with `"resume": true` keeps them. A handle already requested when the call starts
+ * stops it before anything is written. `cancel` may be NULL (the call cannot be stopped), and so
+ * may `progress`.
+ *
+ * # Safety
+ *
+ * As `reshard_execute_with_progress`; in addition `cancel` must be NULL or a live handle from
+ * `reshard_cancel_new`, not freed before this call returns.
+ */
+ReshardStatus reshard_execute_cancellable(const ReshardPlan *plan,
+                                          const char *dst_ckpt_dir,
+                                          const uint32_t *dst_ranks,
+                                          size_t n_dst_ranks,
+                                          const char *options_json,
+                                          ReshardProgressFn progress,
+                                          void *user,
+                                          const ReshardCancel *cancel,
+                                          ReshardError **error_out);
+
+/**
+ * Makes a cancel handle, not requested. Free it with `reshard_cancel_free` once no call that
+ * was given it is running. Returns NULL only if memory runs out.
+ */
+ReshardCancel *reshard_cancel_new(void);
+
+/**
+ * Asks every call that was given `cancel` to stop. It returns at once; the call stops at its
+ * next block of work (or within 100 ms while `reshard_auto_cancellable` waits for strategy
+ * files) and returns `RESHARD_STATUS_CANCELLED`. The output it was writing is removed (its
+ * temporary file; nothing appears under a final name), outputs already complete stay.
+ *
+ * May be called from any thread, any number of times, and from a signal handler (it only
+ * stores to an atomic flag). Returns 0, or `RESHARD_STATUS_NULL_ARGUMENT` for NULL.
+ *
+ * # Safety
+ *
+ * `cancel` must be NULL or a live handle from `reshard_cancel_new`.
+ */
+ReshardStatus reshard_cancel_request(const ReshardCancel *cancel);
+
+/**
+ * Frees a cancel handle. NULL is a no-op.
+ *
+ * # Safety
+ *
+ * `cancel` must be NULL or a handle from `reshard_cancel_new` that was not freed before, and no
+ * call that was given it may still be running, nor another thread using it.
+ */
+void reshard_cancel_free(ReshardCancel *cancel);
+
+/**
  * Merges the per-pipeline-stage strategy files in `src_dir` (all `*.ckpt`, or all `*.json`)
  * into one file `dst_file`, as MindSpore's `merge_pipeline_strategys` does (the same bytes for
  * protobuf files, the same JSON value for `.json` files). The folder of `dst_file` is created if needed; the file is written to a temporary name and
@@ -362,6 +425,21 @@ ReshardStatus reshard_merge_strategies(const char *src_dir,
 ReshardStatus reshard_auto(const char *options_json,
                            char **load_path_out,
                            ReshardError **error_out);
+
+/**
+ * `reshard_auto` that another thread can stop: `reshard_cancel_request(cancel)` ends the wait
+ * for strategy files (within 100 ms) or the transform (at its next block of work), and the call
+ * returns `RESHARD_STATUS_CANCELLED`, leaving no partial output. `cancel` may be NULL.
+ *
+ * # Safety
+ *
+ * As `reshard_auto`; in addition `cancel` must be NULL or a live handle from
+ * `reshard_cancel_new`, not freed before this call returns.
+ */
+ReshardStatus reshard_auto_cancellable(const char *options_json,
+                                       const ReshardCancel *cancel,
+                                       char **load_path_out,
+                                       ReshardError **error_out);
 
 /**
  * Writes strategy files for a target layout without MindSpore, as `reshard strategy new`:

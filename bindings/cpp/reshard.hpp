@@ -19,6 +19,7 @@
 #include <exception>
 #include <functional>
 #include <memory>
+#include <new>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -51,6 +52,9 @@ struct PlanDeleter {
 };
 struct StringDeleter {
     void operator()(char *s) const noexcept { reshard_string_free(s); }
+};
+struct CancelDeleter {
+    void operator()(ReshardCancel *c) const noexcept { reshard_cancel_free(c); }
 };
 
 /// Throws for a non-zero status, taking ownership of `err` (freed whatever happens).
@@ -144,6 +148,31 @@ struct ExecuteOptions {
 /// Progress: (bytes written so far, total bytes). Called from worker threads, one call at a time.
 using Progress = std::function<void(uint64_t done, uint64_t total)>;
 
+/// A request to stop a Plan::execute from another thread (see reshard_cancel_request). Move-only;
+/// it must outlive the calls given it. Once requested it stays requested.
+///
+///   reshard::Cancel cancel;
+///   std::thread worker([&] { plan.execute("dst", {}, {}, cancel); });   // throws on a stop
+///   cancel.request();                                                   // from any thread
+class Cancel {
+public:
+    Cancel() : ptr_(reshard_cancel_new()) {
+        if (!ptr_) {
+            throw std::bad_alloc();
+        }
+    }
+
+    /// Asks every execute given this handle to stop: it throws reshard::Error with code
+    /// RESHARD_STATUS_CANCELLED, leaving no partial output. Safe from any thread.
+    void request() const noexcept { reshard_cancel_request(ptr_.get()); }
+
+    /// The C handle (still owned by this Cancel; NULL when moved from).
+    [[nodiscard]] const ReshardCancel *get() const noexcept { return ptr_.get(); }
+
+private:
+    std::unique_ptr<ReshardCancel, detail::CancelDeleter> ptr_;
+};
+
 /// A compiled transform (see reshard_plan). Move-only; freed by the destructor.
 class Plan {
 public:
@@ -216,10 +245,32 @@ public:
     }
 
     /// As execute, reporting progress. An exception thrown by `progress` stops further
-    /// reports and is rethrown once the library call has returned (the call itself completes:
-    /// the C API cannot be interrupted).
+    /// reports and is rethrown once the library call has returned (the call itself completes;
+    /// use the overload with a Cancel to stop it).
     void execute(const std::string &dst_ckpt_dir, const std::vector<uint32_t> &ranks, const ExecuteOptions &options,
                  Progress progress) const {
+        run(dst_ckpt_dir, ranks, options, std::move(progress), nullptr, false);
+    }
+
+    /// As execute, stopped when `cancel.request()` is called (from another thread, or from
+    /// `progress`): then throws reshard::Error with code RESHARD_STATUS_CANCELLED. The output
+    /// being written is removed; outputs of ranks finished before stay, complete.
+    void execute(const std::string &dst_ckpt_dir, const std::vector<uint32_t> &ranks, const ExecuteOptions &options,
+                 const Cancel &cancel, Progress progress = nullptr) const {
+        run(dst_ckpt_dir, ranks, options, std::move(progress), cancel.get(), true);
+    }
+
+    /// The C handle, for calling the C API directly (still owned by this Plan).
+    [[nodiscard]] const ReshardPlan *get() const noexcept { return ptr_.get(); }
+
+    /// False for a moved-from Plan.
+    explicit operator bool() const noexcept { return static_cast<bool>(ptr_); }
+
+private:
+    explicit Plan(ReshardPlan *raw) noexcept : ptr_(raw) {}
+
+    void run(const std::string &dst_ckpt_dir, const std::vector<uint32_t> &ranks, const ExecuteOptions &options,
+             Progress progress, const ReshardCancel *cancel, bool cancellable) const {
         struct Context {
             Progress fn;
             std::exception_ptr failure;
@@ -237,23 +288,18 @@ public:
         };
         ReshardError *err = nullptr;
         const std::string json = options.to_json();
-        int32_t status = reshard_execute_with_progress(ptr_.get(), dst_ckpt_dir.c_str(),
-                                                       ranks.empty() ? nullptr : ranks.data(), ranks.size(),
-                                                       json.c_str(), trampoline, &ctx, &err);
+        const uint32_t *rank_ptr = ranks.empty() ? nullptr : ranks.data();
+        int32_t status = cancellable ? reshard_execute_cancellable(ptr_.get(), dst_ckpt_dir.c_str(), rank_ptr,
+                                                                   ranks.size(), json.c_str(), trampoline, &ctx,
+                                                                   cancel, &err)
+                                     : reshard_execute_with_progress(ptr_.get(), dst_ckpt_dir.c_str(), rank_ptr,
+                                                                     ranks.size(), json.c_str(), trampoline, &ctx,
+                                                                     &err);
         detail::check(status, err);
         if (ctx.failure) {
             std::rethrow_exception(ctx.failure);
         }
     }
-
-    /// The C handle, for calling the C API directly (still owned by this Plan).
-    [[nodiscard]] const ReshardPlan *get() const noexcept { return ptr_.get(); }
-
-    /// False for a moved-from Plan.
-    explicit operator bool() const noexcept { return static_cast<bool>(ptr_); }
-
-private:
-    explicit Plan(ReshardPlan *raw) noexcept : ptr_(raw) {}
 
     void require() const {
         if (!ptr_) {

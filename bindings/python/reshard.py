@@ -4,7 +4,7 @@ functions, with the same signatures, so an old script switches by changing its i
     # from mindspore import transform_checkpoints, merge_pipeline_strategys, rank_list_for_transform
     from reshard import transform_checkpoints, merge_pipeline_strategys, rank_list_for_transform
 
-plus :class:`Plan` for finer control (some ranks, threads, progress). Failures raise
+plus :class:`Plan` for finer control (some ranks, threads, progress, :class:`Cancel`). Failures raise
 :class:`ReshardError` (a ``ValueError``, as most of MindSpore's are) carrying reshard's status
 code and its message, which names the file, rank and parameter.
 
@@ -23,6 +23,7 @@ import warnings
 
 __all__ = [
     "ABI_VERSION",
+    "Cancel",
     "Plan",
     "ReshardError",
     "Status",
@@ -120,6 +121,13 @@ def _declare(lib):
             i32,
             [p, s, ctypes.POINTER(u32), size, s, _PROGRESS, p, pp],
         ),
+        "reshard_execute_cancellable": (
+            i32,
+            [p, s, ctypes.POINTER(u32), size, s, _PROGRESS, p, p, pp],
+        ),
+        "reshard_cancel_new": (p, []),
+        "reshard_cancel_request": (i32, [p]),
+        "reshard_cancel_free": (None, [p]),
         "reshard_merge_strategies": (i32, [s, s, pp]),
         "reshard_error_code": (i32, [p]),
         "reshard_error_message": (s, [p]),
@@ -221,6 +229,40 @@ def _rank(value, name):
             Status.RANK_OUT_OF_RANGE, f"{name} {value} is not a valid rank (0 to {_U32_MAX})"
         )
     return value
+
+
+class Cancel:
+    """A request to stop :meth:`Plan.execute` from another thread, used like a
+    :class:`threading.Event`: ``set()`` makes the call running with it raise
+    :class:`ReshardError` with code :attr:`Status.CANCELLED` at its next block of work, leaving
+    no partial output (outputs of ranks finished before stay, complete). Once set it stays set.
+    ``set()`` may be called from any thread, also while the call holds the library."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._set = False
+        self._h = _library().reshard_cancel_new()
+        if not self._h:
+            raise MemoryError("reshard_cancel_new failed")
+
+    def set(self):
+        """Asks every call given this object to stop."""
+        with self._lock:
+            self._set = True
+            if self._h:
+                _library().reshard_cancel_request(self._h)
+
+    def is_set(self):
+        """Whether :meth:`set` was called."""
+        return self._set
+
+    def _handle(self):
+        return self._h
+
+    def __del__(self):
+        h, self._h = getattr(self, "_h", None), None
+        if h and _lib is not None:
+            _lib.reshard_cancel_free(h)
 
 
 class Plan:
@@ -372,6 +414,7 @@ class Plan:
         sync=True,
         progress=None,
         io="auto",
+        cancel=None,
     ):
         """Writes ``dst_checkpoints_dir/rank_{r}/{prefix}{r}.{output_format}`` for ``ranks``
         (all destination ranks when None or empty).
@@ -379,8 +422,14 @@ class Plan:
         ``threads``: workers, 0 = all cores. ``crc``: append MindSpore's crc32 trailer.
         ``resume``: keep an output this plan already wrote that still verifies against the
         folder's manifest (False: always rewrite). ``sync``: fsync outputs before renaming them
-        into place. ``io``: "mmap", "pread" or "auto", as for :class:`Plan`. ``progress(done, total)``, if given, is called with bytes written so far
-        (from a worker thread); an exception it raises is re-raised when the call returns."""
+        into place. ``io``: "mmap", "pread" or "auto", as for :class:`Plan`. ``progress(done,
+        total)``, if given, is called with bytes written so far (from a worker thread); an
+        exception it raises is re-raised when the call returns.
+
+        ``cancel``: a :class:`Cancel`, whose ``set()`` from another thread stops the call (it
+        raises :class:`ReshardError` with code :attr:`Status.CANCELLED`), or any object with
+        ``is_set()`` such as a :class:`threading.Event`, which is looked at when the call starts
+        and each time progress is reported."""
         if not isinstance(prefix, str):
             raise TypeError("The ckpt_prefix should be a str.")
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
@@ -402,20 +451,42 @@ class Plan:
         lib = _library()
         err = ctypes.c_void_p()
         failure = []
-        if progress is not None:
+        # An Event-like object is forwarded to a Cancel of our own when the call starts and at
+        # each progress report (the library cannot look at a Python object itself).
+        event = None
+        if cancel is not None and not isinstance(cancel, Cancel):
+            if not callable(getattr(cancel, "is_set", None)):
+                raise TypeError(f"cancel must be a reshard.Cancel or have is_set(), got {cancel!r}")
+            event, cancel = cancel, Cancel()
+            if event.is_set():
+                cancel.set()
+        if progress is not None or event is not None:
 
             def on_progress(done, total, _user):
-                if failure:
-                    return
-                try:
-                    progress(done, total)
-                except BaseException as e:  # noqa: BLE001 - re-raised below
-                    failure.append(e)
+                if progress is not None and not failure:
+                    try:
+                        progress(done, total)
+                    except BaseException as e:  # noqa: BLE001 - re-raised below
+                        failure.append(e)
+                if event is not None and not cancel.is_set() and event.is_set():
+                    cancel.set()
 
             callback = _PROGRESS(on_progress)  # kept alive until the call returns
         h = self._acquire()
         try:
-            if progress is None:
+            if cancel is not None:
+                status = lib.reshard_execute_cancellable(
+                    h,
+                    dst,
+                    arr,
+                    len(rank_list),
+                    options,
+                    callback if progress is not None or event is not None else _PROGRESS(),
+                    None,
+                    cancel._handle(),
+                    ctypes.byref(err),
+                )
+            elif progress is None:
                 status = lib.reshard_execute(
                     h, dst, arr, len(rank_list), options, ctypes.byref(err)
                 )

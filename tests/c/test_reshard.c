@@ -6,6 +6,7 @@
  * Prints "N passed, M failed" last; exits 1 if anything failed.
  */
 #define _POSIX_C_SOURCE 200809L
+#include <dirent.h>
 #include <errno.h>
 #include <pthread.h>
 #include <stdint.h>
@@ -220,6 +221,127 @@ static void *run_held(void *arg)
     }
     reshard_error_free(err);
     return NULL;
+}
+
+/* Entries of folder `dir` other than ".", ".." and the manifest lock file (-1 if it cannot be
+ * read); the first such name goes to `first`. */
+static int entries_besides_lock(const char *dir, char *first, size_t first_len)
+{
+    DIR *d = opendir(dir);
+    if (d == NULL) {
+        return -1;
+    }
+    int n = 0;
+    first[0] = 0;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+        if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0 ||
+            strcmp(e->d_name, ".reshard_manifest.lock") == 0) {
+            continue;
+        }
+        if (n++ == 0) {
+            snprintf(first, first_len, "%s", e->d_name);
+        }
+    }
+    closedir(d);
+    return n;
+}
+
+struct cancelled_job {
+    const ReshardPlan *plan;
+    const char *dst;
+    struct gate *gate;
+    ReshardCancel *cancel;
+    int32_t status;
+    char message[1024];
+};
+
+static void *run_cancellable(void *arg)
+{
+    struct cancelled_job *j = arg;
+    uint32_t rank = 1;
+    ReshardError *err = NULL;
+    j->status = reshard_execute_cancellable(j->plan, j->dst, &rank, 1, "{\"threads\": 1}", hold_until_released,
+                                            j->gate, j->cancel, &err);
+    snprintf(j->message, sizeof j->message, "%s", err ? reshard_error_message(err) : "");
+    CHECK(err == NULL || reshard_error_code(err) == j->status, "error code %d, status %d",
+          reshard_error_code(err), j->status);
+    reshard_error_free(err);
+    return NULL;
+}
+
+/* reshard_execute_cancellable: another thread requests a stop while rank 1 is being written (the
+ * progress callback holds the call until the request is made): CANCELLED, and the rank's folder
+ * holds neither the output nor a temporary file nor a manifest. Then the same plan writes it
+ * whole, a handle requested before the call stops it at once, and NULL handles are refused or
+ * ignored as documented. */
+static void test_cancel(void)
+{
+    const char *c = "complete_to_dp2mp2";
+    ReshardPlan *plan = make_plan(c, NULL, "dst_strategy.ckpt");
+    if (plan == NULL) {
+        return;
+    }
+    char dst[PATH_LEN], rank_dir[PATH_LEN], first[256];
+    path_of(dst, "%s/%s", scratch, "c2d_cancel");
+    path_of(rank_dir, "%s/%s", dst, "rank_1");
+
+    ReshardCancel *cancel = reshard_cancel_new();
+    CHECK(cancel != NULL, "reshard_cancel_new");
+    struct gate g;
+    pthread_mutex_init(&g.mu, NULL);
+    pthread_cond_init(&g.cv, NULL);
+    g.started = 0;
+    g.released = 0;
+    struct cancelled_job job = {plan, dst, &g, cancel, -1, ""};
+    pthread_t t;
+    CHECK(pthread_create(&t, NULL, run_cancellable, &job) == 0, "pthread_create");
+    pthread_mutex_lock(&g.mu);
+    while (!g.started) {
+        pthread_cond_wait(&g.cv, &g.mu);
+    }
+    pthread_mutex_unlock(&g.mu);
+    CHECK(reshard_cancel_request(cancel) == RESHARD_STATUS_OK, "reshard_cancel_request");
+    pthread_mutex_lock(&g.mu);
+    g.released = 1;
+    pthread_cond_broadcast(&g.cv);
+    pthread_mutex_unlock(&g.mu);
+    pthread_join(t, NULL);
+    CHECK(job.status == RESHARD_STATUS_CANCELLED, "cancelled execute returned %d: %s", job.status, job.message);
+    CHECK(strstr(job.message, "cancelled") != NULL && strstr(job.message, "checkpoint_1.ckpt") != NULL,
+          "message \"%s\"", job.message);
+    int left = entries_besides_lock(rank_dir, first, sizeof first);
+    CHECK(left == 0, "a cancelled run left %d file(s) in %s, e.g. %s", left, rank_dir, first);
+    pthread_cond_destroy(&g.cv);
+    pthread_mutex_destroy(&g.mu);
+
+    /* Requested before the call: stopped before anything is written. */
+    ReshardError *err = NULL;
+    uint32_t two = 2;
+    int32_t st = reshard_execute_cancellable(plan, dst, &two, 1, NULL, NULL, NULL, cancel, &err);
+    check_error(st, &err, RESHARD_STATUS_CANCELLED, "cancelled");
+    path_of(rank_dir, "%s/%s", dst, "rank_2");
+    left = entries_besides_lock(rank_dir, first, sizeof first);
+    CHECK(left <= 0, "a run cancelled before it started left %s in %s", first, rank_dir);
+    reshard_cancel_free(cancel);
+
+    /* A fresh handle (or none) and the same plan: the outputs are written whole. */
+    cancel = reshard_cancel_new();
+    uint32_t ranks[2] = {1, 2};
+    st = reshard_execute_cancellable(plan, dst, ranks, 2, NULL, NULL, NULL, cancel, &err);
+    CHECK(st == RESHARD_STATUS_OK, "execute with an unrequested handle: %d %s", st,
+          err ? reshard_error_message(err) : "");
+    reshard_error_free(err);
+    err = NULL;
+    check_rank_output(c, dst, 1, "checkpoint_", "ckpt");
+    check_rank_output(c, dst, 2, "checkpoint_", "ckpt");
+    st = reshard_execute_cancellable(plan, dst, ranks, 2, NULL, NULL, NULL, NULL, &err);
+    CHECK(st == RESHARD_STATUS_OK, "execute with a NULL handle: %d", st);
+    reshard_error_free(err);
+    CHECK(reshard_cancel_request(NULL) == RESHARD_STATUS_NULL_ARGUMENT, "reshard_cancel_request(NULL)");
+    reshard_cancel_free(cancel);
+    reshard_cancel_free(NULL);
+    reshard_plan_free(plan);
 }
 
 static void test_complete_to_dp2mp2(void)
@@ -690,6 +812,55 @@ static void test_auto(void)
     CHECK(load == NULL, "load_path_out written on failure");
 }
 
+struct auto_job {
+    const char *opts;
+    ReshardCancel *cancel;
+    int32_t status;
+    char message[1024];
+};
+
+static void *run_auto(void *arg)
+{
+    struct auto_job *j = arg;
+    char *load = NULL;
+    ReshardError *err = NULL;
+    j->status = reshard_auto_cancellable(j->opts, j->cancel, &load, &err);
+    snprintf(j->message, sizeof j->message, "%s", err ? reshard_error_message(err) : "");
+    reshard_error_free(err);
+    reshard_string_free(load);
+    return NULL;
+}
+
+/* reshard_auto_cancellable waiting for a strategy file that never comes (rank 1 of 2): another
+ * thread's request ends the wait with CANCELLED (not the timeout's SOURCE), nothing written. */
+static void test_auto_cancel(void)
+{
+    char out[PATH_LEN], strat[PATH_LEN + 16], from[PATH_LEN + 64], to[PATH_LEN + 64], opts[3 * PATH_LEN];
+    snprintf(out, sizeof out, "%s/auto_cancel", scratch);
+    snprintf(strat, sizeof strat, "%s/strategy", out);
+    mkdir(out, 0755);
+    mkdir(strat, 0755);
+    snprintf(from, sizeof from, "%s/complete_to_mp2/dst_strategy.ckpt", fixtures);
+    snprintf(to, sizeof to, "%s/ckpt_strategy_rank_0.ckpt", strat);
+    CHECK(copy_file(from, to) == 0, "cannot copy %s", from);
+    snprintf(opts, sizeof opts,
+             "{\"load_checkpoint\": \"%s/complete_to_mp2/src\", \"output_dir\": \"%s\", "
+             "\"rank\": 0, \"world_size\": 2, \"timeout\": 30, \"quiet\": true}",
+             fixtures, out);
+    struct auto_job job = {opts, reshard_cancel_new(), -1, ""};
+    pthread_t t;
+    CHECK(pthread_create(&t, NULL, run_auto, &job) == 0, "pthread_create");
+    CHECK(reshard_cancel_request(job.cancel) == RESHARD_STATUS_OK, "reshard_cancel_request");
+    pthread_join(t, NULL);
+    CHECK(job.status == RESHARD_STATUS_CANCELLED, "reshard_auto_cancellable returned %d: %s", job.status,
+          job.message);
+    CHECK(strstr(job.message, "cancelled") != NULL, "message \"%s\"", job.message);
+    char tdir[PATH_LEN + 32];
+    snprintf(tdir, sizeof tdir, "%s/transformed_checkpoint/rank_0", out);
+    CHECK(!exists(tdir), "a cancelled auto wrote %s", tdir);
+    reshard_cancel_free(job.cancel);
+}
+
 /* reshard_strategy_new writes stage files and the merged file; bad requests are errors. */
 static void test_strategy_new(void)
 {
@@ -727,6 +898,7 @@ int main(int argc, char **argv)
     }
     test_version();
     test_complete_to_dp2mp2();
+    test_cancel();
     test_output_inside_source();
     test_dp2mp2_to_complete();
     test_pipeline_threads();
@@ -734,6 +906,7 @@ int main(int argc, char **argv)
     test_merge();
     test_bad_plans();
     test_auto();
+    test_auto_cancel();
     test_strategy_new();
     printf("%d passed, %d failed\n", passed, failed);
     return failed == 0 ? 0 : 1;

@@ -195,6 +195,31 @@ void test_complete_to_dp2mp2() {
     CHECK(plan.dst_rank_count() == 4, "moved back");
 }
 
+// A Cancel requested from the progress callback (that is, from a reshard worker thread while
+// rank 1 is being written): the call throws CANCELLED and the rank's folder holds no output, no
+// temporary file and no manifest; a new Cancel then lets the same call write it whole.
+void test_cancel() {
+    static_assert(!std::is_copy_constructible_v<reshard::Cancel>, "Cancel must be move-only");
+    const std::string c = "complete_to_dp2mp2";
+    auto plan = reshard::Plan::build(case_path(c, "src"), std::nullopt, case_path(c, "dst_strategy.ckpt"));
+    const fs::path dst = scratch / "c2d_cancel";
+    reshard::Cancel cancel;
+    reshard::ExecuteOptions one_thread;
+    one_thread.threads = 1;
+    EXPECT_ERROR(plan.execute(dst.string(), {1}, one_thread, cancel, [&](uint64_t, uint64_t) { cancel.request(); }),
+                 RESHARD_STATUS_CANCELLED, "checkpoint_1.ckpt");
+    std::vector<std::string> left;
+    for (const auto &e : fs::directory_iterator(dst / "rank_1")) {
+        if (e.path().filename() != ".reshard_manifest.lock") {
+            left.push_back(e.path().filename().string());
+        }
+    }
+    CHECK(left.empty(), "a cancelled run left " + (left.empty() ? std::string() : left.front()));
+    reshard::Cancel fresh;
+    plan.execute(dst.string(), {1}, one_thread, fresh);
+    check_output(c, dst, 1);
+}
+
 void test_dp2mp2_to_complete() {
     const std::string c = "dp2mp2_to_complete";
     auto plan = reshard::Plan::build(case_path(c, "src"), case_path(c, "src_strategy.ckpt"));
@@ -295,6 +320,7 @@ int main(int argc, char **argv) {
     try {
         test_version();
         test_complete_to_dp2mp2();
+        test_cancel();
         test_dp2mp2_to_complete();
         test_pipeline_threads();
         test_safetensors_and_merge();

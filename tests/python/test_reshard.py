@@ -215,6 +215,57 @@ def test_progress(tmp_path):
         assert_same_outputs(c, tmp_path / "b", ["rank_0/checkpoint_0.ckpt"])
 
 
+def _left_in(folder):
+    """What a stopped run left in a rank folder (the manifest lock file may stay)."""
+    return sorted(n for n in os.listdir(folder) if n != ".reshard_manifest.lock")
+
+
+@pytest.mark.parametrize("kind", ["Cancel", "threading.Event"])
+def test_another_thread_cancels(tmp_path, kind):
+    """While rank 1 is being written (the progress callback holds the call), another thread
+    sets the cancel object: the call raises CANCELLED and leaves neither the output nor a
+    temporary file nor a manifest; the same plan then writes the rank whole."""
+    c = case("complete_to_dp2mp2")
+    started, release = threading.Event(), threading.Event()
+    cancel = reshard.Cancel() if kind == "Cancel" else threading.Event()
+    results = []
+
+    def hold(done, total):
+        started.set()
+        release.wait(30)
+
+    with reshard.Plan(c["src"], None, c["dst_strategy"]) as plan:
+
+        def run():
+            try:
+                plan.execute(tmp_path, [1], threads=1, progress=hold, cancel=cancel)
+                results.append("ok")
+            except Exception as e:  # noqa: BLE001 - asserted below
+                results.append(e)
+                started.set()
+
+        t = threading.Thread(target=run)
+        t.start()
+        assert started.wait(30)
+        cancel.set()
+        release.set()
+        t.join()
+        assert len(results) == 1 and isinstance(results[0], ReshardError), results
+        assert results[0].code == Status.CANCELLED, results[0]
+        assert "cancelled" in str(results[0]) and "checkpoint_1.ckpt" in str(results[0])
+        assert _left_in(tmp_path / "rank_1") == []
+        # Set before the call: nothing is written.
+        with pytest.raises(ReshardError) as e:
+            plan.execute(tmp_path, [2], cancel=cancel)
+        assert e.value.code == Status.CANCELLED
+        assert not (tmp_path / "rank_2").exists() or _left_in(tmp_path / "rank_2") == []
+        plan.execute(tmp_path, [1, 2], cancel=reshard.Cancel() if kind == "Cancel" else threading.Event())
+    assert_same_outputs(c, tmp_path, ["rank_1/checkpoint_1.ckpt", "rank_2/checkpoint_2.ckpt"])
+    assert cancel.is_set()
+    with pytest.raises(TypeError):
+        reshard.Plan(c["src"], None, c["dst_strategy"]).execute(tmp_path, [0], cancel=object())
+
+
 def test_threads_execute_disjoint_ranks(tmp_path):
     c = case("dp2mp2pp2_to_dp1mp2pp2")
     errors = []

@@ -326,6 +326,9 @@ fn run(cli: Cli) -> Result<(), Error> {
                 for m in &r.missing {
                     outln!("MISSING {m}");
                 }
+                for (p, why) in &r.skipped {
+                    outln!("SKIP {}: {why}", p.display());
+                }
             }
             if r.bad.is_empty() && r.missing.is_empty() {
                 eprintln!("reshard: {} file(s) verified in {} manifest(s)", r.ok.len(), r.manifests);

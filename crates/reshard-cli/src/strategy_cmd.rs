@@ -52,7 +52,11 @@ Show what a strategy does to each parameter: split, pipeline stage, the slice ea
 and how many ranks hold the same slice.
 
 Full shapes come from the strategy (JSON files carry tensor_shape) or from --from (a complete
-checkpoint); without them only the split is shown. FILE_OR_DIR is a strategy file (.ckpt
+checkpoint); without them only the split is shown. MindSpore's JSON writer flattens a dim split
+over several device axes into one dim per axis (tensor_shape [32, 2, 32], tensor_map [-1, 1, 0]
+for a [32, 64] weight): only the checkpoint's shapes tell, so with --from such layouts are merged
+back into the tensor's dims, and without it a note names the parameters that may be flattened
+(their shapes and slices are then the file's flattened dims). FILE_OR_DIR is a strategy file (.ckpt
 protobuf or .json) or a folder of per-stage files. --json adds every distinct slice with its
 global ranks (stage * devices per stage + local rank), offset and shape.";
 

@@ -202,6 +202,37 @@ fn missing_stage_file_times_out_naming_it() {
     assert!(!out.join("transformed_checkpoint/rank_0/checkpoint_0.ckpt").exists());
 }
 
+/// A FIFO (or a folder) where the runtime writes a rank's strategy file is refused at once by
+/// name; it used to be taken for a file not written yet and waited for until the timeout.
+#[test]
+fn a_strategy_file_that_is_not_a_regular_file_is_refused_at_once() {
+    let (case, _s, out, world) = prepared("dp2mp2pp2_to_dp1mp2pp2", "fifo-strategy");
+    let victim = out.join("strategy/ckpt_strategy_rank_3.ckpt");
+    std::fs::remove_file(&victim).unwrap();
+    assert!(Command::new("mkfifo").arg(&victim).status().unwrap().success());
+    // With a timeout of 30 s the old behaviour fails this test ("timed out" names no FIFO).
+    let o = auto_rank0("30", world, &case.join("src"), &case.join("src_strategy_stages"), &out).output().unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(victim.to_str().unwrap())
+            && err.contains("FIFO")
+            && err.contains("rank 3")
+            && !err.contains("timed out"),
+        "{err}"
+    );
+    assert!(!out.join("transformed_checkpoint/rank_0/checkpoint_0.ckpt").exists());
+    // This rank's own file, and a folder.
+    std::fs::remove_file(&victim).unwrap();
+    std::fs::copy(out.join("strategy/ckpt_strategy_rank_2.ckpt"), &victim).unwrap();
+    let own = out.join("strategy/ckpt_strategy_rank_0.ckpt");
+    std::fs::remove_file(&own).unwrap();
+    std::fs::create_dir(&own).unwrap();
+    let o = auto_rank0("30", world, &case.join("src"), &case.join("src_strategy_stages"), &out).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains(own.to_str().unwrap()) && err.contains("a folder") && !err.contains("timed out"), "{err}");
+}
+
 #[test]
 fn two_nodes_with_different_launchers_and_local_rank_sets() {
     // "Node" A runs ranks 0-3 under MindSpore's variables, node B ranks 4-7 under Open MPI's,

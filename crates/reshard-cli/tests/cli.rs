@@ -1324,6 +1324,27 @@ fn verify_names_the_ranks_an_unfinished_job_did_not_write() {
     assert_refused_with_stdout(&v, &["missing: rank_1"]);
 }
 
+/// Symbolic links to folders that lead back up the tree: `verify` enters each folder once,
+/// names the links it did not follow again, and passes (it followed them for ever).
+#[test]
+fn verify_ends_on_symlink_loops_and_names_them() {
+    let s = Scratch::new("verify-loop");
+    let dst = s.join("out");
+    assert!(transform_complete_to_dp2mp2(&dst, &[]).status.success());
+    std::os::unix::fs::symlink("..", dst.join("rank_0/up")).unwrap();
+    std::os::unix::fs::symlink(".", dst.join("rank_1/here")).unwrap();
+    std::os::unix::fs::symlink("../rank_3", dst.join("rank_2/sibling")).unwrap();
+    let v = reshard_or_hang([OsStr::new("verify"), dst.as_os_str()]);
+    assert!(v.status.success(), "{}", text(&v.stderr));
+    let out = text(&v.stdout);
+    for (link, why) in [("rank_0/up", "a symlink loop"), ("rank_1/here", "a symlink loop"), ("rank_2/sibling", "")] {
+        let line = out.lines().find(|l| l.starts_with(&format!("SKIP {}", dst.join(link).display())));
+        let line = line.unwrap_or_else(|| panic!("no SKIP line for {link}: {out}"));
+        assert!(line.contains("a symbolic link to the folder") && line.contains(why), "{line}");
+    }
+    assert_eq!(out.lines().filter(|l| l.starts_with("ok   ")).count(), 4, "{out}");
+}
+
 /// Like `assert_refused`, for `verify`, which also lists what it checked on stdout.
 #[track_caller]
 fn assert_refused_with_stdout(out: &Output, needles: &[&str]) -> String {
@@ -1502,4 +1523,49 @@ fn transform_quiet_prints_nothing_on_success() {
         }
         assert!(out.stdout.is_empty());
     }
+}
+
+/// `strategy show` of a JSON strategy in MindSpore's flattened form: without `--from` a note
+/// names the parameters whose shapes may be the flattened ones and says how to get the real
+/// ones; with `--from` they are merged back into the checkpoint's dims. (Both showed the
+/// flattened slices, `[2, 8, 16]` for a `[16, 16]` weight, without a word.)
+#[test]
+fn strategy_show_of_a_flattened_json_strategy_says_so_or_merges_it_back() {
+    let flat = fixture("flat_json/nested_to_dp2mp2/src_strategy.json");
+    let out = reshard([OsStr::new("strategy"), OsStr::new("show"), flat.as_os_str()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let note = stdout.lines().find(|l| l.starts_with("note: ")).unwrap_or_else(|| panic!("no note: {stdout}"));
+    for needle in ["18 parameter(s)", "flattened form", "model.layers.0.attention.wk.weight", "--from CKPT"] {
+        assert!(note.contains(needle), "{needle:?} not in {note}");
+    }
+    assert!(!note.contains("lm_head.weight"), "{note}");
+    let json = reshard([OsStr::new("strategy"), OsStr::new("show"), OsStr::new("--json"), flat.as_os_str()]);
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    let row = |v: &serde_json::Value, name: &str| {
+        v["rows"].as_array().unwrap().iter().find(|r| r["name"] == name).unwrap().clone()
+    };
+    assert_eq!(row(&v, "model.layers.0.attention.wk.weight")["maybe_flattened"], true);
+    assert_eq!(row(&v, "lm_head.weight")["maybe_flattened"], false);
+    assert_eq!(v["notes"].as_array().unwrap().len(), 1);
+
+    let complete = fixture("conformance/complete_to_dp2mp2/src");
+    let args = |json: bool| {
+        let mut a = argv!["strategy", "show", &flat, "--from", &complete];
+        if json {
+            a.push("--json".into());
+        }
+        a
+    };
+    let out = reshard(args(false));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(!stdout.contains("note: "), "{stdout}");
+    let wk = stdout.lines().find(|l| l.starts_with("model.layers.0.attention.wk.weight ")).unwrap();
+    assert!(wk.contains("[16, 16]") && wk.contains("[4, 16]") && wk.contains("axis2(2)*axis1(2)"), "{wk}");
+    let v: serde_json::Value = serde_json::from_slice(&reshard(args(true)).stdout).unwrap();
+    let wk = row(&v, "model.layers.0.attention.wk.weight");
+    assert_eq!(wk["shape"], serde_json::json!([16, 16]));
+    assert_eq!(wk["tensor_map"], serde_json::json!([[2, 1], [-1]]));
+    assert_eq!(wk["maybe_flattened"], false);
 }

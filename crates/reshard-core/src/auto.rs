@@ -344,8 +344,28 @@ fn wait_for_strategies(
     log: &mut Vec<String>,
 ) -> Result<Option<Strategy>> {
     let name = |r: u32, ext: &str| dir.join(format!("ckpt_strategy_rank_{r}.{ext}"));
-    let find = |r: u32| [name(r, "ckpt"), name(r, "json")].into_iter().find(|p| p.is_file());
-    if world == 1 && find(0).is_none() {
+    // A rank's strategy file, if there is one yet. The runtime writes regular files: anything
+    // else under that name (a FIFO, a folder, a device, a dangling symlink) will not become one
+    // by waiting, and is refused at once rather than waited for until the timeout.
+    let find = |r: u32| -> Result<Option<PathBuf>> {
+        for p in [name(r, "ckpt"), name(r, "json")] {
+            if std::fs::symlink_metadata(&p).is_err() {
+                continue;
+            }
+            return match crate::input::not_regular(&p) {
+                None => Ok(Some(p)),
+                Some(what) => Err(Error::Unsupported {
+                    path: p,
+                    detail: format!(
+                        "rank {r}'s strategy file is {what}; the runtime writes its strategy there as a regular \
+                         file: remove this one and relaunch"
+                    ),
+                }),
+            };
+        }
+        Ok(None)
+    };
+    if world == 1 && find(0)?.is_none() {
         log.push(format!("no strategy file in {} and world size 1: writing one complete checkpoint", dir.display()));
         return Ok(None);
     }
@@ -354,12 +374,12 @@ fn wait_for_strategies(
     let fresh_after = |own: Option<SystemTime>| own.and_then(|t| t.checked_sub(timeout));
     let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
     loop {
-        let own = find(rank).as_deref().and_then(mtime);
+        let own = find(rank)?.as_deref().and_then(mtime);
         let after = fresh_after(own);
         let mut missing = Vec::new();
         let mut files = Vec::new();
         for r in 0..world {
-            match find(r) {
+            match find(r)? {
                 Some(p) if after.is_none_or(|a| mtime(&p).is_some_and(|m| m >= a)) && own.is_some() => {
                     // A file still being written may not parse yet: wait for it like a missing one.
                     match Strategy::load(&p) {

@@ -7,7 +7,7 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use crate::atomic::write_atomic;
+use crate::atomic::{remove_stale_temps, write_atomic};
 use crate::checkpoint::{CheckpointFile, ReadOptions};
 use crate::error::{Error, Result};
 
@@ -23,18 +23,35 @@ pub const MANIFEST_LOCK_NAME: &str = ".reshard_manifest.lock";
 /// Holds the manifest lock of `dir` while alive (`None` on a filesystem without `flock`).
 struct ManifestLock(#[allow(dead_code)] Option<std::fs::File>);
 
+/// How the manifest lock file is opened and locked: the system's calls, or in tests stand-ins
+/// that fail as some filesystems and other users' lock files make them fail.
+struct LockCalls {
+    /// Opens (creating it if needed) the lock file for reading and writing.
+    open_rw: fn(&Path) -> std::io::Result<std::fs::File>,
+    /// Takes an exclusive lock on the open file, waiting for it.
+    lock: fn(&std::fs::File) -> std::io::Result<()>,
+}
+
+const SYSTEM_LOCK_CALLS: LockCalls = LockCalls {
+    open_rw: |path| std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path),
+    lock: crate::sys::lock_exclusive,
+};
+
 impl ManifestLock {
     fn take(dir: &Path) -> Result<ManifestLock> {
+        Self::take_with(dir, &SYSTEM_LOCK_CALLS)
+    }
+
+    fn take_with(dir: &Path, calls: &LockCalls) -> Result<ManifestLock> {
         let path = dir.join(MANIFEST_LOCK_NAME);
-        let open_rw = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path);
         // Another user may have created the lock file (0644): flock works on a read-only
         // descriptor too, and this user can still rename a new manifest into the folder.
-        let f = match open_rw {
+        let f = match (calls.open_rw)(&path) {
             Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => std::fs::File::open(&path),
             other => other,
         }
         .map_err(|e| Error::io(&path, "open the manifest lock", e))?;
-        match crate::sys::lock_exclusive(&f) {
+        match (calls.lock)(&f) {
             Ok(()) => Ok(ManifestLock(Some(f))),
             // Filesystems without flock (Lustre without -o flock, NFS with nolock, some FUSE):
             // go on unlocked, as before the lock existed, rather than fail a finished output.
@@ -98,7 +115,16 @@ impl Manifest {
     /// Records `entry` in the manifest of `dir` (replacing an entry of the same name), under
     /// the folder's manifest lock.
     pub fn record(dir: &Path, entry: ManifestEntry, sync: bool) -> Result<()> {
-        let _lock = ManifestLock::take(dir)?;
+        Self::record_with(dir, entry, sync, &SYSTEM_LOCK_CALLS)
+    }
+
+    fn record_with(dir: &Path, entry: ManifestEntry, sync: bool, calls: &LockCalls) -> Result<()> {
+        let _lock = ManifestLock::take_with(dir, calls)?;
+        // Under the lock, so that no other process of this machine is between creating its
+        // manifest temporary file and renaming it; and only this machine's dead processes' files
+        // (another machine sharing the folder may be writing its own even where flock is not
+        // shared between machines, or not there at all).
+        remove_stale_temps(dir, MANIFEST_NAME);
         // A manifest that cannot be read now (EIO, EMFILE, ...) is not an empty one: rewriting
         // it with only this entry would drop every other entry.
         // (A manifest that does not parse lists nothing that can be trusted: it is started anew.)
@@ -122,6 +148,7 @@ impl Manifest {
             return Ok(());
         }
         let _lock = ManifestLock::take(dir)?;
+        remove_stale_temps(dir, MANIFEST_NAME);
         let Some(mut m) = Manifest::read(dir) else {
             return Ok(());
         };
@@ -180,6 +207,9 @@ pub struct VerifyReport {
     pub manifests: usize,
     /// Jobs whose manifests say they have ranks that have no output.
     pub missing: Vec<MissingRanks>,
+    /// Folders reached a second time (through a symbolic link: a loop, or a second path to one
+    /// folder), with why they were not entered again.
+    pub skipped: Vec<(PathBuf, String)>,
 }
 
 /// The destination ranks of one job (one plan fingerprint in one output folder) that have no
@@ -221,9 +251,18 @@ pub fn verify(root: &Path) -> Result<VerifyReport> {
     let mut jobs: std::collections::BTreeMap<(PathBuf, String), (u32, std::collections::BTreeSet<u32>)> =
         std::collections::BTreeMap::new();
     let mut stack = vec![root.to_path_buf()];
-    if !root.is_dir() {
-        return Err(Error::Source { path: root.to_path_buf(), detail: "not a folder".into() });
-    }
+    let root_meta = match std::fs::metadata(root) {
+        Ok(m) if m.is_dir() => m,
+        _ => return Err(Error::Source { path: root.to_path_buf(), detail: "not a folder".into() }),
+    };
+    // Every folder is entered once, by device and inode: symbolic links to folders are
+    // followed, but a link back up the tree (a loop) used to be followed for ever.
+    let dev_ino = |m: &std::fs::Metadata| {
+        use std::os::unix::fs::MetadataExt;
+        (m.dev(), m.ino())
+    };
+    let mut entered: std::collections::HashMap<(u64, u64), PathBuf> =
+        std::collections::HashMap::from([(dev_ino(&root_meta), root.to_path_buf())]);
     while let Some(dir) = stack.pop() {
         let mut listed = std::collections::HashSet::new();
         let manifest_path = dir.join(MANIFEST_NAME);
@@ -274,8 +313,28 @@ pub fn verify(root: &Path) -> Result<VerifyReport> {
         let rd = std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, "read folder", e))?;
         for entry in rd.flatten() {
             let p = entry.path();
-            if p.is_dir() {
-                stack.push(p);
+            let folder = std::fs::metadata(&p).ok().filter(std::fs::Metadata::is_dir);
+            if let Some(m) = folder {
+                match entered.entry(dev_ino(&m)) {
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        v.insert(p.clone());
+                        stack.push(p);
+                    }
+                    std::collections::hash_map::Entry::Occupied(first) => {
+                        let link = entry.file_type().is_ok_and(|t| t.is_symlink());
+                        let why = format!(
+                            "{} the folder {}, which is checked already: not entered again ({})",
+                            if link { "a symbolic link to" } else { "another path to" },
+                            first.get().display(),
+                            if first.get().starts_with(&p) || p.starts_with(first.get()) {
+                                "a symlink loop"
+                            } else {
+                                "a second path to one folder"
+                            }
+                        );
+                        report.skipped.push((p, why));
+                    }
+                }
             } else if crate::checkpoint::Format::from_path(&p).is_some()
                 && !listed.contains(p.file_name().and_then(|n| n.to_str()).unwrap_or(""))
                 && dir != root.join("merged_strategy")
@@ -301,6 +360,7 @@ pub fn verify(root: &Path) -> Result<VerifyReport> {
     }
     report.ok.sort();
     report.bad.sort();
+    report.skipped.sort();
     Ok(report)
 }
 
@@ -365,6 +425,114 @@ mod tests {
         });
         let m = Manifest::read(&dir).unwrap_or_else(|| panic!("no manifest"));
         assert_eq!(m.files.len(), 200);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Recording cleans up manifest temporary files of this machine's dead processes, under the
+    /// lock, and leaves another machine's (its pid means nothing here: that job may be about to
+    /// rename it into place).
+    #[test]
+    fn recording_removes_only_this_machines_dead_temporary_manifests() {
+        let dir = std::env::temp_dir().join(format!("reshard-manifest-temps-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let me = crate::atomic::owner().unwrap();
+        let dead_here = dir.join(format!(".{MANIFEST_NAME}.reshard-{me}-{}-0.tmp", u32::MAX));
+        let other_host = dir.join(format!(".{MANIFEST_NAME}.reshard-node-7.0badc0de-{}-0.tmp", u32::MAX));
+        std::fs::write(&dead_here, b"{").unwrap();
+        std::fs::write(&other_host, b"{").unwrap();
+        let entry = ManifestEntry {
+            name: "a.ckpt".into(),
+            size: 1,
+            crc32: 0,
+            plan_fingerprint: "f".into(),
+            dst_rank: Some(0),
+            dst_rank_count: Some(1),
+        };
+        Manifest::record(&dir, entry, false).unwrap();
+        assert!(!dead_here.exists());
+        assert!(other_host.exists(), "another machine's manifest temporary file was removed");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn entry(name: &str) -> ManifestEntry {
+        ManifestEntry {
+            name: name.into(),
+            size: 1,
+            crc32: 0,
+            plan_fingerprint: "f".into(),
+            dst_rank: Some(0),
+            dst_rank_count: Some(1),
+        }
+    }
+
+    fn scratch(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("reshard-manifest-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// Where flock is not supported (ENOSYS, ENOLCK, EOPNOTSUPP), a record goes on unlocked, as
+    /// before the lock existed; any other lock failure fails the record naming the lock file.
+    #[test]
+    fn without_flock_records_go_on_unlocked_other_lock_errors_fail() {
+        let dir = scratch("no-flock");
+        fn unsupported(code: i32) -> std::io::Result<()> {
+            Err(std::io::Error::from_raw_os_error(code))
+        }
+        type Lock = fn(&std::fs::File) -> std::io::Result<()>;
+        let failing: [(i32, Lock); 4] = [
+            (libc::ENOSYS, |_| unsupported(libc::ENOSYS)),
+            (libc::ENOLCK, |_| unsupported(libc::ENOLCK)),
+            (libc::EOPNOTSUPP, |_| unsupported(libc::EOPNOTSUPP)),
+            (libc::EIO, |_| unsupported(libc::EIO)),
+        ];
+        for (code, lock) in failing {
+            let calls = LockCalls { open_rw: SYSTEM_LOCK_CALLS.open_rw, lock };
+            let held = ManifestLock::take_with(&dir, &calls);
+            let name = format!("e{code}.ckpt");
+            let recorded = Manifest::record_with(&dir, entry(&name), false, &calls);
+            if code == libc::EIO {
+                let err = held.err().map(|e| e.to_string()).unwrap_or_default();
+                assert!(err.contains(MANIFEST_LOCK_NAME) && err.contains("lock"), "{err}");
+                assert!(recorded.is_err());
+            } else {
+                assert!(held.unwrap().0.is_none(), "errno {code}: a lock was held");
+                recorded.unwrap();
+                let m = Manifest::read(&dir).unwrap();
+                assert!(m.files.iter().any(|e| e.name == name), "errno {code}: not recorded");
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A lock file that this user may not open for writing (another user created it, 0644) is
+    /// opened read-only, and flock on that descriptor still excludes other lockers.
+    #[test]
+    fn a_lock_file_this_user_cannot_write_is_locked_read_only() {
+        let dir = scratch("read-only-lock");
+        let calls = LockCalls {
+            open_rw: |_| Err(std::io::Error::from_raw_os_error(libc::EACCES)),
+            lock: SYSTEM_LOCK_CALLS.lock,
+        };
+        // Made by "the other user" (the fallback only opens an existing file).
+        std::fs::write(dir.join(MANIFEST_LOCK_NAME), b"").unwrap();
+        let held = ManifestLock::take_with(&dir, &calls).unwrap();
+        let f = held.0.as_ref().expect("a lock is held");
+        use std::io::Write;
+        assert!((&*f).write(b"x").is_err(), "the lock file was opened for writing");
+        let other = std::fs::File::open(dir.join(MANIFEST_LOCK_NAME)).unwrap();
+        assert!(!crate::sys::try_lock_exclusive(&other).unwrap(), "the read-only descriptor holds no lock");
+        drop(held);
+        assert!(crate::sys::try_lock_exclusive(&other).unwrap());
+        drop(other);
+        Manifest::record_with(&dir, entry("a.ckpt"), false, &calls).unwrap();
+        assert_eq!(Manifest::read(&dir).unwrap().files.len(), 1);
+        // No lock file and no right to create one: the record fails naming it.
+        std::fs::remove_file(dir.join(MANIFEST_LOCK_NAME)).unwrap();
+        let err = Manifest::record_with(&dir, entry("b.ckpt"), false, &calls).unwrap_err().to_string();
+        assert!(err.contains(MANIFEST_LOCK_NAME) && err.contains("open the manifest lock"), "{err}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

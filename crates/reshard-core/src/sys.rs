@@ -303,6 +303,22 @@ pub fn lock_exclusive(file: &File) -> std::io::Result<()> {
     }
 }
 
+/// Tries to take an exclusive `flock(2)` on `file` without waiting: `Ok(false)` when another
+/// open file description holds one.
+#[cfg(test)]
+pub fn try_lock_exclusive(file: &File) -> std::io::Result<bool> {
+    // SAFETY: a plain system call on a descriptor borrowed for its duration.
+    let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if r == 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EWOULDBLOCK) => Ok(false),
+        _ => Err(e),
+    }
+}
+
 // ---- SIGBUS: a source truncated while it is mapped ----
 //
 // Reading a page of a map beyond the end of its file raises SIGBUS, whose default action
@@ -312,9 +328,10 @@ pub fn lock_exclusive(file: &File) -> std::io::Result<()> {
 // per byte and the page-exact read-ahead the executor does on maps. So: a process-wide handler,
 // installed once, that for a fault inside a registered map maps anonymous zero pages over the
 // rest of that map (so the copy runs on, reading zeros), marks the map and returns; the reader
-// checks the mark after each block and fails naming the file. Any other SIGBUS goes to the
-// handler that was installed before (a runtime hosting the library keeps its own), or to the
-// default action.
+// checks the mark after each block and fails naming the file. Any other SIGBUS gets the action
+// that was installed before: the handler (a runtime hosting the library keeps its own), the
+// default action, or, when SIGBUS was ignored, nothing for a signal sent with kill and the
+// default action for a fault (the kernel does not let a fault be ignored).
 
 /// One registered map, readable from the signal handler without locks: a sequence number
 /// (odd while a writer changes the entry) guards the range against being read half-written.
@@ -488,29 +505,41 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut 
     }
     // Not ours: what would have happened without reshard.
     // SAFETY: PREVIOUS is null or a leaked sigaction filled by the kernel; calling the previous
-    // handler with the arguments we got is what chaining means; SIG_DFL/SIG_IGN are restored
-    // as the default action and the signal raised again (it is blocked until we return, and a
-    // fault would recur anyway), which ends the process as it would have ended.
+    // handler with the arguments we got is what chaining means. For SIG_DFL (and SIG_IGN with a
+    // fault) the default action is restored and the signal raised again (it is blocked until we
+    // return, and a fault would recur anyway), which ends the process as it would have ended.
     unsafe {
         let prev = PREVIOUS.load(Ordering::Acquire);
-        if let Some(prev) = prev.as_ref() {
-            let h = prev.sa_sigaction;
-            if h != libc::SIG_DFL && h != libc::SIG_IGN {
-                if prev.sa_flags & libc::SA_SIGINFO != 0 {
-                    let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) = std::mem::transmute(h);
-                    f(sig, info, ctx);
-                } else {
-                    let f: extern "C" fn(libc::c_int) = std::mem::transmute(h);
-                    f(sig);
-                }
-                return;
+        let h = prev.as_ref().map_or(libc::SIG_DFL, |p| p.sa_sigaction);
+        if h == libc::SIG_IGN && !is_forced_fault(code) {
+            // Ignored, as it was: a SIGBUS sent with kill, sigqueue or tgkill (or an
+            // action-optional machine-check report) is discarded by the kernel when ignored.
+            return;
+        }
+        if let Some(prev) = prev.as_ref().filter(|_| h != libc::SIG_DFL && h != libc::SIG_IGN) {
+            if prev.sa_flags & libc::SA_SIGINFO != 0 {
+                let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) = std::mem::transmute(h);
+                f(sig, info, ctx);
+            } else {
+                let f: extern "C" fn(libc::c_int) = std::mem::transmute(h);
+                f(sig);
             }
+            return;
         }
         let mut dfl: libc::sigaction = std::mem::zeroed();
         dfl.sa_sigaction = libc::SIG_DFL;
         libc::sigaction(sig, &dfl, std::ptr::null_mut());
         libc::raise(sig);
     }
+}
+
+/// Whether a SIGBUS with this `si_code` is a fault of the thread that gets it, which the
+/// kernel delivers even when SIGBUS is ignored (it resets the action to the default, so the
+/// process dies): bad alignment, an address beyond a mapped file's end, a hardware error, or a
+/// machine check that the process must act on. Codes of 0 and below are signals sent by a
+/// process (kill, sigqueue, tgkill), which an ignored SIGBUS discards.
+fn is_forced_fault(code: libc::c_int) -> bool {
+    matches!(code, libc::BUS_ADRALN | libc::BUS_ADRERR | libc::BUS_OBJERR | libc::BUS_MCEERR_AR)
 }
 
 /// Gives the memory freed so far back to the system (`malloc_trim`, glibc only). glibc keeps a

@@ -8,6 +8,7 @@ use reshard_core::auto::{auto, rank_from_env, AutoOptions};
 use reshard_core::strategy_new::NewOptions;
 use serde_json::Value;
 
+use crate::cancel::{self, ReshardCancel};
 use crate::error::{FfiError, ReshardError, ReshardStatus};
 use crate::ffi::{self, ErrorOut, Out};
 use crate::panic::with_status;
@@ -55,44 +56,83 @@ pub unsafe extern "C" fn reshard_auto(
 ) -> ReshardStatus {
     // SAFETY: `error_out` is NULL or writable (# Safety).
     let error_out = unsafe { ErrorOut::new(error_out) };
+    // SAFETY: forwarded contract (# Safety).
+    with_status(error_out, || unsafe { auto_impl(options_json, None, load_path_out, "reshard_auto") })
+}
+
+/// `reshard_auto` that another thread can stop: `reshard_cancel_request(cancel)` ends the wait
+/// for strategy files (within 100 ms) or the transform (at its next block of work), and the call
+/// returns `RESHARD_STATUS_CANCELLED`, leaving no partial output. `cancel` may be NULL.
+///
+/// # Safety
+///
+/// As `reshard_auto`; in addition `cancel` must be NULL or a live handle from
+/// `reshard_cancel_new`, not freed before this call returns.
+#[no_mangle]
+pub unsafe extern "C" fn reshard_auto_cancellable(
+    options_json: *const c_char,
+    cancel: *const ReshardCancel,
+    load_path_out: *mut *mut c_char,
+    error_out: *mut *mut ReshardError,
+) -> ReshardStatus {
+    // SAFETY: `error_out` is NULL or writable (# Safety).
+    let error_out = unsafe { ErrorOut::new(error_out) };
     with_status(error_out, || {
-        // SAFETY: NULL or NUL-terminated (# Safety).
-        let text = unsafe { ffi::opt_utf8_arg(options_json, "options_json") }?
-            .ok_or_else(|| FfiError::new(ReshardStatus::NullArgument, "reshard_auto: options_json is NULL"))?;
-        // SAFETY: NULL or writable (# Safety).
-        let out = unsafe { Out::new(load_path_out, "load_path_out") }?;
-        let mut obj = options_object(text, "reshard_auto")?;
-        let quiet = match obj.remove("quiet") {
-            None => false,
-            Some(Value::Bool(b)) => b,
-            Some(_) => {
-                return Err(FfiError::new(
-                    ReshardStatus::InvalidOptions,
-                    "reshard_auto: option \"quiet\" must be a boolean",
-                ))
-            }
-        };
-        if !obj.contains_key("load_checkpoint") {
+        // SAFETY: NULL or a live cancel handle (# Safety).
+        let cancel = unsafe { cancel::flag_of(cancel) };
+        // SAFETY: forwarded contract (# Safety).
+        unsafe { auto_impl(options_json, cancel, load_path_out, "reshard_auto_cancellable") }
+    })
+}
+
+/// The body of the two auto functions.
+///
+/// # Safety
+///
+/// The pointer contracts of `reshard_auto`.
+unsafe fn auto_impl(
+    options_json: *const c_char,
+    cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    load_path_out: *mut *mut c_char,
+    func: &str,
+) -> Result<(), FfiError> {
+    // SAFETY: NULL or NUL-terminated (# Safety).
+    let text = unsafe { ffi::opt_utf8_arg(options_json, "options_json") }?
+        .ok_or_else(|| FfiError::new(ReshardStatus::NullArgument, format!("{func}: options_json is NULL")))?;
+    // SAFETY: NULL or writable (# Safety).
+    let out = unsafe { Out::new(load_path_out, "load_path_out") }?;
+    let mut obj = options_object(text, func)?;
+    let quiet = match obj.remove("quiet") {
+        None => false,
+        Some(Value::Bool(b)) => b,
+        Some(_) => {
             return Err(FfiError::new(
                 ReshardStatus::InvalidOptions,
-                "reshard_auto: option \"load_checkpoint\" is required",
-            ));
+                format!("{func}: option \"quiet\" must be a boolean"),
+            ))
         }
-        let opts: AutoOptions = serde_json::from_value(Value::Object(obj))
-            .map_err(|e| FfiError::new(ReshardStatus::InvalidOptions, format!("reshard_auto: {e}")))?;
-        let tag = opts.rank.or_else(|| rank_from_env().map(|x| x.0)).unwrap_or(0);
-        let result = auto(&opts).map_err(|e| {
-            let mut fe = FfiError::from(e);
-            fe.message = format!("[rank {tag}] {}", fe.message);
-            fe
-        })?;
-        if !quiet {
-            let text: String = result.log.iter().map(|l| format!("reshard[rank {tag}]: {l}\n")).collect();
-            let _ = std::io::stderr().write_all(text.as_bytes());
-        }
-        out.write(ffi::into_c_string(result.load_path.display().to_string()));
-        Ok(())
-    })
+    };
+    if !obj.contains_key("load_checkpoint") {
+        return Err(FfiError::new(
+            ReshardStatus::InvalidOptions,
+            format!("{func}: option \"load_checkpoint\" is required"),
+        ));
+    }
+    let mut opts: AutoOptions = serde_json::from_value(Value::Object(obj))
+        .map_err(|e| FfiError::new(ReshardStatus::InvalidOptions, format!("{func}: {e}")))?;
+    opts.cancel = cancel;
+    let tag = opts.rank.or_else(|| rank_from_env().map(|x| x.0)).unwrap_or(0);
+    let result = auto(&opts).map_err(|e| {
+        let mut fe = FfiError::from(e);
+        fe.message = format!("[rank {tag}] {}", fe.message);
+        fe
+    })?;
+    if !quiet {
+        let text: String = result.log.iter().map(|l| format!("reshard[rank {tag}]: {l}\n")).collect();
+        let _ = std::io::stderr().write_all(text.as_bytes());
+    }
+    out.write(ffi::into_c_string(result.load_path.display().to_string()));
+    Ok(())
 }
 
 /// Writes strategy files for a target layout without MindSpore, as `reshard strategy new`:

@@ -37,9 +37,8 @@ pub enum ReshardStatus {
     /// An invalid argument: an empty path, a repeated rank, an output folder inside the source
     /// folder, ...
     InvalidArgument = 10,
-    /// The run was asked to stop (the CLI on SIGINT/SIGTERM); its temporary files were removed
-    /// and outputs already under their final names are complete. The C API has no way to ask
-    /// yet, so it does not return this code today; it is reserved for the core's kind.
+    /// The run was asked to stop (`reshard_cancel_request`; the CLI on SIGINT/SIGTERM); its
+    /// temporary files were removed and outputs already under their final names are complete.
     Cancelled = 11,
     /// A pointer argument that must not be NULL was NULL.
     NullArgument = 100,

@@ -25,6 +25,8 @@
 // The exports, in the order the header lists them (cbindgen follows module order).
 mod plan;
 
+mod cancel;
+
 mod strategy;
 
 mod auto;
@@ -38,11 +40,13 @@ mod ffi;
 mod options;
 mod panic;
 
-pub use auto::{reshard_auto, reshard_strategy_new};
+pub use auto::{reshard_auto, reshard_auto_cancellable, reshard_strategy_new};
+pub use cancel::{reshard_cancel_free, reshard_cancel_new, reshard_cancel_request, ReshardCancel};
 pub use error::{reshard_error_code, reshard_error_free, reshard_error_message, ReshardError, ReshardStatus};
 pub use plan::{
-    reshard_execute, reshard_execute_with_progress, reshard_plan, reshard_plan_dst_rank_count, reshard_plan_free,
-    reshard_plan_src_ranks, reshard_plan_to_json, reshard_string_free, ReshardPlan, ReshardProgressFn,
+    reshard_execute, reshard_execute_cancellable, reshard_execute_with_progress, reshard_plan,
+    reshard_plan_dst_rank_count, reshard_plan_free, reshard_plan_src_ranks, reshard_plan_to_json, reshard_string_free,
+    ReshardPlan, ReshardProgressFn,
 };
 pub use strategy::reshard_merge_strategies;
 pub use version::{reshard_abi_version, reshard_version};
@@ -93,6 +97,23 @@ mod tests {
             reshard_plan_free(null_mut());
             reshard_error_free(null_mut());
             reshard_string_free(null_mut());
+        }
+    }
+
+    #[test]
+    fn cancel_handles() {
+        let c = reshard_cancel_new();
+        assert!(!c.is_null());
+        // SAFETY: a live handle from reshard_cancel_new, then NULL.
+        unsafe {
+            assert_eq!(cancel::flag_of(c).map(|f| f.load(std::sync::atomic::Ordering::Acquire)), Some(false));
+            assert_eq!(reshard_cancel_request(c), ReshardStatus::Ok);
+            assert_eq!(reshard_cancel_request(c), ReshardStatus::Ok);
+            assert_eq!(cancel::flag_of(c).map(|f| f.load(std::sync::atomic::Ordering::Acquire)), Some(true));
+            assert_eq!(reshard_cancel_request(null()), ReshardStatus::NullArgument);
+            assert!(cancel::flag_of(null()).is_none());
+            reshard_cancel_free(c);
+            reshard_cancel_free(null_mut());
         }
     }
 

@@ -9,6 +9,7 @@ use reshard_core::execute::{execute, ExecuteOptions};
 use reshard_core::plan::Plan;
 use reshard_core::report::plan_json;
 
+use crate::cancel::{self, ReshardCancel};
 use crate::error::{FfiError, ReshardError, ReshardStatus};
 use crate::ffi::{self, ErrorOut, Out, OutSlice};
 use crate::options::{execute_options, plan_options};
@@ -283,7 +284,14 @@ impl ProgressSink {
     }
 }
 
-/// The shared body of the two execute functions.
+/// What the caller of an execute function watches or controls the run with.
+#[derive(Default)]
+struct Hooks {
+    progress: Option<Arc<reshard_core::execute::ProgressFn>>,
+    cancel: Option<Arc<std::sync::atomic::AtomicBool>>,
+}
+
+/// The shared body of the execute functions.
 ///
 /// # Safety
 ///
@@ -294,7 +302,7 @@ unsafe fn execute_impl(
     dst_ranks: *const u32,
     n_dst_ranks: usize,
     options_json: *const c_char,
-    progress: Option<Arc<reshard_core::execute::ProgressFn>>,
+    hooks: Hooks,
     func: &str,
 ) -> Result<(), FfiError> {
     // SAFETY: NULL or a live plan (caller's contract).
@@ -313,7 +321,8 @@ unsafe fn execute_impl(
     // SAFETY: NULL or NUL-terminated (caller's contract).
     let options = unsafe { ffi::opt_utf8_arg(options_json, "options_json") }?;
     let mut opts = execute_options(options, func)?;
-    opts.progress = progress;
+    opts.progress = hooks.progress;
+    opts.cancel = hooks.cancel;
     let ranks = resolve_ranks(&plan.plan, ranks)?;
     let _claim = plan.claim(&ranks)?;
     execute(&plan.plan, &dst, &ranks, &opts)?;
@@ -367,7 +376,9 @@ pub unsafe extern "C" fn reshard_execute(
     let error_out = unsafe { ErrorOut::new(error_out) };
     with_status(error_out, || {
         // SAFETY: forwarded contract (# Safety).
-        unsafe { execute_impl(plan, dst_ckpt_dir, dst_ranks, n_dst_ranks, options_json, None, "reshard_execute") }
+        unsafe {
+            execute_impl(plan, dst_ckpt_dir, dst_ranks, n_dst_ranks, options_json, Hooks::default(), "reshard_execute")
+        }
     })
 }
 
@@ -409,8 +420,56 @@ pub unsafe extern "C" fn reshard_execute_with_progress(
                 dst_ranks,
                 n_dst_ranks,
                 options_json,
-                sink,
+                Hooks { progress: sink, cancel: None },
                 "reshard_execute_with_progress",
+            )
+        }
+    })
+}
+
+/// `reshard_execute_with_progress` that another thread can stop: `reshard_cancel_request(cancel)`
+/// makes it return `RESHARD_STATUS_CANCELLED` at its next block of work. The output being written
+/// then is removed (only its temporary file existed; nothing appears under its final name and
+/// its manifest entry is not written), outputs of ranks finished before stay, complete, and a
+/// later call with `"resume": true` keeps them. A handle already requested when the call starts
+/// stops it before anything is written. `cancel` may be NULL (the call cannot be stopped), and so
+/// may `progress`.
+///
+/// # Safety
+///
+/// As `reshard_execute_with_progress`; in addition `cancel` must be NULL or a live handle from
+/// `reshard_cancel_new`, not freed before this call returns.
+#[no_mangle]
+pub unsafe extern "C" fn reshard_execute_cancellable(
+    plan: *const ReshardPlan,
+    dst_ckpt_dir: *const c_char,
+    dst_ranks: *const u32,
+    n_dst_ranks: usize,
+    options_json: *const c_char,
+    progress: ReshardProgressFn,
+    user: *mut c_void,
+    cancel: *const ReshardCancel,
+    error_out: *mut *mut ReshardError,
+) -> ReshardStatus {
+    // SAFETY: `error_out` is NULL or writable (# Safety).
+    let error_out = unsafe { ErrorOut::new(error_out) };
+    with_status(error_out, || {
+        let sink = progress.map(|callback| {
+            let sink = ProgressSink { callback, user, last: Mutex::new(None) };
+            Arc::new(move |done: u64, total: u64| sink.report(done, total)) as Arc<reshard_core::execute::ProgressFn>
+        });
+        // SAFETY: NULL or a live cancel handle (# Safety).
+        let cancel = unsafe { cancel::flag_of(cancel) };
+        // SAFETY: forwarded contract (# Safety).
+        unsafe {
+            execute_impl(
+                plan,
+                dst_ckpt_dir,
+                dst_ranks,
+                n_dst_ranks,
+                options_json,
+                Hooks { progress: sink, cancel },
+                "reshard_execute_cancellable",
             )
         }
     })

@@ -119,7 +119,6 @@ pub(crate) fn write_rank(job: &Job<'_>, codec: &dyn Codec, rp: &RankPlan) -> Res
     job.check_cancel(&final_path)?;
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, "create folder", e))?;
     remove_stale_temps(&dir, &name);
-    remove_stale_temps(&dir, crate::manifest::MANIFEST_NAME);
     let tmp_path = temp_path(&final_path);
     let _remove_temp = RemoveTemp(&tmp_path);
     let file = std::fs::OpenOptions::new()

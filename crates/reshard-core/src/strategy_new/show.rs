@@ -50,6 +50,10 @@ pub struct ShowRow {
     pub boxes: Vec<RankBox>,
     /// Why the shape does not fit the layout, if it does not.
     pub error: Option<String>,
+    /// The layout may be in MindSpore's flattened JSON form (see [`ParamLayout::is_flattened`])
+    /// and no checkpoint shape was given to undo it: `shape`, `slice_shape` and `boxes` are
+    /// then those of the flattened dims, not the tensor's.
+    pub maybe_flattened: bool,
 }
 
 /// The whole strategy.
@@ -61,6 +65,8 @@ pub struct ShowReport {
     pub stage_devices: u64,
     /// One row per layout item.
     pub rows: Vec<ShowRow>,
+    /// Notes on how to read the rows (flattened JSON layouts).
+    pub notes: Vec<String>,
 }
 
 fn axis_label(dev_len: usize, k: i64) -> String {
@@ -102,11 +108,24 @@ pub fn show(strategy: &Strategy, shapes: Option<&BTreeMap<String, Vec<u64>>>) ->
     let mut rows = Vec::new();
     for (name, items) in &strategy.params {
         for item in items {
-            let l = &item.layout;
-            let shape = l.tensor_shape.clone().or_else(|| {
-                let s = shapes?;
-                s.get(name).or_else(|| s.get(super::base_name(name).0)).cloned()
-            });
+            let given = shapes.and_then(|s| s.get(name).or_else(|| s.get(super::base_name(name).0)));
+            // MindSpore's JSON writer lists a dim split over several device axes as one dim per
+            // axis: with the checkpoint's shape that is undone, as a transform does.
+            let unflattened = match given {
+                Some(full) if item.layout.is_flattened(full.len()) => {
+                    let what = format!("the checkpoint's shape {full:?}");
+                    Some(item.layout.unflatten(full.len(), &what, |j, prod, _| prod == full[j]))
+                }
+                _ => None,
+            };
+            let l = match &unflattened {
+                Some(Ok(n)) => n,
+                _ => &item.layout,
+            };
+            let shape = match &unflattened {
+                Some(_) => given.cloned(),
+                None => l.tensor_shape.clone().or_else(|| given.cloned()),
+            };
             let mut row = ShowRow {
                 name: name.clone(),
                 stage: item.stage,
@@ -121,8 +140,11 @@ pub fn show(strategy: &Strategy, shapes: Option<&BTreeMap<String, Vec<u64>>>) ->
                 replicas: None,
                 boxes: Vec::new(),
                 error: None,
+                maybe_flattened: given.is_none() && maybe_flattened(l),
             };
-            if let Some(full) = &shape {
+            if let Some(Err(e)) = &unflattened {
+                row.error = Some(format!("{}: parameter '{name}': {e}", strategy.path.display()));
+            } else if let Some(full) = &shape {
                 match ResolvedLayout::new(l, full, name, &strategy.path) {
                     Err(e) => row.error = Some(e.to_string()),
                     Ok(r) => {
@@ -153,7 +175,35 @@ pub fn show(strategy: &Strategy, shapes: Option<&BTreeMap<String, Vec<u64>>>) ->
             rows.push(row);
         }
     }
-    Ok(ShowReport { stages, stage_devices, rows })
+    let mut flat: Vec<&str> = rows.iter().filter(|r| r.maybe_flattened).map(|r| r.name.as_str()).collect();
+    flat.dedup();
+    let mut notes = Vec::new();
+    if !flat.is_empty() {
+        const MAX: usize = 8;
+        let more = flat.len().saturating_sub(MAX);
+        notes.push(format!(
+            "{} parameter(s) may be in the flattened form of MindSpore's JSON strategy writer, which lists a dim \
+             split over several device axes as one dim per axis (a [32, 64] weight with dim 1 over axes (1, 0) is \
+             written tensor_shape [32, 2, 32], tensor_map [-1, 1, 0]): {}{}. Their shape, split and slice above are \
+             the file's flattened dims, not the tensor's; give --from CKPT (a complete checkpoint) to see them merged \
+             back into the tensor's dims, as a transform does",
+            flat.len(),
+            flat[..flat.len().min(MAX)].join(", "),
+            if more > 0 { format!(", ... ({more} more)") } else { String::new() }
+        ));
+    }
+    Ok(ShowReport { stages, stage_devices, rows, notes })
+}
+
+/// Whether a layout may be MindSpore's flattened JSON form: it comes with a `tensor_shape` (JSON)
+/// and two neighbouring dims are both split, which is what a dim split over several device axes
+/// becomes in that form. (A real tensor may have such a layout too: only the checkpoint's shape
+/// tells.)
+fn maybe_flattened(l: &ParamLayout) -> bool {
+    let split = |axes: &Vec<i64>| axes.len() == 1 && axes[0] >= 0;
+    !l.nested
+        && l.tensor_shape.as_ref().is_some_and(|ts| ts.len() == l.tensor_map.len())
+        && l.tensor_map.windows(2).any(|w| split(&w[0]) && split(&w[1]))
 }
 
 fn dims(v: &[u64]) -> String {
@@ -240,6 +290,9 @@ impl ShowReport {
         }
         for r in self.rows.iter().filter(|r| r.error.is_some()) {
             out.push_str(&format!("error: {}\n", r.error.as_deref().unwrap_or_default()));
+        }
+        for n in &self.notes {
+            out.push_str(&format!("note: {n}\n"));
         }
         out
     }
