@@ -36,7 +36,8 @@ fn options_object(text: &str, func: &str) -> Result<serde_json::Map<String, Valu
 /// `output_dir/strategy`), `rank` and `world_size` (default: RANK_ID/RANK_SIZE, RANK/WORLD_SIZE,
 /// OMPI_COMM_WORLD_*, PMI_*, SLURM_PROCID/SLURM_NTASKS), `prefix` (default "checkpoint_"),
 /// `output_format` ("ckpt" or "safetensors"), `timeout` (seconds, default 600), `threads`
-/// (0 = all cores) and `quiet` (default false: the log goes to stderr, one line per step).
+/// (0 = all cores), `io` ("mmap", "pread" or "auto" (default): how sources are read) and
+/// `quiet` (default false: the log goes to stderr, one line per step).
 ///
 /// Returns 0 on success and stores in `*load_path_out` the checkpoint this rank should load
 /// (free it with `reshard_string_free`). Otherwise returns a `RESHARD_STATUS_*` code, leaves

@@ -103,8 +103,10 @@ fn out_of_range(rank: u32, count: u32) -> FfiError {
 ///   weights in `rank_0`.
 /// - `dst_strategy`: the strategy to convert to, same forms. NULL = one complete checkpoint.
 /// - `options_json`: NULL, or a JSON object with optional keys `"src_ckpt_name"` (string: the
-///   file to use when a rank folder holds several, `{rank}` standing for the rank number) and
-///   `"skip_crc"` (bool: do not verify crc trailers of the sources). Unknown keys are an error.
+///   file to use when a rank folder holds several, `{rank}` standing for the rank number),
+///   `"skip_crc"` (bool: do not verify crc trailers of the sources) and `"io"` (how sources are
+///   read while indexing: "mmap", "pread" or "auto" (default: pread on network filesystems, mmap
+///   elsewhere)). Unknown keys are an error.
 ///
 /// On success returns 0 and stores a new plan in `*plan_out`; the caller owns it and frees it
 /// with `reshard_plan_free`. On failure returns a non-zero `RESHARD_STATUS_*` code, leaves
@@ -340,8 +342,10 @@ unsafe fn execute_impl(
 ///   `"threads"` (integer, 0 (default) = all cores), `"crc"` (bool, default false: append
 ///   MindSpore's crc32 trailer), `"resume"` (bool, default true: keep an output that the
 ///   manifest of its folder says this same plan already wrote and that still has the recorded
-///   size and crc32) and `"sync"` (bool, default true: fsync each output before renaming it into
-///   place). Unknown keys are an error.
+///   size and crc32), `"sync"` (bool, default true: fsync each output before renaming it into
+///   place) and `"io"` ("mmap", "pread" or "auto" (default): how sources are read; "pread" maps
+///   nothing, so a source truncated during the call is an error, never a SIGBUS in the host).
+///   Unknown keys are an error.
 ///
 /// Each output is written to a temporary file and renamed into place, so a reader sees either
 /// the previous file or the complete new one; each `rank_{r}/` folder also gets a manifest,
