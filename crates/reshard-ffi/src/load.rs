@@ -20,8 +20,9 @@ pub struct ReshardTensorInfo {
     pub dtype: *const c_char,
     /// Number of dims in `shape`.
     pub ndim: u32,
-    /// This rank's shape, as in the `.ckpt` file `reshard_execute` would write (a 0-d scalar is
-    /// stored there with dims `[0]`, so it has `ndim` 1 and `shape[0]` 0; `nbytes` is its size).
+    /// This rank's shape, as in the `.ckpt` file `reshard_execute` would write. A 0-d scalar has
+    /// `ndim` 0, or `ndim` 1 and `shape[0]` 0 where the source stored it with dims `[0]` (as
+    /// MindSpore's `.ckpt` files do); `nbytes` is then its element size.
     pub shape: *const i64,
     /// Bytes the buffer must hold.
     pub nbytes: u64,
