@@ -68,32 +68,53 @@ impl<'b> MemorySink<'b> {
     }
 }
 
-impl ContentSink for MemorySink<'_> {
-    fn put(&self, tensor: usize, at: u64, data: &[u8]) -> Result<()> {
+impl MemorySink<'_> {
+    /// Calls `f(offset in the run, part)` for the parts of bytes [at, at + len) of `tensor`'s
+    /// buffer, chunk by chunk, each under its chunk's lock; refuses a run beyond the buffer
+    /// before touching any byte.
+    fn parts(&self, tensor: usize, at: u64, len: u64, f: &mut dyn FnMut(u64, &mut [u8]) -> Result<()>) -> Result<()> {
         let beyond = || {
             Error::Invalid(format!(
-                "internal error: tensor {tensor}'s buffer was given {} bytes at {at}, beyond its end",
-                data.len()
+                "internal error: tensor {tensor}'s buffer was given {len} bytes at {at}, beyond its end"
             ))
         };
-        let (len, chunks) = self.buffers.get(tensor).ok_or_else(beyond)?;
+        let (size, chunks) = self.buffers.get(tensor).ok_or_else(beyond)?;
         let mut pos = usize::try_from(at).map_err(|_| beyond())?;
-        if pos.checked_add(data.len()).is_none_or(|end| end > *len) {
-            return Err(beyond());
-        }
-        let mut rest = data;
-        while !rest.is_empty() {
+        let end =
+            usize::try_from(len).ok().and_then(|l| pos.checked_add(l)).filter(|e| e <= size).ok_or_else(beyond)?;
+        let mut done = 0u64;
+        while pos < end {
             let (k, within) = (pos / SINK_CHUNK, pos % SINK_CHUNK);
             let mut chunk = chunks.get(k).ok_or_else(beyond)?.lock().unwrap_or_else(|p| p.into_inner());
-            let n = chunk.len().saturating_sub(within).min(rest.len());
+            let n = chunk.len().saturating_sub(within).min(end - pos);
             if n == 0 {
                 return Err(beyond());
             }
-            chunk[within..within + n].copy_from_slice(&rest[..n]);
+            f(done, &mut chunk[within..within + n])?;
             pos += n;
-            rest = &rest[n..];
+            done += n as u64;
         }
         Ok(())
+    }
+}
+
+impl ContentSink for MemorySink<'_> {
+    fn fill_in_place(
+        &self,
+        tensor: usize,
+        at: u64,
+        len: u64,
+        fill: &mut dyn FnMut(u64, &mut [u8]) -> Result<()>,
+    ) -> Result<bool> {
+        self.parts(tensor, at, len, fill)?;
+        Ok(true)
+    }
+
+    fn put(&self, tensor: usize, at: u64, data: &[u8]) -> Result<()> {
+        self.parts(tensor, at, data.len() as u64, &mut |k, part| {
+            part.copy_from_slice(&data[k as usize..k as usize + part.len()]);
+            Ok(())
+        })
     }
 }
 
@@ -194,6 +215,26 @@ mod tests {
             assert!(sink.put(0, u64::MAX, &[1]).is_err());
         }
         assert!(a.iter().enumerate().all(|(i, &x)| x == (i % 251) as u8));
+        // In place: the parts of a run, in order, with their offsets in the run.
+        let mut c = vec![0u8; n];
+        {
+            let sink = MemorySink::new(vec![c.as_mut_slice()]);
+            let at = SINK_CHUNK - 5;
+            let mut seen = Vec::new();
+            let lent = sink
+                .fill_in_place(0, at as u64, (SINK_CHUNK + 10) as u64, &mut |k, part| {
+                    seen.push((k, part.len()));
+                    part.iter_mut().enumerate().for_each(|(j, x)| *x = ((at + k as usize + j) % 251) as u8);
+                    Ok(())
+                })
+                .unwrap();
+            assert!(lent);
+            assert_eq!(seen, vec![(0, 5), (5, SINK_CHUNK), (SINK_CHUNK as u64 + 5, 5)]);
+            assert!(sink.fill_in_place(0, n as u64 - 1, 2, &mut |_, _| Ok(())).is_err());
+        }
+        let at = SINK_CHUNK - 5;
+        assert!(c[at..at + SINK_CHUNK + 10].iter().enumerate().all(|(j, &x)| x == ((at + j) % 251) as u8));
+        assert!(c[..at].iter().chain(&c[at + SINK_CHUNK + 10..]).all(|&x| x == 0));
         assert_eq!(&b[..2], &[0, 0]);
         assert_eq!(&b[2..], &[9; 8]);
     }
