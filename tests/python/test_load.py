@@ -274,3 +274,22 @@ def test_load_rank_param_dict_equals_load_checkpoint_of_mindspores_file(c):
             if p.dtype == ms.bfloat16:  # asnumpy needs MindSpore's own numpy bfloat16
                 p, w = p.astype(ms.float32), w.astype(ms.float32)
             assert p.asnumpy().tobytes() == w.asnumpy().tobytes(), name
+
+
+def test_an_exception_in_the_allocation_comes_back_out_and_skips_the_rest(monkeypatch):
+    calls = []
+    real = reshard._array_for
+
+    def failing(info, raw):
+        calls.append(info.name.decode())
+        if len(calls) == 2:
+            raise MemoryError("no room for " + calls[-1])
+        return real(info, raw)
+
+    monkeypatch.setattr(reshard, "_array_for", failing)
+    with plan_for("complete_to_dp2mp2") as plan:
+        with pytest.raises(MemoryError, match="no room for model.layers.0"):
+            plan.load_rank(0)
+        assert len(calls) == 2, "tensors after the failure were not offered to the allocator"
+        monkeypatch.setattr(reshard, "_array_for", real)
+        assert len(plan.load_rank(0)) == 23
