@@ -157,6 +157,41 @@ typedef struct ReshardPlan ReshardPlan;
  */
 typedef void (*ReshardProgressFn)(uint64_t done, uint64_t total, void *user);
 
+/**
+ * What `reshard_load_rank`'s allocation callback learns of a tensor. It and its strings and
+ * shape are valid only during the callback.
+ */
+typedef struct {
+  /**
+   * Parameter name, NUL-terminated.
+   */
+  const char *name;
+  /**
+   * MindSpore `tensor_type` name: "Float32", "BFloat16", "Int32", ... ("str" for strings).
+   */
+  const char *dtype;
+  /**
+   * Number of dims in `shape`.
+   */
+  uint32_t ndim;
+  /**
+   * This rank's shape, as in the `.ckpt` file `reshard_execute` would write. A 0-d scalar has
+   * `ndim` 0, or `ndim` 1 and `shape[0]` 0 where the source stored it with dims `[0]` (as
+   * MindSpore's `.ckpt` files do); `nbytes` is then its element size.
+   */
+  const int64_t *shape;
+  /**
+   * Bytes the buffer must hold.
+   */
+  uint64_t nbytes;
+} ReshardTensorInfo;
+
+/**
+ * Allocation callback of `reshard_load_rank`: returns a buffer of at least `info->nbytes`
+ * bytes (any alignment) for the tensor `info` describes, or NULL to skip that tensor.
+ */
+typedef void *(*ReshardAllocFn)(void *user, const ReshardTensorInfo *info);
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -464,6 +499,47 @@ ReshardStatus reshard_auto_cancellable(const char *options_json,
  * `options_json` must be NULL or NUL-terminated; `error_out` must be NULL or writable.
  */
 ReshardStatus reshard_strategy_new(const char *options_json, ReshardError **error_out);
+
+/**
+ * Loads one destination rank's tensors into caller memory: the bytes `reshard_execute` would
+ * write for each tensor, with nothing written to disk and only the source bytes the rank needs
+ * read.
+ *
+ * `alloc(user, info)` is called on the calling thread, once per tensor of the rank, in the order
+ * the rank's `.ckpt` file would hold them, before any data moves. It returns a buffer of at
+ * least `info->nbytes` bytes (any alignment; buffers must not overlap) or NULL to skip the
+ * tensor. `info` and its strings are valid only during the call. reshard then fills every
+ * buffer with worker threads and returns 0 once every byte is in place.
+ *
+ * - `dst_rank`: the destination rank (`RESHARD_STATUS_RANK_OUT_OF_RANGE` if the plan has no
+ *   such rank). For a pipeline destination the rank holds only its stage's parameters.
+ * - `options_json`: NULL, or a JSON object with optional keys `"threads"` (integer, 0 (default)
+ *   = all cores), `"names"` (array of strings: load only these parameters; a name the rank lacks
+ *   is `RESHARD_STATUS_INVALID_ARGUMENT`, naming it, before any callback) and `"io"` (`"mmap"`,
+ *   `"pread"` or `"auto"`). Unknown keys are an error.
+ *
+ * On failure returns a `RESHARD_STATUS_*` code and, if `error_out` is not NULL, a new error
+ * object naming the file, rank and parameter; the contents of the buffers are then unspecified.
+ * No callback runs after this function returns. A source file truncated or replaced since the
+ * plan was made fails the call (`RESHARD_STATUS_SOURCE`, naming the file), in both io modes.
+ *
+ * Threads: any number of threads may load ranks of one plan at once (the same rank too, into
+ * different buffers).
+ *
+ * # Safety
+ *
+ * `plan` must be NULL or a live plan; `options_json` NULL or NUL-terminated; `error_out` NULL
+ * or writable; `alloc` must be NULL or a function safe to call with `user` on this thread, that
+ * does not unwind or `longjmp`, and returns NULL or a pointer valid for writing `info->nbytes`
+ * bytes, not overlapping any other buffer it returned, that stays valid and is not otherwise
+ * accessed until this function returns.
+ */
+ReshardStatus reshard_load_rank(const ReshardPlan *plan,
+                                uint32_t dst_rank,
+                                ReshardAllocFn alloc,
+                                void *user,
+                                const char *options_json,
+                                ReshardError **error_out);
 
 /**
  * The status code of an error object, or `RESHARD_STATUS_NULL_ARGUMENT` when `error` is NULL.

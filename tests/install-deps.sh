@@ -14,6 +14,8 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 python3 -c "import pytest" 2>/dev/null || python3 -m pip install -q "pytest==8.3.4"
+# reshard.load_rank's tests: numpy arrays, bfloat16 through ml_dtypes.
+python3 -c "import numpy, ml_dtypes" 2>/dev/null || python3 -m pip install -q "numpy==2.3.5" "ml_dtypes==0.5.4"
 # tests/package: maturin builds the wheel (the version pyproject.toml pins), a venv installs it.
 MATURIN_VERSION=1.16.0
 if ! python3 -m maturin --version 2>/dev/null | grep -qx "maturin $MATURIN_VERSION"; then

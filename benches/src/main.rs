@@ -9,6 +9,8 @@
 //!        [--cold (drop the source files from the page cache before every run)]
 //!        [--many-small-only (only the 300,000-tensor case)]
 //!        [--io mmap|pread|auto (how reshard reads its sources; default auto)]
+//!        [--load-only (only loading one rank into memory, against transform + read, MindSpore
+//!        and head -c of its share)]
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -22,6 +24,8 @@ use reshard_core::checkpoint::TensorHeader;
 use reshard_core::{ckpt, DType};
 use serde_json::json;
 
+mod load;
+
 struct Args {
     size_mb: u64,
     dir: PathBuf,
@@ -30,6 +34,7 @@ struct Args {
     cold: bool,
     many_small_only: bool,
     io: String,
+    load_only: bool,
 }
 
 fn parse_args() -> Args {
@@ -41,6 +46,7 @@ fn parse_args() -> Args {
         cold: false,
         many_small_only: false,
         io: "auto".into(),
+        load_only: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -54,8 +60,13 @@ fn parse_args() -> Args {
             "--cold" => a.cold = true,
             "--many-small-only" => a.many_small_only = true,
             "--io" => a.io = val(),
+            "--load-only" => a.load_only = true,
+            "--load-child" => {
+                load::child(&it.collect::<Vec<_>>());
+                std::process::exit(0);
+            }
             "-h" | "--help" => {
-                println!("{}", include_str!("main.rs").lines().take(11).collect::<Vec<_>>().join("\n"));
+                println!("{}", include_str!("main.rs").lines().take(13).collect::<Vec<_>>().join("\n"));
                 std::process::exit(0);
             }
             other => die(&format!("unknown argument {other}")),
@@ -324,6 +335,14 @@ fn main() {
             .map(|s| s.success())
             .unwrap_or(false)
     });
+    let load_cases = [
+        ("8 -> 4 (dp1 mp2 pp2), rank 0", &cases[1], 0),
+        ("complete -> 8 (dp2 mp2 pp2, opt shard), rank 0", &cases[0], 0),
+    ];
+    if a.load_only {
+        load::bench(&dir, &reshard, &load_cases, a.runs, a.cold, ms_python.as_deref());
+        return;
+    }
     println!(
         "| case | source MB | cp -r s | reshard --no-sync s | ratio | cp -r + sync s | reshard s (fsync) | ratio | GB/s | \
          peak RSS MB | peak anon MB | MindSpore s | MindSpore peak RSS MB | speed-up (no fsync, as MindSpore) | speed-up (reshard fsync) |"
@@ -446,6 +465,7 @@ fn main() {
         }
         let _ = std::fs::remove_dir_all(&copy);
     }
+    load::bench(&dir, &reshard, &load_cases, a.runs, a.cold, ms_python.as_deref());
     many_small(&dir, &reshard, a.runs, &a.io);
     plan_4096(&dir);
 }

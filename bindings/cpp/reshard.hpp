@@ -11,6 +11,13 @@
 //   reshard::Plan plan = reshard::Plan::build("src", "src_strategy.ckpt", "dst_strategy.ckpt");
 //   plan.execute("dst");                       // all ranks
 //   plan.execute("dst", {0, 1}, {"ckpt_", "safetensors"});
+//   // One rank straight into memory (no files): the lambda returns each tensor's buffer.
+//   std::map<std::string, std::vector<std::byte>> weights;
+//   reshard::load_rank(plan, 3, [&](const reshard::TensorInfo &t) -> void * {
+//       auto &buf = weights[std::string(t.name)];
+//       buf.resize(t.nbytes);
+//       return buf.data();        // or nullptr to skip the tensor
+//   });
 #ifndef RESHARD_HPP
 #define RESHARD_HPP
 
@@ -23,6 +30,7 @@
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -309,6 +317,87 @@ private:
 
     std::unique_ptr<ReshardPlan, detail::PlanDeleter> ptr_;
 };
+
+/// A tensor of the rank being loaded, as reshard_load_rank announces it. Valid only during the
+/// allocation callback (copy what you keep).
+struct TensorInfo {
+    /// Parameter name.
+    std::string_view name;
+    /// MindSpore tensor_type name: "Float32", "BFloat16", "Int32", ...
+    std::string_view dtype;
+    /// The rank's shape (`ndim` values), as in the .ckpt file reshard_execute would write (a 0-d
+    /// scalar has ndim 0, or ndim 1 and shape[0] == 0 where its source stored dims [0]).
+    const int64_t *shape;
+    uint32_t ndim;
+    /// Bytes the buffer must hold.
+    uint64_t nbytes;
+    /// The shape as a vector.
+    [[nodiscard]] std::vector<int64_t> dims() const { return std::vector<int64_t>(shape, shape + ndim); }
+};
+
+/// Options of load_rank (the options_json of reshard_load_rank).
+struct LoadOptions {
+    /// Worker threads; 0 = all cores.
+    unsigned threads = 0;
+    /// Load only these parameters (all when empty); a name the rank lacks throws.
+    std::vector<std::string> names;
+    /// "mmap", "pread" or "auto" (the library's default when empty).
+    std::string io;
+    [[nodiscard]] std::string to_json() const {
+        std::string j = "{\"threads\": " + std::to_string(threads);
+        if (!names.empty()) {
+            j += ", \"names\": [";
+            for (size_t i = 0; i < names.size(); i++) {
+                j += (i ? ", " : "") + detail::quote(names[i]);
+            }
+            j += "]";
+        }
+        if (!io.empty()) {
+            j += ", \"io\": " + detail::quote(io);
+        }
+        return j + "}";
+    }
+};
+
+/// Loads destination rank `rank` of `plan` into memory the caller allocates (see
+/// reshard_load_rank): `alloc(const TensorInfo &) -> void *` is called on this thread once per
+/// tensor, in the order of the rank's .ckpt file, before any data moves, and returns a buffer of
+/// at least `nbytes` bytes (any alignment; buffers must not overlap) or nullptr to skip the
+/// tensor. Returns once every buffer holds exactly the bytes reshard_execute writes for its
+/// tensor; throws reshard::Error on failure (buffer contents are then unspecified). An
+/// exception thrown by `alloc` skips the remaining tensors and is rethrown once the library call
+/// has returned.
+template <class Alloc>
+void load_rank(const Plan &plan, uint32_t rank, Alloc &&alloc, const LoadOptions &options = {}) {
+    if (!plan) {
+        throw Error(RESHARD_STATUS_NULL_ARGUMENT, "reshard::Plan is empty (moved from)");
+    }
+    struct Context {
+        Alloc &fn;
+        std::exception_ptr failure;
+    } ctx{alloc, nullptr};
+    auto trampoline = [](void *user, const ReshardTensorInfo *info) noexcept -> void * {
+        auto *c = static_cast<Context *>(user);
+        if (c->failure) {
+            return nullptr;
+        }
+        try {
+            const TensorInfo t{info->name, info->dtype, info->shape, info->ndim, info->nbytes};
+            return c->fn(t);
+        } catch (...) {
+            c->failure = std::current_exception();
+            return nullptr;
+        }
+    };
+    ReshardError *err = nullptr;
+    const std::string json = options.to_json();
+    int32_t status = reshard_load_rank(plan.get(), rank, trampoline, &ctx, json.c_str(), &err);
+    if (ctx.failure) {
+        reshard_error_free(err);
+        std::rethrow_exception(ctx.failure);
+    }
+    detail::check(status, err);
+}
 
 /// MindSpore's merge_pipeline_strategys: merges the stage files in `src_dir` into `dst_file`.
 inline void merge_strategies(const std::string &src_dir, const std::string &dst_file) {

@@ -4,7 +4,9 @@ functions, with the same signatures, so an old script switches by changing its i
     # from mindspore import transform_checkpoints, merge_pipeline_strategys, rank_list_for_transform
     from reshard import transform_checkpoints, merge_pipeline_strategys, rank_list_for_transform
 
-plus :class:`Plan` for finer control (some ranks, threads, progress, :class:`Cancel`). Failures raise
+plus :class:`Plan` for finer control (some ranks, threads, progress, :class:`Cancel`), and :func:`load_rank` /
+:func:`load_rank_param_dict` to load one destination rank straight into memory (numpy arrays,
+or MindSpore Parameters for ``load_param_into_net``) without writing files. Failures raise
 :class:`ReshardError` (a ``ValueError``, as most of MindSpore's are) carrying reshard's status
 code and its message, which names the file, rank and parameter.
 
@@ -28,6 +30,8 @@ __all__ = [
     "ReshardError",
     "Status",
     "library_path",
+    "load_rank",
+    "load_rank_param_dict",
     "merge_pipeline_strategys",
     "rank_list_for_transform",
     "transform_checkpoints",
@@ -83,6 +87,21 @@ class ReshardError(ValueError):
 
 _PROGRESS = ctypes.CFUNCTYPE(None, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_void_p)
 
+
+class _TensorInfo(ctypes.Structure):
+    """ReshardTensorInfo of reshard.h."""
+
+    _fields_ = [
+        ("name", ctypes.c_char_p),
+        ("dtype", ctypes.c_char_p),
+        ("ndim", ctypes.c_uint32),
+        ("shape", ctypes.POINTER(ctypes.c_int64)),
+        ("nbytes", ctypes.c_uint64),
+    ]
+
+
+_ALLOC = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(_TensorInfo))
+
 _lib = None
 _lib_path = None
 _lib_lock = threading.Lock()
@@ -128,6 +147,7 @@ def _declare(lib):
         "reshard_cancel_new": (p, []),
         "reshard_cancel_request": (i32, [p]),
         "reshard_cancel_free": (None, [p]),
+        "reshard_load_rank": (i32, [p, u32, _ALLOC, p, s, pp]),
         "reshard_merge_strategies": (i32, [s, s, pp]),
         "reshard_error_code": (i32, [p]),
         "reshard_error_message": (s, [p]),
@@ -499,6 +519,186 @@ class Plan:
         _check(status, err)
         if failure:
             raise failure[0]
+
+    def load_rank(self, rank, *, names=None, threads=0, io=None):
+        """Destination rank ``rank``'s tensors in memory: ``{name: numpy.ndarray}`` in the order
+        of the rank's ``.ckpt`` file, each array allocated as reshard announces the tensor and
+        filled in place (no file, no second copy). See :func:`load_rank`."""
+        return _load(self, rank, names, threads, io, raw_bfloat16=False)
+
+
+def _numpy():
+    try:
+        import numpy
+    except ImportError as e:
+        raise ImportError("reshard.load_rank needs numpy ('pip install numpy')") from e
+    return numpy
+
+
+def _bfloat16(name, raw):
+    """The numpy dtype of a BFloat16 tensor: ml_dtypes.bfloat16, or its bytes as uint16 (raw)."""
+    np = _numpy()
+    if raw:
+        return np.dtype(np.uint16)
+    try:
+        import ml_dtypes
+    except ImportError:
+        raise ImportError(
+            f"parameter '{name}' is BFloat16, which numpy holds only with the ml_dtypes package: "
+            "'pip install ml-dtypes' (or use load_rank_param_dict, which needs only MindSpore)"
+        ) from None
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+_NUMPY_TYPES = {
+    "Int8": "int8",
+    "UInt8": "uint8",
+    "Int16": "int16",
+    "UInt16": "uint16",
+    "Int32": "int32",
+    "UInt32": "uint32",
+    "Int64": "int64",
+    "UInt64": "uint64",
+    "Float16": "float16",
+    "Float32": "float32",
+    "Float64": "float64",
+    "Bool": "bool",
+    # qint4x2, stored one byte per element (as MindSpore's checkpoints hold it).
+    "Int4": "int8",
+}
+
+
+def _array_for(info, raw_bfloat16):
+    """An uninitialised numpy array for the tensor ``info`` describes."""
+    np = _numpy()
+    name = info.name.decode("utf-8", "replace")
+    ms_type = info.dtype.decode()
+    shape = tuple(info.shape[i] for i in range(info.ndim))
+    nbytes = info.nbytes
+    if ms_type == "str":
+        # MindSpore stores a string as UTF-32 (numpy's "U" type): one such scalar.
+        if nbytes % 4 == 0 and nbytes > 0:
+            return np.empty((), dtype=f"<U{nbytes // 4}")
+        return np.empty(nbytes, dtype=np.uint8)
+    if ms_type == "BFloat16":
+        dtype = _bfloat16(name, raw_bfloat16)
+    elif ms_type in _NUMPY_TYPES:
+        dtype = np.dtype(_NUMPY_TYPES[ms_type])
+    else:
+        raise TypeError(f"parameter '{name}' has type {ms_type}, which reshard.py cannot map to numpy")
+    # .ckpt files store a 0-d scalar with dims [0].
+    if shape == (0,) and nbytes == dtype.itemsize:
+        shape = ()
+    count = 1
+    for d in shape:
+        count *= d
+    if count * dtype.itemsize != nbytes:
+        raise ValueError(
+            f"parameter '{name}': shape {list(shape)} of {ms_type} is {count * dtype.itemsize} bytes, "
+            f"but reshard announced {nbytes}"
+        )
+    return np.empty(shape, dtype=dtype)
+
+
+def _load(plan, rank, names, threads, io, raw_bfloat16, types=None):
+    """The arrays of ``plan.load_rank``; ``types``, if given, gets each tensor's MindSpore type."""
+    rank = _rank(rank, "rank")
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+        raise TypeError(f"threads must be a non-negative int, got {threads!r}")
+    options = {"threads": threads}
+    if names is not None:
+        if isinstance(names, (str, bytes)):
+            raise TypeError("names must be a list of parameter names, not one string")
+        names = list(names)
+        if not all(isinstance(n, str) for n in names):
+            raise TypeError("names must be a list of str")
+        options["names"] = names
+    if io is not None:
+        options["io"] = io
+    _numpy()
+    arrays = {}
+    failure = []
+
+    def on_tensor(_user, info_p):
+        if failure:
+            return None  # skip the rest: the call's result is an exception
+        try:
+            info = info_p.contents
+            arr = _array_for(info, raw_bfloat16)
+            name = info.name.decode("utf-8", "replace")
+            arrays[name] = arr
+            if types is not None:
+                types[name] = info.dtype.decode()
+            return arr.ctypes.data
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            failure.append(e)
+            return None
+
+    callback = _ALLOC(on_tensor)  # kept alive until the call returns
+    lib = _library()
+    err = ctypes.c_void_p()
+    h = plan._acquire()
+    try:
+        status = lib.reshard_load_rank(
+            h, rank, callback, None, json.dumps(options).encode(), ctypes.byref(err)
+        )
+    finally:
+        plan._release()
+    if failure:
+        if err.value:
+            lib.reshard_error_free(err)
+        raise failure[0]
+    _check(status, err)
+    return arrays
+
+
+def load_rank(src_ckpt_dir, src_strategy_file, dst_strategy_file, rank_id, *, names=None, threads=0, io=None):
+    """Loads destination rank ``rank_id`` of the transform from ``src_ckpt_dir`` (saved under
+    ``src_strategy_file``) to ``dst_strategy_file`` straight into memory: ``{name: numpy.ndarray}``,
+    in the order of the rank's ``.ckpt`` file, each tensor exactly what
+    :func:`transform_checkpoints` would write for it. Nothing is written to disk and only the
+    source bytes the rank needs are read. Arrays are allocated as reshard announces each tensor
+    and filled in place by reshard's workers (no second copy).
+
+    Strategies are files or folders of per-stage files; None means complete weights. ``names``:
+    load only these parameters (a name the rank lacks raises). ``threads``: workers, 0 = all
+    cores. ``io``: ``"mmap"``, ``"pread"`` or ``"auto"``. BFloat16 tensors are
+    ``ml_dtypes.bfloat16`` arrays (an ImportError naming the package when it is missing); a 0-d
+    scalar (global_step) is a 0-d array; Int4 (qint4x2) is int8, one element per byte, as stored.
+    To load several ranks, build a :class:`Plan` once and call :meth:`Plan.load_rank`.
+    """
+    with Plan(src_ckpt_dir, src_strategy_file, dst_strategy_file) as plan:
+        return plan.load_rank(rank_id, names=names, threads=threads, io=io)
+
+
+def load_rank_param_dict(
+    src_ckpt_dir, src_strategy_file, dst_strategy_file, rank_id, *, names=None, threads=0, io=None
+):
+    """:func:`load_rank` as MindSpore's ``load_checkpoint`` returns it: ``{name:
+    mindspore.Parameter}`` (a string parameter as its ``str``), ready for
+    ``mindspore.load_param_into_net``. Needs MindSpore; BFloat16 and Int4 keep their MindSpore
+    types without ml_dtypes. MindSpore's Parameter copies the array it is given."""
+    try:
+        import mindspore
+        from mindspore import Parameter, Tensor
+        from mindspore._c_expression import TensorPy
+    except ImportError as e:
+        raise ImportError("reshard.load_rank_param_dict needs MindSpore ('import mindspore' failed)") from e
+    with Plan(src_ckpt_dir, src_strategy_file, dst_strategy_file) as plan:
+        types = {}
+        arrays = _load(plan, rank_id, names, threads, io, raw_bfloat16=True, types=types)
+    out = {}
+    special = {"BFloat16": mindspore.bfloat16, "Int4": mindspore.qint4x2}
+    for name, arr in arrays.items():
+        ms_type = types.get(name)
+        if arr.dtype.kind == "U":
+            out[name] = str(arr)
+        elif ms_type in special:
+            data = TensorPy.convert_bytes_to_tensor(arr.tobytes(), tuple(arr.shape), special[ms_type])
+            out[name] = Parameter(data, name=name)  # as MindSpore's load_checkpoint does
+        else:
+            out[name] = Parameter(Tensor.from_numpy(arr), name=name)
+    return out
 
 
 def transform_checkpoints(

@@ -50,6 +50,18 @@ fi
 "$cc" "${cflags[@]}" "$src" -o "$out/test_static" "$lib/libreshard.a" -lpthread -ldl -lm
 run "static libreshard.a" "$out/test_static" "$fixtures" "$out/static"
 
+# reshard_load_rank (tests/c/test_load.c): every fixture and rank into malloc'd buffers, under
+# ASan+UBSan and valgrind (which also reports any byte of a buffer the load leaves unwritten).
+"$cc" "${cflags[@]}" -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer \
+  "$here/test_load.c" -o "$out/load_asan" -L"$lib" -lreshard -Wl,-rpath,"$lib" -lpthread
+run "load: ASan+UBSan" env ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1 \
+  "$out/load_asan" "$fixtures" "$out/load_asan_scratch"
+"$cc" "${cflags[@]}" -O1 "$here/test_load.c" -o "$out/load_plain" -L"$lib" -lreshard -Wl,-rpath,"$lib" -lpthread
+if command -v valgrind >/dev/null 2>&1; then
+  run "load: valgrind" valgrind -q --leak-check=full --show-leak-kinds=definite --errors-for-leak-kinds=definite \
+    --error-exitcode=1 "$out/load_plain" "$fixtures" "$out/load_valgrind"
+fi
+
 pc_version=$(PKG_CONFIG_PATH="$root/cmake" pkg-config --modversion reshard)
 cargo_version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 if [ "$pc_version" != "$cargo_version" ]; then

@@ -31,6 +31,8 @@ mod strategy;
 
 mod auto;
 
+mod load;
+
 mod error;
 
 mod version;
@@ -43,6 +45,7 @@ mod panic;
 pub use auto::{reshard_auto, reshard_auto_cancellable, reshard_strategy_new};
 pub use cancel::{reshard_cancel_free, reshard_cancel_new, reshard_cancel_request, ReshardCancel};
 pub use error::{reshard_error_code, reshard_error_free, reshard_error_message, ReshardError, ReshardStatus};
+pub use load::{reshard_load_rank, ReshardAllocFn, ReshardTensorInfo};
 pub use plan::{
     reshard_execute, reshard_execute_cancellable, reshard_execute_with_progress, reshard_plan,
     reshard_plan_dst_rank_count, reshard_plan_free, reshard_plan_src_ranks, reshard_plan_to_json, reshard_string_free,

@@ -5,6 +5,7 @@ use reshard_core::checkpoint::Format;
 use reshard_core::execute::ExecuteOptions;
 use reshard_core::plan::PlanOptions;
 use reshard_core::storage::IoMode;
+use reshard_core::LoadOptions;
 use serde_json::{Map, Value};
 
 use crate::error::{FfiError, ReshardStatus};
@@ -123,6 +124,42 @@ pub(crate) fn execute_options(json: Option<&str>, func: &str) -> Result<ExecuteO
             _ => {
                 return Err(unknown(func, &key, &["prefix", "output_format", "threads", "crc", "resume", "sync", "io"]))
             }
+        }
+    }
+    Ok(opts)
+}
+
+/// Options of `reshard_load_rank`: `{"threads": integer >= 0, "names": [string, ...] | null,
+/// "io": "mmap"|"pread"|"auto"}`.
+pub(crate) fn load_options(json: Option<&str>, func: &str) -> Result<LoadOptions, FfiError> {
+    let mut opts = LoadOptions::default();
+    for (key, v) in object(json, func)? {
+        match key.as_str() {
+            "threads" => {
+                let n = v.as_u64().ok_or_else(|| wrong_type(func, &key, "a non-negative integer", &v))?;
+                // reshard_execute's bound.
+                if n > 4096 {
+                    return Err(invalid(format!("{func}: option \"threads\" is {n}; at most 4096 (0 = all cores)")));
+                }
+                opts.threads = n as usize;
+            }
+            "names" => {
+                opts.names = match v {
+                    Value::Null => None,
+                    Value::Array(items) => Some(
+                        items
+                            .into_iter()
+                            .map(|n| match n {
+                                Value::String(s) => Ok(s),
+                                other => Err(wrong_type(func, "names", "an array of strings", &other)),
+                            })
+                            .collect::<Result<_, _>>()?,
+                    ),
+                    other => return Err(wrong_type(func, &key, "an array of strings or null", &other)),
+                }
+            }
+            "io" => opts.io = io_mode(func, &key, &v)?,
+            _ => return Err(unknown(func, &key, &["threads", "names", "io"])),
         }
     }
     Ok(opts)

@@ -41,6 +41,11 @@ impl Drop for Claim<'_> {
 }
 
 impl ReshardPlan {
+    /// The core's plan.
+    pub(crate) fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
     /// Claims `ranks` for one execute call, or fails with `Busy` naming the ranks another call
     /// is writing. Two writers of one rank in one process would share the core's temporary file
     /// name, and each deletes the other's "stale" temporary file and rewrites the manifest.
@@ -83,7 +88,7 @@ fn resolve_ranks(plan: &Plan, ranks: &[u32]) -> Result<Vec<u32>, FfiError> {
     Ok(ranks.to_vec())
 }
 
-fn out_of_range(rank: u32, count: u32) -> FfiError {
+pub(crate) fn out_of_range(rank: u32, count: u32) -> FfiError {
     FfiError::new(
         ReshardStatus::RankOutOfRange,
         format!(

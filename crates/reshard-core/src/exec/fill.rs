@@ -20,6 +20,21 @@ use crate::region::{copy_box, Region};
 pub trait ContentSink: Sync {
     /// Stores a run of a tensor's content.
     fn put(&self, tensor: usize, at: u64, data: &[u8]) -> Result<()>;
+
+    /// For a sink that holds content in memory: lends bytes [at, at + len) of `tensor` to
+    /// `fill`, in one or more consecutive parts (`fill(offset in the run, part)`), so that a
+    /// source without views reads straight into them instead of into a buffer that is then
+    /// put. Returns `Ok(false)` (and calls nothing) when the sink has no such memory.
+    fn fill_in_place(
+        &self,
+        tensor: usize,
+        at: u64,
+        len: u64,
+        fill: &mut dyn FnMut(u64, &mut [u8]) -> Result<()>,
+    ) -> Result<bool> {
+        let _ = (tensor, at, len, fill);
+        Ok(false)
+    }
 }
 
 thread_local! {
@@ -163,6 +178,8 @@ fn fill_block(sources: &OpenSources<'_>, t: &TensorPlan, b: &Block, sink: &dyn C
                 match src.view(from, n) {
                     // Straight from the map to the sink: no intermediate buffer.
                     Some(v) => sink.put(b.tensor, at, v).map_err(|e| sources.explain(*src_rank, e))?,
+                    // Read straight into caller memory.
+                    None if sink.fill_in_place(b.tensor, at, n, &mut |k, part| src.read_at(from + k, part))? => {}
                     None => BLOCK_BUF.with_borrow_mut(|buf| {
                         buf.resize(buf.len().max(n as usize), 0);
                         src.read_at(from, &mut buf[..n as usize])?;
@@ -216,6 +233,18 @@ fn fill_block(sources: &OpenSources<'_>, t: &TensorPlan, b: &Block, sink: &dyn C
                     sink.put(b.tensor, start + dof, v).map_err(|e| sources.explain(rank, e))?;
                 }
                 return Ok(len);
+            }
+            if !direct.is_empty() {
+                // Each part read straight into caller memory, where the sink has it.
+                let mut in_place = true;
+                for &(rank, info, from, dof, n) in &direct {
+                    let src = sources.get(rank, info)?;
+                    in_place = in_place
+                        && sink.fill_in_place(b.tensor, start + dof, n, &mut |k, part| src.read_at(from + k, part))?;
+                }
+                if in_place {
+                    return Ok(len);
+                }
             }
             BLOCK_BUF.with_borrow_mut(|buf| {
                 if buf.len() < len as usize {

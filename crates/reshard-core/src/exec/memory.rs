@@ -43,26 +43,78 @@ pub struct TensorMeta<'a> {
 }
 
 /// Caller buffers as a sink: tensor `i` of the list being filled goes to `buffers[i]`.
+///
+/// Each buffer is cut into [`SINK_CHUNK`]-byte chunks, each behind its own lock: the blocks of
+/// one tensor are filled by different workers at once (disjoint ranges), and a lock per tensor
+/// made their copies into a large tensor (an embedding, its optimizer states) take turns.
 pub struct MemorySink<'b> {
-    buffers: Vec<Mutex<&'b mut [u8]>>,
+    /// Per tensor: its buffer's length, and the buffer in chunks.
+    buffers: Vec<(usize, Vec<Mutex<&'b mut [u8]>>)>,
 }
+
+/// Bytes of a caller buffer behind one lock of a [`MemorySink`] (blocks are at most 1 MiB, so a
+/// block's copy takes a few chunks' locks in turn and two workers rarely meet at one).
+const SINK_CHUNK: usize = 256 << 10;
 
 impl<'b> MemorySink<'b> {
     /// A sink over these buffers (one per tensor, each at least the tensor's size).
     pub fn new(buffers: Vec<&'b mut [u8]>) -> Self {
-        MemorySink { buffers: buffers.into_iter().map(Mutex::new).collect() }
+        MemorySink {
+            buffers: buffers
+                .into_iter()
+                .map(|b| (b.len(), b.chunks_mut(SINK_CHUNK).map(Mutex::new).collect()))
+                .collect(),
+        }
+    }
+}
+
+impl MemorySink<'_> {
+    /// Calls `f(offset in the run, part)` for the parts of bytes [at, at + len) of `tensor`'s
+    /// buffer, chunk by chunk, each under its chunk's lock; refuses a run beyond the buffer
+    /// before touching any byte.
+    fn parts(&self, tensor: usize, at: u64, len: u64, f: &mut dyn FnMut(u64, &mut [u8]) -> Result<()>) -> Result<()> {
+        let beyond = || {
+            Error::Invalid(format!(
+                "internal error: tensor {tensor}'s buffer was given {len} bytes at {at}, beyond its end"
+            ))
+        };
+        let (size, chunks) = self.buffers.get(tensor).ok_or_else(beyond)?;
+        let mut pos = usize::try_from(at).map_err(|_| beyond())?;
+        let end =
+            usize::try_from(len).ok().and_then(|l| pos.checked_add(l)).filter(|e| e <= size).ok_or_else(beyond)?;
+        let mut done = 0u64;
+        while pos < end {
+            let (k, within) = (pos / SINK_CHUNK, pos % SINK_CHUNK);
+            let mut chunk = chunks.get(k).ok_or_else(beyond)?.lock().unwrap_or_else(|p| p.into_inner());
+            let n = chunk.len().saturating_sub(within).min(end - pos);
+            if n == 0 {
+                return Err(beyond());
+            }
+            f(done, &mut chunk[within..within + n])?;
+            pos += n;
+            done += n as u64;
+        }
+        Ok(())
     }
 }
 
 impl ContentSink for MemorySink<'_> {
+    fn fill_in_place(
+        &self,
+        tensor: usize,
+        at: u64,
+        len: u64,
+        fill: &mut dyn FnMut(u64, &mut [u8]) -> Result<()>,
+    ) -> Result<bool> {
+        self.parts(tensor, at, len, fill)?;
+        Ok(true)
+    }
+
     fn put(&self, tensor: usize, at: u64, data: &[u8]) -> Result<()> {
-        let mut buf = self.buffers[tensor].lock().unwrap_or_else(|p| p.into_inner());
-        let end = at as usize + data.len();
-        let dst = buf.get_mut(at as usize..end).ok_or_else(|| {
-            Error::Invalid(format!("internal error: a {}-byte buffer was given bytes up to {end}", data.len()))
-        })?;
-        dst.copy_from_slice(data);
-        Ok(())
+        self.parts(tensor, at, data.len() as u64, &mut |k, part| {
+            part.copy_from_slice(&data[k as usize..k as usize + part.len()]);
+            Ok(())
+        })
     }
 }
 
@@ -137,4 +189,53 @@ pub fn load_rank<'b>(
         sources.check_rank(r)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs across chunk boundaries land where they belong; a run beyond the buffer is an error
+    /// and writes nothing past it.
+    #[test]
+    fn puts_cross_chunks_and_stop_at_the_end() {
+        let n = 2 * SINK_CHUNK + 100;
+        let mut a = vec![0u8; n];
+        let mut b = vec![0u8; 10];
+        {
+            let sink = MemorySink::new(vec![a.as_mut_slice(), b.as_mut_slice()]);
+            let data: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
+            let cut = [0, 7, SINK_CHUNK - 3, SINK_CHUNK + 1, 2 * SINK_CHUNK, n];
+            for w in cut.windows(2).rev() {
+                sink.put(0, w[0] as u64, &data[w[0]..w[1]]).unwrap();
+            }
+            sink.put(1, 2, &[9; 8]).unwrap();
+            assert!(sink.put(1, 3, &[1; 8]).is_err());
+            assert!(sink.put(2, 0, &[1]).is_err());
+            assert!(sink.put(0, u64::MAX, &[1]).is_err());
+        }
+        assert!(a.iter().enumerate().all(|(i, &x)| x == (i % 251) as u8));
+        // In place: the parts of a run, in order, with their offsets in the run.
+        let mut c = vec![0u8; n];
+        {
+            let sink = MemorySink::new(vec![c.as_mut_slice()]);
+            let at = SINK_CHUNK - 5;
+            let mut seen = Vec::new();
+            let lent = sink
+                .fill_in_place(0, at as u64, (SINK_CHUNK + 10) as u64, &mut |k, part| {
+                    seen.push((k, part.len()));
+                    part.iter_mut().enumerate().for_each(|(j, x)| *x = ((at + k as usize + j) % 251) as u8);
+                    Ok(())
+                })
+                .unwrap();
+            assert!(lent);
+            assert_eq!(seen, vec![(0, 5), (5, SINK_CHUNK), (SINK_CHUNK as u64 + 5, 5)]);
+            assert!(sink.fill_in_place(0, n as u64 - 1, 2, &mut |_, _| Ok(())).is_err());
+        }
+        let at = SINK_CHUNK - 5;
+        assert!(c[at..at + SINK_CHUNK + 10].iter().enumerate().all(|(j, &x)| x == ((at + j) % 251) as u8));
+        assert!(c[..at].iter().chain(&c[at + SINK_CHUNK + 10..]).all(|&x| x == 0));
+        assert_eq!(&b[..2], &[0, 0]);
+        assert_eq!(&b[2..], &[9; 8]);
+    }
 }
