@@ -271,6 +271,9 @@ impl Strategy {
     /// Reads a strategy file (a name ending in `.json` is JSON, anything else protobuf), or a
     /// folder of per-stage files, which is merged in memory first.
     pub fn load(path: &Path) -> Result<Strategy> {
+        if crate::storage::is_url(path) {
+            return Strategy::load_object(path);
+        }
         if path.is_dir() {
             let merged = merge_dir(path)?;
             let mut s = match &merged {
@@ -310,6 +313,25 @@ impl Strategy {
             return Err(bad(path, "the file changed while it was read"));
         }
         Ok(s)
+    }
+
+    /// A strategy file in an object store (one GET of the whole object; strategy folders are
+    /// local only).
+    fn load_object(path: &Path) -> Result<Strategy> {
+        #[cfg(not(feature = "s3"))]
+        return Err(crate::storage::no_object_storage(path));
+        #[cfg(feature = "s3")]
+        {
+            let bytes = crate::storage::object::read_all(path, crate::input::MAX_STRATEGY_BYTES, "strategy")?;
+            if bytes.is_empty() {
+                return Err(bad(path, "the file is empty"));
+            }
+            if is_json(path) {
+                Strategy::from_json_slice(path, &bytes)
+            } else {
+                Strategy::from_proto(path, &decode_proto(path, &bytes)?)
+            }
+        }
     }
 
     fn push(&mut self, path: &Path, raw_name: &str, layout: ParamLayout) -> Result<()> {

@@ -17,6 +17,8 @@
 mod file_sink;
 pub mod fill;
 pub mod memory;
+#[cfg(feature = "s3")]
+pub(crate) mod object_sink;
 mod sources;
 
 use std::path::{Path, PathBuf};
@@ -217,7 +219,19 @@ pub fn execute(plan: &Plan, dst_dir: &Path, ranks: &[u32], opts: &ExecuteOptions
         total,
         fingerprint: &fingerprint,
     };
-    let one_rank = |r: u32| file_sink::write_rank(&job, &*codec, &plan.rank_plan(r)?);
+    let to_store = crate::storage::is_url(dst_dir);
+    #[cfg(not(feature = "s3"))]
+    if to_store {
+        return Err(crate::storage::no_object_storage(dst_dir));
+    }
+    let one_rank = |r: u32| {
+        let rp = plan.rank_plan(r)?;
+        #[cfg(feature = "s3")]
+        if to_store {
+            return object_sink::write_rank(&job, &*codec, &rp);
+        }
+        file_sink::write_rank(&job, &*codec, &rp)
+    };
     pool.install(|| {
         if most_tensors > RANK_AT_A_TIME_TENSORS {
             // Many tensors per rank: a rank's plan, file layout and blocks take a few hundred
