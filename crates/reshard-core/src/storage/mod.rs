@@ -272,8 +272,10 @@ pub(crate) fn beyond_end(path: &Path, offset: u64, len: usize, have: u64) -> Err
     }
 }
 
-/// The refill size of a [`ByteReader`] over a source with exact reads.
-const EXACT_READ_CHUNK: usize = 4 << 10;
+/// The refill size of a [`ByteReader`] over a source with exact reads: a tensor's key, name,
+/// dims and type take about 100 bytes, so one refill per tensor; 4 KiB refills fetched 6% more
+/// than an 8 -> 4 rank's share of 16 tensors of 2 MiB per file (1 KiB: 2.5%).
+const EXACT_READ_CHUNK: usize = 1 << 10;
 
 /// Sequential reads of small pieces (headers, tables of contents) from a source: borrowed from
 /// a view when the source has one, else served from a buffer refilled by large reads.
