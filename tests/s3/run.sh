@@ -28,3 +28,10 @@ read -r port pid < <(bash "$here/weed.sh" "$dir") || { echo "FAILED: could not s
 echo "SeaweedFS S3 on 127.0.0.1:$port (pid $pid)"
 export RESHARD_S3_TEST_ENDPOINT="http://127.0.0.1:$port" RESHARD_S3_TEST_DIR="$dir" RESHARD_S3_TEST_PID="$pid"
 cargo test --release -p reshard-cli --test s3 -- --ignored --test-threads=1
+rust_status=$?
+# The Python module over libreshard, with URLs.
+cargo build --release -p reshard-ffi || exit 1
+export RESHARD_LIBRARY="${CARGO_TARGET_DIR:-$root/target}/release/libreshard.so"
+python3 -m pytest -q -p no:cacheprovider "$here/test_python_s3.py"
+py_status=$?
+[ "$rust_status" -eq 0 ] && [ "$py_status" -eq 0 ]

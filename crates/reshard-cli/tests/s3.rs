@@ -135,7 +135,7 @@ fn assert_ok(out: &Output) {
 #[ignore = "needs a SeaweedFS server: bash tests/s3/run.sh"]
 fn s3_conformance_sources_outputs_and_both() {
     let ep = endpoint();
-    for case in ["dp1mp4_to_dp4mp2", "complete_to_dp2mp2", "dev222_opt_to_dp2mp2"] {
+    for case in ["dp1mp4_to_dp4mp2", "complete_to_dp2mp2", "dev222_opt_to_dp2mp2", "safetensors_dp2mp2_to_dp1mp4"] {
         let dir = fixture(&format!("conformance/{case}"));
         let case_json: serde_json::Value =
             serde_json::from_slice(&std::fs::read(dir.join("case.json")).unwrap()).unwrap();
@@ -146,6 +146,11 @@ fn s3_conformance_sources_outputs_and_both() {
             if let Some(name) = case_json[key].as_str() {
                 upload(&b, name, &dir.join(name));
                 strategy_args.extend([flag.to_string(), format!("s3://{b}/{name}")]);
+            }
+        }
+        for (flag, key) in [("--output_format", "output_format"), ("--prefix", "prefix")] {
+            if let Some(v) = case_json[key].as_str() {
+                strategy_args.extend([flag.to_string(), v.to_string()]);
             }
         }
         let expected = files_under(&dir.join("expected"));
@@ -625,4 +630,50 @@ fn s3_interrupted_uploads_leave_nothing_and_a_rerun_finishes() {
         assert!(download(&b, &format!("out/{rel}")).unwrap() == std::fs::read(local.join(&rel)).unwrap());
     }
     assert_eq!(open_uploads(&b), Vec::<String>::new());
+}
+
+/// `auto --load_checkpoint s3://...`: every rank of dp1mp4_to_dp4mp2, one process each (one at a
+/// time), converts what it needs from the store into the local output folder, equal to
+/// MindSpore's output.
+#[test]
+#[ignore = "needs a SeaweedFS server: bash tests/s3/run.sh"]
+fn s3_auto_load_checkpoint() {
+    let ep = endpoint();
+    let case = fixture("conformance/dp1mp4_to_dp4mp2");
+    let b = bucket("auto");
+    upload_dir(&b, "src", &case.join("src"));
+    upload(&b, "src_strategy.ckpt", &case.join("src_strategy.ckpt"));
+    let scratch = Scratch::new("s3-auto");
+    let out = scratch.join("output");
+    let strategy = out.join("strategy");
+    std::fs::create_dir_all(&strategy).unwrap();
+    for r in 0..8 {
+        std::fs::copy(case.join("dst_strategy.ckpt"), strategy.join(format!("ckpt_strategy_rank_{r}.ckpt"))).unwrap();
+    }
+    for r in 0..8u32 {
+        let o = reshard_at(
+            &ep,
+            args![
+                "auto",
+                "--timeout",
+                "30",
+                "--load_checkpoint",
+                &format!("s3://{b}/src"),
+                "--src_strategy_path_or_dir",
+                &format!("s3://{b}/src_strategy.ckpt"),
+                "--output_dir",
+                &out,
+                "--rank",
+                &r.to_string(),
+                "--world_size",
+                "8"
+            ],
+            &[],
+        );
+        assert_ok(&o);
+        let rel = format!("rank_{r}/checkpoint_{r}.ckpt");
+        let got = out.join("transformed_checkpoint").join(&rel);
+        assert_eq!(text(&o.stdout).trim(), got.to_str().unwrap());
+        assert!(std::fs::read(&got).unwrap() == std::fs::read(case.join("expected").join(&rel)).unwrap(), "{rel}");
+    }
 }
