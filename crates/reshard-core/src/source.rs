@@ -22,6 +22,9 @@ pub struct Catalogue {
     pub format: Format,
 }
 
+/// Threads that read the tables of contents of object sources at once.
+pub const OBJECT_OPENERS: usize = 16;
+
 /// The name [`discover`] returned before the catalogue held several files per rank.
 pub type SourceSet = Catalogue;
 
@@ -67,6 +70,22 @@ impl Catalogue {
     /// A catalogue of one file per rank.
     pub fn single(dir: PathBuf, files: BTreeMap<u32, PathBuf>, format: Format) -> Self {
         Catalogue { dir, files: files.into_iter().map(|(r, f)| (r, vec![f])).collect(), format }
+    }
+
+    /// [`Catalogue::open_rank`] for each of `ranks`, side by side: on the worker pool for local
+    /// files, on up to [`OBJECT_OPENERS`] threads for objects, whose tables of contents are many
+    /// small ranged GETs that wait on the network rather than on a core (600 MB bench model, 8
+    /// objects of 284 tensors on a loopback server: planning took 1.0 s on the 2-thread pool).
+    pub fn open_ranks(&self, ranks: &[u32], io: IoMode, read: ReadOptions) -> Result<Vec<Source>> {
+        use rayon::prelude::*;
+        if !crate::storage::is_url(&self.dir) || ranks.len() < 2 {
+            return ranks.par_iter().map(|&r| self.open_rank(r, io, read)).collect();
+        }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(ranks.len().min(OBJECT_OPENERS))
+            .build()
+            .map_err(|e| Error::Invalid(format!("cannot start threads to read tables of contents: {e}")))?;
+        pool.install(|| ranks.par_iter().map(|&r| self.open_rank(r, io, read)).collect())
     }
 
     /// Opens and indexes every file of `rank` (reading only their tables of contents), and
