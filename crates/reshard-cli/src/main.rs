@@ -421,9 +421,10 @@ fn run(cli: Cli) -> Result<(), Error> {
                 if !kept.is_empty() {
                     eprintln!(
                         "reshard: kept {} file(s), {} bytes, that a previous run of the same plan finished (verified by \
-                         crc32)",
+                         {})",
                         kept.len(),
-                        bytes(&kept)
+                        bytes(&kept),
+                        if is_url(&dst_ckpt_dir) { "size and ETag" } else { "crc32" }
                     );
                 }
                 eprintln!(

@@ -677,3 +677,58 @@ fn s3_auto_load_checkpoint() {
         assert!(std::fs::read(&got).unwrap() == std::fs::read(case.join("expected").join(&rel)).unwrap(), "{rel}");
     }
 }
+
+/// Strategy folders (one file per pipeline stage) in the store: `--src_ckpt_strategy` and
+/// `--dst_ckpt_strategy` as prefixes of stage files, merged as local folders are; the outputs
+/// equal MindSpore's.
+#[test]
+#[ignore = "needs a SeaweedFS server: bash tests/s3/run.sh"]
+fn s3_strategy_folders() {
+    let ep = endpoint();
+    let case = fixture("conformance/dp2mp2pp2_to_dp1mp2pp2");
+    let b = bucket("stages");
+    upload_dir(&b, "src", &case.join("src"));
+    upload_dir(&b, "src_stages", &case.join("src_strategy_stages"));
+    upload_dir(&b, "dst_stages", &case.join("dst_strategy_stages"));
+    let scratch = Scratch::new("s3-stages");
+    let dst = scratch.join("out");
+    let out = reshard_at(
+        &ep,
+        args![
+            "transform",
+            "-q",
+            "--src_ckpt_dir",
+            &format!("s3://{b}/src"),
+            "--src_ckpt_strategy",
+            &format!("s3://{b}/src_stages"),
+            "--dst_ckpt_strategy",
+            &format!("s3://{b}/dst_stages/"),
+            "--dst_ckpt_dir",
+            &dst
+        ],
+        &[],
+    );
+    assert_ok(&out);
+    let expected = files_under(&case.join("expected"));
+    assert!(!expected.is_empty());
+    for e in expected {
+        let rel = e.strip_prefix(case.join("expected")).unwrap();
+        assert!(std::fs::read(dst.join(rel)).unwrap() == std::fs::read(&e).unwrap(), "{}", rel.display());
+    }
+    // A prefix with nothing under it is refused by name.
+    let none = format!("s3://{b}/no_such_strategy");
+    let out = reshard_at(
+        &ep,
+        args![
+            "transform",
+            "--src_ckpt_dir",
+            &format!("s3://{b}/src"),
+            "--src_ckpt_strategy",
+            &none,
+            "--dst_ckpt_dir",
+            &dst
+        ],
+        &[],
+    );
+    assert_refused(&out, &[&none, "no strategy files under this prefix"]);
+}
