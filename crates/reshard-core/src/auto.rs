@@ -273,6 +273,16 @@ fn check_inputs_outside_outputs(o: &AutoOptions, strategy_dir: &Path, out_root: 
 
 /// Classifies `load_checkpoint`: (sources, distributed?).
 fn find_source(path: &Path) -> Result<(SourceSet, bool)> {
+    // An object URL: one checkpoint object (complete), or a prefix holding rank_N/ objects.
+    if crate::storage::is_url(path) {
+        if let Some(format) = Format::from_path(path) {
+            let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+            return Ok((SourceSet::single(dir, BTreeMap::from([(0, path.to_path_buf())]), format), false));
+        }
+        let set = discover(path, None)?;
+        let distributed = set.files.len() > 1;
+        return Ok((set, distributed));
+    }
     if path.is_file() {
         let format = Format::from_path(path).ok_or_else(|| Error::Source {
             path: path.to_path_buf(),

@@ -246,6 +246,12 @@ impl std::fmt::Display for MissingRanks {
 /// For each job whose output folder is `root` or below it, the destination ranks that have no
 /// output are reported in `missing` (from version 2 manifests, which record the rank count).
 pub fn verify(root: &Path) -> Result<VerifyReport> {
+    if crate::storage::is_url(root) {
+        #[cfg(feature = "s3")]
+        return crate::exec::object_sink::verify(root);
+        #[cfg(not(feature = "s3"))]
+        return Err(crate::storage::no_object_storage(root));
+    }
     let mut report = VerifyReport::default();
     // (output folder, fingerprint) -> (rank count, ranks with an output listed).
     let mut jobs: std::collections::BTreeMap<(PathBuf, String), (u32, std::collections::BTreeSet<u32>)> =

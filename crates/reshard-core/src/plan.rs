@@ -8,8 +8,6 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
-use rayon::prelude::*;
-
 use crate::checkpoint::{Format, ReadOptions, TensorInfo};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -360,8 +358,7 @@ impl Plan {
             ));
         }
         let read = ReadOptions { verify_crc: !opts.skip_crc };
-        let sources: Vec<Source> =
-            wanted.par_iter().map(|&r| set.open_rank(r, opts.io, read)).collect::<Result<_>>()?;
+        let sources: Vec<Source> = set.open_ranks(&wanted, opts.io, read)?;
         let sources: BTreeMap<u32, Source> = sources.into_iter().map(|s| (s.rank, s)).collect();
         // Saved with MindSpore's `remove_redundancy`: each slice is in one rank of its replica
         // group only, so a rank may lack parameters that others of its stage hold.

@@ -19,8 +19,10 @@ pub fn plan_json(plan: &Plan, dst_dir: &std::path::Path, opts: &ExecuteOptions, 
                 .iter()
                 .map(|(s, b)| json!({"rank": s, "path": plan.sources[s].path(), "bytes": b}))
                 .collect();
+            let fetched: u64 = rp.bytes_read().values().sum();
             let mut v = json!({
                 "rank": r,
+                "bytes_fetched": fetched,
                 "stage": rp.stage,
                 "output": output_path(plan, dst_dir, r, opts),
                 "tensors": rp.tensors.len(),
@@ -80,6 +82,21 @@ pub fn plan_text(plan: &Plan, dst_dir: &std::path::Path, opts: &ExecuteOptions) 
             "",
             reads.join(", ")
         );
+    }
+    if crate::storage::is_url(&plan.src_dir) {
+        // From an object store each destination rank fetches exactly its runs (ranged GETs),
+        // not whole objects: its share of the sources.
+        let total: u64 = plan.sources.values().map(|s| s.index.file_len).sum();
+        let _ = writeln!(
+            out,
+            "object store: the sources hold {total} bytes; tables of contents fetched while planning: {} bytes",
+            crate::storage::bytes_fetched()
+        );
+        for r in 0..plan.dst_rank_count() {
+            let fetched: u64 = plan.rank_plan(r)?.bytes_read().values().sum();
+            let share = if total == 0 { 0.0 } else { 100.0 * fetched as f64 / total as f64 };
+            let _ = writeln!(out, "  rank {r}: fetches {fetched} bytes ({share:.1}% of the sources)");
+        }
     }
     for w in &plan.warnings {
         let _ = writeln!(out, "warning: {w}");

@@ -22,6 +22,9 @@ pub struct Catalogue {
     pub format: Format,
 }
 
+/// Threads that read the tables of contents of object sources at once.
+pub const OBJECT_OPENERS: usize = 16;
+
 /// The name [`discover`] returned before the catalogue held several files per rank.
 pub type SourceSet = Catalogue;
 
@@ -69,6 +72,22 @@ impl Catalogue {
         Catalogue { dir, files: files.into_iter().map(|(r, f)| (r, vec![f])).collect(), format }
     }
 
+    /// [`Catalogue::open_rank`] for each of `ranks`, side by side: on the worker pool for local
+    /// files, on up to [`OBJECT_OPENERS`] threads for objects, whose tables of contents are many
+    /// small ranged GETs that wait on the network rather than on a core (600 MB bench model, 8
+    /// objects of 284 tensors on a loopback server: planning took 1.0 s on the 2-thread pool).
+    pub fn open_ranks(&self, ranks: &[u32], io: IoMode, read: ReadOptions) -> Result<Vec<Source>> {
+        use rayon::prelude::*;
+        if !crate::storage::is_url(&self.dir) || ranks.len() < 2 {
+            return ranks.par_iter().map(|&r| self.open_rank(r, io, read)).collect();
+        }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(ranks.len().min(OBJECT_OPENERS))
+            .build()
+            .map_err(|e| Error::Invalid(format!("cannot start threads to read tables of contents: {e}")))?;
+        pool.install(|| ranks.par_iter().map(|&r| self.open_rank(r, io, read)).collect())
+    }
+
     /// Opens and indexes every file of `rank` (reading only their tables of contents), and
     /// joins them into one index. A tensor held by two of them is refused, naming both.
     pub fn open_rank(&self, rank: u32, io: IoMode, read: ReadOptions) -> Result<Source> {
@@ -79,6 +98,12 @@ impl Catalogue {
         let mut files = Vec::with_capacity(paths.len());
         let mut indexes = Vec::with_capacity(paths.len());
         for p in paths {
+            // An object's crc trailer is not verified here: that would fetch every byte of every
+            // source; the ETag pins the version read, and `reshard verify` checks outputs.
+            let mut read = read;
+            if crate::storage::is_url(p) {
+                read.verify_crc = false;
+            }
             let (src, index) = CheckpointFile::open_with(p, read, io)?.into_parts();
             files.push(SourceFile { path: p.clone(), version: src.version().clone() });
             indexes.push(index);
@@ -131,6 +156,9 @@ pub fn epoch_step(path: &Path) -> Option<(u64, u64)> {
 /// `{rank}` stands for the rank number) picks; otherwise the newest `-{epoch}_{step}` present in
 /// every rank is used, and anything ambiguous is refused with the candidates listed.
 pub fn discover(dir: &Path, choose: Option<&str>) -> Result<Catalogue> {
+    if crate::storage::is_url(dir) {
+        return discover_objects(dir, choose);
+    }
     if !dir.is_dir() {
         return Err(src_err(dir, "the source checkpoint folder does not exist or is not a folder"));
     }
@@ -190,6 +218,65 @@ pub fn discover(dir: &Path, choose: Option<&str>) -> Result<Catalogue> {
         files.sort();
         candidates.insert(rank, files);
     }
+    pick_files(dir, candidates, choose)
+}
+
+/// [`discover`] on an object store: the objects under `dir/rank_N/` (one listing of the
+/// prefix, no object read).
+#[cfg(feature = "s3")]
+fn discover_objects(dir: &Path, choose: Option<&str>) -> Result<Catalogue> {
+    let base = dir.to_string_lossy().trim_end_matches('/').to_string();
+    let mut candidates: BTreeMap<u32, Vec<PathBuf>> = BTreeMap::new();
+    let mut names: BTreeMap<u32, String> = BTreeMap::new();
+    for (url, _) in crate::storage::object::list(dir)? {
+        let s = url.to_string_lossy();
+        let Some(rel) = s.strip_prefix(&base).and_then(|r| r.strip_prefix('/')) else { continue };
+        // rank_N/file directly: deeper objects are not a rank's checkpoint.
+        let Some((folder, file)) = rel.split_once('/') else { continue };
+        if file.contains('/') {
+            continue;
+        }
+        let Some(num) = folder.strip_prefix("rank_") else { continue };
+        let Ok(rank) = num.parse::<u32>() else { continue };
+        if !num.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        if let Some(other) = names.insert(rank, folder.to_string()) {
+            if other != folder {
+                let (a, b) = if other.as_str() < folder { (other.as_str(), folder) } else { (folder, other.as_str()) };
+                return Err(src_err(
+                    dir,
+                    format!(
+                        "the rank folders {a} and {b} are both rank {rank}: which one is meant is ambiguous; keep one"
+                    ),
+                ));
+            }
+        }
+        let files = candidates.entry(rank).or_default();
+        if Format::from_path(&url).is_some() {
+            files.push(url.clone());
+        }
+    }
+    for files in candidates.values_mut() {
+        files.sort();
+    }
+    if candidates.is_empty() {
+        return Err(src_err(
+            dir,
+            "no objects under rank_N/ in this bucket prefix: a source folder holds rank_0/, rank_1/, ... each with a \
+             checkpoint",
+        ));
+    }
+    pick_files(dir, candidates, choose)
+}
+
+#[cfg(not(feature = "s3"))]
+fn discover_objects(dir: &Path, _choose: Option<&str>) -> Result<Catalogue> {
+    Err(crate::storage::no_object_storage(dir))
+}
+
+/// One checkpoint per rank out of each rank folder's candidates (see [`discover`]).
+fn pick_files(dir: &Path, candidates: BTreeMap<u32, Vec<PathBuf>>, choose: Option<&str>) -> Result<Catalogue> {
     if candidates.is_empty() {
         return Err(src_err(
             dir,

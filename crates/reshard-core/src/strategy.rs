@@ -271,6 +271,9 @@ impl Strategy {
     /// Reads a strategy file (a name ending in `.json` is JSON, anything else protobuf), or a
     /// folder of per-stage files, which is merged in memory first.
     pub fn load(path: &Path) -> Result<Strategy> {
+        if crate::storage::is_url(path) {
+            return Strategy::load_object(path);
+        }
         if path.is_dir() {
             let merged = merge_dir(path)?;
             let mut s = match &merged {
@@ -310,6 +313,55 @@ impl Strategy {
             return Err(bad(path, "the file changed while it was read"));
         }
         Ok(s)
+    }
+
+    /// A strategy file in an object store (one GET of the whole object), or a folder of stage
+    /// files there (a prefix with no object of its own name): its objects are fetched into a
+    /// temporary folder and merged as a local folder would be.
+    fn load_object(path: &Path) -> Result<Strategy> {
+        #[cfg(not(feature = "s3"))]
+        return Err(crate::storage::no_object_storage(path));
+        #[cfg(feature = "s3")]
+        {
+            use crate::storage::object;
+            if object::head(path)?.is_none() {
+                let prefix = path.to_string_lossy().trim_end_matches('/').to_string();
+                let stages: Vec<PathBuf> = object::list(path)?
+                    .into_iter()
+                    .map(|(u, _)| u)
+                    .filter(|u| u.to_string_lossy().strip_prefix(&prefix).is_some_and(|r| r.rfind('/') == Some(0)))
+                    .collect();
+                if stages.is_empty() {
+                    return Err(bad(path, "no such object, and no strategy files under this prefix"));
+                }
+                static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+                let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let tmp = std::env::temp_dir().join(format!("reshard-strategy-{}-{n}", std::process::id()));
+                let _ = std::fs::remove_dir_all(&tmp);
+                std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, "create folder", e))?;
+                let loaded = (|| {
+                    for u in &stages {
+                        let bytes = object::read_all(u, crate::input::MAX_STRATEGY_BYTES, "strategy")?;
+                        let name = u.file_name().unwrap_or_default();
+                        std::fs::write(tmp.join(name), bytes).map_err(|e| Error::io(tmp.join(name), "write", e))?;
+                    }
+                    Strategy::load(&tmp)
+                })();
+                let _ = std::fs::remove_dir_all(&tmp);
+                let mut s = loaded?;
+                s.path = path.to_path_buf();
+                return Ok(s);
+            }
+            let bytes = crate::storage::object::read_all(path, crate::input::MAX_STRATEGY_BYTES, "strategy")?;
+            if bytes.is_empty() {
+                return Err(bad(path, "the file is empty"));
+            }
+            if is_json(path) {
+                Strategy::from_json_slice(path, &bytes)
+            } else {
+                Strategy::from_proto(path, &decode_proto(path, &bytes)?)
+            }
+        }
     }
 
     fn push(&mut self, path: &Path, raw_name: &str, layout: ParamLayout) -> Result<()> {

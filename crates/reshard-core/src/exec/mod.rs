@@ -17,6 +17,8 @@
 mod file_sink;
 pub mod fill;
 pub mod memory;
+#[cfg(feature = "s3")]
+pub(crate) mod object_sink;
 mod sources;
 
 use std::path::{Path, PathBuf};
@@ -212,12 +214,30 @@ pub fn execute(plan: &Plan, dst_dir: &Path, ranks: &[u32], opts: &ExecuteOptions
         sources: &sources,
         dst_dir,
         opts,
-        block_bytes: block_bytes(opts, pool.current_num_threads()),
+        block_bytes: if crate::storage::is_url(&plan.src_dir) {
+            // From an object store each block is a ranged GET: larger blocks, fewer requests.
+            let big = ExecuteOptions { block_bytes: opts.block_bytes.max(OBJECT_BLOCK_BYTES), ..opts.clone() };
+            block_bytes(&big, pool.current_num_threads())
+        } else {
+            block_bytes(opts, pool.current_num_threads())
+        },
         written: &written,
         total,
         fingerprint: &fingerprint,
     };
-    let one_rank = |r: u32| file_sink::write_rank(&job, &*codec, &plan.rank_plan(r)?);
+    let to_store = crate::storage::is_url(dst_dir);
+    #[cfg(not(feature = "s3"))]
+    if to_store {
+        return Err(crate::storage::no_object_storage(dst_dir));
+    }
+    let one_rank = |r: u32| {
+        let rp = plan.rank_plan(r)?;
+        #[cfg(feature = "s3")]
+        if to_store {
+            return object_sink::write_rank(&job, &*codec, &rp);
+        }
+        file_sink::write_rank(&job, &*codec, &rp)
+    };
     pool.install(|| {
         if most_tensors > RANK_AT_A_TIME_TENSORS {
             // Many tensors per rank: a rank's plan, file layout and blocks take a few hundred
@@ -243,6 +263,10 @@ fn pool(threads: usize) -> Result<rayon::ThreadPool> {
 fn block_bytes(opts: &ExecuteOptions, threads: usize) -> u64 {
     opts.block_bytes.min(opts.memory_budget / (2 * threads as u64).max(1)).max(1)
 }
+
+/// The smallest block when the sources are objects (still bounded by the memory budget): a
+/// block is one ranged GET per source run, and requests, not bytes, cost the time.
+const OBJECT_BLOCK_BYTES: u64 = 8 << 20;
 
 /// Above this many tensors in a rank, ranks are written one at a time rather than side by side.
 const RANK_AT_A_TIME_TENSORS: usize = 20_000;

@@ -151,7 +151,9 @@ impl<'a> ContentReader<'a> {
             out.copy_from_slice(v);
             return Ok(());
         }
-        if n >= READER_WINDOW {
+        // An object store fetches what is asked: no read-ahead beyond the bytes needed (the
+        // executor's prefetch already asked for exactly the runs of this block).
+        if n >= READER_WINDOW || self.src.exact_reads() {
             return self.src.read_at(at, out);
         }
         let end = self.win_start + self.win.len() as u64;

@@ -1,0 +1,574 @@
+//! Objects in S3-compatible stores (Amazon S3, Huawei OBS, SeaweedFS, MinIO) through Apache
+//! Arrow's `object_store` crate: `s3://bucket/key` and `obs://bucket/key` URLs.
+//!
+//! The crate is async; its tokio runtime lives here, private, and every function of this module
+//! blocks until its requests are done, so the rest of the core (and the C ABI) stays synchronous.
+//!
+//! Reads: [`ObjectSource`] is a [`ByteSource`] whose `prefetch` starts a ranged GET of exactly
+//! the announced run (the executor announces the runs of the blocks it will fill next, coalesced
+//! when their gaps are below a page) and whose `read_at` takes its bytes from those responses,
+//! or from a ranged GET of exactly its own range. GETs in flight are bounded per store; every GET
+//! carries `If-Match` with the ETag seen when the object was opened, so a run never mixes two
+//! versions of an object. `object_store` retries 5xx answers, timeouts and broken connections
+//! with exponential backoff.
+//!
+//! Writes: [`upload_file`] streams a finished local file as a multipart upload (parts of
+//! [`PART_BYTES`], a bounded number in flight) and completes it only when every part is in; any
+//! failure, or a cancel between parts, aborts the upload, so no object appears under its final
+//! name unless it is whole.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::multipart::{MultipartStore, PartId};
+use object_store::path::Path as Key;
+use object_store::{ClientOptions, GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig};
+use tokio::sync::Semaphore;
+
+use super::{ByteSource, Version};
+use crate::error::{Error, Result};
+
+/// Size of each part of a multipart upload but the last (S3 needs 5 MiB or more).
+pub const PART_BYTES: usize = 8 << 20;
+/// Parts of one upload in flight at once (memory: this many parts).
+const PARTS_IN_FLIGHT: usize = 4;
+/// Ranged GETs in flight at once per store.
+const GETS_IN_FLIGHT: usize = 16;
+/// The most prefetched bytes one source holds before they are read (beyond it, prefetches are
+/// dropped and the reads fetch their own ranges).
+const PREFETCH_CAP: u64 = 128 << 20;
+
+/// A parsed `s3://bucket/key` (or `obs://`) URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectUrl {
+    /// `s3` or `obs`.
+    pub scheme: String,
+    /// The bucket.
+    pub bucket: String,
+    /// The key (or key prefix), without leading or trailing slashes.
+    pub key: String,
+}
+
+impl ObjectUrl {
+    /// Parses an `s3://` or `obs://` URL.
+    pub fn parse(p: &Path) -> Result<ObjectUrl> {
+        let s = p.to_str().ok_or_else(|| Error::Invalid(format!("{}: the URL is not UTF-8", p.display())))?;
+        let (scheme, rest) = s
+            .split_once("://")
+            .filter(|(sc, _)| matches!(*sc, "s3" | "obs"))
+            .ok_or_else(|| Error::Invalid(format!("{s}: not an s3:// or obs:// URL")))?;
+        let (bucket, key) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(Error::Invalid(format!("{s}: the URL names no bucket (expected {scheme}://BUCKET/KEY)")));
+        }
+        let key = key.trim_matches('/');
+        if key.split('/').any(|c| c == "." || c == ".." || (c.is_empty() && !key.is_empty())) {
+            return Err(Error::Invalid(format!("{s}: the key has an empty, '.' or '..' component")));
+        }
+        Ok(ObjectUrl { scheme: scheme.into(), bucket: bucket.into(), key: key.into() })
+    }
+
+    /// The key as `object_store` takes it.
+    fn location(&self) -> Key {
+        Key::from(self.key.as_str())
+    }
+
+    /// The URL of the object `key` in the same bucket.
+    fn url_of(&self, key: &str) -> PathBuf {
+        PathBuf::from(format!("{}://{}/{}", self.scheme, self.bucket, key))
+    }
+}
+
+/// The private runtime: two workers are plenty to drive HTTP requests (the copying is done by the
+/// caller's threads).
+fn runtime() -> Result<&'static tokio::runtime::Runtime> {
+    static RT: OnceLock<std::result::Result<tokio::runtime::Runtime, String>> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("reshard-s3")
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())
+    })
+    .as_ref()
+    .map_err(|e| Error::Invalid(format!("cannot start the object storage runtime: {e}")))
+}
+
+/// Runs `f` on the private runtime and waits for it.
+fn block_on<F: Future + Send + 'static>(f: F) -> Result<F::Output>
+where
+    F::Output: Send + 'static,
+{
+    let rt = runtime()?;
+    // Spawned and awaited through a channel, so that a caller already inside some other
+    // runtime (an embedding application's) does not nest runtimes.
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    rt.spawn(async move {
+        let _ = tx.send(f.await);
+    });
+    rx.recv().map_err(|_| Error::Invalid("internal error: an object storage request was dropped".into()))
+}
+
+/// One bucket's client, and the bound on its GETs in flight.
+struct Store {
+    s3: Arc<AmazonS3>,
+    gets: Arc<Semaphore>,
+}
+
+/// The client of `url`'s bucket (made once per bucket), configured from the standard environment.
+fn store(url: &ObjectUrl, shown: &Path) -> Result<Arc<Store>> {
+    static STORES: OnceLock<Mutex<HashMap<String, Arc<Store>>>> = OnceLock::new();
+    let stores = STORES.get_or_init(Default::default);
+    let mut map = stores.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(s) = map.get(&url.bucket) {
+        return Ok(s.clone());
+    }
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let anonymous = env("AWS_SKIP_SIGNATURE").is_some_and(|v| v.eq_ignore_ascii_case("true") || v == "1");
+    // Without keys object_store would ask the instance metadata service (a link-local address)
+    // for credentials; that is a surprise on a laptop and a hang off the cloud, so keys are
+    // required unless the bucket is read anonymously or a web identity is configured.
+    if !anonymous && env("AWS_ACCESS_KEY_ID").is_none() && env("AWS_WEB_IDENTITY_TOKEN_FILE").is_none() {
+        return Err(Error::Invalid(format!(
+            "{}: no credentials for the object store: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and \
+             AWS_SESSION_TOKEN for temporary keys), or AWS_SKIP_SIGNATURE=true for a public bucket",
+            shown.display()
+        )));
+    }
+    let retries = env("RESHARD_S3_RETRIES").and_then(|v| v.parse().ok()).unwrap_or(5);
+    let retry = RetryConfig {
+        max_retries: retries,
+        retry_timeout: Duration::from_secs(env("RESHARD_S3_RETRY_SECONDS").and_then(|v| v.parse().ok()).unwrap_or(60)),
+        ..RetryConfig::default()
+    };
+    let mut client =
+        ClientOptions::new().with_connect_timeout(Duration::from_secs(10)).with_timeout(Duration::from_secs(120));
+    // Plain http (a local server, an OBS endpoint inside a VPC) only when asked for.
+    if env("AWS_ALLOW_HTTP").is_some_and(|v| v.eq_ignore_ascii_case("true") || v == "1") {
+        client = client.with_allow_http(true);
+    }
+    let mut b = AmazonS3Builder::from_env().with_bucket_name(&url.bucket).with_retry(retry).with_client_options(client);
+    if env("AWS_REGION").is_none() {
+        if let Some(r) = env("AWS_DEFAULT_REGION") {
+            b = b.with_region(r);
+        }
+    }
+    if anonymous {
+        b = b.with_skip_signature(true);
+    }
+    let s3 = b.build().map_err(|e| store_error(shown, "configure the client", &e))?;
+    let s = Arc::new(Store { s3: Arc::new(s3), gets: Arc::new(Semaphore::new(GETS_IN_FLIGHT)) });
+    map.insert(url.bucket.clone(), s.clone());
+    Ok(s)
+}
+
+/// The store's error, with its code (`AccessDenied`, `NoSuchBucket`, `InvalidAccessKeyId`...)
+/// and HTTP status when the answer carried them, as an I/O error on the URL.
+fn store_error(url: &Path, op: &'static str, e: &object_store::Error) -> Error {
+    use std::io::ErrorKind;
+    let mut text = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        let t = s.to_string();
+        if !text.contains(&t) {
+            text.push_str(": ");
+            text.push_str(&t);
+        }
+        src = s.source();
+    }
+    let tag = |t: &str| {
+        let open = format!("<{t}>");
+        text.split(open.as_str()).nth(1).and_then(|r| r.split("</").next()).map(str::to_string)
+    };
+    let code = tag("Code");
+    // The store's XML answer is summed up by its code and message.
+    if let Some(at) = text.find("<?xml").or_else(|| text.find("<Error>")) {
+        let message = tag("Message").unwrap_or_default();
+        text.truncate(at);
+        text.push_str(&message);
+    }
+    let kind = match e {
+        object_store::Error::NotFound { .. } => ErrorKind::NotFound,
+        object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. } => {
+            ErrorKind::PermissionDenied
+        }
+        _ => ErrorKind::Other,
+    };
+    let code = match (code, kind) {
+        (Some(c), _) => c,
+        (None, ErrorKind::NotFound) => "NoSuchKey".into(),
+        (None, ErrorKind::PermissionDenied) => "AccessDenied".into(),
+        (None, _) if text.contains("connect") || text.contains("error sending request") => {
+            "no answer (connection failed)".into()
+        }
+        (None, _) => "unknown".into(),
+    };
+    let text: String = text.chars().take(600).collect();
+    Error::io(url, op, std::io::Error::new(kind, format!("store error code {code}: {text}")))
+}
+
+/// Bytes fetched by ranged GETs in this process (tables of contents and content), for `plan`'s
+/// report and the tests.
+static FETCHED: AtomicU64 = AtomicU64::new(0);
+
+/// Bytes fetched from object stores so far by this process.
+pub fn bytes_fetched() -> u64 {
+    FETCHED.load(Ordering::Relaxed)
+}
+
+/// A ranged GET of `range`, pinned to `etag`.
+async fn get_range(
+    store: Arc<Store>,
+    key: Key,
+    etag: Option<String>,
+    range: Range<u64>,
+) -> object_store::Result<Bytes> {
+    let _permit = store.gets.clone().acquire_owned().await.ok();
+    let opts = GetOptions::new().with_range(Some(GetRange::Bounded(range))).with_if_match(etag);
+    let bytes = store.s3.get_opts(&key, opts).await?.bytes().await?;
+    FETCHED.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+    Ok(bytes)
+}
+
+/// A prefetched range: filled by the runtime, waited for by the reader.
+struct Slot {
+    end: u64,
+    data: Mutex<Option<std::result::Result<Bytes, Arc<object_store::Error>>>>,
+    ready: Condvar,
+}
+
+/// An object read through ranged GETs.
+pub struct ObjectSource {
+    path: PathBuf,
+    store: Arc<Store>,
+    key: Key,
+    etag: Option<String>,
+    version: Version,
+    /// Prefetched ranges by start.
+    slots: Mutex<BTreeMap<u64, Arc<Slot>>>,
+    /// Bytes held or awaited in `slots`.
+    held: AtomicU64,
+    /// A GET found the object changed (its ETag no longer matched).
+    changed: AtomicBool,
+}
+
+impl ObjectSource {
+    /// Opens the object at `url` (one HEAD request: its size and ETag).
+    pub fn open(path: &Path) -> Result<ObjectSource> {
+        let url = ObjectUrl::parse(path)?;
+        let store = store(&url, path)?;
+        let key = url.location();
+        let s3 = store.s3.clone();
+        let k = key.clone();
+        let meta = block_on(async move { s3.head(&k).await })?.map_err(|e| store_error(path, "open (HEAD)", &e))?;
+        let etag = meta.e_tag.clone();
+        let version = Version::Remote { len: meta.size, etag: etag.clone().unwrap_or_default() };
+        Ok(ObjectSource {
+            path: path.to_path_buf(),
+            store,
+            key,
+            etag,
+            version,
+            slots: Mutex::new(BTreeMap::new()),
+            held: AtomicU64::new(0),
+            changed: AtomicBool::new(false),
+        })
+    }
+
+    fn fetch(&self, range: Range<u64>) -> Result<Bytes> {
+        let f = get_range(self.store.clone(), self.key.clone(), self.etag.clone(), range);
+        block_on(f)?.map_err(|e| self.read_error(&e))
+    }
+
+    fn read_error(&self, e: &object_store::Error) -> Error {
+        if matches!(e, object_store::Error::Precondition { .. }) {
+            self.changed.store(true, Ordering::Relaxed);
+            return self.changed_error();
+        }
+        store_error(&self.path, "ranged GET", e)
+    }
+
+    fn changed_error(&self) -> Error {
+        Error::Source {
+            path: self.path.clone(),
+            detail: format!(
+                "the object changed while reshard was reading it (its ETag is no longer {}); make the plan again",
+                self.etag.as_deref().unwrap_or("?")
+            ),
+        }
+    }
+
+    /// The prefetched slot holding [offset, end), if any.
+    fn slot_for(&self, offset: u64, end: u64) -> Option<(u64, Arc<Slot>)> {
+        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let (&start, slot) = slots.range(..=offset).next_back()?;
+        (slot.end >= end).then(|| (start, slot.clone()))
+    }
+
+    fn drop_slot(&self, start: u64) {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = slots.remove(&start) {
+            self.held.fetch_sub(s.end - start, Ordering::Relaxed);
+        }
+    }
+}
+
+impl ByteSource for ObjectSource {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn len(&self) -> u64 {
+        self.version.len()
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .filter(|&e| e <= self.len())
+            .ok_or_else(|| super::beyond_end(&self.path, offset, buf.len(), self.len()))?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        if let Some((start, slot)) = self.slot_for(offset, end) {
+            let mut data = slot.data.lock().unwrap_or_else(|p| p.into_inner());
+            while data.is_none() {
+                data = slot.ready.wait(data).unwrap_or_else(|p| p.into_inner());
+            }
+            let got = match data.as_ref() {
+                Some(Ok(b)) if b.len() as u64 == slot.end - start => {
+                    let from = (offset - start) as usize;
+                    buf.copy_from_slice(&b[from..from + buf.len()]);
+                    Ok(())
+                }
+                Some(Err(e)) => Err(self.read_error(e)),
+                _ => Err(Error::Source {
+                    path: self.path.clone(),
+                    detail: format!("a ranged GET of bytes {start}..{} returned another length", slot.end),
+                }),
+            };
+            drop(data);
+            // Runs are read front to back: the one that reaches the end frees the slot.
+            if end == slot.end || got.is_err() {
+                self.drop_slot(start);
+            }
+            return got;
+        }
+        let b = self.fetch(offset..end)?;
+        if b.len() != buf.len() {
+            return Err(Error::Source {
+                path: self.path.clone(),
+                detail: format!("a ranged GET of bytes {offset}..{end} returned {} bytes", b.len()),
+            });
+        }
+        buf.copy_from_slice(&b);
+        Ok(())
+    }
+
+    fn prefetch(&self, offset: u64, len: u64) {
+        let Some(end) = offset.checked_add(len).filter(|&e| e <= self.len() && len > 0) else {
+            return;
+        };
+        if self.held.load(Ordering::Relaxed) + len > PREFETCH_CAP || self.slot_for(offset, end).is_some() {
+            return;
+        }
+        let Ok(rt) = runtime() else { return };
+        let slot = Arc::new(Slot { end, data: Mutex::new(None), ready: Condvar::new() });
+        {
+            let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+            if slots.contains_key(&offset) {
+                return;
+            }
+            slots.insert(offset, slot.clone());
+        }
+        self.held.fetch_add(len, Ordering::Relaxed);
+        let f = get_range(self.store.clone(), self.key.clone(), self.etag.clone(), offset..end);
+        rt.spawn(async move {
+            let r = f.await.map_err(Arc::new);
+            *slot.data.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+            slot.ready.notify_all();
+        });
+    }
+
+    fn exact_reads(&self) -> bool {
+        true
+    }
+
+    fn version(&self) -> &Version {
+        &self.version
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.changed.load(Ordering::Relaxed) {
+            return Err(self.changed_error());
+        }
+        Ok(())
+    }
+}
+
+/// Opens an object as a byte source.
+pub fn open(path: &Path) -> Result<Arc<dyn ByteSource>> {
+    Ok(Arc::new(ObjectSource::open(path)?))
+}
+
+/// Every object under the folder `dir` (a key prefix), with its size: (URL, size), sorted.
+pub fn list(dir: &Path) -> Result<Vec<(PathBuf, u64)>> {
+    let url = ObjectUrl::parse(dir)?;
+    let store = store(&url, dir)?;
+    let prefix = (!url.key.is_empty()).then(|| url.location());
+    let s3 = store.s3.clone();
+    let metas = block_on(async move { s3.list(prefix.as_ref()).collect::<Vec<_>>().await })?;
+    let mut out = Vec::with_capacity(metas.len());
+    for m in metas {
+        let m = m.map_err(|e| store_error(dir, "list", &e))?;
+        out.push((url.url_of(m.location.as_ref()), m.size));
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Size and ETag of the object at `path`, or None when there is none.
+pub fn head(path: &Path) -> Result<Option<(u64, String)>> {
+    let url = ObjectUrl::parse(path)?;
+    let store = store(&url, path)?;
+    let s3 = store.s3.clone();
+    let key = url.location();
+    match block_on(async move { s3.head(&key).await })? {
+        Ok(m) => Ok(Some((m.size, m.e_tag.unwrap_or_default()))),
+        Err(object_store::Error::NotFound { .. }) => Ok(None),
+        Err(e) => Err(store_error(path, "HEAD", &e)),
+    }
+}
+
+/// The whole object at `path`, refused when larger than `cap` bytes (`what` names it).
+pub fn read_all(path: &Path, cap: u64, what: &str) -> Result<Vec<u8>> {
+    let src = ObjectSource::open(path)?;
+    if src.len() > cap {
+        return Err(Error::Unsupported {
+            path: path.to_path_buf(),
+            detail: format!("the {what} object holds {} bytes; at most {cap} are accepted", src.len()),
+        });
+    }
+    let mut buf = vec![0u8; src.len() as usize];
+    src.read_at(0, &mut buf)?;
+    Ok(buf)
+}
+
+/// Writes a small object whole (one PUT; S3 makes it visible only when complete). Returns its ETag.
+pub fn put(path: &Path, bytes: Vec<u8>) -> Result<String> {
+    let url = ObjectUrl::parse(path)?;
+    let store = store(&url, path)?;
+    let s3 = store.s3.clone();
+    let key = url.location();
+    let r = block_on(async move { s3.put(&key, PutPayload::from(bytes)).await })?
+        .map_err(|e| store_error(path, "PUT", &e))?;
+    Ok(r.e_tag.unwrap_or_default())
+}
+
+/// Deletes the object at `path` (none there is not an error).
+pub fn delete(path: &Path) -> Result<()> {
+    let url = ObjectUrl::parse(path)?;
+    let store = store(&url, path)?;
+    let s3 = store.s3.clone();
+    let key = url.location();
+    match block_on(async move { s3.delete(&key).await })? {
+        Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+        Err(e) => Err(store_error(path, "DELETE", &e)),
+    }
+}
+
+/// Uploads the first `len` bytes of `file` to `path` as a multipart upload: parts of
+/// [`PART_BYTES`], [`PARTS_IN_FLIGHT`] at a time, read from the file as they are sent. The upload
+/// is completed only when every part is in; on any error, or when `cancelled` says so between
+/// parts, it is aborted and nothing is left under `path`. Returns the new object's ETag.
+pub fn upload_file(file: &std::fs::File, len: u64, path: &Path, cancelled: &dyn Fn() -> bool) -> Result<String> {
+    use std::os::unix::fs::FileExt;
+    let url = ObjectUrl::parse(path)?;
+    let store = store(&url, path)?;
+    let key = url.location();
+    if len < PART_BYTES as u64 {
+        let mut buf = vec![0u8; len as usize];
+        file.read_exact_at(&mut buf, 0).map_err(|e| Error::io(path, "read the staged output", e))?;
+        if cancelled() {
+            return Err(Error::Cancelled { path: path.to_path_buf() });
+        }
+        return put(path, buf);
+    }
+    let (s3, k) = (store.s3.clone(), key.clone());
+    let id = block_on(async move { s3.create_multipart(&k).await })?
+        .map_err(|e| store_error(path, "start multipart upload", &e))?;
+    let abort = |why: Error| -> Error {
+        let (s3, k, id) = (store.s3.clone(), key.clone(), id.clone());
+        // Best effort: the error that made the upload stop is the one reported.
+        let _ = block_on(async move { s3.abort_multipart(&k, &id).await });
+        why
+    };
+    let parts = len.div_ceil(PART_BYTES as u64) as usize;
+    let mut done: Vec<Option<PartId>> = vec![None; parts];
+    let mut next = 0usize;
+    while next < parts {
+        if cancelled() {
+            return Err(abort(Error::Cancelled { path: path.to_path_buf() }));
+        }
+        let batch: Vec<usize> = (next..parts.min(next + PARTS_IN_FLIGHT)).collect();
+        let mut futs = Vec::with_capacity(batch.len());
+        for &i in &batch {
+            let at = i as u64 * PART_BYTES as u64;
+            let n = (len - at).min(PART_BYTES as u64) as usize;
+            let mut buf = vec![0u8; n];
+            if let Err(e) = file.read_exact_at(&mut buf, at) {
+                return Err(abort(Error::io(path, "read the staged output", e)));
+            }
+            let (s3, k, id) = (store.s3.clone(), key.clone(), id.clone());
+            futs.push(async move { s3.put_part(&k, &id, i, PutPayload::from(buf)).await });
+        }
+        let results = block_on(futures::future::join_all(futs));
+        let results = match results {
+            Ok(r) => r,
+            Err(e) => return Err(abort(e)),
+        };
+        for (i, r) in batch.into_iter().zip(results) {
+            match r {
+                Ok(p) => done[i] = Some(p),
+                Err(e) => return Err(abort(store_error(path, "upload part", &e))),
+            }
+        }
+        next += PARTS_IN_FLIGHT;
+    }
+    if cancelled() {
+        return Err(abort(Error::Cancelled { path: path.to_path_buf() }));
+    }
+    let parts: Vec<PartId> = done.into_iter().flatten().collect();
+    let (s3, k, id2) = (store.s3.clone(), key.clone(), id.clone());
+    match block_on(async move { s3.complete_multipart(&k, &id2, parts).await }) {
+        Ok(Ok(r)) => Ok(r.e_tag.unwrap_or_default()),
+        Ok(Err(e)) => Err(abort(store_error(path, "complete multipart upload", &e))),
+        Err(e) => Err(abort(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        let u = ObjectUrl::parse(Path::new("obs://b/x/y/")).unwrap();
+        assert_eq!((u.scheme.as_str(), u.bucket.as_str(), u.key.as_str()), ("obs", "b", "x/y"));
+        assert_eq!(u.url_of("x/y/z"), PathBuf::from("obs://b/x/y/z"));
+        let u = ObjectUrl::parse(Path::new("s3://b")).unwrap();
+        assert_eq!(u.key, "");
+        for bad in ["s3://", "s3:///k", "http://b/k", "s3://b/a/../k", "s3://b/a//k"] {
+            assert!(ObjectUrl::parse(Path::new(bad)).is_err(), "{bad}");
+        }
+    }
+}
