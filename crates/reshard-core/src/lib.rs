@@ -26,6 +26,7 @@ pub mod exec;
 pub use exec as execute;
 pub mod plan;
 pub mod source;
+pub mod source_unified;
 pub mod storage;
 
 pub use exec::memory::{load_rank, LoadOptions, TensorMeta};

@@ -134,6 +134,15 @@ pub fn discover(dir: &Path, choose: Option<&str>) -> Result<Catalogue> {
     if !dir.is_dir() {
         return Err(src_err(dir, "the source checkpoint folder does not exist or is not a folder"));
     }
+    // A complete model as one folder with a map (MindSpore's unified folder, a Hugging Face
+    // index folder): rank 0 is all of its files.
+    if let Some(c) = crate::source_unified::complete_folder(dir)? {
+        return Ok(c);
+    }
+    // Ranks whose checkpoint is several files (a map in the folder), and hyper-parameter files
+    // joined to a rank's chosen checkpoint.
+    let mut joined: BTreeMap<u32, Vec<PathBuf>> = BTreeMap::new();
+    let mut hyper: BTreeMap<u32, PathBuf> = BTreeMap::new();
     let mut candidates: BTreeMap<u32, Vec<PathBuf>> = BTreeMap::new();
     // Each rank's folder name, and each folder's real path: `rank_0` and `rank_00` both
     // spell rank 0, and a `rank_1` that is a symlink to `rank_0` would feed rank 0's slices to
@@ -188,6 +197,18 @@ pub fn discover(dir: &Path, choose: Option<&str>) -> Result<Catalogue> {
             }
         }
         files.sort();
+        let files = match crate::source_unified::rank_folder(&e.path(), files)? {
+            crate::source_unified::RankFiles::Candidates(files, h) => {
+                hyper.extend(h.map(|h| (rank, h)));
+                files
+            }
+            crate::source_unified::RankFiles::Joined(all) => {
+                // One candidate stands for them while one checkpoint per rank is chosen.
+                let first = all.first().cloned().into_iter().collect();
+                joined.insert(rank, all);
+                first
+            }
+        };
         candidates.insert(rank, files);
     }
     if candidates.is_empty() {
@@ -231,7 +252,14 @@ pub fn discover(dir: &Path, choose: Option<&str>) -> Result<Catalogue> {
     } else {
         pick_common_step(dir, &candidates)?
     };
-    Ok(Catalogue::single(dir.to_path_buf(), files, format))
+    let mut set = Catalogue::single(dir.to_path_buf(), files, format);
+    for (rank, files) in set.files.iter_mut() {
+        if let Some(all) = joined.remove(rank) {
+            *files = all;
+        }
+        files.extend(hyper.remove(rank));
+    }
+    Ok(set)
 }
 
 fn list(files: &[PathBuf]) -> String {

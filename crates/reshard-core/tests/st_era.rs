@@ -1,0 +1,288 @@
+//! MindSpore's safetensors era (issue 15), against files MindSpore 2.10 made
+//! (`tests/gen/make_st_era.py`, `tests/fixtures/st_era`): unified folders and Hugging Face index
+//! folders as complete sources, rank folders of several files, sources saved with
+//! `remove_redundancy`.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+mod util;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use reshard_core::checkpoint::{CheckpointFile, ReadOptions, TensorHeader};
+use reshard_core::execute::{execute, ExecuteOptions};
+use reshard_core::plan::{Plan, PlanOptions};
+use reshard_core::Format;
+use util::{fixtures, Scratch};
+
+fn st_era() -> PathBuf {
+    fixtures().join("st_era")
+}
+
+/// name -> (dtype, shape, bytes).
+fn tensors(path: &Path) -> BTreeMap<String, (String, Vec<u64>, Vec<u8>)> {
+    let f = CheckpointFile::open(path, ReadOptions::default()).unwrap();
+    f.index()
+        .tensors
+        .iter()
+        .map(|t| (t.name.clone(), (t.dtype.to_string(), t.shape.clone(), f.content(t).into_owned())))
+        .collect()
+}
+
+fn st_opts() -> ExecuteOptions {
+    ExecuteOptions { format: Format::Safetensors, sync: false, ..ExecuteOptions::default() }
+}
+
+fn transform(src: &Path, src_strategy: Option<&Path>, dst_strategy: Option<&Path>, out: &Path) -> Plan {
+    let plan = Plan::build(src, src_strategy, dst_strategy, &PlanOptions::default()).unwrap();
+    execute(&plan, out, &[], &st_opts()).unwrap();
+    plan
+}
+
+/// Writes a safetensors file of `tensors` (name, header source file) with `meta`.
+fn write_st(path: &Path, items: &[(TensorHeader, Vec<u8>)], meta: &[(&str, &str)]) {
+    let meta: BTreeMap<String, String> = meta.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let headers: Vec<TensorHeader> = items.iter().map(|(h, _)| h.clone()).collect();
+    let layout = reshard_core::safetensors::layout(&headers, &meta).unwrap();
+    let contents: Vec<&[u8]> = items.iter().map(|(_, b)| b.as_slice()).collect();
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, layout.render(&contents)).unwrap();
+}
+
+fn items_of(path: &Path) -> Vec<(TensorHeader, Vec<u8>)> {
+    let f = CheckpointFile::open(path, ReadOptions::default()).unwrap();
+    f.index()
+        .tensors
+        .iter()
+        .map(|t| {
+            (
+                TensorHeader { name: t.name.clone(), dtype: t.dtype, dims: t.shape.clone(), nbytes: t.nbytes },
+                f.content(t).into_owned(),
+            )
+        })
+        .collect()
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.path().is_dir() {
+            copy_dir(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+#[test]
+fn unified_folders_load_as_mindspore_loads_them() {
+    // What load_distributed_checkpoint(unified_safetensors_dir=...) gives each destination rank,
+    // hyper-parameters included, byte for byte.
+    for case in ["dp2mp2", "dp4mp2pp2_opt2"] {
+        let dir = st_era().join(case);
+        let tmp = Scratch::new("unified-src");
+        let plan = transform(&dir.join("unified_full"), None, Some(&dir.join("dst_strategy.ckpt")), tmp.path());
+        assert_eq!(plan.sources[&0].files.len(), 2, "{case}: part0 and hyper_param");
+        for r in 0..plan.dst_rank_count() {
+            let ours = tmp.join(format!("rank_{r}/checkpoint_{r}.safetensors"));
+            let theirs = dir.join(format!("load_dst/rank_{r}/net.safetensors"));
+            assert_eq!(tensors(&ours), tensors(&theirs), "{case} rank {r}");
+            assert_eq!(std::fs::read(&ours).unwrap(), std::fs::read(&theirs).unwrap(), "{case} rank {r}");
+        }
+    }
+}
+
+#[test]
+fn hugging_face_index_folders_are_complete_sources() {
+    let dir = st_era().join("hf");
+    let tmp = Scratch::new("hf-src");
+    let plan = transform(&dir, None, Some(&dir.join("dst_strategy.ckpt")), tmp.path());
+    assert_eq!(plan.sources[&0].files.len(), 2);
+    for r in 0..4 {
+        let name = format!("rank_{r}/checkpoint_{r}.safetensors");
+        assert_eq!(
+            std::fs::read(tmp.join(&name)).unwrap(),
+            std::fs::read(dir.join("expected_dp2mp2").join(&name)).unwrap(),
+            "rank {r}"
+        );
+    }
+}
+
+#[test]
+fn remove_redundancy_sources_made_by_mindspore_convert_like_their_full_copies() {
+    for case in ["dp2mp2", "dp4mp2pp2_opt2"] {
+        let dir = st_era().join(case);
+        let src = dir.join("src_strategy.ckpt");
+        let dst = dir.join("dst_strategy.ckpt");
+        let (a, b) = (Scratch::new("rr"), Scratch::new("rr-full"));
+        let plan = transform(&dir.join("rr"), Some(&src), Some(&dst), a.path());
+        transform(&dir.join("full"), Some(&src), Some(&dst), b.path());
+        for r in 0..plan.dst_rank_count() {
+            let name = format!("rank_{r}/checkpoint_{r}.safetensors");
+            assert_eq!(tensors(&a.join(&name)), tensors(&b.join(&name)), "{case} rank {r}");
+        }
+        // And to a complete checkpoint: what the unified part holds.
+        let c = Scratch::new("rr-complete");
+        transform(&dir.join("rr"), Some(&src), None, c.path());
+        let ours = tensors(&c.join("rank_0/checkpoint_0.safetensors"));
+        let mut theirs = tensors(&dir.join("unified_rr/part0.safetensors"));
+        theirs.extend(tensors(&dir.join("unified_rr/hyper_param.safetensors")));
+        assert_eq!(ours, theirs, "{case}");
+    }
+}
+
+/// A unified folder copied into `tmp` with `part0.safetensors` split in two files and the map
+/// rewritten to match; returns the folder.
+fn two_part_folder(tmp: &Scratch) -> PathBuf {
+    let from = st_era().join("dp2mp2/unified_full");
+    let dir = tmp.join("unified");
+    copy_dir(&from, &dir);
+    let items = items_of(&dir.join("part0.safetensors"));
+    let (a, b) = items.split_at(items.len() / 2);
+    std::fs::remove_file(dir.join("part0.safetensors")).unwrap();
+    write_st(&dir.join("part0.safetensors"), a, &[("format", "ms")]);
+    write_st(&dir.join("part1.safetensors"), b, &[("format", "ms")]);
+    let mut map = serde_json::Map::new();
+    for (h, _) in a {
+        map.insert(h.name.clone(), "part0.safetensors".into());
+    }
+    for (h, _) in b {
+        map.insert(h.name.clone(), "part1.safetensors".into());
+    }
+    let json = serde_json::json!({"metadata": {"total_size": 0}, "weight_map": map});
+    std::fs::write(dir.join("param_name_map.json"), serde_json::to_string_pretty(&json).unwrap()).unwrap();
+    dir
+}
+
+#[test]
+fn a_map_that_disagrees_with_its_files_is_refused_naming_both() {
+    let tmp = Scratch::new("bad-map");
+    let dir = two_part_folder(&tmp);
+    let dst = st_era().join("dp2mp2/dst_strategy.ckpt");
+    // The split folder itself is fine and gives what the single part gave.
+    let out = Scratch::new("bad-map-out");
+    transform(&dir, None, Some(&dst), out.path());
+    let want = st_era().join("dp2mp2/load_dst/rank_1/net.safetensors");
+    assert_eq!(tensors(&out.join("rank_1/checkpoint_1.safetensors")), tensors(&want));
+
+    let map_path = dir.join("param_name_map.json");
+    let original = std::fs::read_to_string(&map_path).unwrap();
+    let refused = |what: &str, needles: &[&str]| {
+        let e = Plan::build(&dir, None, Some(&dst), &PlanOptions::default()).unwrap_err().to_string();
+        for n in needles {
+            assert!(e.contains(n), "{what}: {e}");
+        }
+    };
+    // Listed in the wrong file.
+    let v: serde_json::Value = serde_json::from_str(&original).unwrap();
+    let (name, file) = {
+        let m = v["weight_map"].as_object().unwrap();
+        let (n, f) = m.iter().next().unwrap();
+        (n.clone(), f.as_str().unwrap().to_string())
+    };
+    let other = if file == "part0.safetensors" { "part1.safetensors" } else { "part0.safetensors" };
+    let mut w = v.clone();
+    w["weight_map"][&name] = other.into();
+    std::fs::write(&map_path, w.to_string()).unwrap();
+    refused("wrong file", &[&name, other, &file, "param_name_map.json"]);
+    // Listed but absent.
+    let mut w = v.clone();
+    w["weight_map"]["no.such.tensor"] = "part1.safetensors".into();
+    std::fs::write(&map_path, w.to_string()).unwrap();
+    refused("absent", &["no.such.tensor", "part1.safetensors", "does not contain"]);
+    // In two files.
+    std::fs::write(&map_path, &original).unwrap();
+    let mut both = items_of(&dir.join("part1.safetensors"));
+    let first = items_of(&dir.join("part0.safetensors")).remove(0);
+    let dup = first.0.name.clone();
+    both.push(first);
+    write_st(&dir.join("part1.safetensors"), &both, &[("format", "ms")]);
+    refused("two files", &[&dup, "part0.safetensors", "part1.safetensors", "both"]);
+    // In a file but not in the map.
+    let mut w = v.clone();
+    w["weight_map"].as_object_mut().unwrap().remove(&name);
+    write_st(&dir.join("part1.safetensors"), &items_of(&dir.join("part1.safetensors"))[..both.len() - 1], &[]);
+    std::fs::write(&map_path, w.to_string()).unwrap();
+    refused("unlisted", &[&name, "does not list it"]);
+}
+
+#[test]
+fn rank_folders_of_several_files_join_into_one_checkpoint() {
+    // Each rank of the dp2mp2 source split into two files with a map, and its hyper-parameters
+    // moved to hyper_param.safetensors; it converts like the original.
+    let dir = st_era().join("dp2mp2");
+    let tmp = Scratch::new("multi");
+    let src = tmp.join("src");
+    for r in 0..4 {
+        let items = items_of(&dir.join(format!("full/rank_{r}/checkpoint_{r}.safetensors")));
+        let (hyper, weights): (Vec<_>, Vec<_>) =
+            items.into_iter().partition(|(h, _)| h.name == "global_step" || h.name == "learning_rate");
+        let (a, b) = weights.split_at(weights.len() / 2);
+        let d = src.join(format!("rank_{r}"));
+        write_st(&d.join("model-00001-of-00002.safetensors"), a, &[("format", "ms")]);
+        write_st(&d.join("model-00002-of-00002.safetensors"), b, &[("format", "ms")]);
+        write_st(&d.join("hyper_param.safetensors"), &hyper, &[("format", "ms")]);
+        let mut map = serde_json::Map::new();
+        for (h, _) in a {
+            map.insert(h.name.clone(), "model-00001-of-00002.safetensors".into());
+        }
+        for (h, _) in b {
+            map.insert(h.name.clone(), "model-00002-of-00002.safetensors".into());
+        }
+        let json = serde_json::json!({"weight_map": map});
+        std::fs::write(d.join("model.safetensors.index.json"), json.to_string()).unwrap();
+    }
+    let s = dir.join("src_strategy.ckpt");
+    let d = dir.join("dst_strategy.ckpt");
+    let (a, b) = (Scratch::new("multi-out"), Scratch::new("multi-ref"));
+    let plan = transform(&src, Some(&s), Some(&d), a.path());
+    assert_eq!(plan.sources[&1].files.len(), 3);
+    transform(&dir.join("full"), Some(&s), Some(&d), b.path());
+    for r in 0..4 {
+        let name = format!("rank_{r}/checkpoint_{r}.safetensors");
+        assert_eq!(std::fs::read(a.join(&name)).unwrap(), std::fs::read(b.join(&name)).unwrap(), "rank {r}");
+    }
+    // A stray checkpoint beside a map is refused by name.
+    std::fs::copy(dir.join("full/rank_2/checkpoint_2.safetensors"), src.join("rank_2/checkpoint_2.safetensors"))
+        .unwrap();
+    let e = Plan::build(&src, Some(&s), Some(&d), &PlanOptions::default()).unwrap_err().to_string();
+    assert!(e.contains("checkpoint_2.safetensors") && e.contains("not named by"), "{e}");
+}
+
+#[test]
+fn a_ckpt_with_a_hyper_param_file_is_one_checkpoint_and_steps_stay_unmixed() {
+    let case = fixtures().join("conformance/dp2mp2_to_dp1mp4");
+    let info: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(case.join("case.json")).unwrap()).unwrap();
+    let s = case.join(info["src_strategy"].as_str().unwrap());
+    let d = case.join(info["dst_strategy"].as_str().unwrap());
+    let tmp = Scratch::new("ckpt-hyper");
+    let src = tmp.join("src");
+    copy_dir(&case.join("src"), &src);
+    // Move rank 1's scalars to a hyper_param.safetensors beside its .ckpt.
+    let ckpt = src.join("rank_1/checkpoint_1.ckpt");
+    let items = items_of(&ckpt);
+    let (hyper, rest): (Vec<_>, Vec<_>) =
+        items.into_iter().partition(|(h, _)| h.name == "global_step" || h.name == "learning_rate");
+    assert!(!hyper.is_empty());
+    let headers: Vec<TensorHeader> = rest.iter().map(|(h, _)| h.clone()).collect();
+    let layout = reshard_core::execute::file_layout(&headers, Format::Ckpt).unwrap();
+    let contents: Vec<&[u8]> = rest.iter().map(|(_, b)| b.as_slice()).collect();
+    std::fs::write(&ckpt, layout.render(&contents)).unwrap();
+    write_st(&src.join("rank_1/hyper_param.safetensors"), &hyper, &[("format", "ms")]);
+    let out = Scratch::new("ckpt-hyper-out");
+    let opts = ExecuteOptions { sync: false, ..ExecuteOptions::default() };
+    let plan = Plan::build(&src, Some(&s), Some(&d), &PlanOptions::default()).unwrap();
+    assert_eq!(plan.sources[&1].files.len(), 2);
+    execute(&plan, out.path(), &[], &opts).unwrap();
+    for r in 0..plan.dst_rank_count() {
+        let name = format!("rank_{r}/checkpoint_{r}.ckpt");
+        assert_eq!(tensors(&out.join(&name)), tensors(&case.join("expected").join(&name)), "rank {r}");
+    }
+    // Two checkpoints of different steps beside it are still refused.
+    std::fs::copy(&ckpt, src.join("rank_1/m-1_2.ckpt")).unwrap();
+    std::fs::rename(&ckpt, src.join("rank_1/m-1_4.ckpt")).unwrap();
+    let e = Plan::build(&src, Some(&s), Some(&d), &PlanOptions::default()).unwrap_err().to_string();
+    assert!(e.contains("rank_") && e.contains("--src_ckpt_name"), "{e}");
+}
