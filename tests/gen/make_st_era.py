@@ -32,6 +32,7 @@ from make_fixtures.py):
 
 The safetensors stride caution of make_fixtures.py applies (contiguous_safetensors_save).
 """
+import contextlib
 import json
 import math
 import os
@@ -70,14 +71,21 @@ def read_sf(path):
         return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
 
 
+@contextlib.contextmanager
 def sorted_listdir(fn):
-    """unified_safetensors and load_distributed_checkpoint take folders in directory order: sort."""
-    real = os.listdir
+    """unified_safetensors and load_distributed_checkpoint take rank folders (glob) and files
+    (os.listdir) in directory order, and the order decides which of several equal-sized tensors
+    comes first: sort both, so the fixtures do not depend on the file system."""
+    real_listdir, real_glob = os.listdir, ms_ts.glob.glob
 
     def listdir(p="."):
-        return sorted(real(p))
+        return sorted(real_listdir(p))
 
-    return mf.patched(os, "listdir", listdir)
+    def glob(*a, **k):
+        return sorted(real_glob(*a, **k))
+
+    with mf.patched(os, "listdir", listdir), mf.patched(ms_ts.glob, "glob", glob):
+        yield
 
 
 def make_case(name, dev, pp, seed, adam, opt_size, dst_dev, dst_pp=1):

@@ -28,6 +28,7 @@ pub mod plan;
 pub mod source;
 pub mod source_unified;
 pub mod storage;
+pub mod unify;
 
 pub use exec::memory::{load_rank, LoadOptions, TensorMeta};
 pub use exec::{execute, ExecuteOptions, WrittenFile};

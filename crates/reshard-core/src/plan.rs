@@ -277,9 +277,22 @@ impl Plan {
     /// Builds a plan from an already discovered source set and parsed strategies.
     pub fn from_parts(
         set: Catalogue,
+        src_strategy: Option<Strategy>,
+        dst_strategy: Option<Strategy>,
+        opts: &PlanOptions,
+    ) -> Result<Plan> {
+        Plan::from_parts_with(set, src_strategy, dst_strategy, opts, false)
+    }
+
+    /// [`Plan::from_parts`], reading the sources as saved with `remove_redundancy` when
+    /// `assume_sparse` even if their metadata does not say so (`unify` with
+    /// `merge_with_redundancy` false, as MindSpore's `unified_safetensors`).
+    pub fn from_parts_with(
+        set: Catalogue,
         mut src_strategy: Option<Strategy>,
         mut dst_strategy: Option<Strategy>,
         opts: &PlanOptions,
+        assume_sparse: bool,
     ) -> Result<Plan> {
         let mut warnings = Vec::new();
         let (src_stage_devices, src_stages) = match &src_strategy {
@@ -365,9 +378,10 @@ impl Plan {
         let sources: BTreeMap<u32, Source> = sources.into_iter().map(|s| (s.rank, s)).collect();
         // Saved with MindSpore's `remove_redundancy`: each slice is in one rank of its replica
         // group only, so a rank may lack parameters that others of its stage hold.
-        let sparse = sources
-            .values()
-            .any(|s| s.index.metadata.get("remove_redundancy").is_some_and(|v| v.eq_ignore_ascii_case("true")));
+        let sparse = assume_sparse
+            || sources
+                .values()
+                .any(|s| s.index.metadata.get("remove_redundancy").is_some_and(|v| v.eq_ignore_ascii_case("true")));
 
         // Every parameter of every source file, in order of first appearance by rank.
         let mut params: Vec<ParamInfo> =
