@@ -143,13 +143,16 @@ pub fn check_map(map: &WeightMap, files: &[PathBuf]) -> Result<()> {
                 })
             }
             None => {
+                let elsewhere = other_holder(map, files, name)
+                    .map(|p| format!("; it is in {}, which the map does not name", p.display()))
+                    .unwrap_or_default();
                 return Err(Error::Source {
                     path: map.path.clone(),
                     detail: format!(
-                        "the map puts tensor '{name}' in {file}, but {} does not contain it",
+                        "the map puts tensor '{name}' in {file}, but {} does not contain it{elsewhere}",
                         want.map_or_else(|| file.clone(), |k| files[k].display().to_string())
                     ),
-                })
+                });
             }
         }
     }
@@ -169,6 +172,23 @@ pub fn check_map(map: &WeightMap, files: &[PathBuf]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// For a message: another safetensors file beside the map (not one of `files`) that holds
+/// `name`.
+fn other_holder(map: &WeightMap, files: &[PathBuf], name: &str) -> Option<PathBuf> {
+    let dir = map.path.parent()?;
+    let mut others: Vec<PathBuf> = std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| Format::from_path(p) == Some(Format::Safetensors) && !files.contains(p) && p.is_file())
+        .collect();
+    others.sort();
+    others.into_iter().find(|p| {
+        CheckpointFile::open_with(p, ReadOptions { verify_crc: false }, IoMode::Pread)
+            .is_ok_and(|f| f.index().get(name).is_some())
+    })
 }
 
 /// A complete model given as a folder with a map (MindSpore's unified folder or a Hugging
