@@ -29,6 +29,8 @@ mod strategy;
 
 mod auto;
 
+mod unify;
+
 mod error;
 
 mod version;
@@ -45,6 +47,7 @@ pub use plan::{
     reshard_plan_src_ranks, reshard_plan_to_json, reshard_string_free, ReshardPlan, ReshardProgressFn,
 };
 pub use strategy::reshard_merge_strategies;
+pub use unify::reshard_unify;
 pub use version::{reshard_abi_version, reshard_version};
 
 /// The version of the C ABI described by this header. `reshard_abi_version()` returns the
