@@ -370,3 +370,49 @@ fn unified_folders_written_by_reshard_are_sources_again() {
         );
     }
 }
+
+#[test]
+fn the_plan_names_the_file_each_slice_comes_from() {
+    // A remove_redundancy source (slices from whichever rank holds them) and a unified folder
+    // of three parts: every piece names a file that holds its tensor, with that box.
+    let dir = st_era().join("dp4mp2pp2_opt2");
+    for (src, strategy) in [("rr", Some(dir.join("src_strategy.ckpt"))), ("unified_3parts", None)] {
+        let plan = Plan::build(
+            &dir.join(src),
+            strategy.as_deref(),
+            Some(&dir.join("dst_strategy.ckpt")),
+            &PlanOptions::default(),
+        )
+        .unwrap();
+        let v = reshard_core::report::plan_json(&plan, Path::new("out"), &ExecuteOptions::default(), true).unwrap();
+        let mut files_seen = std::collections::BTreeSet::new();
+        for r in v["ranks"].as_array().unwrap() {
+            for t in r["plan"].as_array().unwrap() {
+                let name = t["name"].as_str().unwrap();
+                let pieces: Vec<&serde_json::Value> = match t["source"]["pieces"].as_array() {
+                    Some(p) => p.iter().collect(),
+                    None => vec![&t["source"]],
+                };
+                for p in pieces {
+                    let file = PathBuf::from(p["src_file"].as_str().unwrap());
+                    let f = CheckpointFile::open(&file, ReadOptions::default()).unwrap();
+                    let held = f.index().get(name).unwrap_or_else(|| panic!("{} lacks {name}", file.display()));
+                    if let Some(shape) = p["src_box"]["shape"].as_array() {
+                        let shape: Vec<u64> = shape.iter().map(|x| x.as_u64().unwrap()).collect();
+                        assert_eq!(held.shape, shape, "{src}: {name} in {}", file.display());
+                    }
+                    files_seen.insert(file);
+                }
+            }
+            let by_file: u64 = r["sources"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .flat_map(|s| s["files"].as_array().unwrap())
+                .map(|f| f["bytes"].as_u64().unwrap())
+                .sum();
+            assert_eq!(by_file, r["bytes_written"].as_u64().unwrap(), "{src}");
+        }
+        assert!(files_seen.len() >= 4, "{src}: {files_seen:?}");
+    }
+}
