@@ -416,3 +416,60 @@ fn the_plan_names_the_file_each_slice_comes_from() {
         assert!(files_seen.len() >= 4, "{src}: {files_seen:?}");
     }
 }
+
+#[test]
+fn memory_loading_reads_these_sources_like_the_files() {
+    use reshard_core::{load_rank, LoadOptions};
+    let dir = st_era().join("dp4mp2pp2_opt2");
+    let dst = dir.join("dst_strategy.ckpt");
+    for (src, strategy) in [("unified_3parts", None), ("rr", Some(dir.join("src_strategy.ckpt")))] {
+        let plan = Plan::build(&dir.join(src), strategy.as_deref(), Some(&dst), &PlanOptions::default()).unwrap();
+        for r in [0, 3] {
+            let mut bufs: Vec<(String, Vec<u8>)> = Vec::new();
+            let rp = plan.rank_plan(r).unwrap();
+            let mut storage: Vec<Vec<u8>> = rp.tensors.iter().map(|t| vec![0u8; t.nbytes as usize]).collect();
+            let names: Vec<String> = rp.tensors.iter().map(|t| t.name.clone()).collect();
+            {
+                let mut it = storage.iter_mut();
+                load_rank(&plan, r, &LoadOptions::default(), &mut |_m| Ok(it.next().map(|b| b.as_mut_slice())))
+                    .unwrap();
+            }
+            bufs.extend(names.into_iter().zip(storage));
+            let want = tensors(&dir.join(format!("load_dst/rank_{r}/net.safetensors")));
+            assert_eq!(bufs.len(), want.len(), "{src} rank {r}");
+            for (name, bytes) in bufs {
+                assert_eq!(bytes, want[&name].2, "{src} rank {r} {name}");
+            }
+        }
+    }
+}
+
+#[test]
+fn auto_takes_a_unified_folder_as_load_checkpoint() {
+    let dir = st_era().join("dp2mp2");
+    let tmp = Scratch::new("auto-unified");
+    let strategies = tmp.join("output/strategy");
+    std::fs::create_dir_all(&strategies).unwrap();
+    for r in 0..4 {
+        std::fs::copy(dir.join("dst_strategy.ckpt"), strategies.join(format!("ckpt_strategy_rank_{r}.ckpt"))).unwrap();
+    }
+    for (load, src_strategy) in [("unified_full", None), ("rr", Some(dir.join("src_strategy.ckpt")))] {
+        let o = reshard_core::auto::AutoOptions {
+            load_checkpoint: dir.join(load),
+            src_strategy_path_or_dir: src_strategy,
+            output_dir: tmp.join("output"),
+            rank: Some(2),
+            world_size: Some(4),
+            output_format: "safetensors".into(),
+            timeout: 5,
+            ..Default::default()
+        };
+        let r = reshard_core::auto::auto(&o).unwrap();
+        assert_eq!(
+            tensors(&r.load_path),
+            tensors(&dir.join("load_dst/rank_2/net.safetensors")),
+            "{load}: {}",
+            r.log.join("\n")
+        );
+    }
+}
