@@ -23,6 +23,9 @@ from make_fixtures.py):
                                   load_distributed_checkpoint(None, predict_strategy=dst,
                                   unified_safetensors_dir=unified_full, dst_safetensors_dir=...,
                                   rank_id=r): what MindSpore loads on destination rank r
+  <case>/load_dst_ckpt/rank_{r}/net.ckpt, <case>/load_complete_ckpt/rank_0/net.ckpt
+                                  the same from unified_3parts as .ckpt, with and without a
+                                  destination strategy (the order of the tensors is the loader's)
   <case>/case.json                the redundancy groups and each rank's kept parameters
 
   hf/model-0000k-of-00002.safetensors + model.safetensors.index.json
@@ -144,6 +147,19 @@ def make_case(name, dev, pp, seed, adam, opt_size, dst_dev, dst_pp=1):
                                                unified_safetensors_dir=os.path.join(cdir, "unified_full"),
                                                dst_safetensors_dir=load_dst, rank_id=r,
                                                format="safetensors", max_process_num=1)
+        # The same from the three-part folder, as .ckpt (whose tensor order is the loader's: the
+        # destination strategy's parameters, then the hyper-parameters), and as one complete
+        # checkpoint without a destination strategy (the map's order, then the hyper-parameters).
+        with mf.contiguous_safetensors_save(), sorted_listdir(None):
+            for r in range(ndst):
+                ms.load_distributed_checkpoint(None, predict_strategy=dst_path,
+                                               unified_safetensors_dir=os.path.join(cdir, "unified_3parts"),
+                                               dst_safetensors_dir=os.path.join(cdir, "load_dst_ckpt"), rank_id=r,
+                                               format="safetensors", output_format="ckpt", max_process_num=1)
+            ms.load_distributed_checkpoint(None, predict_strategy=None,
+                                           unified_safetensors_dir=os.path.join(cdir, "unified_3parts"),
+                                           dst_safetensors_dir=os.path.join(cdir, "load_complete_ckpt"), rank_id=0,
+                                           format="safetensors", output_format="ckpt", max_process_num=1)
         info = {
             "src_strategy": os.path.basename(src_path),
             "dst_strategy": os.path.basename(dst_path),

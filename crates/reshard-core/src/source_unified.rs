@@ -244,3 +244,12 @@ pub fn rank_folder(folder: &Path, files: Vec<PathBuf>) -> Result<RankFiles> {
     }
     Ok(RankFiles::Candidates(candidates, hyper.into_iter().next()))
 }
+
+/// The order in which MindSpore's loader takes the tensors of a folder with a map: the map's
+/// order, then the rest (hyper-parameters) as the files hold them. `None` when the files are
+/// not a folder with a map.
+pub fn map_order(paths: &[PathBuf]) -> Option<std::collections::HashMap<String, usize>> {
+    let dir = paths.first()?.parent()?;
+    let map = WeightMap::read(&map_of(dir).ok()??).ok()?;
+    Some(map.entries.into_iter().enumerate().map(|(i, (name, _))| (name, i)).collect())
+}
