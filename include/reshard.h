@@ -394,7 +394,8 @@ ReshardStatus reshard_strategy_new(const char *options_json, ReshardError **erro
  * `merge_with_redundancy` (bool or null: default the files' metadata, which wins as in
  * MindSpore), `file_suffix` (only files ending in `{suffix}.safetensors`), `threads`, `io`
  * (`"mmap"`, `"pread"`, `"auto"`), `sync`, `resume`, `skip_crc` and `part_bytes` (default
- * 3 GiB, MindSpore's split).
+ * 3 GiB, MindSpore's split) and `split_dst_file` (`[current, total]`: only this task's share
+ * of the parts; task 1 also writes the hyper-parameters and the map).
  *
  * Returns 0 on success; otherwise a `RESHARD_STATUS_*` code and, if `error_out` is not NULL, a
  * new error object in `*error_out` (the caller frees it with `reshard_error_free`).

@@ -483,8 +483,9 @@ def unified_safetensors(
     (``rank_N`` folders, saved with or without ``remove_redundancy``) into ``dst_dir`` as
     ``part{i}.safetensors``, ``hyper_param.safetensors`` and ``param_name_map.json``, the same
     files MindSpore writes. As in MindSpore, the files' ``remove_redundancy`` metadata wins
-    over ``merge_with_redundancy``. ``max_process_num`` is accepted and ignored (reshard streams
-    with all cores in one process); ``choice_func`` and ``split_dst_file`` are not supported
+    over ``merge_with_redundancy``. ``split_dst_file=(current, total)`` writes only that task's
+    share of the parts, as in MindSpore. ``max_process_num`` is accepted and ignored (reshard
+    streams with all cores in one process); ``choice_func`` is not supported
     (``NotImplementedError`` when given)."""
     if os.path.isfile(os.fsdecode(_path(src_dir, "src_dir"))):
         raise ValueError("For 'unified_safetensors', the 'src_dir' can not be a file.")
@@ -494,11 +495,20 @@ def unified_safetensors(
         raise ValueError(f"max_process_num should be a positive int, got {max_process_num!r}")
     if choice_func is not None:
         raise NotImplementedError("unified_safetensors: choice_func is not supported by reshard")
-    if split_dst_file:
-        raise NotImplementedError("unified_safetensors: split_dst_file is not supported by reshard")
+    if split_dst_file and (
+        not isinstance(split_dst_file, tuple)
+        or len(split_dst_file) != 2
+        or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in split_dst_file)
+        or split_dst_file[0] > split_dst_file[1]
+    ):
+        raise ValueError(f"split_dst_file should be (current, total) with 1 <= current <= total, got {split_dst_file!r}")
     if file_suffix is not None and not isinstance(file_suffix, str):
         raise TypeError("file_suffix should be a str or None")
-    options = {"merge_with_redundancy": merge_with_redundancy, "file_suffix": file_suffix}
+    options = {
+        "merge_with_redundancy": merge_with_redundancy,
+        "file_suffix": file_suffix,
+        "split_dst_file": list(split_dst_file) if split_dst_file else None,
+    }
     lib = _library()
     err = ctypes.c_void_p()
     status = lib.reshard_unify(

@@ -387,8 +387,8 @@ def test_unified_safetensors_refusals(tmp_path):
     args = (os.path.join(c, "full"), os.path.join(c, "src_strategy.ckpt"), str(tmp_path / "o"))
     with pytest.raises(NotImplementedError):
         reshard.unified_safetensors(*args, choice_func=lambda n: True)
-    with pytest.raises(NotImplementedError):
-        reshard.unified_safetensors(*args, split_dst_file=(1, 2))
+    with pytest.raises(ValueError):
+        reshard.unified_safetensors(*args, split_dst_file=(3, 2))
     with pytest.raises(ValueError):
         reshard.unified_safetensors(os.path.join(c, "src_strategy.ckpt"), *args[1:])
     with pytest.raises(ReshardError) as e:

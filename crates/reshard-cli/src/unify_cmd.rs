@@ -33,6 +33,10 @@ pub struct UnifyArgs {
     /// Only the files whose names end in SUFFIX.safetensors (one per rank folder).
     #[arg(long = "file_suffix", visible_alias = "file-suffix")]
     file_suffix: Option<String>,
+    /// MindSpore's split_dst_file: CURRENT,TOTAL (from 1) writes only this task's share of the
+    /// parts; task 1 also writes hyper_param.safetensors and the map.
+    #[arg(long = "split_dst_file", visible_alias = "split-dst-file", value_delimiter = ',', num_args = 2)]
+    split_dst_file: Vec<u32>,
     /// Bytes per part file: the tensors are split into ceil(total / this) parts, as MindSpore
     /// does with 3 GiB.
     #[arg(long = "part-bytes", default_value_t = PART_BYTES, hide = true)]
@@ -65,6 +69,10 @@ pub fn run(a: UnifyArgs) -> Result<(), Error> {
         merge_with_redundancy: a.merge_with_redundancy,
         file_suffix: a.file_suffix,
         part_bytes: a.part_bytes,
+        split: match a.split_dst_file.as_slice() {
+            [c, t] => Some((*c, *t)),
+            _ => None,
+        },
         plan: PlanOptions { skip_crc: a.no_crc_check, io, ..PlanOptions::default() },
         exec: ExecuteOptions {
             threads: a.threads,

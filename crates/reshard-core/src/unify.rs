@@ -40,6 +40,10 @@ pub struct UnifyOptions {
     pub file_suffix: Option<String>,
     /// Bytes per part (MindSpore: 3 GiB); the number of parts is `ceil(total / part_bytes)`.
     pub part_bytes: u64,
+    /// `split_dst_file` `(current, total)`: write only this task's share of the parts
+    /// (MindSpore's split into `total` tasks, numbered from 1); task 1 also writes
+    /// `hyper_param.safetensors` and the map (the whole map).
+    pub split: Option<(u32, u32)>,
     /// How the sources are indexed.
     pub plan: PlanOptions,
     /// How the files are written (threads, io, sync, resume, progress, cancel; `format`,
@@ -53,6 +57,7 @@ impl Default for UnifyOptions {
             merge_with_redundancy: None,
             file_suffix: None,
             part_bytes: PART_BYTES,
+            split: None,
             plan: PlanOptions::default(),
             exec: ExecuteOptions::default(),
         }
@@ -94,6 +99,20 @@ pub fn split_parts(sizes: &[(String, u64)], part_bytes: u64) -> (Vec<Vec<String>
         bytes[i] += size;
     }
     (groups, total)
+}
+
+/// The parts task `current` of `total` writes (MindSpore's `split_dst_file`).
+pub fn split_range(parts: usize, current: u32, total: u32) -> Result<std::ops::Range<usize>> {
+    if total == 0 || current == 0 || current > total {
+        return Err(Error::Invalid(format!(
+            "split_dst_file ({current}, {total}): the task number must be from 1 to the number of tasks"
+        )));
+    }
+    let (cur, total) = (current as usize, total as usize);
+    let (avg, rem) = (parts / total, parts % total);
+    let start = avg * (cur - 1) + (cur - 1).min(rem);
+    let end = start + avg + usize::from(cur <= rem);
+    Ok(start..end)
 }
 
 /// Python's `json.dumps(s)` of a string (ASCII only, `\uXXXX` escapes).
@@ -281,8 +300,13 @@ pub fn unify(src_dir: &Path, src_strategy: &Path, dst_dir: &Path, opts: &UnifyOp
     if meta.contains_key("remove_redundancy") {
         meta.insert("remove_redundancy".into(), "False".into());
     }
+    let mine = match opts.split {
+        Some((c, t)) => split_range(parts.len(), c, t)?,
+        None => 0..parts.len(),
+    };
+    let first_task = opts.split.is_none_or(|(c, _)| c == 1);
     let mut outputs: Vec<NamedOutput> = Vec::with_capacity(parts.len() + 1);
-    for (i, names) in parts.iter().enumerate() {
+    for (i, names) in parts.iter().enumerate().filter(|(i, _)| mine.contains(i)) {
         let tensors = names.iter().filter_map(|n| full.remove(n.as_str()).cloned()).collect();
         outputs.push(NamedOutput { name: format!("part{i}.safetensors"), tensors, metadata: meta.clone() });
     }
@@ -292,7 +316,7 @@ pub fn unify(src_dir: &Path, src_strategy: &Path, dst_dir: &Path, opts: &UnifyOp
     })?;
     let hyper: Vec<TensorPlan> =
         rank0.index.tensors.iter().filter(|t| !in_parts.contains(&t.name)).map(raw_from_rank0).collect();
-    if !hyper.is_empty() {
+    if !hyper.is_empty() && first_task {
         outputs.push(NamedOutput {
             name: HYPER_PARAM.into(),
             tensors: hyper,
@@ -300,10 +324,12 @@ pub fn unify(src_dir: &Path, src_strategy: &Path, dst_dir: &Path, opts: &UnifyOp
         });
     }
     std::fs::create_dir_all(dst_dir).map_err(|e| Error::io(dst_dir, "create folder", e))?;
-    let tag = format!("unify part_bytes={} dedup={deduplicated}", opts.part_bytes);
+    let tag = format!("unify part_bytes={} dedup={deduplicated} split={:?}", opts.part_bytes, opts.split);
     let files = execute_named(&plan, dst_dir, &outputs, &opts.exec, &tag)?;
     let map = dst_dir.join(UNIFIED_MAP);
-    crate::atomic::write_atomic(&map, map_json(&parts, total_size).as_bytes(), opts.exec.sync)?;
+    if first_task {
+        crate::atomic::write_atomic(&map, map_json(&parts, total_size).as_bytes(), opts.exec.sync)?;
+    }
     Ok(UnifyReport { files, map, total_size, params: sizes.len(), deduplicated, warnings })
 }
 
@@ -320,6 +346,16 @@ mod tests {
         let (p, _) = split_parts(&s(&[("a", 1), ("b", 1)]), 1 << 30);
         assert_eq!(p, vec![vec!["a".to_string(), "b".into()]]);
         assert!(split_parts(&[], 8).0.is_empty());
+    }
+
+    #[test]
+    fn split_dst_file_shares_parts_as_mindspore() {
+        // _transform_safetensors' split: 3 parts over 2 tasks are [0, 1] and [2].
+        assert_eq!(split_range(3, 1, 2).unwrap(), 0..2);
+        assert_eq!(split_range(3, 2, 2).unwrap(), 2..3);
+        assert_eq!(split_range(2, 3, 3).unwrap(), 2..2);
+        assert_eq!(split_range(7, 2, 3).unwrap(), 3..5);
+        assert!(split_range(3, 0, 2).is_err() && split_range(3, 3, 2).is_err());
     }
 
     #[test]

@@ -503,3 +503,43 @@ fn ckpt_outputs_from_unified_folders_are_in_the_loaders_order() {
         );
     }
 }
+
+#[test]
+fn unify_splits_the_parts_between_tasks_as_mindspore() {
+    // split_dst_file (1, 2) and (2, 2) of three parts: [0, 1] with hyper_param and the map, and
+    // [2]; together MindSpore's three-part folder (its own runs of both tasks gave exactly these
+    // files).
+    let dir = st_era().join("dp4mp2pp2_opt2");
+    let s = dir.join("src_strategy.ckpt");
+    let tmp = Scratch::new("unify-split");
+    let probe =
+        reshard_core::unify::unify(&dir.join("full"), &s, &tmp.join("probe"), &unify_opts(None, 3 << 30)).unwrap();
+    let all = tmp.join("all");
+    for task in [1, 2] {
+        let out = tmp.join(format!("task{task}"));
+        let mut o = unify_opts(None, probe.total_size.div_ceil(3));
+        o.split = Some((task, 2));
+        let r = reshard_core::unify::unify(&dir.join("full"), &s, &out, &o).unwrap();
+        let mut names: Vec<String> =
+            r.files.iter().map(|f| f.path.file_name().unwrap().to_string_lossy().into_owned()).collect();
+        names.sort();
+        let want: &[&str] = if task == 1 {
+            &["hyper_param.safetensors", "part0.safetensors", "part1.safetensors"]
+        } else {
+            &["part2.safetensors"]
+        };
+        assert_eq!(names, want, "task {task}");
+        assert_eq!(out.join("param_name_map.json").exists(), task == 1);
+        for n in names.iter().chain(std::iter::once(&"param_name_map.json".to_string())) {
+            if out.join(n).exists() {
+                std::fs::create_dir_all(&all).unwrap();
+                std::fs::copy(out.join(n), all.join(n)).unwrap();
+            }
+        }
+    }
+    assert_same_unified(&all, &dir.join("unified_3parts"));
+    let mut o = unify_opts(None, 3 << 30);
+    o.split = Some((3, 2));
+    let e = reshard_core::unify::unify(&dir.join("full"), &s, &tmp.join("bad"), &o).unwrap_err().to_string();
+    assert!(e.contains("split_dst_file (3, 2)"), "{e}");
+}

@@ -11,8 +11,17 @@ use crate::ffi::{self, ErrorOut};
 use crate::panic::with_status;
 
 const F: &str = "reshard_unify";
-const KNOWN: &[&str] =
-    &["merge_with_redundancy", "file_suffix", "threads", "io", "sync", "resume", "skip_crc", "part_bytes"];
+const KNOWN: &[&str] = &[
+    "merge_with_redundancy",
+    "file_suffix",
+    "threads",
+    "io",
+    "sync",
+    "resume",
+    "skip_crc",
+    "part_bytes",
+    "split_dst_file",
+];
 
 fn invalid(msg: String) -> FfiError {
     FfiError::new(ReshardStatus::InvalidOptions, msg)
@@ -62,6 +71,22 @@ fn unify_options(json: Option<&str>) -> Result<UnifyOptions, FfiError> {
             "sync" => o.exec.sync = v.as_bool().ok_or_else(|| want(&key, "a boolean"))?,
             "resume" => o.exec.resume = v.as_bool().ok_or_else(|| want(&key, "a boolean"))?,
             "skip_crc" => o.plan.skip_crc = v.as_bool().ok_or_else(|| want(&key, "a boolean"))?,
+            "split_dst_file" => {
+                o.split = match v {
+                    Value::Null => None,
+                    Value::Array(a) if a.is_empty() => None,
+                    Value::Array(a) => match a
+                        .iter()
+                        .map(|x| x.as_u64().and_then(|n| u32::try_from(n).ok()))
+                        .collect::<Option<Vec<u32>>>()
+                        .as_deref()
+                    {
+                        Some([c, t]) => Some((*c, *t)),
+                        _ => return Err(want(&key, "[current, total] (two integers), [] or null")),
+                    },
+                    _ => return Err(want(&key, "[current, total] (two integers), [] or null")),
+                }
+            }
             "part_bytes" => {
                 o.part_bytes = v.as_u64().filter(|&n| n > 0).ok_or_else(|| want(&key, "a positive integer"))?;
             }
@@ -87,7 +112,8 @@ fn unify_options(json: Option<&str>) -> Result<UnifyOptions, FfiError> {
 /// `merge_with_redundancy` (bool or null: default the files' metadata, which wins as in
 /// MindSpore), `file_suffix` (only files ending in `{suffix}.safetensors`), `threads`, `io`
 /// (`"mmap"`, `"pread"`, `"auto"`), `sync`, `resume`, `skip_crc` and `part_bytes` (default
-/// 3 GiB, MindSpore's split).
+/// 3 GiB, MindSpore's split) and `split_dst_file` (`[current, total]`: only this task's share
+/// of the parts; task 1 also writes the hyper-parameters and the map).
 ///
 /// Returns 0 on success; otherwise a `RESHARD_STATUS_*` code and, if `error_out` is not NULL, a
 /// new error object in `*error_out` (the caller frees it with `reshard_error_free`).
@@ -144,6 +170,7 @@ mod tests {
             (r#"{"merge_with_redundancy": "yes"}"#, "a boolean or null"),
             (r#"{"file_suffix": "a/b"}"#, "without '/'"),
             (r#"{"part_bytes": 0}"#, "a positive integer"),
+            (r#"{"split_dst_file": [1]}"#, "[current, total]"),
             ("[]", "must be a JSON object"),
         ] {
             let e = unify_options(Some(json)).unwrap_err();
