@@ -35,7 +35,12 @@ pub struct UnifyArgs {
     file_suffix: Option<String>,
     /// MindSpore's split_dst_file: CURRENT,TOTAL (from 1) writes only this task's share of the
     /// parts; task 1 also writes hyper_param.safetensors and the map.
-    #[arg(long = "split_dst_file", visible_alias = "split-dst-file", value_delimiter = ',', num_args = 2)]
+    #[arg(
+        long = "split_dst_file",
+        visible_alias = "split-dst-file",
+        value_delimiter = ',',
+        value_name = "CURRENT,TOTAL"
+    )]
     split_dst_file: Vec<u32>,
     /// Bytes per part file: the tensors are split into ceil(total / this) parts, as MindSpore
     /// does with 3 GiB.
@@ -70,8 +75,14 @@ pub fn run(a: UnifyArgs) -> Result<(), Error> {
         file_suffix: a.file_suffix,
         part_bytes: a.part_bytes,
         split: match a.split_dst_file.as_slice() {
+            [] => None,
             [c, t] => Some((*c, *t)),
-            _ => None,
+            other => {
+                return Err(Error::Invalid(format!(
+                    "--split_dst_file takes CURRENT,TOTAL (two numbers), got {} value(s)",
+                    other.len()
+                )))
+            }
         },
         plan: PlanOptions { skip_crc: a.no_crc_check, io, ..PlanOptions::default() },
         exec: ExecuteOptions {

@@ -1562,3 +1562,39 @@ fn unify_refuses_a_slice_no_rank_holds_and_writes_nothing() {
     assert_refused(&r, &["'w'", "[2, 0]", "no source rank holds", "rank_2..rank_3"]);
     assert_nothing_written(&out);
 }
+
+/// `--split_dst_file 2,2` writes only the second task's parts (MindSpore's split); a malformed
+/// value is refused before anything is written.
+#[test]
+fn unify_split_dst_file_writes_one_tasks_share() {
+    let case = fixture("st_era/dp2mp2");
+    let s = Scratch::new("unify-split-cli");
+    let run = |out: &Path, split: &str| {
+        reshard(argv![
+            "unify",
+            "--src_ckpt_dir",
+            case.join("full"),
+            "--src_ckpt_strategy",
+            case.join("src_strategy.ckpt"),
+            "--dst_dir",
+            out,
+            "--split_dst_file",
+            split,
+            "-q"
+        ])
+    };
+    // One part: task 2 of 2 has none of it, and no hyper-parameters or map.
+    let out = s.join("task2");
+    let r = run(&out, "2,2");
+    assert!(r.status.success(), "{}", text(&r.stderr));
+    assert!(!out.join("part0.safetensors").exists() && !out.join("param_name_map.json").exists());
+    let out = s.join("task1");
+    assert!(run(&out, "1,2").status.success());
+    assert_eq!(
+        std::fs::read(out.join("param_name_map.json")).unwrap(),
+        std::fs::read(case.join("unified_full/param_name_map.json")).unwrap()
+    );
+    let out = s.join("bad");
+    assert_refused(&run(&out, "1,2,3"), &["--split_dst_file", "3 value(s)"]);
+    assert_nothing_written(&out);
+}
