@@ -542,6 +542,34 @@ ReshardStatus reshard_load_rank(const ReshardPlan *plan,
                                 ReshardError **error_out);
 
 /**
+ * Writes what MindSpore's `unified_safetensors(src_dir, src_strategy_file, dst_dir, ...)`
+ * writes: `part{i}.safetensors` (complete tensors), `hyper_param.safetensors` and
+ * `param_name_map.json` in `dst_dir`, from the distributed safetensors in `src_dir`
+ * (`rank_{i}/` folders, with or without redundancy removed) and their strategy
+ * `src_strategy_file` (a merged file or a folder of stage files). The tensors stream from the
+ * sources; each file is written under a temporary name, synced and renamed, the map last.
+ *
+ * `options_json` may be NULL (defaults) or a JSON object with the keys
+ * `merge_with_redundancy` (bool or null: default the files' metadata, which wins as in
+ * MindSpore), `file_suffix` (only files ending in `{suffix}.safetensors`), `threads`, `io`
+ * (`"mmap"`, `"pread"`, `"auto"`), `sync`, `resume`, `skip_crc` and `part_bytes` (default
+ * 3 GiB, MindSpore's split) and `split_dst_file` (`[current, total]`: only this task's share
+ * of the parts; task 1 also writes the hyper-parameters and the map).
+ *
+ * Returns 0 on success; otherwise a `RESHARD_STATUS_*` code and, if `error_out` is not NULL, a
+ * new error object in `*error_out` (the caller frees it with `reshard_error_free`).
+ *
+ * # Safety
+ *
+ * The strings must be NULL or NUL-terminated; `error_out` must be NULL or writable.
+ */
+ReshardStatus reshard_unify(const char *src_dir,
+                            const char *src_strategy_file,
+                            const char *dst_dir,
+                            const char *options_json,
+                            ReshardError **error_out);
+
+/**
  * The status code of an error object, or `RESHARD_STATUS_NULL_ARGUMENT` when `error` is NULL.
  *
  * # Safety

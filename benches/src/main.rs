@@ -11,6 +11,7 @@
 //!        [--io mmap|pread|auto (how reshard reads its sources; default auto)]
 //!        [--load-only (only loading one rank into memory, against transform + read, MindSpore
 //!        and head -c of its share)]
+//!        [--unify-only (only `reshard unify` of the 8-rank safetensors source)]
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -35,6 +36,7 @@ struct Args {
     many_small_only: bool,
     io: String,
     load_only: bool,
+    unify_only: bool,
 }
 
 fn parse_args() -> Args {
@@ -47,6 +49,7 @@ fn parse_args() -> Args {
         many_small_only: false,
         io: "auto".into(),
         load_only: false,
+        unify_only: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -65,8 +68,9 @@ fn parse_args() -> Args {
                 load::child(&it.collect::<Vec<_>>());
                 std::process::exit(0);
             }
+            "--unify-only" => a.unify_only = true,
             "-h" | "--help" => {
-                println!("{}", include_str!("main.rs").lines().take(13).collect::<Vec<_>>().join("\n"));
+                println!("{}", include_str!("main.rs").lines().take(14).collect::<Vec<_>>().join("\n"));
                 std::process::exit(0);
             }
             other => die(&format!("unknown argument {other}")),
@@ -312,6 +316,17 @@ fn main() {
         .arg("--dst_ckpt_dir")
         .arg(&sharded));
     let _ = std::fs::remove_dir_all(sharded.join("merged_strategy"));
+    let ms_python_for_unify = a.python.clone().filter(|py| {
+        Command::new(py)
+            .args(["-c", "import mindspore"])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+    if a.unify_only {
+        unify_case(&dir, &reshard, &complete, &train, a.runs, a.cold, ms_python_for_unify.as_deref());
+        return;
+    }
     let cases = [
         Case {
             name: "complete -> 8 (dp2 mp2 pp2, opt shard)",
@@ -468,6 +483,168 @@ fn main() {
     load::bench(&dir, &reshard, &load_cases, a.runs, a.cold, ms_python.as_deref());
     many_small(&dir, &reshard, a.runs, &a.io);
     plan_4096(&dir);
+    unify_case(&dir, &reshard, &complete, &train, a.runs, a.cold, ms_python_for_unify.as_deref());
+}
+
+/// `reshard unify` (MindSpore's `unified_safetensors`) of the model sharded 8 ways (dp2 mp2 pp2,
+/// optimizer shard) as safetensors, against `cp -r` of the same source and against MindSpore;
+/// checks that the unified folder holds the complete model's tensors.
+fn unify_case(
+    dir: &Path,
+    reshard: &Path,
+    complete: &Path,
+    train: &Path,
+    runs: usize,
+    cold: bool,
+    ms_python: Option<&str>,
+) {
+    let src = dir.join("sharded8_st");
+    let _ = std::fs::remove_dir_all(&src);
+    run(Command::new(reshard)
+        .args(["transform", "-q", "--output_format", "safetensors", "--src_ckpt_dir"])
+        .arg(complete)
+        .arg("--dst_ckpt_strategy")
+        .arg(train)
+        .arg("--dst_ckpt_dir")
+        .arg(&src));
+    let _ = std::fs::remove_dir_all(src.join("merged_strategy"));
+    for r in 0..8 {
+        let _ = std::fs::remove_file(src.join(format!("rank_{r}/reshard_manifest.json")));
+        let _ = std::fs::remove_file(src.join(format!("rank_{r}/.reshard_manifest.lock")));
+    }
+    let (out, copy) = (dir.join("unified"), dir.join("copy"));
+    let settle = || {
+        let _ = Command::new("sync").status();
+        if cold {
+            drop_from_cache(&src);
+        }
+    };
+    let (mut t_cp, mut t_rs, mut t_cps, mut t_rss, mut rss, mut anon) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), 0, 0);
+    for _ in 0..runs {
+        for synced in [false, true] {
+            let _ = std::fs::remove_dir_all(&copy);
+            settle();
+            let mut cp = Command::new("sh");
+            cp.arg("-c").arg(if synced { "cp -r \"$0\" \"$1\" && sync" } else { "cp -r \"$0\" \"$1\"" });
+            let t = run(cp.arg(&src).arg(&copy)).secs;
+            if synced {
+                t_cps.push(t)
+            } else {
+                t_cp.push(t)
+            }
+            let _ = std::fs::remove_dir_all(&out);
+            settle();
+            let mut cmd = Command::new(reshard);
+            cmd.args(["unify", "-q", "--src_ckpt_dir"]).arg(&src).arg("--src_ckpt_strategy").arg(train);
+            cmd.arg("--dst_dir").arg(&out);
+            if !synced {
+                cmd.arg("--no-sync");
+            }
+            let m = run(&mut cmd);
+            if synced {
+                t_rss.push(m.secs)
+            } else {
+                t_rs.push(m.secs)
+            }
+            rss = rss.max(m.peak_rss_kb);
+            anon = anon.max(m.peak_anon_kb);
+        }
+    }
+    let (cp, rs, cps, rss_t) = (median(t_cp), median(t_rs), median(t_cps), median(t_rss));
+    let src_mb = du(&src) as f64 / 1e6;
+    let mut ms_cols = "n/a | n/a | n/a | n/a".to_string();
+    if let Some(py) = ms_python {
+        let msout = dir.join("ms_unified");
+        let _ = std::fs::remove_dir_all(&msout);
+        settle();
+        // The bench model's layer weights are bf16: MindSpore's safetensors reader needs a numpy
+        // bfloat16, which this MindSpore build only finds when its numpy matches; ml_dtypes
+        // (on PYTHONPATH) stands in. Views are made contiguous before saving, as the safetensors
+        // releases MindSpore was written against did (see tests/gen/make_fixtures.py).
+        let script = format!(
+            "import mindspore as ms\n\
+             import mindspore.parallel.transform_safetensors as ts\n\
+             import numpy as np\n\
+             from mindspore.common import np_dtype\n\
+             if not np_dtype.np_dtype_valid(False):\n\
+             \x20   import ml_dtypes\n\
+             \x20   np_dtype.np_dtype_valid = lambda *a: True\n\
+             \x20   np_dtype.bfloat16 = ml_dtypes.bfloat16\n\
+             real = ts.save_file\n\
+             ts.save_file = lambda d, f, metadata=None: real({{k: v if v.flags['C_CONTIGUOUS'] else \
+             np.ascontiguousarray(v) for k, v in d.items()}}, f, metadata=metadata)\n\
+             ms.parallel.unified_safetensors({:?}, {:?}, {:?})",
+            src.display().to_string(),
+            train.display().to_string(),
+            msout.display().to_string()
+        );
+        let m = run(Command::new(py).args(["-c", &script]).stderr(std::process::Stdio::null()));
+        ms_cols = format!(
+            "{:.2} | {:.0} | {:.1}x | {:.1}x",
+            m.secs,
+            m.peak_rss_kb as f64 / 1024.0,
+            m.secs / rs,
+            m.secs / rss_t
+        );
+        // The same folder as MindSpore's: the map byte for byte, every tensor the same.
+        let map = |d: &Path| std::fs::read(d.join("param_name_map.json")).unwrap_or_default();
+        let tensors = |d: &Path| {
+            let mut v = Vec::new();
+            for name in ["part0.safetensors", "hyper_param.safetensors"] {
+                if let Ok(f) = reshard_core::CheckpointFile::open(&d.join(name), Default::default()) {
+                    for t in &f.index().tensors {
+                        v.push((t.name.clone(), t.shape.clone(), f.content(t).into_owned()));
+                    }
+                }
+            }
+            v.sort();
+            v
+        };
+        let same = map(&out) == map(&msout) && tensors(&out) == tensors(&msout);
+        println!("unified folder equals MindSpore's (map byte for byte, tensors): {}", if same { "yes" } else { "NO" });
+        let _ = std::fs::remove_dir_all(&msout);
+    }
+    println!(
+        "\n| unify | source MB | cp -r s | reshard --no-sync s | ratio | cp -r + sync s | reshard s (fsync) | ratio | \
+         peak RSS MB | peak anon MB | MindSpore s | MindSpore peak RSS MB | speed-up (no fsync, as MindSpore) | speed-up \
+         (reshard fsync) |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!(
+        "| 8 (dp2 mp2 pp2, opt shard, safetensors) -> unified | {:.0} | {:.3} | {:.3} | {:.2} | {:.3} | {:.3} | {:.2} | {:.0} | {:.0} | {} |",
+        src_mb,
+        cp,
+        rs,
+        rs / cp,
+        cps,
+        rss_t,
+        rss_t / cps,
+        rss as f64 / 1024.0,
+        anon as f64 / 1024.0,
+        ms_cols
+    );
+    // The unified folder holds the complete model: every tensor, the same bytes.
+    let orig = reshard_core::CheckpointFile::open(&complete.join("rank_0/model.ckpt"), Default::default())
+        .unwrap_or_else(|e| die(&e.to_string()));
+    let mut found = 0;
+    let mut same = true;
+    for e in std::fs::read_dir(&out).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.extension().is_some_and(|x| x == "safetensors") {
+            let f = reshard_core::CheckpointFile::open(&p, Default::default()).unwrap_or_else(|e| die(&e.to_string()));
+            for t in &f.index().tensors {
+                found += 1;
+                same &= orig.index().get(&t.name).is_some_and(|o| orig.content(o) == f.content(t));
+            }
+        }
+    }
+    let same = same && found == orig.index().tensors.len();
+    println!("\nunified folder holds the complete model's tensors: {}", if same { "yes" } else { "NO" });
+    if !same {
+        std::process::exit(1);
+    }
+    let _ = std::fs::remove_dir_all(&copy);
 }
 
 /// Per-tensor overhead: a complete checkpoint of 300,000 tensors of 8 floats (about 10 MB)

@@ -35,6 +35,7 @@ __all__ = [
     "merge_pipeline_strategys",
     "rank_list_for_transform",
     "transform_checkpoints",
+    "unified_safetensors",
     "version",
 ]
 
@@ -149,6 +150,7 @@ def _declare(lib):
         "reshard_cancel_free": (None, [p]),
         "reshard_load_rank": (i32, [p, u32, _ALLOC, p, s, pp]),
         "reshard_merge_strategies": (i32, [s, s, pp]),
+        "reshard_unify": (i32, [s, s, s, s, pp]),
         "reshard_error_code": (i32, [p]),
         "reshard_error_message": (s, [p]),
         "reshard_error_free": (None, [p]),
@@ -741,6 +743,58 @@ def merge_pipeline_strategys(src_strategy_dirs, dst_strategy_file):
     status = lib.reshard_merge_strategies(
         _path(src_strategy_dirs, "src_strategy_dirs"),
         _path(dst_strategy_file, "dst_strategy_file"),
+        ctypes.byref(err),
+    )
+    _check(status, err)
+
+
+def unified_safetensors(
+    src_dir,
+    src_strategy_file,
+    dst_dir,
+    merge_with_redundancy=True,
+    file_suffix=None,
+    max_process_num=64,
+    choice_func=None,
+    split_dst_file=(),
+):
+    """MindSpore's ``unified_safetensors``: merges the distributed safetensors in ``src_dir``
+    (``rank_N`` folders, saved with or without ``remove_redundancy``) into ``dst_dir`` as
+    ``part{i}.safetensors``, ``hyper_param.safetensors`` and ``param_name_map.json``, the same
+    files MindSpore writes. As in MindSpore, the files' ``remove_redundancy`` metadata wins
+    over ``merge_with_redundancy``. ``split_dst_file=(current, total)`` writes only that task's
+    share of the parts, as in MindSpore. ``max_process_num`` is accepted and ignored (reshard
+    streams with all cores in one process); ``choice_func`` is not supported
+    (``NotImplementedError`` when given)."""
+    if os.path.isfile(os.fsdecode(_path(src_dir, "src_dir"))):
+        raise ValueError("For 'unified_safetensors', the 'src_dir' can not be a file.")
+    if not isinstance(merge_with_redundancy, bool):
+        raise TypeError("merge_with_redundancy should be a bool")
+    if isinstance(max_process_num, bool) or not isinstance(max_process_num, int) or max_process_num < 1:
+        raise ValueError(f"max_process_num should be a positive int, got {max_process_num!r}")
+    if choice_func is not None:
+        raise NotImplementedError("unified_safetensors: choice_func is not supported by reshard")
+    if split_dst_file and (
+        not isinstance(split_dst_file, tuple)
+        or len(split_dst_file) != 2
+        or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in split_dst_file)
+        or split_dst_file[0] > split_dst_file[1]
+    ):
+        raise ValueError(f"split_dst_file should be (current, total) with 1 <= current <= total, got {split_dst_file!r}")
+    if file_suffix is not None and not isinstance(file_suffix, str):
+        raise TypeError("file_suffix should be a str or None")
+    options = {
+        "merge_with_redundancy": merge_with_redundancy,
+        "file_suffix": file_suffix,
+        "split_dst_file": list(split_dst_file) if split_dst_file else None,
+    }
+    lib = _library()
+    err = ctypes.c_void_p()
+    status = lib.reshard_unify(
+        _path(src_dir, "src_dir"),
+        _path(src_strategy_file, "src_strategy_file"),
+        _path(dst_dir, "dst_dir"),
+        json.dumps(options).encode(),
         ctypes.byref(err),
     )
     _check(status, err)

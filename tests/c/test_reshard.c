@@ -697,6 +697,33 @@ static void test_merge(void)
     check_error(st, &err, RESHARD_STATUS_SOURCE, "no strategy files");
 }
 
+/* reshard_unify on MindSpore-made sources writes MindSpore's unified folder. */
+static void test_unify(void)
+{
+    char base[PATH_LEN], src[PATH_LEN], strat[PATH_LEN], out[PATH_LEN], got[PATH_LEN], want[PATH_LEN];
+    path_of(base, "%s/../st_era/%s", fixtures, "dp2mp2");
+    path_of(src, "%s/%s", base, "full");
+    path_of(strat, "%s/%s", base, "src_strategy.ckpt");
+    path_of(out, "%s/%s", scratch, "unified");
+    char wbase[PATH_LEN];
+    path_of(wbase, "%s/%s", base, "unified_full");
+    ReshardError *err = NULL;
+    int32_t st = reshard_unify(src, strat, out, "{\"sync\": false, \"merge_with_redundancy\": true}", &err);
+    CHECK(st == RESHARD_STATUS_OK, "unify: %d %s", st, err ? reshard_error_message(err) : "");
+    reshard_error_free(err);
+    const char *files[] = {"param_name_map.json", "hyper_param.safetensors", "part0.safetensors"};
+    for (int i = 0; i < 3; i++) {
+        path_of(got, "%s/%s", out, files[i]);
+        path_of(want, "%s/%s", wbase, files[i]);
+        CHECK(same_bytes(got, want), "unified %s differs from MindSpore's %s", got, want);
+    }
+    err = NULL;
+    st = reshard_unify(NULL, strat, out, NULL, &err);
+    check_error(st, &err, RESHARD_STATUS_NULL_ARGUMENT, "'src_dir' is NULL");
+    st = reshard_unify(src, strat, out, "{\"merge\": true}", &err);
+    check_error(st, &err, RESHARD_STATUS_INVALID_OPTIONS, "unknown option \"merge\"");
+}
+
 /* reshard_plan with these arguments fails with status `want` and an error naming `needle`, and
  * leaves plan_out NULL. */
 static void plan_fails(const char *src, const char *src_strategy, const char *dst_strategy, const char *options,
@@ -904,6 +931,7 @@ int main(int argc, char **argv)
     test_pipeline_threads();
     test_safetensors();
     test_merge();
+    test_unify();
     test_bad_plans();
     test_auto();
     test_auto_cancel();

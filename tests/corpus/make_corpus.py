@@ -503,6 +503,95 @@ def make_source_folders():
     rank_files(d, {0: [("model.ckpt", ckpt(tiny_tensors()))]})
     entry(d, "complete w [4, 4] to a destination strategy that splits dim 0 8 ways", "dst strategy file, w, [4, 4], 8")
 
+    make_safetensors_era_folders()
+
+
+def st_file(tensors, metadata=None):
+    """A safetensors file of [(name, dims, dtype, content)] with `metadata` ({"format": "ms"})."""
+    header = {"__metadata__": metadata or {"format": "ms"}}
+    data = b""
+    for name, dims, dtype, content in tensors:
+        st = {"Float32": "F32", "Int32": "I32"}[dtype]
+        header[name] = {"dtype": st, "shape": dims, "data_offsets": [len(data), len(data) + len(content)]}
+        data += content
+    return safetensors(header, data)
+
+
+def weight_map(entries):
+    return json.dumps({"metadata": {"total_size": 0}, "weight_map": dict(entries)}, indent=4).encode()
+
+
+def make_safetensors_era_folders():
+    """Issue 15: unified / index folders whose map disagrees with the files, rank folders of
+    several files, and a remove_redundancy source missing a slice."""
+    s = "sources"
+    w, b, step = tiny_tensors()
+
+    d = f"{s}/unified_map_lists_absent_tensor"
+    write(f"{d}/src/part0.safetensors", st_file([w, b]), None, None)
+    write(f"{d}/src/hyper_param.safetensors", st_file([step]), None, None)
+    write(f"{d}/src/param_name_map.json", weight_map([("w", "part0.safetensors"), ("b", "part0.safetensors"),
+                                                      ("c", "part0.safetensors")]), None, None)
+    entry(d, "a unified folder whose param_name_map.json lists a tensor 'c' that part0.safetensors lacks",
+          "param_name_map.json, 'c', part0.safetensors, 'does not contain'")
+
+    d = f"{s}/unified_map_wrong_file"
+    write(f"{d}/src/part0.safetensors", st_file([w]), None, None)
+    write(f"{d}/src/part1.safetensors", st_file([b, step]), None, None)
+    write(f"{d}/src/param_name_map.json", weight_map([("w", "part1.safetensors"), ("b", "part1.safetensors"),
+                                                      ("global_step", "part1.safetensors")]), None, None)
+    entry(d, "a unified folder whose map puts 'w' in part1.safetensors; it is in part0.safetensors",
+          "param_name_map.json, 'w', part1.safetensors, part0.safetensors")
+
+    d = f"{s}/index_tensor_in_two_files"
+    write(f"{d}/src/model-00001-of-00002.safetensors", st_file([w, b]), None, None)
+    write(f"{d}/src/model-00002-of-00002.safetensors", st_file([b, step]), None, None)
+    write(f"{d}/src/model.safetensors.index.json", weight_map([("w", "model-00001-of-00002.safetensors"),
+                                                               ("b", "model-00001-of-00002.safetensors"),
+                                                               ("global_step", "model-00002-of-00002.safetensors")]),
+          None, None)
+    entry(d, "a Hugging Face index folder whose two files both hold 'b'",
+          "model.safetensors.index.json, 'b', both files")
+
+    d = f"{s}/index_unlisted_tensor"
+    write(f"{d}/src/model-00001-of-00001.safetensors", st_file([w, b, step]), None, None)
+    write(f"{d}/src/model.safetensors.index.json", weight_map([("w", "model-00001-of-00001.safetensors"),
+                                                               ("b", "model-00001-of-00001.safetensors")]),
+          None, None)
+    entry(d, "an index folder whose file holds 'global_step', which the map does not list",
+          "model.safetensors.index.json, 'global_step', 'does not list'")
+
+    d = f"{s}/index_names_a_path"
+    write(f"{d}/src/model.safetensors", st_file([w, b, step]), None, None)
+    write(f"{d}/src/model.safetensors.index.json", weight_map([("w", "../model.safetensors")]), None, None)
+    entry(d, "an index whose weight_map names '../model.safetensors' (outside the folder)",
+          "model.safetensors.index.json, 'w', '../model.safetensors'")
+
+    d = f"{s}/rank_map_with_stray_file"
+    write(f"{d}/src_strategy.ckpt", dp_strategy(2), None, None)
+    for r in range(2):
+        ws, bs, ss = shard_rows(2, r)
+        write(f"{d}/src/rank_{r}/model-00001-of-00002.safetensors", st_file([ws]), None, None)
+        write(f"{d}/src/rank_{r}/model-00002-of-00002.safetensors", st_file([bs, ss]), None, None)
+        write(f"{d}/src/rank_{r}/model.safetensors.index.json",
+              weight_map([("w", "model-00001-of-00002.safetensors"), ("b", "model-00002-of-00002.safetensors"),
+                          ("global_step", "model-00002-of-00002.safetensors")]), None, None)
+    write(f"{d}/src/rank_1/old.safetensors", st_file(shard_rows(2, 1)), None, None)
+    entry(d, "rank folders of two files with a map; rank_1 also holds old.safetensors, which the map does not name",
+          "rank_1/old.safetensors, 'not named by'")
+
+    d = f"{s}/remove_redundancy_slice_missing"
+    # dev [2, 2]: w split 2 ways on dim 0 over the outer axis, replicated over the inner one
+    # (groups rank_0/rank_1 and rank_2/rank_3); b replicated on all four.
+    write(f"{d}/src_strategy.ckpt", strategy([("w", [2, 2], [1, -1]), ("b", [2, 2], [-1])]), None, None)
+    rr = {"format": "ms", "remove_redundancy": "True"}
+    # Rank 0 keeps w's first half and b; neither rank_2 nor rank_3 keeps w's second half.
+    write(f"{d}/src/rank_0/model.safetensors", st_file(shard_rows(2, 0), rr), None, None)
+    for r in (1, 2, 3):
+        write(f"{d}/src/rank_{r}/model.safetensors", st_file([step], rr), None, None)
+    entry(d, "saved with remove_redundancy: w's second half should be in rank_2 or rank_3 and is in neither",
+          "'w', its box, 'no source rank holds', rank_2..rank_3")
+
 
 def readme():
     lines = [

@@ -1195,6 +1195,10 @@ which (safetensors >= 0.6, 0.8.0 here) ignores strides and writes wrong data for
 non-leading dim; the generator makes those arrays contiguous first (see `contiguous_safetensors_save`).
 
 File modes are reset to 0644 (MindSpore itself writes 0400 files in 0700 folders).
+
+`st_era/` (issue 15: remove_redundancy sources, `unified_safetensors` folders, their loads by
+`load_distributed_checkpoint`, a Hugging Face index folder) is made by `tests/gen/make_st_era.py`,
+whose docstring lists its contents; `make_fixtures.py` leaves it alone.
 """
 
 

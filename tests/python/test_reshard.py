@@ -419,3 +419,36 @@ def test_library_lookup():
     # Importing never needs the library; only calls do.
     r = run_python("import reshard; print('imported')", RESHARD_LIBRARY="/nonexistent/libreshard.so")
     assert r.returncode == 0 and r.stdout.strip() == "imported"
+
+
+ST_ERA = os.path.join(ROOT, "tests", "fixtures", "st_era")
+
+
+@pytest.mark.parametrize("src,want", [("full", "unified_full"), ("rr", "unified_rr")])
+def test_unified_safetensors_writes_mindspores_folder(src, want, tmp_path):
+    c = os.path.join(ST_ERA, "dp2mp2")
+    out = tmp_path / "unified"
+    # MindSpore's signature, positionally; the files' remove_redundancy metadata wins.
+    reshard.unified_safetensors(os.path.join(c, src), os.path.join(c, "src_strategy.ckpt"), str(out), True, None, 4)
+    for name in ("param_name_map.json", "hyper_param.safetensors"):
+        assert filecmp.cmp(out / name, os.path.join(c, want, name), shallow=False), name
+    assert os.path.isfile(out / "part0.safetensors")
+    # A reshard unified folder is a complete source again.
+    with reshard.Plan(str(out), None, os.path.join(c, "dst_strategy.ckpt")) as plan:
+        assert plan.dst_rank_count == 4
+
+
+def test_unified_safetensors_refusals(tmp_path):
+    c = os.path.join(ST_ERA, "dp2mp2")
+    args = (os.path.join(c, "full"), os.path.join(c, "src_strategy.ckpt"), str(tmp_path / "o"))
+    with pytest.raises(NotImplementedError):
+        reshard.unified_safetensors(*args, choice_func=lambda n: True)
+    with pytest.raises(ValueError):
+        reshard.unified_safetensors(*args, split_dst_file=(3, 2))
+    with pytest.raises(ValueError):
+        reshard.unified_safetensors(os.path.join(c, "src_strategy.ckpt"), *args[1:])
+    with pytest.raises(ReshardError) as e:
+        reshard.unified_safetensors(os.path.join(c, "full"), os.path.join(c, "src_strategy.ckpt"),
+                                    str(tmp_path / "o2"), file_suffix="_nope")
+    assert "_nope.safetensors" in str(e.value)
+    assert not os.path.exists(tmp_path / "o2" / "param_name_map.json")

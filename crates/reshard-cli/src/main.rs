@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 mod progress;
 mod signals;
 mod strategy_cmd;
+mod unify_cmd;
 use reshard_core::checkpoint::{CheckpointFile, Format, ReadOptions};
 use reshard_core::execute::{execute, resolved, ExecuteOptions};
 use reshard_core::plan::{Plan, PlanOptions};
@@ -156,6 +157,9 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Merge distributed safetensors into a unified folder, as mindspore.parallel.unified_safetensors:
+    /// part{i}.safetensors (complete tensors), hyper_param.safetensors and param_name_map.json.
+    Unify(unify_cmd::UnifyArgs),
     /// List the source ranks a destination rank needs (like rank_list_for_transform).
     RankList {
         /// Destination rank.
@@ -312,6 +316,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             }
         }
         Cmd::Strategy { cmd } => strategy_cmd::run(cmd),
+        Cmd::Unify(args) => unify_cmd::run(args),
         Cmd::Verify { dir, json } => {
             let r = reshard_core::manifest::verify(&dir)?;
             if json {

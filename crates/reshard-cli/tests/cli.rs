@@ -329,6 +329,18 @@ const SOURCE_FOLDERS: &[(&str, &[&str])] = &[
     ("stage_file_rank_overflow", &["src_strategy.ckpt", "stage 2147483648", "4294967296"]),
     ("dst_strategy_indivisible", &["dst_strategy.ckpt", "'w'", "[4, 4]", "8 ways"]),
     ("dst_tensor_shape_mismatch", &["dst_strategy.json", "'w'", "[8, 4]", "[4, 4]"]),
+    // Issue 15: maps that disagree with their files, a stray file beside a map, a slice no rank
+    // of a remove_redundancy source holds.
+    ("unified_map_lists_absent_tensor", &["param_name_map.json", "'c'", "part0.safetensors", "does not contain"]),
+    ("unified_map_wrong_file", &["param_name_map.json", "'w'", "part1.safetensors", "part0.safetensors"]),
+    (
+        "index_tensor_in_two_files",
+        &["model.safetensors.index.json", "'b'", "model-00001-of-00002", "model-00002-of-00002", "both"],
+    ),
+    ("index_unlisted_tensor", &["model.safetensors.index.json", "'global_step'", "does not list"]),
+    ("index_names_a_path", &["model.safetensors.index.json", "'w'", "../model.safetensors"]),
+    ("rank_map_with_stray_file", &["rank_1/old.safetensors", "not named by"]),
+    ("remove_redundancy_slice_missing", &["'w'", "[2, 0]", "[2, 4]", "no source rank holds", "rank_2..rank_3"]),
 ];
 
 #[test]
@@ -1568,4 +1580,99 @@ fn strategy_show_of_a_flattened_json_strategy_says_so_or_merges_it_back() {
     assert_eq!(wk["shape"], serde_json::json!([16, 16]));
     assert_eq!(wk["tensor_map"], serde_json::json!([[2, 1], [-1]]));
     assert_eq!(wk["maybe_flattened"], false);
+}
+
+// ------------------------------------------------------------------ unify (issue 15)
+
+/// `reshard unify` on MindSpore-made sources writes MindSpore's unified folder: the map and the
+/// hyper-parameters byte for byte, the part tensor for tensor (byte for byte when its metadata
+/// has one key, which the safetensors library orders by hash otherwise).
+#[test]
+fn unify_writes_what_mindspore_unified_safetensors_writes() {
+    let case = fixture("st_era/dp2mp2");
+    for (src, want) in [("full", "unified_full"), ("rr", "unified_rr")] {
+        let s = Scratch::new("unify-cli");
+        let out = s.join("out");
+        let r = reshard(argv![
+            "unify",
+            "--src_ckpt_dir",
+            case.join(src),
+            "--src_ckpt_strategy",
+            case.join("src_strategy.ckpt"),
+            "--dst_dir",
+            &out,
+            "-q"
+        ]);
+        assert!(r.status.success(), "{}", text(&r.stderr));
+        for f in ["param_name_map.json", "hyper_param.safetensors"] {
+            assert_eq!(std::fs::read(out.join(f)).unwrap(), std::fs::read(case.join(want).join(f)).unwrap(), "{f}");
+        }
+        let part = |d: &Path| inspect_json(&d.join("part0.safetensors"));
+        assert_eq!(got_tensors(&part(&out)), got_tensors(&part(&case.join(want))), "{src}");
+        if src == "full" {
+            assert_eq!(
+                std::fs::read(out.join("part0.safetensors")).unwrap(),
+                std::fs::read(case.join(want).join("part0.safetensors")).unwrap()
+            );
+        }
+        let v = reshard(argv!["verify", &out]);
+        assert!(v.status.success(), "{}", text(&v.stdout));
+    }
+}
+
+/// A remove_redundancy source missing a slice: `unify` is refused like `transform`, naming the
+/// parameter and the ranks, and writes nothing.
+#[test]
+fn unify_refuses_a_slice_no_rank_holds_and_writes_nothing() {
+    let dir = corpus("sources/remove_redundancy_slice_missing");
+    let s = Scratch::new("unify-refused");
+    let out = s.join("out");
+    let r = reshard(argv![
+        "unify",
+        "--src_ckpt_dir",
+        dir.join("src"),
+        "--src_ckpt_strategy",
+        dir.join("src_strategy.ckpt"),
+        "--dst_dir",
+        &out,
+        "-q"
+    ]);
+    assert_refused(&r, &["'w'", "[2, 0]", "no source rank holds", "rank_2..rank_3"]);
+    assert_nothing_written(&out);
+}
+
+/// `--split_dst_file 2,2` writes only the second task's parts (MindSpore's split); a malformed
+/// value is refused before anything is written.
+#[test]
+fn unify_split_dst_file_writes_one_tasks_share() {
+    let case = fixture("st_era/dp2mp2");
+    let s = Scratch::new("unify-split-cli");
+    let run = |out: &Path, split: &str| {
+        reshard(argv![
+            "unify",
+            "--src_ckpt_dir",
+            case.join("full"),
+            "--src_ckpt_strategy",
+            case.join("src_strategy.ckpt"),
+            "--dst_dir",
+            out,
+            "--split_dst_file",
+            split,
+            "-q"
+        ])
+    };
+    // One part: task 2 of 2 has none of it, and no hyper-parameters or map.
+    let out = s.join("task2");
+    let r = run(&out, "2,2");
+    assert!(r.status.success(), "{}", text(&r.stderr));
+    assert!(!out.join("part0.safetensors").exists() && !out.join("param_name_map.json").exists());
+    let out = s.join("task1");
+    assert!(run(&out, "1,2").status.success());
+    assert_eq!(
+        std::fs::read(out.join("param_name_map.json")).unwrap(),
+        std::fs::read(case.join("unified_full/param_name_map.json")).unwrap()
+    );
+    let out = s.join("bad");
+    assert_refused(&run(&out, "1,2,3"), &["--split_dst_file", "3 value(s)"]);
+    assert_nothing_written(&out);
 }

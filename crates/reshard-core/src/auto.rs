@@ -295,6 +295,9 @@ fn find_source(path: &Path) -> Result<(SourceSet, bool)> {
     if !path.is_dir() {
         return Err(Error::Source { path: path.to_path_buf(), detail: "load_checkpoint does not exist".into() });
     }
+    if let Some(set) = crate::source_unified::complete_folder(path)? {
+        return Ok((set, false));
+    }
     let has_rank_dirs = std::fs::read_dir(path)
         .map_err(|e| Error::io(path, "read folder", e))?
         .flatten()

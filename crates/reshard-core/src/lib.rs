@@ -26,7 +26,9 @@ pub mod exec;
 pub use exec as execute;
 pub mod plan;
 pub mod source;
+pub mod source_unified;
 pub mod storage;
+pub mod unify;
 
 pub use exec::memory::{load_rank, LoadOptions, TensorMeta};
 pub use exec::{execute, ExecuteOptions, WrittenFile};

@@ -207,6 +207,10 @@ pub struct Plan {
     sparse: bool,
     /// Things the user should know (differences from MindSpore, ignored files).
     pub warnings: Vec<String>,
+    /// For a complete model of several files (a unified or index folder) and a destination
+    /// strategy: each parameter's position in that strategy (`u32::MAX` if absent). MindSpore
+    /// loads such a folder with `load_distributed_checkpoint`, in the strategy's order.
+    folder_order: Option<Vec<u32>>,
 }
 
 /// FNV-1a over everything written to it, so that text is hashed as it is formatted rather than
@@ -275,9 +279,22 @@ impl Plan {
     /// Builds a plan from an already discovered source set and parsed strategies.
     pub fn from_parts(
         set: Catalogue,
+        src_strategy: Option<Strategy>,
+        dst_strategy: Option<Strategy>,
+        opts: &PlanOptions,
+    ) -> Result<Plan> {
+        Plan::from_parts_with(set, src_strategy, dst_strategy, opts, false)
+    }
+
+    /// [`Plan::from_parts`], reading the sources as saved with `remove_redundancy` when
+    /// `assume_sparse` even if their metadata does not say so (`unify` with
+    /// `merge_with_redundancy` false, as MindSpore's `unified_safetensors`).
+    pub fn from_parts_with(
+        set: Catalogue,
         mut src_strategy: Option<Strategy>,
         mut dst_strategy: Option<Strategy>,
         opts: &PlanOptions,
+        assume_sparse: bool,
     ) -> Result<Plan> {
         let mut warnings = Vec::new();
         let (src_stage_devices, src_stages) = match &src_strategy {
@@ -362,9 +379,10 @@ impl Plan {
         let sources: BTreeMap<u32, Source> = sources.into_iter().map(|s| (s.rank, s)).collect();
         // Saved with MindSpore's `remove_redundancy`: each slice is in one rank of its replica
         // group only, so a rank may lack parameters that others of its stage hold.
-        let sparse = sources
-            .values()
-            .any(|s| s.index.metadata.get("remove_redundancy").is_some_and(|v| v.eq_ignore_ascii_case("true")));
+        let sparse = assume_sparse
+            || sources
+                .values()
+                .any(|s| s.index.metadata.get("remove_redundancy").is_some_and(|v| v.eq_ignore_ascii_case("true")));
 
         // Every parameter of every source file, in order of first appearance by rank.
         let mut params: Vec<ParamInfo> =
@@ -475,6 +493,14 @@ impl Plan {
             p.dst = resolve_dst(p, src_strategy.as_ref(), dst_strategy.as_ref(), dst_stage_devices, &mut shared)?;
         }
         drop(param_index);
+        let folder_order = match (&src_strategy, &dst_strategy) {
+            (None, Some(d)) if sources.get(&0).is_some_and(|s| s.files.len() > 1) => {
+                let at: HashMap<&str, u32> =
+                    d.params.iter().enumerate().map(|(i, (n, _))| (n.as_str(), i as u32)).collect();
+                Some(params.iter().map(|p| at.get(p.name.as_str()).copied().unwrap_or(u32::MAX)).collect())
+            }
+            _ => None,
+        };
         let mut param_index: Vec<u32> = (0..params.len() as u32).collect();
         param_index.sort_by(|&a, &b| params[a as usize].name.cmp(&params[b as usize].name));
         Ok(Plan {
@@ -494,6 +520,7 @@ impl Plan {
             part: by_stage,
             sparse,
             warnings,
+            folder_order,
         })
     }
 
@@ -606,8 +633,16 @@ impl Plan {
                 .find_map(|(k, u)| p.holders.binary_search(u).ok().map(|j| (k, p.positions[j])))
                 .unwrap_or((usize::MAX, u32::MAX))
         };
-        transformed.sort_by_cached_key(|(i, _)| key(i));
-        copied.sort_by_cached_key(|(i, _)| key(i));
+        match &self.folder_order {
+            Some(o) => {
+                transformed.sort_by_cached_key(|(i, _)| (o[*i], key(i)));
+                copied.sort_by_cached_key(|(i, _)| (o[*i], key(i)));
+            }
+            None => {
+                transformed.sort_by_cached_key(|(i, _)| key(i));
+                copied.sort_by_cached_key(|(i, _)| key(i));
+            }
+        }
     }
 
     fn raw(&self, p: &ParamInfo, local: u64) -> Result<TensorPlan> {

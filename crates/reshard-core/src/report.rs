@@ -4,7 +4,58 @@ use serde_json::{json, Value};
 
 use crate::error::Result;
 use crate::execute::{output_path, ExecuteOptions};
-use crate::plan::Plan;
+use crate::plan::{Plan, RankPlan, TensorSource};
+
+/// The file of source rank `rank` that holds tensor `name` (the rank's first file when none
+/// does).
+fn src_file<'a>(plan: &'a Plan, rank: u32, name: &str) -> (u32, &'a std::path::Path) {
+    match plan.sources.get(&rank) {
+        Some(s) => (s.index.get(name).map_or(0, |t| t.file), s.path_of(name)),
+        None => (0, std::path::Path::new("")),
+    }
+}
+
+/// Content bytes read from each file, by (source rank, file index): which file each slice comes
+/// from, for sources of several files per rank.
+fn bytes_read_by_file(plan: &Plan, rp: &RankPlan) -> std::collections::BTreeMap<(u32, u32), u64> {
+    let mut m = std::collections::BTreeMap::new();
+    for t in &rp.tensors {
+        match &t.source {
+            TensorSource::Raw { src_rank } => {
+                *m.entry((*src_rank, src_file(plan, *src_rank, &t.name).0)).or_insert(0) += t.nbytes
+            }
+            TensorSource::Pieces { pieces, .. } => {
+                for p in pieces {
+                    let k = (p.src_rank, src_file(plan, p.src_rank, &t.name).0);
+                    *m.entry(k).or_insert(0) += p.region.numel() * t.dtype.size();
+                }
+            }
+        }
+    }
+    m
+}
+
+/// The rank plan's tensors as JSON, each copy piece (and raw copy) with the file it reads.
+fn tensors_json(plan: &Plan, rp: &RankPlan) -> Value {
+    let mut v = serde_json::to_value(&rp.tensors).unwrap_or(Value::Null);
+    if let Value::Array(ts) = &mut v {
+        for (tv, t) in ts.iter_mut().zip(&rp.tensors) {
+            match &t.source {
+                TensorSource::Raw { src_rank } => {
+                    tv["source"]["src_file"] = json!(src_file(plan, *src_rank, &t.name).1);
+                }
+                TensorSource::Pieces { pieces, .. } => {
+                    if let Some(Value::Array(pv)) = tv["source"].get_mut("pieces") {
+                        for (p, piece) in pv.iter_mut().zip(pieces) {
+                            p["src_file"] = json!(src_file(plan, piece.src_rank, &t.name).1);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    v
+}
 
 /// A JSON summary of the plan: per destination rank, the source files and bytes it reads and the
 /// bytes it writes. With `detail`, every tensor and copy piece too.
@@ -14,10 +65,19 @@ pub fn plan_json(plan: &Plan, dst_dir: &std::path::Path, opts: &ExecuteOptions, 
         .into_par_iter()
         .map(|r| -> Result<Value> {
             let rp = plan.rank_plan(r)?;
+            let by_file = bytes_read_by_file(plan, &rp);
             let sources: Vec<Value> = rp
                 .bytes_read()
                 .iter()
-                .map(|(s, b)| json!({"rank": s, "path": plan.sources[s].path(), "bytes": b}))
+                .map(|(s, b)| {
+                    // Each file of the rank read, with its bytes (several for a rank of
+                    // several files: a unified or index folder, a map in a rank folder).
+                    let files: Vec<Value> = by_file
+                        .range((*s, 0)..=(*s, u32::MAX))
+                        .map(|((_, f), fb)| json!({"path": plan.sources[s].files[*f as usize].path, "bytes": fb}))
+                        .collect();
+                    json!({"rank": s, "path": plan.sources[s].path(), "bytes": b, "files": files})
+                })
                 .collect();
             let fetched: u64 = rp.bytes_read().values().sum();
             let mut v = json!({
@@ -30,7 +90,7 @@ pub fn plan_json(plan: &Plan, dst_dir: &std::path::Path, opts: &ExecuteOptions, 
                 "sources": sources,
             });
             if detail {
-                v["plan"] = serde_json::to_value(&rp.tensors).unwrap_or(Value::Null);
+                v["plan"] = tensors_json(plan, &rp);
             }
             Ok(v)
         })
@@ -70,7 +130,28 @@ pub fn plan_text(plan: &Plan, dst_dir: &std::path::Path, opts: &ExecuteOptions) 
     );
     for r in 0..plan.dst_rank_count() {
         let rp = plan.rank_plan(r)?;
-        let reads: Vec<String> = rp.bytes_read().iter().map(|(s, b)| format!("{s}: {b}")).collect();
+        let by_file = bytes_read_by_file(plan, &rp);
+        let reads: Vec<String> = rp
+            .bytes_read()
+            .iter()
+            .map(|(s, b)| {
+                let files: Vec<String> = by_file
+                    .range((*s, 0)..=(*s, u32::MAX))
+                    .map(|((_, f), fb)| {
+                        let p = &plan.sources[s].files[*f as usize].path;
+                        format!(
+                            "{} {fb}",
+                            p.file_name().map_or_else(|| p.display().to_string(), |n| n.to_string_lossy().into())
+                        )
+                    })
+                    .collect();
+                if plan.sources[s].files.len() > 1 {
+                    format!("{s}: {b} ({})", files.join(", "))
+                } else {
+                    format!("{s}: {b}")
+                }
+            })
+            .collect();
         let _ = writeln!(
             out,
             "{:>6} {:>6} {:>8} {:>14}  {}\n{:>39}<- {}",

@@ -122,6 +122,11 @@ impl Catalogue {
                 tensors.push(t);
             }
         }
+        // A folder with a map (unified, Hugging Face index): MindSpore's loader takes the
+        // tensors in the map's order, then the hyper-parameters.
+        if let Some(order) = crate::source_unified::map_order(paths) {
+            tensors.sort_by_key(|t| order.get(&t.name).copied().unwrap_or(usize::MAX));
+        }
         let index = CheckpointIndex::new(format, tensors, file_len, None, metadata);
         if let Some((a, b)) = index.first_repeat() {
             let name = &index.tensors[a].name;
@@ -162,6 +167,15 @@ pub fn discover(dir: &Path, choose: Option<&str>) -> Result<Catalogue> {
     if !dir.is_dir() {
         return Err(src_err(dir, "the source checkpoint folder does not exist or is not a folder"));
     }
+    // A complete model as one folder with a map (MindSpore's unified folder, a Hugging Face
+    // index folder): rank 0 is all of its files.
+    if let Some(c) = crate::source_unified::complete_folder(dir)? {
+        return Ok(c);
+    }
+    // Ranks whose checkpoint is several files (a map in the folder), and hyper-parameter files
+    // joined to a rank's chosen checkpoint.
+    let mut joined: BTreeMap<u32, Vec<PathBuf>> = BTreeMap::new();
+    let mut hyper: BTreeMap<u32, PathBuf> = BTreeMap::new();
     let mut candidates: BTreeMap<u32, Vec<PathBuf>> = BTreeMap::new();
     // Each rank's folder name, and each folder's real path: `rank_0` and `rank_00` both
     // spell rank 0, and a `rank_1` that is a symlink to `rank_0` would feed rank 0's slices to
@@ -216,9 +230,28 @@ pub fn discover(dir: &Path, choose: Option<&str>) -> Result<Catalogue> {
             }
         }
         files.sort();
+        let files = match crate::source_unified::rank_folder(&e.path(), files)? {
+            crate::source_unified::RankFiles::Candidates(files, h) => {
+                hyper.extend(h.map(|h| (rank, h)));
+                files
+            }
+            crate::source_unified::RankFiles::Joined(all) => {
+                // One candidate stands for them while one checkpoint per rank is chosen.
+                let first = all.first().cloned().into_iter().collect();
+                joined.insert(rank, all);
+                first
+            }
+        };
         candidates.insert(rank, files);
     }
-    pick_files(dir, candidates, choose)
+    let mut set = pick_files(dir, candidates, choose)?;
+    for (rank, files) in set.files.iter_mut() {
+        if let Some(all) = joined.remove(rank) {
+            *files = all;
+        }
+        files.extend(hyper.remove(rank));
+    }
+    Ok(set)
 }
 
 /// [`discover`] on an object store: the objects under `dir/rank_N/` (one listing of the

@@ -32,6 +32,7 @@ mod strategy;
 mod auto;
 
 mod load;
+mod unify;
 
 mod error;
 
@@ -52,6 +53,7 @@ pub use plan::{
     ReshardPlan, ReshardProgressFn,
 };
 pub use strategy::reshard_merge_strategies;
+pub use unify::reshard_unify;
 pub use version::{reshard_abi_version, reshard_version};
 
 /// The version of the C ABI described by this header. `reshard_abi_version()` returns the

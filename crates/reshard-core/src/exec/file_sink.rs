@@ -99,11 +99,24 @@ impl Drop for RemoveTemp<'_> {
 
 /// Writes destination rank `rp` to its file (or keeps the one a previous run finished).
 pub(crate) fn write_rank(job: &Job<'_>, codec: &dyn Codec, rp: &RankPlan) -> Result<WrittenFile> {
-    let Job { plan, dst_dir, opts, fingerprint, .. } = *job;
+    let final_path = output_path(job.plan, job.dst_dir, rp.rank, job.opts);
+    write_file(job, codec, rp, final_path, Some(rp.rank))
+}
+
+/// Writes the tensors of `rp` to `final_path` (or keeps the file a previous run finished);
+/// the manifest records it as destination rank `dst_rank` (`None`: a file of no rank, such as
+/// a unified folder's part).
+pub(crate) fn write_file(
+    job: &Job<'_>,
+    codec: &dyn Codec,
+    rp: &RankPlan,
+    final_path: PathBuf,
+    dst_rank: Option<u32>,
+) -> Result<WrittenFile> {
+    let Job { opts, fingerprint, .. } = *job;
     let mut tensors: Vec<&TensorPlan> = rp.tensors.iter().collect();
     codec.order(&mut tensors);
     let file_len = codec.file_len(&tensors)?;
-    let final_path = output_path(plan, dst_dir, rp.rank, opts);
     let dir = final_path.parent().map(Path::to_path_buf).unwrap_or_default();
     let name = final_path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
     if opts.resume {
@@ -202,13 +215,21 @@ pub(crate) fn write_rank(job: &Job<'_>, codec: &dyn Codec, rp: &RankPlan) -> Res
         }
     }
     let crc = file_crc.finalize();
-    commit(job, &file, &tmp_path, &final_path, rp.rank, len, crc)?;
+    commit(job, &file, &tmp_path, &final_path, dst_rank, len, crc)?;
     Ok(WrittenFile { rank: rp.rank, path: final_path, len, crc32: crc, reused: false })
 }
 
 /// Syncs the temporary file, renames it into place, syncs the folder and records the file in
 /// the manifest.
-fn commit(job: &Job<'_>, file: &File, tmp: &Path, final_path: &PathBuf, rank: u32, len: u64, crc: u32) -> Result<()> {
+fn commit(
+    job: &Job<'_>,
+    file: &File,
+    tmp: &Path,
+    final_path: &PathBuf,
+    rank: Option<u32>,
+    len: u64,
+    crc: u32,
+) -> Result<()> {
     let opts = job.opts;
     if opts.sync {
         file.sync_all().map_err(|e| Error::io(tmp, "sync", e))?;
@@ -225,8 +246,8 @@ fn commit(job: &Job<'_>, file: &File, tmp: &Path, final_path: &PathBuf, rank: u3
         size: len,
         crc32: crc,
         plan_fingerprint: job.fingerprint.to_string(),
-        dst_rank: Some(rank),
-        dst_rank_count: Some(job.plan.dst_rank_count()),
+        dst_rank: rank,
+        dst_rank_count: rank.map(|_| job.plan.dst_rank_count()),
     };
     Manifest::record(&dir, entry, opts.sync)
 }

@@ -204,3 +204,38 @@ fn st_crc(
     }
     Ok(h.finalize())
 }
+
+/// safetensors with a given `__metadata__` and no crc: the files of a unified folder
+/// (`reshard unify`), whose metadata MindSpore takes from the sources.
+pub struct SafetensorsWithMetadata {
+    /// The `__metadata__` to write.
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl Codec for SafetensorsWithMetadata {
+    fn format(&self) -> Format {
+        Format::Safetensors
+    }
+    fn order(&self, tensors: &mut [&TensorPlan]) {
+        SafetensorsCodec { crc: false }.order(tensors)
+    }
+    fn check(&self, t: &TensorPlan) -> Result<()> {
+        SafetensorsCodec { crc: false }.check(t)
+    }
+    fn window(&self) -> usize {
+        usize::MAX
+    }
+    fn file_len(&self, tensors: &[&TensorPlan]) -> Result<u64> {
+        let headers: Vec<TensorHeader> = tensors.iter().map(|t| self.header(t)).collect();
+        Ok(self.layout(&headers, 0)?.len)
+    }
+    fn layout(&self, headers: &[TensorHeader], base: u64) -> Result<FileLayout> {
+        if base != 0 {
+            return Err(Error::Invalid("internal error: a safetensors file is laid out whole".into()));
+        }
+        safetensors::layout(headers, &self.metadata)
+    }
+    fn finish(&self, _f: &Finish<'_>) -> Result<Vec<(u64, Vec<u8>)>> {
+        Ok(Vec::new())
+    }
+}
