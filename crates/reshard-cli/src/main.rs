@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+mod mindformers_cmd;
 mod progress;
 mod signals;
 mod strategy_cmd;
@@ -94,6 +95,8 @@ enum Cmd {
         /// shows progress, rate and ETA).
         #[arg(long = "progress-interval", default_value_t = 5.0)]
         progress_interval: f64,
+        #[command(flatten)]
+        mf: mindformers_cmd::MfArgs,
     },
     /// Show what a transform would read and write, without moving data.
     Plan {
@@ -183,6 +186,10 @@ struct JobArgs {
     /// Do not verify crc trailers of the sources.
     #[arg(long = "no-crc-check")]
     no_crc_check: bool,
+    /// The destination layouts of a MindFormers Checkpoint 2.0 checkpoint (its root, iteration
+    /// folder or metadata.json), instead of --dst_ckpt_strategy.
+    #[arg(long = "dst_ckpt_layout", visible_alias = "dst-ckpt-layout", conflicts_with = "dst_ckpt_strategy")]
+    dst_ckpt_layout: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -192,7 +199,7 @@ struct OutArgs {
     prefix: String,
     /// Output format.
     #[arg(long = "output_format", visible_alias = "output-format", default_value = "ckpt",
-          value_parser = ["ckpt", "safetensors"])]
+          value_parser = ["ckpt", "safetensors", "mindformers"])]
     output_format: String,
     /// Worker threads (0 = all cores).
     #[arg(long, default_value_t = 0)]
@@ -212,6 +219,10 @@ struct OutArgs {
 impl JobArgs {
     fn plan(&self, io: IoMode) -> Result<Plan, Error> {
         let opts = PlanOptions { src_ckpt_name: self.src_ckpt_name.clone(), skip_crc: self.no_crc_check, io };
+        if let Some(l) = &self.dst_ckpt_layout {
+            let dst = reshard_core::mindformers::strategy_from_metadata(l)?;
+            return Plan::build_to(&self.src_ckpt_dir, self.src_ckpt_strategy.as_deref(), Some(dst), &opts);
+        }
         Plan::build(&self.src_ckpt_dir, self.src_ckpt_strategy.as_deref(), self.dst_ckpt_strategy.as_deref(), &opts)
     }
 }
@@ -220,7 +231,12 @@ impl OutArgs {
     fn exec_options(&self) -> Result<ExecuteOptions, Error> {
         Ok(ExecuteOptions {
             prefix: self.prefix.clone(),
-            format: Format::parse(&self.output_format)?,
+            // A MindFormers root's files are safetensors.
+            format: Format::parse(if self.output_format == "mindformers" {
+                "safetensors"
+            } else {
+                &self.output_format
+            })?,
             threads: self.threads,
             memory_budget: self.memory_budget << 20,
             io: IoMode::parse(&self.io)?,
@@ -348,7 +364,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             outln!("{}", serde_json::to_string(&ranks).unwrap_or_default());
             Ok(())
         }
-        Cmd::Transform { job, dst_ckpt_dir, out, ranks, crc, no_sync, force, quiet, progress_interval } => {
+        Cmd::Transform { job, dst_ckpt_dir, out, ranks, crc, no_sync, force, quiet, progress_interval, mf } => {
             // Before anything is written (strategy merges go into the output folder too).
             reshard_core::execute::check_output(&job.src_ckpt_dir, &dst_ckpt_dir, &out.prefix)?;
             let mut job = job;
@@ -406,7 +422,11 @@ fn run(cli: Cli) -> Result<(), Error> {
             opts.progress = progress.as_ref().map(progress::Progress::callback);
             opts.cancel = Some(signals::cancel_on_signals());
             let start = std::time::Instant::now();
-            let files = execute(&plan, &dst_ckpt_dir, &ranks, &opts);
+            let files = if out.output_format == "mindformers" {
+                mindformers_cmd::write(&plan, &job.src_ckpt_dir, &dst_ckpt_dir, &ranks, &opts, &mf)
+            } else {
+                execute(&plan, &dst_ckpt_dir, &ranks, &opts)
+            };
             if let Some(p) = &progress {
                 p.finish();
             }

@@ -388,3 +388,74 @@ pub fn plan(root: &Root, dst: Option<Strategy>, opts: &PlanOptions) -> Result<Pl
         }
     }
 }
+
+/// The destination layouts of another Checkpoint 2.0 checkpoint (a root, an iteration folder, or
+/// its `metadata.json`) as a strategy: each tensor's `device_matrix` and `tensor_map` on the
+/// pipeline stage its `rank_list` is. Tensors without a layout are left out (written complete to
+/// every rank, as MindFormers holds them).
+pub fn strategy_from_metadata(path: &Path) -> Result<Strategy> {
+    let mpath = if path.is_dir() {
+        match detect(path)? {
+            Some(r) => r.metadata_path(),
+            None => path.join(mf::METADATA),
+        }
+    } else {
+        path.to_path_buf()
+    };
+    let bytes = crate::input::read_capped(&mpath, MAX_METADATA_BYTES, "metadata.json")?;
+    crate::input::check_unique_json_keys(&bytes).map_err(|d| bad_meta(&mpath, d))?;
+    let m = mf::parse_metadata(&bytes).map_err(|d| bad_meta(&mpath, d))?;
+    let mut items = Vec::new();
+    for (name, v) in &m.state_dict_metadata {
+        let t = mf::parse_tensor_meta(v).map_err(|d| bad_meta(&mpath, format!("tensor '{name}': {d}")))?;
+        let Some(l) = t.layout else { continue };
+        let bad = |d: String| Error::BadLayout { path: mpath.clone(), param: name.clone(), detail: d };
+        if l.interleaved_parallel {
+            return Err(bad("interleaved_parallel layouts are not supported".into()));
+        }
+        let devices = l.device_matrix.iter().try_fold(1u64, |a, &d| a.checked_mul(d)).unwrap_or(0);
+        let start = l.rank_list.first().copied().unwrap_or(0);
+        let contiguous = devices > 0
+            && l.rank_list.len() as u64 == devices
+            && start % devices == 0
+            && l.rank_list.iter().enumerate().all(|(i, &r)| r == start + i as u64);
+        if !contiguous {
+            return Err(bad(format!(
+                "rank_list {:?} is not one pipeline stage's ranks (stage * {devices} onwards, in order) of device \
+                 matrix {:?}",
+                l.rank_list, l.device_matrix
+            )));
+        }
+        let stage = u32::try_from(start / devices).map_err(|_| bad(format!("rank_list starts at {start}")))?;
+        let axis = |x: &serde_json::Value| -> Result<i64> {
+            x.as_i64()
+                .filter(|&a| a >= -1 && a < l.device_matrix.len() as i64)
+                .ok_or_else(|| bad(format!("tensor_map entry {x} is not a device axis of {:?}", l.device_matrix)))
+        };
+        let mut tensor_map = Vec::with_capacity(l.tensor_map.len());
+        for e in &l.tensor_map {
+            tensor_map.push(match e.as_array() {
+                Some(list) => list.iter().map(&axis).collect::<Result<Vec<_>>>()?,
+                None => vec![axis(e)?],
+            });
+        }
+        if tensor_map.len() != t.global_shape.len() {
+            return Err(bad(format!(
+                "tensor_map {:?} has {} entries for global_shape {:?}",
+                l.tensor_map,
+                tensor_map.len(),
+                t.global_shape
+            )));
+        }
+        let layout = crate::strategy::ParamLayout {
+            dev_matrix: l.device_matrix.clone(),
+            tensor_map,
+            nested: true,
+            opt_shard_step: 0,
+            opt_shard_size: 0,
+            tensor_shape: Some(t.global_shape.clone()),
+        };
+        items.push((stage, name.clone(), layout));
+    }
+    Strategy::from_layouts(&mpath, items)
+}

@@ -265,6 +265,17 @@ impl Plan {
         opts: &PlanOptions,
     ) -> Result<Plan> {
         let dst_strategy = dst_strategy.map(Strategy::load).transpose()?;
+        Plan::build_to(src_dir, src_strategy, dst_strategy, opts)
+    }
+
+    /// [`Plan::build`] to a destination strategy already in memory (one made from a MindFormers
+    /// `metadata.json`, say).
+    pub fn build_to(
+        src_dir: &Path,
+        src_strategy: Option<&Path>,
+        dst_strategy: Option<Strategy>,
+        opts: &PlanOptions,
+    ) -> Result<Plan> {
         // A MindFormers Checkpoint 2.0 root carries its layouts in metadata.json.
         if let Some(root) = crate::mindformers::detect(src_dir)? {
             if let Some(s) = src_strategy {
@@ -520,7 +531,13 @@ impl Plan {
         if let Some(d) = &dst_strategy {
             let odd: Vec<&str> = params
                 .iter()
-                .filter(|p| matches!(p.kind, SrcKind::Sharded { .. } | SrcKind::Chunks { .. }) && !d.contains(&p.name))
+                .filter(|p| match &p.kind {
+                    SrcKind::Sharded { .. } => true,
+                    // One chunk: complete in the source too.
+                    SrcKind::Chunks { slices } => slices.len() > 1,
+                    _ => false,
+                })
+                .filter(|p| !d.contains(&p.name))
                 .map(|p| p.name.as_str())
                 .collect();
             if !odd.is_empty() {
@@ -772,6 +789,15 @@ impl Plan {
     /// Names of all parameters found in the sources.
     pub fn param_names(&self) -> impl Iterator<Item = &str> {
         self.params.iter().map(|p| p.name.as_str())
+    }
+
+    /// The full shape of parameter `name` and, for destination pipeline stage `stage`, the
+    /// resolved destination layout (`None` when the destination does not split it).
+    pub fn dst_layout(&self, name: &str, stage: u32) -> Option<(&[u64], Option<&ResolvedLayout>)> {
+        let i = self.param_index.binary_search_by(|&i| self.params[i as usize].name.as_str().cmp(name)).ok()?;
+        let p = &self.params[self.param_index[i] as usize];
+        let l = if stage == 0 { p.dst.first.as_deref() } else { p.dst.later.as_deref() };
+        Some((&p.full, l))
     }
 
     /// Whether a parameter exists in the sources.

@@ -193,3 +193,95 @@ fn roots_load_into_memory_as_the_full_tensors() {
         }
     }
 }
+
+/// Writes a Checkpoint 2.0 root with `dst` (a legacy strategy, or another root's layouts).
+fn write_root(src: &Path, src_strategy: Option<&Path>, dst: Dst<'_>, out: &Path, mfo: &MindFormersOptions) {
+    let dst = match dst {
+        Dst::Complete => None,
+        Dst::Strategy(p) => Some(reshard_core::Strategy::load(p).unwrap()),
+        Dst::Layout(p) => Some(reshard_core::mindformers::strategy_from_metadata(p).unwrap()),
+    };
+    let plan = Plan::build_to(src, src_strategy, dst, &PlanOptions::default()).unwrap();
+    execute_mindformers(&plan, out, &ExecuteOptions::default(), mfo).unwrap();
+}
+
+enum Dst<'a> {
+    Complete,
+    Strategy(&'a Path),
+    Layout(&'a Path),
+}
+
+use reshard_core::execute::mindformers::{execute_mindformers, MindFormersOptions};
+
+/// The cases of `tests/gen/check_mindformers_written.sh`, whose roots MindFormers 2.1 loaded
+/// (load_checkpoint and ReshardLoader) with the expected values: reshard still writes the same
+/// metadata.json, and the roots read back as the tensors they were made from.
+#[test]
+fn written_roots_match_those_mindformers_loaded() {
+    let tmp = Scratch::new("mf-written");
+    let f = fixtures().join("mindformers");
+    let conf = fixtures().join("conformance/complete_to_dp2mp2_opt");
+    let legacy = f.join("written/legacy_dp2mp2_opt.json");
+    let dp2mp2 = case("dp2mp2").join("root");
+    let pp2 = case("pp2_balanced").join("root");
+    let conf_strategy = conf.join("dst_strategy.ckpt");
+    let dedup = |iteration: u64| MindFormersOptions { iteration, dedup: true, ..MindFormersOptions::default() };
+    let plain = |iteration: u64| MindFormersOptions { iteration, ..MindFormersOptions::default() };
+    #[allow(clippy::type_complexity)]
+    let cases: Vec<(&str, PathBuf, Option<&Path>, Dst<'_>, MindFormersOptions, PathBuf)> = vec![
+        ("dp2mp2_legacy_opt", dp2mp2.clone(), None, Dst::Strategy(&legacy), plain(20), case("dp2mp2")),
+        ("dp2mp2_dedup", dp2mp2.clone(), None, Dst::Layout(&dp2mp2), dedup(20), case("dp2mp2")),
+        ("pp2_dedup", pp2.clone(), None, Dst::Layout(&pp2), dedup(7), case("pp2_balanced")),
+        ("single_complete", case("single").join("root"), None, Dst::Complete, plain(3), case("single")),
+        (
+            "legacy_dp2mp2_opt",
+            conf.join("expected"),
+            Some(&conf_strategy),
+            Dst::Strategy(&conf_strategy),
+            plain(5),
+            conf.join("src/rank_0/llama_tiny.ckpt"),
+        ),
+    ];
+    for (name, src, src_strategy, dst, mfo, expected) in cases {
+        let out = tmp.join(name);
+        write_root(&src, src_strategy, dst, &out, &mfo);
+        let it = out.join(format!("iteration_{:08}", mfo.iteration));
+        let got = std::fs::read_to_string(it.join("metadata.json")).unwrap();
+        let want = std::fs::read_to_string(f.join(format!("written/{name}.metadata.json"))).unwrap();
+        assert_eq!(got, want, "{name}: metadata.json differs from the one MindFormers loaded");
+        assert_eq!(
+            std::fs::read_to_string(out.join("latest_checkpointed_iteration.txt")).unwrap(),
+            mfo.iteration.to_string()
+        );
+        assert!(it.join("common.json").is_file(), "{name}");
+        let expected = if expected.is_dir() { expected.join("expected.safetensors") } else { expected };
+        let back = complete(&out, &tmp.join(format!("{name}-back")));
+        assert_eq!(tensors(&back), tensors(&[expected]), "{name}");
+    }
+}
+
+/// De-duplicated saving picks the writer of each chunk as MindFormers' `distribute_shards` does:
+/// rewriting the two-stage root MindFormers saved with balanced de-duplication, in its own
+/// layout, gives the same storage_data (files, storage ranks, rank groups).
+#[test]
+fn dedup_assigns_chunks_as_mindformers_does() {
+    let tmp = Scratch::new("mf-dedup");
+    let root = case("pp2_balanced").join("root");
+    let mfo = MindFormersOptions { iteration: 7, dedup: true, ..MindFormersOptions::default() };
+    write_root(&root, None, Dst::Layout(&root), &tmp.join("out"), &mfo);
+    let read = |p: &Path| -> serde_json::Value { serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap() };
+    let got = read(&tmp.join("out/iteration_00000007/metadata.json"));
+    let want = read(&root.join("iteration_00000007/metadata.json"));
+    assert_eq!(got["storage_data"], want["storage_data"]);
+    // Fewer files than ranks, as MindFormers wrote.
+    let files = |d: &Path| {
+        let mut v: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().filter(|n| n.ends_with(".safetensors")).map(String::from))
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(files(&tmp.join("out/iteration_00000007")), files(&root.join("iteration_00000007")));
+}

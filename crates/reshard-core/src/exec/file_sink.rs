@@ -99,11 +99,20 @@ impl Drop for RemoveTemp<'_> {
 
 /// Writes destination rank `rp` to its file (or keeps the one a previous run finished).
 pub(crate) fn write_rank(job: &Job<'_>, codec: &dyn Codec, rp: &RankPlan) -> Result<WrittenFile> {
-    let Job { plan, dst_dir, opts, fingerprint, .. } = *job;
+    write_rank_to(job, codec, rp, output_path(job.plan, job.dst_dir, rp.rank, job.opts))
+}
+
+/// [`write_rank`] to a file named by the caller (formats with their own file names).
+pub(crate) fn write_rank_to(
+    job: &Job<'_>,
+    codec: &dyn Codec,
+    rp: &RankPlan,
+    final_path: PathBuf,
+) -> Result<WrittenFile> {
+    let Job { opts, fingerprint, .. } = *job;
     let mut tensors: Vec<&TensorPlan> = rp.tensors.iter().collect();
     codec.order(&mut tensors);
     let file_len = codec.file_len(&tensors)?;
-    let final_path = output_path(plan, dst_dir, rp.rank, opts);
     let dir = final_path.parent().map(Path::to_path_buf).unwrap_or_default();
     let name = final_path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
     if opts.resume {

@@ -17,6 +17,7 @@
 mod file_sink;
 pub mod fill;
 pub mod memory;
+pub mod mindformers;
 mod sources;
 
 use std::path::{Path, PathBuf};
