@@ -329,6 +329,9 @@ fn run(cli: Cli) -> Result<(), Error> {
         }
         Cmd::Strategy { cmd } => strategy_cmd::run(cmd),
         Cmd::Verify { dir, json } => {
+            if let Some(done) = mindformers_cmd::verify(&dir, json)? {
+                return Ok(done);
+            }
             let r = reshard_core::manifest::verify(&dir)?;
             if json {
                 outln!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
@@ -367,6 +370,7 @@ fn run(cli: Cli) -> Result<(), Error> {
         Cmd::Transform { job, dst_ckpt_dir, out, ranks, crc, no_sync, force, quiet, progress_interval, mf } => {
             // Before anything is written (strategy merges go into the output folder too).
             reshard_core::execute::check_output(&job.src_ckpt_dir, &dst_ckpt_dir, &out.prefix)?;
+            mindformers_cmd::check_ranks(&out.output_format, &ranks)?;
             let mut job = job;
             // Strategy folders are merged into the output folder, never into the source nor into
             // a strategy input: both merges are made before anything is written, and a strategy
@@ -513,6 +517,9 @@ fn inspected(path: &Path) -> Result<Inspected, Error> {
 }
 
 fn inspect(path: &Path, json: bool) -> Result<(), Error> {
+    if let Some(done) = mindformers_cmd::inspect(path, json)? {
+        return Ok(done);
+    }
     let s = match inspected(path)? {
         Inspected::Strategy(s) => s,
         Inspected::Checkpoint(f) => return inspect_checkpoint(&f, json),

@@ -459,3 +459,91 @@ pub fn strategy_from_metadata(path: &Path) -> Result<Strategy> {
     }
     Strategy::from_layouts(&mpath, items)
 }
+
+/// The catalogue of a root's files (storage ranks, or rank 0 for a single-card save).
+pub fn catalogue_of(root: &Root) -> Result<Catalogue> {
+    match &root.metadata {
+        None => single_card_catalogue(&root.dir),
+        Some(m) => ChunkTable::from_metadata(&root.metadata_path(), m)?.catalogue(&root.dir),
+    }
+}
+
+/// One tensor of a checked root.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TensorSummary {
+    /// Its name.
+    pub name: String,
+    /// Its dtype (`Float32`...).
+    pub dtype: String,
+    /// The full shape.
+    pub global_shape: Vec<u64>,
+    /// How many distinct chunks.
+    pub chunks: usize,
+    /// How many (rank, file) copies of chunks the files hold.
+    pub copies: usize,
+}
+
+/// What [`check`] found.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CheckReport {
+    /// The iteration folder.
+    pub dir: PathBuf,
+    /// Its iteration, when a tracker named it.
+    pub iteration: Option<u64>,
+    /// Whether `metadata.json` is there (not a single-card save).
+    pub has_metadata: bool,
+    /// Every file read (each parsed, crc verified where it has one).
+    pub files: Vec<PathBuf>,
+    /// The tensors, by name.
+    pub tensors: Vec<TensorSummary>,
+}
+
+/// Reads every file of a root (tables of contents, crc where present) and checks `metadata.json`
+/// against them, as planning from it would.
+pub fn check(root: &Root) -> Result<CheckReport> {
+    let set = catalogue_of(root)?;
+    let read = crate::checkpoint::ReadOptions::default();
+    let mut sources = BTreeMap::new();
+    for &r in set.files.keys() {
+        sources.insert(r, set.open_rank(r, crate::storage::IoMode::Auto, read)?);
+    }
+    let files: Vec<PathBuf> = set.files.values().flatten().cloned().collect();
+    let mut tensors = Vec::new();
+    match &root.metadata {
+        None => {
+            for s in sources.values() {
+                for t in &s.index.tensors {
+                    tensors.push(TensorSummary {
+                        name: t.name.clone(),
+                        dtype: t.dtype.ckpt_name().to_string(),
+                        global_shape: t.shape.clone(),
+                        chunks: 1,
+                        copies: 1,
+                    });
+                }
+            }
+        }
+        Some(m) => {
+            let table = ChunkTable::from_metadata(&root.metadata_path(), m)?;
+            resolve_all(&table, &sources)?;
+            for name in m.state_dict_metadata.keys() {
+                if let Some(t) = table.tensors.get(name) {
+                    tensors.push(TensorSummary {
+                        name: name.clone(),
+                        dtype: t.dtype.clone(),
+                        global_shape: t.global_shape.clone(),
+                        chunks: t.chunks.len(),
+                        copies: t.chunks.iter().map(|c| c.holders.len()).sum(),
+                    });
+                }
+            }
+        }
+    }
+    Ok(CheckReport {
+        dir: root.dir.clone(),
+        iteration: root.iteration,
+        has_metadata: root.metadata.is_some(),
+        files,
+        tensors,
+    })
+}
