@@ -1556,13 +1556,13 @@ fn mindformers_metadata_disagreeing_with_files_is_refused() {
     let m = root.join("iteration_00000020/metadata.json");
     let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&m).unwrap()).unwrap();
     let e = &mut v["storage_data"]["('model.embed', (1,))"][0];
-    e["file_name"] = "opt-0000002-0000004.safetensors".into();
-    e["storage_rank"] = 2.into();
+    e["file_name"] = "opt-0000003-0000004.safetensors".into();
+    e["storage_rank"] = 3.into();
     std::fs::write(&m, serde_json::to_vec(&v).unwrap()).unwrap();
     let dst = s.join("out");
     let t = transform(&root, &dst, argv![]);
-    assert_refused(&t, &["model.embed", "chunk 1", "opt-0000002-0000004.safetensors", "does not hold"]);
+    assert_refused(&t, &["model.embed", "chunk 1", "opt-0000003-0000004.safetensors", "does not hold"]);
     assert_nothing_written(&dst);
     let v = reshard(argv!["verify", &root]);
-    assert_refused(&v, &["model.embed", "chunk 1", "opt-0000002-0000004.safetensors"]);
+    assert_refused(&v, &["model.embed", "chunk 1", "opt-0000003-0000004.safetensors"]);
 }

@@ -149,6 +149,13 @@ impl ChunkTable {
             let count = count.filter(|&c| c > 0 && c <= 1 << 24).ok_or_else(|| {
                 bad_meta(path, format!("tensor '{name}': axis_fragmentations {:?}", t.axis_fragmentations))
             })?;
+            // Every size below fits in 64 bits, with room for 8-byte elements.
+            if t.global_shape.iter().try_fold(8u64, |a, &d| a.checked_mul(d)).is_none() {
+                return Err(bad_meta(
+                    path,
+                    format!("tensor '{name}': global_shape {:?} is too large to address", t.global_shape),
+                ));
+            }
             let mut chunks: BTreeMap<u64, ChunkAt> = BTreeMap::new();
             for c in &t.chunk {
                 let k = match c.global_offset.as_slice() {
@@ -302,9 +309,23 @@ pub fn resolve_all(table: &ChunkTable, sources: &BTreeMap<u32, Source>) -> Resul
     let mut out = HashMap::with_capacity(table.tensors.len());
     for (name, t) in &table.tensors {
         let mut slices = Vec::with_capacity(t.chunks.len());
+        // A rank's files hold one slice of a tensor: two chunks stored by one rank would be read
+        // from the same bytes.
+        let mut chunk_of_rank: HashMap<u32, u64> = HashMap::new();
         for c in &t.chunks {
             let mut ranks = Vec::with_capacity(c.holders.len());
             for (rank, file) in &c.holders {
+                if let Some(&other) = chunk_of_rank.get(rank).filter(|&&o| o != c.k) {
+                    return Err(Error::Source {
+                        path: table.path.with_file_name(file),
+                        detail: format!(
+                            "metadata.json says storage rank {rank} stores chunks {other} and {} of tensor '{name}', but \
+                             a rank's files hold the tensor once",
+                            c.k
+                        ),
+                    });
+                }
+                chunk_of_rank.insert(*rank, c.k);
                 let src =
                     sources.get(rank).ok_or_else(|| Error::Invalid(format!("storage rank {rank} is not opened")))?;
                 let path = src.files.iter().find(|f| f.path.file_name().is_some_and(|n| n == file.as_str()));

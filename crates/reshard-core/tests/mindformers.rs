@@ -118,7 +118,24 @@ fn edited_root(dst: &Path, edit: impl Fn(&mut serde_json::Value)) -> PathBuf {
 fn metadata_that_disagrees_with_the_files_is_refused_naming_tensor_chunk_and_file() {
     let tmp = Scratch::new("mf-bad");
     type Edit = fn(&mut serde_json::Value);
-    let cases: [(&str, Edit, &[&str]); 5] = [
+    let cases: [(&str, Edit, &[&str]); 7] = [
+        (
+            "two chunks from one rank",
+            |v| {
+                // Chunk 1 of model.embed said to be in rank 0's file, which holds chunk 0.
+                let e = &mut v["storage_data"]["('model.embed', (1,))"][0];
+                e["file_name"] = serde_json::json!("model-0000000-0000004.safetensors");
+                e["storage_rank"] = serde_json::json!(0);
+            },
+            &["model.embed", "chunks 0 and 1", "model-0000000-0000004.safetensors"],
+        ),
+        (
+            "a shape too large to address",
+            |v| {
+                v["state_dict_metadata"]["model.norm"]["global_shape"] = serde_json::json!([u64::MAX / 4]);
+            },
+            &["model.norm", "too large", "metadata.json"],
+        ),
         (
             "missing chunk",
             |v| {
