@@ -302,3 +302,40 @@ fn dedup_assigns_chunks_as_mindformers_does() {
     };
     assert_eq!(files(&tmp.join("out/iteration_00000007")), files(&root.join("iteration_00000007")));
 }
+
+/// A new iteration may go into the source's own root, but not over the source's iteration; and
+/// a run over an earlier root at the same iteration that stops half-way leaves no tracker or
+/// metadata.json describing files it was replacing.
+#[test]
+fn writing_over_roots_never_leaves_a_root_that_loads_wrongly() {
+    let tmp = Scratch::new("mf-over");
+    let root = tmp.join("root");
+    let src = case("dp2mp2").join("root");
+    std::fs::create_dir_all(root.join("iteration_00000020")).unwrap();
+    std::fs::copy(src.join("latest_checkpointed_iteration.txt"), root.join("latest_checkpointed_iteration.txt"))
+        .unwrap();
+    for e in std::fs::read_dir(src.join("iteration_00000020")).unwrap().flatten() {
+        std::fs::copy(e.path(), root.join("iteration_00000020").join(e.file_name())).unwrap();
+    }
+    let plan = Plan::build(&root, None, None, &PlanOptions::default()).unwrap();
+    let same = MindFormersOptions { iteration: 20, ..MindFormersOptions::default() };
+    let err = execute_mindformers(&plan, &root, &ExecuteOptions::default(), &same).unwrap_err().to_string();
+    assert!(err.contains("source's own iteration"), "{err}");
+    let next = MindFormersOptions { iteration: 21, ..MindFormersOptions::default() };
+    execute_mindformers(&plan, &root, &ExecuteOptions::default(), &next).unwrap();
+    assert_eq!(std::fs::read_to_string(root.join("latest_checkpointed_iteration.txt")).unwrap(), "21");
+    let want = tensors(&[case("dp2mp2").join("expected.safetensors")]);
+    assert_eq!(tensors(&complete(&root, &tmp.join("back21"))), want);
+    assert_eq!(tensors(&complete(&root.join("iteration_00000020"), &tmp.join("back20"))), want);
+    // Stopped before its first file: the earlier root at iteration 21 is no longer loadable.
+    let stop = ExecuteOptions {
+        cancel: Some(std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true))),
+        // (Resumed, the files the run before wrote would all be kept.)
+        resume: false,
+        ..ExecuteOptions::default()
+    };
+    let plan = Plan::build(&root.join("iteration_00000020"), None, None, &PlanOptions::default()).unwrap();
+    assert!(execute_mindformers(&plan, &root, &stop, &next).is_err());
+    assert!(!root.join("latest_checkpointed_iteration.txt").exists());
+    assert!(!root.join("iteration_00000021/metadata.json").exists());
+}

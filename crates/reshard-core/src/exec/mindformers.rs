@@ -192,6 +192,13 @@ pub fn execute_mindformers(
     check_output(&plan.src_dir, root, mfo.prefix.as_deref().unwrap_or(""))?;
     let n = plan.dst_rank_count();
     let it_dir = root.join(mf::iteration_dir(mfo.iteration));
+    // Into the same root is fine (a new iteration), over the source's own iteration is not.
+    if super::resolved(&it_dir) == super::resolved(&plan.src_dir) {
+        return Err(Error::Invalid(format!(
+            "{} is the source's own iteration folder; write another iteration (--iteration) or to another folder",
+            it_dir.display()
+        )));
+    }
     // Every rank's chunks, in order of first appearance.
     let mut described: Vec<Described> = Vec::new();
     let mut at: HashMap<String, usize> = HashMap::new();
@@ -325,7 +332,18 @@ pub fn execute_mindformers(
             }
         }
     }
-    // Write the data files.
+    // Write the data files. An earlier root at this iteration stops being loadable first: its
+    // tracker (when it names this iteration) and metadata.json would otherwise describe files
+    // being replaced, and a run stopped half-way would leave a root MindFormers loads wrongly
+    // rather than one it refuses.
+    let tracker = root.join(mf::TRACKER);
+    let names_this = std::fs::read_to_string(&tracker).is_ok_and(|t| t.trim() == mfo.iteration.to_string());
+    for old in [names_this.then_some(tracker), Some(it_dir.join(mf::METADATA))].into_iter().flatten() {
+        match std::fs::remove_file(&old) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::io(&old, "remove", e)),
+            _ => {}
+        }
+    }
     std::fs::create_dir_all(&it_dir).map_err(|e| Error::io(&it_dir, "create folder", e))?;
     let exec = ExecuteOptions { format: Format::Safetensors, ..opts.clone() };
     let codec = codec_for(Format::Safetensors, exec.crc);
