@@ -255,17 +255,17 @@ pub fn execute_mindformers(
     }
     // Replica ids as MindFormers computes them: per rank of the layout's rank list, how many
     // earlier ranks hold the same slice.
-    for (i, d) in described.iter_mut().enumerate() {
+    for d in described.iter_mut() {
         if let Some(l) = &d.layout {
+            // Rank -> the slice it holds (linear in the holders, not in ranks x tensors).
+            let held: HashMap<u32, u64> =
+                d.chunks.iter().flat_map(|(k, (_, ranks))| ranks.iter().map(move |&r| (r, *k))).collect();
             let mut seen: HashMap<u64, u64> = HashMap::new();
             let ids: Vec<u64> = l
                 .rank_list
                 .iter()
                 .map(|&r| {
-                    let k = rank_chunks
-                        .get(r as usize)
-                        .and_then(|c| c.iter().find(|(j, _)| *j == i))
-                        .map_or(0, |(_, k)| *k);
+                    let k = u32::try_from(r).ok().and_then(|r| held.get(&r)).copied().unwrap_or(0);
                     let e = seen.entry(k).or_insert(0);
                     *e += 1;
                     *e - 1
