@@ -81,6 +81,7 @@ pub fn detect(path: &Path) -> Result<Option<Root>> {
     } else {
         let rd = std::fs::read_dir(path).map_err(|e| Error::io(path, "read folder", e))?;
         let mut mf_files = false;
+        let mut iterations = Vec::new();
         for e in rd {
             let e = e.map_err(|e| Error::io(path, "read folder", e))?;
             let name = e.file_name();
@@ -89,6 +90,21 @@ pub fn detect(path: &Path) -> Result<Option<Root>> {
                 return Ok(None);
             }
             mf_files |= mf_file_name(&name);
+            if name.strip_prefix("iteration_").is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())) {
+                iterations.push(name.into_owned());
+            }
+        }
+        if !mf_files && !iterations.is_empty() {
+            // A root whose tracker is missing: which iteration is meant is not for reshard to guess.
+            iterations.sort();
+            return Err(Error::Source {
+                path: path.to_path_buf(),
+                detail: format!(
+                    "a MindFormers checkpoint root without {}: give one of its iteration folders ({}) as the source",
+                    mf::TRACKER,
+                    iterations.join(", ")
+                ),
+            });
         }
         if !mf_files {
             return Ok(None);

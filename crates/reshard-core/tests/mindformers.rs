@@ -339,3 +339,14 @@ fn writing_over_roots_never_leaves_a_root_that_loads_wrongly() {
     assert!(!root.join("latest_checkpointed_iteration.txt").exists());
     assert!(!root.join("iteration_00000021/metadata.json").exists());
 }
+
+/// A root whose tracker is missing names its iteration folders rather than guessing one (it
+/// used to be read as a folder without rank_N folders).
+#[test]
+fn a_root_without_its_tracker_names_its_iterations() {
+    let tmp = Scratch::new("mf-no-tracker");
+    let root = edited_root(&tmp.join("root"), |_| {});
+    std::fs::remove_file(root.join("latest_checkpointed_iteration.txt")).unwrap();
+    let err = Plan::build(&root, None, None, &PlanOptions::default()).unwrap_err().to_string();
+    assert!(err.contains("latest_checkpointed_iteration.txt") && err.contains("iteration_00000020"), "{err}");
+}
