@@ -25,7 +25,8 @@ for c in "${cases[@]}"; do
   IFS='|' read -r name args expected <<<"$c"
   # shellcheck disable=SC2086
   "$R" transform $args --dst_ckpt_dir "$tmp/$name" --output_format mindformers -q
-  out=$("$PY" "$here/tests/gen/check_mindformers.py" "$tmp/$name" "$expected" 2>/dev/null | grep MINDFORMERS || true)
+  # (Run inside the scratch folder: MindFormers writes its logs to ./output.)
+  out=$(cd "$tmp" && "$PY" "$here/tests/gen/check_mindformers.py" "$tmp/$name" "$expected" 2>/dev/null | grep MINDFORMERS || true)
   echo "$name: $out"
   case $out in MINDFORMERS-OK*) ;; *) exit 1 ;; esac
   it=$(cat "$tmp/$name/latest_checkpointed_iteration.txt")

@@ -18,13 +18,19 @@ from, written by `mindspore.save_checkpoint`):
 - pp2_balanced: 8 ranks in two pipeline stages (rank_list 0-3 and 4-7), saved with balanced
   de-duplication (`_compute_balanced_assignment_on_rank0`, `save_balanced_metadata`): fewer
   files than ranks, each chunk stored once.
-Deterministic (fixed seeds).
+Deterministic (fixed seeds): a rerun gives the same bytes. Then rerun
+tests/gen/check_mindformers_written.sh (roots reshard writes, loaded by MindFormers).
 """
 import json
 import os
 import shutil
 import sys
 import types
+
+import tempfile
+
+# MindFormers writes its logs to ./output: keep them out of the checkout.
+os.chdir(tempfile.mkdtemp(prefix="reshard-mf-gen-"))
 
 import numpy as np
 import mindspore as ms
@@ -161,9 +167,11 @@ def single_case():
 
 
 def main():
-    if os.path.exists(OUT):
-        shutil.rmtree(OUT)
-    os.makedirs(OUT)
+    # The cases are remade; written/ (check_mindformers_written.sh's) is kept.
+    for case in ("single", "dp2mp2", "pp2_balanced"):
+        if os.path.exists(os.path.join(OUT, case)):
+            shutil.rmtree(os.path.join(OUT, case))
+    os.makedirs(OUT, exist_ok=True)
     ms.set_context(device_target="CPU", mode=ms.GRAPH_MODE)
     # MindSpore 2.10 on CPU still reports PyNative here, where MindFormers' saver wants the
     # hyper_parallel DTensor package; the graph-mode path saves the Cell as it is.
