@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+mod mindformers_cmd;
 mod progress;
 mod signals;
 mod strategy_cmd;
@@ -95,6 +96,8 @@ enum Cmd {
         /// shows progress, rate and ETA).
         #[arg(long = "progress-interval", default_value_t = 5.0)]
         progress_interval: f64,
+        #[command(flatten)]
+        mf: mindformers_cmd::MfArgs,
     },
     /// Show what a transform would read and write, without moving data.
     Plan {
@@ -187,6 +190,10 @@ struct JobArgs {
     /// Do not verify crc trailers of the sources.
     #[arg(long = "no-crc-check")]
     no_crc_check: bool,
+    /// The destination layouts of a MindFormers Checkpoint 2.0 checkpoint (its root, iteration
+    /// folder or metadata.json), instead of --dst_ckpt_strategy.
+    #[arg(long = "dst_ckpt_layout", visible_alias = "dst-ckpt-layout", conflicts_with = "dst_ckpt_strategy")]
+    dst_ckpt_layout: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -196,7 +203,7 @@ struct OutArgs {
     prefix: String,
     /// Output format.
     #[arg(long = "output_format", visible_alias = "output-format", default_value = "ckpt",
-          value_parser = ["ckpt", "safetensors"])]
+          value_parser = ["ckpt", "safetensors", "mindformers"])]
     output_format: String,
     /// Worker threads (0 = all cores).
     #[arg(long, default_value_t = 0)]
@@ -216,6 +223,10 @@ struct OutArgs {
 impl JobArgs {
     fn plan(&self, io: IoMode) -> Result<Plan, Error> {
         let opts = PlanOptions { src_ckpt_name: self.src_ckpt_name.clone(), skip_crc: self.no_crc_check, io };
+        if let Some(l) = &self.dst_ckpt_layout {
+            let dst = reshard_core::mindformers::strategy_from_metadata(l)?;
+            return Plan::build_to(&self.src_ckpt_dir, self.src_ckpt_strategy.as_deref(), Some(dst), &opts);
+        }
         Plan::build(&self.src_ckpt_dir, self.src_ckpt_strategy.as_deref(), self.dst_ckpt_strategy.as_deref(), &opts)
     }
 }
@@ -224,7 +235,12 @@ impl OutArgs {
     fn exec_options(&self) -> Result<ExecuteOptions, Error> {
         Ok(ExecuteOptions {
             prefix: self.prefix.clone(),
-            format: Format::parse(&self.output_format)?,
+            // A MindFormers root's files are safetensors.
+            format: Format::parse(if self.output_format == "mindformers" {
+                "safetensors"
+            } else {
+                &self.output_format
+            })?,
             threads: self.threads,
             memory_budget: self.memory_budget << 20,
             io: IoMode::parse(&self.io)?,
@@ -318,6 +334,9 @@ fn run(cli: Cli) -> Result<(), Error> {
         Cmd::Strategy { cmd } => strategy_cmd::run(cmd),
         Cmd::Unify(args) => unify_cmd::run(args),
         Cmd::Verify { dir, json } => {
+            if let Some(done) = mindformers_cmd::verify(&dir, json)? {
+                return Ok(done);
+            }
             let r = reshard_core::manifest::verify(&dir)?;
             if json {
                 outln!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
@@ -356,9 +375,10 @@ fn run(cli: Cli) -> Result<(), Error> {
             outln!("{}", serde_json::to_string(&ranks).unwrap_or_default());
             Ok(())
         }
-        Cmd::Transform { job, dst_ckpt_dir, out, ranks, crc, no_sync, force, quiet, progress_interval } => {
+        Cmd::Transform { job, dst_ckpt_dir, out, ranks, crc, no_sync, force, quiet, progress_interval, mf } => {
             // Before anything is written (strategy merges go into the output folder too).
             reshard_core::execute::check_output(&job.src_ckpt_dir, &dst_ckpt_dir, &out.prefix)?;
+            mindformers_cmd::check_ranks(&out.output_format, &ranks)?;
             let mut job = job;
             // Strategy folders are merged into the output folder, never into the source nor into
             // a strategy input: both merges are made before anything is written, and a strategy
@@ -416,7 +436,11 @@ fn run(cli: Cli) -> Result<(), Error> {
             opts.progress = progress.as_ref().map(progress::Progress::callback);
             opts.cancel = Some(signals::cancel_on_signals());
             let start = std::time::Instant::now();
-            let files = execute(&plan, &dst_ckpt_dir, &ranks, &opts);
+            let files = if out.output_format == "mindformers" {
+                mindformers_cmd::write(&plan, &job.src_ckpt_dir, &dst_ckpt_dir, &ranks, &opts, &mf)
+            } else {
+                execute(&plan, &dst_ckpt_dir, &ranks, &opts)
+            };
             if let Some(p) = &progress {
                 p.finish();
             }
@@ -513,6 +537,9 @@ fn inspected(path: &Path) -> Result<Inspected, Error> {
 }
 
 fn inspect(path: &Path, json: bool) -> Result<(), Error> {
+    if let Some(done) = mindformers_cmd::inspect(path, json)? {
+        return Ok(done);
+    }
     let s = match inspected(path)? {
         Inspected::Strategy(s) => s,
         Inspected::Checkpoint(f) => return inspect_checkpoint(&f, json),

@@ -1676,3 +1676,78 @@ fn unify_split_dst_file_writes_one_tasks_share() {
     assert_refused(&run(&out, "1,2,3"), &["--split_dst_file", "3 value(s)"]);
     assert_nothing_written(&out);
 }
+
+// ------------------------------------------------------------------ MindFormers Checkpoint 2.0
+
+/// A Checkpoint 2.0 root (made by MindFormers 2.1, `tests/gen/make_mindformers.py`) through the
+/// CLI: transform to complete and to a Checkpoint 2.0 root in another layout, inspect, verify,
+/// rank-list, auto; a source strategy and `--ranks` with `--output_format mindformers` refused.
+#[test]
+fn mindformers_roots_through_the_cli() {
+    let s = Scratch::new("mf-cli");
+    let root = fixture("mindformers/dp2mp2/root");
+    let legacy = fixture("mindformers/written/legacy_dp2mp2_opt.json");
+    assert!(transform(&root, &s.join("complete"), argv!["--output_format", "safetensors"]).status.success());
+    assert!(s.join("complete/rank_0/checkpoint_0.safetensors").is_file());
+    let out = s.join("mf");
+    let t = transform(&root, &out, argv!["--output_format", "mindformers", "--dst_ckpt_strategy", &legacy, "--dedup"]);
+    assert!(t.status.success(), "{}", text(&t.stderr));
+    assert_eq!(std::fs::read_to_string(out.join("latest_checkpointed_iteration.txt")).unwrap(), "20");
+    // The source root's common.json is carried over.
+    assert_eq!(
+        std::fs::read(out.join("iteration_00000020/common.json")).unwrap(),
+        std::fs::read(root.join("iteration_00000020/common.json")).unwrap()
+    );
+    let v = reshard(argv!["verify", &out]);
+    assert!(v.status.success(), "{}", text(&v.stderr));
+    assert!(text(&v.stderr).contains("metadata.json agrees"), "{}", text(&v.stderr));
+    let i = reshard(argv!["inspect", &root]);
+    assert!(i.status.success() && text(&i.stdout).contains("model.embed"), "{}", text(&i.stderr));
+    let r = reshard(argv!["rank-list", "--rank", "1", "--src_ckpt_dir", &root, "--dst_ckpt_layout", &out]);
+    assert!(r.status.success(), "{}", text(&r.stderr));
+    let a = reshard(argv![
+        "auto",
+        "--load_checkpoint",
+        &root,
+        "--output_dir",
+        s.join("auto"),
+        "--rank",
+        "0",
+        "--world_size",
+        "1"
+    ]);
+    assert!(a.status.success(), "{}", text(&a.stderr));
+    assert!(s.join("auto/transformed_checkpoint/rank_0/checkpoint_0.ckpt").is_file());
+    let refused = s.join("refused");
+    let t = transform(&root, &refused, argv!["--src_ckpt_strategy", &legacy]);
+    assert_refused(&t, &["MindFormers Checkpoint 2.0", "leave out the source strategy"]);
+    assert_nothing_written(&refused);
+    let t = transform(
+        &root,
+        &refused,
+        argv!["--output_format", "mindformers", "--dst_ckpt_strategy", &legacy, "--ranks", "0"],
+    );
+    assert_refused(&t, &["--ranks", "mindformers"]);
+    assert_nothing_written(&refused);
+}
+
+/// A root whose metadata.json names a file that holds another shape for a chunk is refused by
+/// transform and verify, naming the tensor, the chunk and the file, and nothing is written.
+#[test]
+fn mindformers_metadata_disagreeing_with_files_is_refused() {
+    let s = Scratch::new("mf-cli-bad");
+    let root = s.join("root");
+    copy_dir(&fixture("mindformers/dp2mp2/root"), &root);
+    let m = root.join("iteration_00000020/metadata.json");
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&m).unwrap()).unwrap();
+    let e = &mut v["storage_data"]["('model.embed', (1,))"][0];
+    e["file_name"] = "opt-0000003-0000004.safetensors".into();
+    e["storage_rank"] = 3.into();
+    std::fs::write(&m, serde_json::to_vec(&v).unwrap()).unwrap();
+    let dst = s.join("out");
+    let t = transform(&root, &dst, argv![]);
+    assert_refused(&t, &["model.embed", "chunk 1", "opt-0000003-0000004.safetensors", "does not hold"]);
+    assert_nothing_written(&dst);
+    let v = reshard(argv!["verify", &root]);
+    assert_refused(&v, &["model.embed", "chunk 1", "opt-0000003-0000004.safetensors"]);
+}

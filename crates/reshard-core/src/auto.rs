@@ -121,7 +121,12 @@ pub fn auto(o: &AutoOptions) -> Result<AutoResult> {
     let out_root = o.output_dir.join("transformed_checkpoint");
     // Before anything is read, waited for or removed: every rank refuses the same way.
     check_inputs_outside_outputs(o, &strategy_dir, &out_root)?;
-    let (set, distributed) = find_source(&o.load_checkpoint)?;
+    // A MindFormers Checkpoint 2.0 root carries its layouts: no source strategy.
+    let mf_root = crate::mindformers::detect(&o.load_checkpoint)?;
+    let (set, distributed) = match &mf_root {
+        Some(r) => (crate::mindformers::catalogue_of(r)?, false),
+        None => find_source(&o.load_checkpoint)?,
+    };
     // Rank folders or files may be symlinks into the output folder: resolved one by one.
     let out = crate::execute::resolved(&out_root);
     if let Some(f) = set.files.values().flatten().find(|f| crate::execute::resolved(f).starts_with(&out)) {
@@ -136,7 +141,13 @@ pub fn auto(o: &AutoOptions) -> Result<AutoResult> {
     log.push(format!(
         "source {}: {} ({} rank folder(s), {})",
         o.load_checkpoint.display(),
-        if distributed { "distributed checkpoint" } else { "complete checkpoint" },
+        if mf_root.is_some() {
+            "MindFormers Checkpoint 2.0 (layouts from its metadata.json)"
+        } else if distributed {
+            "distributed checkpoint"
+        } else {
+            "complete checkpoint"
+        },
         set.files.len(),
         set.format.extension()
     ));
@@ -178,7 +189,11 @@ pub fn auto(o: &AutoOptions) -> Result<AutoResult> {
     if rank == 0 {
         remove_ranks_beyond(&out_root, world, &mut log);
     }
-    let plan = Plan::from_parts(set, src_strategy, dst_strategy, &PlanOptions { io: o.io, ..PlanOptions::default() })?;
+    let popts = PlanOptions { io: o.io, ..PlanOptions::default() };
+    let plan = match &mf_root {
+        Some(r) => crate::mindformers::plan(r, dst_strategy, &popts)?,
+        None => Plan::from_parts(set, src_strategy, dst_strategy, &popts)?,
+    };
     let my_rank = if plan.dst_rank_count() == 1 { 0 } else { rank };
     if plan.dst_rank_count() == 1 && world > 1 {
         return Err(Error::Invalid(format!(

@@ -162,6 +162,21 @@ impl ResolvedLayout {
         &self.full
     }
 
+    /// The rewritten device matrix and, per original dim, the device axes (from the right,
+    /// outermost first) that split it: the `Layout` form MindFormers writes, where optimizer
+    /// sharding is folded into dim 0's axes.
+    pub fn nested_map(&self) -> (Vec<u64>, Vec<Vec<i64>>) {
+        let mut per_dim = vec![Vec::new(); self.full.len()];
+        for (e, &m) in self.map.iter().enumerate() {
+            if m >= 0 {
+                if let Some(v) = self.owner.get(e).and_then(|&d| per_dim.get_mut(d)) {
+                    v.push(m);
+                }
+            }
+        }
+        (self.dev.clone(), per_dim)
+    }
+
     fn coords(&self, rank: u64) -> Vec<u64> {
         let mut r = rank % self.device_num().max(1);
         let mut c = vec![0; self.dev.len()];

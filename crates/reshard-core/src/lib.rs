@@ -36,5 +36,6 @@ pub use plan::{CopyPiece, Plan, PlanOptions, RankPlan, TensorPlan, TensorSource}
 pub mod atomic;
 pub mod auto;
 pub mod manifest;
+pub mod mindformers;
 pub mod report;
 pub mod strategy_new;

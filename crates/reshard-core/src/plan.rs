@@ -45,6 +45,9 @@ enum SrcKind {
     Complete,
     /// No layout: copied as it is from some rank holding it.
     Raw,
+    /// Chunks described by a MindFormers Checkpoint 2.0 `metadata.json`: each box with the
+    /// (catalogue) ranks whose files hold it.
+    Chunks { slices: Vec<(Region, Vec<u32>)> },
 }
 
 #[derive(Debug, Clone)]
@@ -263,8 +266,31 @@ impl Plan {
         dst_strategy: Option<&Path>,
         opts: &PlanOptions,
     ) -> Result<Plan> {
-        let src_strategy = src_strategy.map(Strategy::load).transpose()?;
         let dst_strategy = dst_strategy.map(Strategy::load).transpose()?;
+        Plan::build_to(src_dir, src_strategy, dst_strategy, opts)
+    }
+
+    /// [`Plan::build`] to a destination strategy already in memory (one made from a MindFormers
+    /// `metadata.json`, say).
+    pub fn build_to(
+        src_dir: &Path,
+        src_strategy: Option<&Path>,
+        dst_strategy: Option<Strategy>,
+        opts: &PlanOptions,
+    ) -> Result<Plan> {
+        // A MindFormers Checkpoint 2.0 root carries its layouts in metadata.json.
+        if let Some(root) = crate::mindformers::detect(src_dir)? {
+            if let Some(s) = src_strategy {
+                return Err(Error::Invalid(format!(
+                    "{} is a MindFormers Checkpoint 2.0 checkpoint, whose layouts come from its metadata.json; leave \
+                     out the source strategy {}",
+                    src_dir.display(),
+                    s.display()
+                )));
+            }
+            return crate::mindformers::plan(&root, dst_strategy, opts);
+        }
+        let src_strategy = src_strategy.map(Strategy::load).transpose()?;
         let set = discover(src_dir, opts.src_ckpt_name.as_deref())?;
         let plan = Plan::from_parts(set, src_strategy, dst_strategy, opts)?;
         // The strategies are freed by now (a few hundred bytes per parameter). Only worth it for
@@ -283,7 +309,7 @@ impl Plan {
         dst_strategy: Option<Strategy>,
         opts: &PlanOptions,
     ) -> Result<Plan> {
-        Plan::from_parts_with(set, src_strategy, dst_strategy, opts, false)
+        Plan::from_parts_inner(set, src_strategy, dst_strategy, opts, false, None)
     }
 
     /// [`Plan::from_parts`], reading the sources as saved with `remove_redundancy` when
@@ -291,10 +317,32 @@ impl Plan {
     /// `merge_with_redundancy` false, as MindSpore's `unified_safetensors`).
     pub fn from_parts_with(
         set: Catalogue,
+        src_strategy: Option<Strategy>,
+        dst_strategy: Option<Strategy>,
+        opts: &PlanOptions,
+        assume_sparse: bool,
+    ) -> Result<Plan> {
+        Plan::from_parts_inner(set, src_strategy, dst_strategy, opts, assume_sparse, None)
+    }
+
+    /// Builds a plan from sources whose tensors are chunks a MindFormers `metadata.json`
+    /// describes (every rank of `set` is read; no source strategy).
+    pub fn from_chunks(
+        set: Catalogue,
+        chunks: &crate::mindformers::ChunkTable,
+        dst_strategy: Option<Strategy>,
+        opts: &PlanOptions,
+    ) -> Result<Plan> {
+        Plan::from_parts_inner(set, None, dst_strategy, opts, false, Some(chunks))
+    }
+
+    fn from_parts_inner(
+        set: Catalogue,
         mut src_strategy: Option<Strategy>,
         mut dst_strategy: Option<Strategy>,
         opts: &PlanOptions,
         assume_sparse: bool,
+        chunks: Option<&crate::mindformers::ChunkTable>,
     ) -> Result<Plan> {
         let mut warnings = Vec::new();
         let (src_stage_devices, src_stages) = match &src_strategy {
@@ -348,7 +396,10 @@ impl Plan {
             });
         };
         // Which ranks to read: a complete source is rank 0 only.
-        let wanted: Vec<u32> = (src_base..src_end).collect();
+        let wanted: Vec<u32> = match chunks {
+            Some(_) => set.files.keys().copied().collect(),
+            None => (src_base..src_end).collect(),
+        };
         let missing: Vec<u32> = wanted.iter().copied().filter(|r| !set.files.contains_key(r)).collect();
         if !missing.is_empty() {
             let what = if src_strategy.is_some() {
@@ -384,6 +435,9 @@ impl Plan {
                 .values()
                 .any(|s| s.index.metadata.get("remove_redundancy").is_some_and(|v| v.eq_ignore_ascii_case("true")));
 
+        // The chunks metadata.json describes, checked against the files.
+        let chunked = chunks.map(|t| crate::mindformers::resolve_all(t, &sources)).transpose()?;
+        let mut undescribed: Vec<String> = Vec::new();
         // Every parameter of every source file, in order of first appearance by rank.
         let mut params: Vec<ParamInfo> =
             Vec::with_capacity(sources.values().next().map_or(0, |s| s.index.tensors.len()));
@@ -391,6 +445,12 @@ impl Plan {
         let mut param_index: HashMap<&str, usize> = HashMap::new();
         for s in sources.values() {
             for (pos, t) in s.index.tensors.iter().enumerate() {
+                // A tensor metadata.json does not describe is not part of the checkpoint
+                // (MindFormers' loader never reads it either).
+                if chunked.as_ref().is_some_and(|c| !c.contains_key(&t.name)) {
+                    undescribed.push(t.name.clone());
+                    continue;
+                }
                 match param_index.get(t.name.as_str()) {
                     Some(&i) => {
                         let p = &mut params[i];
@@ -423,6 +483,14 @@ impl Plan {
             p.kind = match &mut src_strategy {
                 // A string is one value, never sliced: its content and dims are copied whole.
                 _ if p.dtype == DType::Str => SrcKind::Raw,
+                _ if chunked.is_some() => {
+                    let c = chunked
+                        .as_ref()
+                        .and_then(|c| c.get(&p.name))
+                        .ok_or_else(|| Error::Invalid(format!("tensor '{}' has no chunks in metadata.json", p.name)))?;
+                    p.full = c.full.clone();
+                    SrcKind::Chunks { slices: c.slices.clone() }
+                }
                 None => SrcKind::Complete,
                 Some(st) if st.contains(&p.name) => {
                     let (kind, full) = resolve_sharded(p, st, &sources, src_base, src_stage_devices, sparse)?;
@@ -431,6 +499,15 @@ impl Plan {
                 }
                 Some(_) => SrcKind::Raw,
             };
+        }
+        if !undescribed.is_empty() {
+            undescribed.sort();
+            undescribed.dedup();
+            warnings.push(format!(
+                "{}: the files hold {} that metadata.json does not describe; they are left out",
+                set.dir.display(),
+                fmt_names(&undescribed)
+            ));
         }
         // Parameters a strategy names that no source file holds.
         let lacking = |st: &Strategy| -> Vec<String> {
@@ -470,7 +547,13 @@ impl Plan {
         if let Some(d) = &dst_strategy {
             let odd: Vec<&str> = params
                 .iter()
-                .filter(|p| matches!(p.kind, SrcKind::Sharded { .. }) && !d.contains(&p.name))
+                .filter(|p| match &p.kind {
+                    SrcKind::Sharded { .. } => true,
+                    // One chunk: complete in the source too.
+                    SrcKind::Chunks { slices } => slices.len() > 1,
+                    _ => false,
+                })
+                .filter(|p| !d.contains(&p.name))
                 .map(|p| p.name.as_str())
                 .collect();
             if !odd.is_empty() {
@@ -506,7 +589,13 @@ impl Plan {
         Ok(Plan {
             src_dir: set.dir,
             src_format: set.format,
-            fingerprint_state: fingerprint_state(&sources, src_strategy.as_ref(), dst_strategy.as_ref(), by_stage),
+            fingerprint_state: {
+                let mut h = Fnv(fingerprint_state(&sources, src_strategy.as_ref(), dst_strategy.as_ref(), by_stage));
+                if let Some(t) = chunks {
+                    let _ = std::fmt::Write::write_str(&mut h, &t.fingerprint_text());
+                }
+                h.0
+            },
             has_dst_strategy: dst_strategy.is_some(),
             dst_strategy_path: dst_strategy.as_ref().map(|d| d.path.clone()),
             sources,
@@ -587,7 +676,7 @@ impl Plan {
                 // Not in the destination strategy: MindSpore copies the source slice as it is;
                 // a sharded one would be a wrong tensor, so write the complete tensor.
                 let t = match p.kind {
-                    SrcKind::Sharded { .. } => self.pieces(p, Region::full(&p.full), local)?,
+                    SrcKind::Sharded { .. } | SrcKind::Chunks { .. } => self.pieces(p, Region::full(&p.full), local)?,
                     _ => self.raw(p, local)?,
                 };
                 copied.push((i, t));
@@ -687,6 +776,15 @@ impl Plan {
                     })
                     .collect()
             }
+            // Several holders: destination ranks take turns, so reads spread over them.
+            SrcKind::Chunks { slices } => slices
+                .iter()
+                .filter_map(|(b, holders)| {
+                    let region = b.intersect(&dst_box)?;
+                    let src_rank = *holders.get((local % holders.len().max(1) as u64) as usize)?;
+                    Some(CopyPiece { src_rank, src_box: b.clone(), region })
+                })
+                .collect(),
         };
         let nbytes = dst_box.numel() * p.dtype.size();
         Ok(TensorPlan {
@@ -724,6 +822,15 @@ impl Plan {
     /// Names of all parameters found in the sources.
     pub fn param_names(&self) -> impl Iterator<Item = &str> {
         self.params.iter().map(|p| p.name.as_str())
+    }
+
+    /// The full shape of parameter `name` and, for destination pipeline stage `stage`, the
+    /// resolved destination layout (`None` when the destination does not split it).
+    pub fn dst_layout(&self, name: &str, stage: u32) -> Option<(&[u64], Option<&ResolvedLayout>)> {
+        let i = self.param_index.binary_search_by(|&i| self.params[i as usize].name.as_str().cmp(name)).ok()?;
+        let p = &self.params[self.param_index[i] as usize];
+        let l = if stage == 0 { p.dst.first.as_deref() } else { p.dst.later.as_deref() };
+        Some((&p.full, l))
     }
 
     /// Whether a parameter exists in the sources.

@@ -549,6 +549,17 @@ impl Strategy {
         Ok(s)
     }
 
+    /// Builds from layouts already in memory (one made from a MindFormers `metadata.json`):
+    /// `(stage, parameter, layout)`, checked as a file's are.
+    pub fn from_layouts(path: &Path, items: Vec<(u32, String, ParamLayout)>) -> Result<Strategy> {
+        let mut s = Strategy::empty(path, None);
+        for (stage, name, layout) in items {
+            s.push(path, &format!("{stage}-{name}"), layout)?;
+        }
+        s.check_devices()?;
+        Ok(s)
+    }
+
     /// Builds from the JSON form.
     pub fn from_json(path: &Path, v: &Value) -> Result<Strategy> {
         let obj = v.as_object().ok_or_else(|| bad(path, "the top level is not a JSON object"))?;

@@ -17,6 +17,7 @@
 mod file_sink;
 pub mod fill;
 pub mod memory;
+pub mod mindformers;
 pub mod named;
 #[cfg(feature = "s3")]
 pub(crate) mod object_sink;

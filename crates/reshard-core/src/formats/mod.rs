@@ -4,4 +4,5 @@
 pub mod checkpoint;
 pub mod ckpt;
 pub mod codec;
+pub mod mindformers;
 pub mod safetensors;
