@@ -577,7 +577,7 @@ impl Plan {
         }
         drop(param_index);
         let folder_order = match (&src_strategy, &dst_strategy) {
-            (None, Some(d)) if sources.get(&0).is_some_and(|s| s.files.len() > 1) => {
+            (None, Some(d)) if chunks.is_none() && sources.get(&0).is_some_and(|s| s.files.len() > 1) => {
                 let at: HashMap<&str, u32> =
                     d.params.iter().enumerate().map(|(i, (n, _))| (n.as_str(), i as u32)).collect();
                 Some(params.iter().map(|p| at.get(p.name.as_str()).copied().unwrap_or(u32::MAX)).collect())
