@@ -95,6 +95,12 @@ enum ReshardStatus
    */
   RESHARD_STATUS_CANCELLED = 11,
   /**
+   * A distributed job (`"distributed": true`) cannot complete because another process's
+   * share failed (the message quotes its error) or fell silent for longer than the timeout
+   * (the message names the share).
+   */
+  RESHARD_STATUS_DISTRIBUTED = 12,
+  /**
    * A pointer argument that must not be NULL was NULL.
    */
   RESHARD_STATUS_NULL_ARGUMENT = 100,

@@ -54,6 +54,7 @@ class Status(enum.IntEnum):
     SOURCE = 9
     INVALID_ARGUMENT = 10
     CANCELLED = 11
+    DISTRIBUTED = 12
     NULL_ARGUMENT = 100
     INVALID_UTF8 = 101
     INVALID_OPTIONS = 102

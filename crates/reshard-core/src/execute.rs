@@ -110,6 +110,11 @@ pub fn output_path(plan: &Plan, dst_dir: &Path, rank: u32, opts: &ExecuteOptions
     dst_dir.join(plan.output_name(rank, &opts.prefix, opts.format))
 }
 
+/// The fingerprint a job's manifest entries carry: the plan and the options that shape the files.
+pub fn job_fingerprint(plan: &Plan, opts: &ExecuteOptions) -> String {
+    plan.fingerprint(&format!("{:?} {} crc={}", opts.format, opts.prefix, opts.crc))
+}
+
 /// Lazily mapped source files, checked against what the plan saw.
 struct SourceMaps<'p> {
     plan: &'p Plan,
@@ -291,7 +296,7 @@ pub fn execute(plan: &Plan, dst_dir: &Path, ranks: &[u32], opts: &ExecuteOptions
     }
     let written = AtomicU64::new(0);
     let maps = SourceMaps::new(plan);
-    let fingerprint = plan.fingerprint(&format!("{:?} {} crc={}", opts.format, opts.prefix, opts.crc));
+    let fingerprint = job_fingerprint(plan, opts);
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(opts.threads)
         .build()

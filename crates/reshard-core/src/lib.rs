@@ -31,6 +31,7 @@ pub use execute::{execute, ExecuteOptions, WrittenFile};
 pub use plan::{CopyPiece, Plan, PlanOptions, RankPlan, TensorPlan, TensorSource};
 pub mod atomic;
 pub mod auto;
+pub mod distributed;
 pub mod manifest;
 pub mod report;
 pub mod strategy_new;
