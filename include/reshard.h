@@ -270,6 +270,15 @@ void reshard_string_free(char *s);
  *   manifest of its folder says this same plan already wrote and that still has the recorded
  *   size and crc32) and `"sync"` (bool, default true: fsync each output before renaming it into
  *   place). Unknown keys are an error.
+ * - Process shares (`reshard transform --distributed`): with `"distributed": true` this call is
+ *   one process of a job spread over several, started by a launcher with the same arguments
+ *   and an output folder they all see. It writes its share of the ranks (`dst_ranks`, or all),
+ *   balanced by bytes and derived from the plan, records its result in
+ *   `dst_ckpt_dir/reshard_share_{i}_of_{n}.json`, and returns 0 only when every share is done
+ *   and verified. `"process_index"` and `"process_count"` (integers; default: the launcher's
+ *   environment, as the CLI reads it) and `"timeout"` (seconds a share may stay silent, default
+ *   600) go with it. Another share's failure or silence returns `RESHARD_STATUS_DISTRIBUTED`
+ *   with its error in the message; no index in the environment is `RESHARD_STATUS_INVALID_OPTIONS`.
  *
  * Each output is written to a temporary file and renamed into place, so a reader sees either
  * the previous file or the complete new one; each `rank_{r}/` folder also gets a manifest,

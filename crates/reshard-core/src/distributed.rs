@@ -584,10 +584,10 @@ impl Coordinator {
                     return Err(Error::Cancelled { path: self.dst_dir.clone() });
                 }
             }
-            // Polls grow with the wait (a twentieth of it, 5 ms to 1 s), so that noticing the
-            // last share adds at most about 5% to the wait, and a long wait of many processes
+            // Polls grow with the wait (a fiftieth of it, 2 ms to 1 s), so that noticing the
+            // last share adds at most about 2% to the wait, and a long wait of many processes
             // on a network filesystem reads each record about once a second.
-            let pause = (start.elapsed() / 20).clamp(Duration::from_millis(5), Duration::from_secs(1));
+            let pause = (start.elapsed() / 50).clamp(Duration::from_millis(2), Duration::from_secs(1));
             std::thread::sleep(pause);
         }
     }
