@@ -433,7 +433,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                 let who = p.index.map_or("msrun's scheduler".to_string(), |i| format!("process {i} of {}", p.count));
                 let mine = r.mine();
                 eprintln!(
-                    "reshard: {who} ({}): {}; all {} share(s) done and verified, {} rank(s) (split {:.3}s, waited {:.3}s)",
+                    "reshard: {who} ({}): {}; all {} share(s) done and verified, {} rank(s) (split {:.4}s, waited {:.4}s)",
                     p.from,
                     if mine.is_empty() { "no ranks of its own".to_string() } else { reshard_core::plan::fmt_rank_folders(mine) },
                     p.count,
