@@ -16,7 +16,7 @@
 //! let plan = Plan::build(Path::new("src"), None, Some(Path::new("dst.ckpt")), &PlanOptions::default())?;
 //! let d = distributed::DistributedOptions { process, timeout: std::time::Duration::from_secs(600) };
 //! let report = distributed::execute_distributed(&plan, Path::new("out"), &[], &ExecuteOptions::default(), &d)?;
-//! println!("this process wrote ranks {:?}; all {} shares verified", report.mine(), report.shares.len());
+//! println!("this process wrote ranks {:?}; all {} shares verified", report.mine(), report.shares.ranks.len());
 //! # Ok::<(), reshard_core::Error>(())
 //! ```
 
