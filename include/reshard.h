@@ -94,6 +94,12 @@ enum ReshardStatus
    */
   RESHARD_STATUS_CANCELLED = 11,
   /**
+   * A distributed job (`"distributed": true`) cannot complete because another process's
+   * share failed (the message quotes its error) or fell silent for longer than the timeout
+   * (the message names the share).
+   */
+  RESHARD_STATUS_DISTRIBUTED = 12,
+  /**
    * A pointer argument that must not be NULL was NULL.
    */
   RESHARD_STATUS_NULL_ARGUMENT = 100,
@@ -311,6 +317,15 @@ void reshard_string_free(char *s);
  *   place) and `"io"` ("mmap", "pread" or "auto" (default): how sources are read; "pread" maps
  *   nothing, so a source truncated during the call is an error, never a SIGBUS in the host).
  *   Unknown keys are an error.
+ * - Process shares (`reshard transform --distributed`): with `"distributed": true` this call is
+ *   one process of a job spread over several, started by a launcher with the same arguments
+ *   and an output folder they all see. It writes its share of the ranks (`dst_ranks`, or all),
+ *   balanced by bytes and derived from the plan, records its result in
+ *   `dst_ckpt_dir/reshard_share_{i}_of_{n}.json`, and returns 0 only when every share is done
+ *   and verified. `"process_index"` and `"process_count"` (integers; default: the launcher's
+ *   environment, as the CLI reads it) and `"timeout"` (seconds a share may stay silent, default
+ *   600) go with it. Another share's failure or silence returns `RESHARD_STATUS_DISTRIBUTED`
+ *   with its error in the message; no index in the environment is `RESHARD_STATUS_INVALID_OPTIONS`.
  *
  * Each output is written to a temporary file and renamed into place, so a reader sees either
  * the previous file or the complete new one; each `rank_{r}/` folder also gets a manifest,

@@ -9,6 +9,9 @@ command -v valgrind >/dev/null 2>&1 || need_apt+=(valgrind)
 command -v g++ >/dev/null 2>&1 || need_apt+=(g++)
 command -v objdump >/dev/null 2>&1 || need_apt+=(binutils)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+# tests/mpi: Open MPI's mpirun (the suite installs it too when run on its own).
+command -v mpirun >/dev/null 2>&1 || need_apt+=(openmpi-bin)
+command -v flock >/dev/null 2>&1 || need_apt+=(util-linux)
 if [ ${#need_apt[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq

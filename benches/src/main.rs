@@ -12,6 +12,7 @@
 //!        [--load-only (only loading one rank into memory, against transform + read, MindSpore
 //!        and head -c of its share)]
 //!        [--unify-only (only `reshard unify` of the 8-rank safetensors source)]
+//!        [--distributed-only (only complete -> 8 spread over 1 and 2 processes: the split's overhead)]
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -37,6 +38,7 @@ struct Args {
     io: String,
     load_only: bool,
     unify_only: bool,
+    distributed_only: bool,
 }
 
 fn parse_args() -> Args {
@@ -50,6 +52,7 @@ fn parse_args() -> Args {
         io: "auto".into(),
         load_only: false,
         unify_only: false,
+        distributed_only: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -69,6 +72,7 @@ fn parse_args() -> Args {
                 std::process::exit(0);
             }
             "--unify-only" => a.unify_only = true,
+            "--distributed-only" => a.distributed_only = true,
             "-h" | "--help" => {
                 println!("{}", include_str!("main.rs").lines().take(14).collect::<Vec<_>>().join("\n"));
                 std::process::exit(0);
@@ -305,6 +309,10 @@ fn main() {
         t.elapsed().as_secs_f64()
     );
     let train = write_strategy(&dir.join("strategy/train_dp2mp2pp2"), &ps, 2, 2, 2, true);
+    if a.distributed_only {
+        distributed(&dir, &reshard, &complete, &train, a.runs);
+        return;
+    }
     let finetune = write_strategy(&dir.join("strategy/finetune_dp1mp2pp2"), &ps, 1, 2, 2, false);
     // The 8-rank source for the other cases, made by reshard itself.
     let sharded = dir.join("sharded8");
@@ -481,6 +489,7 @@ fn main() {
         let _ = std::fs::remove_dir_all(&copy);
     }
     load::bench(&dir, &reshard, &load_cases, a.runs, a.cold, ms_python.as_deref());
+    distributed(&dir, &reshard, &complete, &train, a.runs);
     many_small(&dir, &reshard, a.runs, &a.io);
     plan_4096(&dir);
     unify_case(&dir, &reshard, &complete, &train, a.runs, a.cold, ms_python_for_unify.as_deref());
@@ -645,6 +654,153 @@ fn unify_case(
         std::process::exit(1);
     }
     let _ = std::fs::remove_dir_all(&copy);
+}
+
+/// Spawns every command at once and waits for all: the wall time of the slowest, and the
+/// `(split, waited)` seconds each `--distributed` process reported on stderr.
+fn run_all(cmds: Vec<Command>) -> (f64, Vec<(f64, f64)>) {
+    let start = Instant::now();
+    let children: Vec<_> = cmds
+        .into_iter()
+        .map(|mut c| {
+            c.stderr(std::process::Stdio::piped()).spawn().unwrap_or_else(|e| die(&format!("cannot start {c:?}: {e}")))
+        })
+        .collect();
+    let mut reported = Vec::new();
+    for ch in children {
+        let out = ch.wait_with_output().unwrap_or_else(|e| die(&e.to_string()));
+        let err = String::from_utf8_lossy(&out.stderr);
+        if !out.status.success() {
+            die(&format!("a process failed: {}: {err}", out.status));
+        }
+        // "... (split 0.012s, waited 0.003s)"
+        let num = |key: &str| {
+            let at = err.find(key)? + key.len();
+            err[at..].split('s').next()?.parse::<f64>().ok()
+        };
+        if let (Some(s), Some(w)) = (num("(split "), num(", waited ")) {
+            reported.push((s, w));
+        }
+    }
+    (start.elapsed().as_secs_f64(), reported)
+}
+
+/// `transform --distributed` (issue 17): complete -> 8 with 1 and 2 processes, each against the
+/// same processes writing the same ranks without coordination (`--ranks` of each share, started
+/// at once), so that the difference is what `--distributed` adds: computing the split (every
+/// rank's plan), the share records and heartbeat, the wait for the last share and the
+/// verification of every share's outputs. `--no-sync`, so that the disk's write-back varies less;
+/// the job is then shorter than with fsync, which makes the overhead's share larger.
+fn distributed(dir: &Path, reshard: &Path, complete: &Path, train: &Path, runs: usize) {
+    let plan = reshard_core::Plan::build(complete, None, Some(train), &Default::default())
+        .unwrap_or_else(|e| die(&e.to_string()));
+    let t = Instant::now();
+    let shares2 = reshard_core::distributed::split(&plan, &[], 2).unwrap_or_else(|e| die(&e.to_string()));
+    let split_secs = t.elapsed().as_secs_f64();
+    drop(plan);
+    let out = dir.join("dist_out");
+    let base = |extra: &[String]| {
+        let mut c = Command::new(reshard);
+        c.args(["transform", "--progress-interval", "100000", "--no-sync", "--src_ckpt_dir"])
+            .arg(complete)
+            .arg("--dst_ckpt_strategy")
+            .arg(train)
+            .arg("--dst_ckpt_dir")
+            .arg(&out)
+            .args(extra);
+        c
+    };
+    let ranks = |r: &[u32]| r.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+    // (name, commands): alternated within each run.
+    type Commands<'a> = Box<dyn Fn() -> Vec<Command> + 'a>;
+    let configs: Vec<(&str, Commands)> = vec![
+        ("1 process, plain", Box::new(|| vec![base(&[])])),
+        (
+            "1 process, --distributed",
+            Box::new(|| vec![base(&["--distributed".into(), "--process-index=0".into(), "--process-count=1".into()])]),
+        ),
+        (
+            "2 processes, --ranks of each share",
+            Box::new(|| shares2.ranks.iter().map(|r| base(&["--ranks".into(), ranks(r)])).collect()),
+        ),
+        (
+            "2 processes, --distributed",
+            Box::new(|| {
+                (0..2)
+                    .map(|i| {
+                        base(&["--distributed".into(), format!("--process-index={i}"), "--process-count=2".into()])
+                    })
+                    .collect()
+            }),
+        ),
+    ];
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];
+    // Per --distributed run: the longest split of its processes plus the shortest wait (that of
+    // the process that finished last: reading the records and checking every share's outputs,
+    // with nothing left to wait for), the coordination's own cost in that run.
+    let mut inside: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];
+    for run in 0..runs {
+        // Every other run in reverse order, so that no configuration always follows another.
+        let order: Vec<usize> = match run % 2 {
+            0 => (0..configs.len()).collect(),
+            _ => (0..configs.len()).rev().collect(),
+        };
+        for k in order {
+            let cmds = &configs[k].1;
+            let _ = std::fs::remove_dir_all(&out);
+            let _ = Command::new("sync").status();
+            let (secs, reported) = run_all(cmds());
+            times[k].push(secs);
+            if !reported.is_empty() {
+                let split = reported.iter().map(|r| r.0).fold(0.0, f64::max);
+                let wait = reported.iter().map(|r| r.1).fold(f64::INFINITY, f64::min);
+                inside[k].push(split + wait);
+            }
+        }
+    }
+    // The overhead is a fixed cost under noise that only adds time (this machine's other jobs,
+    // write-back): the fastest run of each configuration estimates it too.
+    let fastest: Vec<f64> = times.iter().map(|v| v.iter().copied().fold(f64::INFINITY, f64::min)).collect();
+    let m: Vec<f64> = times.into_iter().map(median).collect();
+    println!(
+        "\ntransform --distributed, complete -> 8 ({:.0} MB, --no-sync, median of {runs}); shares of 2 processes: {:?} \
+         ({:?} bytes); the split alone took {:.4}s in this process",
+        du(complete) as f64 / 1e6,
+        shares2.ranks,
+        shares2.bytes,
+        split_secs
+    );
+    println!(
+        "| processes | without coordination s (median, fastest) | --distributed s (median, fastest) | overhead s \
+         (medians) | overhead % (medians) | overhead % (fastest runs) |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for (n, a, b) in [(1, 0, 1), (2, 2, 3)] {
+        println!(
+            "| {n} | {:.3}, {:.3} | {:.3}, {:.3} | {:.3} | {:.1}% | {:.1}% |",
+            m[a],
+            fastest[a],
+            m[b],
+            fastest[b],
+            m[b] - m[a],
+            100.0 * (m[b] - m[a]) / m[a],
+            100.0 * (fastest[b] - fastest[a]) / fastest[a]
+        );
+    }
+    for (n, k) in [(1, 1), (2, 3)] {
+        let v = &inside[k];
+        let worst = v.iter().copied().fold(0.0, f64::max);
+        println!(
+            "{n} process(es): split + last process's wait, as the processes report them: median {:.4}s, worst {:.4}s \
+             ({:.2}% and {:.2}% of the median --distributed job)",
+            median(v.clone()),
+            worst,
+            100.0 * median(v.clone()) / m[k],
+            100.0 * worst / m[k]
+        );
+    }
+    println!("speed-up of 2 processes (--distributed) over 1 plain process: {:.2}x", m[0] / m[3]);
+    let _ = std::fs::remove_dir_all(&out);
 }
 
 /// Per-tensor overhead: a complete checkpoint of 300,000 tensors of 8 floats (about 10 MB)

@@ -60,6 +60,7 @@ class Status(enum.IntEnum):
     SOURCE = 9
     INVALID_ARGUMENT = 10
     CANCELLED = 11
+    DISTRIBUTED = 12
     NULL_ARGUMENT = 100
     INVALID_UTF8 = 101
     INVALID_OPTIONS = 102
@@ -437,9 +438,22 @@ class Plan:
         progress=None,
         io="auto",
         cancel=None,
+        distributed=False,
+        process_index=None,
+        process_count=None,
+        timeout=None,
     ):
         """Writes ``dst_checkpoints_dir/rank_{r}/{prefix}{r}.{output_format}`` for ``ranks``
         (all destination ranks when None or empty).
+
+        ``distributed=True``: this call is one process of a job spread over several (``reshard
+        transform --distributed``), started by mpirun, srun, torchrun or msrun with the same
+        arguments and an output folder they all see. It writes its share of ``ranks`` (balanced
+        by bytes), records it in ``reshard_share_{i}_of_{n}.json`` and returns when every share
+        is done and verified; another share's failure or silence raises :class:`ReshardError`
+        with ``Status.DISTRIBUTED``. ``process_index`` and ``process_count`` default to the
+        launcher's environment; ``timeout`` (seconds, default 600) is how long a share may stay
+        silent.
 
         ``threads``: workers, 0 = all cores. ``crc``: append MindSpore's crc32 trailer.
         ``resume``: keep an output this plan already wrote that still verifies against the
@@ -467,6 +481,7 @@ class Plan:
                 "resume": bool(resume),
                 "sync": bool(sync),
                 "io": io,
+                **_distributed_options(distributed, process_index, process_count, timeout),
             }
         ).encode()
         dst = _path(dst_checkpoints_dir, "dst_checkpoints_dir")
@@ -703,6 +718,21 @@ def load_rank_param_dict(
     return out
 
 
+def _distributed_options(distributed, process_index, process_count, timeout):
+    """The process-share keys of reshard_execute's options (only those given)."""
+    opts = {}
+    if distributed:
+        opts["distributed"] = True
+    for key, value in (("process_index", process_index), ("process_count", process_count)):
+        if value is not None:
+            opts[key] = _rank(value, key)
+    if timeout is not None:
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+            raise TypeError(f"timeout must be a number of seconds, got {timeout!r}")
+        opts["timeout"] = timeout
+    return opts
+
+
 def transform_checkpoints(
     src_checkpoints_dir,
     dst_checkpoints_dir,
@@ -713,6 +743,10 @@ def transform_checkpoints(
     output_format="ckpt",
     *,
     io="auto",
+    distributed=False,
+    process_index=None,
+    process_count=None,
+    timeout=None,
 ):
     """MindSpore's ``transform_checkpoints``: converts ``src_checkpoints_dir/rank_{i}/*`` saved
     under ``src_strategy_file`` into ``dst_checkpoints_dir/rank_{r}/{ckpt_prefix}{r}.ckpt`` (or
@@ -722,7 +756,9 @@ def transform_checkpoints(
     ``process_num`` is accepted and ignored: reshard uses all cores in one process. Strategy
     arguments may also be folders of per-stage files. Plan warnings are issued with
     :func:`warnings.warn`. ``io`` (keyword only, not MindSpore's): how sources are read, "mmap",
-    "pread" or "auto" (see :class:`Plan`).
+    "pread" or "auto" (see :class:`Plan`). The keywords ``distributed``, ``process_index``,
+    ``process_count`` and ``timeout`` spread one transform over the processes of a launcher, as
+    :meth:`Plan.execute` describes.
     """
     if not isinstance(ckpt_prefix, str):
         raise TypeError("The ckpt_prefix should be a str.")
@@ -731,7 +767,16 @@ def transform_checkpoints(
     with Plan(src_checkpoints_dir, src_strategy_file, dst_strategy_file, io=io) as plan:
         for w in plan.warnings:
             warnings.warn(w, stacklevel=2)
-        plan.execute(dst_checkpoints_dir, prefix=ckpt_prefix, output_format=output_format, io=io)
+        plan.execute(
+            dst_checkpoints_dir,
+            prefix=ckpt_prefix,
+            output_format=output_format,
+            io=io,
+            distributed=distributed,
+            process_index=process_index,
+            process_count=process_count,
+            timeout=timeout,
+        )
 
 
 def merge_pipeline_strategys(src_strategy_dirs, dst_strategy_file):

@@ -5,6 +5,11 @@
 #   transform_ckpt.sh --src_ckpt_dir DIR --dst_ckpt_dir DIR
 #                     [--src_ckpt_strategy FILE|DIR] [--dst_ckpt_strategy FILE|DIR]
 #                     [--prefix checkpoint_] [--output_format ckpt|safetensors]
+#                     [--distributed [--process_index I --process_count N] [--timeout SECS]]
+#
+# --distributed (a flag, no value) runs the transform as one process of a job spread over the
+# processes of mpirun, srun, torchrun or msrun (`reshard transform --distributed`); the index
+# and count come from the launcher's environment unless given.
 #
 # Flags may also be written --flag=value. An empty strategy or "None" means complete weights,
 # as in transform_ckpt.py. A strategy folder (one file per pipeline stage) is merged by reshard
@@ -22,6 +27,7 @@ usage() {
   cat <<USAGE
 usage: $prog --src_ckpt_dir DIR --dst_ckpt_dir DIR [--src_ckpt_strategy FILE|DIR]
        [--dst_ckpt_strategy FILE|DIR] [--prefix PREFIX] [--output_format ckpt|safetensors]
+       [--distributed [--process_index I --process_count N] [--timeout SECS]]
 USAGE
 }
 
@@ -37,6 +43,7 @@ src_ckpt_dir=""
 dst_ckpt_dir=""
 prefix="checkpoint_"
 output_format="ckpt"
+distributed=()
 
 while [ $# -gt 0 ]; do
   arg=$1
@@ -44,6 +51,11 @@ while [ $# -gt 0 ]; do
     -h | --help)
       usage
       exit 0
+      ;;
+    --distributed)
+      distributed+=(--distributed)
+      shift
+      continue
       ;;
     --*=*)
       name=${arg%%=*}
@@ -65,6 +77,9 @@ while [ $# -gt 0 ]; do
     --dst_ckpt_dir) dst_ckpt_dir=$value ;;
     --prefix) prefix=$value ;;
     --output_format) output_format=$value ;;
+    --process_index | --process-index) distributed+=(--process-index "$value") ;;
+    --process_count | --process-count) distributed+=(--process-count "$value") ;;
+    --timeout) distributed+=(--timeout "$value") ;;
     *) die_usage "unknown option '$name'" ;;
   esac
 done
@@ -95,7 +110,7 @@ if [ -z "$bin" ] || [ ! -x "$bin" ]; then
 fi
 
 args=(transform --src_ckpt_dir "$src_ckpt_dir" --dst_ckpt_dir "$dst_ckpt_dir"
-  --prefix "$prefix" --output_format "$output_format")
+  --prefix "$prefix" --output_format "$output_format" ${distributed[@]+"${distributed[@]}"})
 shown_src=None
 shown_dst=None
 if [ -n "$src_ckpt_strategy" ] && [ "$src_ckpt_strategy" != "None" ]; then

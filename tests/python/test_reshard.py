@@ -452,3 +452,51 @@ def test_unified_safetensors_refusals(tmp_path):
                                     str(tmp_path / "o2"), file_suffix="_nope")
     assert "_nope.safetensors" in str(e.value)
     assert not os.path.exists(tmp_path / "o2" / "param_name_map.json")
+
+
+LAUNCHER_VARS = (
+    "RANK", "WORLD_SIZE", "MS_NODE_ID", "MS_WORKER_NUM", "MS_ROLE", "OMPI_COMM_WORLD_RANK",
+    "OMPI_COMM_WORLD_SIZE", "PMI_RANK", "PMI_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "RANK_ID",
+    "RANK_SIZE",
+)
+
+
+def test_transform_checkpoints_distributed_over_two_processes(tmp_path, monkeypatch):
+    # Two processes of one job (threads here: the library releases the GIL), each its share.
+    for v in LAUNCHER_VARS:
+        monkeypatch.delenv(v, raising=False)
+    c = case("complete_to_dp2mp2pp2_opt")
+    dst = tmp_path / "out"
+    errors = []
+
+    def process(i):
+        try:
+            reshard.transform_checkpoints(
+                c["src"], str(dst), c["prefix"], None, c["dst_strategy"],
+                distributed=True, process_index=i, process_count=2, timeout=30,
+            )
+        except BaseException as e:  # noqa: BLE001 - checked below
+            errors.append(e)
+
+    threads = [threading.Thread(target=process, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert_same_outputs(c, dst)
+    assert sorted(p.name for p in dst.glob("reshard_share_*")) == [
+        "reshard_share_0_of_2.json", "reshard_share_1_of_2.json"
+    ]
+    # No launcher in the environment and no index: refused, nothing written.
+    with pytest.raises(ReshardError) as e:
+        reshard.transform_checkpoints(c["src"], str(tmp_path / "x"), c["prefix"], None, c["dst_strategy"], distributed=True)
+    assert e.value.code == Status.INVALID_OPTIONS and "OMPI_COMM_WORLD_RANK" in e.value.message
+    assert not (tmp_path / "x").exists()
+    # The other process never comes: this one gives up after the timeout, naming its share.
+    with pytest.raises(ReshardError) as e:
+        reshard.transform_checkpoints(
+            c["src"], str(tmp_path / "y"), c["prefix"], None, c["dst_strategy"],
+            distributed=True, process_index=0, process_count=2, timeout=1,
+        )
+    assert e.value.code == Status.DISTRIBUTED and "share 1 of 2" in e.value.message

@@ -88,6 +88,22 @@ expect_status 0 st "$script" --src_ckpt_strategy "$fixtures/$c/src_strategy.ckpt
   --dst_ckpt_dir "$out/st" --output_format safetensors
 same_as_expected "$c" "$out/st"
 
+# 4b. --distributed passed through: two processes with RANK/WORLD_SIZE (torchrun's), each its share.
+c=complete_to_dp2mp2
+for r in 0 1; do
+  env -u OMPI_COMM_WORLD_RANK -u PMI_RANK -u SLURM_PROCID -u MS_NODE_ID -u MS_ROLE RANK=$r WORLD_SIZE=2 \
+    "$script" --src_ckpt_dir "$fixtures/$c/src" --dst_ckpt_dir "$out/dist" \
+    --dst_ckpt_strategy "$fixtures/$c/dst_strategy.ckpt" --distributed --timeout 30 >"$out/dist_$r.log" 2>&1 &
+done
+dist_ok=1
+for job in $(jobs -p); do wait "$job" || dist_ok=0; done
+if [ "$dist_ok" = 1 ]; then ok; else fail "transform_ckpt.sh --distributed failed"; cat "$out"/dist_*.log; fi
+same_as_expected "$c" "$out/dist"
+expect_log dist_1 "process 1 of 2 (RANK/WORLD_SIZE (torchrun))"
+expect_status 0 dist_flags "$script" --src_ckpt_dir "$fixtures/$c/src" --dst_ckpt_dir "$out/dist_flags" \
+  --dst_ckpt_strategy "$fixtures/$c/dst_strategy.ckpt" --distributed --process_index 0 --process_count 1
+same_as_expected "$c" "$out/dist_flags"
+
 # 5. Finding the binary: $RESHARD_BIN first, then PATH when the script is outside the tree.
 c=complete_to_dp2mp2
 cat >"$out/logging_reshard" <<WRAP

@@ -98,6 +98,8 @@ enum Cmd {
         progress_interval: f64,
         #[command(flatten)]
         mf: mindformers_cmd::MfArgs,
+        #[command(flatten)]
+        dist: DistArgs,
     },
     /// Show what a transform would read and write, without moving data.
     Plan {
@@ -171,6 +173,55 @@ enum Cmd {
         #[command(flatten)]
         job: JobArgs,
     },
+}
+
+/// `transform --distributed`: one job spread over the processes of a launcher.
+#[derive(Args)]
+struct DistArgs {
+    /// Run as one of several processes sharing this job, started by mpirun, srun, torchrun or msrun.
+    ///
+    /// Every process runs the same command line (one per node, threads inside) and must see the
+    /// same output folder. Each writes a disjoint share of the destination ranks, balanced by
+    /// bytes and derived from the plan (the processes need not talk), records its result in
+    /// DST/reshard_share_I_of_N.json, waits for every other share, and exits 0 only when every
+    /// rank is written and verified. A failing share makes every process fail with its error; a
+    /// rerun keeps the ranks that verify. The process index and count come from the launcher:
+    /// RANK/WORLD_SIZE (torchrun), MS_NODE_ID/MS_WORKER_NUM (msrun; its scheduler process takes
+    /// no share), OMPI_COMM_WORLD_RANK/SIZE (Open MPI), PMI_RANK/PMI_SIZE (MPICH),
+    /// SLURM_PROCID/SLURM_NTASKS (srun), then RANK_ID/RANK_SIZE: the first pair set wins. None set
+    /// is an error (not a one-process run).
+    #[arg(long, help_heading = "Distributed")]
+    distributed: bool,
+    /// This process's index, 0-based [default: from the launcher's environment].
+    #[arg(long = "process-index", requires = "distributed", help_heading = "Distributed")]
+    process_index: Option<u32>,
+    /// Number of processes [default: from the launcher's environment].
+    #[arg(long = "process-count", requires = "distributed", help_heading = "Distributed")]
+    process_count: Option<u32>,
+    /// Seconds a share may stay silent (no record, or one that stops changing: a working process
+    /// rewrites its record several times per timeout) before the other processes give up on it,
+    /// naming it [default: 600].
+    #[arg(long, requires = "distributed", help_heading = "Distributed")]
+    timeout: Option<f64>,
+}
+
+impl DistArgs {
+    /// This process's coordinator, started (its first record written) before the job is
+    /// planned, so that a failure to plan is recorded for the others too; `None` without
+    /// `--distributed`.
+    fn start(&self, dst_dir: &Path) -> Result<Option<reshard_core::distributed::Coordinator>, Error> {
+        if !self.distributed {
+            return Ok(None);
+        }
+        let process = reshard_core::distributed::process_from_env(self.process_index, self.process_count)?;
+        let secs = self.timeout.unwrap_or(600.0);
+        let timeout = std::time::Duration::try_from_secs_f64(secs)
+            .ok()
+            .filter(|t| *t >= std::time::Duration::from_secs(1))
+            .ok_or_else(|| Error::Invalid(format!("--timeout {secs}: expected seconds, 1 or more")))?;
+        let d = reshard_core::distributed::DistributedOptions { process, timeout };
+        reshard_core::distributed::Coordinator::start(dst_dir, &d).map(Some)
+    }
 }
 
 #[derive(Args)]
@@ -375,54 +426,22 @@ fn run(cli: Cli) -> Result<(), Error> {
             outln!("{}", serde_json::to_string(&ranks).unwrap_or_default());
             Ok(())
         }
-        Cmd::Transform { job, dst_ckpt_dir, out, ranks, crc, no_sync, force, quiet, progress_interval, mf } => {
+        Cmd::Transform { job, dst_ckpt_dir, out, ranks, crc, no_sync, force, quiet, progress_interval, mf, dist } => {
             // Before anything is written (strategy merges go into the output folder too).
             reshard_core::execute::check_output(&job.src_ckpt_dir, &dst_ckpt_dir, &out.prefix)?;
             mindformers_cmd::check_ranks(&out.output_format, &ranks)?;
-            let mut job = job;
-            // Strategy folders are merged into the output folder, never into the source nor into
-            // a strategy input: both merges are made before anything is written, and a strategy
-            // folder that is OUT/merged_strategy (or a file written there) is refused (the merged
-            // source strategy used to be written into it and read back as the destination).
-            let merge_dir = dst_ckpt_dir.join("merged_strategy");
-            let mut merges = Vec::new();
-            for (p, name) in [(&job.src_ckpt_strategy, "src"), (&job.dst_ckpt_strategy, "dst")] {
-                // Into an object store nothing is merged to a file: the plan merges strategy
-                // folders in memory.
-                if let Some(p) = p.as_ref().filter(|p| p.is_dir() && !is_url(&dst_ckpt_dir)) {
-                    let merged = strategy::merge_dir(p)?;
-                    let f = merge_dir.join(format!("{name}_merged_ckpt_strategy.{}", merged.extension()));
-                    merges.push((name, p.clone(), f, merged));
-                }
-            }
-            let same = |a: &Path, b: &Path| resolved(a) == resolved(b);
-            for (p, name) in [(&job.src_ckpt_strategy, "source"), (&job.dst_ckpt_strategy, "destination")] {
-                let Some(p) = p else { continue };
-                let what = if same(p, &merge_dir) {
-                    format!("is the folder {}", merge_dir.display())
-                } else if let Some((_, _, f, _)) = merges.iter().find(|(_, _, f, _)| same(p, f)) {
-                    format!("is {}, which this job rewrites", f.display())
-                } else {
-                    continue;
-                };
-                return Err(Error::Invalid(format!(
-                    "the {name} strategy {} {what}, where this job writes the merged strategies of strategy \
-                     folders; give the stage files' folder (or a merged file) from somewhere else",
-                    p.display()
-                )));
-            }
-            for (name, p, f, merged) in merges {
-                reshard_core::atomic::write_atomic(&f, &merged.to_bytes(), true)?;
-                if !quiet {
-                    eprintln!("merged {} into {}", p.display(), f.display());
-                }
-                match name {
-                    "src" => job.src_ckpt_strategy = Some(f),
-                    _ => job.dst_ckpt_strategy = Some(f),
-                }
-            }
             let mut opts = out.exec_options()?;
-            let plan = job.plan(opts.io)?;
+            let src_ckpt_dir = job.src_ckpt_dir.clone();
+            let coordinator = dist.start(&dst_ckpt_dir)?;
+            let plan = match merge_strategies_and_plan(job, &dst_ckpt_dir, quiet, opts.io) {
+                Ok(plan) => plan,
+                Err(e) => {
+                    return Err(match coordinator {
+                        Some(c) => c.fail(e),
+                        None => e,
+                    })
+                }
+            };
             for w in &plan.warnings {
                 eprintln!("reshard: warning: {w}");
             }
@@ -436,15 +455,42 @@ fn run(cli: Cli) -> Result<(), Error> {
             opts.progress = progress.as_ref().map(progress::Progress::callback);
             opts.cancel = Some(signals::cancel_on_signals());
             let start = std::time::Instant::now();
-            let files = if out.output_format == "mindformers" {
-                mindformers_cmd::write(&plan, &job.src_ckpt_dir, &dst_ckpt_dir, &ranks, &opts, &mf)
-            } else {
-                execute(&plan, &dst_ckpt_dir, &ranks, &opts)
+            let (files, report) = match coordinator {
+                _ if out.output_format == "mindformers" && dist.distributed => (
+                    Err(Error::Invalid(
+                        "--distributed with --output_format mindformers is not supported: its metadata.json \
+                         describes every rank at once; run it in one process"
+                            .into(),
+                    )),
+                    None,
+                ),
+                None if out.output_format == "mindformers" => {
+                    (mindformers_cmd::write(&plan, &src_ckpt_dir, &dst_ckpt_dir, &ranks, &opts, &mf), None)
+                }
+                None => (execute(&plan, &dst_ckpt_dir, &ranks, &opts), None),
+                Some(c) => match c.run(&plan, &ranks, &opts) {
+                    Ok(r) => (Ok(r.files.clone()), Some(r)),
+                    Err(e) => (Err(e), None),
+                },
             };
             if let Some(p) = &progress {
                 p.finish();
             }
             let files = files?;
+            if let (Some(r), false) = (&report, quiet) {
+                let p = &r.process;
+                let who = p.index.map_or("msrun's scheduler".to_string(), |i| format!("process {i} of {}", p.count));
+                let mine = r.mine();
+                eprintln!(
+                    "reshard: {who} ({}): {}; all {} share(s) done and verified, {} rank(s) (split {:.4}s, waited {:.4}s)",
+                    p.from,
+                    if mine.is_empty() { "no ranks of its own".to_string() } else { reshard_core::plan::fmt_rank_folders(mine) },
+                    p.count,
+                    r.shares.ranks.iter().map(Vec::len).sum::<usize>(),
+                    r.split_time.as_secs_f64(),
+                    r.wait_time.as_secs_f64()
+                );
+            }
             if !quiet {
                 // What was written and what was kept, each with its own bytes (a resumed run
                 // used to say "wrote 0 file(s), 32144 bytes").
@@ -474,6 +520,53 @@ fn run(cli: Cli) -> Result<(), Error> {
             Ok(())
         }
     }
+}
+
+/// Merges strategy folders into `DST/merged_strategy/` and makes the plan.
+fn merge_strategies_and_plan(job: JobArgs, dst_ckpt_dir: &Path, quiet: bool, io: IoMode) -> Result<Plan, Error> {
+    let mut job = job;
+    // Strategy folders are merged into the output folder, never into the source nor into
+    // a strategy input: both merges are made before anything is written, and a strategy
+    // folder that is OUT/merged_strategy (or a file written there) is refused (the merged
+    // source strategy used to be written into it and read back as the destination).
+    let merge_dir = dst_ckpt_dir.join("merged_strategy");
+    let mut merges = Vec::new();
+    for (p, name) in [(&job.src_ckpt_strategy, "src"), (&job.dst_ckpt_strategy, "dst")] {
+        // Into an object store nothing is merged to a file: the plan merges strategy
+        // folders in memory.
+        if let Some(p) = p.as_ref().filter(|p| p.is_dir() && !is_url(&dst_ckpt_dir)) {
+            let merged = strategy::merge_dir(p)?;
+            let f = merge_dir.join(format!("{name}_merged_ckpt_strategy.{}", merged.extension()));
+            merges.push((name, p.clone(), f, merged));
+        }
+    }
+    let same = |a: &Path, b: &Path| resolved(a) == resolved(b);
+    for (p, name) in [(&job.src_ckpt_strategy, "source"), (&job.dst_ckpt_strategy, "destination")] {
+        let Some(p) = p else { continue };
+        let what = if same(p, &merge_dir) {
+            format!("is the folder {}", merge_dir.display())
+        } else if let Some((_, _, f, _)) = merges.iter().find(|(_, _, f, _)| same(p, f)) {
+            format!("is {}, which this job rewrites", f.display())
+        } else {
+            continue;
+        };
+        return Err(Error::Invalid(format!(
+            "the {name} strategy {} {what}, where this job writes the merged strategies of strategy \
+             folders; give the stage files' folder (or a merged file) from somewhere else",
+            p.display()
+        )));
+    }
+    for (name, p, f, merged) in merges {
+        reshard_core::atomic::write_atomic(&f, &merged.to_bytes(), true)?;
+        if !quiet {
+            eprintln!("merged {} into {}", p.display(), f.display());
+        }
+        match name {
+            "src" => job.src_ckpt_strategy = Some(f),
+            _ => job.dst_ckpt_strategy = Some(f),
+        }
+    }
+    job.plan(io)
 }
 
 fn looks_like_strategy(path: &Path) -> bool {

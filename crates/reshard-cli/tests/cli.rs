@@ -1751,3 +1751,67 @@ fn mindformers_metadata_disagreeing_with_files_is_refused() {
     let v = reshard(argv!["verify", &root]);
     assert_refused(&v, &["model.embed", "chunk 1", "opt-0000003-0000004.safetensors"]);
 }
+
+// ------------------------------------------------------------------ transform --distributed
+
+/// `reshard ARGS` with none of the launchers' variables set, and `vars` added.
+fn reshard_with_env(args: Vec<OsString>, vars: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(BIN);
+    c.args(args).env("RUST_BACKTRACE", "0");
+    for l in reshard_core::distributed::LAUNCHERS {
+        c.env_remove(l.index).env_remove(l.count);
+    }
+    c.env_remove("MS_ROLE").envs(vars.iter().copied()).output().unwrap()
+}
+
+/// `--distributed` with no launcher variable and no `--process-index` is refused before anything
+/// is written (it is not a silent one-process run); the flags of a process share need it.
+#[test]
+fn distributed_without_a_process_index_is_refused() {
+    let s = Scratch::new("dist-noenv");
+    let dst = s.join("out");
+    let out = reshard_with_env(dp2mp2("transform", argv!["--dst_ckpt_dir", &dst, "--distributed"]), &[]);
+    assert_refused(&out, &["--distributed", "OMPI_COMM_WORLD_RANK", "SLURM_PROCID", "--process-index"]);
+    assert!(!dst.exists(), "a refused run created {}", dst.display());
+    let out = reshard(dp2mp2("transform", argv!["--dst_ckpt_dir", &dst, "--process-index", "0"]));
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("--distributed"), "{}", text(&out.stderr));
+    let out = reshard_with_env(
+        dp2mp2("transform", argv!["--dst_ckpt_dir", &dst, "--distributed"]),
+        &[("OMPI_COMM_WORLD_RANK", "2"), ("OMPI_COMM_WORLD_SIZE", "2")],
+    );
+    assert_refused(&out, &["process index 2 is not below the process count 2", "OMPI_COMM_WORLD_RANK"]);
+    assert!(!dst.exists());
+}
+
+/// Two processes started by hand as torchrun would (RANK/WORLD_SIZE), at once: MindSpore's
+/// outputs, each rank written by one of them, and a record per share.
+#[test]
+fn distributed_torchrun_environment_by_hand() {
+    let s = Scratch::new("dist-torchrun");
+    let dst = s.join("out");
+    let case = fixture("conformance/complete_to_dp2mp2");
+    let children: Vec<_> = (0..2)
+        .map(|r| {
+            let mut c = Command::new(BIN);
+            c.args(dp2mp2("transform", argv!["--dst_ckpt_dir", &dst, "--distributed", "--timeout", "60"]));
+            for l in reshard_core::distributed::LAUNCHERS {
+                c.env_remove(l.index).env_remove(l.count);
+            }
+            c.env("RANK", r.to_string()).env("WORLD_SIZE", "2");
+            c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap()
+        })
+        .collect();
+    for (r, child) in children.into_iter().enumerate() {
+        let out = child.wait_with_output().unwrap();
+        let err = text(&out.stderr);
+        assert!(out.status.success(), "process {r}: {err}");
+        let mine = if r == 0 { "rank_0..rank_1 (2 ranks)" } else { "rank_2..rank_3 (2 ranks)" };
+        assert!(err.contains(&format!("process {r} of 2 (RANK/WORLD_SIZE (torchrun)): {mine}")), "{err}");
+        assert!(dst.join(format!("reshard_share_{r}_of_2.json")).is_file());
+    }
+    for f in files_under(&case.join("expected")) {
+        let rel = f.strip_prefix(case.join("expected")).unwrap();
+        assert!(std::fs::read(dst.join(rel)).unwrap() == std::fs::read(&f).unwrap(), "{} differs", rel.display());
+    }
+}

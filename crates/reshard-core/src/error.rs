@@ -105,6 +105,16 @@ pub enum Error {
     #[error("{0}")]
     Invalid(String),
 
+    /// Another process of a distributed job (`distributed`) failed, or fell silent for longer
+    /// than the timeout, so this process's job cannot complete.
+    #[error("{path}: {detail}")]
+    Distributed {
+        /// The share record of the process that failed or fell silent (or the output folder).
+        path: PathBuf,
+        /// Which share (process, ranks, host, pid) and what it recorded.
+        detail: String,
+    },
+
     /// The run was stopped (`ExecuteOptions::cancel`) before this output was finished.
     #[error("{path}: stopped (cancelled) before this file was finished; nothing of it was left behind")]
     Cancelled {

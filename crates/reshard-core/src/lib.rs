@@ -35,6 +35,7 @@ pub use exec::{execute, ExecuteOptions, WrittenFile};
 pub use plan::{CopyPiece, Plan, PlanOptions, RankPlan, TensorPlan, TensorSource};
 pub mod atomic;
 pub mod auto;
+pub mod distributed;
 pub mod manifest;
 pub mod mindformers;
 pub mod report;

@@ -40,6 +40,10 @@ pub enum ReshardStatus {
     /// The run was asked to stop (`reshard_cancel_request`; the CLI on SIGINT/SIGTERM); its
     /// temporary files were removed and outputs already under their final names are complete.
     Cancelled = 11,
+    /// A distributed job (`"distributed": true`) cannot complete because another process's
+    /// share failed (the message quotes its error) or fell silent for longer than the timeout
+    /// (the message names the share).
+    Distributed = 12,
     /// A pointer argument that must not be NULL was NULL.
     NullArgument = 100,
     /// A string argument that must be UTF-8 (options_json) was not.
@@ -79,6 +83,7 @@ impl From<&reshard_core::Error> for ReshardStatus {
             Error::Source { .. } => ReshardStatus::Source,
             Error::Invalid(_) => ReshardStatus::InvalidArgument,
             Error::Cancelled { .. } => ReshardStatus::Cancelled,
+            Error::Distributed { .. } => ReshardStatus::Distributed,
         }
     }
 }
@@ -195,6 +200,7 @@ mod tests {
             ReshardStatus::Source => "RESHARD_STATUS_SOURCE",
             ReshardStatus::InvalidArgument => "RESHARD_STATUS_INVALID_ARGUMENT",
             ReshardStatus::Cancelled => "RESHARD_STATUS_CANCELLED",
+            ReshardStatus::Distributed => "RESHARD_STATUS_DISTRIBUTED",
             ReshardStatus::NullArgument => "RESHARD_STATUS_NULL_ARGUMENT",
             ReshardStatus::InvalidUtf8 => "RESHARD_STATUS_INVALID_UTF8",
             ReshardStatus::InvalidOptions => "RESHARD_STATUS_INVALID_OPTIONS",
@@ -205,7 +211,7 @@ mod tests {
         }
     }
 
-    const ALL: [ReshardStatus; 18] = [
+    const ALL: [ReshardStatus; 19] = [
         ReshardStatus::Ok,
         ReshardStatus::Io,
         ReshardStatus::Malformed,
@@ -217,6 +223,7 @@ mod tests {
         ReshardStatus::Source,
         ReshardStatus::InvalidArgument,
         ReshardStatus::Cancelled,
+        ReshardStatus::Distributed,
         ReshardStatus::NullArgument,
         ReshardStatus::InvalidUtf8,
         ReshardStatus::InvalidOptions,
@@ -243,6 +250,7 @@ mod tests {
             (Error::Source { path: p(), detail: s("the file changed while reshard was reading it") }, 9),
             (Error::Invalid(s("a repeated rank")), 10),
             (Error::Cancelled { path: p() }, 11),
+            (Error::Distributed { path: p(), detail: s("share 1 of 2 (rank_4..rank_7) failed") }, 12),
         ]
     }
 
@@ -258,9 +266,10 @@ mod tests {
             Error::Source { .. } => 7,
             Error::Invalid(_) => 8,
             Error::Cancelled { .. } => 9,
+            Error::Distributed { .. } => 10,
         }
     }
-    const CORE_KINDS: usize = 10;
+    const CORE_KINDS: usize = 11;
 
     #[test]
     fn every_core_error_kind_has_its_status() {

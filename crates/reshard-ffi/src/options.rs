@@ -1,7 +1,10 @@
 //! The `options_json` arguments: a JSON object with known keys only, each of a fixed type, so a
 //! typo is an error rather than a silently ignored setting.
 
+use std::time::Duration;
+
 use reshard_core::checkpoint::Format;
+use reshard_core::distributed::{process_from_env, DistributedOptions};
 use reshard_core::execute::ExecuteOptions;
 use reshard_core::plan::PlanOptions;
 use reshard_core::storage::IoMode;
@@ -121,8 +124,26 @@ pub(crate) fn execute_options(json: Option<&str>, func: &str) -> Result<ExecuteO
                 }
             }
             "io" => opts.io = io_mode(func, &key, &v)?,
+            // Parsed by `distributed_options`.
+            "distributed" | "process_index" | "process_count" | "timeout" => {}
             _ => {
-                return Err(unknown(func, &key, &["prefix", "output_format", "threads", "crc", "resume", "sync", "io"]))
+                return Err(unknown(
+                    func,
+                    &key,
+                    &[
+                        "prefix",
+                        "output_format",
+                        "threads",
+                        "crc",
+                        "resume",
+                        "sync",
+                        "io",
+                        "distributed",
+                        "process_index",
+                        "process_count",
+                        "timeout",
+                    ],
+                ))
             }
         }
     }
@@ -165,6 +186,52 @@ pub(crate) fn load_options(json: Option<&str>, func: &str) -> Result<LoadOptions
     Ok(opts)
 }
 
+/// The process-share options of `reshard_execute`: `{"distributed": bool, "process_index":
+/// integer|null, "process_count": integer|null, "timeout": seconds >= 1 (default 600)}`. `None`
+/// unless `"distributed"` is true; the index and count not given come from the launcher's
+/// environment (`reshard_core::distributed::process_from_env`).
+pub(crate) fn distributed_options(json: Option<&str>, func: &str) -> Result<Option<DistributedOptions>, FfiError> {
+    let mut distributed = false;
+    let (mut index, mut count, mut timeout) = (None, None, None);
+    for (key, v) in object(json, func)? {
+        let number = |v: &Value| -> Result<Option<u32>, FfiError> {
+            match v {
+                Value::Null => Ok(None),
+                _ => v
+                    .as_u64()
+                    .and_then(|n| u32::try_from(n).ok())
+                    .map(Some)
+                    .ok_or_else(|| wrong_type(func, &key, "an integer from 0 to 4294967295, or null", v)),
+            }
+        };
+        match key.as_str() {
+            "distributed" => distributed = v.as_bool().ok_or_else(|| wrong_type(func, &key, "a boolean", &v))?,
+            "process_index" => index = number(&v)?,
+            "process_count" => count = number(&v)?,
+            "timeout" => {
+                let secs = v.as_f64().ok_or_else(|| wrong_type(func, &key, "a number of seconds", &v))?;
+                timeout = Some(
+                    Duration::try_from_secs_f64(secs)
+                        .ok()
+                        .filter(|t| *t >= Duration::from_secs(1))
+                        .ok_or_else(|| invalid(format!("{func}: option \"timeout\" is {secs}; at least 1 second")))?,
+                );
+            }
+            _ => {}
+        }
+    }
+    if !distributed {
+        if index.is_some() || count.is_some() || timeout.is_some() {
+            return Err(invalid(format!(
+                "{func}: options \"process_index\", \"process_count\" and \"timeout\" need \"distributed\": true"
+            )));
+        }
+        return Ok(None);
+    }
+    let process = process_from_env(index, count).map_err(|e| invalid(format!("{func}: {e}")))?;
+    Ok(Some(DistributedOptions { process, timeout: timeout.unwrap_or(Duration::from_secs(600)) }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -195,6 +262,11 @@ mod tests {
             (e.prefix.as_str(), e.format, e.threads, e.crc, e.resume, e.sync),
             ("p_", Format::Safetensors, 2, true, false, false)
         );
+        assert!(distributed_options(None, "f").unwrap().is_none());
+        let json = r#"{"distributed": true, "process_index": 1, "process_count": 3, "timeout": 2.5, "threads": 1}"#;
+        assert!(execute_options(Some(json), "f").is_ok());
+        let d = distributed_options(Some(json), "f").unwrap().unwrap();
+        assert_eq!((d.process.index, d.process.count, d.timeout), (Some(1), 3, Duration::from_millis(2500)));
     }
 
     #[test]
@@ -214,6 +286,20 @@ mod tests {
             ("{", "not valid JSON"),
         ] {
             let e = execute_options(Some(json), "reshard_execute").unwrap_err();
+            assert_eq!(e.status, ReshardStatus::InvalidOptions, "{json}");
+            assert!(e.message.contains(needle), "{json}: {}", e.message);
+        }
+        for (json, needle) in [
+            (r#"{"process_index": 0}"#, "need \"distributed\": true"),
+            (r#"{"distributed": 1}"#, "\"distributed\" must be a boolean"),
+            (
+                r#"{"distributed": true, "process_index": -1, "process_count": 2}"#,
+                "\"process_index\" must be an integer",
+            ),
+            (r#"{"distributed": true, "process_index": 0, "process_count": 2, "timeout": 0.5}"#, "at least 1 second"),
+            (r#"{"distributed": true, "process_index": 2, "process_count": 2}"#, "not below the process count 2"),
+        ] {
+            let e = distributed_options(Some(json), "reshard_execute").unwrap_err();
             assert_eq!(e.status, ReshardStatus::InvalidOptions, "{json}");
             assert!(e.message.contains(needle), "{json}: {}", e.message);
         }

@@ -12,7 +12,7 @@ use reshard_core::report::plan_json;
 use crate::cancel::{self, ReshardCancel};
 use crate::error::{FfiError, ReshardError, ReshardStatus};
 use crate::ffi::{self, ErrorOut, Out, OutSlice};
-use crate::options::{execute_options, plan_options};
+use crate::options::{distributed_options, execute_options, plan_options};
 use crate::panic::{catch, or_value, with_status};
 
 /// A compiled transform from a source checkpoint folder to a destination strategy.
@@ -328,11 +328,15 @@ unsafe fn execute_impl(
     // SAFETY: NULL or NUL-terminated (caller's contract).
     let options = unsafe { ffi::opt_utf8_arg(options_json, "options_json") }?;
     let mut opts = execute_options(options, func)?;
+    let distributed = distributed_options(options, func)?;
     opts.progress = hooks.progress;
     opts.cancel = hooks.cancel;
     let ranks = resolve_ranks(&plan.plan, ranks)?;
     let _claim = plan.claim(&ranks)?;
-    execute(&plan.plan, &dst, &ranks, &opts)?;
+    match distributed {
+        None => execute(&plan.plan, &dst, &ranks, &opts).map(drop)?,
+        Some(d) => reshard_core::distributed::execute_distributed(&plan.plan, &dst, &ranks, &opts, &d).map(drop)?,
+    }
     Ok(())
 }
 
@@ -351,6 +355,15 @@ unsafe fn execute_impl(
 ///   place) and `"io"` ("mmap", "pread" or "auto" (default): how sources are read; "pread" maps
 ///   nothing, so a source truncated during the call is an error, never a SIGBUS in the host).
 ///   Unknown keys are an error.
+/// - Process shares (`reshard transform --distributed`): with `"distributed": true` this call is
+///   one process of a job spread over several, started by a launcher with the same arguments
+///   and an output folder they all see. It writes its share of the ranks (`dst_ranks`, or all),
+///   balanced by bytes and derived from the plan, records its result in
+///   `dst_ckpt_dir/reshard_share_{i}_of_{n}.json`, and returns 0 only when every share is done
+///   and verified. `"process_index"` and `"process_count"` (integers; default: the launcher's
+///   environment, as the CLI reads it) and `"timeout"` (seconds a share may stay silent, default
+///   600) go with it. Another share's failure or silence returns `RESHARD_STATUS_DISTRIBUTED`
+///   with its error in the message; no index in the environment is `RESHARD_STATUS_INVALID_OPTIONS`.
 ///
 /// Each output is written to a temporary file and renamed into place, so a reader sees either
 /// the previous file or the complete new one; each `rank_{r}/` folder also gets a manifest,

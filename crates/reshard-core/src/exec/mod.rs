@@ -178,6 +178,11 @@ pub fn check_output(src_dir: &Path, dst_dir: &Path, prefix: &str) -> Result<()> 
     Ok(())
 }
 
+/// The fingerprint a job's manifest entries carry: the plan and the options that shape the files.
+pub fn job_fingerprint(plan: &Plan, opts: &ExecuteOptions) -> String {
+    plan.fingerprint(&format!("{:?} {} crc={}", opts.format, opts.prefix, opts.crc))
+}
+
 /// Runs the plan for `ranks` (all destination ranks when empty), writing into `dst_dir`.
 pub fn execute(plan: &Plan, dst_dir: &Path, ranks: &[u32], opts: &ExecuteOptions) -> Result<Vec<WrittenFile>> {
     check_output(&plan.src_dir, dst_dir, &opts.prefix)?;
@@ -209,7 +214,7 @@ pub fn execute(plan: &Plan, dst_dir: &Path, ranks: &[u32], opts: &ExecuteOptions
     }
     let written = AtomicU64::new(0);
     let sources = OpenSources::new(plan, opts.io);
-    let fingerprint = plan.fingerprint(&format!("{:?} {} crc={}", opts.format, opts.prefix, opts.crc));
+    let fingerprint = job_fingerprint(plan, opts);
     let pool = pool(opts.threads)?;
     let job = Job {
         plan,
