@@ -534,7 +534,7 @@ fn merge_strategies_and_plan(job: JobArgs, dst_ckpt_dir: &Path, quiet: bool, io:
     for (p, name) in [(&job.src_ckpt_strategy, "src"), (&job.dst_ckpt_strategy, "dst")] {
         // Into an object store nothing is merged to a file: the plan merges strategy
         // folders in memory.
-        if let Some(p) = p.as_ref().filter(|p| p.is_dir() && !is_url(&dst_ckpt_dir)) {
+        if let Some(p) = p.as_ref().filter(|p| p.is_dir() && !is_url(dst_ckpt_dir)) {
             let merged = strategy::merge_dir(p)?;
             let f = merge_dir.join(format!("{name}_merged_ckpt_strategy.{}", merged.extension()));
             merges.push((name, p.clone(), f, merged));
