@@ -198,7 +198,9 @@ expect_log "$out/failing_share.log.0" "$dst/rank_3"
 #    timeout naming share 1; a rerun of both completes, keeping process 0's ranks.
 dst="$out/killed"
 mkdir -p "$dst/rank_3"
-flock "$dst/rank_3/.reshard_manifest.lock" sleep 600 &
+# The lock is held by the process that is killed below: `flock FILE sleep 600` would leave it
+# with `sleep`, which outlives a killed `flock` and kept the rerun waiting for 10 minutes.
+( exec 9>>"$dst/rank_3/.reshard_manifest.lock" && flock 9 && exec sleep 600 ) &
 holder=$!
 pids+=($holder)
 mapfile -d '' args < <(job_args "$c" "$dst" 3)
