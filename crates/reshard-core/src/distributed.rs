@@ -173,14 +173,7 @@ pub fn split_by_bytes(weights: &[u64], count: u32) -> Vec<Range<usize>> {
 /// The destination ranks of each process: `ranks` (all when empty) split by [`split_by_bytes`]
 /// over the bytes each rank writes. Every process of a job computes the same shares.
 pub fn split(plan: &Plan, ranks: &[u32], count: u32) -> Result<Shares> {
-    let ranks: Vec<u32> = if ranks.is_empty() {
-        (0..plan.dst_rank_count()).collect()
-    } else {
-        let mut r = ranks.to_vec();
-        r.sort_unstable();
-        r.dedup();
-        r
-    };
+    let ranks = crate::exec::job_ranks(plan, ranks);
     let weights: Vec<u64> =
         ranks.par_iter().map(|&r| plan.rank_plan(r).map(|p| p.bytes_written())).collect::<Result<_>>()?;
     let ranges = split_by_bytes(&weights, count);

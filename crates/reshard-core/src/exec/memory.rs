@@ -177,7 +177,7 @@ pub fn load_rank<'b>(
         sources: &sources,
         dst_dir: Path::new(""),
         opts: &exec,
-        block_bytes: super::block_bytes(&exec, pool.current_num_threads()),
+        block_bytes: super::block_bytes(plan, &exec, pool.current_num_threads()),
         written: &written,
         total,
         fingerprint: "",

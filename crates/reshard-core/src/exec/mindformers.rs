@@ -367,7 +367,7 @@ pub fn execute_mindformers(
         sources: &sources,
         dst_dir: &it_dir,
         opts: &exec,
-        block_bytes: block_bytes(&exec, pool.current_num_threads()),
+        block_bytes: block_bytes(plan, &exec, pool.current_num_threads()),
         written: &written,
         total,
         fingerprint: &fingerprint,

@@ -186,14 +186,7 @@ pub fn job_fingerprint(plan: &Plan, opts: &ExecuteOptions) -> String {
 /// Runs the plan for `ranks` (all destination ranks when empty), writing into `dst_dir`.
 pub fn execute(plan: &Plan, dst_dir: &Path, ranks: &[u32], opts: &ExecuteOptions) -> Result<Vec<WrittenFile>> {
     check_output(&plan.src_dir, dst_dir, &opts.prefix)?;
-    let ranks: Vec<u32> = if ranks.is_empty() {
-        (0..plan.dst_rank_count()).collect()
-    } else {
-        let mut r = ranks.to_vec();
-        r.sort_unstable();
-        r.dedup();
-        r
-    };
+    let ranks = job_ranks(plan, ranks);
     let codec = codec_for(opts.format, opts.crc);
     // Rank plans are made again by the worker that writes the rank rather than kept for every
     // rank: with many small tensors they are most of the memory (300,000 tensors: about 100 MB
@@ -221,13 +214,7 @@ pub fn execute(plan: &Plan, dst_dir: &Path, ranks: &[u32], opts: &ExecuteOptions
         sources: &sources,
         dst_dir,
         opts,
-        block_bytes: if crate::storage::is_url(&plan.src_dir) {
-            // From an object store each block is a ranged GET: larger blocks, fewer requests.
-            let big = ExecuteOptions { block_bytes: opts.block_bytes.max(OBJECT_BLOCK_BYTES), ..opts.clone() };
-            block_bytes(&big, pool.current_num_threads())
-        } else {
-            block_bytes(opts, pool.current_num_threads())
-        },
+        block_bytes: block_bytes(plan, opts, pool.current_num_threads()),
         written: &written,
         total,
         fingerprint: &fingerprint,
@@ -265,10 +252,27 @@ fn pool(threads: usize) -> Result<rayon::ThreadPool> {
         .map_err(|e| Error::Invalid(format!("cannot start worker threads: {e}")))
 }
 
-/// The block size: `block_bytes`, smaller when the memory budget shared by `threads` workers
-/// (two buffers each) asks for it.
-fn block_bytes(opts: &ExecuteOptions, threads: usize) -> u64 {
-    opts.block_bytes.min(opts.memory_budget / (2 * threads as u64).max(1)).max(1)
+/// The block size: `block_bytes` (at least [`OBJECT_BLOCK_BYTES`] when the sources are objects),
+/// smaller when the memory budget shared by `threads` workers (two buffers each) asks for it.
+/// Every sink (files, memory, unify's parts, MindFormers roots) takes its blocks from here.
+fn block_bytes(plan: &Plan, opts: &ExecuteOptions, threads: usize) -> u64 {
+    // From an object store each block is a ranged GET: larger blocks, fewer requests.
+    let wanted = match crate::storage::is_url(&plan.src_dir) {
+        true => opts.block_bytes.max(OBJECT_BLOCK_BYTES),
+        false => opts.block_bytes,
+    };
+    wanted.min(opts.memory_budget / (2 * threads as u64).max(1)).max(1)
+}
+
+/// The destination ranks of a job: `ranks` sorted without repeats, or every rank when empty.
+pub fn job_ranks(plan: &Plan, ranks: &[u32]) -> Vec<u32> {
+    if ranks.is_empty() {
+        return (0..plan.dst_rank_count()).collect();
+    }
+    let mut r = ranks.to_vec();
+    r.sort_unstable();
+    r.dedup();
+    r
 }
 
 /// The smallest block when the sources are objects (still bounded by the memory budget): a

@@ -60,7 +60,7 @@ pub fn execute_named(
         sources: &sources,
         dst_dir,
         opts,
-        block_bytes: block_bytes(opts, pool.current_num_threads()),
+        block_bytes: block_bytes(plan, opts, pool.current_num_threads()),
         written: &written,
         total,
         fingerprint: &fingerprint,
