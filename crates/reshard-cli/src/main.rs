@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+mod auto_cmd;
 mod mindformers_cmd;
 mod progress;
 mod signals;
@@ -121,32 +122,7 @@ enum Cmd {
     /// into the strategy the runtime wrote in output/strategy/, into
     /// output/transformed_checkpoint/rank_{r}/. Run once per rank (W processes at once need no
     /// coordination beyond a shared filesystem). Prints the checkpoint to load on stdout.
-    Auto {
-        /// A folder with rank_* subfolders (distributed), a folder with only rank_0 or loose
-        /// checkpoint files, or one checkpoint file (complete).
-        #[arg(long = "load_checkpoint", visible_alias = "load-checkpoint")]
-        load_checkpoint: PathBuf,
-        /// Strategy of a distributed source: a merged file, one stage's file, or a folder.
-        #[arg(long = "src_strategy_path_or_dir", visible_alias = "src-strategy-path-or-dir")]
-        src_strategy_path_or_dir: Option<PathBuf>,
-        /// The run's output folder.
-        #[arg(long = "output_dir", visible_alias = "output-dir", default_value = "output")]
-        output_dir: PathBuf,
-        /// Where the runtime writes ckpt_strategy_rank_{r}.ckpt [default: OUTPUT_DIR/strategy].
-        #[arg(long = "dst_strategy_dir", visible_alias = "dst-strategy-dir")]
-        dst_strategy_dir: Option<PathBuf>,
-        /// This rank [default: RANK_ID, RANK, OMPI_COMM_WORLD_RANK, PMI_RANK or SLURM_PROCID].
-        #[arg(long)]
-        rank: Option<u32>,
-        /// Number of ranks [default: RANK_SIZE, WORLD_SIZE, OMPI_COMM_WORLD_SIZE, PMI_SIZE or SLURM_NTASKS].
-        #[arg(long = "world_size", visible_alias = "world-size")]
-        world_size: Option<u32>,
-        #[command(flatten)]
-        out: OutArgs,
-        /// Seconds to wait for the other ranks' strategy files.
-        #[arg(long, default_value_t = 600)]
-        timeout: u64,
-    },
+    Auto(auto_cmd::AutoArgs),
     /// Write strategy files for a target layout without MindSpore, or show what a strategy does.
     Strategy {
         #[command(subcommand)]
@@ -343,45 +319,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             }
             Ok(())
         }
-        Cmd::Auto {
-            load_checkpoint,
-            src_strategy_path_or_dir,
-            output_dir,
-            dst_strategy_dir,
-            rank,
-            world_size,
-            out,
-            timeout,
-        } => {
-            let o = reshard_core::auto::AutoOptions {
-                load_checkpoint,
-                src_strategy_path_or_dir,
-                output_dir,
-                dst_strategy_dir,
-                rank,
-                world_size,
-                prefix: out.prefix,
-                output_format: out.output_format,
-                timeout,
-                threads: out.threads,
-                io: IoMode::parse(&out.io)?,
-                cancel: Some(signals::cancel_on_signals()),
-            };
-            let tag = o.rank.or_else(|| reshard_core::auto::rank_from_env().map(|x| x.0)).unwrap_or(0);
-            match reshard_core::auto::auto(&o) {
-                Ok(r) => {
-                    // One write per line, so that the logs of concurrent ranks do not interleave.
-                    let text: String = r.log.iter().map(|l| format!("reshard[rank {tag}]: {l}\n")).collect();
-                    for line in text.split_inclusive('\n') {
-                        use std::io::Write as _;
-                        let _ = std::io::stderr().write_all(line.as_bytes());
-                    }
-                    outln!("{}", r.load_path.display());
-                    Ok(())
-                }
-                Err(e) => Err(Error::Invalid(format!("[rank {tag}] {e}"))),
-            }
-        }
+        Cmd::Auto(args) => auto_cmd::run(args),
         Cmd::Strategy { cmd } => strategy_cmd::run(cmd),
         Cmd::Unify(args) => unify_cmd::run(args),
         Cmd::Verify { dir, json } => {
