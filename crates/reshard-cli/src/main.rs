@@ -82,17 +82,8 @@ enum Cmd {
         /// Append MindSpore's crc32 trailer to every output.
         #[arg(long)]
         crc: bool,
-        /// Do not fsync outputs before renaming them into place (faster; a power loss may then
-        /// leave a complete-looking but unwritten file).
-        #[arg(long = "no-sync")]
-        no_sync: bool,
-        /// Rewrite every output, even those a previous run of the same plan finished (by
-        /// default they are kept when their manifest entry, size and crc32 still match).
-        #[arg(long)]
-        force: bool,
-        /// Print nothing on stderr but warnings, unless the job fails (no progress, notes or summary).
-        #[arg(long, short)]
-        quiet: bool,
+        #[command(flatten)]
+        write: WriteArgs,
         /// Seconds between progress lines when stderr is not a terminal (on a terminal a bar
         /// shows progress, rate and ETA).
         #[arg(long = "progress-interval", default_value_t = 5.0)]
@@ -247,6 +238,23 @@ struct OutArgs {
     io: String,
 }
 
+/// How a command that writes outputs writes them, and what it prints: the flags of transform and
+/// unify (which words their help for its files with `mut_arg`).
+#[derive(Args)]
+struct WriteArgs {
+    /// Do not fsync outputs before renaming them into place (faster; a power loss may then
+    /// leave a complete-looking but unwritten file).
+    #[arg(long = "no-sync")]
+    no_sync: bool,
+    /// Rewrite every output, even those a previous run of the same plan finished (by
+    /// default they are kept when their manifest entry, size and crc32 still match).
+    #[arg(long)]
+    force: bool,
+    /// Print nothing on stderr but warnings, unless the job fails (no progress, notes or summary).
+    #[arg(long, short)]
+    quiet: bool,
+}
+
 impl JobArgs {
     fn plan(&self, io: IoMode) -> Result<Plan, Error> {
         let opts = PlanOptions { src_ckpt_name: self.src_ckpt_name.clone(), skip_crc: self.no_crc_check, io };
@@ -364,7 +372,8 @@ fn run(cli: Cli) -> Result<(), Error> {
             outln!("{}", serde_json::to_string(&ranks).unwrap_or_default());
             Ok(())
         }
-        Cmd::Transform { job, dst_ckpt_dir, out, ranks, crc, no_sync, force, quiet, progress_interval, mf, dist } => {
+        Cmd::Transform { job, dst_ckpt_dir, out, ranks, crc, write, progress_interval, mf, dist } => {
+            let WriteArgs { no_sync, force, quiet } = write;
             // Before anything is written (strategy merges go into the output folder too).
             reshard_core::execute::check_output(&job.src_ckpt_dir, &dst_ckpt_dir, &out.prefix)?;
             mindformers_cmd::check_ranks(&out.output_format, &ranks)?;
