@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+mod auto_cmd;
 mod mindformers_cmd;
 mod progress;
 mod signals;
@@ -81,17 +82,8 @@ enum Cmd {
         /// Append MindSpore's crc32 trailer to every output.
         #[arg(long)]
         crc: bool,
-        /// Do not fsync outputs before renaming them into place (faster; a power loss may then
-        /// leave a complete-looking but unwritten file).
-        #[arg(long = "no-sync")]
-        no_sync: bool,
-        /// Rewrite every output, even those a previous run of the same plan finished (by
-        /// default they are kept when their manifest entry, size and crc32 still match).
-        #[arg(long)]
-        force: bool,
-        /// Print nothing on stderr but warnings, unless the job fails (no progress, notes or summary).
-        #[arg(long, short)]
-        quiet: bool,
+        #[command(flatten)]
+        write: WriteArgs,
         /// Seconds between progress lines when stderr is not a terminal (on a terminal a bar
         /// shows progress, rate and ETA).
         #[arg(long = "progress-interval", default_value_t = 5.0)]
@@ -121,32 +113,7 @@ enum Cmd {
     /// into the strategy the runtime wrote in output/strategy/, into
     /// output/transformed_checkpoint/rank_{r}/. Run once per rank (W processes at once need no
     /// coordination beyond a shared filesystem). Prints the checkpoint to load on stdout.
-    Auto {
-        /// A folder with rank_* subfolders (distributed), a folder with only rank_0 or loose
-        /// checkpoint files, or one checkpoint file (complete).
-        #[arg(long = "load_checkpoint", visible_alias = "load-checkpoint")]
-        load_checkpoint: PathBuf,
-        /// Strategy of a distributed source: a merged file, one stage's file, or a folder.
-        #[arg(long = "src_strategy_path_or_dir", visible_alias = "src-strategy-path-or-dir")]
-        src_strategy_path_or_dir: Option<PathBuf>,
-        /// The run's output folder.
-        #[arg(long = "output_dir", visible_alias = "output-dir", default_value = "output")]
-        output_dir: PathBuf,
-        /// Where the runtime writes ckpt_strategy_rank_{r}.ckpt [default: OUTPUT_DIR/strategy].
-        #[arg(long = "dst_strategy_dir", visible_alias = "dst-strategy-dir")]
-        dst_strategy_dir: Option<PathBuf>,
-        /// This rank [default: RANK_ID, RANK, OMPI_COMM_WORLD_RANK, PMI_RANK or SLURM_PROCID].
-        #[arg(long)]
-        rank: Option<u32>,
-        /// Number of ranks [default: RANK_SIZE, WORLD_SIZE, OMPI_COMM_WORLD_SIZE, PMI_SIZE or SLURM_NTASKS].
-        #[arg(long = "world_size", visible_alias = "world-size")]
-        world_size: Option<u32>,
-        #[command(flatten)]
-        out: OutArgs,
-        /// Seconds to wait for the other ranks' strategy files.
-        #[arg(long, default_value_t = 600)]
-        timeout: u64,
-    },
+    Auto(auto_cmd::AutoArgs),
     /// Write strategy files for a target layout without MindSpore, or show what a strategy does.
     Strategy {
         #[command(subcommand)]
@@ -271,6 +238,23 @@ struct OutArgs {
     io: String,
 }
 
+/// How a command that writes outputs writes them, and what it prints: the flags of transform and
+/// unify (which words their help for its files with `mut_arg`).
+#[derive(Args)]
+struct WriteArgs {
+    /// Do not fsync outputs before renaming them into place (faster; a power loss may then
+    /// leave a complete-looking but unwritten file).
+    #[arg(long = "no-sync")]
+    no_sync: bool,
+    /// Rewrite every output, even those a previous run of the same plan finished (by
+    /// default they are kept when their manifest entry, size and crc32 still match).
+    #[arg(long)]
+    force: bool,
+    /// Print nothing on stderr but warnings, unless the job fails (no progress, notes or summary).
+    #[arg(long, short)]
+    quiet: bool,
+}
+
 impl JobArgs {
     fn plan(&self, io: IoMode) -> Result<Plan, Error> {
         let opts = PlanOptions { src_ckpt_name: self.src_ckpt_name.clone(), skip_crc: self.no_crc_check, io };
@@ -343,45 +327,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             }
             Ok(())
         }
-        Cmd::Auto {
-            load_checkpoint,
-            src_strategy_path_or_dir,
-            output_dir,
-            dst_strategy_dir,
-            rank,
-            world_size,
-            out,
-            timeout,
-        } => {
-            let o = reshard_core::auto::AutoOptions {
-                load_checkpoint,
-                src_strategy_path_or_dir,
-                output_dir,
-                dst_strategy_dir,
-                rank,
-                world_size,
-                prefix: out.prefix,
-                output_format: out.output_format,
-                timeout,
-                threads: out.threads,
-                io: IoMode::parse(&out.io)?,
-                cancel: Some(signals::cancel_on_signals()),
-            };
-            let tag = o.rank.or_else(|| reshard_core::auto::rank_from_env().map(|x| x.0)).unwrap_or(0);
-            match reshard_core::auto::auto(&o) {
-                Ok(r) => {
-                    // One write per line, so that the logs of concurrent ranks do not interleave.
-                    let text: String = r.log.iter().map(|l| format!("reshard[rank {tag}]: {l}\n")).collect();
-                    for line in text.split_inclusive('\n') {
-                        use std::io::Write as _;
-                        let _ = std::io::stderr().write_all(line.as_bytes());
-                    }
-                    outln!("{}", r.load_path.display());
-                    Ok(())
-                }
-                Err(e) => Err(Error::Invalid(format!("[rank {tag}] {e}"))),
-            }
-        }
+        Cmd::Auto(args) => auto_cmd::run(args),
         Cmd::Strategy { cmd } => strategy_cmd::run(cmd),
         Cmd::Unify(args) => unify_cmd::run(args),
         Cmd::Verify { dir, json } => {
@@ -426,7 +372,8 @@ fn run(cli: Cli) -> Result<(), Error> {
             outln!("{}", serde_json::to_string(&ranks).unwrap_or_default());
             Ok(())
         }
-        Cmd::Transform { job, dst_ckpt_dir, out, ranks, crc, no_sync, force, quiet, progress_interval, mf, dist } => {
+        Cmd::Transform { job, dst_ckpt_dir, out, ranks, crc, write, progress_interval, mf, dist } => {
+            let WriteArgs { no_sync, force, quiet } = write;
             // Before anything is written (strategy merges go into the output folder too).
             reshard_core::execute::check_output(&job.src_ckpt_dir, &dst_ckpt_dir, &out.prefix)?;
             mindformers_cmd::check_ranks(&out.output_format, &ranks)?;

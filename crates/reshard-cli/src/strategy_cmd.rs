@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use clap::Subcommand;
+use clap::{Args, Subcommand};
 use reshard_core::strategy::Strategy;
 use reshard_core::strategy_new::{self, NewOptions, Omitted, StrategySpec};
 use reshard_core::Error;
@@ -66,42 +66,8 @@ pub enum StrategyCmd {
     /// Write strategy files for a dp x mp x pp layout, without MindSpore.
     #[command(long_about = NEW_ABOUT)]
     New {
-        /// Complete checkpoint: a .ckpt/.safetensors file, a folder with one, or a source folder with only rank_0/.
-        #[arg(long, value_name = "CKPT_OR_DIR")]
-        from: PathBuf,
-        /// Data-parallel size (left axis of each stage's device matrix).
-        #[arg(long, value_name = "D")]
-        dp: u32,
-        /// Model-parallel size (right axis; the axis the rules call mp).
-        #[arg(long, value_name = "M")]
-        mp: u32,
-        /// Pipeline stages; each stage has dp x mp devices.
-        #[arg(long, value_name = "P", default_value_t = 1)]
-        pp: u32,
-        /// Write optimizer-shard fields (MindSpore's enable_parallel_optimizer).
-        #[arg(long)]
-        optimizer_shard: bool,
-        /// optimizer_weight_shard_size: -1 shards over all replicas (MindSpore's default).
-        #[arg(long, value_name = "N", default_value_t = -1, allow_negative_numbers = true)]
-        opt_shard_size: i32,
-        /// parallel_optimizer_threshold: parameters smaller than this many KB are not sharded (MindSpore: 64).
-        #[arg(long, value_name = "KB", default_value_t = 64)]
-        opt_shard_threshold_kb: u64,
-        /// Rules file (see above); its rules come before the preset's.
-        #[arg(long, value_name = "FILE")]
-        rules: Option<PathBuf>,
-        /// Built-in rule set after --rules: llama (vocab-parallel embedding), llama-vocab-dp (replicated embedding, MindFormers' vocab_emb_dp default), or none.
-        #[arg(long, value_name = "NAME", default_value = "llama")]
-        preset: String,
-        /// Layers per stage, e.g. 3,3,2 (default: MindFormers' spreading).
-        #[arg(long, value_name = "N,N,...", value_delimiter = ',')]
-        layers_per_stage: Vec<u32>,
-        /// Output folder (created; must not hold other strategy files).
-        #[arg(long, value_name = "DIR")]
-        out: PathBuf,
-        /// Write the JSON form (ckpt_strategy_rank_{r}.json) instead of protobuf.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        args: NewArgs,
         /// Print the layout table of what was written.
         #[arg(long)]
         show: bool,
@@ -121,39 +87,72 @@ pub enum StrategyCmd {
     },
 }
 
+/// The options of `reshard strategy new` (all but `--show`), as the core takes them.
+#[derive(Args, Debug)]
+pub struct NewArgs {
+    /// Complete checkpoint: a .ckpt/.safetensors file, a folder with one, or a source folder with only rank_0/.
+    #[arg(long, value_name = "CKPT_OR_DIR")]
+    from: PathBuf,
+    /// Data-parallel size (left axis of each stage's device matrix).
+    #[arg(long, value_name = "D")]
+    dp: u32,
+    /// Model-parallel size (right axis; the axis the rules call mp).
+    #[arg(long, value_name = "M")]
+    mp: u32,
+    /// Pipeline stages; each stage has dp x mp devices.
+    #[arg(long, value_name = "P", default_value_t = 1)]
+    pp: u32,
+    /// Write optimizer-shard fields (MindSpore's enable_parallel_optimizer).
+    #[arg(long)]
+    optimizer_shard: bool,
+    /// optimizer_weight_shard_size: -1 shards over all replicas (MindSpore's default).
+    #[arg(long, value_name = "N", default_value_t = -1, allow_negative_numbers = true)]
+    opt_shard_size: i32,
+    /// parallel_optimizer_threshold: parameters smaller than this many KB are not sharded (MindSpore: 64).
+    #[arg(long, value_name = "KB", default_value_t = 64)]
+    opt_shard_threshold_kb: u64,
+    /// Rules file (see above); its rules come before the preset's.
+    #[arg(long, value_name = "FILE")]
+    rules: Option<PathBuf>,
+    /// Built-in rule set after --rules: llama (vocab-parallel embedding), llama-vocab-dp (replicated embedding, MindFormers' vocab_emb_dp default), or none.
+    #[arg(long, value_name = "NAME", default_value = "llama")]
+    preset: String,
+    /// Layers per stage, e.g. 3,3,2 (default: MindFormers' spreading).
+    #[arg(long, value_name = "N,N,...", value_delimiter = ',')]
+    layers_per_stage: Vec<u32>,
+    /// Output folder (created; must not hold other strategy files).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Write the JSON form (ckpt_strategy_rank_{r}.json) instead of protobuf.
+    #[arg(long)]
+    json: bool,
+}
+
+impl From<NewArgs> for NewOptions {
+    fn from(a: NewArgs) -> Self {
+        NewOptions {
+            from: a.from,
+            dp: a.dp,
+            mp: a.mp,
+            pp: a.pp,
+            optimizer_shard: a.optimizer_shard,
+            opt_shard_size: a.opt_shard_size,
+            opt_shard_threshold_kb: a.opt_shard_threshold_kb,
+            rules: a.rules,
+            rules_text: None,
+            preset: a.preset,
+            layers_per_stage: (!a.layers_per_stage.is_empty()).then_some(a.layers_per_stage),
+            out: a.out,
+            json: a.json,
+        }
+    }
+}
+
 /// Runs a `strategy` subcommand.
 pub fn run(cmd: StrategyCmd) -> Result<(), Error> {
     match cmd {
-        StrategyCmd::New {
-            from,
-            dp,
-            mp,
-            pp,
-            optimizer_shard,
-            opt_shard_size,
-            opt_shard_threshold_kb,
-            rules,
-            preset,
-            layers_per_stage,
-            out,
-            json,
-            show,
-        } => {
-            let opts = NewOptions {
-                from,
-                dp,
-                mp,
-                pp,
-                optimizer_shard,
-                opt_shard_size,
-                opt_shard_threshold_kb,
-                rules,
-                rules_text: None,
-                preset,
-                layers_per_stage: (!layers_per_stage.is_empty()).then_some(layers_per_stage),
-                out,
-                json,
-            };
+        StrategyCmd::New { args, show } => {
+            let opts = NewOptions::from(args);
             let spec = opts.spec()?;
             let params = strategy_new::read_params(&opts.from)?;
             let written = strategy_new::write(&spec, &params, &opts.out, opts.json)?;

@@ -11,9 +11,15 @@ use reshard_core::storage::IoMode;
 use reshard_core::unify::{unify, UnifyOptions, PART_BYTES};
 use reshard_core::Error;
 
-use crate::{progress, signals};
+use crate::{progress, signals, WriteArgs};
 
 #[derive(Args)]
+// Transform's flags, with unify's help (clap drops a doc comment's final period, so these have none).
+#[command(
+    mut_arg("no_sync", |a| a.help("Do not fsync outputs before renaming them into place")),
+    mut_arg("force", |a| a.help("Rewrite every file, even those a previous run of the same job finished")),
+    mut_arg("quiet", |a| a.help("Print nothing on stderr but warnings, unless the job fails")),
+)]
 pub struct UnifyArgs {
     /// Source folder with rank_0/, rank_1/, ... each holding safetensors (with or without
     /// redundancy removed).
@@ -55,21 +61,14 @@ pub struct UnifyArgs {
     /// Do not verify crc of the sources.
     #[arg(long = "no-crc-check")]
     no_crc_check: bool,
-    /// Do not fsync outputs before renaming them into place.
-    #[arg(long = "no-sync")]
-    no_sync: bool,
-    /// Rewrite every file, even those a previous run of the same job finished.
-    #[arg(long)]
-    force: bool,
-    /// Print nothing on stderr but warnings, unless the job fails.
-    #[arg(long, short)]
-    quiet: bool,
+    #[command(flatten)]
+    write: WriteArgs,
 }
 
 pub fn run(a: UnifyArgs) -> Result<(), Error> {
     let io = IoMode::parse(&a.io)?;
-    let progress =
-        (!a.quiet).then(|| progress::Progress::new(std::io::stderr().is_terminal(), std::time::Duration::from_secs(5)));
+    let progress = (!a.write.quiet)
+        .then(|| progress::Progress::new(std::io::stderr().is_terminal(), std::time::Duration::from_secs(5)));
     let opts = UnifyOptions {
         merge_with_redundancy: a.merge_with_redundancy,
         file_suffix: a.file_suffix,
@@ -88,8 +87,8 @@ pub fn run(a: UnifyArgs) -> Result<(), Error> {
         exec: ExecuteOptions {
             threads: a.threads,
             io,
-            sync: !a.no_sync,
-            resume: !a.force,
+            sync: !a.write.no_sync,
+            resume: !a.write.force,
             progress: progress.as_ref().map(progress::Progress::callback),
             cancel: Some(signals::cancel_on_signals()),
             ..ExecuteOptions::default()
@@ -104,7 +103,7 @@ pub fn run(a: UnifyArgs) -> Result<(), Error> {
     for w in &r.warnings {
         eprintln!("reshard: warning: {w}");
     }
-    if !a.quiet {
+    if !a.write.quiet {
         let bytes: u64 = r.files.iter().map(|f| f.len).sum();
         let kept = r.files.iter().filter(|f| f.reused).count();
         eprintln!(

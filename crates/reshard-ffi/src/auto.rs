@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use crate::cancel::{self, ReshardCancel};
 use crate::error::{FfiError, ReshardError, ReshardStatus};
-use crate::ffi::{self, ErrorOut, Out};
+use crate::ffi::{self, Out};
 use crate::panic::with_status;
 
 fn options_object(text: &str, func: &str) -> Result<serde_json::Map<String, Value>, FfiError> {
@@ -55,10 +55,10 @@ pub unsafe extern "C" fn reshard_auto(
     load_path_out: *mut *mut c_char,
     error_out: *mut *mut ReshardError,
 ) -> ReshardStatus {
+    // SAFETY: forwarded contract (# Safety), without a cancel handle.
+    let body = || unsafe { auto_impl(options_json, std::ptr::null(), load_path_out, "reshard_auto") };
     // SAFETY: `error_out` is NULL or writable (# Safety).
-    let error_out = unsafe { ErrorOut::new(error_out) };
-    // SAFETY: forwarded contract (# Safety).
-    with_status(error_out, || unsafe { auto_impl(options_json, None, load_path_out, "reshard_auto") })
+    unsafe { with_status(error_out, body) }
 }
 
 /// `reshard_auto` that another thread can stop: `reshard_cancel_request(cancel)` ends the wait
@@ -76,32 +76,40 @@ pub unsafe extern "C" fn reshard_auto_cancellable(
     load_path_out: *mut *mut c_char,
     error_out: *mut *mut ReshardError,
 ) -> ReshardStatus {
+    // SAFETY: forwarded contract (# Safety).
+    let body = || unsafe { auto_impl(options_json, cancel, load_path_out, "reshard_auto_cancellable") };
     // SAFETY: `error_out` is NULL or writable (# Safety).
-    let error_out = unsafe { ErrorOut::new(error_out) };
-    with_status(error_out, || {
-        // SAFETY: NULL or a live cancel handle (# Safety).
-        let cancel = unsafe { cancel::flag_of(cancel) };
-        // SAFETY: forwarded contract (# Safety).
-        unsafe { auto_impl(options_json, cancel, load_path_out, "reshard_auto_cancellable") }
-    })
+    unsafe { with_status(error_out, body) }
+}
+
+/// The required `options_json` argument of the functions of this module, as text.
+///
+/// # Safety
+///
+/// `options_json` must be NULL or NUL-terminated.
+unsafe fn options_text<'a>(options_json: *const c_char, func: &str) -> Result<&'a str, FfiError> {
+    // SAFETY: forwarded contract.
+    unsafe { ffi::opt_utf8_arg(options_json, "options_json") }?
+        .ok_or_else(|| FfiError::new(ReshardStatus::NullArgument, format!("{func}: options_json is NULL")))
 }
 
 /// The body of the two auto functions.
 ///
 /// # Safety
 ///
-/// The pointer contracts of `reshard_auto`.
+/// The pointer contracts of `reshard_auto_cancellable`.
 unsafe fn auto_impl(
     options_json: *const c_char,
-    cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    cancel: *const ReshardCancel,
     load_path_out: *mut *mut c_char,
     func: &str,
 ) -> Result<(), FfiError> {
     // SAFETY: NULL or NUL-terminated (# Safety).
-    let text = unsafe { ffi::opt_utf8_arg(options_json, "options_json") }?
-        .ok_or_else(|| FfiError::new(ReshardStatus::NullArgument, format!("{func}: options_json is NULL")))?;
+    let text = unsafe { options_text(options_json, func) }?;
     // SAFETY: NULL or writable (# Safety).
     let out = unsafe { Out::new(load_path_out, "load_path_out") }?;
+    // SAFETY: NULL or a live cancel handle (# Safety).
+    let cancel = unsafe { cancel::flag_of(cancel) };
     let mut obj = options_object(text, func)?;
     let quiet = match obj.remove("quiet") {
         None => false,
@@ -156,16 +164,16 @@ pub unsafe extern "C" fn reshard_strategy_new(
     options_json: *const c_char,
     error_out: *mut *mut ReshardError,
 ) -> ReshardStatus {
-    // SAFETY: `error_out` is NULL or writable (# Safety).
-    let error_out = unsafe { ErrorOut::new(error_out) };
-    with_status(error_out, || {
+    const F: &str = "reshard_strategy_new";
+    let body = || {
         // SAFETY: NULL or NUL-terminated (# Safety).
-        let text = unsafe { ffi::opt_utf8_arg(options_json, "options_json") }?
-            .ok_or_else(|| FfiError::new(ReshardStatus::NullArgument, "reshard_strategy_new: options_json is NULL"))?;
-        options_object(text, "reshard_strategy_new")?;
+        let text = unsafe { options_text(options_json, F) }?;
+        options_object(text, F)?;
         let opts = NewOptions::from_json(text)
-            .map_err(|e| FfiError::new(ReshardStatus::InvalidOptions, format!("reshard_strategy_new: {e}")))?;
+            .map_err(|e| FfiError::new(ReshardStatus::InvalidOptions, format!("{F}: {e}")))?;
         opts.run()?;
         Ok(())
-    })
+    };
+    // SAFETY: `error_out` is NULL or writable (# Safety).
+    unsafe { with_status(error_out, body) }
 }

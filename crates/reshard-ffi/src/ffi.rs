@@ -113,6 +113,34 @@ pub(crate) unsafe fn opt_path_arg(ptr: *const c_char, name: &str) -> Result<Opti
     Ok(Some(PathBuf::from(OsStr::from_bytes(s.to_bytes()))))
 }
 
+/// Several required path arguments, checked in order: the first NULL or empty one is the error.
+///
+/// # Safety
+///
+/// As [`c_str`], for each pointer.
+pub(crate) unsafe fn path_args<const N: usize>(args: [(*const c_char, &str); N]) -> Result<[PathBuf; N], FfiError> {
+    let mut paths: [PathBuf; N] = std::array::from_fn(|_| PathBuf::new());
+    for (path, (ptr, name)) in paths.iter_mut().zip(args) {
+        // SAFETY: forwarded contract.
+        *path = unsafe { path_arg(ptr, name) }?;
+    }
+    Ok(paths)
+}
+
+/// The `options_json` argument of an export, given to its parser: `None` for NULL, the text
+/// when it is UTF-8.
+///
+/// # Safety
+///
+/// As [`c_str`].
+pub(crate) unsafe fn options_arg<T>(
+    ptr: *const c_char,
+    parse: impl FnOnce(Option<&str>) -> Result<T, FfiError>,
+) -> Result<T, FfiError> {
+    // SAFETY: forwarded contract.
+    parse(unsafe { opt_utf8_arg(ptr, "options_json") }?)
+}
+
 /// An optional UTF-8 string argument: NULL gives `None`.
 ///
 /// # Safety

@@ -71,8 +71,7 @@ mod tests {
     fn panics_become_a_status_and_an_error_object() {
         let mut err: *mut ReshardError = null_mut();
         // SAFETY: `err` is a writable local.
-        let out = unsafe { ffi::ErrorOut::new(&mut err) };
-        let code = panic::with_status(out, || panic!("boom"));
+        let code = unsafe { panic::with_status(&mut err, || panic!("boom")) };
         assert_eq!(code, ReshardStatus::Panic);
         // SAFETY: `err` was just set by the library.
         unsafe {

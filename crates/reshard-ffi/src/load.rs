@@ -5,7 +5,7 @@ use std::ffi::{c_char, c_void, CString};
 use reshard_core::{load_rank, Error, TensorMeta};
 
 use crate::error::{c_string_lossy, FfiError, ReshardError, ReshardStatus};
-use crate::ffi::{self, ErrorOut};
+use crate::ffi;
 use crate::options::load_options;
 use crate::panic::with_status;
 use crate::plan::{out_of_range, ReshardPlan};
@@ -74,15 +74,12 @@ pub unsafe extern "C" fn reshard_load_rank(
     options_json: *const c_char,
     error_out: *mut *mut ReshardError,
 ) -> ReshardStatus {
-    // SAFETY: `error_out` is NULL or writable (# Safety).
-    let error_out = unsafe { ErrorOut::new(error_out) };
-    with_status(error_out, || {
+    let body = || {
         // SAFETY: NULL or a live plan (# Safety).
         let plan = unsafe { ffi::try_ref(plan, "plan") }?;
         let alloc = alloc.ok_or_else(|| FfiError::new(ReshardStatus::NullArgument, "argument 'alloc' is NULL"))?;
         // SAFETY: NULL or NUL-terminated (# Safety).
-        let options = unsafe { ffi::opt_utf8_arg(options_json, "options_json") }?;
-        let opts = load_options(options, "reshard_load_rank")?;
+        let opts = unsafe { ffi::options_arg(options_json, |o| load_options(o, "reshard_load_rank")) }?;
         let count = plan.plan().dst_rank_count();
         if dst_rank >= count {
             return Err(out_of_range(dst_rank, count));
@@ -129,7 +126,9 @@ pub unsafe extern "C" fn reshard_load_rank(
         };
         load_rank(plan.plan(), dst_rank, &opts, &mut on_tensor)?;
         Ok(())
-    })
+    };
+    // SAFETY: `error_out` is NULL or writable (# Safety).
+    unsafe { with_status(error_out, body) }
 }
 
 #[cfg(test)]

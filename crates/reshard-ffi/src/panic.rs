@@ -8,7 +8,7 @@
 use std::any::Any;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use crate::error::{FfiError, ReshardStatus};
+use crate::error::{FfiError, ReshardError, ReshardStatus};
 use crate::ffi::ErrorOut;
 
 fn panic_message(payload: &(dyn Any + Send)) -> String {
@@ -29,8 +29,18 @@ pub(crate) fn catch<T>(f: impl FnOnce() -> Result<T, FfiError>) -> Result<T, Ffi
 }
 
 /// The boundary of the functions that return a status and an error object: 0 on success,
-/// otherwise the error's code, with the error handed out through `error_out`.
-pub(crate) fn with_status(error_out: ErrorOut, f: impl FnOnce() -> Result<(), FfiError>) -> ReshardStatus {
+/// otherwise the error's code, with the error handed out through the export's own `error_out`
+/// argument. Every such export runs its whole body (argument checks included) in `f`.
+///
+/// # Safety
+///
+/// `error_out` must be NULL or valid for writing one `ReshardError *` until the call returns.
+pub(crate) unsafe fn with_status(
+    error_out: *mut *mut ReshardError,
+    f: impl FnOnce() -> Result<(), FfiError>,
+) -> ReshardStatus {
+    // SAFETY: forwarded contract.
+    let error_out = unsafe { ErrorOut::new(error_out) };
     match catch(f) {
         Ok(()) => ReshardStatus::Ok,
         Err(e) => error_out.set(e),

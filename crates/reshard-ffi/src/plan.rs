@@ -11,7 +11,7 @@ use reshard_core::report::plan_json;
 
 use crate::cancel::{self, ReshardCancel};
 use crate::error::{FfiError, ReshardError, ReshardStatus};
-use crate::ffi::{self, ErrorOut, Out, OutSlice};
+use crate::ffi::{self, Out, OutSlice};
 use crate::options::{distributed_options, execute_options, plan_options};
 use crate::panic::{catch, or_value, with_status};
 
@@ -132,9 +132,7 @@ pub unsafe extern "C" fn reshard_plan(
     plan_out: *mut *mut ReshardPlan,
     error_out: *mut *mut ReshardError,
 ) -> ReshardStatus {
-    // SAFETY: `error_out` is NULL or writable (# Safety).
-    let error_out = unsafe { ErrorOut::new(error_out) };
-    with_status(error_out, || {
+    let body = || {
         // SAFETY: `plan_out` is NULL or writable (# Safety).
         let plan_out = unsafe { Out::new(plan_out, "plan_out") }?;
         // SAFETY: the strings are NULL or NUL-terminated (# Safety).
@@ -144,12 +142,13 @@ pub unsafe extern "C" fn reshard_plan(
         // SAFETY: as above.
         let dst_strategy = unsafe { ffi::opt_path_arg(dst_strategy, "dst_strategy") }?;
         // SAFETY: as above.
-        let options = unsafe { ffi::opt_utf8_arg(options_json, "options_json") }?;
-        let opts = plan_options(options)?;
+        let opts = unsafe { ffi::options_arg(options_json, plan_options) }?;
         let plan = Plan::build(&src, src_strategy.as_deref(), dst_strategy.as_deref(), &opts)?;
         plan_out.write(ffi::into_handle(ReshardPlan { plan, in_flight: Mutex::new(BTreeSet::new()) }));
         Ok(())
-    })
+    };
+    // SAFETY: `error_out` is NULL or writable (# Safety).
+    unsafe { with_status(error_out, body) }
 }
 
 /// Frees a plan. NULL is a no-op.
@@ -291,53 +290,61 @@ impl ProgressSink {
     }
 }
 
-/// What the caller of an execute function watches or controls the run with.
-#[derive(Default)]
-struct Hooks {
-    progress: Option<Arc<reshard_core::execute::ProgressFn>>,
-    cancel: Option<Arc<std::sync::atomic::AtomicBool>>,
-}
-
-/// The shared body of the execute functions.
-///
-/// # Safety
-///
-/// The pointer contracts of `reshard_execute`.
-unsafe fn execute_impl(
+/// The arguments the execute functions share, and the name their error messages give.
+struct Execute {
     plan: *const ReshardPlan,
     dst_ckpt_dir: *const c_char,
     dst_ranks: *const u32,
     n_dst_ranks: usize,
     options_json: *const c_char,
-    hooks: Hooks,
-    func: &str,
-) -> Result<(), FfiError> {
-    // SAFETY: NULL or a live plan (caller's contract).
-    let plan = unsafe { ffi::try_ref(plan, "plan") }?;
-    // SAFETY: NULL or NUL-terminated (caller's contract).
-    let dst = unsafe { ffi::path_arg(dst_ckpt_dir, "dst_ckpt_dir") }?;
-    let count = plan.plan.dst_rank_count();
-    if n_dst_ranks > count as usize {
-        return Err(FfiError::new(
-            ReshardStatus::InvalidArgument,
-            format!("n_dst_ranks is {n_dst_ranks}, but the plan has only {count} destination rank(s)"),
-        ));
+    func: &'static str,
+}
+
+impl Execute {
+    /// The shared body of the execute functions: `reshard_execute_cancellable` (NULL `progress`
+    /// and `cancel` for the others).
+    ///
+    /// # Safety
+    ///
+    /// The pointer contracts of `reshard_execute_cancellable`.
+    unsafe fn run(
+        self,
+        progress: ReshardProgressFn,
+        user: *mut c_void,
+        cancel: *const ReshardCancel,
+    ) -> Result<(), FfiError> {
+        let Execute { plan, dst_ckpt_dir, dst_ranks, n_dst_ranks, options_json, func } = self;
+        // SAFETY: NULL or a live plan (caller's contract).
+        let plan = unsafe { ffi::try_ref(plan, "plan") }?;
+        // SAFETY: NULL or NUL-terminated (caller's contract).
+        let dst = unsafe { ffi::path_arg(dst_ckpt_dir, "dst_ckpt_dir") }?;
+        let count = plan.plan.dst_rank_count();
+        if n_dst_ranks > count as usize {
+            return Err(FfiError::new(
+                ReshardStatus::InvalidArgument,
+                format!("n_dst_ranks is {n_dst_ranks}, but the plan has only {count} destination rank(s)"),
+            ));
+        }
+        // SAFETY: NULL with 0, or `n_dst_ranks` readable values (caller's contract).
+        let ranks = unsafe { ffi::slice_arg(dst_ranks, n_dst_ranks, "dst_ranks") }?;
+        // SAFETY: NULL or NUL-terminated (caller's contract).
+        let options = unsafe { ffi::opt_utf8_arg(options_json, "options_json") }?;
+        let mut opts = execute_options(options, func)?;
+        let distributed = distributed_options(options, func)?;
+        opts.progress = progress.map(|callback| {
+            let sink = ProgressSink { callback, user, last: Mutex::new(None) };
+            Arc::new(move |done: u64, total: u64| sink.report(done, total)) as Arc<reshard_core::execute::ProgressFn>
+        });
+        // SAFETY: NULL or a live cancel handle (caller's contract).
+        opts.cancel = unsafe { cancel::flag_of(cancel) };
+        let ranks = resolve_ranks(&plan.plan, ranks)?;
+        let _claim = plan.claim(&ranks)?;
+        match distributed {
+            None => execute(&plan.plan, &dst, &ranks, &opts).map(drop)?,
+            Some(d) => reshard_core::distributed::execute_distributed(&plan.plan, &dst, &ranks, &opts, &d).map(drop)?,
+        }
+        Ok(())
     }
-    // SAFETY: NULL with 0, or `n_dst_ranks` readable values (caller's contract).
-    let ranks = unsafe { ffi::slice_arg(dst_ranks, n_dst_ranks, "dst_ranks") }?;
-    // SAFETY: NULL or NUL-terminated (caller's contract).
-    let options = unsafe { ffi::opt_utf8_arg(options_json, "options_json") }?;
-    let mut opts = execute_options(options, func)?;
-    let distributed = distributed_options(options, func)?;
-    opts.progress = hooks.progress;
-    opts.cancel = hooks.cancel;
-    let ranks = resolve_ranks(&plan.plan, ranks)?;
-    let _claim = plan.claim(&ranks)?;
-    match distributed {
-        None => execute(&plan.plan, &dst, &ranks, &opts).map(drop)?,
-        Some(d) => reshard_core::distributed::execute_distributed(&plan.plan, &dst, &ranks, &opts, &d).map(drop)?,
-    }
-    Ok(())
 }
 
 /// Writes the checkpoints of some or all destination ranks into
@@ -394,14 +401,11 @@ pub unsafe extern "C" fn reshard_execute(
     options_json: *const c_char,
     error_out: *mut *mut ReshardError,
 ) -> ReshardStatus {
+    let call = Execute { plan, dst_ckpt_dir, dst_ranks, n_dst_ranks, options_json, func: "reshard_execute" };
+    // SAFETY: forwarded contract (# Safety), with neither callback nor cancel handle.
+    let body = || unsafe { call.run(None, std::ptr::null_mut(), std::ptr::null()) };
     // SAFETY: `error_out` is NULL or writable (# Safety).
-    let error_out = unsafe { ErrorOut::new(error_out) };
-    with_status(error_out, || {
-        // SAFETY: forwarded contract (# Safety).
-        unsafe {
-            execute_impl(plan, dst_ckpt_dir, dst_ranks, n_dst_ranks, options_json, Hooks::default(), "reshard_execute")
-        }
-    })
+    unsafe { with_status(error_out, body) }
 }
 
 /// `reshard_execute` with a progress callback (NULL = none).
@@ -427,26 +431,12 @@ pub unsafe extern "C" fn reshard_execute_with_progress(
     user: *mut c_void,
     error_out: *mut *mut ReshardError,
 ) -> ReshardStatus {
+    let func = "reshard_execute_with_progress";
+    let call = Execute { plan, dst_ckpt_dir, dst_ranks, n_dst_ranks, options_json, func };
+    // SAFETY: forwarded contract (# Safety), without a cancel handle.
+    let body = || unsafe { call.run(progress, user, std::ptr::null()) };
     // SAFETY: `error_out` is NULL or writable (# Safety).
-    let error_out = unsafe { ErrorOut::new(error_out) };
-    with_status(error_out, || {
-        let sink = progress.map(|callback| {
-            let sink = ProgressSink { callback, user, last: Mutex::new(None) };
-            Arc::new(move |done: u64, total: u64| sink.report(done, total)) as Arc<reshard_core::execute::ProgressFn>
-        });
-        // SAFETY: forwarded contract (# Safety).
-        unsafe {
-            execute_impl(
-                plan,
-                dst_ckpt_dir,
-                dst_ranks,
-                n_dst_ranks,
-                options_json,
-                Hooks { progress: sink, cancel: None },
-                "reshard_execute_with_progress",
-            )
-        }
-    })
+    unsafe { with_status(error_out, body) }
 }
 
 /// `reshard_execute_with_progress` that another thread can stop: `reshard_cancel_request(cancel)`
@@ -473,26 +463,10 @@ pub unsafe extern "C" fn reshard_execute_cancellable(
     cancel: *const ReshardCancel,
     error_out: *mut *mut ReshardError,
 ) -> ReshardStatus {
+    let func = "reshard_execute_cancellable";
+    let call = Execute { plan, dst_ckpt_dir, dst_ranks, n_dst_ranks, options_json, func };
+    // SAFETY: forwarded contract (# Safety).
+    let body = || unsafe { call.run(progress, user, cancel) };
     // SAFETY: `error_out` is NULL or writable (# Safety).
-    let error_out = unsafe { ErrorOut::new(error_out) };
-    with_status(error_out, || {
-        let sink = progress.map(|callback| {
-            let sink = ProgressSink { callback, user, last: Mutex::new(None) };
-            Arc::new(move |done: u64, total: u64| sink.report(done, total)) as Arc<reshard_core::execute::ProgressFn>
-        });
-        // SAFETY: NULL or a live cancel handle (# Safety).
-        let cancel = unsafe { cancel::flag_of(cancel) };
-        // SAFETY: forwarded contract (# Safety).
-        unsafe {
-            execute_impl(
-                plan,
-                dst_ckpt_dir,
-                dst_ranks,
-                n_dst_ranks,
-                options_json,
-                Hooks { progress: sink, cancel },
-                "reshard_execute_cancellable",
-            )
-        }
-    })
+    unsafe { with_status(error_out, body) }
 }

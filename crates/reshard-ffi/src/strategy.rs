@@ -5,7 +5,7 @@ use std::ffi::c_char;
 use reshard_core::strategy::merge_dir;
 
 use crate::error::{ReshardError, ReshardStatus};
-use crate::ffi::{self, ErrorOut};
+use crate::ffi;
 use crate::panic::with_status;
 
 /// Merges the per-pipeline-stage strategy files in `src_dir` (all `*.ckpt`, or all `*.json`)
@@ -26,15 +26,13 @@ pub unsafe extern "C" fn reshard_merge_strategies(
     dst_file: *const c_char,
     error_out: *mut *mut ReshardError,
 ) -> ReshardStatus {
-    // SAFETY: `error_out` is NULL or writable (# Safety).
-    let error_out = unsafe { ErrorOut::new(error_out) };
-    with_status(error_out, || {
+    let body = || {
         // SAFETY: NULL or NUL-terminated (# Safety).
-        let src = unsafe { ffi::path_arg(src_dir, "src_dir") }?;
-        // SAFETY: as above.
-        let dst = unsafe { ffi::path_arg(dst_file, "dst_file") }?;
+        let [src, dst] = unsafe { ffi::path_args([(src_dir, "src_dir"), (dst_file, "dst_file")]) }?;
         let merged = merge_dir(&src)?;
         reshard_core::atomic::write_atomic(&dst, &merged.to_bytes(), true)?;
         Ok(())
-    })
+    };
+    // SAFETY: `error_out` is NULL or writable (# Safety).
+    unsafe { with_status(error_out, body) }
 }

@@ -7,7 +7,7 @@ use reshard_core::unify::{unify, UnifyOptions};
 use serde_json::Value;
 
 use crate::error::{FfiError, ReshardError, ReshardStatus};
-use crate::ffi::{self, ErrorOut};
+use crate::ffi;
 use crate::panic::with_status;
 
 const F: &str = "reshard_unify";
@@ -129,21 +129,17 @@ pub unsafe extern "C" fn reshard_unify(
     options_json: *const c_char,
     error_out: *mut *mut ReshardError,
 ) -> ReshardStatus {
-    // SAFETY: `error_out` is NULL or writable (# Safety).
-    let error_out = unsafe { ErrorOut::new(error_out) };
-    with_status(error_out, || {
+    let body = || {
+        let paths = [(src_dir, "src_dir"), (src_strategy_file, "src_strategy_file"), (dst_dir, "dst_dir")];
         // SAFETY: NULL or NUL-terminated (# Safety).
-        let src = unsafe { ffi::path_arg(src_dir, "src_dir") }?;
+        let [src, strategy, dst] = unsafe { ffi::path_args(paths) }?;
         // SAFETY: as above.
-        let strategy = unsafe { ffi::path_arg(src_strategy_file, "src_strategy_file") }?;
-        // SAFETY: as above.
-        let dst = unsafe { ffi::path_arg(dst_dir, "dst_dir") }?;
-        // SAFETY: as above.
-        let json = unsafe { ffi::opt_utf8_arg(options_json, "options_json") }?;
-        let opts = unify_options(json)?;
+        let opts = unsafe { ffi::options_arg(options_json, unify_options) }?;
         unify(&src, &strategy, &dst, &opts)?;
         Ok(())
-    })
+    };
+    // SAFETY: `error_out` is NULL or writable (# Safety).
+    unsafe { with_status(error_out, body) }
 }
 
 #[cfg(test)]
@@ -152,8 +148,7 @@ mod tests {
 
     #[test]
     fn options_are_parsed_and_typos_refused() {
-        let o = unify_options(None).unwrap();
-        assert_eq!(o.merge_with_redundancy, None);
+        assert_eq!(unify_options(None).unwrap().merge_with_redundancy, None);
         let o = unify_options(Some(
             r#"{"merge_with_redundancy": false, "file_suffix": "_1", "threads": 2, "io": "pread", "sync": false,
                 "part_bytes": 4096}"#,
