@@ -380,15 +380,7 @@ mod tests {
     fn an_unreadable_manifest_is_an_error_not_an_empty_one() {
         let dir = std::env::temp_dir().join(format!("reshard-manifest-unreadable-{}", std::process::id()));
         std::fs::create_dir_all(dir.join(MANIFEST_NAME)).unwrap();
-        let entry = ManifestEntry {
-            name: "a.ckpt".into(),
-            size: 1,
-            crc32: 0,
-            plan_fingerprint: "f".into(),
-            dst_rank: Some(0),
-            dst_rank_count: Some(1),
-        };
-        let err = Manifest::record(&dir, entry, false).unwrap_err().to_string();
+        let err = Manifest::record(&dir, entry("a.ckpt"), false).unwrap_err().to_string();
         assert!(err.contains(MANIFEST_NAME) && err.contains("read the manifest"), "{err}");
         assert!(dir.join(MANIFEST_NAME).is_dir());
         std::fs::remove_dir_all(&dir).unwrap();
@@ -416,15 +408,8 @@ mod tests {
                 let dir = &dir;
                 s.spawn(move || {
                     for i in 0..25 {
-                        let entry = ManifestEntry {
-                            name: format!("p{t}_{i}.ckpt"),
-                            size: 1,
-                            crc32: 0,
-                            plan_fingerprint: "f".into(),
-                            dst_rank: Some(0),
-                            dst_rank_count: Some(1),
-                        };
-                        Manifest::record(dir, entry, false).unwrap_or_else(|e| panic!("{e}"));
+                        Manifest::record(dir, entry(&format!("p{t}_{i}.ckpt")), false)
+                            .unwrap_or_else(|e| panic!("{e}"));
                     }
                 });
             }
@@ -447,15 +432,7 @@ mod tests {
         let other_host = dir.join(format!(".{MANIFEST_NAME}.reshard-node-7.0badc0de-{}-0.tmp", u32::MAX));
         std::fs::write(&dead_here, b"{").unwrap();
         std::fs::write(&other_host, b"{").unwrap();
-        let entry = ManifestEntry {
-            name: "a.ckpt".into(),
-            size: 1,
-            crc32: 0,
-            plan_fingerprint: "f".into(),
-            dst_rank: Some(0),
-            dst_rank_count: Some(1),
-        };
-        Manifest::record(&dir, entry, false).unwrap();
+        Manifest::record(&dir, entry("a.ckpt"), false).unwrap();
         assert!(!dead_here.exists());
         assert!(other_host.exists(), "another machine's manifest temporary file was removed");
         let _ = std::fs::remove_dir_all(&dir);

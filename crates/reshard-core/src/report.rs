@@ -35,6 +35,21 @@ fn bytes_read_by_file(plan: &Plan, rp: &RankPlan) -> std::collections::BTreeMap<
     m
 }
 
+/// What the rank reads from each source rank: (source rank, bytes, each file read with its
+/// bytes). Several files for a rank of several files: a unified or index folder, a map in a
+/// rank folder.
+type SourceRead<'a> = (u32, u64, Vec<(&'a std::path::Path, u64)>);
+
+/// [`SourceRead`] for every source rank the rank reads, in rank order.
+fn sources_read<'a>(plan: &'a Plan, rp: &RankPlan) -> Vec<SourceRead<'a>> {
+    let by_file = bytes_read_by_file(plan, rp);
+    let file = |s: u32, f: u32| plan.sources[&s].files[f as usize].path.as_path();
+    rp.bytes_read()
+        .into_iter()
+        .map(|(s, b)| (s, b, by_file.range((s, 0)..=(s, u32::MAX)).map(|(&(_, f), &fb)| (file(s, f), fb)).collect()))
+        .collect()
+}
+
 /// The rank plan's tensors as JSON, each copy piece (and raw copy) with the file it reads.
 fn tensors_json(plan: &Plan, rp: &RankPlan) -> Value {
     let mut v = serde_json::to_value(&rp.tensors).unwrap_or(Value::Null);
@@ -65,18 +80,11 @@ pub fn plan_json(plan: &Plan, dst_dir: &std::path::Path, opts: &ExecuteOptions, 
         .into_par_iter()
         .map(|r| -> Result<Value> {
             let rp = plan.rank_plan(r)?;
-            let by_file = bytes_read_by_file(plan, &rp);
-            let sources: Vec<Value> = rp
-                .bytes_read()
-                .iter()
-                .map(|(s, b)| {
-                    // Each file of the rank read, with its bytes (several for a rank of
-                    // several files: a unified or index folder, a map in a rank folder).
-                    let files: Vec<Value> = by_file
-                        .range((*s, 0)..=(*s, u32::MAX))
-                        .map(|((_, f), fb)| json!({"path": plan.sources[s].files[*f as usize].path, "bytes": fb}))
-                        .collect();
-                    json!({"rank": s, "path": plan.sources[s].path(), "bytes": b, "files": files})
+            let sources: Vec<Value> = sources_read(plan, &rp)
+                .into_iter()
+                .map(|(s, b, files)| {
+                    let files: Vec<Value> = files.iter().map(|(p, fb)| json!({"path": p, "bytes": fb})).collect();
+                    json!({"rank": s, "path": plan.sources[&s].path(), "bytes": b, "files": files})
                 })
                 .collect();
             let fetched: u64 = rp.bytes_read().values().sum();
@@ -130,22 +138,18 @@ pub fn plan_text(plan: &Plan, dst_dir: &std::path::Path, opts: &ExecuteOptions) 
     );
     for r in 0..plan.dst_rank_count() {
         let rp = plan.rank_plan(r)?;
-        let by_file = bytes_read_by_file(plan, &rp);
-        let reads: Vec<String> = rp
-            .bytes_read()
-            .iter()
-            .map(|(s, b)| {
-                let files: Vec<String> = by_file
-                    .range((*s, 0)..=(*s, u32::MAX))
-                    .map(|((_, f), fb)| {
-                        let p = &plan.sources[s].files[*f as usize].path;
-                        format!(
-                            "{} {fb}",
-                            p.file_name().map_or_else(|| p.display().to_string(), |n| n.to_string_lossy().into())
-                        )
+        let reads: Vec<String> = sources_read(plan, &rp)
+            .into_iter()
+            .map(|(s, b, files)| {
+                let files: Vec<String> = files
+                    .iter()
+                    .map(|(p, fb)| {
+                        let name =
+                            p.file_name().map_or_else(|| p.display().to_string(), |n| n.to_string_lossy().into());
+                        format!("{name} {fb}")
                     })
                     .collect();
-                if plan.sources[s].files.len() > 1 {
+                if plan.sources[&s].files.len() > 1 {
                     format!("{s}: {b} ({})", files.join(", "))
                 } else {
                     format!("{s}: {b}")

@@ -11,11 +11,17 @@ use crate::error::{Error, Result};
 /// The protobuf messages of `node_strategy.proto` (package `mindspore.straspb`, proto2).
 pub mod proto {
     #![allow(missing_docs)]
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct ParallelStrategy {
-        #[prost(uint32, repeated, packed = "false", tag = "1")]
-        pub dim: Vec<u32>,
+    // A message of one unpacked `repeated <kind> dim = 1`, as five of the schema's are.
+    macro_rules! dims_message {
+        ($name:ident, $kind:ident, $ty:ty) => {
+            #[derive(Clone, PartialEq, prost::Message)]
+            pub struct $name {
+                #[prost($kind, repeated, packed = "false", tag = "1")]
+                pub dim: Vec<$ty>,
+            }
+        };
     }
+    dims_message!(ParallelStrategy, uint32, u32);
     #[derive(Clone, PartialEq, prost::Message)]
     pub struct ParallelStrategys {
         #[prost(uint32, required, tag = "1")]
@@ -30,26 +36,10 @@ pub mod proto {
         #[prost(message, required, tag = "2")]
         pub parallel_strategys: ParallelStrategys,
     }
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct DevMatrix {
-        #[prost(uint32, repeated, packed = "false", tag = "1")]
-        pub dim: Vec<u32>,
-    }
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct TensorMap {
-        #[prost(int32, repeated, packed = "false", tag = "1")]
-        pub dim: Vec<i32>,
-    }
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct ParamSplitShape {
-        #[prost(int64, repeated, packed = "false", tag = "1")]
-        pub dim: Vec<i64>,
-    }
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct IndicesOffset {
-        #[prost(int64, repeated, packed = "false", tag = "1")]
-        pub dim: Vec<i64>,
-    }
+    dims_message!(DevMatrix, uint32, u32);
+    dims_message!(TensorMap, int32, i32);
+    dims_message!(ParamSplitShape, int64, i64);
+    dims_message!(IndicesOffset, int64, i64);
     #[derive(Clone, PartialEq, prost::Message)]
     pub struct ParallelLayouts {
         #[prost(message, repeated, tag = "1")]

@@ -120,6 +120,19 @@ pub fn put_key(out: &mut Vec<u8>, field: u64, wt: u8) {
     put_varint(out, (field << 3) | u64::from(wt));
 }
 
+/// Appends a field key and a varint: a varint field's value, or a length-delimited field's
+/// length (its bytes follow).
+pub fn put_field(out: &mut Vec<u8>, field: u64, wt: u8, v: u64) {
+    put_key(out, field, wt);
+    put_varint(out, v);
+}
+
+/// Appends a length-delimited field holding `bytes`.
+pub fn put_bytes(out: &mut Vec<u8>, field: u64, bytes: &[u8]) {
+    put_field(out, field, WT_LEN, bytes.len() as u64);
+    out.extend_from_slice(bytes);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -413,6 +413,18 @@ fn the_plan_names_the_file_each_slice_comes_from() {
                 .sum();
             assert_eq!(by_file, r["bytes_written"].as_u64().unwrap(), "{src}");
         }
+        // The table says the same: each file of a source of several files, by name, with its bytes.
+        let text = reshard_core::report::plan_text(&plan, Path::new("out"), &ExecuteOptions::default()).unwrap();
+        let mut listed = 0;
+        for s in v["ranks"].as_array().unwrap().iter().flat_map(|r| r["sources"].as_array().unwrap()) {
+            let files = s["files"].as_array().unwrap();
+            for f in files.iter().filter(|_| files.len() > 1) {
+                let name = Path::new(f["path"].as_str().unwrap()).file_name().unwrap().to_string_lossy();
+                assert!(text.contains(&format!("{name} {}", f["bytes"])), "{src}: {name} not in\n{text}");
+                listed += 1;
+            }
+        }
+        assert_eq!(listed > 0, src == "unified_3parts", "{src}: {listed} files listed");
         assert!(files_seen.len() >= 4, "{src}: {files_seen:?}");
     }
 }

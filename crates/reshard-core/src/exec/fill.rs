@@ -25,17 +25,14 @@ pub trait ContentSink: Sync {
     /// `fill`, in one or more consecutive parts (`fill(offset in the run, part)`), so that a
     /// source without views reads straight into them instead of into a buffer that is then
     /// put. Returns `Ok(false)` (and calls nothing) when the sink has no such memory.
-    fn fill_in_place(
-        &self,
-        tensor: usize,
-        at: u64,
-        len: u64,
-        fill: &mut dyn FnMut(u64, &mut [u8]) -> Result<()>,
-    ) -> Result<bool> {
+    fn fill_in_place(&self, tensor: usize, at: u64, len: u64, fill: &mut FillPart<'_>) -> Result<bool> {
         let _ = (tensor, at, len, fill);
         Ok(false)
     }
 }
+
+/// What [`ContentSink::fill_in_place`] calls for each part it lends: `(offset in the run, part)`.
+pub type FillPart<'f> = dyn FnMut(u64, &mut [u8]) -> Result<()> + 'f;
 
 thread_local! {
     /// Each worker's assembly buffer, kept from block to block rather than allocated and

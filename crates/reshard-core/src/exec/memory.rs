@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex};
 
-use super::fill::{fill, ContentSink};
+use super::fill::{fill, ContentSink, FillPart};
 use super::sources::OpenSources;
 use super::{ExecuteOptions, Job, ProgressFn};
 use crate::dtype::DType;
@@ -72,7 +72,7 @@ impl MemorySink<'_> {
     /// Calls `f(offset in the run, part)` for the parts of bytes [at, at + len) of `tensor`'s
     /// buffer, chunk by chunk, each under its chunk's lock; refuses a run beyond the buffer
     /// before touching any byte.
-    fn parts(&self, tensor: usize, at: u64, len: u64, f: &mut dyn FnMut(u64, &mut [u8]) -> Result<()>) -> Result<()> {
+    fn parts(&self, tensor: usize, at: u64, len: u64, f: &mut FillPart<'_>) -> Result<()> {
         let beyond = || {
             Error::Invalid(format!(
                 "internal error: tensor {tensor}'s buffer was given {len} bytes at {at}, beyond its end"
@@ -99,13 +99,7 @@ impl MemorySink<'_> {
 }
 
 impl ContentSink for MemorySink<'_> {
-    fn fill_in_place(
-        &self,
-        tensor: usize,
-        at: u64,
-        len: u64,
-        fill: &mut dyn FnMut(u64, &mut [u8]) -> Result<()>,
-    ) -> Result<bool> {
+    fn fill_in_place(&self, tensor: usize, at: u64, len: u64, fill: &mut FillPart<'_>) -> Result<bool> {
         self.parts(tensor, at, len, fill)?;
         Ok(true)
     }
@@ -172,16 +166,7 @@ pub fn load_rank<'b>(
     let pool = super::pool(exec.threads)?;
     let sources = OpenSources::new(plan, exec.io);
     let written = AtomicU64::new(0);
-    let job = Job {
-        plan,
-        sources: &sources,
-        dst_dir: Path::new(""),
-        opts: &exec,
-        block_bytes: super::block_bytes(plan, &exec, pool.current_num_threads()),
-        written: &written,
-        total,
-        fingerprint: "",
-    };
+    let job = Job::new(&sources, Path::new(""), &exec, &pool, &written, total, "");
     let sink = MemorySink::new(buffers);
     let what = Path::new("").join(format!("destination rank {rank} (in memory)"));
     pool.install(|| fill(&job, &kept, &sink, &what))?;

@@ -14,7 +14,7 @@ use std::sync::atomic::AtomicU64;
 
 use rayon::prelude::*;
 
-use super::{block_bytes, check_output, file_sink, pool, ExecuteOptions, Job, WrittenFile};
+use super::{check_output, file_sink, pool, ExecuteOptions, Job, WrittenFile};
 use crate::checkpoint::Format;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -362,16 +362,7 @@ pub fn execute_mindformers(
         mfo.iteration, mfo.prefix, mfo.dedup, exec.crc
     ));
     let pool = pool(exec.threads)?;
-    let job = Job {
-        plan,
-        sources: &sources,
-        dst_dir: &it_dir,
-        opts: &exec,
-        block_bytes: block_bytes(plan, &exec, pool.current_num_threads()),
-        written: &written,
-        total,
-        fingerprint: &fingerprint,
-    };
+    let job = Job::new(&sources, &it_dir, &exec, &pool, &written, total, &fingerprint);
     let out = pool.install(|| {
         files
             .par_iter()

@@ -209,16 +209,7 @@ pub fn execute(plan: &Plan, dst_dir: &Path, ranks: &[u32], opts: &ExecuteOptions
     let sources = OpenSources::new(plan, opts.io);
     let fingerprint = job_fingerprint(plan, opts);
     let pool = pool(opts.threads)?;
-    let job = Job {
-        plan,
-        sources: &sources,
-        dst_dir,
-        opts,
-        block_bytes: block_bytes(plan, opts, pool.current_num_threads()),
-        written: &written,
-        total,
-        fingerprint: &fingerprint,
-    };
+    let job = Job::new(&sources, dst_dir, opts, &pool, &written, total, &fingerprint);
     let to_store = crate::storage::is_url(dst_dir);
     #[cfg(not(feature = "s3"))]
     if to_store {
@@ -293,6 +284,24 @@ pub(crate) struct Job<'a> {
     written: &'a AtomicU64,
     total: u64,
     fingerprint: &'a str,
+}
+
+impl<'a> Job<'a> {
+    /// A job writing `total` bytes from the plan behind `sources` into `dst_dir`, its blocks
+    /// sized for `pool`'s workers; `fingerprint` marks its manifest entries.
+    fn new(
+        sources: &'a OpenSources<'a>,
+        dst_dir: &'a Path,
+        opts: &'a ExecuteOptions,
+        pool: &rayon::ThreadPool,
+        written: &'a AtomicU64,
+        total: u64,
+        fingerprint: &'a str,
+    ) -> Self {
+        let plan = sources.plan();
+        let block_bytes = block_bytes(plan, opts, pool.current_num_threads());
+        Job { plan, sources, dst_dir, opts, block_bytes, written, total, fingerprint }
+    }
 }
 
 impl Job<'_> {

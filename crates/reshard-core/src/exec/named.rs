@@ -11,7 +11,7 @@ use rayon::prelude::*;
 
 use super::file_sink::write_file;
 use super::sources::OpenSources;
-use super::{block_bytes, check_output, pool, ExecuteOptions, Job, WrittenFile};
+use super::{check_output, pool, ExecuteOptions, Job, WrittenFile};
 use crate::error::Result;
 use crate::formats::codec::{Codec, SafetensorsWithMetadata};
 use crate::plan::{Plan, RankPlan, TensorPlan};
@@ -55,16 +55,7 @@ pub fn execute_named(
     let written = AtomicU64::new(0);
     let sources = OpenSources::new(plan, opts.io);
     let pool = pool(opts.threads)?;
-    let job = Job {
-        plan,
-        sources: &sources,
-        dst_dir,
-        opts,
-        block_bytes: block_bytes(plan, opts, pool.current_num_threads()),
-        written: &written,
-        total,
-        fingerprint: &fingerprint,
-    };
+    let job = Job::new(&sources, dst_dir, opts, &pool, &written, total, &fingerprint);
     pool.install(|| {
         outputs
             .par_iter()

@@ -9,7 +9,7 @@ use crate::checkpoint::{
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::storage::{ByteReader, ByteSource, MemSource};
-use crate::wire::{put_key, put_varint, varint_len, Cursor, WT_I32, WT_I64, WT_LEN, WT_VARINT};
+use crate::wire::{put_bytes, put_field, varint_len, Cursor, WT_I32, WT_I64, WT_LEN, WT_VARINT};
 
 /// MindSpore cuts tensors into values of at most this many content bytes (`1024 * SLICE_SIZE`).
 pub const CHUNK_BYTES: u64 = 512 << 20;
@@ -381,22 +381,15 @@ fn value_prefix(h: &TensorHeader, content_len: u64) -> Vec<u8> {
     let name = h.name.as_bytes();
     let value_len = 1 + varint_len(name.len() as u64) + name.len() as u64 + 1 + varint_len(tp_len) + tp_len;
     let mut out = Vec::with_capacity(32 + name.len() + h.dims.len() * 4);
-    put_key(&mut out, 1, WT_LEN);
-    put_varint(&mut out, value_len);
-    put_key(&mut out, 1, WT_LEN);
-    put_varint(&mut out, name.len() as u64);
-    out.extend_from_slice(name);
-    put_key(&mut out, 2, WT_LEN);
-    put_varint(&mut out, tp_len);
+    put_field(&mut out, 1, WT_LEN, value_len);
+    put_bytes(&mut out, 1, name);
+    put_field(&mut out, 2, WT_LEN, tp_len);
     for &d in &h.dims {
-        put_key(&mut out, 1, WT_VARINT);
-        put_varint(&mut out, d);
+        put_field(&mut out, 1, WT_VARINT, d);
     }
-    put_key(&mut out, 2, WT_LEN);
-    put_varint(&mut out, type_name.len() as u64);
-    out.extend_from_slice(type_name);
-    put_key(&mut out, 3, WT_LEN);
-    put_varint(&mut out, content_len);
+    put_bytes(&mut out, 2, type_name);
+    // The content follows: only its length is written here.
+    put_field(&mut out, 3, WT_LEN, content_len);
     out
 }
 

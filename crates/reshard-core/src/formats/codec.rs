@@ -54,8 +54,12 @@ pub trait Codec: Send + Sync {
     /// the header names every tensor).
     fn window(&self) -> usize;
 
-    /// The file's length (before any trailer) for these tensors, in this order.
-    fn file_len(&self, tensors: &[&TensorPlan]) -> Result<u64>;
+    /// The file's length (before any trailer) for these tensors, in this order. By default the
+    /// file is laid out whole and its length taken.
+    fn file_len(&self, tensors: &[&TensorPlan]) -> Result<u64> {
+        let headers: Vec<TensorHeader> = tensors.iter().map(|t| self.header(t)).collect();
+        Ok(self.layout(&headers, 0)?.len)
+    }
 
     /// Lays out consecutive tensors starting at file offset `base`.
     fn layout(&self, headers: &[TensorHeader], base: u64) -> Result<FileLayout>;
@@ -115,6 +119,14 @@ struct SafetensorsCodec {
     crc: bool,
 }
 
+/// A safetensors header names every tensor: its files are laid out whole, from offset 0.
+fn st_whole_file(base: u64) -> Result<()> {
+    match base {
+        0 => Ok(()),
+        _ => Err(Error::Invalid("internal error: a safetensors file is laid out whole".into())),
+    }
+}
+
 fn st_metadata(crc: Option<u32>) -> BTreeMap<String, String> {
     let mut m = BTreeMap::from([("format".to_string(), "ms".to_string())]);
     if let Some(c) = crc {
@@ -142,14 +154,8 @@ impl Codec for SafetensorsCodec {
     fn window(&self) -> usize {
         usize::MAX
     }
-    fn file_len(&self, tensors: &[&TensorPlan]) -> Result<u64> {
-        let headers: Vec<TensorHeader> = tensors.iter().map(|t| self.header(t)).collect();
-        Ok(self.layout(&headers, 0)?.len)
-    }
     fn layout(&self, headers: &[TensorHeader], base: u64) -> Result<FileLayout> {
-        if base != 0 {
-            return Err(Error::Invalid("internal error: a safetensors file is laid out whole".into()));
-        }
+        st_whole_file(base)?;
         safetensors::layout(headers, &st_metadata(self.crc.then_some(u32::MAX)))
     }
     fn finish(&self, f: &Finish<'_>) -> Result<Vec<(u64, Vec<u8>)>> {
@@ -225,14 +231,8 @@ impl Codec for SafetensorsWithMetadata {
     fn window(&self) -> usize {
         usize::MAX
     }
-    fn file_len(&self, tensors: &[&TensorPlan]) -> Result<u64> {
-        let headers: Vec<TensorHeader> = tensors.iter().map(|t| self.header(t)).collect();
-        Ok(self.layout(&headers, 0)?.len)
-    }
     fn layout(&self, headers: &[TensorHeader], base: u64) -> Result<FileLayout> {
-        if base != 0 {
-            return Err(Error::Invalid("internal error: a safetensors file is laid out whole".into()));
-        }
+        st_whole_file(base)?;
         safetensors::layout(headers, &self.metadata)
     }
     fn finish(&self, _f: &Finish<'_>) -> Result<Vec<(u64, Vec<u8>)>> {
