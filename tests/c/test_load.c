@@ -12,82 +12,17 @@
  *
  * usage: test_load FIXTURES_CONFORMANCE_DIR SCRATCH_DIR
  */
-#define _POSIX_C_SOURCE 200809L
+#include "harness.h"
+
 #include <dirent.h>
-#include <stdarg.h>
-#include <errno.h>
 #include <pthread.h>
 #include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include "reshard.h"
 
-static int passed;
-static int failed;
-
-#define CHECK(cond, ...)                                                     \
-    do {                                                                     \
-        if (cond) {                                                          \
-            passed++;                                                        \
-        } else {                                                             \
-            failed++;                                                        \
-            fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond); \
-            fprintf(stderr, __VA_ARGS__);                                    \
-            fputc('\n', stderr);                                             \
-        }                                                                    \
-    } while (0)
-
-#define PATH_LEN 4096
 #define MAX_TENSORS 512
 #define MAX_DIMS 8
-
-static const char *fixtures;
-static const char *scratch;
-
-/* snprintf into a PATH_LEN buffer (through vsnprintf: gcc's truncation warnings assume the
- * worst of every %s; a path longer than PATH_LEN fails the test that uses it). */
-__attribute__((format(printf, 2, 3))) static void fmt_path(char *buf, const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(buf, PATH_LEN, fmt, ap);
-    va_end(ap);
-}
-
-static int read_file(const char *path, unsigned char **data, size_t *len)
-{
-    FILE *f = fopen(path, "rb");
-    if (f == NULL) {
-        return -1;
-    }
-    size_t cap = 1 << 16, n = 0;
-    unsigned char *buf = malloc(cap);
-    while (buf != NULL) {
-        n += fread(buf + n, 1, cap - n, f);
-        if (n < cap) {
-            break;
-        }
-        unsigned char *bigger = realloc(buf, cap * 2);
-        if (bigger == NULL) {
-            free(buf);
-            buf = NULL;
-            break;
-        }
-        buf = bigger;
-        cap *= 2;
-    }
-    fclose(f);
-    if (buf == NULL) {
-        return -1;
-    }
-    *data = buf;
-    *len = n;
-    return 0;
-}
 
 /* One tensor of a checkpoint file, or one loaded tensor. */
 struct tensor {
@@ -641,22 +576,6 @@ static void test_null_skips_and_bad_calls(void)
     reshard_plan_free(plan);
 }
 
-static int copy_file(const char *from, const char *to)
-{
-    unsigned char *buf = NULL;
-    size_t n = 0;
-    if (read_file(from, &buf, &n) != 0) {
-        return -1;
-    }
-    FILE *f = fopen(to, "wb");
-    int ok = f != NULL && fwrite(buf, 1, n, f) == n;
-    if (f != NULL) {
-        ok &= fclose(f) == 0;
-    }
-    free(buf);
-    return ok ? 0 : -1;
-}
-
 /* A source truncated after the plan: a clean error naming it, with mmap and with pread. */
 static void test_truncated_source(void)
 {
@@ -753,20 +672,11 @@ static void test_eight_threads(void)
 
 int main(int argc, char **argv)
 {
-    if (argc != 3) {
-        fprintf(stderr, "usage: %s FIXTURES_CONFORMANCE_DIR SCRATCH_DIR\n", argv[0]);
-        return 2;
-    }
-    fixtures = argv[1];
-    scratch = argv[2];
-    if (mkdir(scratch, 0755) != 0 && errno != EEXIST) {
-        perror(scratch);
-        return 2;
-    }
-    test_every_fixture_and_rank();
-    test_null_skips_and_bad_calls();
-    test_truncated_source();
-    test_eight_threads();
-    printf("load: %d passed, %d failed\n", passed, failed);
-    return failed == 0 ? 0 : 1;
+    static void (*const tests[])(void) = {
+        test_every_fixture_and_rank,
+        test_null_skips_and_bad_calls,
+        test_truncated_source,
+        test_eight_threads,
+    };
+    return harness_main(argc, argv, "load: ", tests, sizeof tests / sizeof tests[0]);
 }
