@@ -1,6 +1,7 @@
 /*
  * What the C tests (test_reshard.c, test_load.c) share: the CHECK counter, the two folders given
- * on the command line, paths, reading and copying files, and main's argument handling.
+ * on the command line, paths, reading and copying files, the plan of a conformance case, and
+ * main (HARNESS_MAIN).
  *
  * Each test is one translation unit that includes this header once, so the counters and the
  * folders are file-static; the functions are static inline so that a test using only some of
@@ -16,6 +17,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+
+#include "reshard.h"
 
 static int passed;
 static int failed;
@@ -95,6 +98,32 @@ static inline int copy_file(const char *from, const char *to)
     free(buf);
     return ok ? 0 : -1;
 }
+
+/* reshard_plan of conformance case `case_name`: its src/ folder, and the strategies named
+ * (files or folders of the case; NULL for none); NULL after a failed CHECK. */
+static inline ReshardPlan *make_plan(const char *case_name, const char *src_strategy, const char *dst_strategy)
+{
+    char src[PATH_LEN], s[PATH_LEN], d[PATH_LEN];
+    fmt_path(src, "%s/%s/src", fixtures, case_name);
+    fmt_path(s, "%s/%s/%s", fixtures, case_name, src_strategy ? src_strategy : "");
+    fmt_path(d, "%s/%s/%s", fixtures, case_name, dst_strategy ? dst_strategy : "");
+    ReshardPlan *plan = NULL;
+    ReshardError *err = NULL;
+    int32_t st = reshard_plan(src, src_strategy ? s : NULL, dst_strategy ? d : NULL, NULL, &plan, &err);
+    CHECK(st == RESHARD_STATUS_OK && plan != NULL && err == NULL, "reshard_plan(%s): %d %s", case_name, st,
+          err ? reshard_error_message(err) : "");
+    reshard_error_free(err);
+    return plan;
+}
+
+/* The main of a test: `HARNESS_MAIN("label: ", test_a, test_b, ...)` runs the tests in order
+ * (see harness_main). */
+#define HARNESS_MAIN(label, ...)                                                          \
+    int main(int argc, char **argv)                                                       \
+    {                                                                                     \
+        static void (*const tests[])(void) = {__VA_ARGS__};                               \
+        return harness_main(argc, argv, label, tests, sizeof tests / sizeof tests[0]);    \
+    }
 
 /* main of a test: `usage: NAME FIXTURES_CONFORMANCE_DIR SCRATCH_DIR` sets `fixtures` and
  * `scratch` and creates the scratch folder, then every test runs in order; prints

@@ -503,19 +503,9 @@ static void test_every_fixture_and_rank(void)
            deviations);
 }
 
-static ReshardPlan *plan_of(const char *case_name, const char *dst_strategy)
-{
-    char src[PATH_LEN], d[PATH_LEN];
-    fmt_path(src, "%s/%s/src", fixtures, case_name);
-    fmt_path(d, "%s/%s/%s", fixtures, case_name, dst_strategy);
-    ReshardPlan *plan = NULL;
-    CHECK(reshard_plan(src, NULL, d, NULL, &plan, NULL) == RESHARD_STATUS_OK, "plan %s", case_name);
-    return plan;
-}
-
 static void test_null_skips_and_bad_calls(void)
 {
-    ReshardPlan *plan = plan_of("complete_to_dp2mp2", "dst_strategy.ckpt");
+    ReshardPlan *plan = make_plan("complete_to_dp2mp2", NULL, "dst_strategy.ckpt");
     if (plan == NULL) {
         return;
     }
@@ -628,7 +618,7 @@ static void *run_load(void *arg)
 static void test_eight_threads(void)
 {
     const char *c = "complete_to_dp2mp1pp4_opt";
-    ReshardPlan *plan = plan_of(c, "dst_strategy.ckpt");
+    ReshardPlan *plan = make_plan(c, NULL, "dst_strategy.ckpt");
     if (plan == NULL) {
         return;
     }
@@ -670,13 +660,5 @@ static void test_eight_threads(void)
     reshard_plan_free(plan);
 }
 
-int main(int argc, char **argv)
-{
-    static void (*const tests[])(void) = {
-        test_every_fixture_and_rank,
-        test_null_skips_and_bad_calls,
-        test_truncated_source,
-        test_eight_threads,
-    };
-    return harness_main(argc, argv, "load: ", tests, sizeof tests / sizeof tests[0]);
-}
+HARNESS_MAIN("load: ", test_every_fixture_and_rank, test_null_skips_and_bad_calls, test_truncated_source,
+             test_eight_threads)

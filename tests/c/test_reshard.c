@@ -78,26 +78,6 @@ static void execute_rank_ok(const ReshardPlan *plan, const char *dst, uint32_t r
     reshard_error_free(err);
 }
 
-static ReshardPlan *make_plan(const char *case_name, const char *src_strategy, const char *dst_strategy)
-{
-    char src[PATH_LEN], s[PATH_LEN], d[PATH_LEN], base[PATH_LEN];
-    path_of(base, "%s/%s", fixtures, case_name);
-    path_of(src, "%s/%s", base, "src");
-    if (src_strategy != NULL) {
-        path_of(s, "%s/%s", base, src_strategy);
-    }
-    if (dst_strategy != NULL) {
-        path_of(d, "%s/%s", base, dst_strategy);
-    }
-    ReshardPlan *plan = NULL;
-    ReshardError *err = NULL;
-    int32_t st = reshard_plan(src, src_strategy ? s : NULL, dst_strategy ? d : NULL, NULL, &plan, &err);
-    CHECK(st == RESHARD_STATUS_OK && plan != NULL && err == NULL, "reshard_plan(%s): %d %s",
-          case_name, st, err ? reshard_error_message(err) : "");
-    reshard_error_free(err);
-    return plan;
-}
-
 static void test_version(void)
 {
     CHECK(reshard_abi_version() == RESHARD_ABI_VERSION, "abi %u", reshard_abi_version());
@@ -864,22 +844,6 @@ static void test_strategy_new(void)
     reshard_error_free(err);
 }
 
-int main(int argc, char **argv)
-{
-    static void (*const tests[])(void) = {
-        test_version,
-        test_complete_to_dp2mp2,
-        test_cancel,
-        test_output_inside_source,
-        test_dp2mp2_to_complete,
-        test_pipeline_threads,
-        test_safetensors,
-        test_merge,
-        test_unify,
-        test_bad_plans,
-        test_auto,
-        test_auto_cancel,
-        test_strategy_new,
-    };
-    return harness_main(argc, argv, "", tests, sizeof tests / sizeof tests[0]);
-}
+HARNESS_MAIN("", test_version, test_complete_to_dp2mp2, test_cancel, test_output_inside_source,
+             test_dp2mp2_to_complete, test_pipeline_threads, test_safetensors, test_merge, test_unify,
+             test_bad_plans, test_auto, test_auto_cancel, test_strategy_new)
