@@ -12,6 +12,7 @@
 
 #define _POSIX_C_SOURCE 200809L
 #include <errno.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -97,6 +98,25 @@ static inline int copy_file(const char *from, const char *to)
     }
     free(buf);
     return ok ? 0 : -1;
+}
+
+#define MAX_THREADS 16
+
+/* Runs fn(job i) for each of the n (at most MAX_THREADS) jobs of `size` bytes at `jobs`, each on
+ * its own thread, all at once, and returns when every one has. */
+static inline void run_threads(void *(*fn)(void *), void *jobs, size_t size, size_t n)
+{
+    pthread_t threads[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    for (size_t i = 0; i < n && i < MAX_THREADS; i++) {
+        started[i] = pthread_create(&threads[i], NULL, fn, (char *)jobs + i * size) == 0;
+        CHECK(started[i], "pthread_create %zu", i);
+    }
+    for (size_t i = 0; i < n && i < MAX_THREADS; i++) {
+        if (started[i]) {
+            pthread_join(threads[i], NULL);
+        }
+    }
 }
 
 /* reshard_plan of conformance case `case_name`: its src/ folder, and the strategies named

@@ -566,14 +566,12 @@ static void test_pipeline_threads(void)
     }
     char dst[PATH_LEN];
     path_of(dst, "%s/%s", scratch, "pp_threads");
-    pthread_t threads[4];
     struct rank_job jobs[4];
     for (uint32_t r = 0; r < 4; r++) {
         jobs[r] = (struct rank_job){plan, dst, r, -1};
-        CHECK(pthread_create(&threads[r], NULL, run_rank, &jobs[r]) == 0, "pthread_create %u", r);
     }
+    run_threads(run_rank, jobs, sizeof jobs[0], 4);
     for (uint32_t r = 0; r < 4; r++) {
-        pthread_join(threads[r], NULL);
         CHECK(jobs[r].status == RESHARD_STATUS_OK, "thread %u: %d", r, jobs[r].status);
         check_rank_output(c, dst, r, "checkpoint_", "ckpt");
     }
