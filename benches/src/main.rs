@@ -276,6 +276,108 @@ fn drop_from_cache(dir: &Path) {
     }
 }
 
+/// Syncs, and with `cold` drops `src` from the page cache: what runs before each timed command.
+fn settle(src: &Path, cold: bool) {
+    let _ = Command::new("sync").status();
+    if cold {
+        drop_from_cache(src);
+    }
+}
+
+/// `reshard transform FLAGS --src_ckpt_dir SRC --dst_ckpt_strategy DST_STRATEGY --dst_ckpt_dir OUT`.
+fn transform(reshard: &Path, flags: &[&str], src: &Path, dst_strategy: &Path, out: &Path) -> Command {
+    let mut c = Command::new(reshard);
+    c.arg("transform").args(flags).arg("--src_ckpt_dir").arg(src);
+    c.arg("--dst_ckpt_strategy").arg(dst_strategy).arg("--dst_ckpt_dir").arg(out);
+    c
+}
+
+/// Medians of a reshard command against `cp -r` of its source, each without and with a final
+/// sync (reshard's `--no-sync` and its default fsync), and the command's peak memory.
+struct AgainstCopy {
+    cp: f64,
+    rs: f64,
+    cps: f64,
+    rss_t: f64,
+    peak_rss_kb: u64,
+    peak_anon_kb: u64,
+}
+
+impl AgainstCopy {
+    /// `runs` times, alternately without and with the final sync: `cp -r src copy`, then
+    /// `reshard()` (given `--no-sync` here for the first) writing `out`; each after `settle`.
+    fn measure(src: &Path, copy: &Path, out: &Path, runs: usize, cold: bool, reshard: &dyn Fn() -> Command) -> Self {
+        let (mut t_cp, mut t_rs, mut t_cps, mut t_rss, mut rss, mut anon) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), 0, 0);
+        for _ in 0..runs {
+            for synced in [false, true] {
+                let _ = std::fs::remove_dir_all(copy);
+                settle(src, cold);
+                let mut cp = Command::new("sh");
+                cp.arg("-c").arg(if synced { "cp -r \"$0\" \"$1\" && sync" } else { "cp -r \"$0\" \"$1\"" });
+                let t = run(cp.arg(src).arg(copy)).secs;
+                if synced {
+                    t_cps.push(t)
+                } else {
+                    t_cp.push(t)
+                }
+                let _ = std::fs::remove_dir_all(out);
+                settle(src, cold);
+                let mut cmd = reshard();
+                if !synced {
+                    cmd.arg("--no-sync");
+                }
+                let m = run(&mut cmd);
+                if synced {
+                    t_rss.push(m.secs)
+                } else {
+                    t_rs.push(m.secs)
+                }
+                rss = rss.max(m.peak_rss_kb);
+                anon = anon.max(m.peak_anon_kb);
+            }
+        }
+        let (cp, rs, cps, rss_t) = (median(t_cp), median(t_rs), median(t_cps), median(t_rss));
+        AgainstCopy { cp, rs, cps, rss_t, peak_rss_kb: rss, peak_anon_kb: anon }
+    }
+
+    /// The table's columns `cp -r s | reshard --no-sync s | ratio | cp -r + sync s | reshard s
+    /// (fsync) | ratio`.
+    fn times(&self) -> String {
+        format!(
+            "{:.3} | {:.3} | {:.2} | {:.3} | {:.3} | {:.2}",
+            self.cp,
+            self.rs,
+            self.rs / self.cp,
+            self.cps,
+            self.rss_t,
+            self.rss_t / self.cps
+        )
+    }
+
+    /// The table's columns `peak RSS MB | peak anon MB`.
+    fn memory(&self) -> String {
+        format!("{:.0} | {:.0}", self.peak_rss_kb as f64 / 1024.0, self.peak_anon_kb as f64 / 1024.0)
+    }
+
+    /// The table's MindSpore columns for MindSpore's run `m`: `MindSpore s | MindSpore peak RSS
+    /// MB | speed-up (no fsync, as MindSpore) | speed-up (reshard fsync)`. MindSpore does not
+    /// fsync what it writes: the like-for-like figure is against reshard --no-sync; the second
+    /// is against reshard's default, durable, run.
+    fn mindspore(&self, m: &Measured) -> String {
+        format!(
+            "{:.2} | {:.0} | {:.1}x | {:.1}x",
+            m.secs,
+            m.peak_rss_kb as f64 / 1024.0,
+            m.secs / self.rs,
+            m.secs / self.rss_t
+        )
+    }
+}
+
+/// The table's MindSpore columns when MindSpore is not there.
+const NO_MINDSPORE: &str = "n/a | n/a | n/a | n/a";
+
 struct Case {
     name: &'static str,
     src: PathBuf,
@@ -375,59 +477,23 @@ fn main() {
         let out = dir.join("out");
         let copy = dir.join("copy");
         let src_mb = du(&c.src) as f64 / 1e6;
-        let (mut t_cp, mut t_rs, mut t_cps, mut t_rss, mut rss, mut anon) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), 0, 0);
-        let settle = || {
-            let _ = Command::new("sync").status();
-            if a.cold {
-                drop_from_cache(&c.src);
+        let t = AgainstCopy::measure(&c.src, &copy, &out, a.runs, a.cold, &|| {
+            let mut cmd = Command::new(&reshard);
+            cmd.args(["transform", "-q", "--io", &a.io, "--src_ckpt_dir"]).arg(&c.src).arg("--dst_ckpt_dir").arg(&out);
+            if let Some(s) = &c.src_strategy {
+                cmd.arg("--src_ckpt_strategy").arg(s);
             }
-        };
-        for _ in 0..a.runs {
-            for synced in [false, true] {
-                let _ = std::fs::remove_dir_all(&copy);
-                settle();
-                let mut cp = Command::new("sh");
-                cp.arg("-c").arg(if synced { "cp -r \"$0\" \"$1\" && sync" } else { "cp -r \"$0\" \"$1\"" });
-                let t = run(cp.arg(&c.src).arg(&copy)).secs;
-                if synced {
-                    t_cps.push(t)
-                } else {
-                    t_cp.push(t)
-                }
-                let _ = std::fs::remove_dir_all(&out);
-                settle();
-                let mut cmd = Command::new(&reshard);
-                cmd.args(["transform", "-q", "--io", &a.io, "--src_ckpt_dir"])
-                    .arg(&c.src)
-                    .arg("--dst_ckpt_dir")
-                    .arg(&out);
-                if !synced {
-                    cmd.arg("--no-sync");
-                }
-                if let Some(s) = &c.src_strategy {
-                    cmd.arg("--src_ckpt_strategy").arg(s);
-                }
-                if let Some(s) = &c.dst_strategy {
-                    cmd.arg("--dst_ckpt_strategy").arg(s);
-                }
-                let m = run(&mut cmd);
-                if synced {
-                    t_rss.push(m.secs)
-                } else {
-                    t_rs.push(m.secs)
-                }
-                rss = rss.max(m.peak_rss_kb);
-                anon = anon.max(m.peak_anon_kb);
+            if let Some(s) = &c.dst_strategy {
+                cmd.arg("--dst_ckpt_strategy").arg(s);
             }
-        }
-        let (cp, rs, cps, rss_t) = (median(t_cp), median(t_rs), median(t_cps), median(t_rss));
+            cmd
+        });
         let written = du(&out) as f64;
-        let mut ms_cols = "n/a | n/a | n/a | n/a".to_string();
+        let mut ms_cols = NO_MINDSPORE.to_string();
         if let Some(py) = &ms_python {
             let msout = dir.join("ms_out");
             let _ = std::fs::remove_dir_all(&msout);
-            settle();
+            settle(&c.src, a.cold);
             let arg = |p: &Option<PathBuf>| {
                 p.as_ref().map_or("None".to_string(), |p| format!("{:?}", p.display().to_string()))
             };
@@ -439,30 +505,16 @@ fn main() {
                 arg(&c.dst_strategy)
             );
             let m = run(Command::new(py).args(["-c", &script]).stderr(std::process::Stdio::null()));
-            // MindSpore does not fsync what it writes: the like-for-like figure is against
-            // reshard --no-sync; the second is against reshard's default, durable, run.
-            ms_cols = format!(
-                "{:.2} | {:.0} | {:.1}x | {:.1}x",
-                m.secs,
-                m.peak_rss_kb as f64 / 1024.0,
-                m.secs / rs,
-                m.secs / rss_t
-            );
+            ms_cols = t.mindspore(&m);
             let _ = std::fs::remove_dir_all(&msout);
         }
         println!(
-            "| {} | {:.0} | {:.3} | {:.3} | {:.2} | {:.3} | {:.3} | {:.2} | {:.2} | {:.0} | {:.0} | {} |",
+            "| {} | {:.0} | {} | {:.2} | {} | {} |",
             c.name,
             src_mb,
-            cp,
-            rs,
-            rs / cp,
-            cps,
-            rss_t,
-            rss_t / cps,
-            (src_mb * 1e6 + written) / 1e9 / rs,
-            rss as f64 / 1024.0,
-            anon as f64 / 1024.0,
+            t.times(),
+            (src_mb * 1e6 + written) / 1e9 / t.rs,
+            t.memory(),
             ms_cols
         );
         if c.dst_strategy.is_none() {
@@ -509,64 +561,25 @@ fn unify_case(
 ) {
     let src = dir.join("sharded8_st");
     let _ = std::fs::remove_dir_all(&src);
-    run(Command::new(reshard)
-        .args(["transform", "-q", "--output_format", "safetensors", "--src_ckpt_dir"])
-        .arg(complete)
-        .arg("--dst_ckpt_strategy")
-        .arg(train)
-        .arg("--dst_ckpt_dir")
-        .arg(&src));
+    run(&mut transform(reshard, &["-q", "--output_format", "safetensors"], complete, train, &src));
     let _ = std::fs::remove_dir_all(src.join("merged_strategy"));
     for r in 0..8 {
         let _ = std::fs::remove_file(src.join(format!("rank_{r}/reshard_manifest.json")));
         let _ = std::fs::remove_file(src.join(format!("rank_{r}/.reshard_manifest.lock")));
     }
     let (out, copy) = (dir.join("unified"), dir.join("copy"));
-    let settle = || {
-        let _ = Command::new("sync").status();
-        if cold {
-            drop_from_cache(&src);
-        }
-    };
-    let (mut t_cp, mut t_rs, mut t_cps, mut t_rss, mut rss, mut anon) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), 0, 0);
-    for _ in 0..runs {
-        for synced in [false, true] {
-            let _ = std::fs::remove_dir_all(&copy);
-            settle();
-            let mut cp = Command::new("sh");
-            cp.arg("-c").arg(if synced { "cp -r \"$0\" \"$1\" && sync" } else { "cp -r \"$0\" \"$1\"" });
-            let t = run(cp.arg(&src).arg(&copy)).secs;
-            if synced {
-                t_cps.push(t)
-            } else {
-                t_cp.push(t)
-            }
-            let _ = std::fs::remove_dir_all(&out);
-            settle();
-            let mut cmd = Command::new(reshard);
-            cmd.args(["unify", "-q", "--src_ckpt_dir"]).arg(&src).arg("--src_ckpt_strategy").arg(train);
-            cmd.arg("--dst_dir").arg(&out);
-            if !synced {
-                cmd.arg("--no-sync");
-            }
-            let m = run(&mut cmd);
-            if synced {
-                t_rss.push(m.secs)
-            } else {
-                t_rs.push(m.secs)
-            }
-            rss = rss.max(m.peak_rss_kb);
-            anon = anon.max(m.peak_anon_kb);
-        }
-    }
-    let (cp, rs, cps, rss_t) = (median(t_cp), median(t_rs), median(t_cps), median(t_rss));
+    let t = AgainstCopy::measure(&src, &copy, &out, runs, cold, &|| {
+        let mut cmd = Command::new(reshard);
+        cmd.args(["unify", "-q", "--src_ckpt_dir"]).arg(&src).arg("--src_ckpt_strategy").arg(train);
+        cmd.arg("--dst_dir").arg(&out);
+        cmd
+    });
     let src_mb = du(&src) as f64 / 1e6;
-    let mut ms_cols = "n/a | n/a | n/a | n/a".to_string();
+    let mut ms_cols = NO_MINDSPORE.to_string();
     if let Some(py) = ms_python {
         let msout = dir.join("ms_unified");
         let _ = std::fs::remove_dir_all(&msout);
-        settle();
+        settle(&src, cold);
         // The bench model's layer weights are bf16: MindSpore's safetensors reader needs a numpy
         // bfloat16, which this MindSpore build only finds when its numpy matches; ml_dtypes
         // (on PYTHONPATH) stands in. Views are made contiguous before saving, as the safetensors
@@ -589,13 +602,7 @@ fn unify_case(
             msout.display().to_string()
         );
         let m = run(Command::new(py).args(["-c", &script]).stderr(std::process::Stdio::null()));
-        ms_cols = format!(
-            "{:.2} | {:.0} | {:.1}x | {:.1}x",
-            m.secs,
-            m.peak_rss_kb as f64 / 1024.0,
-            m.secs / rs,
-            m.secs / rss_t
-        );
+        ms_cols = t.mindspore(&m);
         // The same folder as MindSpore's: the map byte for byte, every tensor the same.
         let map = |d: &Path| std::fs::read(d.join("param_name_map.json")).unwrap_or_default();
         let tensors = |d: &Path| {
@@ -621,16 +628,10 @@ fn unify_case(
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     println!(
-        "| 8 (dp2 mp2 pp2, opt shard, safetensors) -> unified | {:.0} | {:.3} | {:.3} | {:.2} | {:.3} | {:.3} | {:.2} | {:.0} | {:.0} | {} |",
+        "| 8 (dp2 mp2 pp2, opt shard, safetensors) -> unified | {:.0} | {} | {} | {} |",
         src_mb,
-        cp,
-        rs,
-        rs / cp,
-        cps,
-        rss_t,
-        rss_t / cps,
-        rss as f64 / 1024.0,
-        anon as f64 / 1024.0,
+        t.times(),
+        t.memory(),
         ms_cols
     );
     // The unified folder holds the complete model: every tensor, the same bytes.
@@ -700,14 +701,8 @@ fn distributed(dir: &Path, reshard: &Path, complete: &Path, train: &Path, runs: 
     drop(plan);
     let out = dir.join("dist_out");
     let base = |extra: &[String]| {
-        let mut c = Command::new(reshard);
-        c.args(["transform", "--progress-interval", "100000", "--no-sync", "--src_ckpt_dir"])
-            .arg(complete)
-            .arg("--dst_ckpt_strategy")
-            .arg(train)
-            .arg("--dst_ckpt_dir")
-            .arg(&out)
-            .args(extra);
+        let mut c = transform(reshard, &["--progress-interval", "100000", "--no-sync"], complete, train, &out);
+        c.args(extra);
         c
     };
     let ranks = |r: &[u32]| r.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
@@ -820,13 +815,7 @@ fn many_small(dir: &Path, reshard: &Path, runs: usize, io: &str) {
     let (mut secs, mut rss, mut anon) = (Vec::new(), 0, 0);
     for _ in 0..runs.max(1) {
         let _ = std::fs::remove_dir_all(&out);
-        let m = run(Command::new(reshard)
-            .args(["transform", "-q", "--no-sync", "--io", io, "--src_ckpt_dir"])
-            .arg(&src)
-            .arg("--dst_ckpt_strategy")
-            .arg(&dst)
-            .arg("--dst_ckpt_dir")
-            .arg(&out));
+        let m = run(&mut transform(reshard, &["-q", "--no-sync", "--io", io], &src, &dst, &out));
         secs.push(m.secs);
         rss = rss.max(m.peak_rss_kb);
         anon = anon.max(m.peak_anon_kb);

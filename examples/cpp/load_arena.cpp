@@ -58,23 +58,15 @@ inline Arena load_into_arena(const reshard::Plan &plan, uint32_t rank, const res
 }
 
 #ifndef RESHARD_EXAMPLE_NO_MAIN
+#include "example_main.hpp"
+
 int main(int argc, char **argv) {
-    if (argc != 5) {
-        std::fprintf(stderr, "usage: %s SRC_CKPT_DIR SRC_STRATEGY|- DST_STRATEGY|- RANK\n", argv[0]);
-        return 2;
-    }
-    auto opt = [](const char *s) { return std::string(s) == "-" ? std::nullopt : std::optional<std::string>(s); };
-    try {
-        reshard::Plan plan = reshard::Plan::build(argv[1], opt(argv[2]), opt(argv[3]));
-        Arena arena = load_into_arena(plan, static_cast<uint32_t>(std::stoul(argv[4])));
+    return run_example(argc, argv, [](const reshard::Plan &plan, uint32_t rank) {
+        Arena arena = load_into_arena(plan, rank);
         for (const ArenaTensor &t : arena.tensors) {
             std::printf("%s %s at %zu, %zu bytes\n", t.name.c_str(), t.dtype.c_str(), t.offset, t.nbytes);
         }
         std::printf("%zu of %zu arena bytes used\n", arena.used, arena.capacity);
-    } catch (const std::exception &e) {
-        std::fprintf(stderr, "load_arena: %s\n", e.what());
-        return 1;
-    }
-    return 0;
+    });
 }
 #endif

@@ -35,25 +35,17 @@ inline std::vector<LoadedTensor> load_into_vectors(const reshard::Plan &plan, ui
 }
 
 #ifndef RESHARD_EXAMPLE_NO_MAIN
+#include "example_main.hpp"
+
 int main(int argc, char **argv) {
-    if (argc != 5) {
-        std::fprintf(stderr, "usage: %s SRC_CKPT_DIR SRC_STRATEGY|- DST_STRATEGY|- RANK\n", argv[0]);
-        return 2;
-    }
-    auto opt = [](const char *s) { return std::string(s) == "-" ? std::nullopt : std::optional<std::string>(s); };
-    try {
-        reshard::Plan plan = reshard::Plan::build(argv[1], opt(argv[2]), opt(argv[3]));
-        for (const LoadedTensor &t : load_into_vectors(plan, static_cast<uint32_t>(std::stoul(argv[4])))) {
+    return run_example(argc, argv, [](const reshard::Plan &plan, uint32_t rank) {
+        for (const LoadedTensor &t : load_into_vectors(plan, rank)) {
             std::string shape;
             for (int64_t d : t.shape) {
                 shape += (shape.empty() ? "" : ", ") + std::to_string(d);
             }
             std::printf("%s %s [%s] %zu bytes\n", t.name.c_str(), t.dtype.c_str(), shape.c_str(), t.data.size());
         }
-    } catch (const reshard::Error &e) {
-        std::fprintf(stderr, "reshard: %s (status %d)\n", e.what(), e.code());
-        return 1;
-    }
-    return 0;
+    });
 }
 #endif

@@ -31,36 +31,36 @@ run() { # name, command...
   fi
 }
 
-"$cc" "${cflags[@]}" -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer \
-  "$src" -o "$out/test_asan" -L"$lib" -lreshard -Wl,-rpath,"$lib" -lpthread
-run "ASan+UBSan" env ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1 \
-  "$out/test_asan" "$fixtures" "$out/asan"
+sanitized() { # name, source, binary: built with ASan+UBSan (LeakSanitizer included) and run
+  "$cc" "${cflags[@]}" -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer \
+    "$2" -o "$out/$3" -L"$lib" -lreshard -Wl,-rpath,"$lib" -lpthread
+  run "$1" env ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1 \
+    "$out/$3" "$fixtures" "$out/$3.scratch"
+}
 
-"$cc" "${cflags[@]}" -O1 "$src" -o "$out/test_plain" -L"$lib" -lreshard -Wl,-rpath,"$lib" -lpthread
-if command -v valgrind >/dev/null 2>&1; then
+under_valgrind() { # name, source, binary: built without sanitizers and run under valgrind
+  "$cc" "${cflags[@]}" -O1 "$2" -o "$out/$3" -L"$lib" -lreshard -Wl,-rpath,"$lib" -lpthread
+  if ! command -v valgrind >/dev/null 2>&1; then
+    echo "FAILED: $1: valgrind is not installed (tests/install-deps.sh installs it)"
+    failed=$((failed + 1))
+    return
+  fi
   # Only definite leaks count (and are shown): rayon's global worker threads are still alive at
   # exit, so their thread-local blocks are "possibly lost" by design.
-  run "valgrind" valgrind -q --leak-check=full --show-leak-kinds=definite --errors-for-leak-kinds=definite \
-    --error-exitcode=1 "$out/test_plain" "$fixtures" "$out/valgrind"
-else
-  echo "FAILED: valgrind is not installed (tests/install-deps.sh installs it)"
-  failed=$((failed + 1))
-fi
+  run "$1" valgrind -q --leak-check=full --show-leak-kinds=definite --errors-for-leak-kinds=definite \
+    --error-exitcode=1 "$out/$3" "$fixtures" "$out/$3.scratch"
+}
+
+sanitized "ASan+UBSan" "$src" test_asan
+under_valgrind "valgrind" "$src" test_plain
 
 "$cc" "${cflags[@]}" "$src" -o "$out/test_static" "$lib/libreshard.a" -lpthread -ldl -lm
 run "static libreshard.a" "$out/test_static" "$fixtures" "$out/static"
 
 # reshard_load_rank (tests/c/test_load.c): every fixture and rank into malloc'd buffers, under
 # ASan+UBSan and valgrind (which also reports any byte of a buffer the load leaves unwritten).
-"$cc" "${cflags[@]}" -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer \
-  "$here/test_load.c" -o "$out/load_asan" -L"$lib" -lreshard -Wl,-rpath,"$lib" -lpthread
-run "load: ASan+UBSan" env ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1 \
-  "$out/load_asan" "$fixtures" "$out/load_asan_scratch"
-"$cc" "${cflags[@]}" -O1 "$here/test_load.c" -o "$out/load_plain" -L"$lib" -lreshard -Wl,-rpath,"$lib" -lpthread
-if command -v valgrind >/dev/null 2>&1; then
-  run "load: valgrind" valgrind -q --leak-check=full --show-leak-kinds=definite --errors-for-leak-kinds=definite \
-    --error-exitcode=1 "$out/load_plain" "$fixtures" "$out/load_valgrind"
-fi
+sanitized "load: ASan+UBSan" "$here/test_load.c" load_asan
+under_valgrind "load: valgrind" "$here/test_load.c" load_plain
 
 pc_version=$(PKG_CONFIG_PATH="$root/cmake" pkg-config --modversion reshard)
 cargo_version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)

@@ -12,82 +12,17 @@
  *
  * usage: test_load FIXTURES_CONFORMANCE_DIR SCRATCH_DIR
  */
-#define _POSIX_C_SOURCE 200809L
+#include "harness.h"
+
 #include <dirent.h>
-#include <stdarg.h>
-#include <errno.h>
 #include <pthread.h>
 #include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include "reshard.h"
 
-static int passed;
-static int failed;
-
-#define CHECK(cond, ...)                                                     \
-    do {                                                                     \
-        if (cond) {                                                          \
-            passed++;                                                        \
-        } else {                                                             \
-            failed++;                                                        \
-            fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond); \
-            fprintf(stderr, __VA_ARGS__);                                    \
-            fputc('\n', stderr);                                             \
-        }                                                                    \
-    } while (0)
-
-#define PATH_LEN 4096
 #define MAX_TENSORS 512
 #define MAX_DIMS 8
-
-static const char *fixtures;
-static const char *scratch;
-
-/* snprintf into a PATH_LEN buffer (through vsnprintf: gcc's truncation warnings assume the
- * worst of every %s; a path longer than PATH_LEN fails the test that uses it). */
-__attribute__((format(printf, 2, 3))) static void fmt_path(char *buf, const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(buf, PATH_LEN, fmt, ap);
-    va_end(ap);
-}
-
-static int read_file(const char *path, unsigned char **data, size_t *len)
-{
-    FILE *f = fopen(path, "rb");
-    if (f == NULL) {
-        return -1;
-    }
-    size_t cap = 1 << 16, n = 0;
-    unsigned char *buf = malloc(cap);
-    while (buf != NULL) {
-        n += fread(buf + n, 1, cap - n, f);
-        if (n < cap) {
-            break;
-        }
-        unsigned char *bigger = realloc(buf, cap * 2);
-        if (bigger == NULL) {
-            free(buf);
-            buf = NULL;
-            break;
-        }
-        buf = bigger;
-        cap *= 2;
-    }
-    fclose(f);
-    if (buf == NULL) {
-        return -1;
-    }
-    *data = buf;
-    *len = n;
-    return 0;
-}
 
 /* One tensor of a checkpoint file, or one loaded tensor. */
 struct tensor {
@@ -568,19 +503,9 @@ static void test_every_fixture_and_rank(void)
            deviations);
 }
 
-static ReshardPlan *plan_of(const char *case_name, const char *dst_strategy)
-{
-    char src[PATH_LEN], d[PATH_LEN];
-    fmt_path(src, "%s/%s/src", fixtures, case_name);
-    fmt_path(d, "%s/%s/%s", fixtures, case_name, dst_strategy);
-    ReshardPlan *plan = NULL;
-    CHECK(reshard_plan(src, NULL, d, NULL, &plan, NULL) == RESHARD_STATUS_OK, "plan %s", case_name);
-    return plan;
-}
-
 static void test_null_skips_and_bad_calls(void)
 {
-    ReshardPlan *plan = plan_of("complete_to_dp2mp2", "dst_strategy.ckpt");
+    ReshardPlan *plan = make_plan("complete_to_dp2mp2", NULL, "dst_strategy.ckpt");
     if (plan == NULL) {
         return;
     }
@@ -641,22 +566,6 @@ static void test_null_skips_and_bad_calls(void)
     reshard_plan_free(plan);
 }
 
-static int copy_file(const char *from, const char *to)
-{
-    unsigned char *buf = NULL;
-    size_t n = 0;
-    if (read_file(from, &buf, &n) != 0) {
-        return -1;
-    }
-    FILE *f = fopen(to, "wb");
-    int ok = f != NULL && fwrite(buf, 1, n, f) == n;
-    if (f != NULL) {
-        ok &= fclose(f) == 0;
-    }
-    free(buf);
-    return ok ? 0 : -1;
-}
-
 /* A source truncated after the plan: a clean error naming it, with mmap and with pread. */
 static void test_truncated_source(void)
 {
@@ -700,6 +609,9 @@ struct rank_load {
 static void *run_load(void *arg)
 {
     struct rank_load *j = arg;
+    if (j->l == NULL) {
+        return NULL; /* no loader could be allocated: status stays -1 */
+    }
     j->status = reshard_load_rank(j->plan, j->rank, alloc_malloc, j->l, j->rank % 2 ? "{\"io\": \"pread\"}" : NULL,
                                   NULL);
     return NULL;
@@ -709,19 +621,17 @@ static void *run_load(void *arg)
 static void test_eight_threads(void)
 {
     const char *c = "complete_to_dp2mp1pp4_opt";
-    ReshardPlan *plan = plan_of(c, "dst_strategy.ckpt");
+    ReshardPlan *plan = make_plan(c, NULL, "dst_strategy.ckpt");
     if (plan == NULL) {
         return;
     }
     CHECK(reshard_plan_dst_rank_count(plan) == 8, "ranks %u", reshard_plan_dst_rank_count(plan));
-    pthread_t threads[8];
     struct rank_load jobs[8];
     for (uint32_t r = 0; r < 8; r++) {
         jobs[r] = (struct rank_load){plan, r, -1, calloc(1, sizeof(struct loader))};
-        CHECK(jobs[r].l != NULL && pthread_create(&threads[r], NULL, run_load, &jobs[r]) == 0, "start %u", r);
     }
+    run_threads(run_load, jobs, sizeof jobs[0], 8);
     for (uint32_t r = 0; r < 8; r++) {
-        pthread_join(threads[r], NULL);
         CHECK(jobs[r].status == RESHARD_STATUS_OK, "thread %u: %d", r, jobs[r].status);
         char rank_dir[PATH_LEN], file[PATH_LEN];
         fmt_path(rank_dir, "%s/%s/expected/rank_%u", fixtures, c, r);
@@ -751,22 +661,5 @@ static void test_eight_threads(void)
     reshard_plan_free(plan);
 }
 
-int main(int argc, char **argv)
-{
-    if (argc != 3) {
-        fprintf(stderr, "usage: %s FIXTURES_CONFORMANCE_DIR SCRATCH_DIR\n", argv[0]);
-        return 2;
-    }
-    fixtures = argv[1];
-    scratch = argv[2];
-    if (mkdir(scratch, 0755) != 0 && errno != EEXIST) {
-        perror(scratch);
-        return 2;
-    }
-    test_every_fixture_and_rank();
-    test_null_skips_and_bad_calls();
-    test_truncated_source();
-    test_eight_threads();
-    printf("load: %d passed, %d failed\n", passed, failed);
-    return failed == 0 ? 0 : 1;
-}
+HARNESS_MAIN("load: ", test_every_fixture_and_rank, test_null_skips_and_bad_calls, test_truncated_source,
+             test_eight_threads)

@@ -5,75 +5,20 @@
  * usage: test_reshard FIXTURES_CONFORMANCE_DIR SCRATCH_DIR
  * Prints "N passed, M failed" last; exits 1 if anything failed.
  */
-#define _POSIX_C_SOURCE 200809L
+#include "harness.h"
+
 #include <dirent.h>
-#include <errno.h>
 #include <pthread.h>
 #include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include "reshard.h"
 
-static int passed;
-static int failed;
-
-#define CHECK(cond, ...)                                                 \
-    do {                                                                 \
-        if (cond) {                                                      \
-            passed++;                                                    \
-        } else {                                                         \
-            failed++;                                                    \
-            fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond); \
-            fprintf(stderr, __VA_ARGS__);                                \
-            fputc('\n', stderr);                                         \
-        }                                                                \
-    } while (0)
-
-static const char *fixtures;
-static const char *scratch;
-
 /* path_of(buf, "%s/%s", ...) into a caller buffer. */
-#define PATH_LEN 4096
 static const char *path_of(char *buf, const char *fmt, const char *a, const char *b)
 {
     snprintf(buf, PATH_LEN, fmt, a, b);
     return buf;
-}
-
-static int read_file(const char *path, unsigned char **data, size_t *len)
-{
-    FILE *f = fopen(path, "rb");
-    if (f == NULL) {
-        return -1;
-    }
-    size_t cap = 1 << 16, n = 0;
-    unsigned char *buf = malloc(cap);
-    while (buf != NULL) {
-        size_t got = fread(buf + n, 1, cap - n, f);
-        n += got;
-        if (n < cap) {
-            break;
-        }
-        unsigned char *bigger = realloc(buf, cap * 2);
-        if (bigger == NULL) {
-            free(buf);
-            buf = NULL;
-            break;
-        }
-        buf = bigger;
-        cap *= 2;
-    }
-    fclose(f);
-    if (buf == NULL) {
-        return -1;
-    }
-    *data = buf;
-    *len = n;
-    return 0;
 }
 
 /* 1 when both files exist and have the same bytes (cmp). */
@@ -133,26 +78,6 @@ static void execute_rank_ok(const ReshardPlan *plan, const char *dst, uint32_t r
     reshard_error_free(err);
 }
 
-static ReshardPlan *make_plan(const char *case_name, const char *src_strategy, const char *dst_strategy)
-{
-    char src[PATH_LEN], s[PATH_LEN], d[PATH_LEN], base[PATH_LEN];
-    path_of(base, "%s/%s", fixtures, case_name);
-    path_of(src, "%s/%s", base, "src");
-    if (src_strategy != NULL) {
-        path_of(s, "%s/%s", base, src_strategy);
-    }
-    if (dst_strategy != NULL) {
-        path_of(d, "%s/%s", base, dst_strategy);
-    }
-    ReshardPlan *plan = NULL;
-    ReshardError *err = NULL;
-    int32_t st = reshard_plan(src, src_strategy ? s : NULL, dst_strategy ? d : NULL, NULL, &plan, &err);
-    CHECK(st == RESHARD_STATUS_OK && plan != NULL && err == NULL, "reshard_plan(%s): %d %s",
-          case_name, st, err ? reshard_error_message(err) : "");
-    reshard_error_free(err);
-    return plan;
-}
-
 static void test_version(void)
 {
     CHECK(reshard_abi_version() == RESHARD_ABI_VERSION, "abi %u", reshard_abi_version());
@@ -200,6 +125,53 @@ static void hold_until_released(uint64_t done, uint64_t total, void *user)
         pthread_cond_wait(&g->cv, &g->mu);
     }
     pthread_mutex_unlock(&g->mu);
+}
+
+static void gate_init(struct gate *g)
+{
+    pthread_mutex_init(&g->mu, NULL);
+    pthread_cond_init(&g->cv, NULL);
+    g->started = 0;
+    g->released = 0;
+}
+
+/* Returns once the callback holds the call. */
+static void gate_wait_started(struct gate *g)
+{
+    pthread_mutex_lock(&g->mu);
+    while (!g->started) {
+        pthread_cond_wait(&g->cv, &g->mu);
+    }
+    pthread_mutex_unlock(&g->mu);
+}
+
+/* Lets the held call go on. */
+static void gate_release(struct gate *g)
+{
+    pthread_mutex_lock(&g->mu);
+    g->released = 1;
+    pthread_cond_broadcast(&g->cv);
+    pthread_mutex_unlock(&g->mu);
+}
+
+static void gate_destroy(struct gate *g)
+{
+    pthread_cond_destroy(&g->cv);
+    pthread_mutex_destroy(&g->mu);
+}
+
+/* What a call made on another thread returned: its status and error message. */
+struct outcome {
+    int32_t status;
+    char message[1024];
+};
+
+/* Keeps status and message of a call, and frees its error object. */
+static void record(struct outcome *o, int32_t status, ReshardError *err)
+{
+    o->status = status;
+    snprintf(o->message, sizeof o->message, "%s", err ? reshard_error_message(err) : "");
+    reshard_error_free(err);
 }
 
 struct held_job {
@@ -252,8 +224,7 @@ struct cancelled_job {
     const char *dst;
     struct gate *gate;
     ReshardCancel *cancel;
-    int32_t status;
-    char message[1024];
+    struct outcome out;
 };
 
 static void *run_cancellable(void *arg)
@@ -261,12 +232,10 @@ static void *run_cancellable(void *arg)
     struct cancelled_job *j = arg;
     uint32_t rank = 1;
     ReshardError *err = NULL;
-    j->status = reshard_execute_cancellable(j->plan, j->dst, &rank, 1, "{\"threads\": 1}", hold_until_released,
-                                            j->gate, j->cancel, &err);
-    snprintf(j->message, sizeof j->message, "%s", err ? reshard_error_message(err) : "");
-    CHECK(err == NULL || reshard_error_code(err) == j->status, "error code %d, status %d",
-          reshard_error_code(err), j->status);
-    reshard_error_free(err);
+    int32_t st = reshard_execute_cancellable(j->plan, j->dst, &rank, 1, "{\"threads\": 1}", hold_until_released,
+                                             j->gate, j->cancel, &err);
+    CHECK(err == NULL || reshard_error_code(err) == st, "error code %d, status %d", reshard_error_code(err), st);
+    record(&j->out, st, err);
     return NULL;
 }
 
@@ -289,31 +258,21 @@ static void test_cancel(void)
     ReshardCancel *cancel = reshard_cancel_new();
     CHECK(cancel != NULL, "reshard_cancel_new");
     struct gate g;
-    pthread_mutex_init(&g.mu, NULL);
-    pthread_cond_init(&g.cv, NULL);
-    g.started = 0;
-    g.released = 0;
-    struct cancelled_job job = {plan, dst, &g, cancel, -1, ""};
+    gate_init(&g);
+    struct cancelled_job job = {plan, dst, &g, cancel, {-1, ""}};
     pthread_t t;
     CHECK(pthread_create(&t, NULL, run_cancellable, &job) == 0, "pthread_create");
-    pthread_mutex_lock(&g.mu);
-    while (!g.started) {
-        pthread_cond_wait(&g.cv, &g.mu);
-    }
-    pthread_mutex_unlock(&g.mu);
+    gate_wait_started(&g);
     CHECK(reshard_cancel_request(cancel) == RESHARD_STATUS_OK, "reshard_cancel_request");
-    pthread_mutex_lock(&g.mu);
-    g.released = 1;
-    pthread_cond_broadcast(&g.cv);
-    pthread_mutex_unlock(&g.mu);
+    gate_release(&g);
     pthread_join(t, NULL);
-    CHECK(job.status == RESHARD_STATUS_CANCELLED, "cancelled execute returned %d: %s", job.status, job.message);
-    CHECK(strstr(job.message, "cancelled") != NULL && strstr(job.message, "checkpoint_1.ckpt") != NULL,
-          "message \"%s\"", job.message);
+    CHECK(job.out.status == RESHARD_STATUS_CANCELLED, "cancelled execute returned %d: %s", job.out.status,
+          job.out.message);
+    CHECK(strstr(job.out.message, "cancelled") != NULL && strstr(job.out.message, "checkpoint_1.ckpt") != NULL,
+          "message \"%s\"", job.out.message);
     int left = entries_besides_lock(rank_dir, first, sizeof first);
     CHECK(left == 0, "a cancelled run left %d file(s) in %s, e.g. %s", left, rank_dir, first);
-    pthread_cond_destroy(&g.cv);
-    pthread_mutex_destroy(&g.mu);
+    gate_destroy(&g);
 
     /* Requested before the call: stopped before anything is written. */
     ReshardError *err = NULL;
@@ -425,18 +384,11 @@ static void test_complete_to_dp2mp2(void)
      * nothing; a disjoint rank goes through meanwhile. */
     path_of(dst, "%s/%s", scratch, "c2d_busy");
     struct gate g;
-    pthread_mutex_init(&g.mu, NULL);
-    pthread_cond_init(&g.cv, NULL);
-    g.started = 0;
-    g.released = 0;
+    gate_init(&g);
     struct held_job job = {plan, dst, &g, -1};
     pthread_t t;
     CHECK(pthread_create(&t, NULL, run_held, &job) == 0, "pthread_create");
-    pthread_mutex_lock(&g.mu);
-    while (!g.started) {
-        pthread_cond_wait(&g.cv, &g.mu);
-    }
-    pthread_mutex_unlock(&g.mu);
+    gate_wait_started(&g);
     uint32_t overlap[2] = {3, 0};
     st = reshard_execute(plan, dst, overlap, 2, NULL, &err);
     check_error(st, &err, RESHARD_STATUS_BUSY, "rank(s) 0 are being written");
@@ -444,18 +396,14 @@ static void test_complete_to_dp2mp2(void)
     path_of(rank3, "%s/%s", dst, "rank_3");
     CHECK(!exists(rank3), "a refused call wrote %s", rank3);
     execute_rank_ok(plan, dst, 3, "disjoint rank while another call runs");
-    pthread_mutex_lock(&g.mu);
-    g.released = 1;
-    pthread_cond_broadcast(&g.cv);
-    pthread_mutex_unlock(&g.mu);
+    gate_release(&g);
     pthread_join(t, NULL);
     CHECK(job.status == RESHARD_STATUS_OK, "held execute: %d", job.status);
     check_rank_output(c, dst, 0, "checkpoint_", "ckpt");
     check_rank_output(c, dst, 3, "checkpoint_", "ckpt");
     /* Once the first call has returned, the rank can be executed again. */
     execute_rank_ok(plan, dst, 0, "execute rank 0 after the held call returned");
-    pthread_cond_destroy(&g.cv);
-    pthread_mutex_destroy(&g.mu);
+    gate_destroy(&g);
 
     /* JSON summary. */
     char *json = reshard_plan_to_json(plan);
@@ -514,22 +462,6 @@ static void test_complete_to_dp2mp2(void)
     CHECK(reshard_plan_src_ranks(NULL, 0, out, 1, &n) == RESHARD_STATUS_NULL_ARGUMENT, "NULL plan");
     CHECK(out[0] == 77 && n == 12345, "outputs written on failure");
     reshard_plan_free(plan);
-}
-
-static int copy_file(const char *from, const char *to)
-{
-    unsigned char *data = NULL;
-    size_t len = 0;
-    if (read_file(from, &data, &len) != 0) {
-        return -1;
-    }
-    FILE *f = fopen(to, "wb");
-    int ok = f != NULL && fwrite(data, 1, len, f) == len;
-    if (f != NULL && fclose(f) != 0) {
-        ok = 0;
-    }
-    free(data);
-    return ok ? 0 : -1;
 }
 
 /* An output folder inside the source folder is refused, however it is spelled. Works on a copy
@@ -634,14 +566,12 @@ static void test_pipeline_threads(void)
     }
     char dst[PATH_LEN];
     path_of(dst, "%s/%s", scratch, "pp_threads");
-    pthread_t threads[4];
     struct rank_job jobs[4];
     for (uint32_t r = 0; r < 4; r++) {
         jobs[r] = (struct rank_job){plan, dst, r, -1};
-        CHECK(pthread_create(&threads[r], NULL, run_rank, &jobs[r]) == 0, "pthread_create %u", r);
     }
+    run_threads(run_rank, jobs, sizeof jobs[0], 4);
     for (uint32_t r = 0; r < 4; r++) {
-        pthread_join(threads[r], NULL);
         CHECK(jobs[r].status == RESHARD_STATUS_OK, "thread %u: %d", r, jobs[r].status);
         check_rank_output(c, dst, r, "checkpoint_", "ckpt");
     }
@@ -791,20 +721,29 @@ static void test_bad_plans(void)
     passed++;
 }
 
+/* Makes reshard_auto's output folder scratch/<name> (into `out`) with the strategy files the
+ * runtime leaves there for ranks 0..n-1: strategy/ckpt_strategy_rank_<r>.ckpt, each a copy of
+ * complete_to_mp2's mp2 strategy. */
+static void auto_output_with_strategies(char *out, const char *name, int n)
+{
+    char strat[PATH_LEN], from[PATH_LEN], to[PATH_LEN];
+    fmt_path(out, "%s/%s", scratch, name);
+    fmt_path(strat, "%s/strategy", out);
+    mkdir(out, 0755);
+    mkdir(strat, 0755);
+    fmt_path(from, "%s/complete_to_mp2/dst_strategy.ckpt", fixtures);
+    for (int r = 0; r < n; r++) {
+        fmt_path(to, "%s/ckpt_strategy_rank_%d.ckpt", strat, r);
+        CHECK(copy_file(from, to) == 0, "cannot copy %s", from);
+    }
+}
+
 /* reshard_auto: the runtime left ckpt_strategy_rank_{0,1}.ckpt (mp2); each rank converts the
  * complete checkpoint for itself; the results equal MindSpore's transform. Then bad calls. */
 static void test_auto(void)
 {
-    char out[PATH_LEN], strat[PATH_LEN + 16], from[PATH_LEN + 64], to[PATH_LEN + 64], opts[3 * PATH_LEN];
-    snprintf(out, sizeof out, "%s/auto_output", scratch);
-    snprintf(strat, sizeof strat, "%s/strategy", out);
-    mkdir(out, 0755);
-    mkdir(strat, 0755);
-    snprintf(from, sizeof from, "%s/complete_to_mp2/dst_strategy.ckpt", fixtures);
-    for (int r = 0; r < 2; r++) {
-        snprintf(to, sizeof to, "%s/ckpt_strategy_rank_%d.ckpt", strat, r);
-        CHECK(copy_file(from, to) == 0, "cannot copy %s", from);
-    }
+    char out[PATH_LEN], opts[3 * PATH_LEN];
+    auto_output_with_strategies(out, "auto_output", 2);
     for (uint32_t r = 0; r < 2; r++) {
         snprintf(opts, sizeof opts,
                  "{\"load_checkpoint\": \"%s/complete_to_mp2/src\", \"output_dir\": \"%s\", "
@@ -842,8 +781,7 @@ static void test_auto(void)
 struct auto_job {
     const char *opts;
     ReshardCancel *cancel;
-    int32_t status;
-    char message[1024];
+    struct outcome out;
 };
 
 static void *run_auto(void *arg)
@@ -851,9 +789,8 @@ static void *run_auto(void *arg)
     struct auto_job *j = arg;
     char *load = NULL;
     ReshardError *err = NULL;
-    j->status = reshard_auto_cancellable(j->opts, j->cancel, &load, &err);
-    snprintf(j->message, sizeof j->message, "%s", err ? reshard_error_message(err) : "");
-    reshard_error_free(err);
+    int32_t st = reshard_auto_cancellable(j->opts, j->cancel, &load, &err);
+    record(&j->out, st, err);
     reshard_string_free(load);
     return NULL;
 }
@@ -862,26 +799,20 @@ static void *run_auto(void *arg)
  * thread's request ends the wait with CANCELLED (not the timeout's SOURCE), nothing written. */
 static void test_auto_cancel(void)
 {
-    char out[PATH_LEN], strat[PATH_LEN + 16], from[PATH_LEN + 64], to[PATH_LEN + 64], opts[3 * PATH_LEN];
-    snprintf(out, sizeof out, "%s/auto_cancel", scratch);
-    snprintf(strat, sizeof strat, "%s/strategy", out);
-    mkdir(out, 0755);
-    mkdir(strat, 0755);
-    snprintf(from, sizeof from, "%s/complete_to_mp2/dst_strategy.ckpt", fixtures);
-    snprintf(to, sizeof to, "%s/ckpt_strategy_rank_0.ckpt", strat);
-    CHECK(copy_file(from, to) == 0, "cannot copy %s", from);
+    char out[PATH_LEN], opts[3 * PATH_LEN];
+    auto_output_with_strategies(out, "auto_cancel", 1);
     snprintf(opts, sizeof opts,
              "{\"load_checkpoint\": \"%s/complete_to_mp2/src\", \"output_dir\": \"%s\", "
              "\"rank\": 0, \"world_size\": 2, \"timeout\": 30, \"quiet\": true}",
              fixtures, out);
-    struct auto_job job = {opts, reshard_cancel_new(), -1, ""};
+    struct auto_job job = {opts, reshard_cancel_new(), {-1, ""}};
     pthread_t t;
     CHECK(pthread_create(&t, NULL, run_auto, &job) == 0, "pthread_create");
     CHECK(reshard_cancel_request(job.cancel) == RESHARD_STATUS_OK, "reshard_cancel_request");
     pthread_join(t, NULL);
-    CHECK(job.status == RESHARD_STATUS_CANCELLED, "reshard_auto_cancellable returned %d: %s", job.status,
-          job.message);
-    CHECK(strstr(job.message, "cancelled") != NULL, "message \"%s\"", job.message);
+    CHECK(job.out.status == RESHARD_STATUS_CANCELLED, "reshard_auto_cancellable returned %d: %s", job.out.status,
+          job.out.message);
+    CHECK(strstr(job.out.message, "cancelled") != NULL, "message \"%s\"", job.out.message);
     char tdir[PATH_LEN + 32];
     snprintf(tdir, sizeof tdir, "%s/transformed_checkpoint/rank_0", out);
     CHECK(!exists(tdir), "a cancelled auto wrote %s", tdir);
@@ -911,31 +842,6 @@ static void test_strategy_new(void)
     reshard_error_free(err);
 }
 
-int main(int argc, char **argv)
-{
-    if (argc != 3) {
-        fprintf(stderr, "usage: %s FIXTURES_CONFORMANCE_DIR SCRATCH_DIR\n", argv[0]);
-        return 2;
-    }
-    fixtures = argv[1];
-    scratch = argv[2];
-    if (mkdir(scratch, 0755) != 0 && errno != EEXIST) {
-        perror(scratch);
-        return 2;
-    }
-    test_version();
-    test_complete_to_dp2mp2();
-    test_cancel();
-    test_output_inside_source();
-    test_dp2mp2_to_complete();
-    test_pipeline_threads();
-    test_safetensors();
-    test_merge();
-    test_unify();
-    test_bad_plans();
-    test_auto();
-    test_auto_cancel();
-    test_strategy_new();
-    printf("%d passed, %d failed\n", passed, failed);
-    return failed == 0 ? 0 : 1;
-}
+HARNESS_MAIN("", test_version, test_complete_to_dp2mp2, test_cancel, test_output_inside_source,
+             test_dp2mp2_to_complete, test_pipeline_threads, test_safetensors, test_merge, test_unify,
+             test_bad_plans, test_auto, test_auto_cancel, test_strategy_new)

@@ -104,14 +104,7 @@ def safetensors(header, data, pad=True):
 
 
 def good_safetensors(rank=0):
-    ts = tiny_tensors(rank=rank)
-    header = {"__metadata__": {"format": "ms"}}
-    data = b""
-    for name, dims, dtype, content in ts:
-        st = {"Float32": "F32", "Int32": "I32"}[dtype]
-        header[name] = {"dtype": st, "shape": dims, "data_offsets": [len(data), len(data) + len(content)]}
-        data += content
-    return safetensors(header, data)
+    return st_file(tiny_tensors(rank=rank))
 
 
 # ---------------------------------------------------------------- strategy (node_strategy.proto)
@@ -521,49 +514,47 @@ def weight_map(entries):
     return json.dumps({"metadata": {"total_size": 0}, "weight_map": dict(entries)}, indent=4).encode()
 
 
+def mapped_folder(folder, files, map_name, entries):
+    """`folder` holding the safetensors files {name: tensors} and the map `map_name` (a
+    param_name_map.json or a Hugging Face index) of `entries` [(tensor, file)]."""
+    for name, tensors in files.items():
+        write(f"{folder}/{name}", st_file(tensors), None, None)
+    write(f"{folder}/{map_name}", weight_map(entries), None, None)
+
+
 def make_safetensors_era_folders():
     """Issue 15: unified / index folders whose map disagrees with the files, rank folders of
     several files, and a remove_redundancy source missing a slice."""
     s = "sources"
     w, b, step = tiny_tensors()
+    unified, index = "param_name_map.json", "model.safetensors.index.json"
 
     d = f"{s}/unified_map_lists_absent_tensor"
-    write(f"{d}/src/part0.safetensors", st_file([w, b]), None, None)
-    write(f"{d}/src/hyper_param.safetensors", st_file([step]), None, None)
-    write(f"{d}/src/param_name_map.json", weight_map([("w", "part0.safetensors"), ("b", "part0.safetensors"),
-                                                      ("c", "part0.safetensors")]), None, None)
+    mapped_folder(f"{d}/src", {"part0.safetensors": [w, b], "hyper_param.safetensors": [step]}, unified,
+                  [("w", "part0.safetensors"), ("b", "part0.safetensors"), ("c", "part0.safetensors")])
     entry(d, "a unified folder whose param_name_map.json lists a tensor 'c' that part0.safetensors lacks",
           "param_name_map.json, 'c', part0.safetensors, 'does not contain'")
 
     d = f"{s}/unified_map_wrong_file"
-    write(f"{d}/src/part0.safetensors", st_file([w]), None, None)
-    write(f"{d}/src/part1.safetensors", st_file([b, step]), None, None)
-    write(f"{d}/src/param_name_map.json", weight_map([("w", "part1.safetensors"), ("b", "part1.safetensors"),
-                                                      ("global_step", "part1.safetensors")]), None, None)
+    mapped_folder(f"{d}/src", {"part0.safetensors": [w], "part1.safetensors": [b, step]}, unified,
+                  [("w", "part1.safetensors"), ("b", "part1.safetensors"), ("global_step", "part1.safetensors")])
     entry(d, "a unified folder whose map puts 'w' in part1.safetensors; it is in part0.safetensors",
           "param_name_map.json, 'w', part1.safetensors, part0.safetensors")
 
     d = f"{s}/index_tensor_in_two_files"
-    write(f"{d}/src/model-00001-of-00002.safetensors", st_file([w, b]), None, None)
-    write(f"{d}/src/model-00002-of-00002.safetensors", st_file([b, step]), None, None)
-    write(f"{d}/src/model.safetensors.index.json", weight_map([("w", "model-00001-of-00002.safetensors"),
-                                                               ("b", "model-00001-of-00002.safetensors"),
-                                                               ("global_step", "model-00002-of-00002.safetensors")]),
-          None, None)
+    one, two = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
+    mapped_folder(f"{d}/src", {one: [w, b], two: [b, step]}, index, [("w", one), ("b", one), ("global_step", two)])
     entry(d, "a Hugging Face index folder whose two files both hold 'b'",
           "model.safetensors.index.json, 'b', both files")
 
     d = f"{s}/index_unlisted_tensor"
-    write(f"{d}/src/model-00001-of-00001.safetensors", st_file([w, b, step]), None, None)
-    write(f"{d}/src/model.safetensors.index.json", weight_map([("w", "model-00001-of-00001.safetensors"),
-                                                               ("b", "model-00001-of-00001.safetensors")]),
-          None, None)
+    only = "model-00001-of-00001.safetensors"
+    mapped_folder(f"{d}/src", {only: [w, b, step]}, index, [("w", only), ("b", only)])
     entry(d, "an index folder whose file holds 'global_step', which the map does not list",
           "model.safetensors.index.json, 'global_step', 'does not list'")
 
     d = f"{s}/index_names_a_path"
-    write(f"{d}/src/model.safetensors", st_file([w, b, step]), None, None)
-    write(f"{d}/src/model.safetensors.index.json", weight_map([("w", "../model.safetensors")]), None, None)
+    mapped_folder(f"{d}/src", {"model.safetensors": [w, b, step]}, index, [("w", "../model.safetensors")])
     entry(d, "an index whose weight_map names '../model.safetensors' (outside the folder)",
           "model.safetensors.index.json, 'w', '../model.safetensors'")
 
@@ -571,11 +562,7 @@ def make_safetensors_era_folders():
     write(f"{d}/src_strategy.ckpt", dp_strategy(2), None, None)
     for r in range(2):
         ws, bs, ss = shard_rows(2, r)
-        write(f"{d}/src/rank_{r}/model-00001-of-00002.safetensors", st_file([ws]), None, None)
-        write(f"{d}/src/rank_{r}/model-00002-of-00002.safetensors", st_file([bs, ss]), None, None)
-        write(f"{d}/src/rank_{r}/model.safetensors.index.json",
-              weight_map([("w", "model-00001-of-00002.safetensors"), ("b", "model-00002-of-00002.safetensors"),
-                          ("global_step", "model-00002-of-00002.safetensors")]), None, None)
+        mapped_folder(f"{d}/src/rank_{r}", {one: [ws], two: [bs, ss]}, index, [("w", one), ("b", two), ("global_step", two)])
     write(f"{d}/src/rank_1/old.safetensors", st_file(shard_rows(2, 1)), None, None)
     entry(d, "rank folders of two files with a map; rank_1 also holds old.safetensors, which the map does not name",
           "rank_1/old.safetensors, 'not named by'")

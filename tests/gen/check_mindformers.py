@@ -20,17 +20,8 @@ import mindformers.checkpoint.checkpoint as mf_ckpt
 import mindformers.checkpoint.reshard as mf_reshard
 import mindformers.checkpoint.sharded_tensor as mf_sharded
 from mindformers.checkpoint.metadata import get_metadata_of_checkpoint
+from mindformers_chunks import chunk_slices
 
-
-
-def chunk_slices(st):
-    (k,) = st.global_offset
-    idx = []
-    for f in reversed(st.axis_fragmentations):
-        idx.append(k % f)
-        k //= f
-    idx.reverse()
-    return tuple(slice(i * s, (i + 1) * s) for i, s in zip(idx, st.local_shape))
 
 
 class Holder(nn.Cell):

@@ -42,6 +42,7 @@ import mindformers.checkpoint.sharded_tensor as mf_sharded
 import mindformers.checkpoint.fully_parallel as mf_fp
 import mindformers.checkpoint.checkpoint as mf_ckpt
 from mindformers.checkpoint.utils import FileType, get_checkpoint_name, get_sharded_tensor_shard_id
+from mindformers_chunks import chunk_slices
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures", "mindformers")
 
@@ -59,17 +60,6 @@ def make_tensor(rng, shape, dtype):
 
 def to_ms(a, dtype):
     return Tensor(a, dtype=ms_dtype(dtype))
-
-
-def chunk_slices(st):
-    """The numpy slices of a ShardedTensor's chunk (global_offset = one slice index)."""
-    (k,) = st.global_offset
-    idx = []
-    for f in reversed(st.axis_fragmentations):
-        idx.append(k % f)
-        k //= f
-    idx.reverse()
-    return tuple(slice(i * s, (i + 1) * s) for i, s in zip(idx, st.local_shape))
 
 
 def patch_world(size, rank=0):

@@ -26,53 +26,14 @@ cleanup() {
   rm -rf "$out"
 }
 trap cleanup EXIT
-passed=0
-failed=0
-ok() { passed=$((passed + 1)); }
-fail() {
-  failed=$((failed + 1))
-  echo "FAIL: $*"
-}
+# shellcheck source=tests/lib.sh
+source "$root/tests/lib.sh"
 
 # Every launcher variable removed, so that the suite's own environment (a CI job under Slurm)
 # does not pick the process index.
 clean_env=(env -u RANK -u WORLD_SIZE -u MS_NODE_ID -u MS_WORKER_NUM -u MS_ROLE -u OMPI_COMM_WORLD_RANK
   -u OMPI_COMM_WORLD_SIZE -u PMI_RANK -u PMI_SIZE -u SLURM_PROCID -u SLURM_NTASKS -u RANK_ID -u RANK_SIZE)
 mpi=(mpirun --allow-run-as-root --oversubscribe)
-
-# same_as_expected CASE DST: every expected file of the case, byte for byte.
-same_as_expected() {
-  local c=$1 dst=$2 n=0 f rel
-  while IFS= read -r f; do
-    rel=${f#"$fixtures/$c/expected/"}
-    n=$((n + 1))
-    if ! cmp -s "$f" "$dst/$rel"; then
-      fail "$c: $dst/$rel differs from MindSpore's $f"
-      return
-    fi
-  done < <(find "$fixtures/$c/expected" -type f | sort)
-  if [ "$n" -eq 0 ]; then fail "$c: no expected files"; else ok; fi
-}
-
-# expect STATUS NAME CMD...: runs CMD with its output in $out/NAME.log and checks its status.
-expect() {
-  local want=$1 name=$2 got=0
-  shift 2
-  "$@" >"$out/$name.log" 2>&1 || got=$?
-  if [ "$got" -eq "$want" ]; then
-    ok
-  else
-    fail "$name: exit status $got, want $want"
-    sed 's/^/    /' "$out/$name.log"
-  fi
-}
-
-expect_log() { # FILE TEXT
-  if grep -qF -- "$2" "$1"; then ok; else
-    fail "$1 lacks '$2'"
-    sed 's/^/    /' "$1"
-  fi
-}
 
 # The job's arguments for a case: its strategies as stage folders where it has them.
 job_args() { # CASE DST [TIMEOUT]
@@ -93,14 +54,14 @@ for c in complete_to_dp2mp2pp2_opt dp2mp2pp2_to_dp1mp2pp2; do
     [ "$c" = complete_to_dp2mp2pp2_opt ] && [ "$n" = 5 ] && continue
     dst="$out/$c-np$n"
     mapfile -d '' args < <(job_args "$c" "$dst")
-    expect 0 "$c-np$n" "${clean_env[@]}" RESHARD_LOG="$dst.log" "${mpi[@]}" -x RESHARD_LOG -np "$n" \
+    expect_status 0 "$c-np$n" "${clean_env[@]}" RESHARD_LOG="$dst.log" "${mpi[@]}" -x RESHARD_LOG -np "$n" \
       bash -c "$per_process_log" "$bin" "${args[@]}"
     same_as_expected "$c" "$dst"
     for ((i = 0; i < n; i++)); do
       expect_log "$dst.log.$i" "reshard: process $i of $n (OMPI_COMM_WORLD_RANK/OMPI_COMM_WORLD_SIZE (Open MPI))"
       expect_log "$dst.log.$i" "all $n share(s) done and verified"
     done
-    expect 0 "$c-np$n-verify" "$bin" verify "$dst"
+    expect_status 0 "$c-np$n-verify" "$bin" verify "$dst"
   done
 done
 expect_log "$out/dp2mp2pp2_to_dp1mp2pp2-np5.log.4" "no ranks of its own"
@@ -176,7 +137,7 @@ if find "$dst" -name '*.ckpt' -path '*rank_*' | grep -q .; then fail "broken: ou
 dst="$out/broken_mpi"
 mapfile -d '' args < <(job_args "$c" "$dst")
 args[3]="$out/broken_src"
-expect 1 broken_mpi "${clean_env[@]}" "${mpi[@]}" -np 3 "$bin" "${args[@]}"
+expect_status 1 broken_mpi "${clean_env[@]}" "${mpi[@]}" -np 3 "$bin" "${args[@]}"
 expect_log "$out/broken_mpi.log" "$broken"
 
 # 5. A share that fails while writing (rank_3's folder cannot be made): its process names its
@@ -213,7 +174,7 @@ for _ in $(seq 100); do
 done
 expect_log "$dst/reshard_share_1_of_2.json" '"state": "running"'
 { kill -9 "$victim" && wait "$victim"; } 2>/dev/null
-expect 1 killed.0 "${clean_env[@]}" RANK=0 WORLD_SIZE=2 "$bin" "${args[@]}"
+expect_status 1 killed.0 "${clean_env[@]}" RANK=0 WORLD_SIZE=2 "$bin" "${args[@]}"
 expect_log "$out/killed.0.log" "gave up after 3s without news from 1 share(s)"
 expect_log "$out/killed.0.log" "share 1 of 2 (rank_2..rank_3 (2 ranks)): running on host"
 { kill -9 "$holder" && wait "$holder"; } 2>/dev/null
@@ -228,7 +189,6 @@ done
 pids=()
 expect_log "$out/rerun.0.log" "kept 2 file(s)"
 same_as_expected "$c" "$dst"
-expect 0 killed-verify "$bin" verify "$dst"
+expect_status 0 killed-verify "$bin" verify "$dst"
 
-echo "mpi suite: $passed passed, $failed failed"
-[ "$failed" -eq 0 ]
+summary mpi

@@ -8,20 +8,15 @@ import os
 import shutil
 import struct
 import sys
-import threading
 
 import pytest
 
 np = pytest.importorskip("numpy")
 
 import reshard  # noqa: E402
+from conformance import CASES, FIXTURES, in_threads  # noqa: E402
 from reshard import ReshardError, Status  # noqa: E402
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir, os.pardir))
-FIXTURES = os.path.join(ROOT, "tests", "fixtures", "conformance")
-CASES = sorted(
-    d for d in os.listdir(FIXTURES) if os.path.isfile(os.path.join(FIXTURES, d, "case.json"))
-)
 # The case whose outputs differ from MindSpore's as the README documents (complete optimizer
 # states where MindSpore writes the source rank's slice).
 DEVIATING_CASE = "dp2mp2pp2_to_mp2"
@@ -233,19 +228,12 @@ def test_eight_threads_load_different_ranks_of_one_plan_at_once():
     c = "complete_to_dp2mp1pp4_opt"
     with plan_for(c) as plan:
         assert plan.dst_rank_count == 8
-        results, errors = {}, []
+        results = {}
 
-        def run(r):
-            try:
-                results[r] = plan.load_rank(r, threads=1, io="pread" if r % 2 else "mmap")
-            except BaseException as e:  # noqa: BLE001 - reported below
-                errors.append(e)
+        def load(r):
+            results[r] = plan.load_rank(r, threads=1, io="pread" if r % 2 else "mmap")
 
-        threads = [threading.Thread(target=run, args=(r,)) for r in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        errors = in_threads(load, range(8))
         assert not errors
         for r in range(8):
             want = read_ckpt(expected_file(c, r))

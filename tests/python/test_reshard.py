@@ -13,13 +13,8 @@ import warnings
 import pytest
 
 import reshard
+from conformance import CASES, FIXTURES, ROOT, HeldCall, in_threads
 from reshard import ReshardError, Status
-
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir, os.pardir))
-FIXTURES = os.path.join(ROOT, "tests", "fixtures", "conformance")
-CASES = sorted(
-    d for d in os.listdir(FIXTURES) if os.path.isfile(os.path.join(FIXTURES, d, "case.json"))
-)
 
 
 def case(name):
@@ -226,33 +221,15 @@ def test_another_thread_cancels(tmp_path, kind):
     sets the cancel object: the call raises CANCELLED and leaves neither the output nor a
     temporary file nor a manifest; the same plan then writes the rank whole."""
     c = case("complete_to_dp2mp2")
-    started, release = threading.Event(), threading.Event()
     cancel = reshard.Cancel() if kind == "Cancel" else threading.Event()
-    results = []
-
-    def hold(done, total):
-        started.set()
-        release.wait(30)
 
     with reshard.Plan(c["src"], None, c["dst_strategy"]) as plan:
-
-        def run():
-            try:
-                plan.execute(tmp_path, [1], threads=1, progress=hold, cancel=cancel)
-                results.append("ok")
-            except Exception as e:  # noqa: BLE001 - asserted below
-                results.append(e)
-                started.set()
-
-        t = threading.Thread(target=run)
-        t.start()
-        assert started.wait(30)
+        held = HeldCall(lambda hold: plan.execute(tmp_path, [1], threads=1, progress=hold, cancel=cancel))
         cancel.set()
-        release.set()
-        t.join()
-        assert len(results) == 1 and isinstance(results[0], ReshardError), results
-        assert results[0].code == Status.CANCELLED, results[0]
-        assert "cancelled" in str(results[0]) and "checkpoint_1.ckpt" in str(results[0])
+        result = held.finish()
+        assert isinstance(result, ReshardError), result
+        assert result.code == Status.CANCELLED, result
+        assert "cancelled" in str(result) and "checkpoint_1.ckpt" in str(result)
         assert _left_in(tmp_path / "rank_1") == []
         # Set before the call: nothing is written.
         with pytest.raises(ReshardError) as e:
@@ -268,55 +245,24 @@ def test_another_thread_cancels(tmp_path, kind):
 
 def test_threads_execute_disjoint_ranks(tmp_path):
     c = case("dp2mp2pp2_to_dp1mp2pp2")
-    errors = []
     with reshard.Plan(c["src"], c["src_strategy"], c["dst_strategy"]) as plan:
-
-        def run(r):
-            try:
-                plan.execute(tmp_path, [r], threads=1)
-            except Exception as e:  # noqa: BLE001 - collected and asserted below
-                errors.append(e)
-
-        threads = [threading.Thread(target=run, args=(r,)) for r in range(plan.dst_rank_count)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        errors = in_threads(lambda r: plan.execute(tmp_path, [r], threads=1), range(plan.dst_rank_count))
     assert errors == []
     assert_same_outputs(c, tmp_path)
 
 
 def test_same_rank_at_once_is_busy(tmp_path):
     c = case("complete_to_dp2mp2")
-    started, release = threading.Event(), threading.Event()
-    results = []
-
-    def hold(done, total):
-        started.set()
-        release.wait(30)
-
     with reshard.Plan(c["src"], None, c["dst_strategy"]) as plan:
-
-        def run():
-            try:
-                plan.execute(tmp_path, [0], progress=hold)
-                results.append("ok")
-            except Exception as e:  # noqa: BLE001
-                results.append(e)
-                started.set()
-
-        t = threading.Thread(target=run)
-        t.start()
-        assert started.wait(30)
+        held = HeldCall(lambda hold: plan.execute(tmp_path, [0], progress=hold))
         try:
             with pytest.raises(ReshardError) as e:
                 plan.execute(tmp_path, [0, 2])
             assert e.value.code == Status.BUSY and "rank(s) 0" in str(e.value)
             assert not (tmp_path / "rank_2").exists()
         finally:
-            release.set()
-            t.join()
-        assert results == ["ok"]
+            result = held.finish()
+        assert result == "ok"
         plan.execute(tmp_path, [0])
     assert_same_outputs(c, tmp_path, ["rank_0/checkpoint_0.ckpt"])
 
@@ -467,22 +413,14 @@ def test_transform_checkpoints_distributed_over_two_processes(tmp_path, monkeypa
         monkeypatch.delenv(v, raising=False)
     c = case("complete_to_dp2mp2pp2_opt")
     dst = tmp_path / "out"
-    errors = []
 
     def process(i):
-        try:
-            reshard.transform_checkpoints(
-                c["src"], str(dst), c["prefix"], None, c["dst_strategy"],
-                distributed=True, process_index=i, process_count=2, timeout=30,
-            )
-        except BaseException as e:  # noqa: BLE001 - checked below
-            errors.append(e)
+        reshard.transform_checkpoints(
+            c["src"], str(dst), c["prefix"], None, c["dst_strategy"],
+            distributed=True, process_index=i, process_count=2, timeout=30,
+        )
 
-    threads = [threading.Thread(target=process, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = in_threads(process, range(2))
     assert not errors, errors
     assert_same_outputs(c, dst)
     assert sorted(p.name for p in dst.glob("reshard_share_*")) == [

@@ -1328,8 +1328,7 @@ fn verify_names_the_ranks_an_unfinished_job_did_not_write() {
     // One rank folder on its own is not a job: nothing is missing there.
     assert!(reshard([OsStr::new("verify"), dst.join("rank_0").as_os_str()]).status.success());
     assert!(transform_complete_to_dp2mp2(&dst, &["--ranks", "2,3"]).status.success());
-    let v = reshard([OsStr::new("verify"), dst.as_os_str()]);
-    assert!(v.status.success(), "{}", text(&v.stderr));
+    assert_verifies(&dst);
     // A whole rank folder gone.
     std::fs::remove_dir_all(dst.join("rank_1")).unwrap();
     let v = reshard([OsStr::new("verify"), dst.as_os_str()]);
@@ -1362,6 +1361,14 @@ fn verify_ends_on_symlink_loops_and_names_them() {
 fn assert_refused_with_stdout(out: &Output, needles: &[&str]) -> String {
     let quiet = Output { status: out.status, stdout: Vec::new(), stderr: out.stderr.clone() };
     assert_refused(&quiet, needles)
+}
+
+/// `reshard verify DST` passes; returns what it printed.
+#[track_caller]
+fn assert_verifies(dst: &Path) -> Output {
+    let v = reshard(argv!["verify", dst]);
+    assert!(v.status.success(), "{}{}", text(&v.stderr), text(&v.stdout));
+    v
 }
 
 /// A manifest naming `../rank_1/checkpoint_1.ckpt` or an absolute path: `verify` reports the
@@ -1415,6 +1422,7 @@ fn concurrent_jobs_with_other_prefixes_lose_no_manifest_entry() {
     for mut j in jobs {
         assert!(j.wait().unwrap().success());
     }
+    assert_verifies(&dst);
     for r in 0..4 {
         let m: serde_json::Value =
             serde_json::from_slice(&std::fs::read(dst.join(format!("rank_{r}/reshard_manifest.json"))).unwrap())
@@ -1424,8 +1432,6 @@ fn concurrent_jobs_with_other_prefixes_lose_no_manifest_entry() {
         let want: Vec<String> = prefixes.iter().map(|p| format!("{p}{r}.ckpt")).collect();
         assert_eq!(names, want, "rank_{r}");
     }
-    let v = reshard([OsStr::new("verify"), dst.as_os_str()]);
-    assert!(v.status.success(), "{}", text(&v.stderr));
 }
 
 /// A strategy folder that is OUT/merged_strategy (directly or through a symlink), or a merged
@@ -1584,6 +1590,14 @@ fn strategy_show_of_a_flattened_json_strategy_says_so_or_merges_it_back() {
 
 // ------------------------------------------------------------------ unify (issue 15)
 
+/// `reshard unify -q --src_ckpt_dir SRC --src_ckpt_strategy STRATEGY --dst_dir OUT` followed by
+/// `extra`.
+fn unify(src: &Path, strategy: &Path, out: &Path, extra: Vec<OsString>) -> Output {
+    let mut args = argv!["unify", "--src_ckpt_dir", src, "--src_ckpt_strategy", strategy, "--dst_dir", out, "-q"];
+    args.extend(extra);
+    reshard(args)
+}
+
 /// `reshard unify` on MindSpore-made sources writes MindSpore's unified folder: the map and the
 /// hyper-parameters byte for byte, the part tensor for tensor (byte for byte when its metadata
 /// has one key, which the safetensors library orders by hash otherwise).
@@ -1593,16 +1607,7 @@ fn unify_writes_what_mindspore_unified_safetensors_writes() {
     for (src, want) in [("full", "unified_full"), ("rr", "unified_rr")] {
         let s = Scratch::new("unify-cli");
         let out = s.join("out");
-        let r = reshard(argv![
-            "unify",
-            "--src_ckpt_dir",
-            case.join(src),
-            "--src_ckpt_strategy",
-            case.join("src_strategy.ckpt"),
-            "--dst_dir",
-            &out,
-            "-q"
-        ]);
+        let r = unify(&case.join(src), &case.join("src_strategy.ckpt"), &out, vec![]);
         assert!(r.status.success(), "{}", text(&r.stderr));
         for f in ["param_name_map.json", "hyper_param.safetensors"] {
             assert_eq!(std::fs::read(out.join(f)).unwrap(), std::fs::read(case.join(want).join(f)).unwrap(), "{f}");
@@ -1615,8 +1620,7 @@ fn unify_writes_what_mindspore_unified_safetensors_writes() {
                 std::fs::read(case.join(want).join("part0.safetensors")).unwrap()
             );
         }
-        let v = reshard(argv!["verify", &out]);
-        assert!(v.status.success(), "{}", text(&v.stdout));
+        assert_verifies(&out);
     }
 }
 
@@ -1627,16 +1631,7 @@ fn unify_refuses_a_slice_no_rank_holds_and_writes_nothing() {
     let dir = corpus("sources/remove_redundancy_slice_missing");
     let s = Scratch::new("unify-refused");
     let out = s.join("out");
-    let r = reshard(argv![
-        "unify",
-        "--src_ckpt_dir",
-        dir.join("src"),
-        "--src_ckpt_strategy",
-        dir.join("src_strategy.ckpt"),
-        "--dst_dir",
-        &out,
-        "-q"
-    ]);
+    let r = unify(&dir.join("src"), &dir.join("src_strategy.ckpt"), &out, vec![]);
     assert_refused(&r, &["'w'", "[2, 0]", "no source rank holds", "rank_2..rank_3"]);
     assert_nothing_written(&out);
 }
@@ -1648,18 +1643,7 @@ fn unify_split_dst_file_writes_one_tasks_share() {
     let case = fixture("st_era/dp2mp2");
     let s = Scratch::new("unify-split-cli");
     let run = |out: &Path, split: &str| {
-        reshard(argv![
-            "unify",
-            "--src_ckpt_dir",
-            case.join("full"),
-            "--src_ckpt_strategy",
-            case.join("src_strategy.ckpt"),
-            "--dst_dir",
-            out,
-            "--split_dst_file",
-            split,
-            "-q"
-        ])
+        unify(&case.join("full"), &case.join("src_strategy.ckpt"), out, argv!["--split_dst_file", split])
     };
     // One part: task 2 of 2 has none of it, and no hyper-parameters or map.
     let out = s.join("task2");
@@ -1698,8 +1682,7 @@ fn mindformers_roots_through_the_cli() {
         std::fs::read(out.join("iteration_00000020/common.json")).unwrap(),
         std::fs::read(root.join("iteration_00000020/common.json")).unwrap()
     );
-    let v = reshard(argv!["verify", &out]);
-    assert!(v.status.success(), "{}", text(&v.stderr));
+    let v = assert_verifies(&out);
     assert!(text(&v.stderr).contains("metadata.json agrees"), "{}", text(&v.stderr));
     let i = reshard(argv!["inspect", &root]);
     assert!(i.status.success() && text(&i.stdout).contains("model.embed"), "{}", text(&i.stderr));

@@ -68,6 +68,22 @@ fn upload_dir(bucket: &str, prefix: &str, dir: &Path) {
     }
 }
 
+/// A new bucket holding the `src` folder of conformance case `case` under `src/`, and each
+/// (key, file or folder of the case) of `more`; returns (the case's folder, the bucket).
+fn case_in_bucket(tag: &str, case: &str, more: &[(&str, &str)]) -> (PathBuf, String) {
+    let dir = fixture(&format!("conformance/{case}"));
+    let b = bucket(tag);
+    for (key, rel) in [("src", "src")].iter().chain(more) {
+        let from = dir.join(rel);
+        if from.is_dir() {
+            upload_dir(&b, key, &from);
+        } else {
+            upload(&b, key, &from);
+        }
+    }
+    (dir, b)
+}
+
 fn upload(bucket: &str, key: &str, file: &Path) {
     let (code, body) = curl(&endpoint(), &["-T", file.to_str().unwrap()], &format!("{bucket}/{key}"));
     assert_eq!(code, 200, "upload {key}: {}", text(&body));
@@ -115,6 +131,36 @@ fn reshard_at(endpoint: &str, args: &[&std::ffi::OsStr], env: &[(&str, &str)]) -
         c.env(k, v);
     }
     c.output().unwrap()
+}
+
+/// `reshard_at` with owned arguments.
+fn reshard_at_strings(endpoint: &str, args: &[String]) -> Output {
+    reshard_at(endpoint, &args.iter().map(std::ffi::OsStr::new).collect::<Vec<_>>(), &[])
+}
+
+/// `--src_ckpt_dir s3://BUCKET/src --src_ckpt_strategy s3://BUCKET/SRC_STRATEGY
+/// --dst_ckpt_strategy s3://BUCKET/DST_STRATEGY` after `command`.
+fn from_bucket(command: &[&str], bucket: &str, src_strategy: &str, dst_strategy: &str) -> Vec<String> {
+    let mut a: Vec<String> = command.iter().map(|c| c.to_string()).collect();
+    a.extend([
+        "--src_ckpt_dir".into(),
+        format!("s3://{bucket}/src"),
+        "--src_ckpt_strategy".into(),
+        format!("s3://{bucket}/{src_strategy}"),
+        "--dst_ckpt_strategy".into(),
+        format!("s3://{bucket}/{dst_strategy}"),
+    ]);
+    a
+}
+
+/// Asserts that `bucket/out/rank_R/checkpoint_R.ckpt` equals `local/rank_R/checkpoint_R.ckpt` for
+/// ranks 0 and 1.
+#[track_caller]
+fn assert_uploaded_as_local(bucket: &str, local: &Path) {
+    for r in 0..2 {
+        let rel = format!("rank_{r}/checkpoint_{r}.ckpt");
+        assert!(download(bucket, &format!("out/{rel}")).unwrap() == std::fs::read(local.join(&rel)).unwrap());
+    }
 }
 
 macro_rules! args {
@@ -213,9 +259,7 @@ fn s3_conformance_sources_outputs_and_both() {
 #[ignore = "needs a SeaweedFS server: bash tests/s3/run.sh"]
 fn s3_errors_name_the_url_and_the_code() {
     let ep = endpoint();
-    let b = bucket("err");
-    let dir = fixture("conformance/dp1mp4_to_dp4mp2");
-    upload_dir(&b, "src", &dir.join("src"));
+    let (_, b) = case_in_bucket("err", "dp1mp4_to_dp4mp2", &[]);
     let scratch = Scratch::new("s3-errors");
     let dst = scratch.join("out");
     let src = format!("s3://{b}/src");
@@ -312,6 +356,17 @@ impl Proxy {
     fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
+
+    /// Waits (30 s at the most) until the upload direction is held; whether it is.
+    fn wait_held(&self) -> bool {
+        for _ in 0..600 {
+            if self.held.load(Ordering::Relaxed) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.held.load(Ordering::Relaxed)
+    }
 }
 
 type Gate = (Arc<AtomicU64>, Arc<AtomicBool>, Arc<AtomicBool>);
@@ -400,9 +455,11 @@ fn write_strategy(path: &Path, names: &[String], mp: u64, rows: u64, cols: u64) 
     std::fs::write(path, serde_json::to_vec(&v).unwrap()).unwrap();
 }
 
-/// A sharded source (8 ranks, rows split) of about `layers` x 4 x rows x cols x 4 bytes in
-/// `scratch/src8`, with its strategy and a 4-rank destination strategy.
-fn sharded_model(scratch: &Scratch, layers: usize, rows: u64, cols: u64) -> (PathBuf, PathBuf, PathBuf) {
+/// A new scratch folder (`tag`) with a sharded source (8 ranks, rows split) of about
+/// `layers` x 4 x rows x cols x 4 bytes in `src8`, its strategy and a 4-rank destination
+/// strategy: (scratch, source, source strategy, destination strategy).
+fn sharded_model(tag: &str, layers: usize, rows: u64, cols: u64) -> (Scratch, PathBuf, PathBuf, PathBuf) {
+    let scratch = Scratch::new(tag);
     let names = write_model(&scratch.join("complete/rank_0/model.ckpt"), layers, rows, cols);
     let (s8, s4) = (scratch.join("mp8.json"), scratch.join("mp4.json"));
     write_strategy(&s8, &names, 8, rows, cols);
@@ -425,7 +482,7 @@ fn sharded_model(scratch: &Scratch, layers: usize, rows: u64, cols: u64) -> (Pat
             std::fs::remove_file(f).unwrap();
         }
     }
-    (src8, s8, s4)
+    (scratch, src8, s8, s4)
 }
 
 /// 8 -> 4 from the store: each destination rank, converted alone through a counting proxy,
@@ -435,8 +492,7 @@ fn sharded_model(scratch: &Scratch, layers: usize, rows: u64, cols: u64) -> (Pat
 #[ignore = "needs a SeaweedFS server: bash tests/s3/run.sh"]
 fn s3_bytes_fetched_are_close_to_the_ranks_share() {
     let ep = endpoint();
-    let scratch = Scratch::new("s3-bytes");
-    let (src8, s8, s4) = sharded_model(&scratch, 4, 1024, 512);
+    let (scratch, src8, s8, s4) = sharded_model("s3-bytes", 4, 1024, 512);
     let b = bucket("bytes");
     upload_dir(&b, "src", &src8);
     upload(&b, "mp8.json", &s8);
@@ -454,43 +510,15 @@ fn s3_bytes_fetched_are_close_to_the_ranks_share() {
         "--dst_ckpt_dir",
         &local
     ]));
-    let plan = reshard_at(
-        &ep,
-        args![
-            "plan",
-            "--json",
-            "--src_ckpt_dir",
-            &format!("s3://{b}/src"),
-            "--src_ckpt_strategy",
-            &format!("s3://{b}/mp8.json"),
-            "--dst_ckpt_strategy",
-            &format!("s3://{b}/mp4.json")
-        ],
-        &[],
-    );
+    let plan = reshard_at_strings(&ep, &from_bucket(&["plan", "--json"], &b, "mp8.json", "mp4.json"));
     assert_ok(&plan);
     let plan: serde_json::Value = serde_json::from_slice(&plan.stdout).unwrap();
     for r in 0..4u64 {
         let proxy = Proxy::start(&ep);
         let dst = scratch.join(format!("from_s3_{r}"));
-        let out = reshard_at(
-            &proxy.url(),
-            args![
-                "transform",
-                "-q",
-                "--src_ckpt_dir",
-                &format!("s3://{b}/src"),
-                "--src_ckpt_strategy",
-                &format!("s3://{b}/mp8.json"),
-                "--dst_ckpt_strategy",
-                &format!("s3://{b}/mp4.json"),
-                "--dst_ckpt_dir",
-                &dst,
-                "--ranks",
-                &r.to_string()
-            ],
-            &[],
-        );
+        let mut a = from_bucket(&["transform", "-q"], &b, "mp8.json", "mp4.json");
+        a.extend(["--dst_ckpt_dir".into(), dst.to_str().unwrap().into(), "--ranks".into(), r.to_string()]);
+        let out = reshard_at_strings(&proxy.url(), &a);
         assert_ok(&out);
         let rel = format!("rank_{r}/checkpoint_{r}.ckpt");
         assert!(std::fs::read(dst.join(&rel)).unwrap() == std::fs::read(local.join(&rel)).unwrap(), "{rel} differs");
@@ -509,9 +537,8 @@ fn s3_bytes_fetched_are_close_to_the_ranks_share() {
 #[ignore = "needs a SeaweedFS server: bash tests/s3/run.sh"]
 fn s3_interrupted_uploads_leave_nothing_and_a_rerun_finishes() {
     let ep = endpoint();
-    let scratch = Scratch::new("s3-kill");
     // About 40 MB: two outputs of 20 MB, three parts each.
-    let (src8, s8, s4) = sharded_model(&scratch, 5, 1024, 512);
+    let (scratch, src8, s8, s4) = sharded_model("s3-kill", 5, 1024, 512);
     let _ = s8;
     let s2 = scratch.join("mp2.json");
     let names: Vec<String> =
@@ -536,11 +563,7 @@ fn s3_interrupted_uploads_leave_nothing_and_a_rerun_finishes() {
         .map(str::to_string)
         .to_vec()
     };
-    assert_ok(&reshard_at(
-        &ep,
-        &base(local.to_str().unwrap()).iter().map(std::ffi::OsStr::new).collect::<Vec<_>>(),
-        &[],
-    ));
+    assert_ok(&reshard_at_strings(&ep, &base(local.to_str().unwrap())));
     let _ = s4;
 
     // 1. SIGTERM while the upload is held in the middle of its second part.
@@ -558,13 +581,7 @@ fn s3_interrupted_uploads_leave_nothing_and_a_rerun_finishes() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    for _ in 0..600 {
-        if proxy.held.load(Ordering::Relaxed) {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(proxy.held.load(Ordering::Relaxed), "the upload never reached 12 MiB");
+    assert!(proxy.wait_held(), "the upload never reached 12 MiB");
     // kill(1) by process id.
     Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     std::thread::sleep(Duration::from_millis(300));
@@ -592,15 +609,9 @@ fn s3_interrupted_uploads_leave_nothing_and_a_rerun_finishes() {
         let mut args: Vec<String> = base(&dst2);
         args.push("-q".into());
         let ep2 = proxy.url();
-        let run = std::thread::spawn(move || {
-            reshard_at(&ep2, &args.iter().map(std::ffi::OsStr::new).collect::<Vec<_>>(), &[])
-        });
-        for _ in 0..600 {
-            if proxy.held.load(Ordering::Relaxed) {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let run = std::thread::spawn(move || reshard_at_strings(&ep2, &args));
+        // Killed once held, or after 30 s without (then the run may have finished already).
+        proxy.wait_held();
         Command::new("kill").args(["-KILL", &pid]).status().unwrap();
         std::thread::sleep(Duration::from_millis(500));
         proxy.release.store(true, Ordering::Relaxed);
@@ -609,26 +620,19 @@ fn s3_interrupted_uploads_leave_nothing_and_a_rerun_finishes() {
         // Restart (same folder and ports); run.sh stops the new process by the id in DIR/pid.
         let started = Command::new("bash").arg(util::repo().join("tests/s3/weed.sh")).arg(&dir).output().unwrap();
         assert!(started.status.success(), "restart: {}", text(&started.stderr));
-        let rerun = reshard_at(&ep, &base(&dst2).iter().map(std::ffi::OsStr::new).collect::<Vec<_>>(), &[]);
-        assert_ok(&rerun);
-        for r in 0..2 {
-            let rel = format!("rank_{r}/checkpoint_{r}.ckpt");
-            assert!(download(&b2, &format!("out/{rel}")).unwrap() == std::fs::read(local.join(&rel)).unwrap());
-        }
+        assert_ok(&reshard_at_strings(&ep, &base(&dst2)));
+        assert_uploaded_as_local(&b2, &local);
         assert_ok(&reshard_at(&ep, args!["verify", &dst2], &[]));
     }
 
     // 3. The rerun after the stop finishes, keeping what was complete.
-    let rerun = reshard_at(&ep, &base(&dst).iter().map(std::ffi::OsStr::new).collect::<Vec<_>>(), &[]);
+    let rerun = reshard_at_strings(&ep, &base(&dst));
     assert_ok(&rerun);
     let err = text(&rerun.stderr);
     if !left.is_empty() {
         assert!(err.contains("kept 1 file(s)"), "{err}");
     }
-    for r in 0..2 {
-        let rel = format!("rank_{r}/checkpoint_{r}.ckpt");
-        assert!(download(&b, &format!("out/{rel}")).unwrap() == std::fs::read(local.join(&rel)).unwrap());
-    }
+    assert_uploaded_as_local(&b, &local);
     assert_eq!(open_uploads(&b), Vec::<String>::new());
 }
 
@@ -639,10 +643,7 @@ fn s3_interrupted_uploads_leave_nothing_and_a_rerun_finishes() {
 #[ignore = "needs a SeaweedFS server: bash tests/s3/run.sh"]
 fn s3_auto_load_checkpoint() {
     let ep = endpoint();
-    let case = fixture("conformance/dp1mp4_to_dp4mp2");
-    let b = bucket("auto");
-    upload_dir(&b, "src", &case.join("src"));
-    upload(&b, "src_strategy.ckpt", &case.join("src_strategy.ckpt"));
+    let (case, b) = case_in_bucket("auto", "dp1mp4_to_dp4mp2", &[("src_strategy.ckpt", "src_strategy.ckpt")]);
     let scratch = Scratch::new("s3-auto");
     let out = scratch.join("output");
     let strategy = out.join("strategy");
@@ -685,29 +686,16 @@ fn s3_auto_load_checkpoint() {
 #[ignore = "needs a SeaweedFS server: bash tests/s3/run.sh"]
 fn s3_strategy_folders() {
     let ep = endpoint();
-    let case = fixture("conformance/dp2mp2pp2_to_dp1mp2pp2");
-    let b = bucket("stages");
-    upload_dir(&b, "src", &case.join("src"));
-    upload_dir(&b, "src_stages", &case.join("src_strategy_stages"));
-    upload_dir(&b, "dst_stages", &case.join("dst_strategy_stages"));
+    let (case, b) = case_in_bucket(
+        "stages",
+        "dp2mp2pp2_to_dp1mp2pp2",
+        &[("src_stages", "src_strategy_stages"), ("dst_stages", "dst_strategy_stages")],
+    );
     let scratch = Scratch::new("s3-stages");
     let dst = scratch.join("out");
-    let out = reshard_at(
-        &ep,
-        args![
-            "transform",
-            "-q",
-            "--src_ckpt_dir",
-            &format!("s3://{b}/src"),
-            "--src_ckpt_strategy",
-            &format!("s3://{b}/src_stages"),
-            "--dst_ckpt_strategy",
-            &format!("s3://{b}/dst_stages/"),
-            "--dst_ckpt_dir",
-            &dst
-        ],
-        &[],
-    );
+    let mut a = from_bucket(&["transform", "-q"], &b, "src_stages", "dst_stages/");
+    a.extend(["--dst_ckpt_dir".into(), dst.to_str().unwrap().into()]);
+    let out = reshard_at_strings(&ep, &a);
     assert_ok(&out);
     let expected = files_under(&case.join("expected"));
     assert!(!expected.is_empty());

@@ -13,12 +13,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use reshard_core::checkpoint::{CheckpointFile, ReadOptions, TensorHeader};
+use reshard_core::checkpoint::{CheckpointFile, ReadOptions};
 use reshard_core::execute::{execute, ExecuteOptions};
 use reshard_core::plan::{Plan, PlanOptions};
 use reshard_core::storage::IoMode;
-use reshard_core::{ckpt, DType};
-use serde_json::json;
+use util::checkpoint::complete_source;
 use util::{files_under, Scratch};
 
 /// A complete 4 MiB fp32 tensor "w" split in 2 by rows (`tensor_map` [0, -1]: each rank's share
@@ -26,20 +25,7 @@ use util::{files_under, Scratch};
 /// row's half is copied with memcpy into a buffer). Returns (source folder, source file,
 /// destination strategy). The source's mtime is set an hour back, so a rewrite always moves it.
 fn make_source(dir: &Path, tensor_map: [i64; 2]) -> (PathBuf, PathBuf, PathBuf) {
-    let headers =
-        vec![TensorHeader { name: "w".into(), dtype: DType::Float32, dims: vec![1024, 1024], nbytes: 4 << 20 }];
-    let content: Vec<u8> = (0..4u32 << 20).map(|k| (k as u8).wrapping_mul(13)).collect();
-    let src = dir.join("complete/rank_0/model.ckpt");
-    std::fs::create_dir_all(src.parent().unwrap()).unwrap();
-    std::fs::write(&src, ckpt::layout(&headers, ckpt::CHUNK_BYTES).render(&[&content])).unwrap();
-    let f = std::fs::File::options().write(true).open(&src).unwrap();
-    f.set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(3600)).unwrap();
-    let strategy = dir.join("mp2.json");
-    let v = json!({"current_stage": 0, "parallel_strategy_item": {"op": {"stage": 0, "parallel_strategy": [[1]]}},
-                   "parallel_layout_item": {"w": {"dev_matrix": [1, 2], "tensor_map": tensor_map, "field": 0,
-                   "opt_weight_shard_step": 0, "opt_weight_shard_size": 0}}});
-    std::fs::write(&strategy, serde_json::to_vec(&v).unwrap()).unwrap();
-    (dir.join("complete"), src, strategy)
+    complete_source(dir, 1024, tensor_map)
 }
 
 /// Runs rank 0 with one worker and 64 KiB blocks, reading the source as `io` says, calling

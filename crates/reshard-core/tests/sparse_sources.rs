@@ -12,6 +12,7 @@ use std::path::Path;
 use reshard_core::checkpoint::{CheckpointFile, ReadOptions, TensorHeader};
 use reshard_core::execute::{execute, ExecuteOptions};
 use reshard_core::plan::{Plan, PlanOptions};
+use util::checkpoint::tensors;
 use util::{fixtures, Scratch};
 
 /// Writes `src` (4 ranks) to `dst` with each replicated tensor kept in one rank only; `drop`
@@ -53,16 +54,6 @@ fn dedup(src: &Path, dst: &Path, drop: Option<&str>) {
         std::fs::create_dir_all(&d).unwrap();
         std::fs::write(d.join(format!("checkpoint_{r}.safetensors")), layout.render(&contents)).unwrap();
     }
-}
-
-/// name -> (dtype, shape, bytes).
-fn tensors(path: &Path) -> BTreeMap<String, (String, Vec<u64>, Vec<u8>)> {
-    let f = CheckpointFile::open(path, ReadOptions::default()).unwrap();
-    f.index()
-        .tensors
-        .iter()
-        .map(|t| (t.name.clone(), (t.dtype.to_string(), t.shape.clone(), f.content(t).into_owned())))
-        .collect()
 }
 
 #[test]

@@ -13,20 +13,11 @@ use reshard_core::checkpoint::{CheckpointFile, ReadOptions, TensorHeader};
 use reshard_core::execute::{execute, ExecuteOptions};
 use reshard_core::plan::{Plan, PlanOptions};
 use reshard_core::Format;
+use util::checkpoint::tensors;
 use util::{fixtures, Scratch};
 
 fn st_era() -> PathBuf {
     fixtures().join("st_era")
-}
-
-/// name -> (dtype, shape, bytes).
-fn tensors(path: &Path) -> BTreeMap<String, (String, Vec<u64>, Vec<u8>)> {
-    let f = CheckpointFile::open(path, ReadOptions::default()).unwrap();
-    f.index()
-        .tensors
-        .iter()
-        .map(|t| (t.name.clone(), (t.dtype.to_string(), t.shape.clone(), f.content(t).into_owned())))
-        .collect()
 }
 
 fn st_opts() -> ExecuteOptions {

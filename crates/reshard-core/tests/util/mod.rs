@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
+pub mod checkpoint;
 mod scratch;
 pub use scratch::Scratch;
 
