@@ -812,3 +812,87 @@ fn s3_unify_from_to_and_within_the_store() {
     // (A destination in a missing bucket cannot be tried here: SeaweedFS makes the bucket on the
     // first PUT by an admin key.)
 }
+
+/// `transform --distributed` into the store: two processes (`--process-index`/`--process-count`,
+/// started side by side as a launcher would start them) convert one job from an `s3://` source
+/// into an `s3://` folder: the share records are objects there, the outputs equal MindSpore's,
+/// `verify` passes on the folder, and a rerun keeps every object. A share whose process never
+/// starts makes the other give up after the timeout, naming it.
+#[test]
+#[ignore = "needs a SeaweedFS server: bash tests/s3/run.sh"]
+fn s3_distributed_two_processes() {
+    let case = fixture("conformance/dp1mp4_to_dp4mp2");
+    let b = bucket("dist");
+    upload_dir(&b, "src", &case.join("src"));
+    let job = |dst: &str, index: u32, timeout: &str| -> Vec<String> {
+        [
+            "transform",
+            "--distributed",
+            "--process-index",
+            &index.to_string(),
+            "--process-count",
+            "2",
+            "--timeout",
+            timeout,
+            "--src_ckpt_dir",
+            &format!("s3://{b}/src"),
+            "--src_ckpt_strategy",
+            case.join("src_strategy.ckpt").to_str().unwrap(),
+            "--dst_ckpt_strategy",
+            case.join("dst_strategy.ckpt").to_str().unwrap(),
+            "--dst_ckpt_dir",
+            dst,
+        ]
+        .map(str::to_string)
+        .to_vec()
+    };
+    let run_both = |dst: &str| -> Vec<Output> {
+        let started: Vec<_> = (0..2)
+            .map(|i| {
+                let (ep, a) = (endpoint(), job(dst, i, "60"));
+                std::thread::spawn(move || {
+                    reshard_at(&ep, &a.iter().map(std::ffi::OsStr::new).collect::<Vec<_>>(), &[])
+                })
+            })
+            .collect();
+        started.into_iter().map(|t| t.join().unwrap()).collect()
+    };
+    let dst = format!("s3://{b}/out");
+    for (i, out) in run_both(&dst).iter().enumerate() {
+        assert_ok(out);
+        assert!(text(&out.stderr).contains(&format!("process {i} of 2")), "{}", text(&out.stderr));
+        assert!(text(&out.stderr).contains("all 2 share(s) done and verified"), "{}", text(&out.stderr));
+    }
+    let expected = files_under(&case.join("expected"));
+    for e in &expected {
+        let rel = e.strip_prefix(case.join("expected")).unwrap().to_str().unwrap();
+        let got = download(&b, &format!("out/{rel}")).unwrap_or_else(|| panic!("no object {dst}/{rel}"));
+        assert!(got == std::fs::read(e).unwrap(), "{rel} differs from MindSpore's");
+    }
+    let k = keys(&b, "out/");
+    for i in 0..2 {
+        assert!(k.contains(&format!("out/reshard_share_{i}_of_2.json")), "{k:?}");
+    }
+    let v = reshard_at(&endpoint(), args!["verify", &dst], &[]);
+    assert_ok(&v);
+    assert_eq!(text(&v.stdout).lines().filter(|l| l.starts_with("ok ")).count(), expected.len());
+    let again = run_both(&dst);
+    let kept: usize = again
+        .iter()
+        .map(|o| {
+            assert_ok(o);
+            let err = text(&o.stderr);
+            err.split("kept ").nth(1).and_then(|r| r.split(' ').next()).and_then(|n| n.parse().ok()).unwrap_or(0)
+        })
+        .sum();
+    assert_eq!(kept, expected.len(), "a rerun keeps every object");
+    // Share 1 never starts: share 0 writes its ranks, then gives up on it after the timeout.
+    let alone = format!("s3://{b}/alone");
+    let mut a = job(&alone, 0, "2");
+    a.push("-q".into());
+    let out = reshard_at(&endpoint(), &a.iter().map(std::ffi::OsStr::new).collect::<Vec<_>>(), &[]);
+    assert_refused(
+        &out,
+        &["gave up after 2s without news from 1 share(s)", "share 1 of 2 (rank_4..rank_7", "no record yet"],
+    );
+}

@@ -7,7 +7,8 @@
 //! (atomically, like every output). Then it waits until every share is recorded as done and
 //! verified, and fails if one is recorded as failed or falls silent for longer than the timeout.
 //! The processes never talk to each other: the records are the only channel, so a folder that
-//! all of them see is all they need.
+//! all of them see is all they need, or an object store's prefix (`s3://`, `obs://`), where each
+//! record is an object written with one PUT.
 //!
 //! ```no_run
 //! # use reshard_core::{distributed, execute::ExecuteOptions, plan::{Plan, PlanOptions}};
@@ -29,7 +30,6 @@ use std::time::{Duration, Instant, SystemTime};
 
 use rayon::prelude::*;
 
-use crate::atomic::write_atomic;
 use crate::error::{Error, Result};
 use crate::execute::{execute, job_fingerprint, ExecuteOptions, WrittenFile};
 use crate::manifest::Manifest;
@@ -300,9 +300,8 @@ pub struct Coordinator {
     options: DistributedOptions,
     /// This process's record (`None` for msrun's scheduler, which has no share).
     own: Option<(PathBuf, Arc<Mutex<ShareRecord>>)>,
-    /// When this process's first record was written, by the folder's clock (its mtime): a
-    /// failure recorded before it is an earlier run's.
-    started: SystemTime,
+    /// What tells this run's records from an earlier run's.
+    epoch: Epoch,
     bytes_done: Arc<AtomicU64>,
     heartbeat: Option<(mpsc::Sender<()>, std::thread::JoinHandle<()>)>,
 }
@@ -318,10 +317,13 @@ impl Coordinator {
             dst_dir: dst_dir.to_path_buf(),
             options: options.clone(),
             own: None,
-            started: SystemTime::now(),
+            epoch: Epoch::Since(SystemTime::now()),
             bytes_done: Arc::new(AtomicU64::new(0)),
             heartbeat: None,
         };
+        if crate::storage::is_url(dst_dir) {
+            c.epoch = Epoch::before(dst_dir, options.process.index, options.process.count)?;
+        }
         let Some(index) = options.process.index else {
             return Ok(c);
         };
@@ -342,7 +344,9 @@ impl Coordinator {
             files: Vec::new(),
         };
         write_record(&path, &record, false)?;
-        c.started = std::fs::metadata(&path).and_then(|m| m.modified()).unwrap_or_else(|_| SystemTime::now());
+        if let Epoch::Since(t) = &mut c.epoch {
+            *t = std::fs::metadata(&path).and_then(|m| m.modified()).unwrap_or_else(|_| SystemTime::now());
+        }
         let record = Arc::new(Mutex::new(record));
         // Several beats per timeout, so that a live process is never taken for a dead one.
         let period = (options.timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(10));
@@ -490,7 +494,14 @@ impl Coordinator {
             let mut finished = Vec::new();
             for (&j, (last, changed, note)) in pending.iter_mut() {
                 let path = record_path(&self.dst_dir, j, count);
-                let bytes = std::fs::read(&path).ok();
+                let bytes = match read_record(&path) {
+                    Ok(b) => b,
+                    // An unreadable record (the store did not answer this poll) is not news.
+                    Err(e) => {
+                        *note = format!("its record cannot be read: {e}");
+                        continue;
+                    }
+                };
                 if bytes != *last {
                     *changed = now;
                     last.clone_from(&bytes);
@@ -501,7 +512,7 @@ impl Coordinator {
                     continue;
                 };
                 let expected = shares.ranks.get(j as usize).map_or(&[][..], Vec::as_slice);
-                let fresh = std::fs::metadata(&path).and_then(|m| m.modified()).is_ok_and(|t| t >= self.started);
+                let fresh = self.epoch.fresh(j, &path, &bytes);
                 let same_job = r.job == job && r.ranks == expected && r.share == j && r.shares == count;
                 match r.state {
                     // A failure of this run: before its plan (no job yet) or in this very job.
@@ -580,7 +591,9 @@ impl Coordinator {
             // Polls grow with the wait (a fiftieth of it, 2 ms to 1 s), so that noticing the
             // last share adds at most about 2% to the wait, and a long wait of many processes
             // on a network filesystem reads each record about once a second.
-            let pause = (start.elapsed() / 50).clamp(Duration::from_millis(2), Duration::from_secs(1));
+            // (Each poll of an object store is a request per share: 50 ms at least.)
+            let least = if crate::storage::is_url(&self.dst_dir) { 50 } else { 2 };
+            let pause = (start.elapsed() / 50).clamp(Duration::from_millis(least), Duration::from_secs(1));
             std::thread::sleep(pause);
         }
     }
@@ -592,9 +605,46 @@ impl Drop for Coordinator {
     }
 }
 
+/// Writes a share record whole: atomically in a folder, as one PUT in an object store (which
+/// shows an object only complete).
 fn write_record(path: &Path, r: &ShareRecord, sync: bool) -> Result<()> {
     let bytes = serde_json::to_vec_pretty(r).map_err(|e| Error::Invalid(format!("share record: {e}")))?;
-    write_atomic(path, &bytes, sync)
+    crate::storage::small::write(path, &bytes, sync)
+}
+
+/// The bytes of a share record, `None` when there is none.
+fn read_record(path: &Path) -> Result<Option<Vec<u8>>> {
+    crate::storage::small::read(path, 64 << 20, "share record")
+}
+
+/// What tells this run's records from an earlier run's: in a folder, a record modified at or
+/// after this process's first record (by the folder's clock, its mtime); in an object store,
+/// whose times are the server's and to the second, a record whose bytes differ from those found
+/// before this process wrote its first record (a record names its process's host and pid, and
+/// counts its heartbeats, so a new one never repeats an old one).
+#[derive(Debug, Clone)]
+enum Epoch {
+    Since(SystemTime),
+    Before(BTreeMap<u32, Option<Vec<u8>>>),
+}
+
+impl Epoch {
+    /// The other shares' records as they are before this process writes its own.
+    fn before(dst_dir: &Path, index: Option<u32>, count: u32) -> Result<Epoch> {
+        let mut seen = BTreeMap::new();
+        for j in (0..count).filter(|&j| Some(j) != index) {
+            seen.insert(j, read_record(&record_path(dst_dir, j, count))?);
+        }
+        Ok(Epoch::Before(seen))
+    }
+
+    /// Whether share `share`'s record (at `path`, now `bytes`) was written by this run.
+    fn fresh(&self, share: u32, path: &Path, bytes: &[u8]) -> bool {
+        match self {
+            Epoch::Since(t) => std::fs::metadata(path).and_then(|m| m.modified()).is_ok_and(|m| m >= *t),
+            Epoch::Before(found) => found.get(&share).is_none_or(|b| b.as_deref() != Some(bytes)),
+        }
+    }
 }
 
 /// Whether a share's recorded outputs are this job's, complete and listed in their folders'
@@ -610,7 +660,7 @@ fn check_files(dst_dir: &Path, job: &str, ranks: &[u32], files: &[RecordedFile])
         let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
             return Err(format!("its record names {}, not a file in a rank folder", f.path.display()));
         };
-        let entry = Manifest::read(dir).and_then(|m| m.files.into_iter().find(|e| e.name == name));
+        let entry = read_manifest(dir)?.and_then(|m| m.files.into_iter().find(|e| e.name == name));
         match entry {
             None => return Err(format!("{} is not in its folder's manifest", path.display())),
             Some(e) if e.plan_fingerprint != job || e.size != f.size || e.crc32 != f.crc32 => {
@@ -626,13 +676,38 @@ fn check_files(dst_dir: &Path, job: &str, ranks: &[u32], files: &[RecordedFile])
             }
             Some(_) => {}
         }
-        match std::fs::metadata(&path) {
-            Ok(m) if m.len() == f.size => {}
-            Ok(m) => return Err(format!("{} has {} bytes, not the {} recorded", path.display(), m.len(), f.size)),
+        match output_len(&path) {
+            Ok(len) if len == f.size => {}
+            Ok(len) => return Err(format!("{} has {len} bytes, not the {} recorded", path.display(), f.size)),
             Err(e) => return Err(format!("{}: {e}", path.display())),
         }
     }
     Ok(())
+}
+
+/// The manifest of the output folder `dir` (in an object store, the manifest object, whose
+/// entries carry ETags as well), `None` when there is no readable one; `Err` says why it could not
+/// be read.
+fn read_manifest(dir: &Path) -> std::result::Result<Option<Manifest>, String> {
+    if !crate::storage::is_url(dir) {
+        return Ok(Manifest::read(dir));
+    }
+    let bytes = crate::storage::small::read(&dir.join(crate::manifest::MANIFEST_NAME), 64 << 20, "manifest")
+        .map_err(|e| e.to_string())?;
+    Ok(bytes.and_then(|b| serde_json::from_slice(&b).ok()))
+}
+
+/// The size of an output file or object.
+fn output_len(path: &Path) -> std::result::Result<u64, String> {
+    if crate::storage::is_url(path) {
+        #[cfg(feature = "s3")]
+        return match crate::storage::object::head(path) {
+            Ok(Some((len, _))) => Ok(len),
+            Ok(None) => Err("no such object".into()),
+            Err(e) => Err(e.to_string()),
+        };
+    }
+    std::fs::metadata(path).map(|m| m.len()).map_err(|e| e.to_string())
 }
 
 /// Runs this process's share of the job and waits for the others: [`Coordinator::start`] then
