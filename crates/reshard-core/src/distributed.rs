@@ -273,6 +273,10 @@ struct ShareRecord {
     error: Option<String>,
     #[serde(default)]
     files: Vec<RecordedFile>,
+    /// Set by the process once it has reported a failure of the job (its own or another
+    /// share's) and is about to exit: see [`FailureAck`].
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    failure_seen: bool,
 }
 
 impl ShareRecord {
@@ -342,6 +346,7 @@ impl Coordinator {
             bytes_total: 0,
             error: None,
             files: Vec::new(),
+            failure_seen: false,
         };
         write_record(&path, &record, false)?;
         if let Epoch::Since(t) = &mut c.epoch {
@@ -595,6 +600,64 @@ impl Coordinator {
             let least = if crate::storage::is_url(&self.dst_dir) { 50 } else { 2 };
             let pause = (start.elapsed() / 50).clamp(Duration::from_millis(least), Duration::from_secs(1));
             std::thread::sleep(pause);
+        }
+    }
+}
+
+impl Coordinator {
+    /// What this process needs, once it has reported the job's failure, to tell the others and
+    /// wait for them ([`FailureAck::acknowledge`]); taken at the start, it outlives the
+    /// coordinator.
+    pub fn failure_ack(&self) -> FailureAck {
+        FailureAck { dst_dir: self.dst_dir.clone(), options: self.options.clone(), epoch: self.epoch.clone() }
+    }
+}
+
+/// The last step of a failed distributed job. A launcher such as Open MPI's mpirun kills every
+/// other process as soon as one exits non-zero, so a process that exits at once after a failure
+/// takes the others down before they have said why the job failed. So each process, once it has
+/// printed its error, marks its record `failure_seen` and waits (up to the timeout) until every
+/// other share's record of this run carries the mark too; then all exit, each having printed.
+#[derive(Debug, Clone)]
+pub struct FailureAck {
+    dst_dir: PathBuf,
+    options: DistributedOptions,
+    epoch: Epoch,
+}
+
+impl FailureAck {
+    /// When a share of this run recorded a failure: marks this process's record as having
+    /// reported it, then, with `wait`, waits until every other share's record of this run is
+    /// marked, or the timeout passes, or `stop` says so (a signal). Does nothing when no failure
+    /// is recorded (a job given up on a silent share, a bad command line) or for a process with
+    /// no share (msrun's scheduler). Errors are ignored: the job has failed already, and this
+    /// only orders the exits.
+    pub fn acknowledge(&self, wait: bool, stop: &dyn Fn() -> bool) {
+        let Some(me) = self.options.process.index else { return };
+        let count = self.options.process.count;
+        let read = |j: u32| -> Option<(PathBuf, Vec<u8>, ShareRecord)> {
+            let path = record_path(&self.dst_dir, j, count);
+            let bytes = read_record(&path).ok()??;
+            let r = serde_json::from_slice::<ShareRecord>(&bytes).ok()?;
+            Some((path, bytes, r))
+        };
+        let this_run = |j: u32, path: &Path, bytes: &[u8]| j == me || self.epoch.fresh(j, path, bytes);
+        let failed = (0..count)
+            .any(|j| read(j).is_some_and(|(path, bytes, r)| r.state == State::Failed && this_run(j, &path, &bytes)));
+        let Some((own, _, mut record)) = read(me).filter(|_| failed) else { return };
+        record.failure_seen = true;
+        if write_record(&own, &record, false).is_err() || !wait {
+            return;
+        }
+        let start = Instant::now();
+        let mut pending: Vec<u32> = (0..count).filter(|&j| j != me).collect();
+        while !pending.is_empty() && start.elapsed() < self.options.timeout && !stop() {
+            pending.retain(|&j| !read(j).is_some_and(|(path, bytes, r)| r.failure_seen && this_run(j, &path, &bytes)));
+            if pending.is_empty() {
+                break;
+            }
+            let least = if crate::storage::is_url(&self.dst_dir) { 50 } else { 5 };
+            std::thread::sleep((start.elapsed() / 50).clamp(Duration::from_millis(least), Duration::from_secs(1)));
         }
     }
 }
