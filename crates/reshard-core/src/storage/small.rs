@@ -25,10 +25,18 @@ pub fn read(path: &Path, cap: u64, what: &str) -> Result<Option<Vec<u8>>> {
     if super::is_url(path) {
         #[cfg(feature = "s3")]
         {
-            if super::object::head(path)?.is_none() {
-                return Ok(None);
+            // A GET is pinned to the ETag its HEAD saw: an object replaced in between (a record
+            // rewritten by its process) fails it, and is read again.
+            let mut tries = 0;
+            loop {
+                if super::object::head(path)?.is_none() {
+                    return Ok(None);
+                }
+                match super::object::read_all(path, cap, what) {
+                    Err(crate::error::Error::Source { .. }) if tries < 4 => tries += 1,
+                    r => return r.map(Some),
+                }
             }
-            return super::object::read_all(path, cap, what).map(Some);
         }
         #[cfg(not(feature = "s3"))]
         return Err(super::no_object_storage(path));
