@@ -66,12 +66,6 @@ pub fn execute_named(
         total,
         fingerprint: &fingerprint,
     };
-    // Into an object store, each file is an object written by the object sink.
-    let to_store = crate::storage::is_url(dst_dir);
-    #[cfg(not(feature = "s3"))]
-    if to_store {
-        return Err(crate::storage::no_object_storage(dst_dir));
-    }
     pool.install(|| {
         outputs
             .par_iter()
@@ -79,9 +73,12 @@ pub fn execute_named(
             .enumerate()
             .map(|(i, (o, c))| {
                 let rp = RankPlan { rank: i as u32, stage: 0, tensors: o.tensors.clone() };
-                #[cfg(feature = "s3")]
-                if to_store {
+                // Into an object store, each file is an object written by the object sink.
+                if crate::storage::is_url(dst_dir) {
+                    #[cfg(feature = "s3")]
                     return super::object_sink::write_object(&job, c, &rp, dst_dir.join(&o.name), None);
+                    #[cfg(not(feature = "s3"))]
+                    return Err(crate::storage::no_object_storage(dst_dir));
                 }
                 write_file(&job, c, &rp, dst_dir.join(&o.name), None)
             })
