@@ -3,8 +3,9 @@
 # installed when missing) for 1, 2, 3 and 5 processes, under a torchrun-style and an msrun-style
 # environment set by hand, with a broken source, a failing share, and a process killed (the
 # others time out naming it; a rerun completes). Outputs are compared with `cmp` to the files
-# MindSpore made for the conformance fixtures. (mpirun kills the other processes when one exits
-# non-zero, so the failure cases run their processes by hand, as torchrun or srun would.)
+# MindSpore made for the conformance fixtures. The failure cases run their processes by hand, as
+# torchrun or srun would, and under mpirun (which kills the other processes when one exits
+# non-zero: every process's own output must still name the failure).
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
@@ -120,7 +121,9 @@ by_hand() {
 }
 
 # 4. A broken source file: every process fails and names it; no output is written. Under
-#    mpirun, which kills the other processes when one exits non-zero, the job fails naming it.
+#    mpirun too, which kills the other processes when one exits non-zero: each process, once it
+#    has printed its error, waits until every other one has printed its own (its record's
+#    failure_seen mark) before it exits, so every process's output names the file.
 c=dp2mp2pp2_to_dp1mp2pp2
 cp -r "$fixtures/$c/src" "$out/broken_src"
 broken=$(find "$out/broken_src/rank_5" -type f | head -1)
@@ -137,8 +140,9 @@ if find "$dst" -name '*.ckpt' -path '*rank_*' | grep -q .; then fail "broken: ou
 dst="$out/broken_mpi"
 mapfile -d '' args < <(job_args "$c" "$dst")
 args[3]="$out/broken_src"
-expect_status 1 broken_mpi "${clean_env[@]}" "${mpi[@]}" -np 3 "$bin" "${args[@]}"
-expect_log "$out/broken_mpi.log" "$broken"
+expect_status 1 broken_mpi "${clean_env[@]}" RESHARD_LOG="$dst.log" "${mpi[@]}" -x RESHARD_LOG -np 3 \
+  bash -c "$per_process_log" "$bin" "${args[@]}"
+for i in 0 1 2; do expect_log "$dst.log.$i" "$broken"; done
 
 # 5. A share that fails while writing (rank_3's folder cannot be made): its process names its
 #    own error, the others fail quoting it and naming the share.
@@ -153,6 +157,15 @@ expect_log "$out/failing_share.log.1" "$dst/rank_3"
 expect_log "$out/failing_share.log.0" "share 1 of 2 (rank_2..rank_3 (2 ranks)"
 expect_log "$out/failing_share.log.0" "failed, so the job cannot complete"
 expect_log "$out/failing_share.log.0" "$dst/rank_3"
+# The same under mpirun: process 1 fails at once and waits; process 0 writes its share, finds
+# the failure, prints it and only then do both exit.
+dst="$out/failing_share_mpi"
+mkdir -p "$dst" && echo "not a folder" >"$dst/rank_3"
+mapfile -d '' args < <(job_args "$c" "$dst")
+expect_status 1 failing_share_mpi "${clean_env[@]}" RESHARD_LOG="$dst.log" "${mpi[@]}" -x RESHARD_LOG -np 2 \
+  bash -c "$per_process_log" "$bin" "${args[@]}"
+for i in 0 1; do expect_log "$dst.log.$i" "$dst/rank_3"; done
+expect_log "$dst.log.0" "failed, so the job cannot complete"
 
 # 6. A process killed: process 1 (torchrun-style environment) is stopped inside its share by
 #    holding rank_3's manifest lock, then killed with SIGKILL; process 0 gives up after the

@@ -67,3 +67,17 @@ def test_wrong_keys_raise_naming_the_url_and_the_code(bucket, monkeypatch, tmp_p
         reshard.transform_checkpoints(f"s3://{other}/src", str(tmp_path / "out"), "checkpoint_")
     assert f"s3://{other}/src" in str(e.value) and "store error code" in str(e.value), str(e.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_unified_safetensors_from_s3_to_s3(bucket, tmp_path):
+    st = os.path.join(ROOT, "tests", "fixtures", "st_era", "dp2mp2")
+    for r in range(4):
+        f = f"rank_{r}/checkpoint_{r}.safetensors"
+        assert curl("-T", os.path.join(st, "full", f), path=f"{bucket}/st/{f}")[0] == 200
+    assert curl("-T", os.path.join(st, "src_strategy.ckpt"), path=f"{bucket}/st_strategy.ckpt")[0] == 200
+    reshard.unified_safetensors(f"s3://{bucket}/st", f"s3://{bucket}/st_strategy.ckpt", f"s3://{bucket}/unified")
+    for f in ["part0.safetensors", "hyper_param.safetensors", "param_name_map.json"]:
+        code, body = curl(path=f"{bucket}/unified/{f}")
+        assert code == 200, f
+        with open(os.path.join(st, "unified_full", f), "rb") as want:
+            assert body == want.read(), f

@@ -187,7 +187,21 @@ impl DistArgs {
             .filter(|t| *t >= std::time::Duration::from_secs(1))
             .ok_or_else(|| Error::Invalid(format!("--timeout {secs}: expected seconds, 1 or more")))?;
         let d = reshard_core::distributed::DistributedOptions { process, timeout };
-        reshard_core::distributed::Coordinator::start(dst_dir, &d).map(Some)
+        let c = reshard_core::distributed::Coordinator::start(dst_dir, &d)?;
+        let _ = FAILURE_ACK.set(c.failure_ack());
+        Ok(Some(c))
+    }
+}
+
+/// The distributed job's last step when it fails, run by `main` once the error is printed.
+static FAILURE_ACK: std::sync::OnceLock<reshard_core::distributed::FailureAck> = std::sync::OnceLock::new();
+
+/// After a failed `--distributed` job has printed its error: marks this process's record and
+/// (unless stopped by a signal) waits for every other process to have printed its own, so that
+/// mpirun, which kills the others when one exits non-zero, kills none before it has said why.
+fn acknowledge_failure(wait: bool) {
+    if let Some(a) = FAILURE_ACK.get() {
+        a.acknowledge(wait, &|| signals::received().is_some());
     }
 }
 
@@ -300,8 +314,10 @@ fn main() -> ExitCode {
             // Stopped by SIGINT/SIGTERM (its temporary files removed): the conventional status.
             if let Some(sig) = signals::received() {
                 eprintln!("reshard: stopped by signal {sig}; files under their final names are complete, a rerun finishes the job");
+                acknowledge_failure(false);
                 return ExitCode::from(128u8.saturating_add(u8::try_from(sig).unwrap_or(0)));
             }
+            acknowledge_failure(true);
             ExitCode::from(1)
         }
     }

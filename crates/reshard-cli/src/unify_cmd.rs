@@ -22,13 +22,14 @@ use crate::{progress, signals, WriteArgs};
 )]
 pub struct UnifyArgs {
     /// Source folder with rank_0/, rank_1/, ... each holding safetensors (with or without
-    /// redundancy removed).
+    /// redundancy removed); or an s3:// (obs://) prefix of such objects.
     #[arg(long = "src_ckpt_dir", visible_alias = "src-ckpt-dir")]
     src_ckpt_dir: PathBuf,
-    /// The sources' strategy: a merged file, or a folder of stage files.
+    /// The sources' strategy: a merged file, or a folder of stage files (either may be a URL).
     #[arg(long = "src_ckpt_strategy", visible_alias = "src-ckpt-strategy")]
     src_ckpt_strategy: PathBuf,
-    /// Folder to write part{i}.safetensors, hyper_param.safetensors and param_name_map.json into.
+    /// Folder to write part{i}.safetensors, hyper_param.safetensors and param_name_map.json into
+    /// (an s3:// or obs:// prefix: each is uploaded, the map last).
     #[arg(long = "dst_dir", visible_alias = "dst-dir")]
     dst_dir: PathBuf,
     /// Whether the sources hold every replica (true) or were saved with remove_redundancy

@@ -720,3 +720,167 @@ fn s3_strategy_folders() {
     );
     assert_refused(&out, &[&none, "no strategy files under this prefix"]);
 }
+
+/// `reshard unify` with URLs: sources (rank folders and strategy) in the store to a local folder,
+/// local sources to the store, and store to store, with and without `--file_suffix`: every file
+/// equals the local unify's byte for byte; `verify` passes on the store's folder and a rerun keeps
+/// every object. A source in a missing bucket is refused naming the URL and `NoSuchBucket`,
+/// nothing written.
+#[test]
+#[ignore = "needs a SeaweedFS server: bash tests/s3/run.sh"]
+fn s3_unify_from_to_and_within_the_store() {
+    let ep = endpoint();
+    let case = fixture("st_era/dp2mp2");
+    let b = bucket("unify");
+    upload_dir(&b, "full", &case.join("full"));
+    upload(&b, "src_strategy.ckpt", &case.join("src_strategy.ckpt"));
+    // The same sources under other names, two per rank folder, for --file_suffix.
+    for r in 0..4 {
+        let f = case.join(format!("full/rank_{r}/checkpoint_{r}.safetensors"));
+        for step in ["1_1", "1_2"] {
+            upload(&b, &format!("sfx/rank_{r}/net_rank_{r}-{step}.safetensors"), &f);
+        }
+    }
+    let scratch = Scratch::new("s3-unify");
+    let unify = |src: &str, strategy: &str, dst: &str, extra: &[&str]| {
+        let mut a: Vec<&std::ffi::OsStr> =
+            args!["unify", "--src_ckpt_dir", src, "--src_ckpt_strategy", strategy, "--dst_dir", dst].to_vec();
+        a.extend(extra.iter().map(std::ffi::OsStr::new));
+        reshard_at(&ep, &a, &[])
+    };
+    let (local_src, local_strategy) = (case.join("full"), case.join("src_strategy.ckpt"));
+    let (local_src, local_strategy) = (local_src.to_str().unwrap(), local_strategy.to_str().unwrap());
+    let local = scratch.join("local");
+    assert_ok(&unify(local_src, local_strategy, local.to_str().unwrap(), &["-q"]));
+    let want: Vec<PathBuf> = files_under(&local)
+        .into_iter()
+        .filter(|f| !f.file_name().unwrap().to_str().unwrap().starts_with(".reshard_manifest.lock"))
+        .filter(|f| f.file_name().unwrap() != "reshard_manifest.json")
+        .collect();
+    let names: Vec<String> = want.iter().map(|f| f.file_name().unwrap().to_str().unwrap().to_string()).collect();
+    assert_eq!(names.len(), 3, "{names:?}");
+    let (s3_src, s3_strategy) = (format!("s3://{b}/full"), format!("s3://{b}/src_strategy.ckpt"));
+    let from_s3 = scratch.join("from_s3");
+    let from_sfx = scratch.join("from_sfx");
+    let sfx = format!("s3://{b}/sfx");
+    let runs: Vec<(&str, &str, String, Vec<&str>)> = vec![
+        (&s3_src, &s3_strategy, from_s3.to_str().unwrap().to_string(), vec![]),
+        (local_src, local_strategy, format!("s3://{b}/to_s3"), vec![]),
+        (&s3_src, &s3_strategy, format!("obs://{b}/both"), vec![]),
+        (&sfx, &s3_strategy, from_sfx.to_str().unwrap().to_string(), vec!["--file_suffix=-1_2"]),
+    ];
+    for (src, strategy, dst, extra) in &runs {
+        let mut e = extra.clone();
+        e.push("-q");
+        assert_ok(&unify(src, strategy, dst, &e));
+        let prefix = dst.split_once("://").map(|(_, rest)| rest.split_once('/').unwrap().1.to_string());
+        for (f, name) in want.iter().zip(&names) {
+            let got = match &prefix {
+                Some(p) => download(&b, &format!("{p}/{name}")).unwrap_or_else(|| panic!("no object {dst}/{name}")),
+                None => std::fs::read(Path::new(dst).join(name)).unwrap(),
+            };
+            assert!(got == std::fs::read(f).unwrap(), "{src} -> {dst}: {name} differs from the local unify's");
+        }
+        if prefix.is_some() {
+            let v = reshard_at(&ep, args!["verify", dst], &[]);
+            assert_ok(&v);
+            // The parts and hyper_param.safetensors (the map is not a checkpoint).
+            assert_eq!(text(&v.stdout).lines().filter(|l| l.starts_with("ok ")).count(), 2, "{}", text(&v.stdout));
+            let again = unify(src, strategy, dst, extra);
+            assert_ok(&again);
+            assert!(text(&again.stderr).contains("2 kept from a previous run"), "{}", text(&again.stderr));
+        }
+    }
+    // A missing bucket, as the source or as the destination.
+    let gone = format!("no-such-bucket-{}", std::process::id());
+    let dst = scratch.join("refused");
+    let src_url = format!("s3://{gone}/full");
+    assert_refused(&unify(&src_url, local_strategy, dst.to_str().unwrap(), &[]), &[&src_url, "NoSuchBucket"]);
+    util::assert_nothing_written(&dst);
+    // (A destination in a missing bucket cannot be tried here: SeaweedFS makes the bucket on the
+    // first PUT by an admin key.)
+}
+
+/// `transform --distributed` into the store: two processes (`--process-index`/`--process-count`,
+/// started side by side as a launcher would start them) convert one job from an `s3://` source
+/// into an `s3://` folder: the share records are objects there, the outputs equal MindSpore's,
+/// `verify` passes on the folder, and a rerun keeps every object. A share whose process never
+/// starts makes the other give up after the timeout, naming it.
+#[test]
+#[ignore = "needs a SeaweedFS server: bash tests/s3/run.sh"]
+fn s3_distributed_two_processes() {
+    let case = fixture("conformance/dp1mp4_to_dp4mp2");
+    let b = bucket("dist");
+    upload_dir(&b, "src", &case.join("src"));
+    let job = |dst: &str, index: u32, timeout: &str| -> Vec<String> {
+        [
+            "transform",
+            "--distributed",
+            "--process-index",
+            &index.to_string(),
+            "--process-count",
+            "2",
+            "--timeout",
+            timeout,
+            "--src_ckpt_dir",
+            &format!("s3://{b}/src"),
+            "--src_ckpt_strategy",
+            case.join("src_strategy.ckpt").to_str().unwrap(),
+            "--dst_ckpt_strategy",
+            case.join("dst_strategy.ckpt").to_str().unwrap(),
+            "--dst_ckpt_dir",
+            dst,
+        ]
+        .map(str::to_string)
+        .to_vec()
+    };
+    let run_both = |dst: &str| -> Vec<Output> {
+        let started: Vec<_> = (0..2)
+            .map(|i| {
+                let (ep, a) = (endpoint(), job(dst, i, "60"));
+                std::thread::spawn(move || {
+                    reshard_at(&ep, &a.iter().map(std::ffi::OsStr::new).collect::<Vec<_>>(), &[])
+                })
+            })
+            .collect();
+        started.into_iter().map(|t| t.join().unwrap()).collect()
+    };
+    let dst = format!("s3://{b}/out");
+    for (i, out) in run_both(&dst).iter().enumerate() {
+        assert_ok(out);
+        assert!(text(&out.stderr).contains(&format!("process {i} of 2")), "{}", text(&out.stderr));
+        assert!(text(&out.stderr).contains("all 2 share(s) done and verified"), "{}", text(&out.stderr));
+    }
+    let expected = files_under(&case.join("expected"));
+    for e in &expected {
+        let rel = e.strip_prefix(case.join("expected")).unwrap().to_str().unwrap();
+        let got = download(&b, &format!("out/{rel}")).unwrap_or_else(|| panic!("no object {dst}/{rel}"));
+        assert!(got == std::fs::read(e).unwrap(), "{rel} differs from MindSpore's");
+    }
+    let k = keys(&b, "out/");
+    for i in 0..2 {
+        assert!(k.contains(&format!("out/reshard_share_{i}_of_2.json")), "{k:?}");
+    }
+    let v = reshard_at(&endpoint(), args!["verify", &dst], &[]);
+    assert_ok(&v);
+    assert_eq!(text(&v.stdout).lines().filter(|l| l.starts_with("ok ")).count(), expected.len());
+    let again = run_both(&dst);
+    let kept: usize = again
+        .iter()
+        .map(|o| {
+            assert_ok(o);
+            let err = text(&o.stderr);
+            err.split("kept ").nth(1).and_then(|r| r.split(' ').next()).and_then(|n| n.parse().ok()).unwrap_or(0)
+        })
+        .sum();
+    assert_eq!(kept, expected.len(), "a rerun keeps every object");
+    // Share 1 never starts: share 0 writes its ranks, then gives up on it after the timeout.
+    let alone = format!("s3://{b}/alone");
+    let mut a = job(&alone, 0, "2");
+    a.push("-q".into());
+    let out = reshard_at(&endpoint(), &a.iter().map(std::ffi::OsStr::new).collect::<Vec<_>>(), &[]);
+    assert_refused(
+        &out,
+        &["gave up after 2s without news from 1 share(s)", "share 1 of 2 (rank_4..rank_7", "no record yet"],
+    );
+}

@@ -7,7 +7,8 @@
 //! (atomically, like every output). Then it waits until every share is recorded as done and
 //! verified, and fails if one is recorded as failed or falls silent for longer than the timeout.
 //! The processes never talk to each other: the records are the only channel, so a folder that
-//! all of them see is all they need.
+//! all of them see is all they need, or an object store's prefix (`s3://`, `obs://`), where each
+//! record is an object written with one PUT.
 //!
 //! ```no_run
 //! # use reshard_core::{distributed, execute::ExecuteOptions, plan::{Plan, PlanOptions}};
@@ -29,7 +30,6 @@ use std::time::{Duration, Instant, SystemTime};
 
 use rayon::prelude::*;
 
-use crate::atomic::write_atomic;
 use crate::error::{Error, Result};
 use crate::execute::{execute, job_fingerprint, ExecuteOptions, WrittenFile};
 use crate::manifest::Manifest;
@@ -273,6 +273,10 @@ struct ShareRecord {
     error: Option<String>,
     #[serde(default)]
     files: Vec<RecordedFile>,
+    /// Set by the process once it has reported a failure of the job (its own or another
+    /// share's) and is about to exit: see [`FailureAck`].
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    failure_seen: bool,
 }
 
 impl ShareRecord {
@@ -300,9 +304,8 @@ pub struct Coordinator {
     options: DistributedOptions,
     /// This process's record (`None` for msrun's scheduler, which has no share).
     own: Option<(PathBuf, Arc<Mutex<ShareRecord>>)>,
-    /// When this process's first record was written, by the folder's clock (its mtime): a
-    /// failure recorded before it is an earlier run's.
-    started: SystemTime,
+    /// What tells this run's records from an earlier run's.
+    epoch: Epoch,
     bytes_done: Arc<AtomicU64>,
     heartbeat: Option<(mpsc::Sender<()>, std::thread::JoinHandle<()>)>,
 }
@@ -318,10 +321,13 @@ impl Coordinator {
             dst_dir: dst_dir.to_path_buf(),
             options: options.clone(),
             own: None,
-            started: SystemTime::now(),
+            epoch: Epoch::Since(SystemTime::now()),
             bytes_done: Arc::new(AtomicU64::new(0)),
             heartbeat: None,
         };
+        if crate::storage::is_url(dst_dir) {
+            c.epoch = Epoch::before(dst_dir, options.process.index, options.process.count)?;
+        }
         let Some(index) = options.process.index else {
             return Ok(c);
         };
@@ -340,9 +346,12 @@ impl Coordinator {
             bytes_total: 0,
             error: None,
             files: Vec::new(),
+            failure_seen: false,
         };
         write_record(&path, &record, false)?;
-        c.started = std::fs::metadata(&path).and_then(|m| m.modified()).unwrap_or_else(|_| SystemTime::now());
+        if let Epoch::Since(t) = &mut c.epoch {
+            *t = std::fs::metadata(&path).and_then(|m| m.modified()).unwrap_or_else(|_| SystemTime::now());
+        }
         let record = Arc::new(Mutex::new(record));
         // Several beats per timeout, so that a live process is never taken for a dead one.
         let period = (options.timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(10));
@@ -490,7 +499,14 @@ impl Coordinator {
             let mut finished = Vec::new();
             for (&j, (last, changed, note)) in pending.iter_mut() {
                 let path = record_path(&self.dst_dir, j, count);
-                let bytes = std::fs::read(&path).ok();
+                let bytes = match read_record(&path) {
+                    Ok(b) => b,
+                    // An unreadable record (the store did not answer this poll) is not news.
+                    Err(e) => {
+                        *note = format!("its record cannot be read: {e}");
+                        continue;
+                    }
+                };
                 if bytes != *last {
                     *changed = now;
                     last.clone_from(&bytes);
@@ -501,7 +517,7 @@ impl Coordinator {
                     continue;
                 };
                 let expected = shares.ranks.get(j as usize).map_or(&[][..], Vec::as_slice);
-                let fresh = std::fs::metadata(&path).and_then(|m| m.modified()).is_ok_and(|t| t >= self.started);
+                let fresh = self.epoch.fresh(j, &path, &bytes);
                 let same_job = r.job == job && r.ranks == expected && r.share == j && r.shares == count;
                 match r.state {
                     // A failure of this run: before its plan (no job yet) or in this very job.
@@ -580,8 +596,68 @@ impl Coordinator {
             // Polls grow with the wait (a fiftieth of it, 2 ms to 1 s), so that noticing the
             // last share adds at most about 2% to the wait, and a long wait of many processes
             // on a network filesystem reads each record about once a second.
-            let pause = (start.elapsed() / 50).clamp(Duration::from_millis(2), Duration::from_secs(1));
+            // (Each poll of an object store is a request per share: 50 ms at least.)
+            let least = if crate::storage::is_url(&self.dst_dir) { 50 } else { 2 };
+            let pause = (start.elapsed() / 50).clamp(Duration::from_millis(least), Duration::from_secs(1));
             std::thread::sleep(pause);
+        }
+    }
+}
+
+impl Coordinator {
+    /// What this process needs, once it has reported the job's failure, to tell the others and
+    /// wait for them ([`FailureAck::acknowledge`]); taken at the start, it outlives the
+    /// coordinator.
+    pub fn failure_ack(&self) -> FailureAck {
+        FailureAck { dst_dir: self.dst_dir.clone(), options: self.options.clone(), epoch: self.epoch.clone() }
+    }
+}
+
+/// The last step of a failed distributed job. A launcher such as Open MPI's mpirun kills every
+/// other process as soon as one exits non-zero, so a process that exits at once after a failure
+/// takes the others down before they have said why the job failed. So each process, once it has
+/// printed its error, marks its record `failure_seen` and waits (up to the timeout) until every
+/// other share's record of this run carries the mark too; then all exit, each having printed.
+#[derive(Debug, Clone)]
+pub struct FailureAck {
+    dst_dir: PathBuf,
+    options: DistributedOptions,
+    epoch: Epoch,
+}
+
+impl FailureAck {
+    /// When a share of this run recorded a failure: marks this process's record as having
+    /// reported it, then, with `wait`, waits until every other share's record of this run is
+    /// marked, or the timeout passes, or `stop` says so (a signal). Does nothing when no failure
+    /// is recorded (a job given up on a silent share, a bad command line) or for a process with
+    /// no share (msrun's scheduler). Errors are ignored: the job has failed already, and this
+    /// only orders the exits.
+    pub fn acknowledge(&self, wait: bool, stop: &dyn Fn() -> bool) {
+        let Some(me) = self.options.process.index else { return };
+        let count = self.options.process.count;
+        let read = |j: u32| -> Option<(PathBuf, Vec<u8>, ShareRecord)> {
+            let path = record_path(&self.dst_dir, j, count);
+            let bytes = read_record(&path).ok()??;
+            let r = serde_json::from_slice::<ShareRecord>(&bytes).ok()?;
+            Some((path, bytes, r))
+        };
+        let this_run = |j: u32, path: &Path, bytes: &[u8]| j == me || self.epoch.fresh(j, path, bytes);
+        let failed = (0..count)
+            .any(|j| read(j).is_some_and(|(path, bytes, r)| r.state == State::Failed && this_run(j, &path, &bytes)));
+        let Some((own, _, mut record)) = read(me).filter(|_| failed) else { return };
+        record.failure_seen = true;
+        if write_record(&own, &record, false).is_err() || !wait {
+            return;
+        }
+        let start = Instant::now();
+        let mut pending: Vec<u32> = (0..count).filter(|&j| j != me).collect();
+        while !pending.is_empty() && start.elapsed() < self.options.timeout && !stop() {
+            pending.retain(|&j| !read(j).is_some_and(|(path, bytes, r)| r.failure_seen && this_run(j, &path, &bytes)));
+            if pending.is_empty() {
+                break;
+            }
+            let least = if crate::storage::is_url(&self.dst_dir) { 50 } else { 5 };
+            std::thread::sleep((start.elapsed() / 50).clamp(Duration::from_millis(least), Duration::from_secs(1)));
         }
     }
 }
@@ -592,9 +668,46 @@ impl Drop for Coordinator {
     }
 }
 
+/// Writes a share record whole: atomically in a folder, as one PUT in an object store (which
+/// shows an object only complete).
 fn write_record(path: &Path, r: &ShareRecord, sync: bool) -> Result<()> {
     let bytes = serde_json::to_vec_pretty(r).map_err(|e| Error::Invalid(format!("share record: {e}")))?;
-    write_atomic(path, &bytes, sync)
+    crate::storage::small::write(path, &bytes, sync)
+}
+
+/// The bytes of a share record, `None` when there is none.
+fn read_record(path: &Path) -> Result<Option<Vec<u8>>> {
+    crate::storage::small::read(path, 64 << 20, "share record")
+}
+
+/// What tells this run's records from an earlier run's: in a folder, a record modified at or
+/// after this process's first record (by the folder's clock, its mtime); in an object store,
+/// whose times are the server's and to the second, a record whose bytes differ from those found
+/// before this process wrote its first record (a record names its process's host and pid, and
+/// counts its heartbeats, so a new one never repeats an old one).
+#[derive(Debug, Clone)]
+enum Epoch {
+    Since(SystemTime),
+    Before(BTreeMap<u32, Option<Vec<u8>>>),
+}
+
+impl Epoch {
+    /// The other shares' records as they are before this process writes its own.
+    fn before(dst_dir: &Path, index: Option<u32>, count: u32) -> Result<Epoch> {
+        let mut seen = BTreeMap::new();
+        for j in (0..count).filter(|&j| Some(j) != index) {
+            seen.insert(j, read_record(&record_path(dst_dir, j, count))?);
+        }
+        Ok(Epoch::Before(seen))
+    }
+
+    /// Whether share `share`'s record (at `path`, now `bytes`) was written by this run.
+    fn fresh(&self, share: u32, path: &Path, bytes: &[u8]) -> bool {
+        match self {
+            Epoch::Since(t) => std::fs::metadata(path).and_then(|m| m.modified()).is_ok_and(|m| m >= *t),
+            Epoch::Before(found) => found.get(&share).is_none_or(|b| b.as_deref() != Some(bytes)),
+        }
+    }
 }
 
 /// Whether a share's recorded outputs are this job's, complete and listed in their folders'
@@ -610,7 +723,7 @@ fn check_files(dst_dir: &Path, job: &str, ranks: &[u32], files: &[RecordedFile])
         let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
             return Err(format!("its record names {}, not a file in a rank folder", f.path.display()));
         };
-        let entry = Manifest::read(dir).and_then(|m| m.files.into_iter().find(|e| e.name == name));
+        let entry = read_manifest(dir)?.and_then(|m| m.files.into_iter().find(|e| e.name == name));
         match entry {
             None => return Err(format!("{} is not in its folder's manifest", path.display())),
             Some(e) if e.plan_fingerprint != job || e.size != f.size || e.crc32 != f.crc32 => {
@@ -626,13 +739,38 @@ fn check_files(dst_dir: &Path, job: &str, ranks: &[u32], files: &[RecordedFile])
             }
             Some(_) => {}
         }
-        match std::fs::metadata(&path) {
-            Ok(m) if m.len() == f.size => {}
-            Ok(m) => return Err(format!("{} has {} bytes, not the {} recorded", path.display(), m.len(), f.size)),
+        match output_len(&path) {
+            Ok(len) if len == f.size => {}
+            Ok(len) => return Err(format!("{} has {len} bytes, not the {} recorded", path.display(), f.size)),
             Err(e) => return Err(format!("{}: {e}", path.display())),
         }
     }
     Ok(())
+}
+
+/// The manifest of the output folder `dir` (in an object store, the manifest object, whose
+/// entries carry ETags as well), `None` when there is no readable one; `Err` says why it could not
+/// be read.
+fn read_manifest(dir: &Path) -> std::result::Result<Option<Manifest>, String> {
+    if !crate::storage::is_url(dir) {
+        return Ok(Manifest::read(dir));
+    }
+    let bytes = crate::storage::small::read(&dir.join(crate::manifest::MANIFEST_NAME), 64 << 20, "manifest")
+        .map_err(|e| e.to_string())?;
+    Ok(bytes.and_then(|b| serde_json::from_slice(&b).ok()))
+}
+
+/// The size of an output file or object.
+fn output_len(path: &Path) -> std::result::Result<u64, String> {
+    if crate::storage::is_url(path) {
+        #[cfg(feature = "s3")]
+        return match crate::storage::object::head(path) {
+            Ok(Some((len, _))) => Ok(len),
+            Ok(None) => Err("no such object".into()),
+            Err(e) => Err(e.to_string()),
+        };
+    }
+    std::fs::metadata(path).map(|m| m.len()).map_err(|e| e.to_string())
 }
 
 /// Runs this process's share of the job and waits for the others: [`Coordinator::start`] then

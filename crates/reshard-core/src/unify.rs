@@ -167,14 +167,11 @@ pub fn map_json(parts: &[Vec<String>], total_size: u64) -> String {
 
 /// The rank folders with a file ending in `{suffix}.safetensors` (exactly one each).
 fn discover_with_suffix(dir: &Path, suffix: &str) -> Result<Catalogue> {
-    let all = discover_all(dir)?;
     let want = format!("{suffix}.safetensors");
     let mut files = BTreeMap::new();
-    for (rank, folder) in all {
-        let mut found: Vec<PathBuf> = std::fs::read_dir(&folder)
-            .map_err(|e| Error::io(&folder, "read folder", e))?
-            .flatten()
-            .map(|e| e.path())
+    for (rank, (folder, all)) in rank_files(dir)? {
+        let mut found: Vec<PathBuf> = all
+            .into_iter()
             .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.ends_with(&want)))
             .collect();
         found.sort();
@@ -204,22 +201,54 @@ fn discover_with_suffix(dir: &Path, suffix: &str) -> Result<Catalogue> {
     Ok(Catalogue::single(dir.to_path_buf(), files, Format::Safetensors))
 }
 
-/// `rank_{i}` folders of `dir`.
-fn discover_all(dir: &Path) -> Result<BTreeMap<u32, PathBuf>> {
-    let rd = std::fs::read_dir(dir).map_err(|e| Error::io(dir, "read folder", e))?;
-    let mut out = BTreeMap::new();
-    for e in rd.flatten() {
-        let name = e.file_name();
-        let Some(num) = name.to_str().and_then(|n| n.strip_prefix("rank_")) else { continue };
-        if num.is_empty() || !num.bytes().all(|b| b.is_ascii_digit()) || !e.path().is_dir() {
-            continue;
+/// Each `rank_{i}` folder of `dir` and the files in it (in an object store: the objects directly
+/// under `rank_{i}/`, from one listing of the prefix).
+fn rank_files(dir: &Path) -> Result<BTreeMap<u32, (PathBuf, Vec<PathBuf>)>> {
+    let rank_of = |folder: &str| {
+        let num = folder.strip_prefix("rank_")?;
+        if num.is_empty() || !num.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
         }
-        let Ok(rank) = num.parse::<u32>() else { continue };
-        if out.insert(rank, e.path()).is_some() {
+        num.parse::<u32>().ok()
+    };
+    let mut out: BTreeMap<u32, (PathBuf, Vec<PathBuf>)> = BTreeMap::new();
+    let mut add = |rank: u32, folder: PathBuf, file: Option<PathBuf>| -> Result<()> {
+        let slot = out.entry(rank).or_insert_with(|| (folder.clone(), Vec::new()));
+        if slot.0 != folder {
             return Err(Error::Source {
                 path: dir.to_path_buf(),
                 detail: format!("two rank folders are rank {rank}; keep one"),
             });
+        }
+        slot.1.extend(file);
+        Ok(())
+    };
+    if crate::storage::is_url(dir) {
+        #[cfg(feature = "s3")]
+        {
+            let base = dir.to_string_lossy().trim_end_matches('/').to_string();
+            for (url, _) in crate::storage::object::list(dir)? {
+                let s = url.to_string_lossy();
+                let Some(rel) = s.strip_prefix(&base).and_then(|r| r.strip_prefix('/')) else { continue };
+                let Some((folder, file)) = rel.split_once('/') else { continue };
+                let Some(rank) = rank_of(folder).filter(|_| !file.contains('/')) else { continue };
+                add(rank, PathBuf::from(format!("{base}/{folder}")), Some(url.clone()))?;
+            }
+            return Ok(out);
+        }
+        #[cfg(not(feature = "s3"))]
+        return Err(crate::storage::no_object_storage(dir));
+    }
+    let rd = std::fs::read_dir(dir).map_err(|e| Error::io(dir, "read folder", e))?;
+    for e in rd.flatten() {
+        let Some(rank) = e.file_name().to_str().and_then(rank_of) else { continue };
+        let folder = e.path();
+        if !folder.is_dir() {
+            continue;
+        }
+        add(rank, folder.clone(), None)?;
+        for f in std::fs::read_dir(&folder).map_err(|e| Error::io(&folder, "read folder", e))?.flatten() {
+            add(rank, folder.clone(), Some(f.path()))?;
         }
     }
     Ok(out)
@@ -238,7 +267,8 @@ fn raw_from_rank0(t: &TensorInfo) -> TensorPlan {
 }
 
 /// Writes the unified folder of the distributed checkpoint in `src_dir` (strategy
-/// `src_strategy`) into `dst_dir`.
+/// `src_strategy`) into `dst_dir`. Each of the three may be an `s3://`/`obs://` URL: the sources
+/// are then read with ranged GETs, and the files are uploaded by the object sink (the map last).
 pub fn unify(src_dir: &Path, src_strategy: &Path, dst_dir: &Path, opts: &UnifyOptions) -> Result<UnifyReport> {
     let strategy = Strategy::load(src_strategy)?;
     let set = match &opts.file_suffix {
@@ -323,12 +353,15 @@ pub fn unify(src_dir: &Path, src_strategy: &Path, dst_dir: &Path, opts: &UnifyOp
             metadata: BTreeMap::from([("format".to_string(), "ms".to_string())]),
         });
     }
-    std::fs::create_dir_all(dst_dir).map_err(|e| Error::io(dst_dir, "create folder", e))?;
+    // An object store has no folders to make: the prefix is the folder.
+    if !crate::storage::is_url(dst_dir) {
+        std::fs::create_dir_all(dst_dir).map_err(|e| Error::io(dst_dir, "create folder", e))?;
+    }
     let tag = format!("unify part_bytes={} dedup={deduplicated} split={:?}", opts.part_bytes, opts.split);
     let files = execute_named(&plan, dst_dir, &outputs, &opts.exec, &tag)?;
     let map = dst_dir.join(UNIFIED_MAP);
     if first_task {
-        crate::atomic::write_atomic(&map, map_json(&parts, total_size).as_bytes(), opts.exec.sync)?;
+        crate::storage::small::write(&map, map_json(&parts, total_size).as_bytes(), opts.exec.sync)?;
     }
     Ok(UnifyReport { files, map, total_size, params: sizes.len(), deduplicated, warnings })
 }

@@ -1,7 +1,8 @@
 //! Outputs that are not one file per destination rank: named safetensors files in one folder,
 //! each holding some of the plan's tensors with its own `__metadata__` (the part files and
 //! `hyper_param.safetensors` of a unified folder). Each is written as a rank is (the same fill,
-//! temporary file, fsync, rename, manifest and resume), by one worker per file.
+//! temporary file, fsync, rename, manifest and resume), by one worker per file; into an object
+//! store (`s3://`, `obs://`) each is an object written by the object sink.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -63,6 +64,13 @@ pub fn execute_named(
             .enumerate()
             .map(|(i, (o, c))| {
                 let rp = RankPlan { rank: i as u32, stage: 0, tensors: o.tensors.clone() };
+                // Into an object store, each file is an object written by the object sink.
+                if crate::storage::is_url(dst_dir) {
+                    #[cfg(feature = "s3")]
+                    return super::object_sink::write_object(&job, c, &rp, dst_dir.join(&o.name), None);
+                    #[cfg(not(feature = "s3"))]
+                    return Err(crate::storage::no_object_storage(dst_dir));
+                }
                 write_file(&job, c, &rp, dst_dir.join(&o.name), None)
             })
             .collect::<Result<Vec<_>>>()

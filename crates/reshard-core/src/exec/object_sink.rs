@@ -79,7 +79,19 @@ fn staging_root() -> PathBuf {
 
 /// Writes destination rank `rp` to its object (or keeps the one a previous run finished).
 pub(crate) fn write_rank(job: &Job<'_>, codec: &dyn Codec, rp: &RankPlan) -> Result<WrittenFile> {
-    let final_url = output_path(job.plan, job.dst_dir, rp.rank, job.opts);
+    write_object(job, codec, rp, output_path(job.plan, job.dst_dir, rp.rank, job.opts), Some(rp.rank))
+}
+
+/// Writes the tensors of `rp` to the object `final_url` (or keeps the one a previous run
+/// finished); the manifest records it as destination rank `dst_rank` (`None`: an object of no
+/// rank, such as a unified folder's part), as `file_sink::write_file` does for files.
+pub(crate) fn write_object(
+    job: &Job<'_>,
+    codec: &dyn Codec,
+    rp: &RankPlan,
+    final_url: PathBuf,
+    dst_rank: Option<u32>,
+) -> Result<WrittenFile> {
     let dir = final_url.parent().map(Path::to_path_buf).unwrap_or_default();
     let name = final_url.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
     if job.opts.resume {
@@ -113,8 +125,8 @@ pub(crate) fn write_rank(job: &Job<'_>, codec: &dyn Codec, rp: &RankPlan) -> Res
         size: staged.len,
         crc32: staged.crc32,
         plan_fingerprint: job.fingerprint.to_string(),
-        dst_rank: Some(rp.rank),
-        dst_rank_count: Some(job.plan.dst_rank_count()),
+        dst_rank,
+        dst_rank_count: dst_rank.map(|_| job.plan.dst_rank_count()),
     };
     record(&dir, ObjectEntry { entry, etag })?;
     Ok(WrittenFile { rank: rp.rank, path: final_url, len: staged.len, crc32: staged.crc32, reused: false })

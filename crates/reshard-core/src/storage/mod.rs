@@ -14,6 +14,7 @@
 mod local;
 #[cfg(feature = "s3")]
 pub mod object;
+pub mod small;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
