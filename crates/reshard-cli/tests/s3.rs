@@ -502,6 +502,47 @@ fn s3_bytes_fetched_are_close_to_the_ranks_share() {
     }
 }
 
+/// The runs a destination rank reads are joined across tensors into large GETs started ahead of
+/// the copy: 8 -> 4 of 32 tensors, where each rank reads 256 KiB of every tensor from each of two
+/// source objects (8 MiB from each), takes a handful of GETs, not one per tensor and source (64).
+#[test]
+#[ignore = "needs a SeaweedFS server: bash tests/s3/run.sh"]
+fn s3_content_is_fetched_in_few_large_gets() {
+    let ep = endpoint();
+    let scratch = Scratch::new("s3-gets");
+    let (src8, s8, s4) = sharded_model(&scratch, 8, 1024, 512);
+    let b = bucket("gets");
+    upload_dir(&b, "src", &src8);
+    let dst = scratch.join("out");
+    let out = reshard_at(
+        &ep,
+        args![
+            "transform",
+            "--no-sync",
+            "--src_ckpt_dir",
+            &format!("s3://{b}/src"),
+            "--src_ckpt_strategy",
+            &s8,
+            "--dst_ckpt_strategy",
+            &s4,
+            "--dst_ckpt_dir",
+            &dst,
+            "--ranks",
+            "1"
+        ],
+        &[],
+    );
+    assert_ok(&out);
+    let err = text(&out.stderr);
+    let ahead: u64 = err
+        .split(" ranged GETs ahead of the copy")
+        .next()
+        .and_then(|s| s.rsplit('(').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no GET count in:\n{err}"));
+    assert!((1..=6).contains(&ahead), "{ahead} GETs ahead of the copy for 2 x 8 MiB of runs:\n{err}");
+}
+
 /// A run stopped (SIGTERM) in the middle of a multipart upload leaves no object under a final
 /// name and no open upload; the server killed in the middle of an upload gives a clean error
 /// naming the URL; after a restart a rerun finishes, keeping what was complete.
