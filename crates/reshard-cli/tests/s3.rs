@@ -428,6 +428,39 @@ fn sharded_model(scratch: &Scratch, layers: usize, rows: u64, cols: u64) -> (Pat
     (src8, s8, s4)
 }
 
+/// [`sharded_model`] of `layers` layers of 1024 x 512 in a new bucket: its 8-rank sources under
+/// `src/`, its strategies as `mp8.json` and `mp4.json`. Returns (bucket, src8, mp8, mp4).
+fn model_in_bucket(scratch: &Scratch, tag: &str, layers: usize) -> (String, PathBuf, PathBuf, PathBuf) {
+    let (src8, s8, s4) = sharded_model(scratch, layers, 1024, 512);
+    let b = bucket(tag);
+    upload_dir(&b, "src", &src8);
+    upload(&b, "mp8.json", &s8);
+    upload(&b, "mp4.json", &s4);
+    (b, src8, s8, s4)
+}
+
+/// `transform --ranks RANK` of 8 -> 4 from `s3://BUCKET/src` (strategies `mp8.json` and
+/// `mp4.json` beside it) into the local `dst`, through `endpoint`.
+fn transform_rank_8_to_4(endpoint: &str, b: &str, dst: &Path, rank: u64) -> Output {
+    reshard_at(
+        endpoint,
+        args![
+            "transform",
+            "--src_ckpt_dir",
+            &format!("s3://{b}/src"),
+            "--src_ckpt_strategy",
+            &format!("s3://{b}/mp8.json"),
+            "--dst_ckpt_strategy",
+            &format!("s3://{b}/mp4.json"),
+            "--dst_ckpt_dir",
+            dst,
+            "--ranks",
+            &rank.to_string()
+        ],
+        &[],
+    )
+}
+
 /// 8 -> 4 from the store: each destination rank, converted alone through a counting proxy,
 /// receives at most 1.05x the bytes its plan reads (tables of contents, HTTP headers and the
 /// strategy objects included), and its output equals the local conversion's.
@@ -436,11 +469,7 @@ fn sharded_model(scratch: &Scratch, layers: usize, rows: u64, cols: u64) -> (Pat
 fn s3_bytes_fetched_are_close_to_the_ranks_share() {
     let ep = endpoint();
     let scratch = Scratch::new("s3-bytes");
-    let (src8, s8, s4) = sharded_model(&scratch, 4, 1024, 512);
-    let b = bucket("bytes");
-    upload_dir(&b, "src", &src8);
-    upload(&b, "mp8.json", &s8);
-    upload(&b, "mp4.json", &s4);
+    let (b, src8, s8, s4) = model_in_bucket(&scratch, "bytes", 4);
     let local = scratch.join("local");
     assert_ok(&util::reshard(util::argv![
         "transform",
@@ -473,25 +502,7 @@ fn s3_bytes_fetched_are_close_to_the_ranks_share() {
     for r in 0..4u64 {
         let proxy = Proxy::start(&ep);
         let dst = scratch.join(format!("from_s3_{r}"));
-        let out = reshard_at(
-            &proxy.url(),
-            args![
-                "transform",
-                "-q",
-                "--src_ckpt_dir",
-                &format!("s3://{b}/src"),
-                "--src_ckpt_strategy",
-                &format!("s3://{b}/mp8.json"),
-                "--dst_ckpt_strategy",
-                &format!("s3://{b}/mp4.json"),
-                "--dst_ckpt_dir",
-                &dst,
-                "--ranks",
-                &r.to_string()
-            ],
-            &[],
-        );
-        assert_ok(&out);
+        assert_ok(&transform_rank_8_to_4(&proxy.url(), &b, &dst, r));
         let rel = format!("rank_{r}/checkpoint_{r}.ckpt");
         assert!(std::fs::read(dst.join(&rel)).unwrap() == std::fs::read(local.join(&rel)).unwrap(), "{rel} differs");
         let needs = plan["ranks"][r as usize]["bytes_fetched"].as_u64().unwrap();
@@ -510,28 +521,8 @@ fn s3_bytes_fetched_are_close_to_the_ranks_share() {
 fn s3_content_is_fetched_in_few_large_gets() {
     let ep = endpoint();
     let scratch = Scratch::new("s3-gets");
-    let (src8, s8, s4) = sharded_model(&scratch, 8, 1024, 512);
-    let b = bucket("gets");
-    upload_dir(&b, "src", &src8);
-    let dst = scratch.join("out");
-    let out = reshard_at(
-        &ep,
-        args![
-            "transform",
-            "--no-sync",
-            "--src_ckpt_dir",
-            &format!("s3://{b}/src"),
-            "--src_ckpt_strategy",
-            &s8,
-            "--dst_ckpt_strategy",
-            &s4,
-            "--dst_ckpt_dir",
-            &dst,
-            "--ranks",
-            "1"
-        ],
-        &[],
-    );
+    let (b, ..) = model_in_bucket(&scratch, "gets", 8);
+    let out = transform_rank_8_to_4(&ep, &b, &scratch.join("out"), 1);
     assert_ok(&out);
     let err = text(&out.stderr);
     let ahead: u64 = err
@@ -541,6 +532,54 @@ fn s3_content_is_fetched_in_few_large_gets() {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no GET count in:\n{err}"));
     assert!((1..=6).contains(&ahead), "{ahead} GETs ahead of the copy for 2 x 8 MiB of runs:\n{err}");
+}
+
+/// Outputs are streamed to the store part by part from memory, with no local staging file:
+/// with the temporary folders under a regular file (nothing can be created there), 8 -> complete
+/// (one 32 MiB output: five parts, the first rewritten and the last appended to by the codec) as
+/// .ckpt and safetensors, with and without crc, equals the local conversion byte for byte.
+#[test]
+#[ignore = "needs a SeaweedFS server: bash tests/s3/run.sh"]
+fn s3_outputs_are_streamed_without_staging() {
+    let ep = endpoint();
+    let scratch = Scratch::new("s3-stream");
+    let (src8, s8, _) = sharded_model(&scratch, 4, 1024, 512);
+    let b = bucket("stream");
+    let not_a_dir = scratch.join("plain_file");
+    std::fs::write(&not_a_dir, b"x").unwrap();
+    let no_tmp = not_a_dir.join("tmp");
+    for (format, crc) in [("ckpt", false), ("ckpt", true), ("safetensors", false), ("safetensors", true)] {
+        let tag = format!("{format}{}", if crc { "_crc" } else { "" });
+        let mut argv: Vec<String> =
+            ["transform", "-q", "--no-sync", "--output_format", format, "--src_ckpt_dir"].map(String::from).to_vec();
+        argv.push(src8.to_str().unwrap().into());
+        argv.extend(["--src_ckpt_strategy".into(), s8.to_str().unwrap().into()]);
+        if crc {
+            argv.push("--crc".into());
+        }
+        argv.push("--dst_ckpt_dir".into());
+        let local = scratch.join(format!("local_{tag}"));
+        let mut l = argv.clone();
+        l.push(local.to_str().unwrap().into());
+        let l: Vec<&std::ffi::OsStr> = l.iter().map(std::ffi::OsStr::new).collect();
+        assert_ok(&reshard_at(&ep, &l, &[]));
+        let mut r = argv.clone();
+        r.push(format!("s3://{b}/{tag}"));
+        let r: Vec<&std::ffi::OsStr> = r.iter().map(std::ffi::OsStr::new).collect();
+        let no_tmp = no_tmp.to_str().unwrap();
+        assert_ok(&reshard_at(&ep, &r, &[("TMPDIR", no_tmp), ("RESHARD_STAGING_DIR", no_tmp)]));
+        let name = format!("rank_0/checkpoint_0.{format}");
+        let want = std::fs::read(local.join(&name)).unwrap();
+        assert!(want.len() > 4 * (8 << 20), "{tag}: {} bytes is too small for the check", want.len());
+        let got = download(&b, &format!("{tag}/{name}")).unwrap_or_else(|| panic!("{tag}: no {name} uploaded"));
+        assert!(
+            got == want,
+            "{tag}: the uploaded {name} differs from the local one ({} vs {} bytes)",
+            got.len(),
+            want.len()
+        );
+        assert!(open_uploads(&b).is_empty(), "{tag}: uploads left open: {:?}", open_uploads(&b));
+    }
 }
 
 /// A run stopped (SIGTERM) in the middle of a multipart upload leaves no object under a final

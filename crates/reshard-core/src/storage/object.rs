@@ -13,10 +13,10 @@
 //! versions of an object. `object_store` retries 5xx answers, timeouts and broken connections
 //! with exponential backoff.
 //!
-//! Writes: [`upload_file`] streams a finished local file as a multipart upload (parts of
-//! [`PART_BYTES`], a bounded number in flight) and completes it only when every part is in; any
-//! failure, or a cancel between parts, aborts the upload, so no object appears under its final
-//! name unless it is whole.
+//! Writes: an [`Upload`] is a multipart upload fed with parts of [`PART_BYTES`] as the
+//! executor fills them (a bounded number in flight) and completed only when every part is in;
+//! any failure, or a cancel, aborts it, so no object appears under its final name unless it is
+//! whole.
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -520,73 +520,153 @@ pub fn delete(path: &Path) -> Result<()> {
     }
 }
 
-/// Uploads the first `len` bytes of `file` to `path` as a multipart upload: parts of
-/// [`PART_BYTES`], [`PARTS_IN_FLIGHT`] at a time, read from the file as they are sent. The upload
-/// is completed only when every part is in; on any error, or when `cancelled` says so between
-/// parts, it is aborted and nothing is left under `path`. Returns the new object's ETag.
-pub fn upload_file(file: &std::fs::File, len: u64, path: &Path, cancelled: &dyn Fn() -> bool) -> Result<String> {
-    use std::os::unix::fs::FileExt;
-    let url = ObjectUrl::parse(path)?;
-    let store = store(&url, path)?;
-    let key = url.location();
-    if len < PART_BYTES as u64 {
-        let mut buf = vec![0u8; len as usize];
-        file.read_exact_at(&mut buf, 0).map_err(|e| Error::io(path, "read the staged output", e))?;
-        if cancelled() {
-            return Err(Error::Cancelled { path: path.to_path_buf() });
-        }
-        return put(path, buf);
+/// A multipart upload fed part by part as the parts are filled, in any order (the part number
+/// sets its place): [`PARTS_IN_FLIGHT`] parts are sent at once, and [`send`](Upload::send)
+/// waits for one of them to finish beyond that, so memory stays bounded whatever the object's
+/// size. The upload is started by the first part and completed by [`finish`](Upload::finish),
+/// only when every part is in; dropped unfinished (an error, a cancel), it is aborted, so no
+/// object appears under its final name unless it is whole.
+pub struct Upload {
+    path: PathBuf,
+    store: Arc<Store>,
+    key: Key,
+    id: Mutex<Option<String>>,
+    shared: Arc<(Mutex<UploadState>, Condvar)>,
+    completed: AtomicBool,
+}
+
+#[derive(Default)]
+struct UploadState {
+    in_flight: usize,
+    parts: BTreeMap<usize, PartId>,
+    /// The first failure, until someone reports it.
+    failed: Option<Error>,
+    broken: bool,
+}
+
+impl Upload {
+    /// An upload to `path` (nothing is sent before the first part).
+    pub fn new(path: &Path) -> Result<Upload> {
+        let url = ObjectUrl::parse(path)?;
+        let store = store(&url, path)?;
+        Ok(Upload {
+            path: path.to_path_buf(),
+            store,
+            key: url.location(),
+            id: Mutex::new(None),
+            shared: Arc::default(),
+            completed: AtomicBool::new(false),
+        })
     }
-    let (s3, k) = (store.s3.clone(), key.clone());
-    let id = block_on(async move { s3.create_multipart(&k).await })?
-        .map_err(|e| store_error(path, "start multipart upload", &e))?;
-    let abort = |why: Error| -> Error {
-        let (s3, k, id) = (store.s3.clone(), key.clone(), id.clone());
-        // Best effort: the error that made the upload stop is the one reported.
-        let _ = block_on(async move { s3.abort_multipart(&k, &id).await });
-        why
-    };
-    let parts = len.div_ceil(PART_BYTES as u64) as usize;
-    let mut done: Vec<Option<PartId>> = vec![None; parts];
-    let mut next = 0usize;
-    while next < parts {
-        if cancelled() {
-            return Err(abort(Error::Cancelled { path: path.to_path_buf() }));
+
+    /// The upload's id, starting it on first use.
+    fn id(&self) -> Result<String> {
+        let mut id = self.id.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = id.as_ref() {
+            return Ok(i.clone());
         }
-        let batch: Vec<usize> = (next..parts.min(next + PARTS_IN_FLIGHT)).collect();
-        let mut futs = Vec::with_capacity(batch.len());
-        for &i in &batch {
-            let at = i as u64 * PART_BYTES as u64;
-            let n = (len - at).min(PART_BYTES as u64) as usize;
-            let mut buf = vec![0u8; n];
-            if let Err(e) = file.read_exact_at(&mut buf, at) {
-                return Err(abort(Error::io(path, "read the staged output", e)));
+        let (s3, k) = (self.store.s3.clone(), self.key.clone());
+        let new = block_on(async move { s3.create_multipart(&k).await })?
+            .map_err(|e| store_error(&self.path, "start multipart upload", &e))?;
+        *id = Some(new.clone());
+        Ok(new)
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, UploadState> {
+        self.shared.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The failure of an earlier part, if any.
+    fn failure(&self, st: &mut UploadState) -> Result<()> {
+        match st.failed.take() {
+            Some(e) => Err(e),
+            None if st.broken => Err(Error::Source {
+                path: self.path.clone(),
+                detail: "an earlier part of the multipart upload failed".into(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Sends part `index` (0-based; every part but the last must hold [`PART_BYTES`] or more).
+    /// Returns once the part is on its way; fails with an earlier part's error.
+    pub fn send(&self, index: usize, bytes: Vec<u8>) -> Result<()> {
+        let id = self.id()?;
+        let rt = runtime()?;
+        {
+            let mut st = self.state();
+            while st.in_flight >= PARTS_IN_FLIGHT && !st.broken {
+                st = self.shared.1.wait(st).unwrap_or_else(|p| p.into_inner());
             }
-            let (s3, k, id) = (store.s3.clone(), key.clone(), id.clone());
-            futs.push(async move { s3.put_part(&k, &id, i, PutPayload::from(buf)).await });
+            self.failure(&mut st)?;
+            st.in_flight += 1;
         }
-        let results = block_on(futures::future::join_all(futs));
-        let results = match results {
-            Ok(r) => r,
-            Err(e) => return Err(abort(e)),
-        };
-        for (i, r) in batch.into_iter().zip(results) {
+        let (s3, k, shared, path) = (self.store.s3.clone(), self.key.clone(), self.shared.clone(), self.path.clone());
+        rt.spawn(async move {
+            let r = s3.put_part(&k, &id, index, PutPayload::from(bytes)).await;
+            let mut st = shared.0.lock().unwrap_or_else(|p| p.into_inner());
+            st.in_flight -= 1;
             match r {
-                Ok(p) => done[i] = Some(p),
-                Err(e) => return Err(abort(store_error(path, "upload part", &e))),
+                Ok(p) => {
+                    st.parts.insert(index, p);
+                }
+                Err(e) if !st.broken => {
+                    st.broken = true;
+                    st.failed = Some(store_error(&path, "upload part", &e));
+                }
+                Err(_) => {}
             }
+            shared.1.notify_all();
+        });
+        Ok(())
+    }
+
+    /// Waits for the parts in flight.
+    fn drain(&self) -> std::sync::MutexGuard<'_, UploadState> {
+        let mut st = self.state();
+        while st.in_flight > 0 {
+            st = self.shared.1.wait(st).unwrap_or_else(|p| p.into_inner());
         }
-        next += PARTS_IN_FLIGHT;
+        st
     }
-    if cancelled() {
-        return Err(abort(Error::Cancelled { path: path.to_path_buf() }));
+
+    /// Completes the upload once parts 0..`count` are all in (unless `cancelled` says so);
+    /// returns the object's ETag.
+    pub fn finish(&self, count: usize, cancelled: &dyn Fn() -> bool) -> Result<String> {
+        let parts: Vec<PartId> = {
+            let mut st = self.drain();
+            self.failure(&mut st)?;
+            if st.parts.len() != count || st.parts.keys().next_back().is_some_and(|&k| k + 1 != count) {
+                return Err(Error::Invalid(format!(
+                    "internal error: {} has {} of its {count} parts uploaded",
+                    self.path.display(),
+                    st.parts.len()
+                )));
+            }
+            std::mem::take(&mut st.parts).into_values().collect()
+        };
+        if cancelled() {
+            return Err(Error::Cancelled { path: self.path.clone() });
+        }
+        let id = self.id()?;
+        let (s3, k) = (self.store.s3.clone(), self.key.clone());
+        let r = block_on(async move { s3.complete_multipart(&k, &id, parts).await })?
+            .map_err(|e| store_error(&self.path, "complete multipart upload", &e))?;
+        self.completed.store(true, Ordering::Release);
+        Ok(r.e_tag.unwrap_or_default())
     }
-    let parts: Vec<PartId> = done.into_iter().flatten().collect();
-    let (s3, k, id2) = (store.s3.clone(), key.clone(), id.clone());
-    match block_on(async move { s3.complete_multipart(&k, &id2, parts).await }) {
-        Ok(Ok(r)) => Ok(r.e_tag.unwrap_or_default()),
-        Ok(Err(e)) => Err(abort(store_error(path, "complete multipart upload", &e))),
-        Err(e) => Err(abort(e)),
+}
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        let id = self.id.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let (Some(id), false) = (id, self.completed.load(Ordering::Acquire)) {
+            // Parts still in flight would land after the abort: let them end first.
+            drop(self.drain());
+            let (s3, k) = (self.store.s3.clone(), self.key.clone());
+            // Best effort: the error that made the upload stop is the one reported.
+            let _ = block_on(async move { s3.abort_multipart(&k, &id).await });
+        }
     }
 }
 
