@@ -13,6 +13,7 @@
 //!        and head -c of its share)]
 //!        [--unify-only (only `reshard unify` of the 8-rank safetensors source)]
 //!        [--distributed-only (only complete -> 8 spread over 1 and 2 processes: the split's overhead)]
+//!        [--s3-only (only 8 -> 4 from a SeaweedFS store on loopback against download + transform)]
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -27,6 +28,7 @@ use reshard_core::{ckpt, DType};
 use serde_json::json;
 
 mod load;
+mod s3;
 
 struct Args {
     size_mb: u64,
@@ -39,6 +41,7 @@ struct Args {
     load_only: bool,
     unify_only: bool,
     distributed_only: bool,
+    s3_only: bool,
 }
 
 fn parse_args() -> Args {
@@ -53,6 +56,7 @@ fn parse_args() -> Args {
         load_only: false,
         unify_only: false,
         distributed_only: false,
+        s3_only: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -73,8 +77,9 @@ fn parse_args() -> Args {
             }
             "--unify-only" => a.unify_only = true,
             "--distributed-only" => a.distributed_only = true,
+            "--s3-only" => a.s3_only = true,
             "-h" | "--help" => {
-                println!("{}", include_str!("main.rs").lines().take(14).collect::<Vec<_>>().join("\n"));
+                println!("{}", include_str!("main.rs").lines().take(16).collect::<Vec<_>>().join("\n"));
                 std::process::exit(0);
             }
             other => die(&format!("unknown argument {other}")),
@@ -426,6 +431,10 @@ fn main() {
         .arg("--dst_ckpt_dir")
         .arg(&sharded));
     let _ = std::fs::remove_dir_all(sharded.join("merged_strategy"));
+    if a.s3_only {
+        s3::bench(&dir, &reshard, &sharded, &train, &finetune, a.runs);
+        return;
+    }
     let ms_python_for_unify = a.python.clone().filter(|py| {
         Command::new(py)
             .args(["-c", "import mindspore"])

@@ -477,7 +477,11 @@ fn run(cli: Cli) -> Result<(), Error> {
                 );
                 let fetched = reshard_core::storage::bytes_fetched();
                 if fetched > 0 {
-                    eprintln!("reshard: fetched {fetched} bytes from the object store (ranged GETs)");
+                    let (ahead, on_demand) = reshard_core::storage::gets_made();
+                    eprintln!(
+                        "reshard: fetched {fetched} bytes from the object store ({ahead} ranged GETs ahead of the copy, \
+                         {on_demand} on demand)"
+                    );
                 }
             }
             Ok(())

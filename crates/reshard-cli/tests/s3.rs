@@ -485,6 +485,40 @@ fn sharded_model(tag: &str, layers: usize, rows: u64, cols: u64) -> (Scratch, Pa
     (scratch, src8, s8, s4)
 }
 
+/// [`sharded_model`] of `layers` layers of 1024 x 512 (in scratch folder `scratch_tag`) in a new
+/// bucket: its 8-rank sources under `src/`, its strategies as `mp8.json` and `mp4.json`.
+/// Returns (scratch, bucket, src8, mp8, mp4).
+fn model_in_bucket(scratch_tag: &str, tag: &str, layers: usize) -> (Scratch, String, PathBuf, PathBuf, PathBuf) {
+    let (scratch, src8, s8, s4) = sharded_model(scratch_tag, layers, 1024, 512);
+    let b = bucket(tag);
+    upload_dir(&b, "src", &src8);
+    upload(&b, "mp8.json", &s8);
+    upload(&b, "mp4.json", &s4);
+    (scratch, b, src8, s8, s4)
+}
+
+/// `transform --ranks RANK` of 8 -> 4 from `s3://BUCKET/src` (strategies `mp8.json` and
+/// `mp4.json` beside it) into the local `dst`, through `endpoint`.
+fn transform_rank_8_to_4(endpoint: &str, b: &str, dst: &Path, rank: u64) -> Output {
+    reshard_at(
+        endpoint,
+        args![
+            "transform",
+            "--src_ckpt_dir",
+            &format!("s3://{b}/src"),
+            "--src_ckpt_strategy",
+            &format!("s3://{b}/mp8.json"),
+            "--dst_ckpt_strategy",
+            &format!("s3://{b}/mp4.json"),
+            "--dst_ckpt_dir",
+            dst,
+            "--ranks",
+            &rank.to_string()
+        ],
+        &[],
+    )
+}
+
 /// 8 -> 4 from the store: each destination rank, converted alone through a counting proxy,
 /// receives at most 1.05x the bytes its plan reads (tables of contents, HTTP headers and the
 /// strategy objects included), and its output equals the local conversion's.
@@ -492,11 +526,7 @@ fn sharded_model(tag: &str, layers: usize, rows: u64, cols: u64) -> (Scratch, Pa
 #[ignore = "needs a SeaweedFS server: bash tests/s3/run.sh"]
 fn s3_bytes_fetched_are_close_to_the_ranks_share() {
     let ep = endpoint();
-    let (scratch, src8, s8, s4) = sharded_model("s3-bytes", 4, 1024, 512);
-    let b = bucket("bytes");
-    upload_dir(&b, "src", &src8);
-    upload(&b, "mp8.json", &s8);
-    upload(&b, "mp4.json", &s4);
+    let (scratch, b, src8, s8, s4) = model_in_bucket("s3-bytes", "bytes", 4);
     let local = scratch.join("local");
     assert_ok(&util::reshard(util::argv![
         "transform",
@@ -516,10 +546,7 @@ fn s3_bytes_fetched_are_close_to_the_ranks_share() {
     for r in 0..4u64 {
         let proxy = Proxy::start(&ep);
         let dst = scratch.join(format!("from_s3_{r}"));
-        let mut a = from_bucket(&["transform", "-q"], &b, "mp8.json", "mp4.json");
-        a.extend(["--dst_ckpt_dir".into(), dst.to_str().unwrap().into(), "--ranks".into(), r.to_string()]);
-        let out = reshard_at_strings(&proxy.url(), &a);
-        assert_ok(&out);
+        assert_ok(&transform_rank_8_to_4(&proxy.url(), &b, &dst, r));
         let rel = format!("rank_{r}/checkpoint_{r}.ckpt");
         assert!(std::fs::read(dst.join(&rel)).unwrap() == std::fs::read(local.join(&rel)).unwrap(), "{rel} differs");
         let needs = plan["ranks"][r as usize]["bytes_fetched"].as_u64().unwrap();
@@ -527,6 +554,73 @@ fn s3_bytes_fetched_are_close_to_the_ranks_share() {
         eprintln!("rank {r}: plan reads {needs} bytes, the server sent {got}");
         assert!(needs > 4 << 20, "the model is too small for the check: {needs}");
         assert!((got as f64) <= 1.05 * needs as f64, "rank {r}: the server sent {got} bytes for a share of {needs}");
+    }
+}
+
+/// The runs a destination rank reads are joined across tensors into large GETs started ahead of
+/// the copy: 8 -> 4 of 32 tensors, where each rank reads 256 KiB of every tensor from each of two
+/// source objects (8 MiB from each), takes a handful of GETs, not one per tensor and source (64).
+#[test]
+#[ignore = "needs a SeaweedFS server: bash tests/s3/run.sh"]
+fn s3_content_is_fetched_in_few_large_gets() {
+    let ep = endpoint();
+    let (scratch, b, ..) = model_in_bucket("s3-gets", "gets", 8);
+    let out = transform_rank_8_to_4(&ep, &b, &scratch.join("out"), 1);
+    assert_ok(&out);
+    let err = text(&out.stderr);
+    let ahead: u64 = err
+        .split(" ranged GETs ahead of the copy")
+        .next()
+        .and_then(|s| s.rsplit('(').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no GET count in:\n{err}"));
+    assert!((1..=6).contains(&ahead), "{ahead} GETs ahead of the copy for 2 x 8 MiB of runs:\n{err}");
+}
+
+/// Outputs are streamed to the store part by part from memory, with no local staging file:
+/// with the temporary folders under a regular file (nothing can be created there), 8 -> complete
+/// (one 32 MiB output: five parts, the first rewritten and the last appended to by the codec) as
+/// .ckpt and safetensors, with and without crc, equals the local conversion byte for byte.
+#[test]
+#[ignore = "needs a SeaweedFS server: bash tests/s3/run.sh"]
+fn s3_outputs_are_streamed_without_staging() {
+    let ep = endpoint();
+    let (scratch, src8, s8, _) = sharded_model("s3-stream", 4, 1024, 512);
+    let b = bucket("stream");
+    let not_a_dir = scratch.join("plain_file");
+    std::fs::write(&not_a_dir, b"x").unwrap();
+    let no_tmp = not_a_dir.join("tmp");
+    for (format, crc) in [("ckpt", false), ("ckpt", true), ("safetensors", false), ("safetensors", true)] {
+        let tag = format!("{format}{}", if crc { "_crc" } else { "" });
+        let mut argv: Vec<String> =
+            ["transform", "-q", "--no-sync", "--output_format", format, "--src_ckpt_dir"].map(String::from).to_vec();
+        argv.push(src8.to_str().unwrap().into());
+        argv.extend(["--src_ckpt_strategy".into(), s8.to_str().unwrap().into()]);
+        if crc {
+            argv.push("--crc".into());
+        }
+        argv.push("--dst_ckpt_dir".into());
+        let local = scratch.join(format!("local_{tag}"));
+        let mut l = argv.clone();
+        l.push(local.to_str().unwrap().into());
+        let l: Vec<&std::ffi::OsStr> = l.iter().map(std::ffi::OsStr::new).collect();
+        assert_ok(&reshard_at(&ep, &l, &[]));
+        let mut r = argv.clone();
+        r.push(format!("s3://{b}/{tag}"));
+        let r: Vec<&std::ffi::OsStr> = r.iter().map(std::ffi::OsStr::new).collect();
+        let no_tmp = no_tmp.to_str().unwrap();
+        assert_ok(&reshard_at(&ep, &r, &[("TMPDIR", no_tmp), ("RESHARD_STAGING_DIR", no_tmp)]));
+        let name = format!("rank_0/checkpoint_0.{format}");
+        let want = std::fs::read(local.join(&name)).unwrap();
+        assert!(want.len() > 4 * (8 << 20), "{tag}: {} bytes is too small for the check", want.len());
+        let got = download(&b, &format!("{tag}/{name}")).unwrap_or_else(|| panic!("{tag}: no {name} uploaded"));
+        assert!(
+            got == want,
+            "{tag}: the uploaded {name} differs from the local one ({} vs {} bytes)",
+            got.len(),
+            want.len()
+        );
+        assert!(open_uploads(&b).is_empty(), "{tag}: uploads left open: {:?}", open_uploads(&b));
     }
 }
 

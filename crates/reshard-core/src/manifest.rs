@@ -254,8 +254,7 @@ pub fn verify(root: &Path) -> Result<VerifyReport> {
     }
     let mut report = VerifyReport::default();
     // (output folder, fingerprint) -> (rank count, ranks with an output listed).
-    let mut jobs: std::collections::BTreeMap<(PathBuf, String), (u32, std::collections::BTreeSet<u32>)> =
-        std::collections::BTreeMap::new();
+    let mut jobs: JobRanks = std::collections::BTreeMap::new();
     let mut stack = vec![root.to_path_buf()];
     let root_meta = match std::fs::metadata(root) {
         Ok(m) if m.is_dir() => m,
@@ -352,6 +351,21 @@ pub fn verify(root: &Path) -> Result<VerifyReport> {
             }
         }
     }
+    finish_report(report, jobs, root, "folder")
+}
+
+/// The destination ranks each job wrote, with its rank count: (job folder, plan fingerprint) ->
+/// (rank count, ranks found in manifests).
+pub(crate) type JobRanks = std::collections::BTreeMap<(PathBuf, String), (u32, std::collections::BTreeSet<u32>)>;
+
+/// The end of `verify` (of a folder or of an object prefix, `under` says which): the ranks each
+/// job misses, a refusal when no manifest was found, and the lists sorted.
+pub(crate) fn finish_report(
+    mut report: VerifyReport,
+    jobs: JobRanks,
+    root: &Path,
+    under: &str,
+) -> Result<VerifyReport> {
     for ((dir, plan_fingerprint), (rank_count, seen)) in jobs {
         let ranks: Vec<u32> = (0..rank_count).filter(|r| !seen.contains(r)).collect();
         if !ranks.is_empty() {
@@ -361,7 +375,7 @@ pub fn verify(root: &Path) -> Result<VerifyReport> {
     if report.manifests == 0 && report.bad.is_empty() {
         return Err(Error::Source {
             path: root.to_path_buf(),
-            detail: format!("no {MANIFEST_NAME} under this folder: nothing written by reshard to verify"),
+            detail: format!("no {MANIFEST_NAME} under this {under}: nothing written by reshard to verify"),
         });
     }
     report.ok.sort();

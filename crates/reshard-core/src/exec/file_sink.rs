@@ -32,8 +32,32 @@ struct Output<'a> {
     early_writeback: bool,
 }
 
-impl Output<'_> {
+/// Where a laid-out output's bytes go: a local file ([`Output`]) or the parts of a multipart
+/// upload (`object_sink`). Written from several workers at once, at disjoint offsets.
+pub(crate) trait OutputBytes: Sync {
     /// Writes `data` (a run of a mapped source, or an assembled buffer) at `at`.
+    fn write(&self, data: &[u8], at: u64) -> Result<()>;
+
+    /// Writes a layout's fixed bytes (headers); returns the crc of each, by offset.
+    fn write_fixed(&self, layout: &FileLayout) -> Result<Vec<RunCrc>> {
+        let mut crcs = Vec::with_capacity(layout.fixed.len());
+        for (off, bytes) in &layout.fixed {
+            self.write(bytes, *off)?;
+            crcs.push((*off, crc_of(bytes)));
+        }
+        Ok(crcs)
+    }
+
+    /// Reads a few bytes written before back (0-d values, for MindSpore's safetensors crc).
+    fn read_back(&self, at: u64, buf: &mut [u8]) -> Result<()>;
+
+    /// Writes `data` again over bytes written before (the codec's finish patching a header).
+    fn rewrite(&self, data: &[u8], at: u64) -> Result<()> {
+        self.write(data, at)
+    }
+}
+
+impl OutputBytes for Output<'_> {
     fn write(&self, data: &[u8], at: u64) -> Result<()> {
         {
             let _held = self.lock.lock().unwrap_or_else(|p| p.into_inner());
@@ -50,7 +74,6 @@ impl Output<'_> {
         Ok(())
     }
 
-    /// Writes a layout's fixed bytes; returns the crc of each, by offset.
     fn write_fixed(&self, layout: &FileLayout) -> Result<Vec<RunCrc>> {
         let mut crcs = Vec::with_capacity(layout.fixed.len());
         for (off, bytes) in &layout.fixed {
@@ -59,9 +82,13 @@ impl Output<'_> {
         }
         Ok(crcs)
     }
+
+    fn read_back(&self, at: u64, buf: &mut [u8]) -> Result<()> {
+        self.file.read_exact_at(buf, at).map_err(|e| Error::io(self.path, "read back", e))
+    }
 }
 
-fn crc_of(bytes: &[u8]) -> crc32fast::Hasher {
+pub(crate) fn crc_of(bytes: &[u8]) -> crc32fast::Hasher {
     let mut h = crc32fast::Hasher::new();
     h.update(bytes);
     h
@@ -71,7 +98,7 @@ fn crc_of(bytes: &[u8]) -> crc32fast::Hasher {
 /// crc kept so that the file's crc is known without reading it back.
 struct FileSink<'a> {
     layout: &'a FileLayout,
-    out: &'a Output<'a>,
+    out: &'a dyn OutputBytes,
     crcs: Mutex<Vec<RunCrc>>,
 }
 
@@ -143,6 +170,24 @@ pub(crate) fn write_file(
         .map_err(|e| Error::io(&tmp_path, "create", e))?;
     file.set_len(file_len).map_err(|e| Error::io(&tmp_path, "resize", e))?;
     let out = Output { file: &file, path: &tmp_path, lock: Mutex::new(()), early_writeback: opts.sync };
+    let (len, crc) = write_content(job, codec, rp, &tensors, file_len, &out, &final_path)?;
+    commit(job, &file, &tmp_path, &final_path, dst_rank, len, crc)?;
+    Ok(WrittenFile { rank: rp.rank, path: final_path, len, crc32: crc, reused: false })
+}
+
+/// Lays out `tensors` (of `rp`, in the codec's order, `file_len` bytes) window by window into
+/// `out`, fills their content, checks the sources, and writes what the codec finishes with (a
+/// crc). Returns the output's length and crc32. `what` names the output in messages.
+pub(crate) fn write_content(
+    job: &Job<'_>,
+    codec: &dyn Codec,
+    rp: &RankPlan,
+    tensors: &[&TensorPlan],
+    file_len: u64,
+    out: &dyn OutputBytes,
+    what: &Path,
+) -> Result<(u64, u32)> {
+    let final_path = what;
     // The runs tile the file; combining their crcs in file order gives the file's crc without
     // reading it back. A codec that lays out whole files keeps every run for its finish.
     let whole = codec.window() >= tensors.len();
@@ -156,8 +201,8 @@ pub(crate) fn write_file(
     for window in windows {
         let headers: Vec<TensorHeader> = window.iter().map(|t| codec.header(t)).collect();
         let layout = codec.layout(&headers, pos)?;
-        let sink = FileSink { layout: &layout, out: &out, crcs: Mutex::new(out.write_fixed(&layout)?) };
-        fill(job, window, &sink, &final_path)?;
+        let sink = FileSink { layout: &layout, out, crcs: Mutex::new(out.write_fixed(&layout)?) };
+        fill(job, window, &sink, final_path)?;
         let mut crcs = sink.crcs.into_inner().unwrap_or_else(|p| p.into_inner());
         // A window's runs tile its part of the file, which follows the previous one's.
         crcs.sort_by_key(|(off, _)| *off);
@@ -187,9 +232,8 @@ pub(crate) fn write_file(
     for r in rp.src_ranks() {
         job.sources.check_rank(r)?;
     }
-    job.check_cancel(&final_path)?;
-    let read_back =
-        |at: u64, buf: &mut [u8]| file.read_exact_at(buf, at).map_err(|e| Error::io(&tmp_path, "read back", e));
+    job.check_cancel(final_path)?;
+    let read_back = |at: u64, buf: &mut [u8]| out.read_back(at, buf);
     let (headers, layout) = match &whole_layout {
         Some((h, l)) => (h.as_slice(), Some(l)),
         None => (&[][..], None),
@@ -198,7 +242,10 @@ pub(crate) fn write_file(
         Finish { headers, layout, runs: &kept, file_crc: file_crc.clone().finalize(), file_len, read_back: &read_back };
     let mut len = file_len;
     for (at, bytes) in codec.finish(&finish)? {
-        file.write_all_at(&bytes, at).map_err(|e| Error::io(&tmp_path, "write", e))?;
+        match at >= file_len {
+            true => out.write(&bytes, at)?,
+            false => out.rewrite(&bytes, at)?,
+        }
         if at >= file_len {
             file_crc.combine(&crc_of(&bytes));
             len = len.max(at + bytes.len() as u64);
@@ -214,9 +261,7 @@ pub(crate) fn write_file(
             }
         }
     }
-    let crc = file_crc.finalize();
-    commit(job, &file, &tmp_path, &final_path, dst_rank, len, crc)?;
-    Ok(WrittenFile { rank: rp.rank, path: final_path, len, crc32: crc, reused: false })
+    Ok((len, file_crc.finalize()))
 }
 
 /// Syncs the temporary file, renames it into place, syncs the folder and records the file in

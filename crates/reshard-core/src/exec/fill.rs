@@ -42,14 +42,14 @@ thread_local! {
 
 /// A unit of work: one block of one tensor.
 pub(crate) struct Block {
-    tensor: usize,
+    pub(crate) tensor: usize,
     /// A sub-box of the destination box (relative to it) that is one contiguous byte range of
     /// the tensor: single indices on the outer dims, a range on one dim, whole inner dims.
     offset: Vec<u64>,
     shape: Vec<u64>,
     /// Its byte range in the tensor's content.
     start: u64,
-    len: u64,
+    pub(crate) len: u64,
 }
 
 impl Block {
@@ -131,10 +131,20 @@ pub(crate) fn fill(
     for (i, t) in tensors.iter().enumerate() {
         blocks_for(i, t, block_bytes, &mut blocks);
     }
-    // Block i + ahead is announced when block i is taken (the first ones now).
+    // Block i + ahead is announced when block i is taken (the first ones now). Object sources
+    // get their runs joined across blocks into large GETs instead (object_prefetch).
     let ahead = usize::try_from(READ_AHEAD_BYTES / block_bytes).unwrap_or(usize::MAX).max(1);
-    for b in blocks.iter().take(ahead) {
-        announce_block(job, tensors[b.tensor], b)?;
+    let objects = match crate::storage::is_url(&job.plan.src_dir) {
+        true => Some(super::object_prefetch::ObjectPrefetch::new(job, tensors, &blocks)?),
+        false => None,
+    };
+    match &objects {
+        Some(p) => p.advance(0),
+        None => {
+            for b in blocks.iter().take(ahead) {
+                announce_block(job, tensors[b.tensor], b)?;
+            }
+        }
     }
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
@@ -146,8 +156,13 @@ pub(crate) fn fill(
             };
             let step = || -> Result<u64> {
                 job.check_cancel(what)?;
-                if let Some(a) = blocks.get(i.saturating_add(ahead)) {
-                    announce_block(job, tensors[a.tensor], a)?;
+                match &objects {
+                    Some(p) => p.advance(i),
+                    None => {
+                        if let Some(a) = blocks.get(i.saturating_add(ahead)) {
+                            announce_block(job, tensors[a.tensor], a)?;
+                        }
+                    }
                 }
                 let n = fill_block(job.sources, tensors[b.tensor], b, sink)?;
                 job.sources.check_faults(tensors[b.tensor])?;
@@ -308,12 +323,27 @@ fn segment_runs(segments: &[Segment], from: u64, to: u64) -> impl Iterator<Item 
 /// do no read-around, so nothing else of a source is read: one rank of complete -> 8 read 88 MB
 /// of the 578 MB source (its share and the headers), in 0.10 s instead of 0.34 s.
 fn announce_block(job: &Job<'_>, t: &TensorPlan, b: &Block) -> Result<()> {
+    block_file_runs(job, t, b, &mut |src, _, at, n, _| {
+        src.prefetch(at, n);
+        Ok(())
+    })
+}
+
+/// Called with each file run of a block: (source, (source rank, its file), file offset, length,
+/// bytes of it read).
+pub(crate) type FileRunFn<'a> =
+    dyn FnMut(&std::sync::Arc<dyn crate::storage::ByteSource>, (u32, u32), u64, u64, u64) -> Result<()> + 'a;
+
+/// The source file runs block `b` reads, as `each(source, (source rank, its file), file offset,
+/// length, bytes of it read)`: per piece, the runs of its rows, joined where less than a page
+/// apart (each read of the block stays inside one run; the bytes between rows are not read).
+pub(crate) fn block_file_runs(job: &Job<'_>, t: &TensorPlan, b: &Block, each: &mut FileRunFn<'_>) -> Result<()> {
     let plan = job.sources.plan();
     let page = crate::sys::page_size();
-    // (source rank, start, end) in the source tensor's content.
-    let mut runs: Vec<(u32, u64, u64)> = Vec::new();
+    // (source rank, (start, end, bytes read in it)) in the source tensor's content.
+    let mut runs: Vec<(u32, (u64, u64, u64))> = Vec::new();
     match &t.source {
-        TensorSource::Raw { src_rank } => runs.push((*src_rank, b.start, b.start + b.len)),
+        TensorSource::Raw { src_rank } => runs.push((*src_rank, (b.start, b.start + b.len, b.len))),
         TensorSource::Pieces { dst_box, pieces } => {
             let elem = t.dtype.size();
             let nd = dst_box.shape.len();
@@ -332,35 +362,38 @@ fn announce_block(job: &Job<'_>, t: &TensorPlan, b: &Block) -> Result<()> {
                 let stride = crate::region::strides(&src.shape, 1);
                 let (outer, run) = if k == 0 { (0, r.numel()) } else { (k - 1, r.shape[k - 1] * stride[k - 1]) };
                 let mut idx = vec![0u64; outer];
-                let mut cur: Option<(u64, u64)> = None;
+                let mut cur: Option<(u64, u64, u64)> = None;
                 loop {
                     let first: u64 = (0..nd)
                         .map(|d| (r.offset[d] - src.offset[d] + if d < outer { idx[d] } else { 0 }) * stride[d])
                         .sum();
                     let (s, e) = (first * elem, (first + run) * elem);
                     cur = match cur {
-                        Some((cs, ce)) if s <= ce + page => Some((cs, ce.max(e))),
-                        Some((cs, ce)) => {
-                            runs.push((p.src_rank, cs, ce));
-                            Some((s, e))
+                        Some((cs, ce, read)) if s <= ce + page => Some((cs, ce.max(e), read + (e - s))),
+                        Some(done) => {
+                            runs.push((p.src_rank, done));
+                            Some((s, e, e - s))
                         }
-                        None => Some((s, e)),
+                        None => Some((s, e, e - s)),
                     };
                     if !crate::region::next_index(&mut idx, &r.shape[..outer]) {
                         break;
                     }
                 }
-                if let Some((cs, ce)) = cur {
-                    runs.push((p.src_rank, cs, ce));
+                if let Some(done) = cur {
+                    runs.push((p.src_rank, done));
                 }
             }
         }
     }
-    for (rank, from, to) in runs {
+    for (rank, (from, to, mut read)) in runs {
         let info = plan.tensor_info(rank, &t.name)?;
         let src = job.sources.get(rank, info)?;
         for (_, at, n) in segment_runs(&info.segments, from, to) {
-            src.prefetch(at, n);
+            // A run split over segments: its read bytes counted against the first ones.
+            let here = read.min(n);
+            read -= here;
+            each(&src, (rank, info.file), at, n, here)?;
         }
     }
     Ok(())

@@ -19,6 +19,7 @@ pub mod fill;
 pub mod memory;
 pub mod mindformers;
 pub mod named;
+mod object_prefetch;
 #[cfg(feature = "s3")]
 pub(crate) mod object_sink;
 mod sources;
@@ -208,7 +209,7 @@ pub fn execute(plan: &Plan, dst_dir: &Path, ranks: &[u32], opts: &ExecuteOptions
     let written = AtomicU64::new(0);
     let sources = OpenSources::new(plan, opts.io);
     let fingerprint = job_fingerprint(plan, opts);
-    let pool = pool(opts.threads)?;
+    let pool = pool(workers(plan, opts.threads))?;
     let job = Job::new(&sources, dst_dir, opts, &pool, &written, total, &fingerprint);
     let to_store = crate::storage::is_url(dst_dir);
     #[cfg(not(feature = "s3"))]
@@ -234,6 +235,19 @@ pub fn execute(plan: &Plan, dst_dir: &Path, ranks: &[u32], opts: &ExecuteOptions
         }
     })
 }
+
+/// The workers of a job: `threads`, or when 0 all cores, and at least [`OBJECT_WORKERS`] when
+/// the sources are objects (a worker then mostly waits for a GET: more of them keep more ranks'
+/// GETs in flight).
+fn workers(plan: &Plan, threads: usize) -> usize {
+    match (threads, crate::storage::is_url(&plan.src_dir)) {
+        (0, true) => std::thread::available_parallelism().map_or(1, |n| n.get()).max(OBJECT_WORKERS),
+        _ => threads,
+    }
+}
+
+/// The fewest workers of a job whose sources are objects (unless `threads` says otherwise).
+const OBJECT_WORKERS: usize = 8;
 
 /// The worker pool of one job.
 fn pool(threads: usize) -> Result<rayon::ThreadPool> {

@@ -1,13 +1,16 @@
 //! Writing destination ranks to an object store (`--dst_ckpt_dir s3://bucket/prefix`).
 //!
-//! Each rank is written by the file sink into a local staging folder (the codec's layout, crc,
-//! the same code path as local outputs), then sent as a multipart upload of 8 MiB parts read
-//! back from the staged file, so memory stays bounded by the parts in flight whatever the size
-//! of the output. The upload is completed only when the whole object is in (S3 makes an object
-//! visible under its key only then); any failure or a cancel aborts it. Then the rank folder's
-//! manifest object is rewritten with the object's size, crc32 and ETag: that write is the commit.
-//! A rerun of the same plan keeps an object whose manifest entry, size and ETag still match.
+//! Each rank is streamed as a multipart upload: the file sink's code lays it out and fills it
+//! (the codec's layout, crc: the same code path as local outputs) into a [`PartWindow`] of
+//! 8 MiB parts in memory, and a part is sent as soon as all its bytes are written, so memory
+//! stays bounded by the parts in flight and those being filled, whatever the size of the output,
+//! and nothing is written to local disk. The upload is completed only when the whole object is
+//! in (S3 makes an object visible under its key only then); any failure or a cancel aborts it.
+//! Then the rank folder's manifest object is rewritten with the object's size, crc32 and ETag:
+//! that write is the commit. A rerun of the same plan keeps an object whose manifest entry, size
+//! and ETag still match.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Mutex;
@@ -16,7 +19,7 @@ use super::{file_sink, output_path, Job, WrittenFile};
 use crate::error::{Error, Result};
 use crate::formats::codec::Codec;
 use crate::manifest::{ManifestEntry, VerifyReport, MANIFEST_NAME, MANIFEST_VERSION};
-use crate::plan::RankPlan;
+use crate::plan::{RankPlan, TensorPlan};
 use crate::storage::object;
 
 /// A manifest entry of an object output: the local entry plus the object's ETag.
@@ -62,19 +65,224 @@ fn record(dir: &Path, entry: ObjectEntry) -> Result<()> {
     Ok(())
 }
 
-/// Removes the staging folder on every way out.
-struct RemoveDir(PathBuf);
+/// One part being filled: its bytes and how many of them were written.
+struct Part {
+    buf: Vec<u8>,
+    filled: u64,
+}
 
-impl Drop for RemoveDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+/// The parts of an output being filled, in memory: a part is allocated when the first write
+/// reaches it (with every earlier part not allocated yet: those hold only headers by then, as
+/// blocks are filled in file order) and sent as soon as all its bytes are written, so memory is
+/// the parts in flight plus the few the workers are filling. The first and the last part are
+/// kept until the end: the codec may rewrite the first (a safetensors header carrying the crc)
+/// and append to the last (a `.ckpt` crc trailer).
+struct PartWindow<'a> {
+    upload: &'a object::Upload,
+    path: &'a Path,
+    file_len: u64,
+    state: Mutex<WindowState>,
+}
+
+#[derive(Default)]
+struct WindowState {
+    /// Parts allocated and not yet sent, by index.
+    open: BTreeMap<usize, Part>,
+    /// Parts below this are allocated (or sent).
+    next: usize,
+    /// Header bytes whose part is not allocated yet, by file offset.
+    pending: BTreeMap<u64, Vec<u8>>,
+    /// Runs of at most 8 bytes written (0-d values), by offset, for `read_back`.
+    small: BTreeMap<u64, Vec<u8>>,
+    /// Bytes appended after `file_len` (a trailer).
+    tail: Vec<u8>,
+}
+
+const PART: u64 = object::PART_BYTES as u64;
+
+impl PartWindow<'_> {
+    fn last(&self) -> usize {
+        (self.file_len.saturating_sub(1) / PART) as usize
+    }
+
+    fn span(&self, k: usize) -> (u64, u64) {
+        let start = k as u64 * PART;
+        (start, (start + PART).min(self.file_len))
+    }
+
+    /// Copies `data` (at file offset `at`) into part `k`, which is open; returns whether it is
+    /// now complete.
+    fn place(&self, st: &mut WindowState, k: usize, data: &[u8], at: u64) -> Result<bool> {
+        let (start, end) = self.span(k);
+        let part = st.open.get_mut(&k).ok_or_else(|| self.internal(at, "its part was already sent"))?;
+        let (from, to) = (at.max(start), (at + data.len() as u64).min(end));
+        part.buf[(from - start) as usize..(to - start) as usize]
+            .copy_from_slice(&data[(from - at) as usize..(to - at) as usize]);
+        part.filled += to - from;
+        Ok(part.filled == end - start)
+    }
+
+    /// Allocates the parts up to `k`, with the header bytes waiting for them; returns those
+    /// already complete.
+    fn open_to(&self, st: &mut WindowState, k: usize, done: &mut Vec<usize>) -> Result<()> {
+        while st.next <= k {
+            let i = st.next;
+            let (start, end) = self.span(i);
+            st.open.insert(i, Part { buf: vec![0; (end - start) as usize], filled: 0 });
+            st.next += 1;
+            let waiting: Vec<u64> = st.pending.range(..end).map(|(&o, _)| o).collect();
+            for o in waiting {
+                let bytes = st.pending.remove(&o).unwrap_or_default();
+                let o_end = o + bytes.len() as u64;
+                if o_end > end {
+                    // The rest belongs to the next part.
+                    st.pending.insert(end, bytes[(end - o) as usize..].to_vec());
+                }
+                if o_end > start && self.place(st, i, &bytes, o)? {
+                    done.push(i);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends the complete parts in `done` (the first and last wait for the end).
+    fn send(&self, done: Vec<usize>) -> Result<()> {
+        for k in done {
+            if k == 0 || k == self.last() {
+                continue;
+            }
+            let part = self.state.lock().unwrap_or_else(|p| p.into_inner()).open.remove(&k);
+            if let Some(p) = part {
+                self.upload.send(k, p.buf)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn internal(&self, at: u64, why: &str) -> Error {
+        Error::Invalid(format!("internal error: {} written at {at} after {why}", self.path.display()))
+    }
+
+    /// Sends what is left once everything is written: returns the number of parts, or None
+    /// when the object is one part, which is then returned whole for a plain PUT.
+    fn close(&self) -> Result<(usize, Option<Vec<u8>>)> {
+        let mut done = Vec::new();
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        self.open_to(&mut st, self.last(), &mut done)?;
+        let tail = std::mem::take(&mut st.tail);
+        let mut open = std::mem::take(&mut st.open);
+        drop(st);
+        for (&k, p) in &open {
+            let (start, end) = self.span(k);
+            if p.filled != end - start {
+                return Err(Error::Invalid(format!(
+                    "internal error: {}: {} of the {} bytes at {start} were written",
+                    self.path.display(),
+                    p.filled,
+                    end - start
+                )));
+            }
+        }
+        let last = self.last();
+        if let Some(p) = open.get_mut(&last) {
+            p.buf.extend_from_slice(&tail);
+        }
+        if last == 0 {
+            return Ok((1, open.remove(&0).map(|p| p.buf)));
+        }
+        for (k, p) in open {
+            self.upload.send(k, p.buf)?;
+        }
+        Ok((last + 1, None))
     }
 }
 
-/// Where ranks are staged before their upload: `RESHARD_STAGING_DIR`, else the system's
-/// temporary folder.
-fn staging_root() -> PathBuf {
-    std::env::var_os("RESHARD_STAGING_DIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir)
+impl file_sink::OutputBytes for PartWindow<'_> {
+    fn write(&self, data: &[u8], at: u64) -> Result<()> {
+        let end = at + data.len() as u64;
+        let mut done = Vec::new();
+        {
+            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            if data.len() <= 8 {
+                st.small.insert(at, data.to_vec());
+            }
+            if at >= self.file_len {
+                if at != self.file_len + st.tail.len() as u64 {
+                    return Err(self.internal(at, "the end of the laid-out file"));
+                }
+                st.tail.extend_from_slice(data);
+                return Ok(());
+            }
+            if data.is_empty() {
+                return Ok(());
+            }
+            let (first, last) = ((at / PART) as usize, ((end - 1) / PART) as usize);
+            self.open_to(&mut st, last, &mut done)?;
+            for k in first..=last {
+                if self.place(&mut st, k, data, at)? {
+                    done.push(k);
+                }
+            }
+        }
+        self.send(done)
+    }
+
+    fn write_fixed(&self, layout: &crate::checkpoint::FileLayout) -> Result<Vec<crate::formats::codec::RunCrc>> {
+        let mut crcs = Vec::with_capacity(layout.fixed.len());
+        let mut done = Vec::new();
+        {
+            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            for (off, bytes) in &layout.fixed {
+                crcs.push((*off, file_sink::crc_of(bytes)));
+                if bytes.is_empty() {
+                    continue;
+                }
+                // Headers of parts not reached yet wait for them (a window's headers span its
+                // whole part of the file).
+                let (first, last) = ((off / PART) as usize, ((off + bytes.len() as u64 - 1) / PART) as usize);
+                let mut placed_to = *off;
+                for k in first..=last.min(st.next.saturating_sub(1)) {
+                    if st.next > k {
+                        if self.place(&mut st, k, bytes, *off)? {
+                            done.push(k);
+                        }
+                        placed_to = self.span(k).1;
+                    }
+                }
+                if placed_to < off + bytes.len() as u64 {
+                    st.pending.insert(placed_to, bytes[(placed_to - off) as usize..].to_vec());
+                }
+            }
+        }
+        self.send(done)?;
+        Ok(crcs)
+    }
+
+    fn rewrite(&self, data: &[u8], at: u64) -> Result<()> {
+        // Only the parts kept to the end can be rewritten; their bytes are counted already.
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let end = at + data.len() as u64;
+        for k in (at / PART) as usize..=(end.saturating_sub(1) / PART) as usize {
+            let (start, stop) = self.span(k);
+            let part = st.open.get_mut(&k).ok_or_else(|| self.internal(at, "its part was already sent"))?;
+            let (from, to) = (at.max(start), end.min(stop));
+            part.buf[(from - start) as usize..(to - start) as usize]
+                .copy_from_slice(&data[(from - at) as usize..(to - at) as usize]);
+        }
+        Ok(())
+    }
+
+    fn read_back(&self, at: u64, buf: &mut [u8]) -> Result<()> {
+        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        match st.small.get(&at).filter(|b| b.len() >= buf.len()) {
+            Some(b) => {
+                buf.copy_from_slice(&b[..buf.len()]);
+                Ok(())
+            }
+            None => Err(self.internal(at, "no such run was kept to be read back")),
+        }
+    }
 }
 
 /// Writes destination rank `rp` to its object (or keeps the one a previous run finished).
@@ -111,25 +319,33 @@ pub(crate) fn write_object(
         }
     }
     job.check_cancel(&final_url)?;
-    let staging = staging_root().join(format!("reshard-upload-{}-{}", std::process::id(), rp.rank));
-    let _remove = RemoveDir(staging.clone());
-    // The staged file is read back at once and never kept: no fsync, no resume.
-    let opts = super::ExecuteOptions { sync: false, resume: false, ..job.opts.clone() };
-    let staged_job = Job { dst_dir: &staging, opts: &opts, ..*job };
-    let staged = file_sink::write_rank(&staged_job, codec, rp)?;
-    let file = std::fs::File::open(&staged.path).map_err(|e| Error::io(&staged.path, "open the staged output", e))?;
+    let mut tensors: Vec<&TensorPlan> = rp.tensors.iter().collect();
+    codec.order(&mut tensors);
+    let file_len = codec.file_len(&tensors)?;
+    // Dropped unfinished (an error, a cancel), the upload is aborted.
+    let upload = object::Upload::new(&final_url)?;
+    let window = PartWindow { upload: &upload, path: &final_url, file_len, state: Mutex::default() };
+    let (len, crc) = file_sink::write_content(job, codec, rp, &tensors, file_len, &window, &final_url)?;
     let cancelled = || job.opts.cancel.as_ref().is_some_and(|c| c.load(Ordering::Acquire));
-    let etag = object::upload_file(&file, staged.len, &final_url, &cancelled)?;
+    let etag = match window.close()? {
+        (_, Some(whole)) => {
+            if cancelled() {
+                return Err(Error::Cancelled { path: final_url });
+            }
+            object::put(&final_url, whole)?
+        }
+        (parts, None) => upload.finish(parts, &cancelled)?,
+    };
     let entry = ManifestEntry {
         name,
-        size: staged.len,
-        crc32: staged.crc32,
+        size: len,
+        crc32: crc,
         plan_fingerprint: job.fingerprint.to_string(),
         dst_rank,
         dst_rank_count: dst_rank.map(|_| job.plan.dst_rank_count()),
     };
     record(&dir, ObjectEntry { entry, etag })?;
-    Ok(WrittenFile { rank: rp.rank, path: final_url, len: staged.len, crc32: staged.crc32, reused: false })
+    Ok(WrittenFile { rank: rp.rank, path: final_url, len, crc32: crc, reused: false })
 }
 
 /// crc32 and size of an object, fetched in 8 MiB ranges.
@@ -152,11 +368,11 @@ fn object_crc(url: &Path) -> Result<(u64, u32)> {
 /// ETag and crc32 (the object is fetched once), and its table of contents; checkpoints no
 /// manifest lists and missing ranks are reported as for a local folder.
 pub(crate) fn verify(root: &Path) -> Result<VerifyReport> {
-    use std::collections::{BTreeMap, BTreeSet, HashSet};
+    use std::collections::HashSet;
     let mut report = VerifyReport::default();
     let objects = object::list(root)?;
     let mut listed: HashSet<PathBuf> = HashSet::new();
-    let mut jobs: BTreeMap<(PathBuf, String), (u32, BTreeSet<u32>)> = BTreeMap::new();
+    let mut jobs = crate::manifest::JobRanks::new();
     for (url, _) in objects.iter().filter(|(u, _)| u.file_name().and_then(|n| n.to_str()) == Some(MANIFEST_NAME)) {
         let dir = url.parent().map(Path::to_path_buf).unwrap_or_default();
         let Some(m) = read_manifest(&dir)? else {
@@ -213,19 +429,5 @@ pub(crate) fn verify(root: &Path) -> Result<VerifyReport> {
             ));
         }
     }
-    for ((dir, plan_fingerprint), (rank_count, seen)) in jobs {
-        let ranks: Vec<u32> = (0..rank_count).filter(|r| !seen.contains(r)).collect();
-        if !ranks.is_empty() {
-            report.missing.push(crate::manifest::MissingRanks { dir, plan_fingerprint, rank_count, ranks });
-        }
-    }
-    if report.manifests == 0 && report.bad.is_empty() {
-        return Err(Error::Source {
-            path: root.to_path_buf(),
-            detail: format!("no {MANIFEST_NAME} under this prefix: nothing written by reshard to verify"),
-        });
-    }
-    report.ok.sort();
-    report.bad.sort();
-    Ok(report)
+    crate::manifest::finish_report(report, jobs, root, "prefix")
 }

@@ -121,6 +121,14 @@ pub trait ByteSource: Send + Sync {
         let _ = (offset, len);
     }
 
+    /// A hint that `read` bytes inside [offset, offset + len) will be read soon, each once (the
+    /// rest are small gaps between them, fetched so that the whole run is one request). By
+    /// default the same as [`prefetch`](Self::prefetch).
+    fn prefetch_joined(&self, offset: u64, len: u64, read: u64) {
+        let _ = read;
+        self.prefetch(offset, len);
+    }
+
     /// A hint that the whole source is about to be read front to back once (a checksum pass).
     fn will_read_all(&self) {}
 
@@ -190,6 +198,16 @@ pub fn bytes_fetched() -> u64 {
     return object::bytes_fetched();
     #[cfg(not(feature = "s3"))]
     0
+}
+
+/// Ranged GETs this process has made so far: (started ahead of the copy by a prefetch, made by
+/// a read on demand: tables of contents, reads no prefetch covered). (0, 0) without object
+/// storage.
+pub fn gets_made() -> (u64, u64) {
+    #[cfg(feature = "s3")]
+    return object::gets_made();
+    #[cfg(not(feature = "s3"))]
+    (0, 0)
 }
 
 /// The error for an object URL in a build without object storage.
