@@ -16,7 +16,7 @@ use crate::region::Region;
 use crate::source::{discover, Catalogue};
 pub use crate::source::{Source, SourceFile};
 use crate::storage::IoMode;
-use crate::strategy::Strategy;
+use crate::strategy::{ParamsDebug, Strategy};
 
 /// Settings for building a plan.
 #[derive(Debug, Clone, Default)]
@@ -245,7 +245,9 @@ fn fingerprint_state(
             let _ = writeln!(h, "{}|{}|{}", s.rank, f.path.display(), f.version.fingerprint_text());
         }
     }
-    let _ = write!(h, "{:?}|{:?}|{:?}|", src.map(|s| &s.params), dst.map(|s| &s.params), part);
+    // The strategies' parameters as their `Debug` text (`ParamsDebug` keeps it as it was).
+    let (src, dst) = (src.map(ParamsDebug), dst.map(ParamsDebug));
+    let _ = write!(h, "{src:?}|{dst:?}|{part:?}|");
     h.0
 }
 
@@ -359,9 +361,8 @@ impl Plan {
         let by_stage = match (&src_strategy, &dst_strategy) {
             (Some(s), Some(d)) if src_stages == 1 && dst_stages == 1 => {
                 let keys = |st: &Strategy| -> BTreeSet<String> {
-                    st.params
-                        .iter()
-                        .map(|(n, _)| n.clone())
+                    st.params()
+                        .map(|(n, _)| n.to_string())
                         .filter(|n| !["accu_grads", "adam_v", "adam_m"].iter().any(|p| n.starts_with(p)))
                         .collect()
                 };
@@ -511,7 +512,7 @@ impl Plan {
         }
         // Parameters a strategy names that no source file holds.
         let lacking = |st: &Strategy| -> Vec<String> {
-            st.params.iter().map(|(n, _)| n.clone()).filter(|n| !param_index.contains_key(n.as_str())).collect()
+            st.params().map(|(n, _)| n).filter(|n| !param_index.contains_key(n)).map(str::to_string).collect()
         };
         let warn_lacking = |warnings: &mut Vec<String>, st: &Strategy, side: &str, consequence: &str| {
             let missing = lacking(st);
@@ -578,8 +579,7 @@ impl Plan {
         drop(param_index);
         let folder_order = match (&src_strategy, &dst_strategy) {
             (None, Some(d)) if chunks.is_none() && sources.get(&0).is_some_and(|s| s.files.len() > 1) => {
-                let at: HashMap<&str, u32> =
-                    d.params.iter().enumerate().map(|(i, (n, _))| (n.as_str(), i as u32)).collect();
+                let at: HashMap<&str, u32> = d.params().enumerate().map(|(i, (n, _))| (n, i as u32)).collect();
                 Some(params.iter().map(|p| at.get(p.name.as_str()).copied().unwrap_or(u32::MAX)).collect())
             }
             _ => None,
@@ -855,7 +855,7 @@ fn resolve_dst(
         return Ok(DstInfo { in_src, ..DstInfo::default() });
     }
     if p.dtype != DType::Str {
-        for e in d.entries(&p.name).unwrap_or_default() {
+        for e in d.entries(&p.name).into_iter().flatten() {
             match &e.layout.tensor_shape {
                 Some(ts) if *ts != p.full => {
                     return Err(Error::BadLayout {
