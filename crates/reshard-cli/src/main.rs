@@ -640,10 +640,9 @@ fn inspect_checkpoint(f: &CheckpointFile, json: bool) -> Result<(), Error> {
 fn inspect_strategy(s: &Strategy, json: bool) -> Result<(), Error> {
     if json {
         let params: Vec<_> = s
-            .params
-            .iter()
+            .params()
             .map(|(n, e)| {
-                serde_json::json!({"name": n, "layouts": e.iter().map(|x| serde_json::json!({
+                serde_json::json!({"name": n, "layouts": e.map(|x| serde_json::json!({
                 "stage": x.stage, "dev_matrix": x.layout.dev_matrix, "tensor_map": x.layout.tensor_map,
                 "opt_weight_shard_step": x.layout.opt_shard_step, "opt_weight_shard_size": x.layout.opt_shard_size}))
                 .collect::<Vec<_>>()})
@@ -653,7 +652,7 @@ fn inspect_strategy(s: &Strategy, json: bool) -> Result<(), Error> {
         outln!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
     } else {
         outln!("{} stage(s) x {} devices", s.stage_num()?, s.stage_device_num()?);
-        let w = name_column(s.params.iter().map(|(n, _)| n.as_str()));
+        let w = name_column(s.params().map(|(n, _)| n));
         outln!(
             "{:<w$}  {:>5}  {:<14}  {:<18}  {:>8}  {:>8}",
             "name",
@@ -663,7 +662,7 @@ fn inspect_strategy(s: &Strategy, json: bool) -> Result<(), Error> {
             "opt_step",
             "opt_size"
         );
-        for (n, e) in &s.params {
+        for (n, e) in s.params() {
             for x in e {
                 let tm: Vec<String> = x
                     .layout

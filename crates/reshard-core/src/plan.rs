@@ -16,7 +16,7 @@ use crate::region::Region;
 use crate::source::{discover, Catalogue};
 pub use crate::source::{Source, SourceFile};
 use crate::storage::IoMode;
-use crate::strategy::Strategy;
+use crate::strategy::{ParamsDebug, Strategy};
 
 /// Settings for building a plan.
 #[derive(Debug, Clone, Default)]
@@ -32,15 +32,10 @@ pub struct PlanOptions {
 /// Where a parameter's data comes from.
 #[derive(Debug, Clone)]
 enum SrcKind {
-    /// Sharded under the source strategy, in one pipeline stage.
-    Sharded {
-        stage: u32,
-        /// Boxed: most parameters of a large model are not sharded here, and `ParamInfo` is
-        /// kept for each (300,000 of them in a model of many small tensors).
-        layout: Box<ResolvedLayout>,
-        /// Distinct boxes with a holder (local rank) each.
-        slices: Vec<(Region, u64)>,
-    },
+    /// Sharded under the source strategy, in one pipeline stage. Boxed: most parameters of a
+    /// large model are not sharded here, and `ParamInfo` is kept for each (300,000 of them in
+    /// a model of many small tensors).
+    Sharded(Box<Sharded>),
     /// The complete tensor in source rank 0.
     Complete,
     /// No layout: copied as it is from some rank holding it.
@@ -50,18 +45,92 @@ enum SrcKind {
     Chunks { slices: Vec<(Region, Vec<u32>)> },
 }
 
+/// A parameter sharded under the source strategy.
+#[derive(Debug, Clone)]
+struct Sharded {
+    stage: u32,
+    layout: ResolvedLayout,
+    /// Distinct boxes with a holder (local rank) each.
+    slices: Vec<(Region, u64)>,
+}
+
+/// One of these is kept per parameter for the whole job: with many small tensors its size is
+/// a good part of the memory (300,000 of them took 100 MB as 192 bytes and five allocations
+/// each), hence the inline forms of the usual single holder and single stage.
 #[derive(Debug, Clone)]
 struct ParamInfo {
     name: String,
     dtype: DType,
     full: Vec<u64>,
     kind: SrcKind,
-    /// Global source ranks whose files hold the parameter, ascending.
-    holders: Vec<u32>,
-    /// Its position in each holder's file (parallel to `holders`).
-    positions: Vec<u32>,
+    /// (global source rank, position in its file) of each rank whose files hold the
+    /// parameter, by rank ascending.
+    held: Held,
     /// What the destination strategy says of it, resolved once.
     dst: DstInfo,
+}
+
+/// The (rank, position) pairs of the source ranks holding a parameter: a complete source
+/// has one, held without an allocation.
+#[derive(Debug, Clone)]
+enum Held {
+    One([(u32, u32); 1]),
+    Many(Vec<(u32, u32)>),
+}
+
+impl Held {
+    fn as_slice(&self) -> &[(u32, u32)] {
+        match self {
+            Held::One(x) => x,
+            Held::Many(v) => v,
+        }
+    }
+
+    fn push(&mut self, x: (u32, u32)) {
+        match self {
+            Held::One([first]) => *self = Held::Many(vec![*first, x]),
+            Held::Many(v) => v.push(x),
+        }
+    }
+
+    /// Whether `rank` holds it.
+    fn has(&self, rank: u32) -> bool {
+        self.as_slice().binary_search_by_key(&rank, |x| x.0).is_ok()
+    }
+
+    /// The holding ranks, ascending.
+    fn ranks(&self) -> impl Iterator<Item = u32> + '_ {
+        self.as_slice().iter().map(|x| x.0)
+    }
+}
+
+/// A parameter's destination pipeline stages: one without an allocation.
+#[derive(Debug, Clone)]
+enum Stages {
+    One(u32),
+    Many(Box<[u32]>),
+}
+
+impl Default for Stages {
+    fn default() -> Self {
+        Stages::Many(Box::default())
+    }
+}
+
+impl Stages {
+    fn new(v: Vec<u32>) -> Stages {
+        match v.as_slice() {
+            [one] => Stages::One(*one),
+            _ => Stages::Many(v.into_boxed_slice()),
+        }
+    }
+
+    fn as_slice(&self) -> &[u32] {
+        match self {
+            Stages::One(x) => std::slice::from_ref(x),
+            Stages::Many(v) => v,
+        }
+    }
 }
 
 /// The destination side of a parameter, resolved when the plan is built (so a layout that does
@@ -73,7 +142,7 @@ struct DstInfo {
     /// The destination strategy has a layout for it.
     in_dst: bool,
     /// The destination stages it belongs to.
-    stages: Vec<u32>,
+    stages: Stages,
     /// Resolved layout for ranks of stage 0, and for ranks of later stages (MindSpore may pick
     /// different layout items for a parameter shared by stages).
     /// Shared between parameters with the same layout and shape (most of them, in a model
@@ -174,6 +243,33 @@ impl RankPlan {
     }
 }
 
+/// How a destination rank's tensor is made from its parameter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Make {
+    /// Copied from a source rank as it is.
+    Raw,
+    /// Assembled whole.
+    Whole,
+    /// The rank's box under the destination layout, assembled.
+    Box,
+}
+
+/// A destination rank's tensors as [`Plan::rank_order`] gives them: which and in what order,
+/// not the tensors themselves.
+#[derive(Debug, Clone)]
+pub(crate) struct RankOrder {
+    /// Global destination rank.
+    pub(crate) rank: u32,
+    /// Pipeline stage of the rank.
+    pub(crate) stage: u32,
+    /// (parameter, how) of each output tensor, in file order.
+    pub(crate) tensors: Vec<(u32, Make)>,
+    /// The source ranks read, ascending ([`RankPlan::src_ranks`]).
+    pub(crate) src_ranks: Vec<u32>,
+    /// [`RankPlan::bytes_written`].
+    pub(crate) bytes_written: u64,
+}
+
 /// A compiled transform from the source checkpoints to a destination strategy.
 #[derive(Debug)]
 pub struct Plan {
@@ -245,7 +341,9 @@ fn fingerprint_state(
             let _ = writeln!(h, "{}|{}|{}", s.rank, f.path.display(), f.version.fingerprint_text());
         }
     }
-    let _ = write!(h, "{:?}|{:?}|{:?}|", src.map(|s| &s.params), dst.map(|s| &s.params), part);
+    // The strategies' parameters as their `Debug` text (`ParamsDebug` keeps it as it was).
+    let (src, dst) = (src.map(ParamsDebug), dst.map(ParamsDebug));
+    let _ = write!(h, "{src:?}|{dst:?}|{part:?}|");
     h.0
 }
 
@@ -359,9 +457,8 @@ impl Plan {
         let by_stage = match (&src_strategy, &dst_strategy) {
             (Some(s), Some(d)) if src_stages == 1 && dst_stages == 1 => {
                 let keys = |st: &Strategy| -> BTreeSet<String> {
-                    st.params
-                        .iter()
-                        .map(|(n, _)| n.clone())
+                    st.params()
+                        .map(|(n, _)| n.to_string())
                         .filter(|n| !["accu_grads", "adam_v", "adam_m"].iter().any(|p| n.starts_with(p)))
                         .collect()
                 };
@@ -461,8 +558,7 @@ impl Plan {
                                 format!("dtype {} differs from {} in another source rank", t.dtype, p.dtype),
                             ));
                         }
-                        p.holders.push(s.rank);
-                        p.positions.push(pos as u32);
+                        p.held.push((s.rank, pos as u32));
                     }
                     None => {
                         param_index.insert(&t.name, params.len());
@@ -471,8 +567,7 @@ impl Plan {
                             dtype: t.dtype,
                             full: t.shape.clone(),
                             kind: SrcKind::Raw,
-                            holders: vec![s.rank],
-                            positions: vec![pos as u32],
+                            held: Held::One([(s.rank, pos as u32)]),
                             dst: DstInfo::default(),
                         });
                     }
@@ -511,7 +606,7 @@ impl Plan {
         }
         // Parameters a strategy names that no source file holds.
         let lacking = |st: &Strategy| -> Vec<String> {
-            st.params.iter().map(|(n, _)| n.clone()).filter(|n| !param_index.contains_key(n.as_str())).collect()
+            st.params().map(|(n, _)| n).filter(|n| !param_index.contains_key(n)).map(str::to_string).collect()
         };
         let warn_lacking = |warnings: &mut Vec<String>, st: &Strategy, side: &str, consequence: &str| {
             let missing = lacking(st);
@@ -524,7 +619,7 @@ impl Plan {
             }
         };
         if let Some(st) = &src_strategy {
-            if !params.iter().any(|p| matches!(p.kind, SrcKind::Sharded { .. })) {
+            if !params.iter().any(|p| matches!(p.kind, SrcKind::Sharded(_))) {
                 let held: Vec<String> = params.iter().map(|p| p.name.clone()).collect();
                 return Err(Error::Source {
                     path: set.dir.clone(),
@@ -548,7 +643,7 @@ impl Plan {
             let odd: Vec<&str> = params
                 .iter()
                 .filter(|p| match &p.kind {
-                    SrcKind::Sharded { .. } => true,
+                    SrcKind::Sharded(_) => true,
                     // One chunk: complete in the source too.
                     SrcKind::Chunks { slices } => slices.len() > 1,
                     _ => false,
@@ -578,8 +673,7 @@ impl Plan {
         drop(param_index);
         let folder_order = match (&src_strategy, &dst_strategy) {
             (None, Some(d)) if chunks.is_none() && sources.get(&0).is_some_and(|s| s.files.len() > 1) => {
-                let at: HashMap<&str, u32> =
-                    d.params.iter().enumerate().map(|(i, (n, _))| (n.as_str(), i as u32)).collect();
+                let at: HashMap<&str, u32> = d.params().enumerate().map(|(i, (n, _))| (n, i as u32)).collect();
                 Some(params.iter().map(|p| at.get(p.name.as_str()).copied().unwrap_or(u32::MAX)).collect())
             }
             _ => None,
@@ -646,6 +740,65 @@ impl Plan {
 
     /// The plan of destination rank `rank`.
     pub fn rank_plan(&self, rank: u32) -> Result<RankPlan> {
+        let stage = self.check_rank(rank)?;
+        // (param index, tensor) for the transformed and the copied parameters.
+        // Sized up front: grown by doubling they held up to twice the rank's tensors.
+        let mut transformed = Vec::with_capacity(self.params.len());
+        let mut copied = Vec::new();
+        self.each_tensor(rank, |i, _, into_transformed, t| {
+            let list = if into_transformed { &mut transformed } else { &mut copied };
+            list.push((i, t));
+        })?;
+        let mut used: Vec<u32> = Vec::new();
+        for (_, t) in transformed.iter().chain(copied.iter()) {
+            match &t.source {
+                TensorSource::Raw { src_rank } => used.push(*src_rank),
+                TensorSource::Pieces { pieces, .. } => used.extend(pieces.iter().map(|p| p.src_rank)),
+            }
+        }
+        self.order_like_mindspore(&mut used, &mut transformed, &mut copied);
+        // In place (one allocation for the rank's tensors, not two at once).
+        transformed.append(&mut copied);
+        let tensors = transformed.into_iter().map(|(_, t)| t).collect();
+        Ok(RankPlan { rank, stage, tensors })
+    }
+
+    /// [`Plan::rank_plan`] without its tensors: their order and how each is made, 8 bytes a
+    /// tensor where a [`TensorPlan`] takes a few hundred (with many small tensors a rank's
+    /// plan was the largest thing in memory). [`Plan::tensor_plans`] makes them, a window at a
+    /// time, identical to the rank plan's.
+    pub(crate) fn rank_order(&self, rank: u32) -> Result<RankOrder> {
+        let stage = self.check_rank(rank)?;
+        let (mut transformed, mut copied) = (Vec::new(), Vec::new());
+        let mut used = std::collections::BTreeSet::new();
+        let mut bytes_written = 0;
+        self.each_tensor(rank, |i, how, into_transformed, t| {
+            let list = if into_transformed { &mut transformed } else { &mut copied };
+            list.push((i, how));
+            bytes_written += t.nbytes;
+            match &t.source {
+                TensorSource::Raw { src_rank } => {
+                    used.insert(*src_rank);
+                }
+                TensorSource::Pieces { pieces, .. } => used.extend(pieces.iter().map(|p| p.src_rank)),
+            }
+        })?;
+        let mut src_ranks: Vec<u32> = used.into_iter().collect();
+        self.order_like_mindspore(&mut src_ranks, &mut transformed, &mut copied);
+        src_ranks.reverse();
+        transformed.append(&mut copied);
+        let tensors = transformed.into_iter().map(|(i, how)| (i as u32, how)).collect();
+        Ok(RankOrder { rank, stage, tensors, src_ranks, bytes_written })
+    }
+
+    /// The tensor plans of `entries` (consecutive entries of `order`).
+    pub(crate) fn tensor_plans(&self, order: &RankOrder, entries: &[(u32, Make)]) -> Result<Vec<TensorPlan>> {
+        let local = u64::from(order.rank) % self.dst_stage_devices;
+        entries.iter().map(|&(i, how)| self.make(&self.params[i as usize], how, order.stage, local)).collect()
+    }
+
+    /// The stage of destination rank `rank`, or the error naming the valid ranks.
+    fn check_rank(&self, rank: u32) -> Result<u32> {
         let count = self.dst_rank_count();
         if rank >= count {
             let what = match &self.dst_strategy_path {
@@ -657,60 +810,61 @@ impl Plan {
                 count.saturating_sub(1)
             )));
         }
-        let stage = (u64::from(rank) / self.dst_stage_devices) as u32;
+        Ok((u64::from(rank) / self.dst_stage_devices) as u32)
+    }
+
+    /// Calls `f(parameter, how, transformed, tensor)` for each tensor of destination rank
+    /// `rank`, in parameter order (`transformed`: among the transformed parameters, which are
+    /// written before the copied ones).
+    fn each_tensor(&self, rank: u32, mut f: impl FnMut(usize, Make, bool, TensorPlan)) -> Result<()> {
+        let stage = self.check_rank(rank)?;
         let local = u64::from(rank) % self.dst_stage_devices;
-        // (param index, tensor) for the transformed and the copied parameters.
-        // Sized up front: grown by doubling they held up to twice the rank's tensors.
-        let mut transformed = Vec::with_capacity(self.params.len());
-        let mut copied = Vec::new();
         for (i, p) in self.params.iter().enumerate() {
             let d = &p.dst;
-            if self.has_dst_strategy && d.in_dst && !d.stages.contains(&stage) {
+            let (how, into_transformed) = if self.has_dst_strategy && d.in_dst && !d.stages.as_slice().contains(&stage)
+            {
                 // Outside this rank's stage: MindSpore drops it unless the source strategy lacks it.
-                if !d.in_src {
-                    copied.push((i, self.raw(p, local)?));
+                if d.in_src {
+                    continue;
                 }
-                continue;
-            }
-            if self.has_dst_strategy && !d.in_dst {
+                (Make::Raw, false)
+            } else if self.has_dst_strategy && !d.in_dst {
                 // Not in the destination strategy: MindSpore copies the source slice as it is;
                 // a sharded one would be a wrong tensor, so write the complete tensor.
-                let t = match p.kind {
-                    SrcKind::Sharded { .. } | SrcKind::Chunks { .. } => self.pieces(p, Region::full(&p.full), local)?,
-                    _ => self.raw(p, local)?,
-                };
-                copied.push((i, t));
-                continue;
-            }
-            if !d.in_src || matches!(p.kind, SrcKind::Raw) {
+                match p.kind {
+                    SrcKind::Sharded(_) | SrcKind::Chunks { .. } => (Make::Whole, false),
+                    _ => (Make::Raw, false),
+                }
+            } else if !d.in_src || matches!(p.kind, SrcKind::Raw) {
                 // A string the source strategy covers is copied whole only because it cannot be
                 // sliced: it keeps its place among the transformed parameters, so a complete
                 // source comes back in its own order.
-                let list = if d.in_src && p.dtype == DType::Str { &mut transformed } else { &mut copied };
-                list.push((i, self.raw(p, local)?));
-                continue;
-            }
-            let layout = if stage == 0 { d.first.as_ref() } else { d.later.as_ref() };
-            let dst_box = layout.map_or_else(|| Region::full(&p.full), |l| l.rank_box(local));
-            transformed.push((i, self.pieces(p, dst_box, local)?));
+                (Make::Raw, d.in_src && p.dtype == DType::Str)
+            } else {
+                (Make::Box, true)
+            };
+            f(i, how, into_transformed, self.make(p, how, stage, local)?);
         }
-        self.order_like_mindspore(&mut transformed, &mut copied);
-        // In place (one allocation for the rank's tensors, not two at once).
-        transformed.append(&mut copied);
-        let tensors = transformed.into_iter().map(|(_, t)| t).collect();
-        Ok(RankPlan { rank, stage, tensors })
+        Ok(())
+    }
+
+    /// The tensor of parameter `p` for local rank `local` of destination stage `stage`.
+    fn make(&self, p: &ParamInfo, how: Make, stage: u32, local: u64) -> Result<TensorPlan> {
+        match how {
+            Make::Raw => self.raw(p, local),
+            Make::Whole => self.pieces(p, Region::full(&p.full), local),
+            Make::Box => {
+                let layout = if stage == 0 { p.dst.first.as_ref() } else { p.dst.later.as_ref() };
+                let dst_box = layout.map_or_else(|| Region::full(&p.full), |l| l.rank_box(local));
+                self.pieces(p, dst_box, local)
+            }
+        }
     }
 
     /// MindSpore loads the needed source files from the highest rank down and writes parameters
-    /// in order of first appearance, transformed ones before copied ones.
-    fn order_like_mindspore(&self, transformed: &mut [(usize, TensorPlan)], copied: &mut [(usize, TensorPlan)]) {
-        let mut used: Vec<u32> = Vec::new();
-        for (_, t) in transformed.iter().chain(copied.iter()) {
-            match &t.source {
-                TensorSource::Raw { src_rank } => used.push(*src_rank),
-                TensorSource::Pieces { pieces, .. } => used.extend(pieces.iter().map(|p| p.src_rank)),
-            }
-        }
+    /// in order of first appearance, transformed ones before copied ones. `used` (the source
+    /// ranks read, in any order) is left highest first.
+    fn order_like_mindspore<T>(&self, used: &mut Vec<u32>, transformed: &mut [(usize, T)], copied: &mut [(usize, T)]) {
         used.sort_unstable_by(|a, b| b.cmp(a));
         used.dedup();
         // Key: (first used file holding it, its position there). Files of one stage list their
@@ -719,7 +873,10 @@ impl Plan {
             let p = &self.params[*i];
             used.iter()
                 .enumerate()
-                .find_map(|(k, u)| p.holders.binary_search(u).ok().map(|j| (k, p.positions[j])))
+                .find_map(|(k, u)| {
+                    let h = p.held.as_slice();
+                    h.binary_search_by_key(u, |x| x.0).ok().map(|j| (k, h[j].1))
+                })
                 .unwrap_or((usize::MAX, u32::MAX))
         };
         match &self.folder_order {
@@ -736,13 +893,13 @@ impl Plan {
 
     fn raw(&self, p: &ParamInfo, local: u64) -> Result<TensorPlan> {
         let want_local = local % self.src_stage_devices;
-        let j = p
-            .holders
+        let held = p.held.as_slice();
+        let j = held
             .iter()
-            .position(|&h| u64::from(h - self.src_base) % self.src_stage_devices == want_local)
+            .position(|&(h, _)| u64::from(h - self.src_base) % self.src_stage_devices == want_local)
             .unwrap_or(0);
-        let src_rank = p.holders[j];
-        let t = &self.sources[&src_rank].index.tensors[p.positions[j] as usize];
+        let (src_rank, pos) = held[j];
+        let t = &self.sources[&src_rank].index.tensors[pos as usize];
         let dims = if t.dtype == DType::Str { t.raw_dims.clone() } else { t.shape.clone() };
         Ok(TensorPlan {
             name: p.name.clone(),
@@ -756,10 +913,11 @@ impl Plan {
     fn pieces(&self, p: &ParamInfo, dst_box: Region, local: u64) -> Result<TensorPlan> {
         let pieces = match &p.kind {
             SrcKind::Complete | SrcKind::Raw => {
-                let src_rank = p.holders[0];
+                let src_rank = p.held.as_slice()[0].0;
                 vec![CopyPiece { src_rank, src_box: Region::full(&p.full), region: dst_box.clone() }]
             }
-            SrcKind::Sharded { stage, layout, slices } => {
+            SrcKind::Sharded(sh) => {
+                let Sharded { stage, layout, slices } = &**sh;
                 let base = local % self.src_stage_devices;
                 let stage_start = u64::from(self.src_base) + u64::from(*stage) * self.src_stage_devices;
                 slices
@@ -769,7 +927,7 @@ impl Plan {
                         let replica = layout.replica_near(*holder, base) % self.src_stage_devices;
                         let mut src_rank = (stage_start + replica) as u32;
                         // Redundancy removed: the replica MindSpore would read may not hold it.
-                        if self.sparse && p.holders.binary_search(&src_rank).is_err() {
+                        if self.sparse && !p.held.has(src_rank) {
                             src_rank = (stage_start + holder) as u32;
                         }
                         Some(CopyPiece { src_rank, src_box: b.clone(), region })
@@ -855,7 +1013,7 @@ fn resolve_dst(
         return Ok(DstInfo { in_src, ..DstInfo::default() });
     }
     if p.dtype != DType::Str {
-        for e in d.entries(&p.name).unwrap_or_default() {
+        for e in d.entries(&p.name).into_iter().flatten() {
             match &e.layout.tensor_shape {
                 Some(ts) if *ts != p.full => {
                     return Err(Error::BadLayout {
@@ -871,7 +1029,7 @@ fn resolve_dst(
             }
         }
     }
-    let stages = d.stages_of(&p.name);
+    let stages = Stages::new(d.stages_of(&p.name));
     let mut info = DstInfo { in_src, in_dst: true, stages, first: None, later: None };
     if in_src && !matches!(p.kind, SrcKind::Raw) {
         let mut resolve = |rank: u64| -> Result<Option<std::sync::Arc<ResolvedLayout>>> {
@@ -888,10 +1046,10 @@ fn resolve_dst(
                 }
             }))
         };
-        if info.stages.contains(&0) {
+        if info.stages.as_slice().contains(&0) {
             info.first = resolve(0)?;
         }
-        if info.stages.iter().any(|&s| s > 0) {
+        if info.stages.as_slice().iter().any(|&s| s > 0) {
             info.later = resolve(dst_stage_dev)?;
         }
     }
@@ -916,8 +1074,8 @@ fn resolve_sharded(
     let holds = |s: u32| {
         let first = u64::from(base) + u64::from(s) * stage_dev;
         match sparse {
-            false => p.holders.contains(&(first as u32)),
-            true => p.holders.iter().any(|&h| (first..first + stage_dev).contains(&u64::from(h))),
+            false => p.held.has(first as u32),
+            true => p.held.ranks().any(|h| (first..first + stage_dev).contains(&u64::from(h))),
         }
     };
     let stage = stages.iter().copied().find(|&s| holds(s)).ok_or_else(|| {
@@ -936,7 +1094,7 @@ fn resolve_sharded(
     let start = u64::from(base) + u64::from(stage) * stage_dev;
     // The stage's first rank holding it (the first rank, unless redundancy was removed).
     let first_holder =
-        p.holders.iter().copied().find(|&h| (start..start + stage_dev).contains(&u64::from(h))).unwrap_or(start as u32);
+        p.held.ranks().find(|&h| (start..start + stage_dev).contains(&u64::from(h))).unwrap_or(start as u32);
     let first = &sources[&first_holder];
     let stored0 = &first.index.get(&p.name).map(|t| t.shape.clone()).unwrap_or_default();
     if layout.is_flattened(stored0.len()) {
@@ -1028,7 +1186,7 @@ fn resolve_sharded(
             ),
         });
     }
-    Ok((SrcKind::Sharded { stage, layout: Box::new(resolved), slices }, full))
+    Ok((SrcKind::Sharded(Box::new(Sharded { stage, layout: resolved, slices })), full))
 }
 
 /// "N parameter(s) (a, b, c, d, e, ...)": the count and at most five names.

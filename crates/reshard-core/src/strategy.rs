@@ -204,7 +204,7 @@ impl ParamLayout {
 }
 
 /// One layout item of a parameter, with the pipeline stage it belongs to.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize)]
 pub struct StageLayout {
     /// Pipeline stage (0 for files that are not merged).
     pub stage: u32,
@@ -213,20 +213,179 @@ pub struct StageLayout {
 }
 
 /// A parsed strategy: for each parameter, its layout items in file order.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+///
+/// Kept compact: a strategy of 300,000 small parameters held every name four times and every
+/// layout item in five allocations of its own (190 MB for the benchmark's 45 MB file). The
+/// names now sit in one string, each distinct layout item is stored once (a model's
+/// parameters share a few), and a parameter is four integers. [`Strategy::params`] gives the
+/// parameters in order of first appearance, each with its layout items.
+#[derive(Clone)]
 pub struct Strategy {
     /// Where it came from (a file, or a folder of stage files).
     pub path: PathBuf,
-    /// Parameters in order of first appearance, each with its layout items.
-    pub params: Vec<(String, Vec<StageLayout>)>,
     /// `parallel_strategy_item[0].stage` of the file (the stage a single-stage file was saved by).
     pub file_stage: Option<u32>,
-    #[serde(skip)]
-    index: HashMap<String, usize>,
-    /// The name each (parameter, stage) was spelled with, to name both of two items for one
-    /// stage ("0-w" and "00-w").
-    #[serde(skip)]
-    raw_names: HashMap<(String, u32), String>,
+    /// Every parameter name, one after the other.
+    names: String,
+    /// Parameters in order of first appearance.
+    params: Vec<ParamRec>,
+    /// The distinct layout items.
+    items: Vec<StageLayout>,
+    /// The items after the first of parameters with several (one per pipeline stage sharing
+    /// it), as entry words (see [`ParamRec::first`]).
+    more: Vec<Vec<u32>>,
+    /// Boxed: a `Strategy` is passed around by value.
+    lookup: Box<Lookup>,
+}
+
+/// What finds the parts of a [`Strategy`].
+#[derive(Debug, Clone, Default)]
+struct Lookup {
+    /// Finds a parameter by name.
+    by_name: HashIndex,
+    /// Finds a layout item.
+    item_ids: HashIndex,
+    /// The spelling of a (parameter, stage) item whose name was neither `name` nor
+    /// `"{stage}-{name}"` ("00-w"), to name both of two items for one stage.
+    odd_spellings: HashMap<(u32, u32), String>,
+}
+
+/// A parameter of a [`Strategy`].
+#[derive(Debug, Clone, Copy)]
+struct ParamRec {
+    /// Its name: `names[name_start..name_start + name_len]`.
+    name_start: u32,
+    name_len: u32,
+    /// Its first layout item, as an entry word: the item's position in `items`, with
+    /// [`PREFIXED`] set when the item was named `"{stage}-{name}"`.
+    first: u32,
+    /// Its further items: a position in `more`, or `u32::MAX`.
+    more: u32,
+}
+
+/// The bit of an entry word that says its item was named with a stage prefix.
+const PREFIXED: u32 = 1 << 31;
+
+/// Positions found by a 64-bit hash of what they hold: a hash taken by another value (never
+/// seen in practice, but possible) sends later ones to a list searched in full.
+#[derive(Debug, Clone, Default)]
+struct HashIndex {
+    first: HashMap<u64, u32>,
+    collided: Vec<u32>,
+}
+
+impl HashIndex {
+    fn hash(x: &(impl std::hash::Hash + ?Sized)) -> u64 {
+        use std::hash::Hasher;
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        x.hash(&mut h);
+        h.finish()
+    }
+
+    /// The position with hash `h` for which `is` holds.
+    fn find(&self, h: u64, is: impl Fn(u32) -> bool) -> Option<u32> {
+        match self.first.get(&h) {
+            Some(&i) if is(i) => Some(i),
+            Some(_) => self.collided.iter().copied().find(|&i| is(i)),
+            None => None,
+        }
+    }
+
+    /// Records position `i` (not yet present) under hash `h`.
+    fn insert(&mut self, h: u64, i: u32) {
+        if let std::collections::hash_map::Entry::Vacant(e) = self.first.entry(h) {
+            e.insert(i);
+        } else {
+            self.collided.push(i);
+        }
+    }
+
+    fn clear(&mut self) {
+        self.first.clear();
+        self.collided.clear();
+    }
+}
+
+/// The layout items of one parameter of a [`Strategy`], in file order.
+#[derive(Clone)]
+pub struct Entries<'a> {
+    items: &'a [StageLayout],
+    first: Option<u32>,
+    rest: std::slice::Iter<'a, u32>,
+}
+
+impl<'a> Iterator for Entries<'a> {
+    type Item = &'a StageLayout;
+    fn next(&mut self) -> Option<&'a StageLayout> {
+        let w = self.first.take().or_else(|| self.rest.next().copied())?;
+        self.items.get((w & !PREFIXED) as usize)
+    }
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let n = usize::from(self.first.is_some()) + self.rest.len();
+        (n, Some(n))
+    }
+}
+
+impl ExactSizeIterator for Entries<'_> {}
+
+impl std::fmt::Debug for Entries<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.clone()).finish()
+    }
+}
+
+impl serde::Serialize for Entries<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_seq(self.clone())
+    }
+}
+
+/// The parameters of a strategy formatted as the list of `(name, items)` pairs it once was (the
+/// plan fingerprint hashes this text, so it must not change).
+pub(crate) struct ParamsDebug<'a>(pub(crate) &'a Strategy);
+
+impl std::fmt::Debug for ParamsDebug<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.0.params()).finish()
+    }
+}
+
+impl std::fmt::Debug for Strategy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Strategy")
+            .field("path", &self.path)
+            .field("params", &ParamsDebug(self))
+            .field("file_stage", &self.file_stage)
+            .finish()
+    }
+}
+
+/// Equal when they come from the same path and give the same parameters, in the same order,
+/// the same layout items.
+impl PartialEq for Strategy {
+    fn eq(&self, other: &Strategy) -> bool {
+        self.path == other.path
+            && self.file_stage == other.file_stage
+            && self.params.len() == other.params.len()
+            && self.params().zip(other.params()).all(|((a, x), (b, y))| a == b && x.eq(y))
+    }
+}
+
+impl serde::Serialize for Strategy {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        struct Params<'a>(&'a Strategy);
+        impl serde::Serialize for Params<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+                s.collect_seq(self.0.params())
+            }
+        }
+        let mut st = s.serialize_struct("Strategy", 3)?;
+        st.serialize_field("path", &self.path)?;
+        st.serialize_field("params", &Params(self))?;
+        st.serialize_field("file_stage", &self.file_stage)?;
+        st.end()
+    }
 }
 
 /// Splits a merged layout name `"<stage>-<param>"`. Only a decimal prefix counts as a stage, so
@@ -415,26 +574,141 @@ impl Strategy {
                 ),
             });
         }
-        if let Some(first) = self.raw_names.get(&(name.to_string(), stage)) {
-            return Err(Error::BadLayout {
-                path: path.to_path_buf(),
-                param: name.into(),
-                detail: format!(
-                    "two layout items for pipeline stage {stage}, '{first}' and '{raw_name}': the strategy is \
-                     ambiguous; keep one"
-                ),
-            });
-        }
-        self.raw_names.insert((name.to_string(), stage), raw_name.to_string());
-        let entry = StageLayout { stage, layout };
-        match self.index.get(name) {
-            Some(&i) => self.params[i].1.push(entry),
-            None => {
-                self.index.insert(name.to_string(), self.params.len());
-                self.params.push((name.to_string(), vec![entry]));
+        let found = self.find(name);
+        if let Some(i) = found {
+            if let Some(w) = self.words(i).find(|&w| self.items[(w & !PREFIXED) as usize].stage == stage) {
+                let first = self.spelling(i, w);
+                return Err(Error::BadLayout {
+                    path: path.to_path_buf(),
+                    param: name.into(),
+                    detail: format!(
+                        "two layout items for pipeline stage {stage}, '{first}' and '{raw_name}': the strategy is \
+                         ambiguous; keep one"
+                    ),
+                });
             }
         }
+        let i = match found {
+            Some(i) => i,
+            None => self.add_name(path, name)?,
+        };
+        let prefixed = raw_name.len() != name.len();
+        let canonical = raw_name.strip_suffix(name).and_then(|p| p.strip_suffix('-')).map(|p| p == stage.to_string());
+        if prefixed && canonical != Some(true) {
+            self.lookup.odd_spellings.insert((i, stage), raw_name.to_string());
+        }
+        let w = self.intern(StageLayout { stage, layout }) | if prefixed { PREFIXED } else { 0 };
+        let rec = &mut self.params[i as usize];
+        match (rec.first, rec.more) {
+            (u32::MAX, _) => rec.first = w,
+            (_, u32::MAX) => {
+                rec.more = self.more.len() as u32;
+                self.more.push(vec![w]);
+            }
+            (_, m) => self.more[m as usize].push(w),
+        }
         Ok(())
+    }
+
+    /// Adds parameter `name`, with no layout item yet.
+    fn add_name(&mut self, path: &Path, name: &str) -> Result<u32> {
+        // A strategy file holds at most 1 GiB, so its names fit; one built in memory is
+        // refused past 4 GiB of names rather than wrapped.
+        let (Ok(name_start), Ok(name_len), Ok(i)) =
+            (u32::try_from(self.names.len()), u32::try_from(name.len()), u32::try_from(self.params.len()))
+        else {
+            return Err(bad(path, "more than 4 GiB of parameter names"));
+        };
+        if name_start.checked_add(name_len).is_none() || i == u32::MAX {
+            return Err(bad(path, "more than 4 GiB of parameter names"));
+        }
+        self.names.push_str(name);
+        self.params.push(ParamRec { name_start, name_len, first: u32::MAX, more: u32::MAX });
+        self.lookup.by_name.insert(HashIndex::hash(name), i);
+        Ok(i)
+    }
+
+    /// The position of `item` in `items`, added if new.
+    fn intern(&mut self, item: StageLayout) -> u32 {
+        let h = HashIndex::hash(&item);
+        if let Some(i) = self.lookup.item_ids.find(h, |i| self.items[i as usize] == item) {
+            return i;
+        }
+        let i = self.items.len() as u32;
+        self.items.push(item);
+        self.lookup.item_ids.insert(h, i);
+        i
+    }
+
+    /// Position of parameter `name`.
+    fn find(&self, name: &str) -> Option<u32> {
+        self.lookup.by_name.find(HashIndex::hash(name), |i| self.name_of(i) == name)
+    }
+
+    fn name_of(&self, i: u32) -> &str {
+        let r = &self.params[i as usize];
+        &self.names[r.name_start as usize..(r.name_start + r.name_len) as usize]
+    }
+
+    /// The entry words of parameter `i`, in file order.
+    fn words(&self, i: u32) -> impl Iterator<Item = u32> + '_ {
+        let r = self.params[i as usize];
+        let more: &[u32] = self.more.get(r.more as usize).map_or(&[], Vec::as_slice);
+        std::iter::once(r.first).filter(|&w| w != u32::MAX).chain(more.iter().copied())
+    }
+
+    /// How the item of entry word `w` of parameter `i` was named in the file.
+    fn spelling(&self, i: u32, w: u32) -> String {
+        let name = self.name_of(i);
+        let stage = self.items[(w & !PREFIXED) as usize].stage;
+        match self.lookup.odd_spellings.get(&(i, stage)) {
+            Some(s) => s.clone(),
+            None if w & PREFIXED != 0 => format!("{stage}-{name}"),
+            None => name.to_string(),
+        }
+    }
+
+    fn entries_of(&self, i: u32) -> Entries<'_> {
+        let r = self.params[i as usize];
+        Entries {
+            items: &self.items,
+            first: (r.first != u32::MAX).then_some(r.first),
+            rest: self.more.get(r.more as usize).map_or(&[][..], Vec::as_slice).iter(),
+        }
+    }
+
+    /// The parameters in order of first appearance, each with its layout items.
+    pub fn params(&self) -> impl ExactSizeIterator<Item = (&str, Entries<'_>)> + Clone + '_ {
+        (0..self.params.len() as u32).map(move |i| (self.name_of(i), self.entries_of(i)))
+    }
+
+    /// Number of parameters.
+    pub fn param_count(&self) -> usize {
+        self.params.len()
+    }
+
+    /// The parameters as owned values (a copy of every layout item: for comparisons and tests).
+    pub fn to_params(&self) -> Vec<(String, Vec<StageLayout>)> {
+        self.params().map(|(n, e)| (n.to_string(), e.cloned().collect())).collect()
+    }
+
+    fn clear_params(&mut self) {
+        self.names.clear();
+        self.params.clear();
+        self.lookup.by_name.clear();
+        self.items.clear();
+        self.lookup.item_ids.clear();
+        self.more.clear();
+        self.lookup.odd_spellings.clear();
+    }
+
+    /// Gives back what the parse grew beyond its needs.
+    fn shrink(&mut self) {
+        self.names.shrink_to_fit();
+        self.params.shrink_to_fit();
+        self.items.shrink_to_fit();
+        self.lookup.by_name.first.shrink_to_fit();
+        self.lookup.item_ids.first.shrink_to_fit();
     }
 
     /// Every layout item must span the stage's devices, and every stage the same number: the
@@ -442,16 +716,18 @@ impl Strategy {
     /// MindSpore), so a parameter on fewer devices would be planned from the wrong slices and
     /// one on more would leave slices that no rank reads or writes. All ranks must also be
     /// numbered in 32 bits (rank folders, plans, the C API), so `devices * stages` is bounded.
-    fn check_devices(&self) -> Result<()> {
-        let Some((first, entries)) = self.params.first() else {
+    /// Called once a strategy is complete, which is also when its storage is trimmed.
+    fn check_devices(&mut self) -> Result<()> {
+        self.shrink();
+        let Some((first, entries)) = self.params().next() else {
             return Ok(());
         };
-        let Some(reference) = entries.iter().min_by_key(|x| x.stage) else {
+        let Some(reference) = entries.min_by_key(|x| x.stage) else {
             return Ok(());
         };
         let devices = reference.layout.device_num();
         let mut last_stage = 0u32;
-        for (name, entries) in &self.params {
+        for (name, entries) in self.params() {
             for e in entries {
                 last_stage = last_stage.max(e.stage);
                 let n = e.layout.device_num();
@@ -473,7 +749,7 @@ impl Strategy {
                         e.stage, e.layout.dev_matrix, reference.stage, reference.layout.dev_matrix
                     )
                 };
-                return Err(Error::BadLayout { path: self.path.clone(), param: name.clone(), detail });
+                return Err(Error::BadLayout { path: self.path.clone(), param: name.to_string(), detail });
             }
         }
         // Stages are numbered from 0 (gaps are refused by `stage_num`), so the highest stage
@@ -495,10 +771,12 @@ impl Strategy {
     fn empty(path: &Path, file_stage: Option<u32>) -> Strategy {
         Strategy {
             path: path.to_path_buf(),
-            params: Vec::new(),
             file_stage,
-            index: HashMap::new(),
-            raw_names: HashMap::new(),
+            names: String::new(),
+            params: Vec::new(),
+            items: Vec::new(),
+            more: Vec::new(),
+            lookup: Box::default(),
         }
     }
 
@@ -575,16 +853,31 @@ impl Strategy {
     /// Rewrites every flattened layout item of `name` (MindSpore's JSON form, see
     /// [`ParamLayout::is_flattened`]) into the nested form, for a tensor of shape `full`.
     pub fn unflatten_param(&mut self, name: &str, full: &[u64]) -> Result<()> {
-        let Some(&i) = self.index.get(name) else {
+        let Some(i) = self.find(name) else {
             return Ok(());
         };
-        for e in &mut self.params[i].1 {
-            if e.layout.is_flattened(full.len()) {
-                let what = format!("the tensor's shape {full:?}");
-                e.layout = e
-                    .layout
-                    .unflatten(full.len(), &what, |j, prod, _| prod == full[j])
-                    .map_err(|detail| Error::BadLayout { path: self.path.clone(), param: name.to_string(), detail })?;
+        let words: Vec<u32> = self.words(i).collect();
+        let mut changed = Vec::with_capacity(words.len());
+        for &w in &words {
+            let e = &self.items[(w & !PREFIXED) as usize];
+            if !e.layout.is_flattened(full.len()) {
+                changed.push(w);
+                continue;
+            }
+            let what = format!("the tensor's shape {full:?}");
+            let layout = e
+                .layout
+                .unflatten(full.len(), &what, |j, prod, _| prod == full[j])
+                .map_err(|detail| Error::BadLayout { path: self.path.clone(), param: name.to_string(), detail })?;
+            let stage = e.stage;
+            changed.push(self.intern(StageLayout { stage, layout }) | (w & PREFIXED));
+        }
+        if changed != words {
+            let r = self.params[i as usize];
+            let mut it = changed.into_iter();
+            self.params[i as usize].first = it.next().unwrap_or(u32::MAX);
+            if let Some(m) = self.more.get_mut(r.more as usize) {
+                *m = it.collect();
             }
         }
         Ok(())
@@ -606,7 +899,7 @@ impl Strategy {
             return Err(e);
         }
         match parsed.map_err(|e| bad(path, format!("not valid JSON: {e}")))? {
-            Some(s) => {
+            Some(mut s) => {
                 s.check_devices()?;
                 Ok(s)
             }
@@ -616,34 +909,34 @@ impl Strategy {
 
     /// Whether the strategy has a layout for `name`.
     pub fn contains(&self, name: &str) -> bool {
-        self.index.contains_key(name)
+        self.find(name).is_some()
     }
 
     /// All layout items of `name`.
-    pub fn entries(&self, name: &str) -> Option<&[StageLayout]> {
-        self.index.get(name).map(|&i| self.params[i].1.as_slice())
+    pub fn entries(&self, name: &str) -> Option<Entries<'_>> {
+        self.find(name).map(|i| self.entries_of(i))
     }
 
     /// The stages a parameter belongs to.
     pub fn stages_of(&self, name: &str) -> Vec<u32> {
-        self.entries(name).map(|e| e.iter().map(|x| x.stage).collect()).unwrap_or_default()
+        self.entries(name).map(|e| e.map(|x| x.stage).collect()).unwrap_or_default()
     }
 
     /// The layout MindSpore uses for a parameter when it is not choosing for a particular rank:
     /// the item of the lowest stage.
     pub fn layout(&self, name: &str) -> Option<&ParamLayout> {
         let e = self.entries(name)?;
-        e.iter().min_by_key(|x| x.stage).map(|x| &x.layout)
+        e.min_by_key(|x| x.stage).map(|x| &x.layout)
     }
 
     /// The layout used for destination rank `rank` (MindSpore's `_convert_to_list(rank_id)`:
     /// a rank of stage 0 takes the stage-0 item, a rank of a later stage the last later item).
     pub fn layout_for_rank(&self, name: &str, rank: u64) -> Option<&ParamLayout> {
-        let e = self.entries(name)?;
-        let mut chosen = &e[0];
+        let mut e = self.entries(name)?;
+        let mut chosen = e.next()?;
         let stage_dev = self.stage_device_num().unwrap_or(1).max(1);
         let in_first = rank / stage_dev == 0;
-        for x in &e[1..] {
+        for x in e {
             if (in_first && x.stage == 0) || (!in_first && x.stage > 0) {
                 chosen = x;
             }
@@ -653,13 +946,13 @@ impl Strategy {
 
     /// Devices per pipeline stage: the first parameter's device count, as MindSpore takes it.
     pub fn stage_device_num(&self) -> Result<u64> {
-        let first = self.params.first().ok_or_else(|| bad(&self.path, "the strategy has no parameter layouts"))?;
-        Ok(self.layout(&first.0).map_or(1, ParamLayout::device_num))
+        let first = self.params().next().ok_or_else(|| bad(&self.path, "the strategy has no parameter layouts"))?;
+        Ok(first.1.min_by_key(|x| x.stage).map_or(1, |x| x.layout.device_num()))
     }
 
     /// Number of pipeline stages. Stages must be 0..n without gaps.
     pub fn stage_num(&self) -> Result<u32> {
-        let mut stages: Vec<u32> = self.params.iter().flat_map(|(_, e)| e.iter().map(|x| x.stage)).collect();
+        let mut stages: Vec<u32> = self.params().flat_map(|(_, e)| e.map(|x| x.stage)).collect();
         stages.sort_unstable();
         stages.dedup();
         for (i, s) in stages.iter().enumerate() {
@@ -775,9 +1068,7 @@ impl<'de> serde::de::Visitor<'de> for JsonStrategySeed<'_> {
                 }
                 "parallel_layout_item" => {
                     // A repeated key replaces the earlier one, as in a parsed `Value`.
-                    s.params.clear();
-                    s.index.clear();
-                    s.raw_names.clear();
+                    s.clear_params();
                     let items = LayoutItems { strategy: &mut s, failed: &mut *self.failed };
                     map.next_value_seed(items)?;
                     if self.failed.is_some() {
@@ -1202,7 +1493,7 @@ mod tests {
             match (whole, streamed) {
                 (Ok(a), Ok(b)) => {
                     assert_eq!(a, b, "{text}");
-                    assert_eq!(a.index, b.index, "{text}");
+                    assert!(a.params().all(|(n, _)| b.contains(n)), "{text}");
                 }
                 (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string(), "{text}"),
                 (a, b) => panic!("{text}: parsed whole {a:?}, streamed {b:?}"),
@@ -1215,6 +1506,13 @@ mod tests {
         );
         let err = Strategy::from_json_slice(p, twice.as_bytes()).unwrap_err().to_string();
         assert!(err.contains("'w' and '0-w'") && err.contains("ambiguous"), "{err}");
+        // Both spellings as written, a stage with leading zeros and a later stage's too.
+        let odd = format!(r#"{{"parallel_layout_item": {{"1-v": {item}, "00-w": {item}, "0-w": {item}}}}}"#);
+        let err = Strategy::from_json_slice(p, odd.as_bytes()).unwrap_err().to_string();
+        assert!(err.contains("'00-w' and '0-w'"), "{err}");
+        let later = format!(r#"{{"parallel_layout_item": {{"w": {item}, "1-w": {item}, "01-w": {item}}}}}"#);
+        let err = Strategy::from_json_slice(p, later.as_bytes()).unwrap_err().to_string();
+        assert!(err.contains("'1-w' and '01-w'"), "{err}");
         // A repeated key, at any depth, is refused (a parse into `Value` keeps the last one).
         let repeated =
             format!(r#"{{"parallel_layout_item": {{"w": {item}}}, "parallel_layout_item": {{"x": {item}}}}}"#);

@@ -15,7 +15,7 @@ use crate::checkpoint::{FileLayout, TensorHeader};
 use crate::error::{Error, Result};
 use crate::formats::codec::{Codec, Finish, RunCrc};
 use crate::manifest::{entry_matches, Manifest, ManifestEntry};
-use crate::plan::{RankPlan, TensorPlan};
+use crate::plan::{RankOrder, RankPlan, TensorPlan};
 
 /// The output file being written, with a lock that lets one thread write to it at a time.
 ///
@@ -140,10 +140,88 @@ pub(crate) fn write_file(
     final_path: PathBuf,
     dst_rank: Option<u32>,
 ) -> Result<WrittenFile> {
-    let Job { opts, fingerprint, .. } = *job;
     let mut tensors: Vec<&TensorPlan> = rp.tensors.iter().collect();
     codec.order(&mut tensors);
-    let file_len = codec.file_len(&tensors)?;
+    let what = Rank::of(codec, rp, &tensors)?;
+    let windows = whole_windows(codec, &tensors);
+    write_windows(job, codec, &what, &windows, &|| rp.src_ranks(), final_path, dst_rank)
+}
+
+/// The windows of a whole rank's `tensors` in the codec's order (the codec's window at a time).
+pub(crate) fn whole_windows<'a, 't: 'a>(
+    codec: &'a dyn Codec,
+    tensors: &'a [&'t TensorPlan],
+) -> impl Fn(&mut WindowFn<'_>) -> Result<()> + 'a {
+    move |each: &mut WindowFn<'_>| -> Result<()> {
+        // A rank with no tensors is still one (empty) window: a safetensors file has its header.
+        if tensors.is_empty() {
+            return each(&[]);
+        }
+        tensors.chunks(codec.window().max(1)).try_for_each(&mut *each)
+    }
+}
+
+/// Writes destination rank `order` to its file as [`write_rank`] does, making its tensor plans
+/// one window at a time (a codec whose order is the plan's, with windows smaller than the rank).
+pub(crate) fn write_rank_windowed(job: &Job<'_>, codec: &dyn Codec, order: &RankOrder) -> Result<WrittenFile> {
+    let n = codec.window().max(1);
+    let windows = |each: &mut WindowFn<'_>| -> Result<()> {
+        if order.tensors.is_empty() {
+            return each(&[]);
+        }
+        for w in order.tensors.chunks(n) {
+            let made = job.plan.tensor_plans(order, w)?;
+            each(&made.iter().collect::<Vec<_>>())?;
+        }
+        Ok(())
+    };
+    // Windows are laid out one after the other, so the file is as long as they are together.
+    let mut file_len = 0;
+    windows(&mut |w| {
+        file_len += codec.file_len(w)?;
+        Ok(())
+    })?;
+    let what = Rank { rank: order.rank, count: order.tensors.len(), file_len, bytes_written: order.bytes_written };
+    let final_path = output_path(job.plan, job.dst_dir, order.rank, job.opts);
+    write_windows(job, codec, &what, &windows, &|| order.src_ranks.clone(), final_path, Some(order.rank))
+}
+
+/// What [`write_windows`] and [`write_content`] need to know of the rank they write.
+pub(crate) struct Rank {
+    rank: u32,
+    /// Tensors.
+    count: usize,
+    /// The file's length as the codec lays it out (before any trailer).
+    pub(crate) file_len: u64,
+    /// Content bytes.
+    bytes_written: u64,
+}
+
+impl Rank {
+    /// A whole rank plan whose tensors are `tensors`, in the codec's order.
+    pub(crate) fn of(codec: &dyn Codec, rp: &RankPlan, tensors: &[&TensorPlan]) -> Result<Rank> {
+        let file_len = codec.file_len(tensors)?;
+        Ok(Rank { rank: rp.rank, count: tensors.len(), file_len, bytes_written: rp.bytes_written() })
+    }
+}
+
+/// What is done with each window of tensors.
+pub(crate) type WindowFn<'w> = dyn FnMut(&[&TensorPlan]) -> Result<()> + 'w;
+
+/// Windows of tensors, in file order: calls its argument with each.
+pub(crate) type Windows<'a> = dyn Fn(&mut WindowFn<'_>) -> Result<()> + 'a;
+
+fn write_windows(
+    job: &Job<'_>,
+    codec: &dyn Codec,
+    rp: &Rank,
+    windows: &Windows<'_>,
+    src_ranks: &dyn Fn() -> Vec<u32>,
+    final_path: PathBuf,
+    dst_rank: Option<u32>,
+) -> Result<WrittenFile> {
+    let Job { opts, fingerprint, .. } = *job;
+    let file_len = rp.file_len;
     let dir = final_path.parent().map(Path::to_path_buf).unwrap_or_default();
     let name = final_path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
     if opts.resume {
@@ -151,7 +229,7 @@ pub(crate) fn write_file(
             .and_then(|m| m.files.into_iter().find(|e| e.name == name && e.plan_fingerprint == fingerprint))
         {
             if entry_matches(&dir, &e) {
-                job.advance(rp.bytes_written());
+                job.advance(rp.bytes_written);
                 return Ok(WrittenFile { rank: rp.rank, path: final_path, len: e.size, crc32: e.crc32, reused: true });
             }
         }
@@ -170,35 +248,34 @@ pub(crate) fn write_file(
         .map_err(|e| Error::io(&tmp_path, "create", e))?;
     file.set_len(file_len).map_err(|e| Error::io(&tmp_path, "resize", e))?;
     let out = Output { file: &file, path: &tmp_path, lock: Mutex::new(()), early_writeback: opts.sync };
-    let (len, crc) = write_content(job, codec, rp, &tensors, file_len, &out, &final_path)?;
+    let (len, crc) = write_content(job, codec, rp, windows, src_ranks, &out, &final_path)?;
     commit(job, &file, &tmp_path, &final_path, dst_rank, len, crc)?;
     Ok(WrittenFile { rank: rp.rank, path: final_path, len, crc32: crc, reused: false })
 }
 
-/// Lays out `tensors` (of `rp`, in the codec's order, `file_len` bytes) window by window into
-/// `out`, fills their content, checks the sources, and writes what the codec finishes with (a
-/// crc). Returns the output's length and crc32. `what` names the output in messages.
+/// Lays out the `windows` of `rp` (in the codec's order, `rp.file_len` bytes) one after the
+/// other into `out`, fills their content, checks the sources `src_ranks` names, and writes what
+/// the codec finishes with (a crc). Returns the output's length and crc32. `what` names the
+/// output in messages.
 pub(crate) fn write_content(
     job: &Job<'_>,
     codec: &dyn Codec,
-    rp: &RankPlan,
-    tensors: &[&TensorPlan],
-    file_len: u64,
+    rp: &Rank,
+    windows: &Windows<'_>,
+    src_ranks: &dyn Fn() -> Vec<u32>,
     out: &dyn OutputBytes,
     what: &Path,
 ) -> Result<(u64, u32)> {
     let final_path = what;
+    let file_len = rp.file_len;
     // The runs tile the file; combining their crcs in file order gives the file's crc without
     // reading it back. A codec that lays out whole files keeps every run for its finish.
-    let whole = codec.window() >= tensors.len();
+    let whole = codec.window() >= rp.count;
     let mut kept: Vec<RunCrc> = Vec::new();
     let mut whole_layout: Option<(Vec<TensorHeader>, FileLayout)> = None;
     let mut file_crc = crc32fast::Hasher::new();
     let mut pos = 0;
-    // A rank with no tensors is still one (empty) window: a safetensors file has its header.
-    let windows: Vec<&[&TensorPlan]> =
-        if tensors.is_empty() { vec![&[]] } else { tensors.chunks(codec.window().max(1)).collect() };
-    for window in windows {
+    windows(&mut |window| {
         let headers: Vec<TensorHeader> = window.iter().map(|t| codec.header(t)).collect();
         let layout = codec.layout(&headers, pos)?;
         let sink = FileSink { layout: &layout, out, crcs: Mutex::new(out.write_fixed(&layout)?) };
@@ -215,7 +292,8 @@ pub(crate) fn write_content(
                 file_crc.combine(h);
             }
         }
-    }
+        Ok(())
+    })?;
     if pos != file_len {
         return Err(Error::Invalid(format!(
             "internal error: {} was laid out as {file_len} bytes but its windows took {pos}",
@@ -229,7 +307,7 @@ pub(crate) fn write_content(
     }
     // Every source this rank read still has the size and times it had when it was opened
     // (else what was read may mix two versions of it), and no read of one faulted.
-    for r in rp.src_ranks() {
+    for r in src_ranks() {
         job.sources.check_rank(r)?;
     }
     job.check_cancel(final_path)?;

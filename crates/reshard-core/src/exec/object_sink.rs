@@ -321,11 +321,12 @@ pub(crate) fn write_object(
     job.check_cancel(&final_url)?;
     let mut tensors: Vec<&TensorPlan> = rp.tensors.iter().collect();
     codec.order(&mut tensors);
-    let file_len = codec.file_len(&tensors)?;
+    let what = file_sink::Rank::of(codec, rp, &tensors)?;
+    let windows = file_sink::whole_windows(codec, &tensors);
     // Dropped unfinished (an error, a cancel), the upload is aborted.
     let upload = object::Upload::new(&final_url)?;
-    let window = PartWindow { upload: &upload, path: &final_url, file_len, state: Mutex::default() };
-    let (len, crc) = file_sink::write_content(job, codec, rp, &tensors, file_len, &window, &final_url)?;
+    let window = PartWindow { upload: &upload, path: &final_url, file_len: what.file_len, state: Mutex::default() };
+    let (len, crc) = file_sink::write_content(job, codec, &what, &windows, &|| rp.src_ranks(), &window, &final_url)?;
     let cancelled = || job.opts.cancel.as_ref().is_some_and(|c| c.load(Ordering::Acquire));
     let etag = match window.close()? {
         (_, Some(whole)) => {

@@ -54,6 +54,12 @@ pub trait Codec: Send + Sync {
     /// the header names every tensor).
     fn window(&self) -> usize;
 
+    /// Whether [`Codec::order`] leaves the plan's order: the executor may then make a rank's
+    /// tensor plans one window at a time.
+    fn keeps_plan_order(&self) -> bool {
+        false
+    }
+
     /// The file's length (before any trailer) for these tensors, in this order. By default the
     /// file is laid out whole and its length taken.
     fn file_len(&self, tensors: &[&TensorPlan]) -> Result<u64> {
@@ -99,6 +105,9 @@ impl Codec for CkptCodec {
     fn order(&self, _tensors: &mut [&TensorPlan]) {}
     fn window(&self) -> usize {
         CKPT_WINDOW
+    }
+    fn keeps_plan_order(&self) -> bool {
+        true
     }
     fn file_len(&self, tensors: &[&TensorPlan]) -> Result<u64> {
         Ok(tensors.iter().map(|t| ckpt::tensor_len(&t.name, t.dtype, &t.dims, t.nbytes, ckpt::CHUNK_BYTES)).sum())

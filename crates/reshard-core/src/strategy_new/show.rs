@@ -106,7 +106,7 @@ pub fn show(strategy: &Strategy, shapes: Option<&BTreeMap<String, Vec<u64>>>) ->
     let stage_devices = strategy.stage_device_num()?;
     let stages = strategy.stage_num()?;
     let mut rows = Vec::new();
-    for (name, items) in &strategy.params {
+    for (name, items) in strategy.params() {
         for item in items {
             let given = shapes.and_then(|s| s.get(name).or_else(|| s.get(super::base_name(name).0)));
             // MindSpore's JSON writer lists a dim split over several device axes as one dim per
@@ -127,7 +127,7 @@ pub fn show(strategy: &Strategy, shapes: Option<&BTreeMap<String, Vec<u64>>>) ->
                 None => l.tensor_shape.clone().or_else(|| given.cloned()),
             };
             let mut row = ShowRow {
-                name: name.clone(),
+                name: name.to_string(),
                 stage: item.stage,
                 split: split_text(l),
                 dev_matrix: l.dev_matrix.clone(),
