@@ -21,6 +21,7 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::exec::named::{execute_named, NamedOutput};
 use crate::exec::{ExecuteOptions, WrittenFile};
+use crate::storage::IoMode;
 use crate::plan::{Plan, PlanOptions, TensorPlan, TensorSource};
 use crate::source::{discover, Catalogue};
 use crate::source_unified::{HYPER_PARAM, UNIFIED_MAP};
@@ -358,7 +359,14 @@ pub fn unify(src_dir: &Path, src_strategy: &Path, dst_dir: &Path, opts: &UnifyOp
         std::fs::create_dir_all(dst_dir).map_err(|e| Error::io(dst_dir, "create folder", e))?;
     }
     let tag = format!("unify part_bytes={} dedup={deduplicated} split={:?}", opts.part_bytes, opts.split);
-    let files = execute_named(&plan, dst_dir, &outputs, &opts.exec, &tag)?;
+    // Unify moves whole tensors front to back into a few large files, where positioned reads
+    // beat faulting maps in (600 MB bench model, 8 ranks -> unified, warm, --no-sync: 0.19 s
+    // with pread against 0.23 s with maps, `cp -r` 0.19 s), so `auto` means pread here.
+    let mut exec = opts.exec.clone();
+    if exec.io == IoMode::Auto {
+        exec.io = IoMode::Pread;
+    }
+    let files = execute_named(&plan, dst_dir, &outputs, &exec, &tag)?;
     let map = dst_dir.join(UNIFIED_MAP);
     if first_task {
         crate::storage::small::write(&map, map_json(&parts, total_size).as_bytes(), opts.exec.sync)?;
