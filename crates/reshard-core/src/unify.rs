@@ -21,10 +21,10 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::exec::named::{execute_named, NamedOutput};
 use crate::exec::{ExecuteOptions, WrittenFile};
-use crate::storage::IoMode;
 use crate::plan::{Plan, PlanOptions, TensorPlan, TensorSource};
 use crate::source::{discover, Catalogue};
 use crate::source_unified::{HYPER_PARAM, UNIFIED_MAP};
+use crate::storage::IoMode;
 use crate::strategy::Strategy;
 
 /// MindSpore's part size: `ceil(total / 1024 / 1024 / 1024 / 3)` parts.
