@@ -624,6 +624,64 @@ fn s3_outputs_are_streamed_without_staging() {
     }
 }
 
+/// A safetensors output whose header is longer than a part (150,000 tensors: a header of about
+/// 17 MB over three parts), written with `--crc`: the codec rewrites the whole header at the end
+/// with the crc, so every part the header spans is kept until then (only the first was, and the
+/// rewrite failed "after its part was already sent"). The object equals the local output.
+#[test]
+#[ignore = "needs a SeaweedFS server: bash tests/s3/run.sh"]
+fn s3_a_safetensors_header_longer_than_a_part_is_rewritten_with_its_crc() {
+    let ep = endpoint();
+    let scratch = Scratch::new("s3-long-header");
+    let n = 150_000usize;
+    let mut header = String::from("{");
+    for i in 0..n {
+        let at = i * 64;
+        header.push_str(&format!(
+            "{}\"t{i:06}\":{{\"dtype\":\"F32\",\"shape\":[16],\"data_offsets\":[{at},{}]}}",
+            if i == 0 { "" } else { "," },
+            at + 64
+        ));
+    }
+    header.push('}');
+    let mut file = (header.len() as u64).to_le_bytes().to_vec();
+    file.extend_from_slice(header.as_bytes());
+    file.extend((0..n * 64).map(|i| (i % 251) as u8));
+    let src = scratch.join("src");
+    std::fs::create_dir_all(src.join("rank_0")).unwrap();
+    std::fs::write(src.join("rank_0/model.safetensors"), &file).unwrap();
+    let b = bucket("longheader");
+    let local = scratch.join("local");
+    let run = |dst: &std::ffi::OsStr| {
+        reshard_at(
+            &ep,
+            args![
+                "transform",
+                "-q",
+                "--no-sync",
+                "--output_format",
+                "safetensors",
+                "--crc",
+                "--src_ckpt_dir",
+                &src,
+                "--dst_ckpt_dir",
+                dst
+            ],
+            &[],
+        )
+    };
+    assert_ok(&run(local.as_os_str()));
+    let url = format!("s3://{b}/out");
+    assert_ok(&run(std::ffi::OsStr::new(&url)));
+    let name = "rank_0/checkpoint_0.safetensors";
+    let want = std::fs::read(local.join(name)).unwrap();
+    let head = u64::from_le_bytes(want[..8].try_into().unwrap());
+    assert!(head > 8 << 20 && want.len() as u64 > 2 * (8 << 20), "header {head} of {} bytes: too small", want.len());
+    let got = download(&b, &format!("out/{name}")).unwrap_or_else(|| panic!("no {name} uploaded"));
+    assert!(got == want, "the uploaded {name} differs from the local one ({} vs {} bytes)", got.len(), want.len());
+    assert!(open_uploads(&b).is_empty(), "uploads left open: {:?}", open_uploads(&b));
+}
+
 /// A run stopped (SIGTERM) in the middle of a multipart upload leaves no object under a final
 /// name and no open upload; the server killed in the middle of an upload gives a clean error
 /// naming the URL; after a restart a rerun finishes, keeping what was complete.

@@ -74,9 +74,10 @@ struct Part {
 /// The parts of an output being filled, in memory: a part is allocated when the first write
 /// reaches it (with every earlier part not allocated yet: those hold only headers by then, as
 /// blocks are filled in file order) and sent as soon as all its bytes are written, so memory is
-/// the parts in flight plus the few the workers are filling. The first and the last part are
-/// kept until the end: the codec may rewrite the first (a safetensors header carrying the crc)
-/// and append to the last (a `.ckpt` crc trailer).
+/// the parts in flight plus the few the workers are filling. The parts holding the file's first
+/// fixed run (its header) and the last part are kept until the end: the codec may rewrite the
+/// header (a safetensors header carrying the crc, which spans several parts when it is longer
+/// than a part) and append to the last (a `.ckpt` crc trailer).
 struct PartWindow<'a> {
     upload: &'a object::Upload,
     path: &'a Path,
@@ -96,6 +97,9 @@ struct WindowState {
     small: BTreeMap<u64, Vec<u8>>,
     /// Bytes appended after `file_len` (a trailer).
     tail: Vec<u8>,
+    /// Parts starting below this offset are kept to the end: the end of the fixed run written at
+    /// offset 0 (the header the codec's finish may rewrite). Always at least part 0.
+    held_to: u64,
 }
 
 const PART: u64 = object::PART_BYTES as u64;
@@ -146,13 +150,19 @@ impl PartWindow<'_> {
         Ok(())
     }
 
-    /// Sends the complete parts in `done` (the first and last wait for the end).
+    /// Sends the complete parts in `done` (the header's parts and the last wait for the end).
     fn send(&self, done: Vec<usize>) -> Result<()> {
         for k in done {
             if k == 0 || k == self.last() {
                 continue;
             }
-            let part = self.state.lock().unwrap_or_else(|p| p.into_inner()).open.remove(&k);
+            let part = {
+                let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                if self.span(k).0 < st.held_to {
+                    continue;
+                }
+                st.open.remove(&k)
+            };
             if let Some(p) = part {
                 self.upload.send(k, p.buf)?;
             }
@@ -237,6 +247,9 @@ impl file_sink::OutputBytes for PartWindow<'_> {
                 crcs.push((*off, file_sink::crc_of(bytes)));
                 if bytes.is_empty() {
                     continue;
+                }
+                if *off == 0 {
+                    st.held_to = st.held_to.max(bytes.len() as u64);
                 }
                 // Headers of parts not reached yet wait for them (a window's headers span its
                 // whole part of the file).
