@@ -24,7 +24,7 @@
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -294,6 +294,32 @@ impl ShareRecord {
     }
 }
 
+/// Whether a share other than `me` recorded a failure in this run.
+fn other_failed(dir: &Path, epoch: &Epoch, me: u32, count: u32) -> bool {
+    (0..count).filter(|&j| j != me).any(|j| {
+        let path = record_path(dir, j, count);
+        let Ok(Some(bytes)) = read_record(&path) else { return false };
+        serde_json::from_slice::<ShareRecord>(&bytes)
+            .is_ok_and(|r| r.state == State::Failed && epoch.fresh(j, &path, &bytes))
+    })
+}
+
+/// A flag raised when either `user` (a caller's cancel flag) or `stop` (the heartbeat's) is:
+/// a thread watches `user` while `stop` is down and the relay is alive.
+fn relay_cancel(user: Arc<AtomicBool>, stop: Arc<AtomicBool>) -> Arc<AtomicBool> {
+    let watch = stop.clone();
+    std::thread::spawn(move || {
+        while Arc::strong_count(&watch) > 1 && !watch.load(Ordering::Acquire) {
+            if user.load(Ordering::Acquire) {
+                watch.store(true, Ordering::Release);
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    stop
+}
+
 fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "?".into())
 }
@@ -308,6 +334,12 @@ pub struct Coordinator {
     epoch: Epoch,
     bytes_done: Arc<AtomicU64>,
     heartbeat: Option<(mpsc::Sender<()>, std::thread::JoinHandle<()>)>,
+    /// Set by the heartbeat when another share of this run recorded a failure: this share's
+    /// writing is then stopped (through `stop`) rather than finished for nothing, and the
+    /// process reports that share's error within a beat.
+    peer_failed: Arc<AtomicBool>,
+    /// The cancel flag this share's writing watches; the heartbeat raises it on a peer's failure.
+    stop: Arc<AtomicBool>,
 }
 
 impl Coordinator {
@@ -324,6 +356,8 @@ impl Coordinator {
             epoch: Epoch::Since(SystemTime::now()),
             bytes_done: Arc::new(AtomicU64::new(0)),
             heartbeat: None,
+            peer_failed: Arc::new(AtomicBool::new(false)),
+            stop: Arc::new(AtomicBool::new(false)),
         };
         if crate::storage::is_url(dst_dir) {
             c.epoch = Epoch::before(dst_dir, options.process.index, options.process.count)?;
@@ -357,13 +391,24 @@ impl Coordinator {
         let period = (options.timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(10));
         let (tx, rx) = mpsc::channel::<()>();
         let (beat_path, beat_record, done) = (path.clone(), record.clone(), c.bytes_done.clone());
+        let (dir, epoch, count) = (dst_dir.to_path_buf(), c.epoch.clone(), options.process.count);
+        let (peer_failed, stop) = (c.peer_failed.clone(), c.stop.clone());
         let handle = std::thread::spawn(move || {
             while let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(period) {
-                let Ok(mut r) = beat_record.lock() else { return };
-                r.beat += 1;
-                r.bytes_done = done.load(Ordering::Relaxed);
-                // A missed beat is harmless; the next one, or the final record, follows.
-                let _ = write_record(&beat_path, &r, false);
+                {
+                    let Ok(mut r) = beat_record.lock() else { return };
+                    r.beat += 1;
+                    r.bytes_done = done.load(Ordering::Relaxed);
+                    // A missed beat is harmless; the next one, or the final record, follows.
+                    let _ = write_record(&beat_path, &r, false);
+                }
+                // Another share of this run failed: stop writing this one, which cannot
+                // complete the job (under mpirun the failed process waits for this one to say
+                // why the job failed before any exits; see `FailureAck`).
+                if !peer_failed.load(Ordering::Acquire) && other_failed(&dir, &epoch, index, count) {
+                    peer_failed.store(true, Ordering::Release);
+                    stop.store(true, Ordering::Release);
+                }
             }
         });
         c.own = Some((path, record));
@@ -428,6 +473,23 @@ impl Coordinator {
             Ok(Vec::new())
         } else {
             let mut o = opts.clone();
+            // The heartbeat stops this share when another fails; a caller's cancel flag stops it
+            // too (the heartbeat raises the caller's flag only through this one).
+            let user_cancel = opts.cancel.clone();
+            let stop = self.stop.clone();
+            if let Some(u) = &user_cancel {
+                if u.load(Ordering::Acquire) {
+                    stop.store(true, Ordering::Release);
+                }
+            }
+            o.cancel = Some(match user_cancel {
+                None => stop,
+                Some(u) => {
+                    // Both flags stop the writing: the caller's is watched by the heartbeat's
+                    // flag through a small relay, so that a peer's failure never raises it.
+                    relay_cancel(u, stop)
+                }
+            });
             let done = self.bytes_done.clone();
             let user = opts.progress.clone();
             o.progress = Some(Arc::new(move |d: u64, t: u64| {
@@ -440,6 +502,12 @@ impl Coordinator {
         };
         let files = match written {
             Ok(f) => f,
+            // Stopped because another share failed: report that share's failure (its record
+            // says what failed: rank, file, parameter), and record it as this share's outcome.
+            Err(e) if self.peer_failed.load(Ordering::Acquire) => {
+                let why = self.wait_for_others(&job, &shares, opts).err().unwrap_or(e);
+                return Err(self.fail(why));
+            }
             Err(e) => return Err(self.fail(e)),
         };
         let recorded: Vec<RecordedFile> = files

@@ -96,6 +96,49 @@ fn a_failing_share_fails_every_process_with_its_error() {
     }
 }
 
+/// A share still writing when another fails is stopped within a heartbeat, and reports the
+/// failed share's error, rather than writing its whole share for nothing first (under mpirun the
+/// failed process waits for it to say why before any exits). Process 0 is slowed down (each
+/// progress report after the first, which waits for share 1's failure, takes a second); it stops
+/// before it has written all four of its ranks, which it would otherwise finish.
+#[test]
+fn a_share_still_writing_stops_when_another_fails() {
+    let plan = plan();
+    let out = Scratch::new("stop");
+    std::fs::write(out.join("rank_7"), b"not a folder").unwrap();
+    let failed = {
+        let rec = record_path(out.path(), 1, 2);
+        move || std::fs::read_to_string(&rec).is_ok_and(|t| t.contains("\"failed\""))
+    };
+    let calls = std::sync::atomic::AtomicUsize::new(0);
+    let progress = move |_: u64, _: u64| {
+        if calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed) == 0 {
+            while !failed() {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        } else {
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    };
+    let slow =
+        ExecuteOptions { threads: 1, progress: Some(std::sync::Arc::new(progress)), ..ExecuteOptions::default() };
+    let (first, second) = std::thread::scope(|s| {
+        let a = s.spawn(|| execute_distributed(&plan, out.path(), &[], &slow, &options(0, 2, 2_000)));
+        let b = s.spawn(|| run(&plan, out.path(), 1, 2, 2_000));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    let own = second.unwrap_err().to_string();
+    assert!(own.contains("rank_7"), "{own}");
+    let m = first.unwrap_err().to_string();
+    assert!(m.contains("share 1 of 2") && m.contains(&own), "{m}");
+    let written = (0..4)
+        .filter(|r| {
+            util::files_under(&out.join(format!("rank_{r}"))).iter().any(|f| f.extension().is_some_and(|e| e == "ckpt"))
+        })
+        .count();
+    assert!(written < 4, "process 0 wrote all its {written} ranks after share 1 had failed");
+}
+
 #[test]
 fn a_silent_share_times_out_by_name_and_a_rerun_completes() {
     let plan = plan();
