@@ -297,16 +297,27 @@ impl ShareRecord {
 /// Whether a share other than `me` recorded a failure in this run.
 fn other_failed(dir: &Path, epoch: &Epoch, me: u32, count: u32) -> bool {
     (0..count).filter(|&j| j != me).any(|j| {
-        let path = record_path(dir, j, count);
-        let Ok(Some(bytes)) = read_record(&path) else { return false };
-        serde_json::from_slice::<ShareRecord>(&bytes)
-            .is_ok_and(|r| r.state == State::Failed && epoch.fresh(j, &path, &bytes))
+        read_share(dir, j, count)
+            .is_some_and(|(path, bytes, r)| r.state == State::Failed && epoch.fresh(j, &path, &bytes))
     })
 }
 
+/// Share `j`'s record in `dir`: its path, bytes and contents (None when absent or unreadable).
+fn read_share(dir: &Path, j: u32, count: u32) -> Option<(PathBuf, Vec<u8>, ShareRecord)> {
+    let path = record_path(dir, j, count);
+    let bytes = read_record(&path).ok()??;
+    let r = serde_json::from_slice::<ShareRecord>(&bytes).ok()?;
+    Some((path, bytes, r))
+}
+
 /// A flag raised when either `user` (a caller's cancel flag) or `stop` (the heartbeat's) is:
-/// a thread watches `user` while `stop` is down and the relay is alive.
+/// `stop` itself, raised now if `user` already is, else by a thread that watches `user` while
+/// `stop` is down and the relay is alive.
 fn relay_cancel(user: Arc<AtomicBool>, stop: Arc<AtomicBool>) -> Arc<AtomicBool> {
+    if user.load(Ordering::Acquire) {
+        stop.store(true, Ordering::Release);
+        return stop;
+    }
     let watch = stop.clone();
     std::thread::spawn(move || {
         while Arc::strong_count(&watch) > 1 && !watch.load(Ordering::Acquire) {
@@ -473,22 +484,11 @@ impl Coordinator {
             Ok(Vec::new())
         } else {
             let mut o = opts.clone();
-            // The heartbeat stops this share when another fails; a caller's cancel flag stops it
-            // too (the heartbeat raises the caller's flag only through this one).
-            let user_cancel = opts.cancel.clone();
-            let stop = self.stop.clone();
-            if let Some(u) = &user_cancel {
-                if u.load(Ordering::Acquire) {
-                    stop.store(true, Ordering::Release);
-                }
-            }
-            o.cancel = Some(match user_cancel {
-                None => stop,
-                Some(u) => {
-                    // Both flags stop the writing: the caller's is watched by the heartbeat's
-                    // flag through a small relay, so that a peer's failure never raises it.
-                    relay_cancel(u, stop)
-                }
+            // The heartbeat stops this share when another fails (through `stop`, never through
+            // the caller's cancel flag, which stops it too).
+            o.cancel = Some(match opts.cancel.clone() {
+                None => self.stop.clone(),
+                Some(u) => relay_cancel(u, self.stop.clone()),
             });
             let done = self.bytes_done.clone();
             let user = opts.progress.clone();
@@ -703,16 +703,12 @@ impl FailureAck {
     pub fn acknowledge(&self, wait: bool, stop: &dyn Fn() -> bool) {
         let Some(me) = self.options.process.index else { return };
         let count = self.options.process.count;
-        let read = |j: u32| -> Option<(PathBuf, Vec<u8>, ShareRecord)> {
-            let path = record_path(&self.dst_dir, j, count);
-            let bytes = read_record(&path).ok()??;
-            let r = serde_json::from_slice::<ShareRecord>(&bytes).ok()?;
-            Some((path, bytes, r))
-        };
+        let read = |j: u32| read_share(&self.dst_dir, j, count);
         let this_run = |j: u32, path: &Path, bytes: &[u8]| j == me || self.epoch.fresh(j, path, bytes);
-        let failed = (0..count)
-            .any(|j| read(j).is_some_and(|(path, bytes, r)| r.state == State::Failed && this_run(j, &path, &bytes)));
-        let Some((own, _, mut record)) = read(me).filter(|_| failed) else { return };
+        let Some((own, _, mut record)) = read(me) else { return };
+        if record.state != State::Failed && !other_failed(&self.dst_dir, &self.epoch, me, count) {
+            return;
+        }
         record.failure_seen = true;
         if write_record(&own, &record, false).is_err() || !wait {
             return;
