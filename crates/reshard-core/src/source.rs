@@ -28,7 +28,7 @@ pub const OBJECT_OPENERS: usize = 16;
 /// Threads that read the tables of contents of local files at once. A cold `.ckpt` table of
 /// contents is a chain of one-page reads (each header says where the next one starts), so one
 /// file waits on the disk one read at a time: only several files read side by side keep the
-/// disk busy. 8 -> 4 of the benchmark (8 files of 284 tensors) planned in 0.05 s cold on the
+/// disk busy. 8 -> 4 of the benchmark (8 files of 143 tensors) planned in 0.05 s cold on the
 /// 2-thread pool (four files one after the other on each thread).
 pub const LOCAL_OPENERS: usize = 8;
 
@@ -86,12 +86,22 @@ impl Catalogue {
     /// loopback server: planning took 1.0 s on the 2-thread pool).
     pub fn open_ranks(&self, ranks: &[u32], io: IoMode, read: ReadOptions) -> Result<Vec<Source>> {
         use rayon::prelude::*;
-        let openers = if crate::storage::is_url(&self.dir) { OBJECT_OPENERS } else { LOCAL_OPENERS };
-        if ranks.len() < 2 || openers <= rayon::current_num_threads() {
+        if !crate::storage::is_url(&self.dir) {
+            let pool = (ranks.len() >= 2 && LOCAL_OPENERS > rayon::current_num_threads())
+                .then(|| rayon::ThreadPoolBuilder::new().num_threads(ranks.len().min(LOCAL_OPENERS)).build().ok())
+                .flatten();
+            // Without threads of their own, local files are read on the worker pool (more
+            // slowly when cold).
+            return match pool {
+                Some(pool) => pool.install(|| ranks.par_iter().map(|&r| self.open_rank(r, io, read)).collect()),
+                None => ranks.par_iter().map(|&r| self.open_rank(r, io, read)).collect(),
+            };
+        }
+        if ranks.len() < 2 {
             return ranks.par_iter().map(|&r| self.open_rank(r, io, read)).collect();
         }
         let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(ranks.len().min(openers))
+            .num_threads(ranks.len().min(OBJECT_OPENERS))
             .build()
             .map_err(|e| Error::Invalid(format!("cannot start threads to read tables of contents: {e}")))?;
         pool.install(|| ranks.par_iter().map(|&r| self.open_rank(r, io, read)).collect())
