@@ -167,7 +167,7 @@ typedef void (*ReshardProgressFn)(uint64_t done, uint64_t total, void *user);
  * What `reshard_load_rank`'s allocation callback learns of a tensor. It and its strings and
  * shape are valid only during the callback.
  */
-typedef struct {
+typedef struct ReshardTensorInfo {
   /**
    * Parameter name, NUL-terminated.
    */
@@ -196,7 +196,7 @@ typedef struct {
  * Allocation callback of `reshard_load_rank`: returns a buffer of at least `info->nbytes`
  * bytes (any alignment) for the tensor `info` describes, or NULL to skip that tensor.
  */
-typedef void *(*ReshardAllocFn)(void *user, const ReshardTensorInfo *info);
+typedef void *(*ReshardAllocFn)(void *user, const struct ReshardTensorInfo *info);
 
 #ifdef __cplusplus
 extern "C" {
@@ -233,8 +233,8 @@ ReshardStatus reshard_plan(const char *src_ckpt_dir,
                            const char *src_strategy,
                            const char *dst_strategy,
                            const char *options_json,
-                           ReshardPlan **plan_out,
-                           ReshardError **error_out);
+                           struct ReshardPlan **plan_out,
+                           struct ReshardError **error_out);
 
 /**
  * Frees a plan. NULL is a no-op.
@@ -244,7 +244,7 @@ ReshardStatus reshard_plan(const char *src_ckpt_dir,
  * `plan` must be NULL or a plan from `reshard_plan` that was not freed before and that no
  * other thread is using.
  */
-void reshard_plan_free(ReshardPlan *plan);
+void reshard_plan_free(struct ReshardPlan *plan);
 
 /**
  * The number of destination ranks (1 for a complete destination). Returns 0 when `plan` is
@@ -254,7 +254,7 @@ void reshard_plan_free(ReshardPlan *plan);
  *
  * `plan` must be NULL or a live plan from `reshard_plan`.
  */
-uint32_t reshard_plan_dst_rank_count(const ReshardPlan *plan);
+uint32_t reshard_plan_dst_rank_count(const struct ReshardPlan *plan);
 
 /**
  * The source ranks that destination rank `dst_rank` reads, highest first (the order of
@@ -272,7 +272,7 @@ uint32_t reshard_plan_dst_rank_count(const ReshardPlan *plan);
  * `plan` must be NULL or a live plan; `out` must be NULL or writable for `cap` values;
  * `len_out` must be NULL or writable.
  */
-ReshardStatus reshard_plan_src_ranks(const ReshardPlan *plan,
+ReshardStatus reshard_plan_src_ranks(const struct ReshardPlan *plan,
                                      uint32_t dst_rank,
                                      uint32_t *out,
                                      size_t cap,
@@ -290,7 +290,7 @@ ReshardStatus reshard_plan_src_ranks(const ReshardPlan *plan,
  *
  * `plan` must be NULL or a live plan from `reshard_plan`.
  */
-char *reshard_plan_to_json(const ReshardPlan *plan);
+char *reshard_plan_to_json(const struct ReshardPlan *plan);
 
 /**
  * Frees a string returned by this library (`reshard_plan_to_json`). NULL is a no-op.
@@ -348,12 +348,12 @@ void reshard_string_free(char *s);
  * `plan` must be NULL or a live plan; the strings must be NULL or NUL-terminated; `dst_ranks`
  * must be NULL or readable for `n_dst_ranks` values; `error_out` must be NULL or writable.
  */
-ReshardStatus reshard_execute(const ReshardPlan *plan,
+ReshardStatus reshard_execute(const struct ReshardPlan *plan,
                               const char *dst_ckpt_dir,
                               const uint32_t *dst_ranks,
                               size_t n_dst_ranks,
                               const char *options_json,
-                              ReshardError **error_out);
+                              struct ReshardError **error_out);
 
 /**
  * `reshard_execute` with a progress callback (NULL = none).
@@ -369,14 +369,14 @@ ReshardStatus reshard_execute(const ReshardPlan *plan,
  * As `reshard_execute`; in addition `progress` must be NULL or a function safe to call from
  * any thread with `user`, for the duration of the call.
  */
-ReshardStatus reshard_execute_with_progress(const ReshardPlan *plan,
+ReshardStatus reshard_execute_with_progress(const struct ReshardPlan *plan,
                                             const char *dst_ckpt_dir,
                                             const uint32_t *dst_ranks,
                                             size_t n_dst_ranks,
                                             const char *options_json,
                                             ReshardProgressFn progress,
                                             void *user,
-                                            ReshardError **error_out);
+                                            struct ReshardError **error_out);
 
 /**
  * `reshard_execute_with_progress` that another thread can stop: `reshard_cancel_request(cancel)`
@@ -392,21 +392,21 @@ ReshardStatus reshard_execute_with_progress(const ReshardPlan *plan,
  * As `reshard_execute_with_progress`; in addition `cancel` must be NULL or a live handle from
  * `reshard_cancel_new`, not freed before this call returns.
  */
-ReshardStatus reshard_execute_cancellable(const ReshardPlan *plan,
+ReshardStatus reshard_execute_cancellable(const struct ReshardPlan *plan,
                                           const char *dst_ckpt_dir,
                                           const uint32_t *dst_ranks,
                                           size_t n_dst_ranks,
                                           const char *options_json,
                                           ReshardProgressFn progress,
                                           void *user,
-                                          const ReshardCancel *cancel,
-                                          ReshardError **error_out);
+                                          const struct ReshardCancel *cancel,
+                                          struct ReshardError **error_out);
 
 /**
  * Makes a cancel handle, not requested. Free it with `reshard_cancel_free` once no call that
  * was given it is running. Returns NULL only if memory runs out.
  */
-ReshardCancel *reshard_cancel_new(void);
+struct ReshardCancel *reshard_cancel_new(void);
 
 /**
  * Asks every call that was given `cancel` to stop. It returns at once; the call stops at its
@@ -421,7 +421,7 @@ ReshardCancel *reshard_cancel_new(void);
  *
  * `cancel` must be NULL or a live handle from `reshard_cancel_new`.
  */
-ReshardStatus reshard_cancel_request(const ReshardCancel *cancel);
+ReshardStatus reshard_cancel_request(const struct ReshardCancel *cancel);
 
 /**
  * Frees a cancel handle. NULL is a no-op.
@@ -431,7 +431,7 @@ ReshardStatus reshard_cancel_request(const ReshardCancel *cancel);
  * `cancel` must be NULL or a handle from `reshard_cancel_new` that was not freed before, and no
  * call that was given it may still be running, nor another thread using it.
  */
-void reshard_cancel_free(ReshardCancel *cancel);
+void reshard_cancel_free(struct ReshardCancel *cancel);
 
 /**
  * Merges the per-pipeline-stage strategy files in `src_dir` (all `*.ckpt`, or all `*.json`)
@@ -449,7 +449,7 @@ void reshard_cancel_free(ReshardCancel *cancel);
  */
 ReshardStatus reshard_merge_strategies(const char *src_dir,
                                        const char *dst_file,
-                                       ReshardError **error_out);
+                                       struct ReshardError **error_out);
 
 /**
  * Converts this rank's checkpoint for the strategy the runtime has just written, as
@@ -479,7 +479,7 @@ ReshardStatus reshard_merge_strategies(const char *src_dir,
  */
 ReshardStatus reshard_auto(const char *options_json,
                            char **load_path_out,
-                           ReshardError **error_out);
+                           struct ReshardError **error_out);
 
 /**
  * `reshard_auto` that another thread can stop: `reshard_cancel_request(cancel)` ends the wait
@@ -492,9 +492,9 @@ ReshardStatus reshard_auto(const char *options_json,
  * `reshard_cancel_new`, not freed before this call returns.
  */
 ReshardStatus reshard_auto_cancellable(const char *options_json,
-                                       const ReshardCancel *cancel,
+                                       const struct ReshardCancel *cancel,
                                        char **load_path_out,
-                                       ReshardError **error_out);
+                                       struct ReshardError **error_out);
 
 /**
  * Writes strategy files for a target layout without MindSpore, as `reshard strategy new`:
@@ -513,7 +513,7 @@ ReshardStatus reshard_auto_cancellable(const char *options_json,
  *
  * `options_json` must be NULL or NUL-terminated; `error_out` must be NULL or writable.
  */
-ReshardStatus reshard_strategy_new(const char *options_json, ReshardError **error_out);
+ReshardStatus reshard_strategy_new(const char *options_json, struct ReshardError **error_out);
 
 /**
  * Loads one destination rank's tensors into caller memory: the bytes `reshard_execute` would
@@ -549,12 +549,12 @@ ReshardStatus reshard_strategy_new(const char *options_json, ReshardError **erro
  * bytes, not overlapping any other buffer it returned, that stays valid and is not otherwise
  * accessed until this function returns.
  */
-ReshardStatus reshard_load_rank(const ReshardPlan *plan,
+ReshardStatus reshard_load_rank(const struct ReshardPlan *plan,
                                 uint32_t dst_rank,
                                 ReshardAllocFn alloc,
                                 void *user,
                                 const char *options_json,
-                                ReshardError **error_out);
+                                struct ReshardError **error_out);
 
 /**
  * Writes what MindSpore's `unified_safetensors(src_dir, src_strategy_file, dst_dir, ...)`
@@ -582,7 +582,7 @@ ReshardStatus reshard_unify(const char *src_dir,
                             const char *src_strategy_file,
                             const char *dst_dir,
                             const char *options_json,
-                            ReshardError **error_out);
+                            struct ReshardError **error_out);
 
 /**
  * The status code of an error object, or `RESHARD_STATUS_NULL_ARGUMENT` when `error` is NULL.
@@ -591,7 +591,7 @@ ReshardStatus reshard_unify(const char *src_dir,
  *
  * `error` must be NULL or a live error object from this library.
  */
-ReshardStatus reshard_error_code(const ReshardError *error);
+ReshardStatus reshard_error_code(const struct ReshardError *error);
 
 /**
  * The full message of an error object: what failed, naming the file, rank, parameter and
@@ -603,7 +603,7 @@ ReshardStatus reshard_error_code(const ReshardError *error);
  *
  * `error` must be NULL or a live error object from this library.
  */
-const char *reshard_error_message(const ReshardError *error);
+const char *reshard_error_message(const struct ReshardError *error);
 
 /**
  * Frees an error object. NULL is a no-op.
@@ -612,7 +612,7 @@ const char *reshard_error_message(const ReshardError *error);
  *
  * `error` must be NULL or an error object from this library that was not freed before.
  */
-void reshard_error_free(ReshardError *error);
+void reshard_error_free(struct ReshardError *error);
 
 /**
  * The library version, e.g. "0.1.0": a static string, never NULL, not to be freed.

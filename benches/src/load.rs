@@ -2,7 +2,10 @@
 //! same tensors into a process: (a) `reshard transform --ranks R --no-sync` and reading the
 //! output file, (b) MindSpore's `transform_checkpoint_by_rank` and `load_checkpoint` of its file,
 //! (c) `head -c` of the rank's share of each source file it reads (sequential reads of the
-//! same byte count: the limit). (a)-(c) are processes timed from start to exit; the load is
+//! same byte count: the limit), and (c') reading exactly the pages of the sources the load
+//! touches (a strided share, a column slice of each tensor, touches more pages than its bytes,
+//! spread over the file: the limit for that share through the page cache). (a)-(c) are
+//! processes timed from start to exit, (c') inside its process; the load is
 //! timed inside its process from the plan's start to the last byte in place, into buffers the
 //! process allocated and touched before (the load column), and as the whole process (with fresh
 //! buffers' first-touch page faults and exit). Medians of N, alternating; peak anonymous memory
@@ -14,7 +17,7 @@ use std::time::Instant;
 
 use reshard_core::plan::{Plan, PlanOptions};
 use reshard_core::storage::IoMode;
-use reshard_core::{load_rank, LoadOptions, TensorMeta};
+use reshard_core::{load_rank, rank_reads, LoadOptions, TensorMeta};
 
 use super::{die, drop_from_cache, median, run, Case};
 
@@ -49,6 +52,58 @@ pub fn child(args: &[String]) {
     std::mem::forget(buffers);
 }
 
+/// The fairer limit (c'): `reshard-bench --pages-child SRC SRC_STRATEGY|- DST_STRATEGY|- RANK`.
+/// Finds the runs of the sources the load of the rank reads (joined where less than a page
+/// apart, as its copy announces them), untimed; then, timed, reads exactly their pages: each
+/// file without read-ahead (`POSIX_FADV_RANDOM`), every run announced (`POSIX_FADV_WILLNEED`),
+/// then read in order with `pread` of up to 8 MiB. Prints "SECS PAGE_BYTES RUN_BYTES".
+pub fn pages_child(args: &[String]) {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    let [src, ss, ds, rank] = args else {
+        die("--pages-child SRC SRC_STRATEGY|- DST_STRATEGY|- RANK");
+    };
+    let opt = |s: &String| (s != "-").then(|| PathBuf::from(s));
+    let (ss, ds) = (opt(ss), opt(ds));
+    let plan = Plan::build(Path::new(src), ss.as_deref(), ds.as_deref(), &PlanOptions::default())
+        .unwrap_or_else(|e| die(&e.to_string()));
+    let rank: u32 = rank.parse().unwrap_or_else(|_| die("RANK"));
+    let reads = rank_reads(&plan, rank).unwrap_or_else(|e| die(&e.to_string()));
+    let page = 4096;
+    let pages: u64 = reads.iter().map(|f| f.page_bytes(page)).sum();
+    let bytes: u64 = reads.iter().map(|f| f.bytes()).sum();
+    let mut buf = vec![0u8; 8 << 20];
+    let t = Instant::now();
+    let files: Vec<std::fs::File> =
+        reads.iter().map(|f| std::fs::File::open(&f.path).unwrap_or_else(|e| die(&e.to_string()))).collect();
+    for (f, r) in files.iter().zip(&reads) {
+        // SAFETY: plain system calls on a descriptor open for their duration.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM);
+            for &(at, n) in &r.runs {
+                let (a, e) = (at / page * page, (at + n).div_ceil(page) * page);
+                libc::posix_fadvise(f.as_raw_fd(), a as i64, (e - a) as i64, libc::POSIX_FADV_WILLNEED);
+            }
+        }
+    }
+    for (f, r) in files.iter().zip(&reads) {
+        for &(at, n) in &r.runs {
+            let (a, e) = (at / page * page, (at + n).div_ceil(page) * page);
+            let mut pos = a;
+            while pos < e {
+                let k = ((e - pos) as usize).min(buf.len());
+                match f.read_at(&mut buf[..k], pos) {
+                    Ok(0) => break,
+                    Ok(got) => pos += got as u64,
+                    Err(e) => die(&e.to_string()),
+                }
+            }
+        }
+    }
+    println!("{} {pages} {bytes}", t.elapsed().as_secs_f64());
+}
+
 /// (source file, bytes the rank reads from it) and the rank's content bytes, from the plan.
 fn share(c: &Case, rank: u32) -> (Vec<(PathBuf, u64)>, u64) {
     let plan = Plan::build(&c.src, c.src_strategy.as_deref(), c.dst_strategy.as_deref(), &PlanOptions::default())
@@ -81,10 +136,11 @@ pub fn bench(dir: &Path, reshard: &Path, cases: &[(&str, &Case, u32)], runs: usi
     );
     println!(
         "| case | rank MB | load s (mmap: plan + load) | of which plan s | load s (pread) | process s (incl. fresh buffers, exit) | \
-         peak anon beyond buffers MiB | (c) head -c share s | load/(c) | (a) transform --ranks + read s | (a)/load | \
+         peak anon beyond buffers MiB | (c) head -c share s | load/(c) | source pages the load touches MB | \
+         (c') read exactly those pages s | load/(c') | (a) transform --ranks + read s | (a)/load | \
          (b) MindSpore by_rank + load_checkpoint s | (b)/load |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for (name, c, rank) in cases {
         let (files, content) = share(c, *rank);
         let settle = || {
@@ -95,7 +151,7 @@ pub fn bench(dir: &Path, reshard: &Path, cases: &[(&str, &Case, u32)], runs: usi
         };
         let out = dir.join("load_out");
         let (mut t_mmap, mut t_pread, mut t_cat, mut t_a, mut anon) = (vec![], vec![], vec![], vec![], 0u64);
-        let (mut t_wall, mut t_plan) = (vec![], vec![]);
+        let (mut t_wall, mut t_plan, mut t_pages, mut page_bytes) = (vec![], vec![], vec![], 0f64);
         for _ in 0..runs {
             for io in ["mmap", "pread"] {
                 settle();
@@ -129,6 +185,20 @@ pub fn bench(dir: &Path, reshard: &Path, cases: &[(&str, &Case, u32)], runs: usi
                 cat.arg(f).arg(n.to_string());
             }
             t_cat.push(run(&mut cat).secs);
+            settle();
+            let said = dir.join("pages_child.out");
+            run(Command::new(&me)
+                .arg("--pages-child")
+                .arg(&c.src)
+                .arg(opt_arg(&c.src_strategy))
+                .arg(opt_arg(&c.dst_strategy))
+                .arg(rank.to_string())
+                .stdout(std::fs::File::create(&said).unwrap_or_else(|e| die(&e.to_string()))));
+            let text = std::fs::read_to_string(&said).unwrap_or_default();
+            let v: Vec<f64> = text.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+            let [secs, pages, _] = v[..] else { die(&format!("--pages-child said {text:?}")) };
+            t_pages.push(secs);
+            page_bytes = pages;
             let _ = std::fs::remove_dir_all(&out);
             settle();
             let mut a = Command::new("sh");
@@ -145,7 +215,7 @@ pub fn bench(dir: &Path, reshard: &Path, cases: &[(&str, &Case, u32)], runs: usi
             t_a.push(run(&mut a).secs);
         }
         let (load, pread, cat, ta) = (median(t_mmap), median(t_pread), median(t_cat), median(t_a));
-        let (wall, plan_s) = (median(t_wall), median(t_plan));
+        let (wall, plan_s, pages) = (median(t_wall), median(t_plan), median(t_pages));
         let mut b_cols = "n/a | n/a".to_string();
         if let Some(py) = py {
             let msout = dir.join("ms_load_out/rank.ckpt");
@@ -169,10 +239,12 @@ pub fn bench(dir: &Path, reshard: &Path, cases: &[(&str, &Case, u32)], runs: usi
             b_cols = format!("{:.2} | {:.0}x", m.secs, m.secs / load);
         }
         println!(
-            "| {name} | {:.0} | {load:.3} | {plan_s:.3} | {pread:.3} | {wall:.3} | {:.1} | {cat:.3} | {:.2} | {ta:.3} | {:.1}x | {b_cols} |",
+            "| {name} | {:.0} | {load:.3} | {plan_s:.3} | {pread:.3} | {wall:.3} | {:.1} | {cat:.3} | {:.2} | {:.0} | {pages:.3} | {:.2} | {ta:.3} | {:.1}x | {b_cols} |",
             content as f64 / 1e6,
             anon as f64 / (1 << 20) as f64,
             load / cat,
+            page_bytes / 1e6,
+            load / pages,
             ta / load,
         );
         let _ = std::fs::remove_dir_all(&out);

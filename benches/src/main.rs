@@ -75,6 +75,10 @@ fn parse_args() -> Args {
                 load::child(&it.collect::<Vec<_>>());
                 std::process::exit(0);
             }
+            "--pages-child" => {
+                load::pages_child(&it.collect::<Vec<_>>());
+                std::process::exit(0);
+            }
             "--unify-only" => a.unify_only = true,
             "--distributed-only" => a.distributed_only = true,
             "--s3-only" => a.s3_only = true,

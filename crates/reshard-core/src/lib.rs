@@ -30,7 +30,7 @@ pub mod source_unified;
 pub mod storage;
 pub mod unify;
 
-pub use exec::memory::{load_rank, LoadOptions, TensorMeta};
+pub use exec::memory::{load_rank, rank_reads, FileReads, LoadOptions, TensorMeta};
 pub use exec::{execute, ExecuteOptions, WrittenFile};
 pub use plan::{CopyPiece, Plan, PlanOptions, RankPlan, TensorPlan, TensorSource};
 pub mod atomic;

@@ -137,3 +137,22 @@ fn a_tensor_the_callback_skips_is_not_filled_and_the_rest_are() {
     assert!(want.len() > 1);
     assert_eq!(half, want);
 }
+
+/// `rank_reads` says what a load reads: a row split reads the rank's bytes as one run; a column
+/// split reads half of every row, joined into one run over the whole tensor (its pages are all
+/// touched: twice the bytes loaded).
+#[test]
+fn rank_reads_are_the_runs_a_load_touches() {
+    for (map, run_bytes) in [([0, -1], 4u64 << 20), ([-1, 0], (8 << 20) - 2048)] {
+        let s = Scratch::new("rank_reads");
+        let (src_dir, src, strategy) = make_source(s.path(), map);
+        let plan = Plan::build(&src_dir, None, Some(&strategy), &PlanOptions::default()).unwrap();
+        let reads = reshard_core::rank_reads(&plan, 0).unwrap();
+        assert_eq!(reads.len(), 1, "{map:?}: {reads:?}");
+        assert_eq!(reads[0].path, src);
+        assert_eq!(reads[0].runs.len(), 1, "{map:?}: {reads:?}");
+        assert_eq!(reads[0].bytes(), run_bytes, "{map:?}");
+        let pages = reads[0].page_bytes(4096);
+        assert!(pages >= run_bytes && pages <= run_bytes + 8192, "{map:?}: {pages} bytes of pages");
+    }
+}

@@ -1,7 +1,8 @@
 //! Loading one destination rank into caller memory: the same plan and the same byte moves as
 //! writing its file, into buffers the caller allocates ([`MemorySink`]). Nothing goes to disk.
 
-use std::path::Path;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex};
 
@@ -174,6 +175,75 @@ pub fn load_rank<'b>(
         sources.check_rank(r)?;
     }
     Ok(())
+}
+
+/// The bytes of one source file that loading a rank reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileReads {
+    /// The source file.
+    pub path: PathBuf,
+    /// (offset, length) runs in file order, joined where less than a page apart (the bytes
+    /// between joined runs are counted in, as the page cache reads them).
+    pub runs: Vec<(u64, u64)>,
+}
+
+impl FileReads {
+    /// Bytes of the runs.
+    pub fn bytes(&self) -> u64 {
+        self.runs.iter().map(|r| r.1).sum()
+    }
+
+    /// Bytes of the pages the runs touch (each run widened to whole pages, overlaps counted once).
+    pub fn page_bytes(&self, page: u64) -> u64 {
+        let (mut total, mut last_end) = (0u64, 0u64);
+        for &(at, n) in &self.runs {
+            let (a, e) = ((at / page * page).max(last_end), (at + n).div_ceil(page) * page);
+            total += e.saturating_sub(a);
+            last_end = last_end.max(e);
+        }
+        total
+    }
+}
+
+/// What [`load_rank`] of destination rank `rank` reads from each source file: the runs its copy
+/// announces to the kernel (`MADV_WILLNEED`), gathered over all its tensors, in file order.
+/// Nothing is read; the source files are opened (and checked against the plan) to find their
+/// sizes. For measuring the limit of a load: with a strided share (a column slice) the pages
+/// touched exceed the bytes loaded.
+pub fn rank_reads(plan: &Plan, rank: u32) -> Result<Vec<FileReads>> {
+    let rp = plan.rank_plan(rank)?;
+    let tensors: Vec<&TensorPlan> = rp.tensors.iter().collect();
+    let exec = ExecuteOptions { threads: 1, io: IoMode::Mmap, ..ExecuteOptions::default() };
+    let pool = super::pool(1)?;
+    let sources = OpenSources::new(plan, exec.io);
+    let written = AtomicU64::new(0);
+    let job = Job::new(&sources, Path::new(""), &exec, &pool, &written, 0, "");
+    let mut blocks = Vec::new();
+    for (i, t) in tensors.iter().enumerate() {
+        super::fill::blocks_for(i, t, job.block_bytes, &mut blocks);
+    }
+    let mut runs: BTreeMap<(u32, u32), Vec<(u64, u64)>> = BTreeMap::new();
+    for b in &blocks {
+        super::fill::block_file_runs(&job, tensors[b.tensor], b, &mut |_, key, at, n, _| {
+            runs.entry(key).or_default().push((at, n));
+            Ok(())
+        })?;
+    }
+    let page = crate::sys::page_size();
+    Ok(runs
+        .into_iter()
+        .map(|((r, f), mut v)| {
+            v.sort_unstable();
+            let mut joined: Vec<(u64, u64)> = Vec::with_capacity(v.len());
+            for (at, n) in v {
+                match joined.last_mut() {
+                    Some((s, len)) if at <= *s + *len + page => *len = (*len).max(at + n - *s),
+                    _ => joined.push((at, n)),
+                }
+            }
+            FileReads { path: plan.sources[&r].files[f as usize].path.clone(), runs: joined }
+        })
+        .collect())
 }
 
 #[cfg(test)]
