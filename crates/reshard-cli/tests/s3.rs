@@ -1036,3 +1036,93 @@ fn s3_distributed_two_processes() {
         &["gave up after 2s without news from 1 share(s)", "share 1 of 2 (rank_4..rank_7", "no record yet"],
     );
 }
+
+/// Points this process's own object store client (the core called in-process) at `endpoint`.
+fn store_env_in_process(endpoint: &str) {
+    for (k, v) in [
+        ("AWS_ACCESS_KEY_ID", KEY),
+        ("AWS_SECRET_ACCESS_KEY", SECRET),
+        ("AWS_ENDPOINT_URL", endpoint),
+        ("AWS_ALLOW_HTTP", "true"),
+        ("AWS_REGION", "us-east-1"),
+    ] {
+        std::env::set_var(k, v);
+    }
+}
+
+/// A progress callback that records the size of the worker pool it is called on (the largest).
+fn pool_size_probe() -> (Arc<AtomicU64>, Arc<reshard_core::exec::ProgressFn>) {
+    let seen = Arc::new(AtomicU64::new(0));
+    let s = seen.clone();
+    let probe = move |_: u64, _: u64| {
+        s.fetch_max(rayon::current_num_threads() as u64, Ordering::Relaxed);
+    };
+    (seen, Arc::new(probe))
+}
+
+/// The read-ahead of object sources stays within half of `--memory-budget` (in-process: the
+/// core's count of prefetched bytes not yet copied), and a small budget gives the same bytes:
+/// 8 -> 4 from the store with budgets of 4 and 16 MiB, and the default, equals the local
+/// conversion. `load_rank` and `unify` from the store run on the workers a transform of objects
+/// gets (8 at least), not one per core.
+#[test]
+#[ignore = "needs a SeaweedFS server: bash tests/s3/run.sh"]
+fn s3_read_ahead_fits_the_memory_budget_and_every_job_gets_the_object_workers() {
+    use reshard_core::{execute, load_rank, ExecuteOptions, LoadOptions, Plan, PlanOptions, TensorMeta};
+    let ep = endpoint();
+    let (scratch, b, src8, s8, s4) = model_in_bucket("s3-budget", "budget", 8);
+    let local = scratch.join("local");
+    assert_ok(&util::reshard(util::argv![
+        "transform",
+        "-q",
+        "--src_ckpt_dir",
+        &src8,
+        "--src_ckpt_strategy",
+        &s8,
+        "--dst_ckpt_strategy",
+        &s4,
+        "--dst_ckpt_dir",
+        &local
+    ]));
+    store_env_in_process(&ep);
+    let src = PathBuf::from(format!("s3://{b}/src"));
+    let plan = Plan::build(&src, Some(&s8), Some(&s4), &PlanOptions::default()).unwrap();
+    for budget in [4u64 << 20, 16 << 20, ExecuteOptions::default().memory_budget] {
+        let out = scratch.join(format!("budget_{budget}"));
+        reshard_core::storage::object::reset_prefetched_peak();
+        let (pool, progress) = pool_size_probe();
+        let opts = ExecuteOptions { memory_budget: budget, progress: Some(progress), ..ExecuteOptions::default() };
+        let written = execute(&plan, &out, &[], &opts).unwrap();
+        let peak = reshard_core::storage::object::prefetched_peak();
+        eprintln!("budget {budget}: read-ahead peaked at {peak} bytes");
+        assert!(peak > 0, "budget {budget}: nothing was read ahead");
+        assert!(peak <= budget / 2, "budget {budget}: the read-ahead held {peak} bytes");
+        assert!(pool.load(Ordering::Relaxed) >= 8, "transform ran on {} workers", pool.load(Ordering::Relaxed));
+        assert_eq!(written.len(), 4);
+        for w in written {
+            let rel = w.path.strip_prefix(&out).unwrap();
+            assert!(std::fs::read(&w.path).unwrap() == std::fs::read(local.join(rel)).unwrap(), "{budget}: {rel:?}");
+        }
+    }
+    // load_rank: the same bytes as the rank's file, on the object workers.
+    let (pool, progress) = pool_size_probe();
+    let rp = plan.rank_plan(1).unwrap();
+    let mut bufs: Vec<Vec<u8>> = rp.tensors.iter().map(|t| vec![0u8; t.nbytes as usize]).collect();
+    let mut lend = bufs.iter_mut();
+    let lo = LoadOptions { progress: Some(progress), ..LoadOptions::default() };
+    load_rank(&plan, 1, &lo, &mut |_: &TensorMeta<'_>| Ok(lend.next().map(|b| b.as_mut_slice()))).unwrap();
+    let file = reshard_core::CheckpointFile::open(&local.join("rank_1/checkpoint_1.ckpt"), Default::default()).unwrap();
+    for (t, got) in rp.tensors.iter().zip(&bufs) {
+        let info = file.index().get(&t.name).unwrap();
+        assert!(file.content(info).as_ref() == got.as_slice(), "load_rank: {} differs", t.name);
+    }
+    assert!(pool.load(Ordering::Relaxed) >= 8, "load_rank ran on {} workers", pool.load(Ordering::Relaxed));
+    // unify: from the store into a local folder, on the object workers.
+    let (pool, progress) = pool_size_probe();
+    let uo = reshard_core::unify::UnifyOptions {
+        exec: ExecuteOptions { progress: Some(progress), ..ExecuteOptions::default() },
+        ..Default::default()
+    };
+    reshard_core::unify::unify(&src, &s8, &scratch.join("unified"), &uo).unwrap();
+    assert!(pool.load(Ordering::Relaxed) >= 8, "unify ran on {} workers", pool.load(Ordering::Relaxed));
+}

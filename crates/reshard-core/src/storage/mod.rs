@@ -200,6 +200,15 @@ pub fn bytes_fetched() -> u64 {
     0
 }
 
+/// Bytes prefetched from object stores and not yet read (or still on their way), in this
+/// process (0 without object storage).
+pub fn prefetched_bytes() -> u64 {
+    #[cfg(feature = "s3")]
+    return object::prefetched_bytes();
+    #[cfg(not(feature = "s3"))]
+    0
+}
+
 /// Ranged GETs this process has made so far: (started ahead of the copy by a prefetch, made by
 /// a read on demand: tables of contents, reads no prefetch covered). (0, 0) without object
 /// storage.

@@ -240,6 +240,26 @@ pub fn gets_made() -> (u64, u64) {
     (GETS_AHEAD.load(Ordering::Relaxed), GETS_ON_DEMAND.load(Ordering::Relaxed))
 }
 
+/// Prefetched bytes held or awaited by every object source of this process (what the executor's
+/// read-ahead keeps within the job's memory budget), and the most there ever were.
+static PREFETCHED: AtomicU64 = AtomicU64::new(0);
+static PREFETCHED_PEAK: AtomicU64 = AtomicU64::new(0);
+
+/// Bytes prefetched by object sources and not yet read (or still on their way), in this process.
+pub fn prefetched_bytes() -> u64 {
+    PREFETCHED.load(Ordering::Relaxed)
+}
+
+/// The most bytes [`prefetched_bytes`] has counted since the last [`reset_prefetched_peak`].
+pub fn prefetched_peak() -> u64 {
+    PREFETCHED_PEAK.load(Ordering::Relaxed)
+}
+
+/// Starts a new measure of [`prefetched_peak`] (tests, benches).
+pub fn reset_prefetched_peak() {
+    PREFETCHED_PEAK.store(PREFETCHED.load(Ordering::Relaxed), Ordering::Relaxed);
+}
+
 /// A ranged GET of `range`, pinned to `etag`.
 async fn get_range(
     store: Arc<Store>,
@@ -336,6 +356,7 @@ impl ObjectSource {
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(s) = slots.remove(&start) {
             self.held.fetch_sub(s.end - start, Ordering::Relaxed);
+            PREFETCHED.fetch_sub(s.end - start, Ordering::Relaxed);
         }
     }
 }
@@ -424,6 +445,8 @@ impl ByteSource for ObjectSource {
             slots.insert(offset, slot.clone());
         }
         self.held.fetch_add(len, Ordering::Relaxed);
+        let now = PREFETCHED.fetch_add(len, Ordering::Relaxed) + len;
+        PREFETCHED_PEAK.fetch_max(now, Ordering::Relaxed);
         GETS_AHEAD.fetch_add(1, Ordering::Relaxed);
         let f = get_range(self.store.clone(), self.key.clone(), self.etag.clone(), offset..end);
         rt.spawn(async move {
@@ -446,6 +469,13 @@ impl ByteSource for ObjectSource {
             return Err(self.changed_error());
         }
         Ok(())
+    }
+}
+
+impl Drop for ObjectSource {
+    fn drop(&mut self) {
+        // Prefetched ranges never read to their end (a run that stopped early) stop counting.
+        PREFETCHED.fetch_sub(self.held.load(Ordering::Relaxed), Ordering::Relaxed);
     }
 }
 
