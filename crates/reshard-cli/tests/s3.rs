@@ -1126,3 +1126,62 @@ fn s3_read_ahead_fits_the_memory_budget_and_every_job_gets_the_object_workers() 
     reshard_core::unify::unify(&src, &s8, &scratch.join("unified"), &uo).unwrap();
     assert!(pool.load(Ordering::Relaxed) >= 8, "unify ran on {} workers", pool.load(Ordering::Relaxed));
 }
+
+/// Tables of contents of `.ckpt` objects of one size are predicted from the first one walked and
+/// checked against the bytes the walk used, fetched from each object: 8 ranks of one layout give
+/// 6 predictions (plus the walked first, and a hostile rank), each index equal to the one a
+/// local walk of the same file gives; rank 3, uploaded with one tensor's name changed (same
+/// length, so the same size and offsets), and rank 5, with a dim changed, are refused as
+/// predictions and walked, and their indexes name what they really hold.
+#[test]
+#[ignore = "needs a SeaweedFS server: bash tests/s3/run.sh"]
+fn s3_tables_of_contents_are_predicted_only_when_the_object_has_the_same_bytes() {
+    use reshard_core::{storage::IoMode, CheckpointFile, ReadOptions};
+    let ep = endpoint();
+    let (scratch, src8, ..) = sharded_model("s3-predict", 4, 64, 32);
+    let b = bucket("predict");
+    let edit = |rank: u32, from: &[u8], to: &[u8]| {
+        let f = src8.join(format!("rank_{rank}/checkpoint_{rank}.ckpt"));
+        let mut bytes = std::fs::read(&f).unwrap();
+        let at = bytes.windows(from.len()).position(|w| w == from).unwrap();
+        bytes[at..at + to.len()].copy_from_slice(to);
+        std::fs::write(&f, bytes).unwrap();
+    };
+    edit(3, b"layers.2.wq.weight", b"layers.2.wz.weight");
+    // dims [8, 32] (row split of 64 by 8): field 1 varint 8 then field 1 varint 32 -> 9.
+    let name = b"layers.1.w1.weight";
+    {
+        let f = src8.join("rank_5/checkpoint_5.ckpt");
+        let mut bytes = std::fs::read(&f).unwrap();
+        let at = bytes.windows(name.len()).position(|w| w == name).unwrap();
+        let dims = bytes[at..].windows(4).position(|w| w == [0x08, 8, 0x08, 32]).unwrap() + at;
+        bytes[dims + 3] = 9;
+        std::fs::write(&f, bytes).unwrap();
+    }
+    upload_dir(&b, "src", &src8);
+    store_env_in_process(&ep);
+    let cat = reshard_core::source::discover(Path::new(&format!("s3://{b}/src")), None).unwrap();
+    let before = reshard_core::toc_predict::predictions();
+    let ranks: Vec<u32> = (0..8).collect();
+    let sources = cat.open_ranks(&ranks, IoMode::Auto, ReadOptions::default());
+    let after = reshard_core::toc_predict::predictions();
+    // Rank 5's dims no longer match its content size: its own walk refuses it, naming it.
+    let Err(err) = sources else { panic!("rank 5's changed dims must be refused") };
+    let err = err.to_string();
+    assert!(err.contains("rank_5") && err.contains("layers.1.w1.weight"), "{err}");
+    assert_eq!((after.0 - before.0, after.1 - before.1), (5, 2), "(predicted, refused and walked)");
+    // Without rank 5: every index is the local walk's.
+    let ranks: Vec<u32> = (0..8).filter(|&r| r != 5).collect();
+    let before = reshard_core::toc_predict::predictions();
+    let sources = cat.open_ranks(&ranks, IoMode::Auto, ReadOptions::default()).unwrap();
+    let after = reshard_core::toc_predict::predictions();
+    assert_eq!((after.0 - before.0, after.1 - before.1), (5, 1), "(predicted, refused and walked)");
+    for s in &sources {
+        let local =
+            CheckpointFile::open(&src8.join(format!("rank_{0}/checkpoint_{0}.ckpt", s.rank)), Default::default())
+                .unwrap();
+        assert_eq!(s.index.tensors, local.index().tensors, "rank {}", s.rank);
+    }
+    assert!(sources[3].index.get("layers.2.wz.weight").is_some());
+    drop(scratch);
+}

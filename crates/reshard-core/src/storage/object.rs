@@ -460,6 +460,32 @@ impl ByteSource for ObjectSource {
         true
     }
 
+    fn read_ranges(&self, ranges: &[(u64, u64)]) -> Result<Vec<Vec<u8>>> {
+        let mut gets = Vec::with_capacity(ranges.len());
+        for &(at, n) in ranges {
+            let end = at
+                .checked_add(n)
+                .filter(|&e| e <= self.len())
+                .ok_or_else(|| super::beyond_end(&self.path, at, n as usize, self.len()))?;
+            gets.push(get_range(self.store.clone(), self.key.clone(), self.etag.clone(), at..end));
+        }
+        GETS_ON_DEMAND.fetch_add(ranges.len() as u64, Ordering::Relaxed);
+        // All in flight at once (the store's bound on GETs in flight still applies).
+        let got = block_on(futures::future::join_all(gets))?;
+        let mut out = Vec::with_capacity(got.len());
+        for (r, &(at, n)) in got.into_iter().zip(ranges) {
+            let b = r.map_err(|e| self.read_error(&e))?;
+            if b.len() as u64 != n {
+                return Err(Error::Source {
+                    path: self.path.clone(),
+                    detail: format!("a ranged GET of bytes {at}..{} returned {} bytes", at + n, b.len()),
+                });
+            }
+            out.push(b.to_vec());
+        }
+        Ok(out)
+    }
+
     fn version(&self) -> &Version {
         &self.version
     }
