@@ -136,3 +136,55 @@ fn same_bytes(src: &dyn ByteSource, used: &[(u64, Vec<u8>)]) -> Result<bool> {
     }
     Ok(true)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::TensorHeader;
+    use crate::storage::MemSource;
+    use crate::DType;
+    use std::path::Path;
+
+    /// A `.ckpt` of three tensors (one small, between two larger), content filled with `fill`.
+    fn ckpt(names: [&str; 3], fill: u8) -> Vec<u8> {
+        let headers: Vec<TensorHeader> = names
+            .iter()
+            .zip([64u64, 1, 64])
+            .map(|(n, rows)| TensorHeader {
+                name: n.to_string(),
+                dtype: DType::Float32,
+                dims: vec![rows, 64],
+                nbytes: rows * 64 * 4,
+            })
+            .collect();
+        let layout = crate::ckpt::layout(&headers, crate::ckpt::CHUNK_BYTES);
+        let mut bytes = vec![fill; layout.len as usize];
+        for (off, b) in &layout.fixed {
+            bytes[*off as usize..*off as usize + b.len()].copy_from_slice(b);
+        }
+        bytes
+    }
+
+    /// The bytes a walk used tell objects of the same table of contents (whatever their content)
+    /// from those of another (a name of the same length changed), and never include content.
+    #[test]
+    fn the_used_bytes_tell_same_tables_of_contents_apart() {
+        let a = ckpt(["a.weight", "b.weight", "c.weight"], 1);
+        let (index, used) =
+            crate::ckpt::parse_source_recorded(&MemSource::new(Path::new("a.ckpt"), &a), ReadOptions::default())
+                .unwrap();
+        let used_len: usize = used.iter().map(|(_, b)| b.len()).sum();
+        assert!(used_len < 200, "{used_len} bytes used for 3 headers");
+        for t in &index.tensors {
+            for s in &t.segments {
+                assert!(used.iter().all(|(at, b)| at + b.len() as u64 <= s.offset || *at >= s.offset + s.len));
+            }
+        }
+        let same = ckpt(["a.weight", "b.weight", "c.weight"], 2);
+        assert!(same_bytes(&MemSource::new(Path::new("b.ckpt"), &same), &used).unwrap());
+        let renamed = ckpt(["a.weight", "b.weight", "d.weight"], 1);
+        assert_eq!(renamed.len(), a.len());
+        assert!(!same_bytes(&MemSource::new(Path::new("c.ckpt"), &renamed), &used).unwrap());
+        // Objects of another length are never compared: they are grouped by length.
+    }
+}
