@@ -1036,3 +1036,152 @@ fn s3_distributed_two_processes() {
         &["gave up after 2s without news from 1 share(s)", "share 1 of 2 (rank_4..rank_7", "no record yet"],
     );
 }
+
+/// Points this process's own object store client (the core called in-process) at `endpoint`.
+fn store_env_in_process(endpoint: &str) {
+    for (k, v) in [
+        ("AWS_ACCESS_KEY_ID", KEY),
+        ("AWS_SECRET_ACCESS_KEY", SECRET),
+        ("AWS_ENDPOINT_URL", endpoint),
+        ("AWS_ALLOW_HTTP", "true"),
+        ("AWS_REGION", "us-east-1"),
+    ] {
+        std::env::set_var(k, v);
+    }
+}
+
+/// A progress callback that records the size of the worker pool it is called on (the largest).
+fn pool_size_probe() -> (Arc<AtomicU64>, Arc<reshard_core::exec::ProgressFn>) {
+    let seen = Arc::new(AtomicU64::new(0));
+    let s = seen.clone();
+    let probe = move |_: u64, _: u64| {
+        s.fetch_max(rayon::current_num_threads() as u64, Ordering::Relaxed);
+    };
+    (seen, Arc::new(probe))
+}
+
+/// The read-ahead of object sources stays within half of `--memory-budget` (in-process: the
+/// core's count of prefetched bytes not yet copied), and a small budget gives the same bytes:
+/// 8 -> 4 from the store with budgets of 4 and 16 MiB, and the default, equals the local
+/// conversion. `load_rank` and `unify` from the store run on the workers a transform of objects
+/// gets (8 at least), not one per core.
+#[test]
+#[ignore = "needs a SeaweedFS server: bash tests/s3/run.sh"]
+fn s3_read_ahead_fits_the_memory_budget_and_every_job_gets_the_object_workers() {
+    use reshard_core::{execute, load_rank, ExecuteOptions, LoadOptions, Plan, PlanOptions, TensorMeta};
+    let ep = endpoint();
+    let (scratch, b, src8, s8, s4) = model_in_bucket("s3-budget", "budget", 8);
+    let local = scratch.join("local");
+    assert_ok(&util::reshard(util::argv![
+        "transform",
+        "-q",
+        "--src_ckpt_dir",
+        &src8,
+        "--src_ckpt_strategy",
+        &s8,
+        "--dst_ckpt_strategy",
+        &s4,
+        "--dst_ckpt_dir",
+        &local
+    ]));
+    store_env_in_process(&ep);
+    let src = PathBuf::from(format!("s3://{b}/src"));
+    let plan = Plan::build(&src, Some(&s8), Some(&s4), &PlanOptions::default()).unwrap();
+    for budget in [4u64 << 20, 16 << 20, ExecuteOptions::default().memory_budget] {
+        let out = scratch.join(format!("budget_{budget}"));
+        reshard_core::storage::object::reset_prefetched_peak();
+        let (pool, progress) = pool_size_probe();
+        let opts = ExecuteOptions { memory_budget: budget, progress: Some(progress), ..ExecuteOptions::default() };
+        let written = execute(&plan, &out, &[], &opts).unwrap();
+        let peak = reshard_core::storage::object::prefetched_peak();
+        eprintln!("budget {budget}: read-ahead peaked at {peak} bytes");
+        assert!(peak > 0, "budget {budget}: nothing was read ahead");
+        assert!(peak <= budget / 2, "budget {budget}: the read-ahead held {peak} bytes");
+        assert!(pool.load(Ordering::Relaxed) >= 8, "transform ran on {} workers", pool.load(Ordering::Relaxed));
+        assert_eq!(written.len(), 4);
+        for w in written {
+            let rel = w.path.strip_prefix(&out).unwrap();
+            assert!(std::fs::read(&w.path).unwrap() == std::fs::read(local.join(rel)).unwrap(), "{budget}: {rel:?}");
+        }
+    }
+    // load_rank: the same bytes as the rank's file, on the object workers.
+    let (pool, progress) = pool_size_probe();
+    let rp = plan.rank_plan(1).unwrap();
+    let mut bufs: Vec<Vec<u8>> = rp.tensors.iter().map(|t| vec![0u8; t.nbytes as usize]).collect();
+    let mut lend = bufs.iter_mut();
+    let lo = LoadOptions { progress: Some(progress), ..LoadOptions::default() };
+    load_rank(&plan, 1, &lo, &mut |_: &TensorMeta<'_>| Ok(lend.next().map(|b| b.as_mut_slice()))).unwrap();
+    let file = reshard_core::CheckpointFile::open(&local.join("rank_1/checkpoint_1.ckpt"), Default::default()).unwrap();
+    for (t, got) in rp.tensors.iter().zip(&bufs) {
+        let info = file.index().get(&t.name).unwrap();
+        assert!(file.content(info).as_ref() == got.as_slice(), "load_rank: {} differs", t.name);
+    }
+    assert!(pool.load(Ordering::Relaxed) >= 8, "load_rank ran on {} workers", pool.load(Ordering::Relaxed));
+    // unify: from the store into a local folder, on the object workers.
+    let (pool, progress) = pool_size_probe();
+    let uo = reshard_core::unify::UnifyOptions {
+        exec: ExecuteOptions { progress: Some(progress), ..ExecuteOptions::default() },
+        ..Default::default()
+    };
+    reshard_core::unify::unify(&src, &s8, &scratch.join("unified"), &uo).unwrap();
+    assert!(pool.load(Ordering::Relaxed) >= 8, "unify ran on {} workers", pool.load(Ordering::Relaxed));
+}
+
+/// Tables of contents of `.ckpt` objects of one size are predicted from the first one walked and
+/// checked against the bytes the walk used, fetched from each object: 8 ranks of one layout give
+/// 6 predictions (plus the walked first, and a hostile rank), each index equal to the one a
+/// local walk of the same file gives; rank 3, uploaded with one tensor's name changed (same
+/// length, so the same size and offsets), and rank 5, with a dim changed, are refused as
+/// predictions and walked, and their indexes name what they really hold.
+#[test]
+#[ignore = "needs a SeaweedFS server: bash tests/s3/run.sh"]
+fn s3_tables_of_contents_are_predicted_only_when_the_object_has_the_same_bytes() {
+    use reshard_core::{storage::IoMode, CheckpointFile, ReadOptions};
+    let ep = endpoint();
+    let (scratch, src8, ..) = sharded_model("s3-predict", 4, 64, 32);
+    let b = bucket("predict");
+    let edit = |rank: u32, from: &[u8], to: &[u8]| {
+        let f = src8.join(format!("rank_{rank}/checkpoint_{rank}.ckpt"));
+        let mut bytes = std::fs::read(&f).unwrap();
+        let at = bytes.windows(from.len()).position(|w| w == from).unwrap();
+        bytes[at..at + to.len()].copy_from_slice(to);
+        std::fs::write(&f, bytes).unwrap();
+    };
+    edit(3, b"layers.2.wq.weight", b"layers.2.wz.weight");
+    // dims [8, 32] (row split of 64 by 8): field 1 varint 8 then field 1 varint 32 -> 9.
+    let name = b"layers.1.w1.weight";
+    {
+        let f = src8.join("rank_5/checkpoint_5.ckpt");
+        let mut bytes = std::fs::read(&f).unwrap();
+        let at = bytes.windows(name.len()).position(|w| w == name).unwrap();
+        let dims = bytes[at..].windows(4).position(|w| w == [0x08, 8, 0x08, 32]).unwrap() + at;
+        bytes[dims + 3] = 9;
+        std::fs::write(&f, bytes).unwrap();
+    }
+    upload_dir(&b, "src", &src8);
+    store_env_in_process(&ep);
+    let cat = reshard_core::source::discover(Path::new(&format!("s3://{b}/src")), None).unwrap();
+    let before = reshard_core::toc_predict::predictions();
+    let ranks: Vec<u32> = (0..8).collect();
+    let sources = cat.open_ranks(&ranks, IoMode::Auto, ReadOptions::default());
+    let after = reshard_core::toc_predict::predictions();
+    // Rank 5's dims no longer match its content size: its own walk refuses it, naming it.
+    let Err(err) = sources else { panic!("rank 5's changed dims must be refused") };
+    let err = err.to_string();
+    assert!(err.contains("rank_5") && err.contains("layers.1.w1.weight"), "{err}");
+    assert_eq!((after.0 - before.0, after.1 - before.1), (5, 2), "(predicted, refused and walked)");
+    // Without rank 5: every index is the local walk's.
+    let ranks: Vec<u32> = (0..8).filter(|&r| r != 5).collect();
+    let before = reshard_core::toc_predict::predictions();
+    let sources = cat.open_ranks(&ranks, IoMode::Auto, ReadOptions::default()).unwrap();
+    let after = reshard_core::toc_predict::predictions();
+    assert_eq!((after.0 - before.0, after.1 - before.1), (5, 1), "(predicted, refused and walked)");
+    for s in &sources {
+        let local =
+            CheckpointFile::open(&src8.join(format!("rank_{0}/checkpoint_{0}.ckpt", s.rank)), Default::default())
+                .unwrap();
+        assert_eq!(s.index.tensors, local.index().tensors, "rank {}", s.rank);
+    }
+    assert!(sources[3].index.get("layers.2.wz.weight").is_some());
+    drop(scratch);
+}

@@ -40,3 +40,4 @@ pub mod manifest;
 pub mod mindformers;
 pub mod report;
 pub mod strategy_new;
+pub mod toc_predict;

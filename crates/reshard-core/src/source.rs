@@ -104,7 +104,10 @@ impl Catalogue {
             .num_threads(ranks.len().min(OBJECT_OPENERS))
             .build()
             .map_err(|e| Error::Invalid(format!("cannot start threads to read tables of contents: {e}")))?;
-        pool.install(|| ranks.par_iter().map(|&r| self.open_rank(r, io, read)).collect())
+        pool.install(|| match crate::toc_predict::open_ranks(self, ranks, read)? {
+            Some(sources) => Ok(sources),
+            None => ranks.par_iter().map(|&r| self.open_rank(r, io, read)).collect(),
+        })
     }
 
     /// Opens and indexes every file of `rank` (reading only their tables of contents), and

@@ -164,7 +164,8 @@ pub fn load_rank<'b>(
         cancel: opts.cancel.clone(),
         ..ExecuteOptions::default()
     };
-    let pool = super::pool(exec.threads)?;
+    // Objects get the same workers as a transform of them (`workers`), not just the cores.
+    let pool = super::pool(super::workers(plan, exec.threads))?;
     let sources = OpenSources::new(plan, exec.io);
     let written = AtomicU64::new(0);
     let job = Job::new(&sources, Path::new(""), &exec, &pool, &written, total, "");

@@ -361,7 +361,7 @@ pub fn execute_mindformers(
         "mindformers iteration={} prefix={:?} dedup={} crc={}",
         mfo.iteration, mfo.prefix, mfo.dedup, exec.crc
     ));
-    let pool = pool(exec.threads)?;
+    let pool = pool(super::workers(plan, exec.threads))?;
     let job = Job::new(&sources, &it_dir, &exec, &pool, &written, total, &fingerprint);
     let out = pool.install(|| {
         files

@@ -276,7 +276,12 @@ fn block_bytes(plan: &Plan, opts: &ExecuteOptions, threads: usize) -> u64 {
         true => opts.block_bytes.max(OBJECT_BLOCK_BYTES),
         false => opts.block_bytes,
     };
-    wanted.min(opts.memory_budget / (2 * threads as u64).max(1)).max(1)
+    // Objects: the read-ahead of their GETs has half the budget (`object_prefetch`).
+    let budget = match crate::storage::is_url(&plan.src_dir) {
+        true => opts.memory_budget - object_prefetch::read_ahead_budget(opts.memory_budget).min(opts.memory_budget),
+        false => opts.memory_budget,
+    };
+    wanted.min(budget / (2 * threads as u64).max(1)).max(1)
 }
 
 /// The destination ranks of a job: `ranks` sorted without repeats, or every rank when empty.

@@ -55,7 +55,7 @@ pub fn execute_named(
     let fingerprint = plan.fingerprint(&what);
     let written = AtomicU64::new(0);
     let sources = OpenSources::new(plan, opts.io);
-    let pool = pool(opts.threads)?;
+    let pool = pool(super::workers(plan, opts.threads))?;
     let job = Job::new(&sources, dst_dir, opts, &pool, &written, total, &fingerprint);
     pool.install(|| {
         outputs

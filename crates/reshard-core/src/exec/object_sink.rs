@@ -82,6 +82,9 @@ struct PartWindow<'a> {
     upload: &'a object::Upload,
     path: &'a Path,
     file_len: u64,
+    /// Whether runs of at most 8 bytes are kept for `read_back` (only a codec whose finish
+    /// reads back, safetensors with its crc, needs them).
+    keep_small: bool,
     state: Mutex<WindowState>,
 }
 
@@ -214,7 +217,7 @@ impl file_sink::OutputBytes for PartWindow<'_> {
         let mut done = Vec::new();
         {
             let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            if data.len() <= 8 {
+            if self.keep_small && data.len() <= 8 {
                 st.small.insert(at, data.to_vec());
             }
             if at >= self.file_len {
@@ -338,7 +341,13 @@ pub(crate) fn write_object(
     let windows = file_sink::whole_windows(codec, &tensors);
     // Dropped unfinished (an error, a cancel), the upload is aborted.
     let upload = object::Upload::new(&final_url)?;
-    let window = PartWindow { upload: &upload, path: &final_url, file_len: what.file_len, state: Mutex::default() };
+    let window = PartWindow {
+        upload: &upload,
+        path: &final_url,
+        file_len: what.file_len,
+        keep_small: codec.reads_back(),
+        state: Mutex::default(),
+    };
     let (len, crc) = file_sink::write_content(job, codec, &what, &windows, &|| rp.src_ranks(), &window, &final_url)?;
     let cancelled = || job.opts.cancel.as_ref().is_some_and(|c| c.load(Ordering::Acquire));
     let etag = match window.close()? {
@@ -444,4 +453,49 @@ pub(crate) fn verify(root: &Path) -> Result<VerifyReport> {
         }
     }
     crate::manifest::finish_report(report, jobs, root, "prefix")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::formats::codec::codec_for;
+    use file_sink::OutputBytes;
+
+    /// Only a codec that reads bytes back at the end gets its runs of 8 bytes or less kept: a
+    /// `.ckpt` output never reads them (a rank of many 0-d values kept them all until its end).
+    #[test]
+    fn small_runs_are_kept_only_for_a_codec_that_reads_them_back() {
+        // No request is made: the upload starts with its first part sent, and the one part of
+        // this object is only sent by `close`.
+        for (k, v) in [("AWS_ACCESS_KEY_ID", "k"), ("AWS_SECRET_ACCESS_KEY", "s"), ("AWS_REGION", "us-east-1")] {
+            if std::env::var_os(k).is_none() {
+                std::env::set_var(k, v);
+            }
+        }
+        let url = PathBuf::from("s3://reshard-unit/out/rank_0/checkpoint_0.ckpt");
+        let upload = object::Upload::new(&url).unwrap();
+        for (format, crc, kept) in [
+            (crate::checkpoint::Format::Ckpt, true, false),
+            (crate::checkpoint::Format::Ckpt, false, false),
+            (crate::checkpoint::Format::Safetensors, false, false),
+            (crate::checkpoint::Format::Safetensors, true, true),
+        ] {
+            let codec = codec_for(format, crc);
+            let window = PartWindow {
+                upload: &upload,
+                path: &url,
+                file_len: 100,
+                keep_small: codec.reads_back(),
+                state: Mutex::default(),
+            };
+            for at in [0u64, 10, 20] {
+                window.write(&[7u8; 8], at).unwrap();
+            }
+            window.write(&[1u8; 40], 40).unwrap();
+            let small = window.state.lock().unwrap().small.len();
+            assert_eq!(small, if kept { 3 } else { 0 }, "{format:?} crc {crc}");
+            let mut b = [0u8; 8];
+            assert_eq!(window.read_back(10, &mut b).is_ok(), kept, "{format:?} crc {crc}");
+        }
+    }
 }

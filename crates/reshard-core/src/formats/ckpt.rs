@@ -47,6 +47,7 @@ fn trailer_crc(path: &Path, r: &mut ByteReader<'_>) -> Result<Option<u32>> {
     if n < CRC_TRAILER_LEN as u64 {
         return Ok(None);
     }
+    r.keep(n - CRC_TRAILER_LEN as u64, CRC_TRAILER_LEN)?;
     let t = r.get(n - CRC_TRAILER_LEN as u64, CRC_TRAILER_LEN)?;
     if &t[..7] != CRC_MAGIC {
         return Ok(None);
@@ -84,10 +85,29 @@ pub fn parse(path: &Path, bytes: &[u8], opts: ReadOptions) -> Result<CheckpointI
 /// Indexes a `.ckpt` file through a byte source: only the protobuf keys, names, dims and types
 /// are read, never tensor content (unless the crc trailer is verified, which reads the file once).
 pub fn parse_source(src: &dyn ByteSource, opts: ReadOptions) -> Result<CheckpointIndex> {
+    parse_reader(&mut ByteReader::new(src, TOC_CHUNK), opts)
+}
+
+/// Bytes a parse used, by offset.
+pub type UsedBytes = Vec<(u64, Vec<u8>)>;
+
+/// [`parse_source`], also returning every byte the parse used, by offset (the protobuf keys,
+/// lengths, names, dims and types; never content): the index is a function of those bytes and
+/// of the source's length only, so another object of the same length with the same bytes there
+/// has the same index (`toc_predict`).
+pub fn parse_source_recorded(src: &dyn ByteSource, opts: ReadOptions) -> Result<(CheckpointIndex, UsedBytes)> {
+    let mut r = ByteReader::new(src, TOC_CHUNK);
+    r.record();
+    let index = parse_reader(&mut r, opts)?;
+    Ok((index, r.take_kept()))
+}
+
+fn parse_reader(r: &mut ByteReader<'_>, opts: ReadOptions) -> Result<CheckpointIndex> {
+    let src = r.source();
     let path = src.path();
     let len = src.len();
-    let mut r = ByteReader::new(src, TOC_CHUNK);
     if len >= 4 {
+        r.keep(0, 4)?;
         let b = r.get(0, 4)?;
         let head = [b[0], b[1], b[2], b[3]];
         if CIPHER_MAGICS.contains(&u32::from_be_bytes(head)) || CIPHER_MAGICS.contains(&u32::from_le_bytes(head)) {
@@ -105,12 +125,12 @@ pub fn parse_source(src: &dyn ByteSource, opts: ReadOptions) -> Result<Checkpoin
     // A trailer is b"crc_num" + 10 bytes at the end. Tensor content can end with the same
     // bytes by chance; a real trailer never parses as protobuf (0x63 is field 12 with wire type
     // 3, which checkpoints never use), so when the whole file parses, there is no trailer.
-    let (mut tensors, crc) = match parse_values(path, &mut r, len) {
+    let (mut tensors, crc) = match parse_values(path, r, len) {
         Ok(t) => (t, None),
-        Err(e) => match trailer_crc(path, &mut r)? {
+        Err(e) => match trailer_crc(path, r)? {
             Some(expected) => {
                 let body = len - CRC_TRAILER_LEN as u64;
-                let tensors = parse_values(path, &mut r, body)?;
+                let tensors = parse_values(path, r, body)?;
                 if opts.verify_crc {
                     let actual = crc_of_prefix(src, body)?;
                     if actual != expected {
@@ -209,8 +229,16 @@ impl SrcCursor {
         // A read error stays an I/O error; only what the bytes say is "malformed".
         let b = r.get(self.pos, avail)?;
         let mut c = Cursor::new(b, self.pos);
-        let v = c.varint().map_err(|e| malformed(path, e))?;
-        self.pos = c.offset();
+        let v = c.varint();
+        // The bytes the varint took, or on an error all those looked at.
+        let used = match &v {
+            Ok(_) => (c.offset() - self.pos) as usize,
+            Err(_) => avail,
+        };
+        let next = c.offset();
+        r.keep(self.pos, used)?;
+        let v = v.map_err(|e| malformed(path, e))?;
+        self.pos = next;
         Ok(v)
     }
 
@@ -263,6 +291,7 @@ fn field_bytes<'r>(path: &Path, r: &'r mut ByteReader<'_>, f: &SrcCursor) -> Res
     if n > MAX_FIELD {
         return Err(malformed(path, format!("a {n}-byte name or dims field at byte {}", f.pos)));
     }
+    r.keep(f.pos, n as usize)?;
     r.get(f.pos, n as usize)
 }
 

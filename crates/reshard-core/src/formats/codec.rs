@@ -73,6 +73,12 @@ pub trait Codec: Send + Sync {
     /// Bytes to write once all content is: (offset, bytes), each either replacing a fixed run
     /// of the same offset and length or appended at the end of the file.
     fn finish(&self, f: &Finish<'_>) -> Result<Vec<(u64, Vec<u8>)>>;
+
+    /// Whether [`Codec::finish`] reads bytes back ([`Finish::read_back`]): a sink that cannot
+    /// read its output (an upload) then keeps the few bytes it would read.
+    fn reads_back(&self) -> bool {
+        false
+    }
 }
 
 /// The codec writing `format`, with or without MindSpore's crc.
@@ -162,6 +168,9 @@ impl Codec for SafetensorsCodec {
     }
     fn window(&self) -> usize {
         usize::MAX
+    }
+    fn reads_back(&self) -> bool {
+        self.crc
     }
     fn layout(&self, headers: &[TensorHeader], base: u64) -> Result<FileLayout> {
         st_whole_file(base)?;

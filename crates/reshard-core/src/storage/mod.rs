@@ -132,6 +132,21 @@ pub trait ByteSource: Send + Sync {
     /// A hint that the whole source is about to be read front to back once (a checksum pass).
     fn will_read_all(&self) {}
 
+    /// The bytes of each of `ranges` (start, length), read side by side where the source can
+    /// (an object store: one ranged GET each, all in flight at once); by default one after the
+    /// other.
+    fn read_ranges(&self, ranges: &[(u64, u64)]) -> Result<Vec<Vec<u8>>> {
+        ranges
+            .iter()
+            .map(|&(at, n)| {
+                let mut b =
+                    vec![0u8; usize::try_from(n).map_err(|_| beyond_end(self.path(), at, usize::MAX, self.len()))?];
+                self.read_at(at, &mut b)?;
+                Ok(b)
+            })
+            .collect()
+    }
+
     /// The version that was opened.
     fn version(&self) -> &Version;
 
@@ -196,6 +211,15 @@ pub fn is_url(path: &Path) -> bool {
 pub fn bytes_fetched() -> u64 {
     #[cfg(feature = "s3")]
     return object::bytes_fetched();
+    #[cfg(not(feature = "s3"))]
+    0
+}
+
+/// Bytes prefetched from object stores and not yet read (or still on their way), in this
+/// process (0 without object storage).
+pub fn prefetched_bytes() -> u64 {
+    #[cfg(feature = "s3")]
+    return object::prefetched_bytes();
     #[cfg(not(feature = "s3"))]
     0
 }
@@ -303,6 +327,8 @@ pub struct ByteReader<'s> {
     buf: Vec<u8>,
     buf_start: u64,
     chunk: usize,
+    /// When recording: the bytes a parser said it used ([`ByteReader::keep`]), by offset.
+    kept: Option<Vec<(u64, Vec<u8>)>>,
 }
 
 impl<'s> ByteReader<'s> {
@@ -312,7 +338,29 @@ impl<'s> ByteReader<'s> {
         // keys and names of a table of contents (a 256 KiB refill per tensor would fetch more
         // than the tensors of a small model).
         let chunk = if src.exact_reads() { chunk.min(EXACT_READ_CHUNK) } else { chunk };
-        ByteReader { src, buf: Vec::new(), buf_start: 0, chunk: chunk.max(1) }
+        ByteReader { src, buf: Vec::new(), buf_start: 0, chunk: chunk.max(1), kept: None }
+    }
+
+    /// Records from now on the bytes [`keep`](Self::keep) is told of (a table of contents that
+    /// depends on those bytes only can then be checked against another object's same bytes).
+    pub fn record(&mut self) {
+        self.kept = Some(Vec::new());
+    }
+
+    /// Notes that the parser used the `len` bytes at `offset` (nothing unless recording).
+    pub fn keep(&mut self, offset: u64, len: usize) -> Result<()> {
+        if self.kept.is_some() && len > 0 {
+            let b = self.get(offset, len)?.to_vec();
+            if let Some(k) = self.kept.as_mut() {
+                k.push((offset, b));
+            }
+        }
+        Ok(())
+    }
+
+    /// The bytes kept while recording, by offset in the order they were used.
+    pub fn take_kept(&mut self) -> Vec<(u64, Vec<u8>)> {
+        self.kept.take().unwrap_or_default()
     }
 
     /// The source.

@@ -240,6 +240,26 @@ pub fn gets_made() -> (u64, u64) {
     (GETS_AHEAD.load(Ordering::Relaxed), GETS_ON_DEMAND.load(Ordering::Relaxed))
 }
 
+/// Prefetched bytes held or awaited by every object source of this process (what the executor's
+/// read-ahead keeps within the job's memory budget), and the most there ever were.
+static PREFETCHED: AtomicU64 = AtomicU64::new(0);
+static PREFETCHED_PEAK: AtomicU64 = AtomicU64::new(0);
+
+/// Bytes prefetched by object sources and not yet read (or still on their way), in this process.
+pub fn prefetched_bytes() -> u64 {
+    PREFETCHED.load(Ordering::Relaxed)
+}
+
+/// The most bytes [`prefetched_bytes`] has counted since the last [`reset_prefetched_peak`].
+pub fn prefetched_peak() -> u64 {
+    PREFETCHED_PEAK.load(Ordering::Relaxed)
+}
+
+/// Starts a new measure of [`prefetched_peak`] (tests, benches).
+pub fn reset_prefetched_peak() {
+    PREFETCHED_PEAK.store(PREFETCHED.load(Ordering::Relaxed), Ordering::Relaxed);
+}
+
 /// A ranged GET of `range`, pinned to `etag`.
 async fn get_range(
     store: Arc<Store>,
@@ -336,6 +356,7 @@ impl ObjectSource {
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(s) = slots.remove(&start) {
             self.held.fetch_sub(s.end - start, Ordering::Relaxed);
+            PREFETCHED.fetch_sub(s.end - start, Ordering::Relaxed);
         }
     }
 }
@@ -424,6 +445,8 @@ impl ByteSource for ObjectSource {
             slots.insert(offset, slot.clone());
         }
         self.held.fetch_add(len, Ordering::Relaxed);
+        let now = PREFETCHED.fetch_add(len, Ordering::Relaxed) + len;
+        PREFETCHED_PEAK.fetch_max(now, Ordering::Relaxed);
         GETS_AHEAD.fetch_add(1, Ordering::Relaxed);
         let f = get_range(self.store.clone(), self.key.clone(), self.etag.clone(), offset..end);
         rt.spawn(async move {
@@ -437,6 +460,32 @@ impl ByteSource for ObjectSource {
         true
     }
 
+    fn read_ranges(&self, ranges: &[(u64, u64)]) -> Result<Vec<Vec<u8>>> {
+        let mut gets = Vec::with_capacity(ranges.len());
+        for &(at, n) in ranges {
+            let end = at
+                .checked_add(n)
+                .filter(|&e| e <= self.len())
+                .ok_or_else(|| super::beyond_end(&self.path, at, n as usize, self.len()))?;
+            gets.push(get_range(self.store.clone(), self.key.clone(), self.etag.clone(), at..end));
+        }
+        GETS_ON_DEMAND.fetch_add(ranges.len() as u64, Ordering::Relaxed);
+        // All in flight at once (the store's bound on GETs in flight still applies).
+        let got = block_on(futures::future::join_all(gets))?;
+        let mut out = Vec::with_capacity(got.len());
+        for (r, &(at, n)) in got.into_iter().zip(ranges) {
+            let b = r.map_err(|e| self.read_error(&e))?;
+            if b.len() as u64 != n {
+                return Err(Error::Source {
+                    path: self.path.clone(),
+                    detail: format!("a ranged GET of bytes {at}..{} returned {} bytes", at + n, b.len()),
+                });
+            }
+            out.push(b.to_vec());
+        }
+        Ok(out)
+    }
+
     fn version(&self) -> &Version {
         &self.version
     }
@@ -446,6 +495,13 @@ impl ByteSource for ObjectSource {
             return Err(self.changed_error());
         }
         Ok(())
+    }
+}
+
+impl Drop for ObjectSource {
+    fn drop(&mut self) {
+        // Prefetched ranges never read to their end (a run that stopped early) stop counting.
+        PREFETCHED.fetch_sub(self.held.load(Ordering::Relaxed), Ordering::Relaxed);
     }
 }
 
