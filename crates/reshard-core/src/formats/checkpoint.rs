@@ -131,6 +131,14 @@ impl CheckpointIndex {
         })
     }
 
+    /// The first position holding `name`, in file order (where [`CheckpointIndex::position`]
+    /// gives the last).
+    pub fn first_position(&self, name: &str) -> Option<usize> {
+        let start = self.by_name.partition_point(|&i| self.tensors[i as usize].name.as_str() < name);
+        let i = *self.by_name.get(start)? as usize;
+        (self.tensors[i].name == name).then_some(i)
+    }
+
     /// Position of a tensor in file order.
     pub fn position(&self, name: &str) -> Option<usize> {
         // The last of the positions with this name, as a map filled in file order would keep.
@@ -330,12 +338,15 @@ mod tests {
         let names = ["w", "b", "a.b", "a", "w", "", "zz"];
         let tensors: Vec<TensorInfo> = names.iter().enumerate().map(|(i, n)| t(n, i as u64)).collect();
         let idx = CheckpointIndex::new(Format::Ckpt, tensors, 0, None, BTreeMap::new());
+        assert_eq!(idx.first_position("w"), Some(0));
         for (want, n) in [(1, "b"), (2, "a.b"), (3, "a"), (4, "w"), (5, ""), (6, "zz")] {
             assert_eq!(idx.position(n), Some(want), "{n:?}");
+            assert_eq!(idx.first_position(n), Some(if n == "w" { 0 } else { want }), "{n:?}");
             assert_eq!(idx.get(n).map(|x| x.shape[0]), Some(want as u64));
         }
         for n in ["x", "a.", "ww", "z", "aa", "B"] {
             assert_eq!(idx.position(n), None, "{n:?}");
+            assert_eq!(idx.first_position(n), None, "{n:?}");
         }
         let empty = CheckpointIndex::new(Format::Ckpt, vec![], 0, None, BTreeMap::new());
         assert_eq!(empty.position("w"), None);
