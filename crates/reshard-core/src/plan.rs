@@ -967,7 +967,7 @@ impl Plan {
             .unwrap_or(0);
         let (src_rank, pos) = held[j];
         let t = &self.sources[&src_rank].index.tensors[pos as usize];
-        let dims = if t.dtype == DType::Str { t.raw_dims.clone() } else { t.shape.clone() };
+        let dims = if t.dtype == DType::Str { t.raw_dims.to_vec() } else { t.shape.to_vec() };
         Ok(TensorPlan {
             name: self.name(p).to_string(),
             dtype: t.dtype,
@@ -1239,7 +1239,7 @@ fn resolve_sharded(
             }
             continue;
         };
-        if t.shape != b.shape {
+        if t.shape.as_slice() != b.shape.as_slice() {
             return Err(mismatch(
                 src,
                 name,

@@ -257,7 +257,7 @@ fn rank_files(dir: &Path) -> Result<BTreeMap<u32, (PathBuf, Vec<PathBuf>)>> {
 
 /// The stored tensor `t` of source rank 0 copied as it is.
 fn raw_from_rank0(t: &TensorInfo) -> TensorPlan {
-    let dims = if t.dtype == DType::Str { t.raw_dims.clone() } else { t.shape.clone() };
+    let dims = if t.dtype == DType::Str { t.raw_dims.to_vec() } else { t.shape.to_vec() };
     TensorPlan {
         name: t.name.clone(),
         dtype: t.dtype,

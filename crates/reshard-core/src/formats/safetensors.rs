@@ -8,7 +8,7 @@ use std::path::Path;
 use serde_json::{Map, Value};
 
 use crate::checkpoint::{
-    CheckpointIndex, ContentRun, FileLayout, Format, ReadOptions, Segment, TensorHeader, TensorInfo,
+    CheckpointIndex, ContentRun, Dims, FileLayout, Format, ReadOptions, Segment, Segments, TensorHeader, TensorInfo,
 };
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -101,9 +101,9 @@ pub fn parse_source(src: &dyn ByteSource, opts: ReadOptions) -> Result<Checkpoin
         tensors.push(TensorInfo {
             name: name.clone(),
             dtype,
-            raw_dims: shape.clone(),
-            shape,
-            segments: vec![Segment { offset: data_start + b, len: e - b }],
+            raw_dims: Dims::from_slice(&shape),
+            shape: Dims::from_slice(&shape),
+            segments: Segments::from_buf([Segment { offset: data_start + b, len: e - b }]),
             nbytes: e - b,
             file: 0,
         });
@@ -319,7 +319,7 @@ mod tests {
         assert_eq!(idx.metadata.get("format").map(String::as_str), Some("ms"));
         assert_eq!(idx.tensors[0].name, "b");
         assert_eq!(idx.tensors[0].dtype, DType::BFloat16);
-        assert_eq!(idx.tensors[1].shape, Vec::<u64>::new());
+        assert!(idx.tensors[1].shape.is_empty());
     }
 
     #[test]
