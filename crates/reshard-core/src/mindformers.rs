@@ -551,7 +551,7 @@ pub fn check(root: &Root) -> Result<CheckReport> {
             for s in sources.values() {
                 for t in &s.index.tensors {
                     tensors.push(TensorSummary {
-                        name: t.name.clone(),
+                        name: t.name.to_string(),
                         dtype: t.dtype.ckpt_name().to_string(),
                         global_shape: t.shape.to_vec(),
                         chunks: 1,

@@ -585,8 +585,8 @@ impl Plan {
             for (pos, t) in s.index.tensors.iter().enumerate() {
                 // A tensor metadata.json does not describe is not part of the checkpoint
                 // (MindFormers' loader never reads it either).
-                if chunked.as_ref().is_some_and(|c| !c.contains_key(&t.name)) {
-                    undescribed.push(t.name.clone());
+                if chunked.as_ref().is_some_and(|c| !c.contains_key(t.name.as_str())) {
+                    undescribed.push(t.name.to_string());
                     if single {
                         ids.push(u32::MAX);
                     }

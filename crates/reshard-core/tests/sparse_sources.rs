@@ -28,7 +28,7 @@ fn dedup(src: &Path, dst: &Path, drop: Option<&str>) {
     let mut groups: BTreeMap<(String, Vec<u8>), Vec<usize>> = BTreeMap::new();
     for (r, f) in files.iter().enumerate() {
         for t in &f.index().tensors {
-            groups.entry((t.name.clone(), f.content(t).into_owned())).or_default().push(r);
+            groups.entry((t.name.to_string(), f.content(t).into_owned())).or_default().push(r);
         }
     }
     let mut keep: Vec<Vec<(TensorHeader, Vec<u8>)>> = vec![Vec::new(); 4];

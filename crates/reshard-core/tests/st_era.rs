@@ -47,7 +47,7 @@ fn items_of(path: &Path) -> Vec<(TensorHeader, Vec<u8>)> {
         .iter()
         .map(|t| {
             (
-                TensorHeader { name: t.name.clone(), dtype: t.dtype, dims: t.shape.to_vec(), nbytes: t.nbytes },
+                TensorHeader { name: t.name.to_string(), dtype: t.dtype, dims: t.shape.to_vec(), nbytes: t.nbytes },
                 f.content(t).into_owned(),
             )
         })

@@ -4,7 +4,8 @@
 use std::path::Path;
 
 use crate::checkpoint::{
-    CheckpointIndex, ContentRun, Dims, FileLayout, Format, ReadOptions, Segment, Segments, TensorHeader, TensorInfo,
+    CheckpointIndex, ContentRun, Dims, FileLayout, Format, NameBuffer, ReadOptions, Segment, Segments, TensorHeader,
+    TensorInfo,
 };
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -146,6 +147,7 @@ pub fn parse_source(src: &dyn ByteSource, opts: ReadOptions) -> Result<Checkpoin
 /// of one tag.
 fn parse_values(path: &Path, r: &mut ByteReader<'_>, end: u64) -> Result<Vec<TensorInfo>> {
     let mut tensors: Vec<TensorInfo> = Vec::new();
+    let mut names = NameBuffer::new();
     let mut cur = SrcCursor { pos: 0, end };
     while !cur.is_empty() {
         let at = cur.pos;
@@ -162,7 +164,7 @@ fn parse_values(path: &Path, r: &mut ByteReader<'_>, end: u64) -> Result<Vec<Ten
         let value = cur.len_delimited(r)?;
         let (name, dtype, dims, seg) = parse_value(path, r, value)?;
         match tensors.last_mut() {
-            Some(last) if last.name == name => {
+            Some(last) if names.get(&last.name) == name => {
                 if last.dtype != dtype || last.raw_dims != dims {
                     return Err(bad_tensor(
                         path,
@@ -180,7 +182,7 @@ fn parse_values(path: &Path, r: &mut ByteReader<'_>, end: u64) -> Result<Vec<Ten
             // (`parse_source`): a set of every name here took 21 MB for 300,000 tensors.
             _ => {
                 tensors.push(TensorInfo {
-                    name,
+                    name: names.push(path, &name)?,
                     dtype,
                     shape: dims.clone(),
                     raw_dims: dims,
@@ -191,6 +193,7 @@ fn parse_values(path: &Path, r: &mut ByteReader<'_>, end: u64) -> Result<Vec<Ten
             }
         }
     }
+    names.finish(&mut tensors);
     Ok(tensors)
 }
 
@@ -519,16 +522,20 @@ mod tests {
     }
 
     #[test]
-    fn a_small_tensor_is_indexed_without_allocations_but_its_name() {
+    fn a_small_tensor_is_indexed_without_allocations_of_its_own() {
         // An index keeps one record per tensor for the whole job (300,000 in the benchmark's
-        // many small tensors): dims and segment inline, 112 bytes.
+        // many small tensors): dims and segment inline, the name a range of the file's one
+        // buffer of names, 104 bytes.
         let hs = vec![header("w", DType::Float32, &[2, 3]), header("b", DType::Float32, &[3])];
         let bytes = render(&layout(&hs, CHUNK_BYTES), &[vec![0; 24], vec![0; 12]]);
         let idx = parse(Path::new("s.ckpt"), &bytes, ReadOptions::default()).unwrap();
         for t in &idx.tensors {
             assert!(!t.shape.spilled() && !t.raw_dims.spilled() && !t.segments.spilled(), "{t:?}");
+            assert!(t.name.shares_buffer_with(&idx.tensors[0].name), "{t:?}");
         }
-        assert!(std::mem::size_of::<TensorInfo>() <= 112, "{}", std::mem::size_of::<TensorInfo>());
+        assert_eq!((idx.tensors[0].name.as_str(), idx.tensors[1].name.as_str()), ("w", "b"));
+        assert_eq!(idx.get("b").map(|t| t.shape.to_vec()), Some(vec![3]));
+        assert!(std::mem::size_of::<TensorInfo>() <= 104, "{}", std::mem::size_of::<TensorInfo>());
     }
 
     #[test]

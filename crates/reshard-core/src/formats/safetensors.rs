@@ -8,7 +8,8 @@ use std::path::Path;
 use serde_json::{Map, Value};
 
 use crate::checkpoint::{
-    CheckpointIndex, ContentRun, Dims, FileLayout, Format, ReadOptions, Segment, Segments, TensorHeader, TensorInfo,
+    CheckpointIndex, ContentRun, Dims, FileLayout, Format, NameBuffer, ReadOptions, Segment, Segments, TensorHeader,
+    TensorInfo,
 };
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -65,6 +66,7 @@ pub fn parse_source(src: &dyn ByteSource, opts: ReadOptions) -> Result<Checkpoin
         }
     }
     let mut tensors = Vec::new();
+    let mut names = NameBuffer::new();
     for (name, info) in &json {
         if name == "__metadata__" {
             continue;
@@ -99,7 +101,7 @@ pub fn parse_source(src: &dyn ByteSource, opts: ReadOptions) -> Result<Checkpoin
             )));
         }
         tensors.push(TensorInfo {
-            name: name.clone(),
+            name: names.push(path, name)?,
             dtype,
             raw_dims: Dims::from_slice(&shape),
             shape: Dims::from_slice(&shape),
@@ -108,6 +110,7 @@ pub fn parse_source(src: &dyn ByteSource, opts: ReadOptions) -> Result<Checkpoin
             file: 0,
         });
     }
+    names.finish(&mut tensors);
     if tensors.is_empty() {
         return Err(malformed(path, "no tensors: the header lists none".into()));
     }
@@ -318,6 +321,7 @@ mod tests {
         let idx = parse(Path::new("x.safetensors"), &bytes, ReadOptions::default()).unwrap();
         assert_eq!(idx.metadata.get("format").map(String::as_str), Some("ms"));
         assert_eq!(idx.tensors[0].name, "b");
+        assert!(idx.tensors[1].name.shares_buffer_with(&idx.tensors[0].name));
         assert_eq!(idx.tensors[0].dtype, DType::BFloat16);
         assert!(idx.tensors[1].shape.is_empty());
     }
