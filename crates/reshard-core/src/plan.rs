@@ -561,6 +561,11 @@ impl Plan {
         let read = ReadOptions { verify_crc: !opts.skip_crc };
         let sources: Vec<Source> = set.open_ranks(&wanted, opts.io, read)?;
         let sources: BTreeMap<u32, Source> = sources.into_iter().map(|s| (s.rank, s)).collect();
+        // What parsing the indexes freed (a tensor vector's earlier capacities as it doubled)
+        // is given back before the plan's records are made.
+        if sources.values().map(|s| s.index.tensors.len()).sum::<usize>() >= TRIM_HEAP_PARAMS {
+            crate::sys::trim_heap();
+        }
         // Saved with MindSpore's `remove_redundancy`: each slice is in one rank of its replica
         // group only, so a rank may lack parameters that others of its stage hold.
         let sparse = assume_sparse
