@@ -634,8 +634,10 @@ impl Plan {
         drop(across);
         // Parameter positions sorted by name, for [`Plan::has_param`] and the lookups below.
         let mut param_index: Vec<u32> = (0..params.len() as u32).collect();
-        param_index
-            .sort_by(|&a, &b| param_name(&sources, &params[a as usize]).cmp(param_name(&sources, &params[b as usize])));
+        // Unstable (no buffer of half the positions), with ties by position as a stable sort.
+        param_index.sort_unstable_by(|&a, &b| {
+            param_name(&sources, &params[a as usize]).cmp(param_name(&sources, &params[b as usize])).then(a.cmp(&b))
+        });
         for p in &mut params {
             let name = param_name(&sources, p);
             p.kind = match &mut src_strategy {

@@ -296,7 +296,9 @@ impl CheckpointIndex {
         // The readers grow it by doubling; the index is kept for the whole job.
         tensors.shrink_to_fit();
         let mut by_name: Vec<u32> = (0..tensors.len() as u32).collect();
-        by_name.sort_by(|&a, &b| tensors[a as usize].name.cmp(&tensors[b as usize].name));
+        // Unstable (no buffer of half the positions), with ties by position as a stable sort:
+        // a repeated name's later position last.
+        by_name.sort_unstable_by(|&a, &b| tensors[a as usize].name.cmp(&tensors[b as usize].name).then(a.cmp(&b)));
         CheckpointIndex { format, tensors, file_len, crc, metadata, by_name }
     }
 
@@ -532,5 +534,32 @@ mod tests {
         }
         let empty = CheckpointIndex::new(Format::Ckpt, vec![], 0, None, BTreeMap::new());
         assert_eq!(empty.position("w"), None);
+    }
+
+    #[test]
+    fn many_repeats_keep_their_file_order_in_the_unstable_sort() {
+        // Enough positions for the unstable sort to partition rather than insert: ties must
+        // still come in file order (first_position the first, position the last).
+        let t = |name: String| TensorInfo {
+            name: name.into(),
+            dtype: DType::Float32,
+            shape: Dims::new(),
+            raw_dims: Dims::new(),
+            segments: Segments::new(),
+            nbytes: 0,
+            file: 0,
+        };
+        let tensors: Vec<TensorInfo> = (0..2000).map(|i| t(format!("n{}", (i * 7919) % 13))).collect();
+        let idx = CheckpointIndex::new(Format::Ckpt, tensors, 0, None, BTreeMap::new());
+        for k in 0..13 {
+            let name = format!("n{k}");
+            let all: Vec<usize> = (0..2000).filter(|i| (i * 7919) % 13 == k).collect();
+            assert_eq!(idx.first_position(&name), all.first().copied(), "{name}");
+            assert_eq!(idx.position(&name), all.last().copied(), "{name}");
+        }
+        assert!(idx.by_name.windows(2).all(|w| {
+            let (a, b) = (&idx.tensors[w[0] as usize].name, &idx.tensors[w[1] as usize].name);
+            a < b || (a == b && w[0] < w[1])
+        }));
     }
 }
