@@ -623,7 +623,7 @@ fn unify_case(
             for name in ["part0.safetensors", "hyper_param.safetensors"] {
                 if let Ok(f) = reshard_core::CheckpointFile::open(&d.join(name), Default::default()) {
                     for t in &f.index().tensors {
-                        v.push((t.name.clone(), t.shape.clone(), f.content(t).into_owned()));
+                        v.push((t.name.clone(), t.shape.to_vec(), f.content(t).into_owned()));
                     }
                 }
             }

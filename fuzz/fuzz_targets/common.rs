@@ -36,9 +36,9 @@ pub fn headers(idx: &CheckpointIndex) -> Vec<TensorHeader> {
     idx.tensors
         .iter()
         .map(|t| TensorHeader {
-            name: t.name.clone(),
+            name: t.name.to_string(),
             dtype: t.dtype,
-            dims: if t.dtype == DType::Str { t.raw_dims.clone() } else { t.shape.clone() },
+            dims: if t.dtype == DType::Str { t.raw_dims.to_vec() } else { t.shape.to_vec() },
             nbytes: t.nbytes,
         })
         .collect()
@@ -65,7 +65,7 @@ pub fn assert_same_tensors(a_data: &[u8], a: &CheckpointIndex, b_data: &[u8], b:
     let key = |data: &[u8], idx: &CheckpointIndex| -> BTreeMap<String, (DType, Vec<u64>, Vec<u8>)> {
         idx.tensors
             .iter()
-            .map(|t| (t.name.clone(), (t.dtype, t.shape.clone(), content_of(data, t).into_owned())))
+            .map(|t| (t.name.to_string(), (t.dtype, t.shape.to_vec(), content_of(data, t).into_owned())))
             .collect()
     };
     assert_eq!(key(a_data, a), key(b_data, b), "round trip changed the tensors");

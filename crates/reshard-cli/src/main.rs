@@ -612,9 +612,9 @@ fn inspect_checkpoint(f: &CheckpointFile, json: bool) -> Result<(), Error> {
     // A string's dims are what the file says ([0] as MindSpore writes them), not a shape.
     let shape = |t: &reshard_core::checkpoint::TensorInfo| {
         if t.dtype == reshard_core::DType::Str {
-            t.raw_dims.clone()
+            t.raw_dims.to_vec()
         } else {
-            t.shape.clone()
+            t.shape.to_vec()
         }
     };
     if json {

@@ -40,14 +40,24 @@ enum SrcKind {
     Complete,
     /// No layout: copied as it is from some rank holding it.
     Raw,
-    /// Chunks described by a MindFormers Checkpoint 2.0 `metadata.json`: each box with the
-    /// (catalogue) ranks whose files hold it.
-    Chunks { slices: Vec<(Region, Vec<u32>)> },
+    /// Chunks described by a MindFormers Checkpoint 2.0 `metadata.json`. Boxed, as `Sharded`.
+    Chunks(Box<Chunked>),
+}
+
+/// A parameter in chunks described by a MindFormers Checkpoint 2.0 `metadata.json`.
+#[derive(Debug, Clone)]
+struct Chunked {
+    /// The full shape.
+    full: Vec<u64>,
+    /// Each box with the (catalogue) ranks whose files hold it.
+    slices: Vec<(Region, Vec<u32>)>,
 }
 
 /// A parameter sharded under the source strategy.
 #[derive(Debug, Clone)]
 struct Sharded {
+    /// The full shape the slices imply.
+    full: Vec<u64>,
     stage: u32,
     layout: ResolvedLayout,
     /// Distinct boxes with a holder (local rank) each.
@@ -56,12 +66,13 @@ struct Sharded {
 
 /// One of these is kept per parameter for the whole job: with many small tensors its size is
 /// a good part of the memory (300,000 of them took 100 MB as 192 bytes and five allocations
-/// each), hence the inline forms of the usual single holder and single stage.
+/// each, then 71 MB as 144 bytes, a name and a shape each), hence 80 bytes and no allocation
+/// in the usual case: the name, and the full shape of a parameter that is not sharded, are
+/// its first holder's in the sources' index ([`param_name`], [`param_full`]); a single holder
+/// and a single stage are inline.
 #[derive(Debug, Clone)]
 struct ParamInfo {
-    name: String,
     dtype: DType,
-    full: Vec<u64>,
     kind: SrcKind,
     /// (global source rank, position in its file) of each rank whose files hold the
     /// parameter, by rank ascending.
@@ -71,11 +82,14 @@ struct ParamInfo {
 }
 
 /// The (rank, position) pairs of the source ranks holding a parameter: a complete source
-/// has one, held without an allocation.
+/// has one, held without an allocation (and the list behind a thin pointer: 16 bytes).
 #[derive(Debug, Clone)]
 enum Held {
     One([(u32, u32); 1]),
-    Many(Vec<(u32, u32)>),
+    // A thin pointer: the enum is 16 bytes where a `Vec` makes it 32 (the rare case pays the
+    // second allocation).
+    #[allow(clippy::box_collection)]
+    Many(Box<Vec<(u32, u32)>>),
 }
 
 impl Held {
@@ -88,7 +102,7 @@ impl Held {
 
     fn push(&mut self, x: (u32, u32)) {
         match self {
-            Held::One([first]) => *self = Held::Many(vec![*first, x]),
+            Held::One([first]) => *self = Held::Many(Box::new(vec![*first, x])),
             Held::Many(v) => v.push(x),
         }
     }
@@ -104,32 +118,54 @@ impl Held {
     }
 }
 
-/// A parameter's destination pipeline stages: one without an allocation.
-#[derive(Debug, Clone)]
+/// A parameter's destination pipeline stages: none or one without an allocation (16 bytes).
+#[derive(Debug, Clone, Default)]
 enum Stages {
+    #[default]
+    None,
     One(u32),
-    Many(Box<[u32]>),
-}
-
-impl Default for Stages {
-    fn default() -> Self {
-        Stages::Many(Box::default())
-    }
+    // A thin pointer: the enum is 16 bytes where a `Vec` makes it 32 (the rare case pays the
+    // second allocation).
+    #[allow(clippy::box_collection)]
+    Many(Box<Vec<u32>>),
 }
 
 impl Stages {
     fn new(v: Vec<u32>) -> Stages {
         match v.as_slice() {
+            [] => Stages::None,
             [one] => Stages::One(*one),
-            _ => Stages::Many(v.into_boxed_slice()),
+            _ => Stages::Many(Box::new(v)),
         }
     }
 
     fn as_slice(&self) -> &[u32] {
         match self {
+            Stages::None => &[],
             Stages::One(x) => std::slice::from_ref(x),
             Stages::Many(v) => v,
         }
+    }
+}
+
+/// The tensor of a parameter's first holder (the first rank holding it, first position there).
+fn first_tensor<'a>(sources: &'a BTreeMap<u32, Source>, p: &ParamInfo) -> &'a TensorInfo {
+    let (rank, pos) = p.held.as_slice()[0];
+    // Built from the sources' indexes: the rank and position exist.
+    &sources[&rank].index.tensors[pos as usize]
+}
+
+/// A parameter's name: its first holder's.
+fn param_name<'a>(sources: &'a BTreeMap<u32, Source>, p: &ParamInfo) -> &'a str {
+    &first_tensor(sources, p).name
+}
+
+/// A parameter's full shape: as its sharded slices or chunks imply, else its first holder's.
+fn param_full<'a>(sources: &'a BTreeMap<u32, Source>, p: &'a ParamInfo) -> &'a [u64] {
+    match &p.kind {
+        SrcKind::Sharded(s) => &s.full,
+        SrcKind::Chunks(c) => &c.full,
+        SrcKind::Complete | SrcKind::Raw => &first_tensor(sources, p).shape,
     }
 }
 
@@ -525,6 +561,11 @@ impl Plan {
         let read = ReadOptions { verify_crc: !opts.skip_crc };
         let sources: Vec<Source> = set.open_ranks(&wanted, opts.io, read)?;
         let sources: BTreeMap<u32, Source> = sources.into_iter().map(|s| (s.rank, s)).collect();
+        // What parsing the indexes freed (a tensor vector's earlier capacities as it doubled)
+        // is given back before the plan's records are made.
+        if sources.values().map(|s| s.index.tensors.len()).sum::<usize>() >= TRIM_HEAP_PARAMS {
+            crate::sys::trim_heap();
+        }
         // Saved with MindSpore's `remove_redundancy`: each slice is in one rank of its replica
         // group only, so a rank may lack parameters that others of its stage hold.
         let sparse = assume_sparse
@@ -538,19 +579,35 @@ impl Plan {
         // Every parameter of every source file, in order of first appearance by rank.
         let mut params: Vec<ParamInfo> =
             Vec::with_capacity(sources.values().next().map_or(0, |s| s.index.tensors.len()));
-        // Borrowing the names from the sources' indexes (not a second copy of each).
-        let mut param_index: HashMap<&str, usize> = HashMap::new();
+        // Which parameter a name already is. Several sources: a map borrowing the names from
+        // their indexes. One source (a complete checkpoint, however many tensors): no map (it
+        // took 20 MB for 300,000 names), the index's own lookup finds a repeated name's first
+        // position, and `ids` that position's parameter.
+        let mut across: HashMap<&str, u32> = HashMap::new();
+        let single = sources.len() == 1;
         for s in sources.values() {
+            let mut ids: Vec<u32> = if single { Vec::with_capacity(s.index.tensors.len()) } else { Vec::new() };
             for (pos, t) in s.index.tensors.iter().enumerate() {
                 // A tensor metadata.json does not describe is not part of the checkpoint
                 // (MindFormers' loader never reads it either).
-                if chunked.as_ref().is_some_and(|c| !c.contains_key(&t.name)) {
-                    undescribed.push(t.name.clone());
+                if chunked.as_ref().is_some_and(|c| !c.contains_key(t.name.as_str())) {
+                    undescribed.push(t.name.to_string());
+                    if single {
+                        ids.push(u32::MAX);
+                    }
                     continue;
                 }
-                match param_index.get(t.name.as_str()) {
-                    Some(&i) => {
-                        let p = &mut params[i];
+                let known = if single {
+                    s.index.first_position(&t.name).filter(|&f| f < pos).map(|f| ids[f])
+                } else {
+                    across.get(t.name.as_str()).copied()
+                };
+                if single {
+                    ids.push(known.unwrap_or(params.len() as u32));
+                }
+                match known {
+                    Some(i) => {
+                        let p = &mut params[i as usize];
                         if p.dtype != t.dtype {
                             return Err(mismatch(
                                 s,
@@ -561,11 +618,11 @@ impl Plan {
                         p.held.push((s.rank, pos as u32));
                     }
                     None => {
-                        param_index.insert(&t.name, params.len());
+                        if !single {
+                            across.insert(&t.name, params.len() as u32);
+                        }
                         params.push(ParamInfo {
-                            name: t.name.clone(),
                             dtype: t.dtype,
-                            full: t.shape.clone(),
                             kind: SrcKind::Raw,
                             held: Held::One([(s.rank, pos as u32)]),
                             dst: DstInfo::default(),
@@ -574,23 +631,28 @@ impl Plan {
                 }
             }
         }
+        drop(across);
+        // Parameter positions sorted by name, for [`Plan::has_param`] and the lookups below.
+        let mut param_index: Vec<u32> = (0..params.len() as u32).collect();
+        // Unstable (no buffer of half the positions), with ties by position as a stable sort.
+        param_index.sort_unstable_by(|&a, &b| {
+            param_name(&sources, &params[a as usize]).cmp(param_name(&sources, &params[b as usize])).then(a.cmp(&b))
+        });
         for p in &mut params {
+            let name = param_name(&sources, p);
             p.kind = match &mut src_strategy {
                 // A string is one value, never sliced: its content and dims are copied whole.
                 _ if p.dtype == DType::Str => SrcKind::Raw,
                 _ if chunked.is_some() => {
                     let c = chunked
                         .as_ref()
-                        .and_then(|c| c.get(&p.name))
-                        .ok_or_else(|| Error::Invalid(format!("tensor '{}' has no chunks in metadata.json", p.name)))?;
-                    p.full = c.full.clone();
-                    SrcKind::Chunks { slices: c.slices.clone() }
+                        .and_then(|c| c.get(name))
+                        .ok_or_else(|| Error::Invalid(format!("tensor '{name}' has no chunks in metadata.json")))?;
+                    SrcKind::Chunks(Box::new(Chunked { full: c.full.clone(), slices: c.slices.clone() }))
                 }
                 None => SrcKind::Complete,
-                Some(st) if st.contains(&p.name) => {
-                    let (kind, full) = resolve_sharded(p, st, &sources, src_base, src_stage_devices, sparse)?;
-                    p.full = full;
-                    kind
+                Some(st) if st.contains(name) => {
+                    resolve_sharded(p, name, st, &sources, src_base, src_stage_devices, sparse)?
                 }
                 Some(_) => SrcKind::Raw,
             };
@@ -606,7 +668,13 @@ impl Plan {
         }
         // Parameters a strategy names that no source file holds.
         let lacking = |st: &Strategy| -> Vec<String> {
-            st.params().map(|(n, _)| n).filter(|n| !param_index.contains_key(n)).map(str::to_string).collect()
+            st.params()
+                .map(|(n, _)| n)
+                .filter(|n| {
+                    param_index.binary_search_by(|&i| param_name(&sources, &params[i as usize]).cmp(n)).is_err()
+                })
+                .map(str::to_string)
+                .collect()
         };
         let warn_lacking = |warnings: &mut Vec<String>, st: &Strategy, side: &str, consequence: &str| {
             let missing = lacking(st);
@@ -620,7 +688,7 @@ impl Plan {
         };
         if let Some(st) = &src_strategy {
             if !params.iter().any(|p| matches!(p.kind, SrcKind::Sharded(_))) {
-                let held: Vec<String> = params.iter().map(|p| p.name.clone()).collect();
+                let held: Vec<String> = params.iter().map(|p| param_name(&sources, p).to_string()).collect();
                 return Err(Error::Source {
                     path: set.dir.clone(),
                     detail: format!(
@@ -645,11 +713,11 @@ impl Plan {
                 .filter(|p| match &p.kind {
                     SrcKind::Sharded(_) => true,
                     // One chunk: complete in the source too.
-                    SrcKind::Chunks { slices } => slices.len() > 1,
+                    SrcKind::Chunks(c) => c.slices.len() > 1,
                     _ => false,
                 })
-                .filter(|p| !d.contains(&p.name))
-                .map(|p| p.name.as_str())
+                .map(|p| param_name(&sources, p))
+                .filter(|n| !d.contains(n))
                 .collect();
             if !odd.is_empty() {
                 warnings.push(format!(
@@ -663,23 +731,29 @@ impl Plan {
         if let Some(d) = &mut dst_strategy {
             // MindSpore's flattened JSON form needs the tensor's shape, known only now.
             for p in params.iter().filter(|p| !matches!(p.kind, SrcKind::Raw)) {
-                d.unflatten_param(&p.name, &p.full)?;
+                d.unflatten_param(param_name(&sources, p), param_full(&sources, p))?;
             }
         }
         let mut shared = std::collections::HashSet::new();
         for p in &mut params {
-            p.dst = resolve_dst(p, src_strategy.as_ref(), dst_strategy.as_ref(), dst_stage_devices, &mut shared)?;
+            let (name, full) = (param_name(&sources, p), param_full(&sources, p));
+            p.dst = resolve_dst(
+                p,
+                name,
+                full,
+                src_strategy.as_ref(),
+                dst_strategy.as_ref(),
+                dst_stage_devices,
+                &mut shared,
+            )?;
         }
-        drop(param_index);
         let folder_order = match (&src_strategy, &dst_strategy) {
             (None, Some(d)) if chunks.is_none() && sources.get(&0).is_some_and(|s| s.files.len() > 1) => {
                 let at: HashMap<&str, u32> = d.params().enumerate().map(|(i, (n, _))| (n, i as u32)).collect();
-                Some(params.iter().map(|p| at.get(p.name.as_str()).copied().unwrap_or(u32::MAX)).collect())
+                Some(params.iter().map(|p| at.get(param_name(&sources, p)).copied().unwrap_or(u32::MAX)).collect())
             }
             _ => None,
         };
-        let mut param_index: Vec<u32> = (0..params.len() as u32).collect();
-        param_index.sort_by(|&a, &b| params[a as usize].name.cmp(&params[b as usize].name));
         Ok(Plan {
             src_dir: set.dir,
             src_format: set.format,
@@ -852,10 +926,10 @@ impl Plan {
     fn make(&self, p: &ParamInfo, how: Make, stage: u32, local: u64) -> Result<TensorPlan> {
         match how {
             Make::Raw => self.raw(p, local),
-            Make::Whole => self.pieces(p, Region::full(&p.full), local),
+            Make::Whole => self.pieces(p, Region::full(self.full(p)), local),
             Make::Box => {
                 let layout = if stage == 0 { p.dst.first.as_ref() } else { p.dst.later.as_ref() };
-                let dst_box = layout.map_or_else(|| Region::full(&p.full), |l| l.rank_box(local));
+                let dst_box = layout.map_or_else(|| Region::full(self.full(p)), |l| l.rank_box(local));
                 self.pieces(p, dst_box, local)
             }
         }
@@ -900,9 +974,9 @@ impl Plan {
             .unwrap_or(0);
         let (src_rank, pos) = held[j];
         let t = &self.sources[&src_rank].index.tensors[pos as usize];
-        let dims = if t.dtype == DType::Str { t.raw_dims.clone() } else { t.shape.clone() };
+        let dims = if t.dtype == DType::Str { t.raw_dims.to_vec() } else { t.shape.to_vec() };
         Ok(TensorPlan {
-            name: p.name.clone(),
+            name: self.name(p).to_string(),
             dtype: t.dtype,
             dims,
             nbytes: t.nbytes,
@@ -914,10 +988,10 @@ impl Plan {
         let pieces = match &p.kind {
             SrcKind::Complete | SrcKind::Raw => {
                 let src_rank = p.held.as_slice()[0].0;
-                vec![CopyPiece { src_rank, src_box: Region::full(&p.full), region: dst_box.clone() }]
+                vec![CopyPiece { src_rank, src_box: Region::full(self.full(p)), region: dst_box.clone() }]
             }
             SrcKind::Sharded(sh) => {
-                let Sharded { stage, layout, slices } = &**sh;
+                let Sharded { stage, layout, slices, .. } = &**sh;
                 let base = local % self.src_stage_devices;
                 let stage_start = u64::from(self.src_base) + u64::from(*stage) * self.src_stage_devices;
                 slices
@@ -935,7 +1009,8 @@ impl Plan {
                     .collect()
             }
             // Several holders: destination ranks take turns, so reads spread over them.
-            SrcKind::Chunks { slices } => slices
+            SrcKind::Chunks(c) => c
+                .slices
                 .iter()
                 .filter_map(|(b, holders)| {
                     let region = b.intersect(&dst_box)?;
@@ -946,12 +1021,22 @@ impl Plan {
         };
         let nbytes = dst_box.numel() * p.dtype.size();
         Ok(TensorPlan {
-            name: p.name.clone(),
+            name: self.name(p).to_string(),
             dtype: p.dtype,
             dims: dst_box.shape.clone(),
             nbytes,
             source: TensorSource::Pieces { dst_box, pieces },
         })
+    }
+
+    /// A parameter's name ([`param_name`]).
+    fn name<'a>(&'a self, p: &ParamInfo) -> &'a str {
+        param_name(&self.sources, p)
+    }
+
+    /// A parameter's full shape ([`param_full`]).
+    fn full<'a>(&'a self, p: &'a ParamInfo) -> &'a [u64] {
+        param_full(&self.sources, p)
     }
 
     /// The stored tensor `name` in source rank `rank`.
@@ -979,49 +1064,51 @@ impl Plan {
 
     /// Names of all parameters found in the sources.
     pub fn param_names(&self) -> impl Iterator<Item = &str> {
-        self.params.iter().map(|p| p.name.as_str())
+        self.params.iter().map(|p| self.name(p))
     }
 
     /// The full shape of parameter `name` and, for destination pipeline stage `stage`, the
     /// resolved destination layout (`None` when the destination does not split it).
     pub fn dst_layout(&self, name: &str, stage: u32) -> Option<(&[u64], Option<&ResolvedLayout>)> {
-        let i = self.param_index.binary_search_by(|&i| self.params[i as usize].name.as_str().cmp(name)).ok()?;
+        let i = self.param_index.binary_search_by(|&i| self.name(&self.params[i as usize]).cmp(name)).ok()?;
         let p = &self.params[self.param_index[i] as usize];
         let l = if stage == 0 { p.dst.first.as_deref() } else { p.dst.later.as_deref() };
-        Some((&p.full, l))
+        Some((self.full(p), l))
     }
 
     /// Whether a parameter exists in the sources.
     pub fn has_param(&self, name: &str) -> bool {
-        self.param_index.binary_search_by(|&i| self.params[i as usize].name.as_str().cmp(name)).is_ok()
+        self.param_index.binary_search_by(|&i| self.name(&self.params[i as usize]).cmp(name)).is_ok()
     }
 }
 
 /// Resolves what the destination strategy says of a parameter.
 fn resolve_dst(
     p: &ParamInfo,
+    name: &str,
+    full: &[u64],
     src: Option<&Strategy>,
     dst: Option<&Strategy>,
     dst_stage_dev: u64,
     shared: &mut std::collections::HashSet<std::sync::Arc<ResolvedLayout>>,
 ) -> Result<DstInfo> {
-    let in_src = src.is_none_or(|s| s.contains(&p.name));
+    let in_src = src.is_none_or(|s| s.contains(name));
     let Some(d) = dst else {
         return Ok(DstInfo { in_src, ..DstInfo::default() });
     };
-    if !d.contains(&p.name) {
+    if !d.contains(name) {
         return Ok(DstInfo { in_src, ..DstInfo::default() });
     }
     if p.dtype != DType::Str {
-        for e in d.entries(&p.name).into_iter().flatten() {
+        for e in d.entries(name).into_iter().flatten() {
             match &e.layout.tensor_shape {
-                Some(ts) if *ts != p.full => {
+                Some(ts) if ts.as_slice() != full => {
                     return Err(Error::BadLayout {
                         path: d.path.clone(),
-                        param: p.name.clone(),
+                        param: name.to_string(),
                         detail: format!(
                             "tensor_shape {ts:?} (stage {}), but the source checkpoints hold a tensor of shape {:?}",
-                            e.stage, p.full
+                            e.stage, full
                         ),
                     })
                 }
@@ -1029,14 +1116,14 @@ fn resolve_dst(
             }
         }
     }
-    let stages = Stages::new(d.stages_of(&p.name));
+    let stages = Stages::new(d.stages_of(name));
     let mut info = DstInfo { in_src, in_dst: true, stages, first: None, later: None };
     if in_src && !matches!(p.kind, SrcKind::Raw) {
         let mut resolve = |rank: u64| -> Result<Option<std::sync::Arc<ResolvedLayout>>> {
-            let Some(l) = d.layout_for_rank(&p.name, rank) else {
+            let Some(l) = d.layout_for_rank(name, rank) else {
                 return Ok(None);
             };
-            let r = ResolvedLayout::new(l, &p.full, &p.name, &d.path)?;
+            let r = ResolvedLayout::new(l, full, name, &d.path)?;
             Ok(Some(match shared.get(&r) {
                 Some(a) => a.clone(),
                 None => {
@@ -1059,15 +1146,16 @@ fn resolve_dst(
 /// The source layout of a sharded parameter, its slices, and the full shape they imply.
 fn resolve_sharded(
     p: &ParamInfo,
+    name: &str,
     st: &mut Strategy,
     sources: &BTreeMap<u32, Source>,
     base: u32,
     stage_dev: u64,
     sparse: bool,
-) -> Result<(SrcKind, Vec<u64>)> {
-    let no_layout = || Error::Invalid(format!("no layout for '{}'", p.name));
-    let layout = st.layout(&p.name).ok_or_else(no_layout)?;
-    let mut stages = st.stages_of(&p.name);
+) -> Result<SrcKind> {
+    let no_layout = || Error::Invalid(format!("no layout for '{name}'"));
+    let layout = st.layout(name).ok_or_else(no_layout)?;
+    let mut stages = st.stages_of(name);
     stages.sort_unstable();
     // The lowest stage whose files hold the parameter (its first rank's, or with redundancy
     // removed any rank's).
@@ -1083,7 +1171,7 @@ fn resolve_sharded(
         let src = &sources[&r];
         mismatch(
             src,
-            &p.name,
+            name,
             format!(
                 "the source strategy puts it in stage(s) {stages:?}, but the checkpoint of rank {r} (first rank of \
                      stage {}) does not contain it",
@@ -1096,7 +1184,7 @@ fn resolve_sharded(
     let first_holder =
         p.held.ranks().find(|&h| (start..start + stage_dev).contains(&u64::from(h))).unwrap_or(start as u32);
     let first = &sources[&first_holder];
-    let stored0 = &first.index.get(&p.name).map(|t| t.shape.clone()).unwrap_or_default();
+    let stored0 = &first.index.get(name).map(|t| t.shape.clone()).unwrap_or_default();
     if layout.is_flattened(stored0.len()) {
         // MindSpore's flattened JSON form: merge dims back so that each run, split as the
         // layout says (and by the optimizer shard on dim 0), gives the stored slice.
@@ -1108,14 +1196,14 @@ fn resolve_sharded(
                 let slice = if j == 0 && opt > 0 { slice.and_then(|x| x.checked_mul(opt)) } else { slice };
                 slice == Some(prod)
             })
-            .map_err(|d| mismatch(first, &p.name, format!("{d} (source strategy {})", st.path.display())))?;
-        st.unflatten_param(&p.name, nested.tensor_shape.as_deref().unwrap_or_default())?;
+            .map_err(|d| mismatch(first, name, format!("{d} (source strategy {})", st.path.display())))?;
+        st.unflatten_param(name, nested.tensor_shape.as_deref().unwrap_or_default())?;
     }
-    let layout = st.layout(&p.name).ok_or_else(no_layout)?;
+    let layout = st.layout(name).ok_or_else(no_layout)?;
     if stored0.len() != layout.tensor_map.len() {
         return Err(mismatch(
             first,
-            &p.name,
+            name,
             format!(
                 "stored shape {stored0:?} has {} dims but the source strategy's tensor_map {:?} has {}",
                 stored0.len(),
@@ -1129,14 +1217,14 @@ fn resolve_sharded(
         if ts != &full {
             return Err(mismatch(
                 first,
-                &p.name,
+                name,
                 format!(
                     "stored slice {stored0:?} implies full shape {full:?}, but the strategy says tensor_shape {ts:?}"
                 ),
             ));
         }
     }
-    let resolved = ResolvedLayout::new(layout, &full, &p.name, &st.path)?;
+    let resolved = ResolvedLayout::new(layout, &full, name, &st.path)?;
     let mut slices: Vec<(Region, u64)> = Vec::new();
     // With redundancy removed: every box some rank should hold, and those ranks.
     let mut unheld: Vec<(Region, Vec<u32>)> = Vec::new();
@@ -1144,11 +1232,11 @@ fn resolve_sharded(
         let r = (start + local) as u32;
         let src = &sources[&r];
         let b = resolved.rank_box(local);
-        let Some(t) = src.index.get(&p.name) else {
+        let Some(t) = src.index.get(name) else {
             if !sparse {
                 return Err(mismatch(
                     src,
-                    &p.name,
+                    name,
                     format!("missing from this rank's checkpoint (stage {stage} holds it)"),
                 ));
             }
@@ -1158,10 +1246,10 @@ fn resolve_sharded(
             }
             continue;
         };
-        if t.shape != b.shape {
+        if t.shape.as_slice() != b.shape.as_slice() {
             return Err(mismatch(
                 src,
-                &p.name,
+                name,
                 format!(
                     "stored shape {:?}, but the source strategy (dev_matrix {:?}, tensor_map {:?}, opt shard size {}) gives \
                      this rank a slice of {:?} of the full {:?}",
@@ -1179,14 +1267,14 @@ fn resolve_sharded(
             detail: format!(
                 "parameter '{}': no source rank holds its slice at offset {:?} of shape {:?} (saved with \
                  remove_redundancy, one of {} should hold it)",
-                p.name,
+                name,
                 b.offset,
                 b.shape,
                 fmt_rank_folders(ranks)
             ),
         });
     }
-    Ok((SrcKind::Sharded(Box::new(Sharded { stage, layout: resolved, slices })), full))
+    Ok(SrcKind::Sharded(Box::new(Sharded { full, stage, layout: resolved, slices })))
 }
 
 /// "N parameter(s) (a, b, c, d, e, ...)": the count and at most five names.
@@ -1224,6 +1312,13 @@ pub fn fmt_rank_folders(r: &[u32]) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_parameter_record_is_small() {
+        // Kept per parameter for the whole job (300,000 in the benchmark's many small tensors):
+        // 144 bytes plus a name and a shape of its own before.
+        assert!(std::mem::size_of::<super::ParamInfo>() <= 80, "{}", std::mem::size_of::<super::ParamInfo>());
+    }
+
     #[test]
     fn rank_lists_stay_short() {
         assert_eq!(super::fmt_rank_folders(&[3]), "rank_3");

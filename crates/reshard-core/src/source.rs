@@ -147,7 +147,7 @@ impl Catalogue {
         // A folder with a map (unified, Hugging Face index): MindSpore's loader takes the
         // tensors in the map's order, then the hyper-parameters.
         if let Some(order) = crate::source_unified::map_order(paths) {
-            tensors.sort_by_key(|t| order.get(&t.name).copied().unwrap_or(usize::MAX));
+            tensors.sort_by_key(|t| order.get(t.name.as_str()).copied().unwrap_or(usize::MAX));
         }
         let index = CheckpointIndex::new(format, tensors, file_len, None, metadata);
         if let Some((a, b)) = index.first_repeat() {

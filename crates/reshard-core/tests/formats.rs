@@ -73,7 +73,7 @@ fn compare(f: &CheckpointFile, e: &Value, path: &Path) {
         assert_eq!(t.dtype.ckpt_name(), w["dtype"].as_str().unwrap(), "{ctx}");
         if t.dtype != reshard_core::DType::Str {
             let shape: Vec<u64> = w["shape"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
-            assert_eq!(t.shape, shape, "{ctx}");
+            assert_eq!(t.shape.as_slice(), shape.as_slice(), "{ctx}");
         }
         assert_eq!(hex(&f.content(t)), w["hex"].as_str().unwrap(), "{ctx}");
         if let Some(chunks) = w.get("chunks").and_then(Value::as_u64) {

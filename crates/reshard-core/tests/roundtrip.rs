@@ -32,7 +32,11 @@ fn write_ckpt(path: &Path, tensors: &[(String, DType, Vec<u64>, Vec<u8>)]) {
 
 fn read_all(path: &Path) -> Vec<(String, DType, Vec<u64>, Vec<u8>)> {
     let f = CheckpointFile::open(path, ReadOptions::default()).unwrap();
-    f.index().tensors.iter().map(|t| (t.name.clone(), t.dtype, t.shape.clone(), f.content(t).into_owned())).collect()
+    f.index()
+        .tensors
+        .iter()
+        .map(|t| (t.name.to_string(), t.dtype, t.shape.to_vec(), f.content(t).into_owned()))
+        .collect()
 }
 
 /// A small model: (name, dtype, shape, tensor_map for a 2-axis dev matrix [a, b]).

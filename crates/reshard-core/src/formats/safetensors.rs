@@ -8,7 +8,8 @@ use std::path::Path;
 use serde_json::{Map, Value};
 
 use crate::checkpoint::{
-    CheckpointIndex, ContentRun, FileLayout, Format, ReadOptions, Segment, TensorHeader, TensorInfo,
+    CheckpointIndex, ContentRun, Dims, FileLayout, Format, NameBuffer, ReadOptions, Segment, Segments, TensorHeader,
+    TensorInfo,
 };
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -65,6 +66,7 @@ pub fn parse_source(src: &dyn ByteSource, opts: ReadOptions) -> Result<Checkpoin
         }
     }
     let mut tensors = Vec::new();
+    let mut names = NameBuffer::new();
     for (name, info) in &json {
         if name == "__metadata__" {
             continue;
@@ -99,15 +101,16 @@ pub fn parse_source(src: &dyn ByteSource, opts: ReadOptions) -> Result<Checkpoin
             )));
         }
         tensors.push(TensorInfo {
-            name: name.clone(),
+            name: names.push(path, name)?,
             dtype,
-            raw_dims: shape.clone(),
-            shape,
-            segments: vec![Segment { offset: data_start + b, len: e - b }],
+            raw_dims: Dims::from_slice(&shape),
+            shape: Dims::from_slice(&shape),
+            segments: Segments::from_buf([Segment { offset: data_start + b, len: e - b }]),
             nbytes: e - b,
             file: 0,
         });
     }
+    names.finish(&mut tensors);
     if tensors.is_empty() {
         return Err(malformed(path, "no tensors: the header lists none".into()));
     }
@@ -318,8 +321,9 @@ mod tests {
         let idx = parse(Path::new("x.safetensors"), &bytes, ReadOptions::default()).unwrap();
         assert_eq!(idx.metadata.get("format").map(String::as_str), Some("ms"));
         assert_eq!(idx.tensors[0].name, "b");
+        assert!(idx.tensors[1].name.shares_buffer_with(&idx.tensors[0].name));
         assert_eq!(idx.tensors[0].dtype, DType::BFloat16);
-        assert_eq!(idx.tensors[1].shape, Vec::<u64>::new());
+        assert!(idx.tensors[1].shape.is_empty());
     }
 
     #[test]
