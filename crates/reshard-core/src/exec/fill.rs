@@ -139,7 +139,7 @@ pub(crate) fn fill(
         false => None,
     };
     match &objects {
-        Some(p) => p.advance(0),
+        Some(p) => p.advance(0, 1),
         None => {
             for b in blocks.iter().take(ahead) {
                 announce_block(job, tensors[b.tensor], b)?;
@@ -157,7 +157,7 @@ pub(crate) fn fill(
             let step = || -> Result<u64> {
                 job.check_cancel(what)?;
                 match &objects {
-                    Some(p) => p.advance(i),
+                    Some(p) => p.advance(i, next.load(Ordering::Relaxed)),
                     None => {
                         if let Some(a) = blocks.get(i.saturating_add(ahead)) {
                             announce_block(job, tensors[a.tensor], a)?;

@@ -316,6 +316,9 @@ pub(crate) struct Job<'a> {
     written: &'a AtomicU64,
     total: u64,
     fingerprint: &'a str,
+    /// Bytes the job's object read-ahead holds (fetched or on their way, not yet copied), kept
+    /// within its own budget whatever other jobs of the process hold (`object_prefetch`).
+    read_ahead: Arc<AtomicU64>,
 }
 
 impl<'a> Job<'a> {
@@ -332,7 +335,8 @@ impl<'a> Job<'a> {
     ) -> Self {
         let plan = sources.plan();
         let block_bytes = block_bytes(plan, opts, pool.current_num_threads());
-        Job { plan, sources, dst_dir, opts, block_bytes, written, total, fingerprint }
+        let read_ahead = Arc::new(AtomicU64::new(0));
+        Job { plan, sources, dst_dir, opts, block_bytes, written, total, fingerprint, read_ahead }
     }
 }
 
