@@ -33,7 +33,7 @@ const GAP_BYTES: u64 = 4 << 10;
 /// fetched but not yet copied bytes is about this plus one GET.
 const AHEAD_BYTES: u64 = 64 << 20;
 /// The smallest GET made by joining runs, however small the budget.
-const MIN_GET_BYTES: u64 = 64 << 10;
+pub(crate) const MIN_GET_BYTES: u64 = 64 << 10;
 
 /// The bytes the read-ahead of a job may hold (fetched or on their way, not yet copied): half its
 /// memory budget.
