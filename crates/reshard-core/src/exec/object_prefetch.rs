@@ -85,7 +85,7 @@ impl ObjectPrefetch {
         let mut at = 0u64;
         for (bi, b) in blocks.iter().enumerate() {
             block_at.push(at);
-            block_file_runs(job, tensors[b.tensor], b, &mut |src, key, from, n, read| {
+            block_file_runs(job, tensors[b.tensor], b, 0, &mut |src, key, from, n, read| {
                 match open.get_mut(&key) {
                     Some(g) if from >= g.end && from - g.end <= GAP_BYTES && from + n - g.start <= get_bytes => {
                         g.end = from + n;
