@@ -69,7 +69,9 @@ pub fn pages_child(args: &[String]) {
         .unwrap_or_else(|e| die(&e.to_string()));
     let rank: u32 = rank.parse().unwrap_or_else(|_| die("RANK"));
     let reads = rank_reads(&plan, rank).unwrap_or_else(|e| die(&e.to_string()));
-    let page = 4096;
+    // The page size rank_reads' runs are widened to (the core's `sys::page_size`).
+    // SAFETY: sysconf only reads a system constant.
+    let page = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).ok().filter(|&n| n > 0).unwrap_or(4096);
     let pages: u64 = reads.iter().map(|f| f.page_bytes(page)).sum();
     let bytes: u64 = reads.iter().map(|f| f.bytes()).sum();
     let mut buf = vec![0u8; 8 << 20];

@@ -1190,3 +1190,61 @@ fn s3_tables_of_contents_are_predicted_only_when_the_object_has_the_same_bytes()
     assert!(sources[3].index.get("layers.2.wz.weight").is_some());
     drop(scratch);
 }
+
+/// complete -> 8 by columns from the store (issue 16 review): each rank's column slices, 3.5 KiB
+/// apart, join into GETs spanning the other ranks' columns. Their reads are served by the GETs
+/// made ahead, whichever rank started them (with the slices joined into one run per tensor a
+/// rank's run crossed the edge of another rank's range, and its reads, one per row, were made on
+/// demand: 57,338 here), nothing stays counted once the job is done, and the output equals the
+/// local conversion.
+#[test]
+#[ignore = "needs a SeaweedFS server: bash tests/s3/run.sh"]
+fn s3_a_column_split_reads_from_the_read_ahead() {
+    use reshard_core::{execute, ExecuteOptions, Plan, PlanOptions};
+    let ep = endpoint();
+    let scratch = Scratch::new("s3-columns");
+    let (rows, cols) = (2048u64, 1024u64);
+    let names = write_model(&scratch.join("complete/rank_0/model.ckpt"), 1, rows, cols);
+    let s8 = scratch.join("cols8.json");
+    let items: serde_json::Map<String, serde_json::Value> = names
+        .iter()
+        .map(|n| {
+            (
+                n.clone(),
+                serde_json::json!({"dev_matrix": [8], "tensor_map": [-1, 0], "tensor_shape": [rows, cols], "field": 0,
+                                   "opt_weight_shard_step": 0, "opt_weight_shard_size": 0}),
+            )
+        })
+        .collect();
+    let v = serde_json::json!({"current_stage": 0,
+        "parallel_strategy_item": {"op": {"stage": 0, "parallel_strategy": [[8]]}},
+        "parallel_layout_item": items});
+    std::fs::write(&s8, serde_json::to_vec(&v).unwrap()).unwrap();
+    let local = scratch.join("local");
+    assert_ok(&util::reshard(util::argv![
+        "transform",
+        "-q",
+        "--src_ckpt_dir",
+        scratch.join("complete"),
+        "--dst_ckpt_strategy",
+        &s8,
+        "--dst_ckpt_dir",
+        &local
+    ]));
+    let b = bucket("columns");
+    upload_dir(&b, "src", &scratch.join("complete"));
+    store_env_in_process(&ep);
+    let src = PathBuf::from(format!("s3://{b}/src"));
+    let plan = Plan::build(&src, None, Some(&s8), &PlanOptions::default()).unwrap();
+    let (_, on_demand_before) = reshard_core::storage::gets_made();
+    let out = scratch.join("out");
+    let written = execute(&plan, &out, &[], &ExecuteOptions::default()).unwrap();
+    let on_demand = reshard_core::storage::gets_made().1 - on_demand_before;
+    assert!(on_demand < 200, "{on_demand} GETs on demand for 8 x {} row slices", rows * names.len() as u64);
+    assert_eq!(reshard_core::storage::prefetched_bytes(), 0, "read-ahead still counted after the job");
+    assert_eq!(written.len(), 8);
+    for w in written {
+        let rel = w.path.strip_prefix(&out).unwrap();
+        assert!(std::fs::read(&w.path).unwrap() == std::fs::read(local.join(rel)).unwrap(), "{rel:?}");
+    }
+}

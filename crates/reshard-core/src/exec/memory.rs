@@ -225,7 +225,7 @@ pub fn rank_reads(plan: &Plan, rank: u32) -> Result<Vec<FileReads>> {
     }
     let mut runs: BTreeMap<(u32, u32), Vec<(u64, u64)>> = BTreeMap::new();
     for b in &blocks {
-        super::fill::block_file_runs(&job, tensors[b.tensor], b, &mut |_, key, at, n, _| {
+        super::fill::block_file_runs(&job, tensors[b.tensor], b, crate::sys::page_size(), &mut |_, key, at, n, _| {
             runs.entry(key).or_default().push((at, n));
             Ok(())
         })?;

@@ -276,12 +276,20 @@ fn block_bytes(plan: &Plan, opts: &ExecuteOptions, threads: usize) -> u64 {
         true => opts.block_bytes.max(OBJECT_BLOCK_BYTES),
         false => opts.block_bytes,
     };
-    // Objects: the read-ahead of their GETs has half the budget (`object_prefetch`).
-    let budget = match crate::storage::is_url(&plan.src_dir) {
-        true => opts.memory_budget - object_prefetch::read_ahead_budget(opts.memory_budget).min(opts.memory_budget),
-        false => opts.memory_budget,
-    };
+    let budget = blocks_budget(opts.memory_budget, crate::storage::is_url(&plan.src_dir));
     wanted.min(budget / (2 * threads as u64).max(1)).max(1)
+}
+
+/// The part of `memory_budget` the blocks' buffers have. Objects: the read-ahead of their GETs
+/// has half (`object_prefetch`), and the blocks at least as much as its smallest GET, however
+/// small the budget (below 128 KiB the read-ahead's minimum left them 0: 1-byte blocks).
+fn blocks_budget(memory_budget: u64, objects: bool) -> u64 {
+    match objects {
+        true => memory_budget
+            .saturating_sub(object_prefetch::read_ahead_budget(memory_budget))
+            .max(object_prefetch::MIN_GET_BYTES),
+        false => memory_budget,
+    }
 }
 
 /// The destination ranks of a job: `ranks` sorted without repeats, or every rank when empty.
@@ -316,6 +324,9 @@ pub(crate) struct Job<'a> {
     written: &'a AtomicU64,
     total: u64,
     fingerprint: &'a str,
+    /// Bytes the job's object read-ahead holds (fetched or on their way, not yet copied), kept
+    /// within its own budget whatever other jobs of the process hold (`object_prefetch`).
+    read_ahead: Arc<AtomicU64>,
 }
 
 impl<'a> Job<'a> {
@@ -332,7 +343,8 @@ impl<'a> Job<'a> {
     ) -> Self {
         let plan = sources.plan();
         let block_bytes = block_bytes(plan, opts, pool.current_num_threads());
-        Job { plan, sources, dst_dir, opts, block_bytes, written, total, fingerprint }
+        let read_ahead = Arc::new(AtomicU64::new(0));
+        Job { plan, sources, dst_dir, opts, block_bytes, written, total, fingerprint, read_ahead }
     }
 }
 
@@ -374,5 +386,17 @@ mod tests {
         }
         assert!(check_output(&src, &tmp.join("out"), "../c_").is_err());
         std::fs::remove_dir_all(&tmp).unwrap();
+    }
+}
+
+#[cfg(test)]
+mod budget_tests {
+    #[test]
+    fn a_small_budget_leaves_the_blocks_of_objects_room() {
+        for budget in [0, 1, 64 << 10, (128 << 10) - 1] {
+            assert_eq!(super::blocks_budget(budget, true), 64 << 10, "{budget}");
+        }
+        assert_eq!(super::blocks_budget(256 << 20, true), 128 << 20);
+        assert_eq!(super::blocks_budget(1000, false), 1000);
     }
 }

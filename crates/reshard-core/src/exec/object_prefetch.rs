@@ -7,15 +7,16 @@
 //! per tensor and source: on the bench model's 8 -> 4 about 1,000 GETs of 256 KiB, whose latency,
 //! not the bytes, set the pace.
 //!
-//! The bytes fetched ahead and not yet copied, of all fills together, stay within half the job's
+//! The bytes fetched ahead and not yet copied, of all fills of a job together (each job counts
+//! its own: two jobs in one process do not share a budget), stay within half the job's
 //! `memory_budget` (the blocks' buffers have the other half, see `block_bytes`): a GET that would
 //! go beyond waits until copies free bytes (a later block starts it), and GETs shrink with a small
 //! budget (an eighth of the read-ahead), so that several are still in flight.
 
+use std::any::Any;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-
-use crate::storage::prefetched_bytes;
 
 use super::fill::{block_file_runs, Block};
 use super::Job;
@@ -32,7 +33,7 @@ const GAP_BYTES: u64 = 4 << 10;
 /// fetched but not yet copied bytes is about this plus one GET.
 const AHEAD_BYTES: u64 = 64 << 20;
 /// The smallest GET made by joining runs, however small the budget.
-const MIN_GET_BYTES: u64 = 64 << 10;
+pub(crate) const MIN_GET_BYTES: u64 = 64 << 10;
 
 /// The bytes the read-ahead of a job may hold (fetched or on their way, not yet copied): half its
 /// memory budget.
@@ -41,7 +42,7 @@ pub(crate) fn read_ahead_budget(memory_budget: u64) -> u64 {
 }
 
 /// Serializes the budget check and the start of a GET across the fills of all jobs, so that two
-/// fills never both take the last bytes of the budget.
+/// fills of a job never both take the last bytes of its budget.
 static STARTING: Mutex<()> = Mutex::new(());
 
 /// One joined GET.
@@ -49,10 +50,12 @@ struct Get {
     src: Arc<dyn ByteSource>,
     start: u64,
     end: u64,
-    /// The bytes of it the blocks read.
-    read: u64,
+    /// The runs of it the blocks read: (start, end, bytes read in it), ascending.
+    runs: Vec<(u64, u64, u64)>,
     /// Where its first block starts, in bytes of the fill (blocks in order).
     first: u64,
+    /// Its first block.
+    first_block: usize,
 }
 
 /// The GETs of one fill, started as its blocks are taken.
@@ -60,12 +63,15 @@ pub(crate) struct ObjectPrefetch {
     gets: Vec<Get>,
     /// Each block's start, in bytes of the fill.
     block_at: Vec<u64>,
-    /// The next GET to start.
-    next: Mutex<usize>,
+    /// The next GET to start, and the holds of those started: dropped with the fill (read,
+    /// failed or cancelled), they free what it left unread.
+    next: Mutex<(usize, Vec<Box<dyn Any + Send + Sync>>)>,
     /// How far ahead of the block being copied GETs are started.
     ahead: u64,
-    /// The most bytes the read-ahead of the process may hold ([`read_ahead_budget`]).
+    /// The most bytes the read-ahead of the job may hold ([`read_ahead_budget`]).
     limit: u64,
+    /// The bytes it holds: the job's count, shared by its fills.
+    held: Arc<AtomicU64>,
 }
 
 impl ObjectPrefetch {
@@ -77,16 +83,17 @@ impl ObjectPrefetch {
         let mut open: HashMap<(u32, u32), Get> = HashMap::new();
         let mut block_at = Vec::with_capacity(blocks.len());
         let mut at = 0u64;
-        for b in blocks {
+        for (bi, b) in blocks.iter().enumerate() {
             block_at.push(at);
-            block_file_runs(job, tensors[b.tensor], b, &mut |src, key, from, n, read| {
+            block_file_runs(job, tensors[b.tensor], b, 0, &mut |src, key, from, n, read| {
                 match open.get_mut(&key) {
                     Some(g) if from >= g.end && from - g.end <= GAP_BYTES && from + n - g.start <= get_bytes => {
                         g.end = from + n;
-                        g.read += read;
+                        g.runs.push((from, from + n, read));
                     }
                     _ => {
-                        let g = Get { src: src.clone(), start: from, end: from + n, read, first: at };
+                        let runs = vec![(from, from + n, read)];
+                        let g = Get { src: src.clone(), start: from, end: from + n, runs, first: at, first_block: bi };
                         if let Some(done) = open.insert(key, g) {
                             gets.push(done);
                         }
@@ -103,31 +110,104 @@ impl ObjectPrefetch {
         // GET that waited for the budget until its first block was taken became one GET per
         // block: 80 more GETs on the bench; 45 with a quarter).
         let ahead = AHEAD_BYTES.min((limit / 4).saturating_sub(get_bytes).max(get_bytes));
-        Ok(ObjectPrefetch { gets, block_at, next: Mutex::new(0), ahead, limit })
+        let held = job.read_ahead.clone();
+        Ok(ObjectPrefetch { gets, block_at, next: Mutex::new((0, Vec::new())), ahead, limit, held })
     }
 
-    /// Block `i` is being taken: starts every GET whose first block begins less than the
-    /// read-ahead after it, as far as the budget allows.
-    pub(crate) fn advance(&self, i: usize) {
+    /// Block `i` is being taken, and blocks `..taken` are (by this or other workers): starts
+    /// every GET whose first block begins less than the read-ahead after block `i`, as far as
+    /// the budget allows.
+    pub(crate) fn advance(&self, i: usize, taken: usize) {
         let Some(&here) = self.block_at.get(i) else {
             return;
         };
         let horizon = here.saturating_add(self.ahead);
         let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
+        let (next, holds) = &mut *next;
         while let Some(g) = self.gets.get(*next).filter(|g| g.first <= horizon) {
-            // A GET whose first block was taken already (it waited for the budget) would only
-            // be read in part, and what it holds never freed: those blocks read their own bytes.
-            if g.first < here {
+            // A GET whose first block was taken already, by this worker earlier (it waited for
+            // the budget) or by another one whose `advance` comes later, would only be read in
+            // part: those blocks read their own bytes.
+            if g.first_block < i || (g.first_block > i && g.first_block < taken) {
                 *next += 1;
                 continue;
             }
             let _one = STARTING.lock().unwrap_or_else(|p| p.into_inner());
-            let held = prefetched_bytes();
+            let held = self.held.load(Ordering::Relaxed);
             if held > 0 && held + (g.end - g.start) > self.limit {
                 break;
             }
-            g.src.prefetch_joined(g.start, g.end - g.start, g.read);
+            holds.extend(g.src.prefetch_runs(g.start, g.end, &g.runs, &self.held));
             *next += 1;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    /// A source recording the ranges announced to it.
+    struct Recorder(Mutex<Vec<u64>>, crate::storage::Version);
+
+    impl ByteSource for Recorder {
+        fn path(&self) -> &Path {
+            Path::new("s3://b/k")
+        }
+        fn len(&self) -> u64 {
+            1 << 20
+        }
+        fn read_at(&self, _: u64, _: &mut [u8]) -> Result<()> {
+            Ok(())
+        }
+        fn prefetch_runs(
+            &self,
+            start: u64,
+            _: u64,
+            _: &[(u64, u64, u64)],
+            _: &Arc<AtomicU64>,
+        ) -> Option<Box<dyn Any + Send + Sync>> {
+            self.0.lock().unwrap().push(start);
+            None
+        }
+        fn version(&self) -> &crate::storage::Version {
+            &self.1
+        }
+        fn check(&self) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_late_advance_skips_gets_of_blocks_taken_by_others() {
+        // Blocks of 100 bytes, one GET each. Workers took blocks 0..3 (fetch_add) before the
+        // one with block 0 advances: the GETs of blocks 1 and 2, being read already, are not
+        // started (a GET started now would be read in part and hold the rest).
+        let rec = Arc::new(Recorder(
+            Mutex::new(Vec::new()),
+            crate::storage::Version::Remote { len: 1 << 20, etag: String::new() },
+        ));
+        let src: Arc<dyn ByteSource> = rec.clone();
+        let gets = (0..5)
+            .map(|b| Get {
+                src: src.clone(),
+                start: b * 100,
+                end: b * 100 + 100,
+                runs: vec![(b * 100, b * 100 + 100, 100)],
+                first: b * 100,
+                first_block: b as usize,
+            })
+            .collect();
+        let p = ObjectPrefetch {
+            gets,
+            block_at: (0..5).map(|b| b * 100).collect(),
+            next: Mutex::new((0, Vec::new())),
+            ahead: 1000,
+            limit: u64::MAX,
+            held: Arc::new(AtomicU64::new(0)),
+        };
+        p.advance(0, 3);
+        assert_eq!(*rec.0.lock().unwrap(), [0, 300, 400]);
     }
 }

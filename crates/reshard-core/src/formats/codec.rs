@@ -75,10 +75,9 @@ pub trait Codec: Send + Sync {
     fn finish(&self, f: &Finish<'_>) -> Result<Vec<(u64, Vec<u8>)>>;
 
     /// Whether [`Codec::finish`] reads bytes back ([`Finish::read_back`]): a sink that cannot
-    /// read its output (an upload) then keeps the few bytes it would read.
-    fn reads_back(&self) -> bool {
-        false
-    }
+    /// read its output (an upload) then keeps the few bytes it would read. Required, so that a
+    /// new codec decides (a wrong `false` would fail only on upload).
+    fn reads_back(&self) -> bool;
 }
 
 /// The codec writing `format`, with or without MindSpore's crc.
@@ -123,6 +122,10 @@ impl Codec for CkptCodec {
     }
     fn finish(&self, f: &Finish<'_>) -> Result<Vec<(u64, Vec<u8>)>> {
         Ok(if self.crc { vec![(f.file_len, ckpt::crc_trailer(f.file_crc).to_vec())] } else { Vec::new() })
+    }
+    fn reads_back(&self) -> bool {
+        // The crc is computed while writing.
+        false
     }
 }
 
@@ -255,5 +258,8 @@ impl Codec for SafetensorsWithMetadata {
     }
     fn finish(&self, _f: &Finish<'_>) -> Result<Vec<(u64, Vec<u8>)>> {
         Ok(Vec::new())
+    }
+    fn reads_back(&self) -> bool {
+        false
     }
 }

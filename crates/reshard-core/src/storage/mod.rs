@@ -121,12 +121,21 @@ pub trait ByteSource: Send + Sync {
         let _ = (offset, len);
     }
 
-    /// A hint that `read` bytes inside [offset, offset + len) will be read soon, each once (the
-    /// rest are small gaps between them, fetched so that the whole run is one request). By
-    /// default the same as [`prefetch`](Self::prefetch).
-    fn prefetch_joined(&self, offset: u64, len: u64, read: u64) {
-        let _ = read;
-        self.prefetch(offset, len);
+    /// A hint that `runs` (start, end, bytes read in it; ascending, inside [start, end)) will be
+    /// read soon, each byte once (the rest are small gaps between them, fetched so that the
+    /// whole range is one request). The bytes fetched ahead are added to `count` until read;
+    /// what the returned hold still has unread stops counting when it is dropped (the fill
+    /// ended, read or not). By default the same as [`prefetch`](Self::prefetch) of the range.
+    fn prefetch_runs(
+        &self,
+        start: u64,
+        end: u64,
+        runs: &[(u64, u64, u64)],
+        count: &std::sync::Arc<std::sync::atomic::AtomicU64>,
+    ) -> Option<Box<dyn std::any::Any + Send + Sync>> {
+        let _ = (runs, count);
+        self.prefetch(start, end.saturating_sub(start));
+        None
     }
 
     /// A hint that the whole source is about to be read front to back once (a checksum pass).

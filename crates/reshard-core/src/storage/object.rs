@@ -7,7 +7,8 @@
 //! Reads: [`ObjectSource`] is a [`ByteSource`] whose `prefetch` starts a ranged GET of exactly
 //! the announced run (the executor joins the runs of its blocks, per object, into GETs of up to
 //! 8 MiB and starts them ahead of the copy: `exec::object_prefetch`) and whose `read_at` takes
-//! its bytes from those responses (a response is freed once all its announced bytes were read),
+//! its bytes from those responses (responses never overlap; one is freed once all its announced
+//! bytes were read, or the fills that announced it ended),
 //! or from a ranged GET of exactly its own range. GETs in flight are bounded per store; every GET
 //! carries `If-Match` with the ETag seen when the object was opened, so a run never mixes two
 //! versions of an object. `object_store` retries 5xx answers, timeouts and broken connections
@@ -279,8 +280,147 @@ struct Slot {
     end: u64,
     /// Bytes of it still to be read: the slot is freed when they all were.
     unread: AtomicU64,
+    /// Fills whose announced runs it serves: the slot is freed when they all ended, read or not
+    /// (an error, a cancel), so that no bytes stay counted after their fills.
+    holders: AtomicU64,
+    /// The read-ahead count of the job that started it (see [`prefetched_bytes`] for the process).
+    count: Arc<AtomicU64>,
     data: Mutex<Option<std::result::Result<Bytes, Arc<object_store::Error>>>>,
     ready: Condvar,
+}
+
+/// The prefetched ranges of one object, by start. They never overlap: a read is served by the
+/// one slot holding it and charged to the slot whose announced runs it belongs to (with two
+/// overlapping slots a read was charged to the later one, and the other's count never reached
+/// 0: on a complete -> 8 column split 25 MB stayed counted until the job's end and read-ahead
+/// stopped).
+#[derive(Default)]
+struct Slots {
+    map: Mutex<BTreeMap<u64, Arc<Slot>>>,
+    /// Bytes held or awaited in `map`.
+    held: AtomicU64,
+}
+
+/// The slots a fill's announcement joined or started: released when the fill ends.
+struct SlotHolds {
+    slots: Arc<Slots>,
+    held: Vec<(u64, Arc<Slot>)>,
+}
+
+impl Drop for SlotHolds {
+    fn drop(&mut self) {
+        for (start, slot) in self.held.drain(..) {
+            if slot.holders.fetch_sub(1, Ordering::AcqRel) <= 1 {
+                self.slots.remove(start, &slot);
+            }
+        }
+    }
+}
+
+impl Slots {
+    /// The prefetched slot holding [offset, end), if any.
+    fn slot_for(&self, offset: u64, end: u64) -> Option<(u64, Arc<Slot>)> {
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let (&start, slot) = map.range(..=offset).next_back()?;
+        (slot.end >= end).then(|| (start, slot.clone()))
+    }
+
+    /// Frees `slot` (if still there) and its count.
+    fn remove(&self, start: u64, slot: &Arc<Slot>) {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if map.get(&start).is_some_and(|s| Arc::ptr_eq(s, slot)) {
+            map.remove(&start);
+            let n = slot.end - start;
+            self.held.fetch_sub(n, Ordering::Relaxed);
+            slot.count.fetch_sub(n, Ordering::Relaxed);
+            PREFETCHED.fetch_sub(n, Ordering::Relaxed);
+        }
+    }
+
+    /// `n` bytes of `slot` were read (or failed to): frees it after its last announced byte.
+    fn consumed(&self, start: u64, slot: &Arc<Slot>, n: u64, failed: bool) {
+        let before =
+            slot.unread.fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| Some(u.saturating_sub(n))).unwrap_or(0);
+        if before <= n || failed {
+            self.remove(start, slot);
+        }
+    }
+
+    /// Announces `runs` (start, end, bytes read in it) inside [start, end): runs inside an
+    /// existing slot are charged to it; the parts of [start, end) no slot holds become new slots
+    /// (trimmed to the runs inside them), charged to `count`, which the caller fetches. A run
+    /// across a slot's edge is charged to none (its reads fetch their own bytes). Nothing new
+    /// beyond `cap` bytes held.
+    fn announce(
+        self: &Arc<Self>,
+        start: u64,
+        end: u64,
+        runs: &[(u64, u64, u64)],
+        count: &Arc<AtomicU64>,
+        cap: u64,
+    ) -> (SlotHolds, Vec<(u64, Arc<Slot>)>) {
+        let mut holds = SlotHolds { slots: self.clone(), held: Vec::new() };
+        let mut fresh = Vec::new();
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        // The existing slots meeting [start, end), in order.
+        let mut existing: Vec<(u64, Arc<Slot>)> = Vec::new();
+        if let Some((&s, slot)) = map.range(..start).next_back().filter(|(_, sl)| sl.end > start) {
+            existing.push((s, slot.clone()));
+        }
+        existing.extend(map.range(start..end).map(|(&s, sl)| (s, sl.clone())));
+        // Runs ascend and the slots do not overlap: the last slot starting before a run's end
+        // either holds it, crosses it, or ends before it (the run is then in the gap after it).
+        let mut charged = vec![0u64; existing.len()];
+        let mut gaps: Vec<(usize, u64, u64, u64)> = Vec::new(); // (slots before, start, end, read)
+        for &(rs, re, read) in runs {
+            let before = existing.partition_point(|(s, _)| *s < re);
+            if let Some((s, slot)) = before.checked_sub(1).and_then(|k| existing.get(k)) {
+                if *s <= rs && slot.end >= re {
+                    charged[before - 1] += read;
+                    continue;
+                }
+                if slot.end > rs {
+                    continue;
+                }
+            }
+            match gaps.last_mut() {
+                Some(g) if g.0 == before => {
+                    g.2 = re;
+                    g.3 += read;
+                }
+                _ => gaps.push((before, rs, re, read)),
+            }
+        }
+        for ((s, slot), read) in existing.into_iter().zip(charged) {
+            if read > 0 {
+                slot.unread.fetch_add(read, Ordering::AcqRel);
+                slot.holders.fetch_add(1, Ordering::AcqRel);
+                holds.held.push((s, slot));
+            }
+        }
+        for (_, gs, ge, read) in gaps {
+            let len = ge - gs;
+            if self.held.load(Ordering::Relaxed) + len > cap {
+                continue;
+            }
+            let slot = Arc::new(Slot {
+                end: ge,
+                unread: AtomicU64::new(read),
+                holders: AtomicU64::new(1),
+                count: count.clone(),
+                data: Mutex::new(None),
+                ready: Condvar::new(),
+            });
+            map.insert(gs, slot.clone());
+            self.held.fetch_add(len, Ordering::Relaxed);
+            count.fetch_add(len, Ordering::Relaxed);
+            let now = PREFETCHED.fetch_add(len, Ordering::Relaxed) + len;
+            PREFETCHED_PEAK.fetch_max(now, Ordering::Relaxed);
+            holds.held.push((gs, slot.clone()));
+            fresh.push((gs, slot));
+        }
+        (holds, fresh)
+    }
 }
 
 /// An object read through ranged GETs.
@@ -290,10 +430,8 @@ pub struct ObjectSource {
     key: Key,
     etag: Option<String>,
     version: Version,
-    /// Prefetched ranges by start.
-    slots: Mutex<BTreeMap<u64, Arc<Slot>>>,
-    /// Bytes held or awaited in `slots`.
-    held: AtomicU64,
+    /// Prefetched ranges.
+    slots: Arc<Slots>,
     /// A GET found the object changed (its ETag no longer matched).
     changed: AtomicBool,
 }
@@ -315,8 +453,7 @@ impl ObjectSource {
             key,
             etag,
             version,
-            slots: Mutex::new(BTreeMap::new()),
-            held: AtomicU64::new(0),
+            slots: Arc::new(Slots::default()),
             changed: AtomicBool::new(false),
         })
     }
@@ -345,19 +482,29 @@ impl ObjectSource {
         }
     }
 
-    /// The prefetched slot holding [offset, end), if any.
-    fn slot_for(&self, offset: u64, end: u64) -> Option<(u64, Arc<Slot>)> {
-        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        let (&start, slot) = slots.range(..=offset).next_back()?;
-        (slot.end >= end).then(|| (start, slot.clone()))
-    }
-
-    fn drop_slot(&self, start: u64) {
-        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(s) = slots.remove(&start) {
-            self.held.fetch_sub(s.end - start, Ordering::Relaxed);
-            PREFETCHED.fetch_sub(s.end - start, Ordering::Relaxed);
+    /// Starts the GETs of the parts of [start, end) no slot holds yet (see [`Slots::announce`]).
+    fn start_prefetch(
+        &self,
+        start: u64,
+        end: u64,
+        runs: &[(u64, u64, u64)],
+        count: &Arc<AtomicU64>,
+    ) -> Option<SlotHolds> {
+        if start >= end || end > self.len() {
+            return None;
         }
+        let Ok(rt) = runtime() else { return None };
+        let (holds, fresh) = self.slots.announce(start, end, runs, count, PREFETCH_CAP);
+        for (s, slot) in fresh {
+            GETS_AHEAD.fetch_add(1, Ordering::Relaxed);
+            let f = get_range(self.store.clone(), self.key.clone(), self.etag.clone(), s..slot.end);
+            rt.spawn(async move {
+                let r = f.await.map_err(Arc::new);
+                *slot.data.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+                slot.ready.notify_all();
+            });
+        }
+        Some(holds)
     }
 }
 
@@ -378,7 +525,7 @@ impl ByteSource for ObjectSource {
         if buf.is_empty() {
             return Ok(());
         }
-        if let Some((start, slot)) = self.slot_for(offset, end) {
+        if let Some((start, slot)) = self.slots.slot_for(offset, end) {
             let mut data = slot.data.lock().unwrap_or_else(|p| p.into_inner());
             while data.is_none() {
                 data = slot.ready.wait(data).unwrap_or_else(|p| p.into_inner());
@@ -398,14 +545,7 @@ impl ByteSource for ObjectSource {
             drop(data);
             // Reads of a slot come from several workers in any order: the one that takes its
             // last announced bytes frees it.
-            let n = buf.len() as u64;
-            let before = slot
-                .unread
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| Some(u.saturating_sub(n)))
-                .unwrap_or(0);
-            if before <= n || got.is_err() {
-                self.drop_slot(start);
-            }
+            self.slots.consumed(start, &slot, buf.len() as u64, got.is_err());
             return got;
         }
         let b = self.fetch(offset..end)?;
@@ -420,42 +560,24 @@ impl ByteSource for ObjectSource {
     }
 
     fn prefetch(&self, offset: u64, len: u64) {
-        self.prefetch_joined(offset, len, len);
-    }
-
-    fn prefetch_joined(&self, offset: u64, len: u64, read: u64) {
-        let Some(end) = offset.checked_add(len).filter(|&e| e <= self.len() && len > 0) else {
-            return;
-        };
-        if let Some((_, slot)) = self.slot_for(offset, end) {
-            // Already on its way (another destination rank reads the same bytes).
-            slot.unread.fetch_add(read, Ordering::AcqRel);
-            return;
-        }
-        if self.held.load(Ordering::Relaxed) + len > PREFETCH_CAP {
-            return;
-        }
-        let Ok(rt) = runtime() else { return };
-        let slot = Arc::new(Slot { end, unread: AtomicU64::new(read), data: Mutex::new(None), ready: Condvar::new() });
-        {
-            let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-            if slots.contains_key(&offset) {
-                return;
+        let Some(end) = offset.checked_add(len) else { return };
+        // Held by no fill: freed by its reads (or with the source).
+        if let Some(mut holds) = self.start_prefetch(offset, end, &[(offset, end, len)], &Arc::new(AtomicU64::new(0))) {
+            for (_, slot) in holds.held.drain(..) {
+                slot.holders.fetch_sub(1, Ordering::AcqRel);
             }
-            slots.insert(offset, slot.clone());
         }
-        self.held.fetch_add(len, Ordering::Relaxed);
-        let now = PREFETCHED.fetch_add(len, Ordering::Relaxed) + len;
-        PREFETCHED_PEAK.fetch_max(now, Ordering::Relaxed);
-        GETS_AHEAD.fetch_add(1, Ordering::Relaxed);
-        let f = get_range(self.store.clone(), self.key.clone(), self.etag.clone(), offset..end);
-        rt.spawn(async move {
-            let r = f.await.map_err(Arc::new);
-            *slot.data.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
-            slot.ready.notify_all();
-        });
     }
 
+    fn prefetch_runs(
+        &self,
+        start: u64,
+        end: u64,
+        runs: &[(u64, u64, u64)],
+        count: &Arc<AtomicU64>,
+    ) -> Option<Box<dyn std::any::Any + Send + Sync>> {
+        Some(Box::new(self.start_prefetch(start, end, runs, count)?))
+    }
     fn exact_reads(&self) -> bool {
         true
     }
@@ -501,7 +623,11 @@ impl ByteSource for ObjectSource {
 impl Drop for ObjectSource {
     fn drop(&mut self) {
         // Prefetched ranges never read to their end (a run that stopped early) stop counting.
-        PREFETCHED.fetch_sub(self.held.load(Ordering::Relaxed), Ordering::Relaxed);
+        let map = std::mem::take(&mut *self.slots.map.lock().unwrap_or_else(|p| p.into_inner()));
+        for (start, slot) in map {
+            slot.count.fetch_sub(slot.end - start, Ordering::Relaxed);
+            PREFETCHED.fetch_sub(slot.end - start, Ordering::Relaxed);
+        }
     }
 }
 
@@ -729,6 +855,87 @@ impl Drop for Upload {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Marks every slot of `slots` fetched (with zeros), as the runtime would.
+    fn arrive(slots: &Slots) {
+        for (start, slot) in slots.map.lock().unwrap().iter() {
+            *slot.data.lock().unwrap() = Some(Ok(Bytes::from(vec![0u8; (slot.end - start) as usize])));
+        }
+    }
+
+    /// Reads `runs` as the fill would: from the slot holding each, else on demand (counted).
+    fn read_runs(slots: &Slots, runs: &[(u64, u64, u64)]) -> usize {
+        let mut on_demand = 0;
+        for &(s, e, _) in runs {
+            match slots.slot_for(s, e) {
+                Some((start, slot)) => slots.consumed(start, &slot, e - s, false),
+                None => on_demand += 1,
+            }
+        }
+        on_demand
+    }
+
+    /// Each rank's runs of a column split: rows of 100 bytes, 4 ranks of 25 bytes each.
+    fn column_runs(rank: u64, rows: u64) -> Vec<(u64, u64, u64)> {
+        (0..rows).map(|r| (r * 100 + rank * 25, r * 100 + rank * 25 + 25, 25)).collect()
+    }
+
+    #[test]
+    fn overlapping_read_ahead_is_freed_by_its_reads() {
+        // Two fills join their column runs into GETs that overlap with different starts: the
+        // second is charged to the first's slot where they overlap and fetches only the rest,
+        // and once every announced byte is read nothing stays counted (two overlapping slots
+        // left one's count above 0 until the source dropped).
+        let slots = Arc::new(Slots::default());
+        let count = Arc::new(AtomicU64::new(0));
+        let (a, b) = (column_runs(0, 4), column_runs(1, 4));
+        let (hold_a, fresh_a) = slots.announce(0, 325, &a, &count, u64::MAX);
+        let (hold_b, fresh_b) = slots.announce(25, 350, &b, &count, u64::MAX);
+        let starts: Vec<(u64, u64)> = fresh_a.iter().chain(&fresh_b).map(|(s, sl)| (*s, sl.end)).collect();
+        assert_eq!(starts, [(0, 325), (325, 350)]);
+        assert_eq!(count.load(Ordering::Relaxed), 350);
+        arrive(&slots);
+        assert_eq!(read_runs(&slots, &b), 0);
+        assert_eq!(read_runs(&slots, &a), 0);
+        assert_eq!(count.load(Ordering::Relaxed), 0);
+        assert!(slots.map.lock().unwrap().is_empty());
+        drop((hold_a, hold_b));
+        assert_eq!(count.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn read_ahead_a_fill_left_unread_is_freed_when_it_ends() {
+        // A fill that stops (an error, a cancel) frees the slots only it announced; a slot
+        // another fill still reads stays until that one is done too.
+        let slots = Arc::new(Slots::default());
+        let count = Arc::new(AtomicU64::new(0));
+        let (a, b) = (column_runs(0, 4), column_runs(1, 4));
+        let (hold_a, _) = slots.announce(0, 325, &a, &count, u64::MAX);
+        let (hold_b, _) = slots.announce(25, 350, &b, &count, u64::MAX);
+        arrive(&slots);
+        assert_eq!(read_runs(&slots, &a[..1]), 0);
+        drop(hold_a);
+        assert_eq!(count.load(Ordering::Relaxed), 350, "b still reads both slots");
+        assert_eq!(read_runs(&slots, &b[..2]), 0);
+        drop(hold_b);
+        assert_eq!(count.load(Ordering::Relaxed), 0);
+        assert!(slots.map.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn read_ahead_counts_are_per_job() {
+        // Two jobs reading one object count their own slots: one's bytes never count against
+        // the other's budget.
+        let slots = Arc::new(Slots::default());
+        let (one, two) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let (hold_1, _) = slots.announce(0, 100, &[(0, 100, 100)], &one, u64::MAX);
+        let (hold_2, _) = slots.announce(200, 300, &[(200, 300, 100)], &two, u64::MAX);
+        assert_eq!((one.load(Ordering::Relaxed), two.load(Ordering::Relaxed)), (100, 100));
+        drop(hold_1);
+        assert_eq!((one.load(Ordering::Relaxed), two.load(Ordering::Relaxed)), (0, 100));
+        drop(hold_2);
+        assert_eq!(two.load(Ordering::Relaxed), 0);
+    }
 
     #[test]
     fn urls() {
