@@ -455,6 +455,17 @@ fn write_strategy(path: &Path, names: &[String], mp: u64, rows: u64, cols: u64) 
     std::fs::write(path, serde_json::to_vec(&v).unwrap()).unwrap();
 }
 
+/// A local `transform -q` of `src` into `out` (with `src_strategy` when the source is
+/// distributed): the bytes the store's conversions are compared with.
+fn transform_local(src: &Path, src_strategy: Option<&Path>, dst_strategy: &Path, out: &Path) {
+    let mut args = util::argv!["transform", "-q", "--src_ckpt_dir", src];
+    if let Some(s) = src_strategy {
+        args.extend(util::argv!["--src_ckpt_strategy", s]);
+    }
+    args.extend(util::argv!["--dst_ckpt_strategy", dst_strategy, "--dst_ckpt_dir", out]);
+    assert_ok(&util::reshard(args));
+}
+
 /// A new scratch folder (`tag`) with a sharded source (8 ranks, rows split) of about
 /// `layers` x 4 x rows x cols x 4 bytes in `src8`, its strategy and a 4-rank destination
 /// strategy: (scratch, source, source strategy, destination strategy).
@@ -465,17 +476,7 @@ fn sharded_model(tag: &str, layers: usize, rows: u64, cols: u64) -> (Scratch, Pa
     write_strategy(&s8, &names, 8, rows, cols);
     write_strategy(&s4, &names, 4, rows, cols);
     let src8 = scratch.join("src8");
-    let out = util::reshard(util::argv![
-        "transform",
-        "-q",
-        "--src_ckpt_dir",
-        scratch.join("complete"),
-        "--dst_ckpt_strategy",
-        &s8,
-        "--dst_ckpt_dir",
-        &src8
-    ]);
-    assert_ok(&out);
+    transform_local(&scratch.join("complete"), None, &s8, &src8);
     std::fs::remove_dir_all(src8.join("merged_strategy")).ok();
     for f in files_under(&src8) {
         if f.file_name().unwrap() == "reshard_manifest.json" {
@@ -528,18 +529,7 @@ fn s3_bytes_fetched_are_close_to_the_ranks_share() {
     let ep = endpoint();
     let (scratch, b, src8, s8, s4) = model_in_bucket("s3-bytes", "bytes", 4);
     let local = scratch.join("local");
-    assert_ok(&util::reshard(util::argv![
-        "transform",
-        "-q",
-        "--src_ckpt_dir",
-        &src8,
-        "--src_ckpt_strategy",
-        &s8,
-        "--dst_ckpt_strategy",
-        &s4,
-        "--dst_ckpt_dir",
-        &local
-    ]));
+    transform_local(&src8, Some(&s8), &s4, &local);
     let plan = reshard_at_strings(&ep, &from_bucket(&["plan", "--json"], &b, "mp8.json", "mp4.json"));
     assert_ok(&plan);
     let plan: serde_json::Value = serde_json::from_slice(&plan.stdout).unwrap();
@@ -1072,18 +1062,7 @@ fn s3_read_ahead_fits_the_memory_budget_and_every_job_gets_the_object_workers() 
     let ep = endpoint();
     let (scratch, b, src8, s8, s4) = model_in_bucket("s3-budget", "budget", 8);
     let local = scratch.join("local");
-    assert_ok(&util::reshard(util::argv![
-        "transform",
-        "-q",
-        "--src_ckpt_dir",
-        &src8,
-        "--src_ckpt_strategy",
-        &s8,
-        "--dst_ckpt_strategy",
-        &s4,
-        "--dst_ckpt_dir",
-        &local
-    ]));
+    transform_local(&src8, Some(&s8), &s4, &local);
     store_env_in_process(&ep);
     let src = PathBuf::from(format!("s3://{b}/src"));
     let plan = Plan::build(&src, Some(&s8), Some(&s4), &PlanOptions::default()).unwrap();
@@ -1221,16 +1200,7 @@ fn s3_a_column_split_reads_from_the_read_ahead() {
         "parallel_layout_item": items});
     std::fs::write(&s8, serde_json::to_vec(&v).unwrap()).unwrap();
     let local = scratch.join("local");
-    assert_ok(&util::reshard(util::argv![
-        "transform",
-        "-q",
-        "--src_ckpt_dir",
-        scratch.join("complete"),
-        "--dst_ckpt_strategy",
-        &s8,
-        "--dst_ckpt_dir",
-        &local
-    ]));
+    transform_local(&scratch.join("complete"), None, &s8, &local);
     let b = bucket("columns");
     upload_dir(&b, "src", &scratch.join("complete"));
     store_env_in_process(&ep);
