@@ -86,28 +86,25 @@ impl Catalogue {
     /// loopback server: planning took 1.0 s on the 2-thread pool).
     pub fn open_ranks(&self, ranks: &[u32], io: IoMode, read: ReadOptions) -> Result<Vec<Source>> {
         use rayon::prelude::*;
-        if !crate::storage::is_url(&self.dir) {
-            let pool = (ranks.len() >= 2 && LOCAL_OPENERS > rayon::current_num_threads())
-                .then(|| rayon::ThreadPoolBuilder::new().num_threads(ranks.len().min(LOCAL_OPENERS)).build().ok())
-                .flatten();
-            // Without threads of their own, local files are read on the worker pool (more
-            // slowly when cold).
-            return match pool {
-                Some(pool) => pool.install(|| ranks.par_iter().map(|&r| self.open_rank(r, io, read)).collect()),
-                None => ranks.par_iter().map(|&r| self.open_rank(r, io, read)).collect(),
-            };
+        let objects = crate::storage::is_url(&self.dir);
+        let open = || -> Result<Vec<Source>> {
+            if objects && ranks.len() >= 2 {
+                if let Some(sources) = crate::toc_predict::open_ranks(self, ranks, read)? {
+                    return Ok(sources);
+                }
+            }
+            ranks.par_iter().map(|&r| self.open_rank(r, io, read)).collect()
+        };
+        // Threads of their own, since the reads wait on the disk or the network rather than on a
+        // core; on the worker pool when it is as large, or when they cannot be started.
+        let openers = if objects { OBJECT_OPENERS } else { LOCAL_OPENERS };
+        let pool = (ranks.len() >= 2 && openers > rayon::current_num_threads())
+            .then(|| rayon::ThreadPoolBuilder::new().num_threads(ranks.len().min(openers)).build().ok())
+            .flatten();
+        match pool {
+            Some(pool) => pool.install(open),
+            None => open(),
         }
-        if ranks.len() < 2 {
-            return ranks.par_iter().map(|&r| self.open_rank(r, io, read)).collect();
-        }
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(ranks.len().min(OBJECT_OPENERS))
-            .build()
-            .map_err(|e| Error::Invalid(format!("cannot start threads to read tables of contents: {e}")))?;
-        pool.install(|| match crate::toc_predict::open_ranks(self, ranks, read)? {
-            Some(sources) => Ok(sources),
-            None => ranks.par_iter().map(|&r| self.open_rank(r, io, read)).collect(),
-        })
     }
 
     /// Opens and indexes every file of `rank` (reading only their tables of contents), and
