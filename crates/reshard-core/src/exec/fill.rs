@@ -348,7 +348,6 @@ pub(crate) fn block_file_runs(
     each: &mut FileRunFn<'_>,
 ) -> Result<()> {
     let plan = job.sources.plan();
-    let page = join;
     // (source rank, (start, end, bytes read in it)) in the source tensor's content.
     let mut runs: Vec<(u32, (u64, u64, u64))> = Vec::new();
     match &t.source {
@@ -378,7 +377,7 @@ pub(crate) fn block_file_runs(
                         .sum();
                     let (s, e) = (first * elem, (first + run) * elem);
                     cur = match cur {
-                        Some((cs, ce, read)) if s <= ce + page => Some((cs, ce.max(e), read + (e - s))),
+                        Some((cs, ce, read)) if s <= ce + join => Some((cs, ce.max(e), read + (e - s))),
                         Some(done) => {
                             runs.push((p.src_rank, done));
                             Some((s, e, e - s))
