@@ -135,11 +135,13 @@ pub fn bench(dir: &Path, reshard: &Path, sharded: &Path, train: &Path, finetune:
             .arg(&out);
         c
     };
-    let (mut direct, mut fetch_then, mut fetch) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut direct, mut fetch_then, mut fetch, mut anon) = (Vec::new(), Vec::new(), Vec::new(), 0u64);
     for _ in 0..runs {
         let _ = std::fs::remove_dir_all(&out);
         let _ = Command::new("sync").status();
-        direct.push(run(&mut transform(Path::new(&format!("s3://{BUCKET}/src")))).secs);
+        let m = run(&mut transform(Path::new(&format!("s3://{BUCKET}/src"))));
+        direct.push(m.secs);
+        anon = anon.max(m.peak_anon_kb);
         let _ = std::fs::remove_dir_all(&out);
         let _ = std::fs::remove_dir_all(&local);
         let _ = Command::new("sync").status();
@@ -161,9 +163,12 @@ pub fn bench(dir: &Path, reshard: &Path, sharded: &Path, train: &Path, finetune:
         "\n8 -> 4 (dp1 mp2 pp2), {src_mb:.0} MB of sources in SeaweedFS on loopback, output on local disk, \
          --no-sync, median of {runs}:"
     );
-    println!("| reshard from s3:// s | download (curl, 8 at once) + local transform s | of which download s | ratio |");
-    println!("|---|---|---|---|");
-    println!("| {d:.2} | {f:.2} | {g:.2} | {:.2} |", d / f);
+    println!(
+        "| reshard from s3:// s | download (curl, 8 at once) + local transform s | of which download s | ratio | \
+         reshard's peak anon MiB (--memory-budget 256) |"
+    );
+    println!("|---|---|---|---|---|");
+    println!("| {d:.2} | {f:.2} | {g:.2} | {:.2} | {} |", d / f, anon / 1024);
     println!(
         "runs: from s3:// {:?}; download + transform {:?}",
         direct.iter().map(|t| format!("{t:.2}")).collect::<Vec<_>>(),
