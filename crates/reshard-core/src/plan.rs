@@ -157,7 +157,7 @@ fn first_tensor<'a>(sources: &'a BTreeMap<u32, Source>, p: &ParamInfo) -> &'a Te
 
 /// A parameter's name: its first holder's.
 fn param_name<'a>(sources: &'a BTreeMap<u32, Source>, p: &ParamInfo) -> &'a str {
-    &first_tensor(sources, p).name
+    first_tensor(sources, p).name()
 }
 
 /// A parameter's full shape: as its sharded slices or chunks imply, else its first holder's.
@@ -165,7 +165,7 @@ fn param_full<'a>(sources: &'a BTreeMap<u32, Source>, p: &'a ParamInfo) -> &'a [
     match &p.kind {
         SrcKind::Sharded(s) => &s.full,
         SrcKind::Chunks(c) => &c.full,
-        SrcKind::Complete | SrcKind::Raw => &first_tensor(sources, p).shape,
+        SrcKind::Complete | SrcKind::Raw => first_tensor(sources, p).shape(),
     }
 }
 
@@ -590,17 +590,17 @@ impl Plan {
             for (pos, t) in s.index.tensors.iter().enumerate() {
                 // A tensor metadata.json does not describe is not part of the checkpoint
                 // (MindFormers' loader never reads it either).
-                if chunked.as_ref().is_some_and(|c| !c.contains_key(t.name.as_str())) {
-                    undescribed.push(t.name.to_string());
+                if chunked.as_ref().is_some_and(|c| !c.contains_key(t.name().as_str())) {
+                    undescribed.push(t.name().to_string());
                     if single {
                         ids.push(u32::MAX);
                     }
                     continue;
                 }
                 let known = if single {
-                    s.index.first_position(&t.name).filter(|&f| f < pos).map(|f| ids[f])
+                    s.index.first_position(t.name()).filter(|&f| f < pos).map(|f| ids[f])
                 } else {
-                    across.get(t.name.as_str()).copied()
+                    across.get(t.name().as_str()).copied()
                 };
                 if single {
                     ids.push(known.unwrap_or(params.len() as u32));
@@ -611,7 +611,7 @@ impl Plan {
                         if p.dtype != t.dtype {
                             return Err(mismatch(
                                 s,
-                                &t.name,
+                                t.name(),
                                 format!("dtype {} differs from {} in another source rank", t.dtype, p.dtype),
                             ));
                         }
@@ -619,7 +619,7 @@ impl Plan {
                     }
                     None => {
                         if !single {
-                            across.insert(&t.name, params.len() as u32);
+                            across.insert(t.name(), params.len() as u32);
                         }
                         params.push(ParamInfo {
                             dtype: t.dtype,
@@ -981,12 +981,12 @@ impl Plan {
             .unwrap_or(0);
         let (src_rank, pos) = held[j];
         let t = &self.sources[&src_rank].index.tensors[pos as usize];
-        let dims = if t.dtype == DType::Str { t.raw_dims.to_vec() } else { t.shape.to_vec() };
+        let dims = if t.dtype == DType::Str { t.raw_dims().to_vec() } else { t.shape().to_vec() };
         Ok(TensorPlan {
             name: self.name(p).to_string(),
             dtype: t.dtype,
             dims,
-            nbytes: t.nbytes,
+            nbytes: t.nbytes(),
             source: TensorSource::Raw { src_rank },
         })
     }
@@ -1191,7 +1191,7 @@ fn resolve_sharded(
     let first_holder =
         p.held.ranks().find(|&h| (start..start + stage_dev).contains(&u64::from(h))).unwrap_or(start as u32);
     let first = &sources[&first_holder];
-    let stored0 = &first.index.get(name).map(|t| t.shape.clone()).unwrap_or_default();
+    let stored0 = &first.index.get(name).map(|t| t.shape().to_vec()).unwrap_or_default();
     if layout.is_flattened(stored0.len()) {
         // MindSpore's flattened JSON form: merge dims back so that each run, split as the
         // layout says (and by the optimizer shard on dim 0), gives the stored slice.
@@ -1253,14 +1253,14 @@ fn resolve_sharded(
             }
             continue;
         };
-        if t.shape.as_slice() != b.shape.as_slice() {
+        if t.shape() != b.shape.as_slice() {
             return Err(mismatch(
                 src,
                 name,
                 format!(
                     "stored shape {:?}, but the source strategy (dev_matrix {:?}, tensor_map {:?}, opt shard size {}) gives \
                      this rank a slice of {:?} of the full {:?}",
-                    t.shape, layout.dev_matrix, layout.tensor_map, layout.opt_shard_size, b.shape, full
+                    t.shape(), layout.dev_matrix, layout.tensor_map, layout.opt_shard_size, b.shape, full
                 ),
             ));
         }
