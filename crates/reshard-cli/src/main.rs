@@ -306,6 +306,8 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
+    // Large blocks in maps of their own, whatever was freed before (many small tensors).
+    reshard_core::map_large_allocations();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
