@@ -66,10 +66,11 @@ struct Sharded {
 
 /// One of these is kept per parameter for the whole job: with many small tensors its size is
 /// a good part of the memory (300,000 of them took 100 MB as 192 bytes and five allocations
-/// each, then 71 MB as 144 bytes, a name and a shape each), hence 80 bytes and no allocation
-/// in the usual case: the name, and the full shape of a parameter that is not sharded, are
-/// its first holder's in the sources' index ([`param_name`], [`param_full`]); a single holder
-/// and a single stage are inline.
+/// each, then 71 MB as 144 bytes, a name and a shape each, then 24 MB as 80 bytes), hence 48
+/// bytes and no allocation in the usual case: the name, and the full shape of a parameter
+/// that is not sharded, are its first holder's in the sources' index ([`param_name`],
+/// [`param_full`]); a single holder is inline; the destination stages and layouts are shared
+/// with the parameters that have the same.
 #[derive(Debug, Clone)]
 struct ParamInfo {
     dtype: DType,
@@ -118,36 +119,6 @@ impl Held {
     }
 }
 
-/// A parameter's destination pipeline stages: none or one without an allocation (16 bytes).
-#[derive(Debug, Clone, Default)]
-enum Stages {
-    #[default]
-    None,
-    One(u32),
-    // A thin pointer: the enum is 16 bytes where a `Vec` makes it 32 (the rare case pays the
-    // second allocation).
-    #[allow(clippy::box_collection)]
-    Many(Box<Vec<u32>>),
-}
-
-impl Stages {
-    fn new(v: Vec<u32>) -> Stages {
-        match v.as_slice() {
-            [] => Stages::None,
-            [one] => Stages::One(*one),
-            _ => Stages::Many(Box::new(v)),
-        }
-    }
-
-    fn as_slice(&self) -> &[u32] {
-        match self {
-            Stages::None => &[],
-            Stages::One(x) => std::slice::from_ref(x),
-            Stages::Many(v) => v,
-        }
-    }
-}
-
 /// The tensor of a parameter's first holder (the first rank holding it, first position there).
 fn first_tensor<'a>(sources: &'a BTreeMap<u32, Source>, p: &ParamInfo) -> &'a TensorInfo {
     let (rank, pos) = p.held.as_slice()[0];
@@ -170,21 +141,85 @@ fn param_full<'a>(sources: &'a BTreeMap<u32, Source>, p: &'a ParamInfo) -> &'a [
 }
 
 /// The destination side of a parameter, resolved when the plan is built (so a layout that does
-/// not fit the tensor is reported before anything is written).
+/// not fit the tensor is reported before anything is written): one allocation shared by the
+/// parameters with the same (most of them, in a model of many small tensors), 8 bytes in each
+/// parameter's record where its stages, both layouts and two flags took 40.
 #[derive(Debug, Clone, Default)]
-struct DstInfo {
+struct DstInfo(Option<std::sync::Arc<DstShared>>);
+
+/// What [`DstInfo`] shares.
+#[derive(Debug, Default, PartialEq, Eq, Hash)]
+struct DstShared {
     /// The source strategy has a layout for it (or the source is complete).
     in_src: bool,
     /// The destination strategy has a layout for it.
     in_dst: bool,
     /// The destination stages it belongs to.
-    stages: Stages,
+    stages: Vec<u32>,
     /// Resolved layout for ranks of stage 0, and for ranks of later stages (MindSpore may pick
-    /// different layout items for a parameter shared by stages).
-    /// Shared between parameters with the same layout and shape (most of them, in a model
-    /// of many small tensors).
+    /// different layout items for a parameter shared by stages); each shared in turn between
+    /// parameters with the same layout and shape.
     first: Option<std::sync::Arc<ResolvedLayout>>,
     later: Option<std::sync::Arc<ResolvedLayout>>,
+}
+
+impl DstInfo {
+    /// The source strategy has a layout for it (or the source is complete).
+    fn in_src(&self) -> bool {
+        self.0.as_ref().is_some_and(|d| d.in_src)
+    }
+
+    /// The destination strategy has a layout for it.
+    fn in_dst(&self) -> bool {
+        self.0.as_ref().is_some_and(|d| d.in_dst)
+    }
+
+    /// The destination stages it belongs to.
+    fn stages(&self) -> &[u32] {
+        self.0.as_deref().map_or(&[], |d| &d.stages)
+    }
+
+    /// The resolved layout for ranks of `stage`, if the destination splits it.
+    fn layout(&self, stage: u32) -> Option<&std::sync::Arc<ResolvedLayout>> {
+        let d = self.0.as_deref()?;
+        if stage == 0 {
+            d.first.as_ref()
+        } else {
+            d.later.as_ref()
+        }
+    }
+}
+
+/// What [`resolve_dst`] shares between parameters: each distinct layout, and each distinct set
+/// of stages and layouts, once.
+#[derive(Default)]
+struct DstInterner {
+    layouts: std::collections::HashSet<std::sync::Arc<ResolvedLayout>>,
+    dsts: std::collections::HashSet<std::sync::Arc<DstShared>>,
+}
+
+impl DstInterner {
+    fn layout(&mut self, r: ResolvedLayout) -> std::sync::Arc<ResolvedLayout> {
+        match self.layouts.get(&r) {
+            Some(a) => a.clone(),
+            None => {
+                let a = std::sync::Arc::new(r);
+                self.layouts.insert(a.clone());
+                a
+            }
+        }
+    }
+
+    fn dst(&mut self, d: DstShared) -> std::sync::Arc<DstShared> {
+        match self.dsts.get(&d) {
+            Some(a) => a.clone(),
+            None => {
+                let a = std::sync::Arc::new(d);
+                self.dsts.insert(a.clone());
+                a
+            }
+        }
+    }
 }
 
 /// A box of a source slice to copy into a destination tensor.
@@ -734,7 +769,7 @@ impl Plan {
                 d.unflatten_param(param_name(&sources, p), param_full(&sources, p))?;
             }
         }
-        let mut shared = std::collections::HashSet::new();
+        let mut shared = DstInterner::default();
         for p in &mut params {
             let (name, full) = (param_name(&sources, p), param_full(&sources, p));
             p.dst = resolve_dst(
@@ -907,25 +942,24 @@ impl Plan {
         let local = u64::from(rank) % self.dst_stage_devices;
         for (i, p) in self.params.iter().enumerate() {
             let d = &p.dst;
-            let (how, into_transformed) = if self.has_dst_strategy && d.in_dst && !d.stages.as_slice().contains(&stage)
-            {
+            let (how, into_transformed) = if self.has_dst_strategy && d.in_dst() && !d.stages().contains(&stage) {
                 // Outside this rank's stage: MindSpore drops it unless the source strategy lacks it.
-                if d.in_src {
+                if d.in_src() {
                     continue;
                 }
                 (Make::Raw, false)
-            } else if self.has_dst_strategy && !d.in_dst {
+            } else if self.has_dst_strategy && !d.in_dst() {
                 // Not in the destination strategy: MindSpore copies the source slice as it is;
                 // a sharded one would be a wrong tensor, so write the complete tensor.
                 match p.kind {
                     SrcKind::Sharded(_) | SrcKind::Chunks { .. } => (Make::Whole, false),
                     _ => (Make::Raw, false),
                 }
-            } else if !d.in_src || matches!(p.kind, SrcKind::Raw) {
+            } else if !d.in_src() || matches!(p.kind, SrcKind::Raw) {
                 // A string the source strategy covers is copied whole only because it cannot be
                 // sliced: it keeps its place among the transformed parameters, so a complete
                 // source comes back in its own order.
-                (Make::Raw, d.in_src && p.dtype == DType::Str)
+                (Make::Raw, d.in_src() && p.dtype == DType::Str)
             } else {
                 (Make::Box, true)
             };
@@ -940,7 +974,7 @@ impl Plan {
             Make::Raw => self.raw(p, local),
             Make::Whole => self.pieces(p, Region::full(self.full(p)), local),
             Make::Box => {
-                let layout = if stage == 0 { p.dst.first.as_ref() } else { p.dst.later.as_ref() };
+                let layout = p.dst.layout(stage);
                 let dst_box = layout.map_or_else(|| Region::full(self.full(p)), |l| l.rank_box(local));
                 self.pieces(p, dst_box, local)
             }
@@ -1079,7 +1113,7 @@ impl Plan {
     pub fn dst_layout(&self, name: &str, stage: u32) -> Option<(&[u64], Option<&ResolvedLayout>)> {
         let i = self.param_index.binary_search_by(|&i| self.name(&self.params[i as usize]).cmp(name)).ok()?;
         let p = &self.params[self.param_index[i] as usize];
-        let l = if stage == 0 { p.dst.first.as_deref() } else { p.dst.later.as_deref() };
+        let l = p.dst.layout(stage).map(|l| &**l);
         Some((self.full(p), l))
     }
 
@@ -1097,14 +1131,15 @@ fn resolve_dst(
     src: Option<&Strategy>,
     dst: Option<&Strategy>,
     dst_stage_dev: u64,
-    shared: &mut std::collections::HashSet<std::sync::Arc<ResolvedLayout>>,
+    shared: &mut DstInterner,
 ) -> Result<DstInfo> {
     let in_src = src.is_none_or(|s| s.contains(name));
+    let outside = |shared: &mut DstInterner| DstInfo(Some(shared.dst(DstShared { in_src, ..DstShared::default() })));
     let Some(d) = dst else {
-        return Ok(DstInfo { in_src, ..DstInfo::default() });
+        return Ok(outside(shared));
     };
     if !d.contains(name) {
-        return Ok(DstInfo { in_src, ..DstInfo::default() });
+        return Ok(outside(shared));
     }
     if p.dtype != DType::Str {
         for e in d.entries(name).into_iter().flatten() {
@@ -1123,31 +1158,23 @@ fn resolve_dst(
             }
         }
     }
-    let stages = Stages::new(d.stages_of(name));
-    let mut info = DstInfo { in_src, in_dst: true, stages, first: None, later: None };
+    let mut dst = DstShared { in_src, in_dst: true, stages: d.stages_of(name), first: None, later: None };
+    dst.stages.shrink_to_fit();
     if in_src && !matches!(p.kind, SrcKind::Raw) {
         let mut resolve = |rank: u64| -> Result<Option<std::sync::Arc<ResolvedLayout>>> {
             let Some(l) = d.layout_for_rank(name, rank) else {
                 return Ok(None);
             };
-            let r = ResolvedLayout::new(l, full, name, &d.path)?;
-            Ok(Some(match shared.get(&r) {
-                Some(a) => a.clone(),
-                None => {
-                    let a = std::sync::Arc::new(r);
-                    shared.insert(a.clone());
-                    a
-                }
-            }))
+            Ok(Some(shared.layout(ResolvedLayout::new(l, full, name, &d.path)?)))
         };
-        if info.stages.as_slice().contains(&0) {
-            info.first = resolve(0)?;
+        if dst.stages.contains(&0) {
+            dst.first = resolve(0)?;
         }
-        if info.stages.as_slice().iter().any(|&s| s > 0) {
-            info.later = resolve(dst_stage_dev)?;
+        if dst.stages.iter().any(|&s| s > 0) {
+            dst.later = resolve(dst_stage_dev)?;
         }
     }
-    Ok(info)
+    Ok(DstInfo(Some(shared.dst(dst))))
 }
 
 /// The source layout of a sharded parameter, its slices, and the full shape they imply.
@@ -1323,7 +1350,8 @@ mod tests {
     fn a_parameter_record_is_small() {
         // Kept per parameter for the whole job (300,000 in the benchmark's many small tensors):
         // 144 bytes plus a name and a shape of its own before.
-        assert!(std::mem::size_of::<super::ParamInfo>() <= 80, "{}", std::mem::size_of::<super::ParamInfo>());
+        // 80 with the stages and both destination layouts in each record.
+        assert!(std::mem::size_of::<super::ParamInfo>() <= 48, "{}", std::mem::size_of::<super::ParamInfo>());
     }
 
     /// The heap one thread allocates (the test's own, whatever other tests do meanwhile).
