@@ -537,7 +537,7 @@ fn main() {
             let same = match (orig, got) {
                 (Ok(o), Ok(g)) => {
                     o.index().tensors.iter().all(|t| {
-                        g.index().get(&t.name).is_some_and(|u| u.shape == t.shape && g.content(u) == o.content(t))
+                        g.index().get(t.name()).is_some_and(|u| u.shape() == t.shape() && g.content(u) == o.content(t))
                     }) && o.index().tensors.len() == g.index().tensors.len()
                 }
                 _ => false,
@@ -623,7 +623,7 @@ fn unify_case(
             for name in ["part0.safetensors", "hyper_param.safetensors"] {
                 if let Ok(f) = reshard_core::CheckpointFile::open(&d.join(name), Default::default()) {
                     for t in &f.index().tensors {
-                        v.push((t.name.clone(), t.shape.to_vec(), f.content(t).into_owned()));
+                        v.push((t.name().clone(), t.shape().to_vec(), f.content(t).into_owned()));
                     }
                 }
             }
@@ -658,7 +658,7 @@ fn unify_case(
             let f = reshard_core::CheckpointFile::open(&p, Default::default()).unwrap_or_else(|e| die(&e.to_string()));
             for t in &f.index().tensors {
                 found += 1;
-                same &= orig.index().get(&t.name).is_some_and(|o| orig.content(o) == f.content(t));
+                same &= orig.index().get(t.name()).is_some_and(|o| orig.content(o) == f.content(t));
             }
         }
     }

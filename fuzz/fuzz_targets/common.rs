@@ -17,16 +17,16 @@ pub fn check_index(data: &[u8], idx: &CheckpointIndex) {
     assert_eq!(idx.file_len, data.len() as u64);
     for t in &idx.tensors {
         let mut sum = 0u64;
-        for s in &t.segments {
+        for s in &t.segments() {
             let end = s.offset.checked_add(s.len).expect("segment end overflows");
-            assert!(end <= data.len() as u64, "segment of '{}' past the end", t.name);
+            assert!(end <= data.len() as u64, "segment of '{}' past the end", t.name());
             sum = sum.checked_add(s.len).expect("segment sum overflows");
         }
-        assert_eq!(sum, t.nbytes, "segments of '{}' do not add up", t.name);
-        assert_eq!(content_of(data, t).len() as u64, t.nbytes);
+        assert_eq!(sum, t.nbytes(), "segments of '{}' do not add up", t.name());
+        assert_eq!(content_of(data, t).len() as u64, t.nbytes());
         if t.dtype != DType::Str {
-            let need = t.shape.iter().try_fold(t.dtype.size(), |a, &d| a.checked_mul(d));
-            assert_eq!(need, Some(t.nbytes), "'{}': shape {:?} x {}", t.name, t.shape, t.dtype);
+            let need = t.shape().iter().try_fold(t.dtype.size(), |a, &d| a.checked_mul(d));
+            assert_eq!(need, Some(t.nbytes()), "'{}': shape {:?} x {}", t.name(), t.shape(), t.dtype);
         }
     }
 }
@@ -36,10 +36,10 @@ pub fn headers(idx: &CheckpointIndex) -> Vec<TensorHeader> {
     idx.tensors
         .iter()
         .map(|t| TensorHeader {
-            name: t.name.to_string(),
+            name: t.name().to_string(),
             dtype: t.dtype,
-            dims: if t.dtype == DType::Str { t.raw_dims.to_vec() } else { t.shape.to_vec() },
-            nbytes: t.nbytes,
+            dims: if t.dtype == DType::Str { t.raw_dims().to_vec() } else { t.shape().to_vec() },
+            nbytes: t.nbytes(),
         })
         .collect()
 }
@@ -65,7 +65,7 @@ pub fn assert_same_tensors(a_data: &[u8], a: &CheckpointIndex, b_data: &[u8], b:
     let key = |data: &[u8], idx: &CheckpointIndex| -> BTreeMap<String, (DType, Vec<u64>, Vec<u8>)> {
         idx.tensors
             .iter()
-            .map(|t| (t.name.to_string(), (t.dtype, t.shape.to_vec(), content_of(data, t).into_owned())))
+            .map(|t| (t.name().to_string(), (t.dtype, t.shape().to_vec(), content_of(data, t).into_owned())))
             .collect()
     };
     assert_eq!(key(a_data, a), key(b_data, b), "round trip changed the tensors");

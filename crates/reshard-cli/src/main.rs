@@ -306,6 +306,8 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
+    // Large blocks in maps of their own, whatever was freed before (many small tensors).
+    reshard_core::map_large_allocations();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -612,25 +614,31 @@ fn inspect_checkpoint(f: &CheckpointFile, json: bool) -> Result<(), Error> {
     // A string's dims are what the file says ([0] as MindSpore writes them), not a shape.
     let shape = |t: &reshard_core::checkpoint::TensorInfo| {
         if t.dtype == reshard_core::DType::Str {
-            t.raw_dims.to_vec()
+            t.raw_dims().to_vec()
         } else {
-            t.shape.to_vec()
+            t.shape().to_vec()
         }
     };
     if json {
         let tensors: Vec<_> = idx
             .tensors
             .iter()
-            .map(|t| serde_json::json!({"name": t.name, "dtype": t.dtype.ckpt_name(), "shape": shape(t), "bytes": t.nbytes}))
+            .map(|t| serde_json::json!({"name": t.name(), "dtype": t.dtype.ckpt_name(), "shape": shape(t), "bytes": t.nbytes()}))
             .collect();
         outln!("{}", serde_json::to_string_pretty(&serde_json::json!({ "tensors": tensors })).unwrap_or_default());
     } else {
-        let w = name_column(idx.tensors.iter().map(|t| t.name.as_str()));
+        let w = name_column(idx.tensors.iter().map(|t| t.name().as_str()));
         outln!("{:<w$}  {:<9}  {:<20}  {:>12}", "name", "dtype", "shape", "bytes");
         for t in &idx.tensors {
-            outln!("{:<w$}  {:<9}  {:<20}  {:>12}", t.name, t.dtype.ckpt_name(), format!("{:?}", shape(t)), t.nbytes);
+            outln!(
+                "{:<w$}  {:<9}  {:<20}  {:>12}",
+                t.name(),
+                t.dtype.ckpt_name(),
+                format!("{:?}", shape(t)),
+                t.nbytes()
+            );
         }
-        let total: u64 = idx.tensors.iter().map(|t| t.nbytes).sum();
+        let total: u64 = idx.tensors.iter().map(|t| t.nbytes()).sum();
         let crc = idx.crc.map(|c| format!(", crc32 {c:#010x} verified")).unwrap_or_default();
         outln!("{} tensors, {} bytes of content, file {} bytes{}", idx.tensors.len(), total, idx.file_len, crc);
     }

@@ -357,12 +357,12 @@ pub fn resolve_all(table: &ChunkTable, sources: &BTreeMap<u32, Source>) -> Resul
                         detail: format!("{what}, but the file does not hold that tensor"),
                     });
                 };
-                if info.shape.as_slice() != c.region.shape.as_slice() {
+                if info.shape() != c.region.shape.as_slice() {
                     return Err(Error::ShapeMismatch {
                         path,
                         rank: *rank,
                         param: name.clone(),
-                        detail: format!("{what}, but the file holds shape {:?}", info.shape),
+                        detail: format!("{what}, but the file holds shape {:?}", info.shape()),
                     });
                 }
                 if !info.dtype.ckpt_name().eq_ignore_ascii_case(&t.dtype) {
@@ -551,9 +551,9 @@ pub fn check(root: &Root) -> Result<CheckReport> {
             for s in sources.values() {
                 for t in &s.index.tensors {
                     tensors.push(TensorSummary {
-                        name: t.name.to_string(),
+                        name: t.name().to_string(),
                         dtype: t.dtype.ckpt_name().to_string(),
-                        global_shape: t.shape.to_vec(),
+                        global_shape: t.shape().to_vec(),
                         chunks: 1,
                         copies: 1,
                     });

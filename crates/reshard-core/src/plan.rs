@@ -66,10 +66,11 @@ struct Sharded {
 
 /// One of these is kept per parameter for the whole job: with many small tensors its size is
 /// a good part of the memory (300,000 of them took 100 MB as 192 bytes and five allocations
-/// each, then 71 MB as 144 bytes, a name and a shape each), hence 80 bytes and no allocation
-/// in the usual case: the name, and the full shape of a parameter that is not sharded, are
-/// its first holder's in the sources' index ([`param_name`], [`param_full`]); a single holder
-/// and a single stage are inline.
+/// each, then 71 MB as 144 bytes, a name and a shape each, then 24 MB as 80 bytes), hence 48
+/// bytes and no allocation in the usual case: the name, and the full shape of a parameter
+/// that is not sharded, are its first holder's in the sources' index ([`param_name`],
+/// [`param_full`]); a single holder is inline; the destination stages and layouts are shared
+/// with the parameters that have the same.
 #[derive(Debug, Clone)]
 struct ParamInfo {
     dtype: DType,
@@ -118,36 +119,6 @@ impl Held {
     }
 }
 
-/// A parameter's destination pipeline stages: none or one without an allocation (16 bytes).
-#[derive(Debug, Clone, Default)]
-enum Stages {
-    #[default]
-    None,
-    One(u32),
-    // A thin pointer: the enum is 16 bytes where a `Vec` makes it 32 (the rare case pays the
-    // second allocation).
-    #[allow(clippy::box_collection)]
-    Many(Box<Vec<u32>>),
-}
-
-impl Stages {
-    fn new(v: Vec<u32>) -> Stages {
-        match v.as_slice() {
-            [] => Stages::None,
-            [one] => Stages::One(*one),
-            _ => Stages::Many(Box::new(v)),
-        }
-    }
-
-    fn as_slice(&self) -> &[u32] {
-        match self {
-            Stages::None => &[],
-            Stages::One(x) => std::slice::from_ref(x),
-            Stages::Many(v) => v,
-        }
-    }
-}
-
 /// The tensor of a parameter's first holder (the first rank holding it, first position there).
 fn first_tensor<'a>(sources: &'a BTreeMap<u32, Source>, p: &ParamInfo) -> &'a TensorInfo {
     let (rank, pos) = p.held.as_slice()[0];
@@ -157,7 +128,7 @@ fn first_tensor<'a>(sources: &'a BTreeMap<u32, Source>, p: &ParamInfo) -> &'a Te
 
 /// A parameter's name: its first holder's.
 fn param_name<'a>(sources: &'a BTreeMap<u32, Source>, p: &ParamInfo) -> &'a str {
-    &first_tensor(sources, p).name
+    first_tensor(sources, p).name()
 }
 
 /// A parameter's full shape: as its sharded slices or chunks imply, else its first holder's.
@@ -165,26 +136,90 @@ fn param_full<'a>(sources: &'a BTreeMap<u32, Source>, p: &'a ParamInfo) -> &'a [
     match &p.kind {
         SrcKind::Sharded(s) => &s.full,
         SrcKind::Chunks(c) => &c.full,
-        SrcKind::Complete | SrcKind::Raw => &first_tensor(sources, p).shape,
+        SrcKind::Complete | SrcKind::Raw => first_tensor(sources, p).shape(),
     }
 }
 
 /// The destination side of a parameter, resolved when the plan is built (so a layout that does
-/// not fit the tensor is reported before anything is written).
+/// not fit the tensor is reported before anything is written): one allocation shared by the
+/// parameters with the same (most of them, in a model of many small tensors), 8 bytes in each
+/// parameter's record where its stages, both layouts and two flags took 40.
 #[derive(Debug, Clone, Default)]
-struct DstInfo {
+struct DstInfo(Option<std::sync::Arc<DstShared>>);
+
+/// What [`DstInfo`] shares.
+#[derive(Debug, Default, PartialEq, Eq, Hash)]
+struct DstShared {
     /// The source strategy has a layout for it (or the source is complete).
     in_src: bool,
     /// The destination strategy has a layout for it.
     in_dst: bool,
     /// The destination stages it belongs to.
-    stages: Stages,
+    stages: Vec<u32>,
     /// Resolved layout for ranks of stage 0, and for ranks of later stages (MindSpore may pick
-    /// different layout items for a parameter shared by stages).
-    /// Shared between parameters with the same layout and shape (most of them, in a model
-    /// of many small tensors).
+    /// different layout items for a parameter shared by stages); each shared in turn between
+    /// parameters with the same layout and shape.
     first: Option<std::sync::Arc<ResolvedLayout>>,
     later: Option<std::sync::Arc<ResolvedLayout>>,
+}
+
+impl DstInfo {
+    /// The source strategy has a layout for it (or the source is complete).
+    fn in_src(&self) -> bool {
+        self.0.as_ref().is_some_and(|d| d.in_src)
+    }
+
+    /// The destination strategy has a layout for it.
+    fn in_dst(&self) -> bool {
+        self.0.as_ref().is_some_and(|d| d.in_dst)
+    }
+
+    /// The destination stages it belongs to.
+    fn stages(&self) -> &[u32] {
+        self.0.as_deref().map_or(&[], |d| &d.stages)
+    }
+
+    /// The resolved layout for ranks of `stage`, if the destination splits it.
+    fn layout(&self, stage: u32) -> Option<&std::sync::Arc<ResolvedLayout>> {
+        let d = self.0.as_deref()?;
+        if stage == 0 {
+            d.first.as_ref()
+        } else {
+            d.later.as_ref()
+        }
+    }
+}
+
+/// What [`resolve_dst`] shares between parameters: each distinct layout, and each distinct set
+/// of stages and layouts, once.
+#[derive(Default)]
+struct DstInterner {
+    layouts: std::collections::HashSet<std::sync::Arc<ResolvedLayout>>,
+    dsts: std::collections::HashSet<std::sync::Arc<DstShared>>,
+}
+
+impl DstInterner {
+    fn layout(&mut self, r: ResolvedLayout) -> std::sync::Arc<ResolvedLayout> {
+        match self.layouts.get(&r) {
+            Some(a) => a.clone(),
+            None => {
+                let a = std::sync::Arc::new(r);
+                self.layouts.insert(a.clone());
+                a
+            }
+        }
+    }
+
+    fn dst(&mut self, d: DstShared) -> std::sync::Arc<DstShared> {
+        match self.dsts.get(&d) {
+            Some(a) => a.clone(),
+            None => {
+                let a = std::sync::Arc::new(d);
+                self.dsts.insert(a.clone());
+                a
+            }
+        }
+    }
 }
 
 /// A box of a source slice to copy into a destination tensor.
@@ -590,17 +625,17 @@ impl Plan {
             for (pos, t) in s.index.tensors.iter().enumerate() {
                 // A tensor metadata.json does not describe is not part of the checkpoint
                 // (MindFormers' loader never reads it either).
-                if chunked.as_ref().is_some_and(|c| !c.contains_key(t.name.as_str())) {
-                    undescribed.push(t.name.to_string());
+                if chunked.as_ref().is_some_and(|c| !c.contains_key(t.name().as_str())) {
+                    undescribed.push(t.name().to_string());
                     if single {
                         ids.push(u32::MAX);
                     }
                     continue;
                 }
                 let known = if single {
-                    s.index.first_position(&t.name).filter(|&f| f < pos).map(|f| ids[f])
+                    s.index.first_position(t.name()).filter(|&f| f < pos).map(|f| ids[f])
                 } else {
-                    across.get(t.name.as_str()).copied()
+                    across.get(t.name().as_str()).copied()
                 };
                 if single {
                     ids.push(known.unwrap_or(params.len() as u32));
@@ -611,7 +646,7 @@ impl Plan {
                         if p.dtype != t.dtype {
                             return Err(mismatch(
                                 s,
-                                &t.name,
+                                t.name(),
                                 format!("dtype {} differs from {} in another source rank", t.dtype, p.dtype),
                             ));
                         }
@@ -619,7 +654,7 @@ impl Plan {
                     }
                     None => {
                         if !single {
-                            across.insert(&t.name, params.len() as u32);
+                            across.insert(t.name(), params.len() as u32);
                         }
                         params.push(ParamInfo {
                             dtype: t.dtype,
@@ -734,7 +769,7 @@ impl Plan {
                 d.unflatten_param(param_name(&sources, p), param_full(&sources, p))?;
             }
         }
-        let mut shared = std::collections::HashSet::new();
+        let mut shared = DstInterner::default();
         for p in &mut params {
             let (name, full) = (param_name(&sources, p), param_full(&sources, p));
             p.dst = resolve_dst(
@@ -843,12 +878,18 @@ impl Plan {
     /// time, identical to the rank plan's.
     pub(crate) fn rank_order(&self, rank: u32) -> Result<RankOrder> {
         let stage = self.check_rank(rank)?;
-        let (mut transformed, mut copied) = (Vec::new(), Vec::new());
+        // The parameters' order as it is kept, 8 bytes a tensor, sized once and sorted in place:
+        // grown by doubling as (usize, Make) pairs and sorted with a cache of keys, the list took
+        // 15.6 MB for a rank of 300,000 tensors where it keeps 2.4 MB, and the worker that wrote
+        // the rank kept those 16 MB of heap resident for the rest of the job.
+        let mut transformed: Vec<(u32, Make)> = Vec::with_capacity(self.params.len());
+        let mut copied: Vec<(u32, Make)> = Vec::new();
         let mut used = std::collections::BTreeSet::new();
         let mut bytes_written = 0;
         self.each_tensor(rank, |i, how, into_transformed, t| {
             let list = if into_transformed { &mut transformed } else { &mut copied };
-            list.push((i, how));
+            // `params.len()` fits in u32 (positions are u32 in the index).
+            list.push((i as u32, how));
             bytes_written += t.nbytes;
             match &t.source {
                 TensorSource::Raw { src_rank } => {
@@ -857,12 +898,18 @@ impl Plan {
                 TensorSource::Pieces { pieces, .. } => used.extend(pieces.iter().map(|p| p.src_rank)),
             }
         })?;
-        let mut src_ranks: Vec<u32> = used.into_iter().collect();
-        self.order_like_mindspore(&mut src_ranks, &mut transformed, &mut copied);
-        src_ranks.reverse();
+        // Ascending, as `RankOrder::src_ranks` keeps them; the order reads them highest first.
+        let src_ranks: Vec<u32> = used.into_iter().collect();
+        let used: Vec<u32> = src_ranks.iter().rev().copied().collect();
+        // Both lists are in parameter order: ties broken by it sort as a stable sort would,
+        // without its buffer. The keys are computed as compared (a cache took 24 bytes a
+        // tensor); the lists are usually in order already, which the sort finds in one pass.
+        transformed.sort_unstable_by_key(|&(i, _)| (self.appearance_key(&used, i as usize), i));
+        copied.sort_unstable_by_key(|&(i, _)| (self.appearance_key(&used, i as usize), i));
+        // Within the capacity: each parameter is in one of the lists at most once.
         transformed.append(&mut copied);
-        let tensors = transformed.into_iter().map(|(i, how)| (i as u32, how)).collect();
-        Ok(RankOrder { rank, stage, tensors, src_ranks, bytes_written })
+        transformed.shrink_to_fit();
+        Ok(RankOrder { rank, stage, tensors: transformed, src_ranks, bytes_written })
     }
 
     /// The tensor plans of `entries` (consecutive entries of `order`).
@@ -895,25 +942,24 @@ impl Plan {
         let local = u64::from(rank) % self.dst_stage_devices;
         for (i, p) in self.params.iter().enumerate() {
             let d = &p.dst;
-            let (how, into_transformed) = if self.has_dst_strategy && d.in_dst && !d.stages.as_slice().contains(&stage)
-            {
+            let (how, into_transformed) = if self.has_dst_strategy && d.in_dst() && !d.stages().contains(&stage) {
                 // Outside this rank's stage: MindSpore drops it unless the source strategy lacks it.
-                if d.in_src {
+                if d.in_src() {
                     continue;
                 }
                 (Make::Raw, false)
-            } else if self.has_dst_strategy && !d.in_dst {
+            } else if self.has_dst_strategy && !d.in_dst() {
                 // Not in the destination strategy: MindSpore copies the source slice as it is;
                 // a sharded one would be a wrong tensor, so write the complete tensor.
                 match p.kind {
                     SrcKind::Sharded(_) | SrcKind::Chunks { .. } => (Make::Whole, false),
                     _ => (Make::Raw, false),
                 }
-            } else if !d.in_src || matches!(p.kind, SrcKind::Raw) {
+            } else if !d.in_src() || matches!(p.kind, SrcKind::Raw) {
                 // A string the source strategy covers is copied whole only because it cannot be
                 // sliced: it keeps its place among the transformed parameters, so a complete
                 // source comes back in its own order.
-                (Make::Raw, d.in_src && p.dtype == DType::Str)
+                (Make::Raw, d.in_src() && p.dtype == DType::Str)
             } else {
                 (Make::Box, true)
             };
@@ -928,7 +974,7 @@ impl Plan {
             Make::Raw => self.raw(p, local),
             Make::Whole => self.pieces(p, Region::full(self.full(p)), local),
             Make::Box => {
-                let layout = if stage == 0 { p.dst.first.as_ref() } else { p.dst.later.as_ref() };
+                let layout = p.dst.layout(stage);
                 let dst_box = layout.map_or_else(|| Region::full(self.full(p)), |l| l.rank_box(local));
                 self.pieces(p, dst_box, local)
             }
@@ -941,28 +987,23 @@ impl Plan {
     fn order_like_mindspore<T>(&self, used: &mut Vec<u32>, transformed: &mut [(usize, T)], copied: &mut [(usize, T)]) {
         used.sort_unstable_by(|a, b| b.cmp(a));
         used.dedup();
-        // Key: (first used file holding it, its position there). Files of one stage list their
-        // parameters in the same order, so this is the order of first appearance.
-        let key = |i: &usize| {
-            let p = &self.params[*i];
-            used.iter()
-                .enumerate()
-                .find_map(|(k, u)| {
-                    let h = p.held.as_slice();
-                    h.binary_search_by_key(u, |x| x.0).ok().map(|j| (k, h[j].1))
-                })
-                .unwrap_or((usize::MAX, u32::MAX))
-        };
-        match &self.folder_order {
-            Some(o) => {
-                transformed.sort_by_cached_key(|(i, _)| (o[*i], key(i)));
-                copied.sort_by_cached_key(|(i, _)| (o[*i], key(i)));
-            }
-            None => {
-                transformed.sort_by_cached_key(|(i, _)| key(i));
-                copied.sort_by_cached_key(|(i, _)| key(i));
-            }
-        }
+        transformed.sort_by_cached_key(|(i, _)| self.appearance_key(used, *i));
+        copied.sort_by_cached_key(|(i, _)| self.appearance_key(used, *i));
+    }
+
+    /// Where parameter `i` comes in [`Plan::order_like_mindspore`]'s order, given the source
+    /// ranks read highest first: (its place in a folder's strategy order, the first of `used`
+    /// holding it, its position there). Files of one stage list their parameters in the same
+    /// order, so this is the order of first appearance.
+    fn appearance_key(&self, used: &[u32], i: usize) -> (u32, usize, u32) {
+        let p = &self.params[i];
+        let h = p.held.as_slice();
+        let (k, pos) = used
+            .iter()
+            .enumerate()
+            .find_map(|(k, u)| h.binary_search_by_key(u, |x| x.0).ok().map(|j| (k, h[j].1)))
+            .unwrap_or((usize::MAX, u32::MAX));
+        (self.folder_order.as_ref().map_or(0, |o| o[i]), k, pos)
     }
 
     fn raw(&self, p: &ParamInfo, local: u64) -> Result<TensorPlan> {
@@ -974,12 +1015,12 @@ impl Plan {
             .unwrap_or(0);
         let (src_rank, pos) = held[j];
         let t = &self.sources[&src_rank].index.tensors[pos as usize];
-        let dims = if t.dtype == DType::Str { t.raw_dims.to_vec() } else { t.shape.to_vec() };
+        let dims = if t.dtype == DType::Str { t.raw_dims().to_vec() } else { t.shape().to_vec() };
         Ok(TensorPlan {
             name: self.name(p).to_string(),
             dtype: t.dtype,
             dims,
-            nbytes: t.nbytes,
+            nbytes: t.nbytes(),
             source: TensorSource::Raw { src_rank },
         })
     }
@@ -1072,7 +1113,7 @@ impl Plan {
     pub fn dst_layout(&self, name: &str, stage: u32) -> Option<(&[u64], Option<&ResolvedLayout>)> {
         let i = self.param_index.binary_search_by(|&i| self.name(&self.params[i as usize]).cmp(name)).ok()?;
         let p = &self.params[self.param_index[i] as usize];
-        let l = if stage == 0 { p.dst.first.as_deref() } else { p.dst.later.as_deref() };
+        let l = p.dst.layout(stage).map(|l| &**l);
         Some((self.full(p), l))
     }
 
@@ -1090,14 +1131,15 @@ fn resolve_dst(
     src: Option<&Strategy>,
     dst: Option<&Strategy>,
     dst_stage_dev: u64,
-    shared: &mut std::collections::HashSet<std::sync::Arc<ResolvedLayout>>,
+    shared: &mut DstInterner,
 ) -> Result<DstInfo> {
     let in_src = src.is_none_or(|s| s.contains(name));
+    let outside = |shared: &mut DstInterner| DstInfo(Some(shared.dst(DstShared { in_src, ..DstShared::default() })));
     let Some(d) = dst else {
-        return Ok(DstInfo { in_src, ..DstInfo::default() });
+        return Ok(outside(shared));
     };
     if !d.contains(name) {
-        return Ok(DstInfo { in_src, ..DstInfo::default() });
+        return Ok(outside(shared));
     }
     if p.dtype != DType::Str {
         for e in d.entries(name).into_iter().flatten() {
@@ -1116,31 +1158,23 @@ fn resolve_dst(
             }
         }
     }
-    let stages = Stages::new(d.stages_of(name));
-    let mut info = DstInfo { in_src, in_dst: true, stages, first: None, later: None };
+    let mut dst = DstShared { in_src, in_dst: true, stages: d.stages_of(name), first: None, later: None };
+    dst.stages.shrink_to_fit();
     if in_src && !matches!(p.kind, SrcKind::Raw) {
         let mut resolve = |rank: u64| -> Result<Option<std::sync::Arc<ResolvedLayout>>> {
             let Some(l) = d.layout_for_rank(name, rank) else {
                 return Ok(None);
             };
-            let r = ResolvedLayout::new(l, full, name, &d.path)?;
-            Ok(Some(match shared.get(&r) {
-                Some(a) => a.clone(),
-                None => {
-                    let a = std::sync::Arc::new(r);
-                    shared.insert(a.clone());
-                    a
-                }
-            }))
+            Ok(Some(shared.layout(ResolvedLayout::new(l, full, name, &d.path)?)))
         };
-        if info.stages.as_slice().contains(&0) {
-            info.first = resolve(0)?;
+        if dst.stages.contains(&0) {
+            dst.first = resolve(0)?;
         }
-        if info.stages.as_slice().iter().any(|&s| s > 0) {
-            info.later = resolve(dst_stage_dev)?;
+        if dst.stages.iter().any(|&s| s > 0) {
+            dst.later = resolve(dst_stage_dev)?;
         }
     }
-    Ok(info)
+    Ok(DstInfo(Some(shared.dst(dst))))
 }
 
 /// The source layout of a sharded parameter, its slices, and the full shape they imply.
@@ -1184,7 +1218,7 @@ fn resolve_sharded(
     let first_holder =
         p.held.ranks().find(|&h| (start..start + stage_dev).contains(&u64::from(h))).unwrap_or(start as u32);
     let first = &sources[&first_holder];
-    let stored0 = &first.index.get(name).map(|t| t.shape.clone()).unwrap_or_default();
+    let stored0 = &first.index.get(name).map(|t| t.shape().to_vec()).unwrap_or_default();
     if layout.is_flattened(stored0.len()) {
         // MindSpore's flattened JSON form: merge dims back so that each run, split as the
         // layout says (and by the optimizer shard on dim 0), gives the stored slice.
@@ -1246,14 +1280,14 @@ fn resolve_sharded(
             }
             continue;
         };
-        if t.shape.as_slice() != b.shape.as_slice() {
+        if t.shape() != b.shape.as_slice() {
             return Err(mismatch(
                 src,
                 name,
                 format!(
                     "stored shape {:?}, but the source strategy (dev_matrix {:?}, tensor_map {:?}, opt shard size {}) gives \
                      this rank a slice of {:?} of the full {:?}",
-                    t.shape, layout.dev_matrix, layout.tensor_map, layout.opt_shard_size, b.shape, full
+                    t.shape(), layout.dev_matrix, layout.tensor_map, layout.opt_shard_size, b.shape, full
                 ),
             ));
         }
@@ -1316,7 +1350,127 @@ mod tests {
     fn a_parameter_record_is_small() {
         // Kept per parameter for the whole job (300,000 in the benchmark's many small tensors):
         // 144 bytes plus a name and a shape of its own before.
-        assert!(std::mem::size_of::<super::ParamInfo>() <= 80, "{}", std::mem::size_of::<super::ParamInfo>());
+        // 80 with the stages and both destination layouts in each record.
+        assert!(std::mem::size_of::<super::ParamInfo>() <= 48, "{}", std::mem::size_of::<super::ParamInfo>());
+    }
+
+    /// The heap one thread allocates (the test's own, whatever other tests do meanwhile).
+    mod thread_heap {
+        use std::alloc::{GlobalAlloc, Layout, System};
+        use std::cell::Cell;
+
+        thread_local! {
+            static LIVE: Cell<isize> = const { Cell::new(0) };
+            static PEAK: Cell<isize> = const { Cell::new(0) };
+        }
+
+        fn grew(n: isize) {
+            // `try_with`: nothing is counted while a thread's locals are torn down.
+            let _ = LIVE.try_with(|l| {
+                l.set(l.get() + n);
+                let _ = PEAK.try_with(|p| p.set(p.get().max(l.get())));
+            });
+        }
+
+        /// The system allocator, counting each thread's live bytes.
+        struct Counting;
+
+        // SAFETY: every call is passed on to the system allocator unchanged; only the calling
+        // thread's counters (const-initialised, without destructors) are updated.
+        #[allow(unsafe_code)]
+        unsafe impl GlobalAlloc for Counting {
+            unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+                grew(l.size() as isize);
+                // SAFETY: the caller's layout, as GlobalAlloc::alloc requires.
+                unsafe { System.alloc(l) }
+            }
+            unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+                grew(-(l.size() as isize));
+                // SAFETY: `p` came from `alloc` with layout `l`.
+                unsafe { System.dealloc(p, l) }
+            }
+            unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
+                grew(new as isize - l.size() as isize);
+                // SAFETY: `p` came from `alloc` with layout `l`, as the caller guarantees.
+                unsafe { System.realloc(p, l, new) }
+            }
+        }
+
+        #[global_allocator]
+        static COUNTING: Counting = Counting;
+
+        /// Bytes this thread allocated at its peak during `f`, beyond what it held before.
+        pub(super) fn peak_during<T>(f: impl FnOnce() -> T) -> (T, usize) {
+            let before = LIVE.with(Cell::get);
+            PEAK.with(|p| p.set(before));
+            let out = f();
+            (out, (PEAK.with(Cell::get) - before).max(0) as usize)
+        }
+    }
+
+    /// A complete checkpoint of `n` tensors of 2 floats in `dir/src/rank_0`.
+    fn complete_source(dir: &std::path::Path, n: usize) -> std::path::PathBuf {
+        use crate::checkpoint::TensorHeader;
+        let headers: Vec<TensorHeader> = (0..n)
+            .map(|i| TensorHeader { name: format!("p{i}"), dtype: crate::DType::Float32, dims: vec![2], nbytes: 8 })
+            .collect();
+        let contents = vec![[0u8; 8]; n];
+        let refs: Vec<&[u8]> = contents.iter().map(|c| &c[..]).collect();
+        let src = dir.join("src");
+        std::fs::create_dir_all(src.join("rank_0")).unwrap();
+        let bytes = crate::ckpt::layout(&headers, crate::ckpt::CHUNK_BYTES).render(&refs);
+        std::fs::write(src.join("rank_0/model.ckpt"), bytes).unwrap();
+        src
+    }
+
+    #[test]
+    fn a_rank_order_takes_8_bytes_a_tensor_while_it_is_made() {
+        // A rank's order is made again for each rank written (and each counted): grown by
+        // doubling as (usize, Make) pairs and sorted with a cache of keys it took 44 bytes a
+        // tensor at its peak here (52, 15.6 MB, for 300,000), which the worker's heap kept
+        // resident.
+        const N: usize = 50_000;
+        let dir = std::env::temp_dir().join(format!("reshard-rank-order-{}", std::process::id()));
+        let plan = super::Plan::build(&complete_source(&dir, N), None, None, &Default::default()).unwrap();
+        let (order, peak) = thread_heap::peak_during(|| plan.rank_order(0).unwrap());
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(order.tensors.len(), N);
+        assert_eq!(std::mem::size_of_val(&order.tensors[0]), 8);
+        assert!(peak <= 12 * N, "{} bytes a tensor", peak / N);
+    }
+
+    #[test]
+    fn a_rank_order_makes_the_rank_plans_tensors_in_its_order() {
+        // Several source ranks, two stages, transformed and copied parameters (the llama
+        // example), and a complete folder of two files read in its strategy's order.
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let ex = root.join("examples/llama_tiny");
+        let hf = root.join("tests/fixtures/st_era/hf");
+        let plans = [
+            super::Plan::build(
+                &ex.join("train/checkpoint"),
+                Some(&ex.join("train/strategy")),
+                Some(&ex.join("finetune/strategy")),
+                &Default::default(),
+            ),
+            super::Plan::build(
+                &ex.join("train/checkpoint"),
+                Some(&ex.join("train/strategy")),
+                None,
+                &Default::default(),
+            ),
+            super::Plan::build(&hf, None, Some(&hf.join("dst_strategy.ckpt")), &Default::default()),
+        ];
+        for plan in plans {
+            let plan = plan.unwrap();
+            for r in 0..plan.dst_rank_count() {
+                let whole = plan.rank_plan(r).unwrap();
+                let order = plan.rank_order(r).unwrap();
+                assert_eq!(plan.tensor_plans(&order, &order.tensors).unwrap(), whole.tensors, "rank {r}");
+                assert_eq!(order.src_ranks, whole.src_ranks(), "rank {r}");
+                assert_eq!(order.bytes_written, whole.bytes_written(), "rank {r}");
+            }
+        }
     }
 
     #[test]

@@ -144,11 +144,11 @@ impl Catalogue {
         // A folder with a map (unified, Hugging Face index): MindSpore's loader takes the
         // tensors in the map's order, then the hyper-parameters.
         if let Some(order) = crate::source_unified::map_order(paths) {
-            tensors.sort_by_key(|t| order.get(t.name.as_str()).copied().unwrap_or(usize::MAX));
+            tensors.sort_by_key(|t| order.get(t.name().as_str()).copied().unwrap_or(usize::MAX));
         }
         let index = CheckpointIndex::new(format, tensors, file_len, None, metadata);
         if let Some((a, b)) = index.first_repeat() {
-            let name = &index.tensors[a].name;
+            let name = &index.tensors[a].name();
             return Err(Error::Source {
                 path: self.dir.join(format!("rank_{rank}")),
                 detail: format!(

@@ -117,12 +117,12 @@ pub fn check_map(map: &WeightMap, files: &[PathBuf]) -> Result<()> {
         }
         let idx = CheckpointFile::open_with(f, ReadOptions { verify_crc: false }, IoMode::Pread)?.into_index();
         for t in &idx.tensors {
-            if let Some(other) = holder.insert(t.name.to_string(), k) {
+            if let Some(other) = holder.insert(t.name().to_string(), k) {
                 return Err(Error::Source {
                     path: map.path.clone(),
                     detail: format!(
                         "tensor '{}' is in both {} and {}; the files of one checkpoint must hold each tensor once",
-                        t.name,
+                        t.name(),
                         files[other].display(),
                         f.display()
                     ),

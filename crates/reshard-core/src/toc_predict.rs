@@ -176,7 +176,7 @@ mod tests {
         let used_len: usize = used.iter().map(|(_, b)| b.len()).sum();
         assert!(used_len < 200, "{used_len} bytes used for 3 headers");
         for t in &index.tensors {
-            for s in &t.segments {
+            for s in &t.segments() {
                 assert!(used.iter().all(|(at, b)| at + b.len() as u64 <= s.offset || *at >= s.offset + s.len));
             }
         }

@@ -257,12 +257,12 @@ fn rank_files(dir: &Path) -> Result<BTreeMap<u32, (PathBuf, Vec<PathBuf>)>> {
 
 /// The stored tensor `t` of source rank 0 copied as it is.
 fn raw_from_rank0(t: &TensorInfo) -> TensorPlan {
-    let dims = if t.dtype == DType::Str { t.raw_dims.to_vec() } else { t.shape.to_vec() };
+    let dims = if t.dtype == DType::Str { t.raw_dims().to_vec() } else { t.shape().to_vec() };
     TensorPlan {
-        name: t.name.to_string(),
+        name: t.name().to_string(),
         dtype: t.dtype,
         dims,
-        nbytes: t.nbytes,
+        nbytes: t.nbytes(),
         source: TensorSource::Raw { src_rank: 0 },
     }
 }
@@ -304,12 +304,15 @@ pub fn unify(src_dir: &Path, src_strategy: &Path, dst_dir: &Path, opts: &UnifyOp
     let mut in_parts: std::collections::HashSet<String> = std::collections::HashSet::new();
     for r in &folders {
         for t in &plan.sources[r].index.tensors {
-            if in_parts.contains(t.name.as_str()) || !strategy.contains(&t.name) || t.name.starts_with("accu_grads") {
+            if in_parts.contains(t.name().as_str())
+                || !strategy.contains(t.name())
+                || t.name().starts_with("accu_grads")
+            {
                 continue;
             }
-            let Some(ft) = full.get(t.name.as_str()) else { continue };
-            in_parts.insert(t.name.to_string());
-            sizes.push((t.name.to_string(), ft.nbytes));
+            let Some(ft) = full.get(t.name().as_str()) else { continue };
+            in_parts.insert(t.name().to_string());
+            sizes.push((t.name().to_string(), ft.nbytes));
         }
     }
     let (parts, total_size) = split_parts(&sizes, opts.part_bytes);
@@ -346,7 +349,7 @@ pub fn unify(src_dir: &Path, src_strategy: &Path, dst_dir: &Path, opts: &UnifyOp
         detail: "no rank_0: MindSpore's unified folder takes its hyper-parameters from rank 0".into(),
     })?;
     let hyper: Vec<TensorPlan> =
-        rank0.index.tensors.iter().filter(|t| !in_parts.contains(t.name.as_str())).map(raw_from_rank0).collect();
+        rank0.index.tensors.iter().filter(|t| !in_parts.contains(t.name().as_str())).map(raw_from_rank0).collect();
     if !hyper.is_empty() && first_task {
         outputs.push(NamedOutput {
             name: HYPER_PARAM.into(),

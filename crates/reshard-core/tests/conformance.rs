@@ -26,7 +26,7 @@ fn tensors(path: &Path) -> Vec<(String, String, Vec<u64>, Vec<u8>)> {
     f.index()
         .tensors
         .iter()
-        .map(|t| (t.name.to_string(), t.dtype.ckpt_name().to_string(), t.shape.to_vec(), f.content(t).into_owned()))
+        .map(|t| (t.name().to_string(), t.dtype.ckpt_name().to_string(), t.shape().to_vec(), f.content(t).into_owned()))
         .collect()
 }
 

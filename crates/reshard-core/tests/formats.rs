@@ -64,20 +64,20 @@ fn compare(f: &CheckpointFile, e: &Value, path: &Path) {
     let mut got: Vec<_> = f.index().tensors.iter().collect();
     if f.index().format == reshard_core::Format::Safetensors {
         // MindSpore lists safetensors tensors by name.
-        got.sort_by(|a, b| a.name.cmp(&b.name));
+        got.sort_by(|a, b| a.name().cmp(b.name()));
     }
     assert_eq!(got.len(), want.len(), "{}: tensor count", path.display());
     for (t, w) in got.iter().zip(want) {
-        let ctx = format!("{}: {}", path.display(), t.name);
-        assert_eq!(t.name, w["name"].as_str().unwrap(), "{ctx}");
+        let ctx = format!("{}: {}", path.display(), t.name());
+        assert_eq!(t.name(), w["name"].as_str().unwrap(), "{ctx}");
         assert_eq!(t.dtype.ckpt_name(), w["dtype"].as_str().unwrap(), "{ctx}");
         if t.dtype != reshard_core::DType::Str {
             let shape: Vec<u64> = w["shape"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
-            assert_eq!(t.shape.as_slice(), shape.as_slice(), "{ctx}");
+            assert_eq!(t.shape(), shape.as_slice(), "{ctx}");
         }
         assert_eq!(hex(&f.content(t)), w["hex"].as_str().unwrap(), "{ctx}");
         if let Some(chunks) = w.get("chunks").and_then(Value::as_u64) {
-            assert_eq!(t.segments.len() as u64, chunks, "{ctx}: consecutive values");
+            assert_eq!(t.segments().len() as u64, chunks, "{ctx}: consecutive values");
         }
     }
 }

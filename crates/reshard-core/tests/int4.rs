@@ -62,8 +62,8 @@ fn int4_round_trip_matches_mindspore_but_keeps_the_type() {
     let orig = CheckpointFile::open(&fx.join("complete/rank_0/model.ckpt"), ReadOptions::default()).unwrap();
     let back = CheckpointFile::open(&tmp.join("back/rank_0/checkpoint_0.ckpt"), ReadOptions::default()).unwrap();
     for t in &orig.index().tensors {
-        let u = back.index().get(&t.name).unwrap();
-        assert_eq!((u.dtype, &u.shape), (t.dtype, &t.shape), "{}", t.name);
-        assert_eq!(back.content(u), orig.content(t), "{}", t.name);
+        let u = back.index().get(t.name()).unwrap();
+        assert_eq!((u.dtype, &u.shape()), (t.dtype, &t.shape()), "{}", t.name());
+        assert_eq!(back.content(u), orig.content(t), "{}", t.name());
     }
 }

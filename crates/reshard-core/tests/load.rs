@@ -77,7 +77,7 @@ fn a_source_truncated_after_the_plan_fails_cleanly_in_both_io_modes() {
 /// The bytes of every tensor of a written file, by name.
 fn file_tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
     let f = CheckpointFile::open(path, ReadOptions::default()).unwrap();
-    f.index().tensors.iter().map(|t| (t.name.to_string(), f.content(t).into_owned())).collect()
+    f.index().tensors.iter().map(|t| (t.name().to_string(), f.content(t).into_owned())).collect()
 }
 
 /// Loads `rank` into vectors, skipping the tensors `skip` says; (name, bytes) of the kept ones.

@@ -22,7 +22,7 @@ fn tensors(paths: &[PathBuf]) -> BTreeMap<String, (String, Vec<u64>, Vec<u8>)> {
     for p in paths {
         let f = CheckpointFile::open(p, ReadOptions::default()).unwrap();
         for t in &f.index().tensors {
-            out.insert(t.name.to_string(), (t.dtype.to_string(), t.shape.to_vec(), f.content(t).into_owned()));
+            out.insert(t.name().to_string(), (t.dtype.to_string(), t.shape().to_vec(), f.content(t).into_owned()));
         }
     }
     out

@@ -112,7 +112,7 @@ fn one_rank_reads_exactly_its_share_of_a_cold_source() {
 
     // Rank 1: the second half of the rows, the right half of each row of "cols".
     let file = CheckpointFile::open(&src, ReadOptions::default()).unwrap();
-    let data = |name: &str| file.index().get(name).unwrap().segments[0].offset;
+    let data = |name: &str| file.index().get(name).unwrap().segments()[0].offset;
     let mut want = BTreeSet::new();
     want.extend(pages(data("rows") + 6144 * 1024 * 2, data("rows") + 6144 * 1024 * 4));
     for row in 0..64u64 {

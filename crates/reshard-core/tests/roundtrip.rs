@@ -35,7 +35,7 @@ fn read_all(path: &Path) -> Vec<(String, DType, Vec<u64>, Vec<u8>)> {
     f.index()
         .tensors
         .iter()
-        .map(|t| (t.name.to_string(), t.dtype, t.shape.to_vec(), f.content(t).into_owned()))
+        .map(|t| (t.name().to_string(), t.dtype, t.shape().to_vec(), f.content(t).into_owned()))
         .collect()
 }
 

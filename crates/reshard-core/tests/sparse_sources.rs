@@ -28,7 +28,7 @@ fn dedup(src: &Path, dst: &Path, drop: Option<&str>) {
     let mut groups: BTreeMap<(String, Vec<u8>), Vec<usize>> = BTreeMap::new();
     for (r, f) in files.iter().enumerate() {
         for t in &f.index().tensors {
-            groups.entry((t.name.to_string(), f.content(t).into_owned())).or_default().push(r);
+            groups.entry((t.name().to_string(), f.content(t).into_owned())).or_default().push(r);
         }
     }
     let mut keep: Vec<Vec<(TensorHeader, Vec<u8>)>> = vec![Vec::new(); 4];
@@ -39,7 +39,7 @@ fn dedup(src: &Path, dst: &Path, drop: Option<&str>) {
         // Alternate between the first and the last holder, so both kinds of choice are read.
         let r = if i % 2 == 0 { ranks[0] } else { ranks[ranks.len() - 1] };
         let t = files[r].index().get(&name).unwrap();
-        let h = TensorHeader { name, dtype: t.dtype, dims: t.shape.to_vec(), nbytes: t.nbytes };
+        let h = TensorHeader { name, dtype: t.dtype, dims: t.shape().to_vec(), nbytes: t.nbytes() };
         keep[r].push((h, bytes));
     }
     for (r, tensors) in keep.into_iter().enumerate() {

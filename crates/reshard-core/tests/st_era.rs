@@ -47,7 +47,12 @@ fn items_of(path: &Path) -> Vec<(TensorHeader, Vec<u8>)> {
         .iter()
         .map(|t| {
             (
-                TensorHeader { name: t.name.to_string(), dtype: t.dtype, dims: t.shape.to_vec(), nbytes: t.nbytes },
+                TensorHeader {
+                    name: t.name().to_string(),
+                    dtype: t.dtype,
+                    dims: t.shape().to_vec(),
+                    nbytes: t.nbytes(),
+                },
                 f.content(t).into_owned(),
             )
         })
@@ -390,7 +395,7 @@ fn the_plan_names_the_file_each_slice_comes_from() {
                     let held = f.index().get(name).unwrap_or_else(|| panic!("{} lacks {name}", file.display()));
                     if let Some(shape) = p["src_box"]["shape"].as_array() {
                         let shape: Vec<u64> = shape.iter().map(|x| x.as_u64().unwrap()).collect();
-                        assert_eq!(held.shape.as_slice(), shape.as_slice(), "{src}: {name} in {}", file.display());
+                        assert_eq!(held.shape(), shape.as_slice(), "{src}: {name} in {}", file.display());
                     }
                     files_seen.insert(file);
                 }

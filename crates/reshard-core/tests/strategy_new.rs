@@ -293,7 +293,9 @@ fn tensors(path: &Path) -> Tensors {
     f.index()
         .tensors
         .iter()
-        .map(|t| (t.name.to_string(), (t.dtype.ckpt_name().to_string(), t.shape.to_vec(), f.content(t).into_owned())))
+        .map(|t| {
+            (t.name().to_string(), (t.dtype.ckpt_name().to_string(), t.shape().to_vec(), f.content(t).into_owned()))
+        })
         .collect()
 }
 

@@ -186,7 +186,7 @@ fn fill_block(sources: &OpenSources<'_>, t: &TensorPlan, b: &Block, sink: &dyn C
         TensorSource::Raw { src_rank } => {
             let info = plan.tensor_info(*src_rank, &t.name)?;
             let src = sources.get(*src_rank, info)?;
-            for (at, from, n) in segment_runs(&info.segments, start, start + len) {
+            for (at, from, n) in segment_runs(&info.segments(), start, start + len) {
                 match src.view(from, n) {
                     // Straight from the map to the sink: no intermediate buffer.
                     Some(v) => sink.put(b.tensor, at, v).map_err(|e| sources.explain(*src_rank, e))?,
@@ -224,7 +224,7 @@ fn fill_block(sources: &OpenSources<'_>, t: &TensorPlan, b: &Block, sink: &dyn C
                 let src_off = contiguous_offset(&p.src_box, region, elem);
                 let dst_off = contiguous_offset(&block, region, elem);
                 let info = plan.tensor_info(p.src_rank, &t.name)?;
-                match (src_off, dst_off, info.segments.as_slice()) {
+                match (src_off, dst_off, info.segments().as_slice()) {
                     (Some(so), Some(dof), [seg]) => {
                         direct.push((p.src_rank, info, seg.offset + so, dof, region.numel() * elem))
                     }
@@ -272,7 +272,8 @@ fn fill_block(sources: &OpenSources<'_>, t: &TensorPlan, b: &Block, sink: &dyn C
                 for (p, region) in &parts {
                     let info = plan.tensor_info(p.src_rank, &t.name)?;
                     let src = sources.get(p.src_rank, info)?;
-                    let mut reader = ContentReader::new(&*src, &info.segments);
+                    let segments = info.segments();
+                    let mut reader = ContentReader::new(&*src, &segments);
                     let src_origin: Vec<u64> = (0..nd).map(|d| region.offset[d] - p.src_box.offset[d]).collect();
                     let dst_origin: Vec<u64> = (0..nd).map(|d| region.offset[d] - block.offset[d]).collect();
                     let mut failed = None;
@@ -397,7 +398,7 @@ pub(crate) fn block_file_runs(
     for (rank, (from, to, mut read)) in runs {
         let info = plan.tensor_info(rank, &t.name)?;
         let src = job.sources.get(rank, info)?;
-        for (_, at, n) in segment_runs(&info.segments, from, to) {
+        for (_, at, n) in segment_runs(&info.segments(), from, to) {
             // A run split over segments: its read bytes counted against the first ones.
             let here = read.min(n);
             read -= here;

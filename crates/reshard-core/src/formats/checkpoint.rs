@@ -56,18 +56,33 @@ pub struct Segment {
     pub len: u64,
 }
 
-/// A tensor's dims: up to two inline, without an allocation of their own.
+/// A tensor's dims, as a tensor made on its own takes them (up to two inline).
 pub type Dims = smallvec::SmallVec<[u64; 2]>;
 
 /// A tensor's segments: one inline, without an allocation of its own.
 pub type Segments = smallvec::SmallVec<[Segment; 1]>;
 
-/// A tensor's name: a range of its file's name buffer, which every name of the file shares
+/// What the records of one file's tensors point into: the file's names one after the other,
+/// their dims, and the segments of the tensors stored in several values (a record holds one
+/// segment itself). Shared by every tensor of the file.
+struct FileTable {
+    names: String,
+    dims: Vec<u64>,
+    segments: Vec<Segment>,
+}
+
+impl FileTable {
+    fn empty() -> Arc<FileTable> {
+        Arc::new(FileTable { names: String::new(), dims: Vec::new(), segments: Vec::new() })
+    }
+}
+
+/// A tensor's name: a range of its file's buffer of names, which every name of the file shares
 /// (16 bytes and no allocation of its own, where a `String` was 24 bytes and a 32-48 byte
 /// chunk). Reads as a `&str` (`Deref`, [`Name::as_str`]).
 #[derive(Clone)]
 pub struct Name {
-    buf: Arc<String>,
+    table: Arc<FileTable>,
     start: u32,
     len: u32,
 }
@@ -76,22 +91,22 @@ impl Name {
     /// The name.
     pub fn as_str(&self) -> &str {
         let start = self.start as usize;
-        // Ranges are made by `NameBuffer::push` on char boundaries; never panics.
-        self.buf.get(start..start + self.len as usize).unwrap_or("")
+        // Ranges are made by `TableBuilder::push` on char boundaries; never panics.
+        self.table.names.get(start..start + self.len as usize).unwrap_or("")
     }
 
     /// Whether two names are ranges of the same buffer.
     pub fn shares_buffer_with(&self, other: &Name) -> bool {
-        Arc::ptr_eq(&self.buf, &other.buf)
+        Arc::ptr_eq(&self.table, &other.table)
     }
 }
 
 impl From<String> for Name {
     fn from(s: String) -> Name {
         // Only a name made on its own (tests, deserialization) has a buffer of its own; a length
-        // past u32 is cut to nothing rather than panicking (no reader makes one: see NameBuffer).
+        // past u32 is cut to nothing rather than panicking (no reader makes one: see TableBuilder).
         let len = u32::try_from(s.len()).unwrap_or(0);
-        Name { buf: Arc::new(s), start: 0, len }
+        Name { table: Arc::new(FileTable { names: s, dims: Vec::new(), segments: Vec::new() }), start: 0, len }
     }
 }
 
@@ -188,48 +203,145 @@ impl<'de> serde::Deserialize<'de> for Name {
     }
 }
 
-/// A file's names, appended one after the other while its index is read, then shared by every
-/// tensor of the file ([`NameBuffer::finish`]).
-pub(crate) struct NameBuffer {
-    buf: String,
-    pending: Arc<String>,
+/// Reading a file's index: its names, dims and segments appended to one table as the tensors
+/// are read, then shared by every tensor of the file ([`TableBuilder::finish`]).
+pub(crate) struct TableBuilder {
+    names: String,
+    dims: Vec<u64>,
+    segments: Vec<Segment>,
+    pending: Arc<FileTable>,
 }
 
-impl NameBuffer {
+/// [`TensorInfo::flags`]: the shape is empty (a string, or MindSpore's `[0]` scalar); the dims
+/// are only the ones written.
+const SHAPE_EMPTY: u8 = 1;
+/// [`TensorInfo::flags`]: the segments are `nsegs` in the table from `first` on.
+const SEGS_IN_TABLE: u8 = 2;
+
+impl TableBuilder {
     pub(crate) fn new() -> Self {
-        NameBuffer { buf: String::new(), pending: Arc::new(String::new()) }
+        TableBuilder { names: String::new(), dims: Vec::new(), segments: Vec::new(), pending: FileTable::empty() }
     }
 
-    /// Appends a name; it reads as itself through [`NameBuffer::get`] until `finish`.
-    pub(crate) fn push(&mut self, path: &Path, name: &str) -> Result<Name> {
-        let end = self.buf.len().checked_add(name.len()).and_then(|e| u32::try_from(e).ok());
-        let (Some(_), Ok(start), Ok(len)) = (end, u32::try_from(self.buf.len()), u32::try_from(name.len())) else {
-            return Err(Error::Malformed {
-                path: path.to_path_buf(),
-                kind: if Format::from_path(path) == Some(Format::Safetensors) { "safetensors" } else { "checkpoint" },
-                detail: format!(
+    fn too_large(path: &Path, what: String) -> Error {
+        Error::Malformed {
+            path: path.to_path_buf(),
+            kind: if Format::from_path(path) == Some(Format::Safetensors) { "safetensors" } else { "checkpoint" },
+            detail: what,
+        }
+    }
+
+    /// A new tensor of one segment; its name and dims read through [`TableBuilder::name`] and
+    /// [`TableBuilder::raw_dims`] until `finish`.
+    pub(crate) fn push(
+        &mut self,
+        path: &Path,
+        name: &str,
+        dtype: DType,
+        dims: &[u64],
+        seg: Segment,
+    ) -> Result<TensorInfo> {
+        let end = self.names.len().checked_add(name.len()).and_then(|e| u32::try_from(e).ok());
+        let (Some(_), Ok(start), Ok(len)) = (end, u32::try_from(self.names.len()), u32::try_from(name.len())) else {
+            return Err(Self::too_large(
+                path,
+                format!(
                     "its tensor names take more than 4 GiB (at '{}', after {} bytes of names)",
                     name.chars().take(80).collect::<String>(),
-                    self.buf.len()
+                    self.names.len()
                 ),
-            });
+            ));
         };
-        self.buf.push_str(name);
-        Ok(Name { buf: self.pending.clone(), start, len })
+        let Ok(ndims) = u16::try_from(dims.len()) else {
+            return Err(Self::too_large(
+                path,
+                format!(
+                    "tensor '{}' has {} dims; at most {} are read",
+                    name.chars().take(80).collect::<String>(),
+                    dims.len(),
+                    u16::MAX
+                ),
+            ));
+        };
+        let dims_at = u32::try_from(self.dims.len())
+            .ok()
+            .filter(|&at| u32::try_from(dims.len()).ok().and_then(|n| at.checked_add(n)).is_some());
+        let Some(dims_at) = dims_at else {
+            return Err(Self::too_large(
+                path,
+                format!(
+                    "its tensors have more than {} dims together (at '{}')",
+                    u32::MAX,
+                    name.chars().take(80).collect::<String>()
+                ),
+            ));
+        };
+        self.names.push_str(name);
+        self.dims.extend_from_slice(dims);
+        Ok(TensorInfo {
+            name: Name { table: self.pending.clone(), start, len },
+            first: seg.offset,
+            nbytes: seg.len,
+            file: 0,
+            dims_at,
+            nsegs: 1,
+            ndims,
+            dtype,
+            flags: 0,
+        })
     }
 
-    /// A name pushed here.
-    pub(crate) fn get<'a>(&'a self, name: &Name) -> &'a str {
-        let start = name.start as usize;
-        self.buf.get(start..start + name.len as usize).unwrap_or("")
+    /// Adds a segment to `t`, the last tensor pushed (a tensor stored in several consecutive
+    /// values).
+    pub(crate) fn add_segment(&mut self, path: &Path, t: &mut TensorInfo, seg: Segment) -> Result<()> {
+        let nbytes = t.nbytes.checked_add(seg.len);
+        let at = u32::try_from(self.segments.len()).ok();
+        let (Some(nbytes), Some(at), Some(nsegs)) = (nbytes, at, t.nsegs.checked_add(1)) else {
+            return Err(Self::too_large(
+                path,
+                format!("tensor '{}' has more values or content than can be indexed", self.name(t)),
+            ));
+        };
+        if t.flags & SEGS_IN_TABLE == 0 {
+            // Its first segment moves to the table; the following ones come next to it, as no
+            // other tensor is pushed in between.
+            self.segments.push(Segment { offset: t.first, len: t.nbytes });
+            t.first = u64::from(at);
+            t.flags |= SEGS_IN_TABLE;
+        }
+        if u32::try_from(self.segments.len()).is_err() {
+            return Err(Self::too_large(
+                path,
+                format!("tensor '{}' has more values than can be indexed", self.name(t)),
+            ));
+        }
+        self.segments.push(seg);
+        t.nsegs = nsegs;
+        t.nbytes = nbytes;
+        Ok(())
     }
 
-    /// Points every name of `tensors` (all pushed here) at the finished buffer.
-    pub(crate) fn finish(mut self, tensors: &mut [TensorInfo]) {
-        self.buf.shrink_to_fit();
-        let buf = Arc::new(self.buf);
+    /// The name of a tensor pushed here.
+    pub(crate) fn name<'a>(&'a self, t: &TensorInfo) -> &'a str {
+        let start = t.name.start as usize;
+        self.names.get(start..start + t.name.len as usize).unwrap_or("")
+    }
+
+    /// The dims, as written, of a tensor pushed here.
+    pub(crate) fn raw_dims<'a>(&'a self, t: &TensorInfo) -> &'a [u64] {
+        let at = t.dims_at as usize;
+        self.dims.get(at..at + usize::from(t.ndims)).unwrap_or(&[])
+    }
+
+    /// Points every tensor of `tensors` (all pushed here) at the finished table.
+    pub(crate) fn finish(self, tensors: &mut [TensorInfo]) {
+        let TableBuilder { mut names, mut dims, mut segments, .. } = self;
+        names.shrink_to_fit();
+        dims.shrink_to_fit();
+        segments.shrink_to_fit();
+        let table = Arc::new(FileTable { names, dims, segments });
         for t in tensors {
-            t.name.buf = buf.clone();
+            t.name.table = table.clone();
         }
     }
 }
@@ -237,31 +349,188 @@ impl NameBuffer {
 /// One tensor of a checkpoint file: its header and where its bytes are.
 ///
 /// An index keeps one per tensor for the whole job: with many small tensors (300,000 in the
-/// benchmark) the dims and segments are inline rather than three allocations of their own, and
-/// the name is a range of the file's one buffer of names.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// benchmark) it is 48 bytes without an allocation of its own. The name, the dims and the
+/// segments of a tensor stored in several values are in a table its file's tensors share
+/// (the name's); the one segment most tensors have is in the record.
+#[derive(Clone)]
 pub struct TensorInfo {
-    /// The tag (parameter name).
-    pub name: Name,
+    name: Name,
+    /// The one segment's offset, or with [`SEGS_IN_TABLE`] the first segment's index in the
+    /// table.
+    first: u64,
+    /// Total content bytes (the one segment's length, when it has one).
+    nbytes: u64,
+    /// Which of its rank's files holds it (0 when a rank is one file).
+    pub file: u32,
+    dims_at: u32,
+    nsegs: u32,
+    ndims: u16,
     /// Element type.
     pub dtype: DType,
-    /// Shape as stored (scalars: empty).
-    pub shape: Dims,
-    /// The dims exactly as written in the file (MindSpore writes `[0]` for strings).
-    pub raw_dims: Dims,
-    /// Content, possibly split over several consecutive values.
-    pub segments: Segments,
-    /// Total content bytes.
-    pub nbytes: u64,
-    /// Which of its rank's files holds it (0 when a rank is one file).
-    #[serde(default)]
-    pub file: u32,
+    flags: u8,
 }
 
 impl TensorInfo {
+    /// A tensor record of its own (tests, tools; the readers share one table per file): `dims`
+    /// as written, which are its shape, and its content's segments.
+    pub fn new(name: &str, dtype: DType, dims: &[u64], segments: &[Segment]) -> TensorInfo {
+        let nbytes = segments.iter().map(|s| s.len).fold(0u64, u64::saturating_add);
+        let one = segments.len() == 1;
+        let first = if one { segments[0].offset } else { 0 };
+        let table = FileTable {
+            names: name.to_string(),
+            dims: dims.to_vec(),
+            segments: if one { Vec::new() } else { segments.to_vec() },
+        };
+        TensorInfo {
+            name: Name { table: Arc::new(table), start: 0, len: u32::try_from(name.len()).unwrap_or(0) },
+            first,
+            nbytes,
+            file: 0,
+            dims_at: 0,
+            nsegs: u32::try_from(segments.len()).unwrap_or(0),
+            ndims: u16::try_from(dims.len()).unwrap_or(0),
+            dtype,
+            flags: if one { 0 } else { SEGS_IN_TABLE },
+        }
+    }
+
+    /// The tag (parameter name).
+    pub fn name(&self) -> &Name {
+        &self.name
+    }
+
+    /// Shape as stored (scalars and strings: empty).
+    pub fn shape(&self) -> &[u64] {
+        match self.flags & SHAPE_EMPTY {
+            0 => self.raw_dims(),
+            _ => &[],
+        }
+    }
+
+    /// The dims exactly as written in the file (MindSpore writes `[0]` for strings).
+    pub fn raw_dims(&self) -> &[u64] {
+        let at = self.dims_at as usize;
+        self.name.table.dims.get(at..at + usize::from(self.ndims)).unwrap_or(&[])
+    }
+
+    /// Content, possibly split over several consecutive values.
+    pub fn segments(&self) -> Segments {
+        match (self.flags & SEGS_IN_TABLE, self.nsegs) {
+            (0, 0) => Segments::new(),
+            (0, _) => Segments::from_buf([Segment { offset: self.first, len: self.nbytes }]),
+            _ => {
+                let at = usize::try_from(self.first).unwrap_or(usize::MAX);
+                let all = &self.name.table.segments;
+                all.get(at..at.saturating_add(self.nsegs as usize)).unwrap_or(&[]).iter().copied().collect()
+            }
+        }
+    }
+
+    /// Total content bytes.
+    pub fn nbytes(&self) -> u64 {
+        self.nbytes
+    }
+
+    /// Where its content starts in the file (its first segment's offset; 0 without content).
+    pub fn offset(&self) -> u64 {
+        self.segments().first().map_or(0, |s| s.offset)
+    }
+
+    /// Its shape is empty, whatever dims were written (strings, MindSpore's `[0]` scalars).
+    pub(crate) fn set_shape_empty(&mut self) {
+        self.flags |= SHAPE_EMPTY;
+    }
+
     /// Number of elements.
     pub fn numel(&self) -> u64 {
-        self.shape.iter().product()
+        self.shape().iter().product()
+    }
+}
+
+impl PartialEq for TensorInfo {
+    fn eq(&self, o: &TensorInfo) -> bool {
+        (self.name(), self.dtype, self.shape(), self.raw_dims(), self.nbytes, self.file)
+            == (o.name(), o.dtype, o.shape(), o.raw_dims(), o.nbytes, o.file)
+            && self.segments() == o.segments()
+    }
+}
+
+impl Eq for TensorInfo {}
+
+/// [`TensorInfo`] as its fields read: what `Debug` and serde show.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct TensorFields {
+    name: String,
+    dtype: DType,
+    shape: Vec<u64>,
+    raw_dims: Vec<u64>,
+    segments: Vec<Segment>,
+    nbytes: u64,
+    #[serde(default)]
+    file: u32,
+}
+
+impl TensorInfo {
+    fn fields(&self) -> TensorFields {
+        TensorFields {
+            name: self.name.to_string(),
+            dtype: self.dtype,
+            shape: self.shape().to_vec(),
+            raw_dims: self.raw_dims().to_vec(),
+            segments: self.segments().to_vec(),
+            nbytes: self.nbytes,
+            file: self.file,
+        }
+    }
+}
+
+impl std::fmt::Debug for TensorInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let TensorFields { name, dtype, shape, raw_dims, segments, nbytes, file } = self.fields();
+        f.debug_struct("TensorInfo")
+            .field("name", &name)
+            .field("dtype", &dtype)
+            .field("shape", &shape)
+            .field("raw_dims", &raw_dims)
+            .field("segments", &segments)
+            .field("nbytes", &nbytes)
+            .field("file", &file)
+            .finish()
+    }
+}
+
+impl serde::Serialize for TensorInfo {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        self.fields().serialize(s)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for TensorInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<TensorInfo, D::Error> {
+        use serde::de::Error as _;
+        let f = TensorFields::deserialize(d)?;
+        if !(f.shape == f.raw_dims || f.shape.is_empty()) {
+            return Err(D::Error::custom(format!(
+                "tensor '{}': shape {:?} is neither its dims {:?} nor empty",
+                f.name, f.shape, f.raw_dims
+            )));
+        }
+        if f.nbytes != f.segments.iter().map(|s| s.len).fold(0u64, u64::saturating_add) && !f.segments.is_empty() {
+            return Err(D::Error::custom(format!(
+                "tensor '{}': {} bytes, but its segments hold {}",
+                f.name,
+                f.nbytes,
+                f.segments.iter().map(|s| s.len).fold(0u64, u64::saturating_add)
+            )));
+        }
+        let mut t = TensorInfo::new(&f.name, f.dtype, &f.raw_dims, &f.segments);
+        t.nbytes = f.nbytes;
+        t.file = f.file;
+        if f.shape.is_empty() && !f.raw_dims.is_empty() {
+            t.set_shape_empty();
+        }
+        Ok(t)
     }
 }
 
@@ -394,14 +663,15 @@ impl CheckpointFile {
 
     /// A tensor's content, or the error reading it.
     pub fn try_content(&self, t: &TensorInfo) -> Result<std::borrow::Cow<'_, [u8]>> {
-        if let [s] = t.segments.as_slice() {
+        let segments = t.segments();
+        if let [s] = segments.as_slice() {
             if let Some(v) = self.src.view(s.offset, s.len) {
                 return Ok(std::borrow::Cow::Borrowed(v));
             }
         }
         let mut out = vec![0u8; t.nbytes as usize];
         let mut at = 0usize;
-        for s in &t.segments {
+        for s in &segments {
             self.src.read_at(s.offset, &mut out[at..at + s.len as usize])?;
             at += s.len as usize;
         }
@@ -430,10 +700,11 @@ pub fn parse_source(src: &dyn ByteSource, opts: ReadOptions) -> Result<Checkpoin
 /// A tensor's content within `bytes`.
 pub fn content_of<'a>(bytes: &'a [u8], t: &TensorInfo) -> std::borrow::Cow<'a, [u8]> {
     let seg = |s: &Segment| &bytes[s.offset as usize..(s.offset + s.len) as usize];
-    if t.segments.len() == 1 {
-        std::borrow::Cow::Borrowed(seg(&t.segments[0]))
+    let segments = t.segments();
+    if segments.len() == 1 {
+        std::borrow::Cow::Borrowed(seg(&segments[0]))
     } else {
-        std::borrow::Cow::Owned(t.segments.iter().flat_map(|s| seg(s).iter().copied()).collect())
+        std::borrow::Cow::Owned(segments.iter().flat_map(|s| seg(s).iter().copied()).collect())
     }
 }
 
@@ -510,15 +781,7 @@ mod tests {
 
     #[test]
     fn lookup_by_name_finds_each_name_and_the_last_of_a_repeated_one() {
-        let t = |name: &str, n: u64| TensorInfo {
-            name: name.into(),
-            dtype: DType::Float32,
-            shape: Dims::from_slice(&[n]),
-            raw_dims: Dims::from_slice(&[n]),
-            segments: Segments::new(),
-            nbytes: 4 * n,
-            file: 0,
-        };
+        let t = |name: &str, n: u64| TensorInfo::new(name, DType::Float32, &[n], &[]);
         let names = ["w", "b", "a.b", "a", "w", "", "zz"];
         let tensors: Vec<TensorInfo> = names.iter().enumerate().map(|(i, n)| t(n, i as u64)).collect();
         let idx = CheckpointIndex::new(Format::Ckpt, tensors, 0, None, BTreeMap::new());
@@ -526,7 +789,7 @@ mod tests {
         for (want, n) in [(1, "b"), (2, "a.b"), (3, "a"), (4, "w"), (5, ""), (6, "zz")] {
             assert_eq!(idx.position(n), Some(want), "{n:?}");
             assert_eq!(idx.first_position(n), Some(if n == "w" { 0 } else { want }), "{n:?}");
-            assert_eq!(idx.get(n).map(|x| x.shape[0]), Some(want as u64));
+            assert_eq!(idx.get(n).map(|x| x.shape()[0]), Some(want as u64));
         }
         for n in ["x", "a.", "ww", "z", "aa", "B"] {
             assert_eq!(idx.position(n), None, "{n:?}");
@@ -540,15 +803,7 @@ mod tests {
     fn many_repeats_keep_their_file_order_in_the_unstable_sort() {
         // Enough positions for the unstable sort to partition rather than insert: ties must
         // still come in file order (first_position the first, position the last).
-        let t = |name: String| TensorInfo {
-            name: name.into(),
-            dtype: DType::Float32,
-            shape: Dims::new(),
-            raw_dims: Dims::new(),
-            segments: Segments::new(),
-            nbytes: 0,
-            file: 0,
-        };
+        let t = |name: String| TensorInfo::new(&name, DType::Float32, &[], &[]);
         let tensors: Vec<TensorInfo> = (0..2000).map(|i| t(format!("n{}", (i * 7919) % 13))).collect();
         let idx = CheckpointIndex::new(Format::Ckpt, tensors, 0, None, BTreeMap::new());
         for k in 0..13 {

@@ -4,8 +4,7 @@
 use std::path::Path;
 
 use crate::checkpoint::{
-    CheckpointIndex, ContentRun, Dims, FileLayout, Format, NameBuffer, ReadOptions, Segment, Segments, TensorHeader,
-    TensorInfo,
+    CheckpointIndex, ContentRun, Dims, FileLayout, Format, ReadOptions, Segment, TableBuilder, TensorHeader, TensorInfo,
 };
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -149,14 +148,16 @@ fn parse_reader(r: &mut ByteReader<'_>, opts: ReadOptions) -> Result<CheckpointI
         return Err(malformed(path, format!("no tensors: the {len} bytes hold no Value (field 1) of a Checkpoint")));
     }
     for t in &mut tensors {
-        t.shape = checked_shape(path, t)?;
+        if checked_shape(path, t)? {
+            t.set_shape_empty();
+        }
     }
     let index = CheckpointIndex::new(Format::Ckpt, tensors, len, crc, Default::default());
     if let Some((a, b)) = index.first_repeat() {
-        let at = |i: usize| index.tensors[i].segments.first().map_or(0, |s| s.offset);
+        let at = |i: usize| index.tensors[i].offset();
         return Err(bad_tensor(
             path,
-            &index.tensors[b].name,
+            index.tensors[b].name(),
             format!("appears twice, not consecutively (content at bytes {} and {})", at(a), at(b)),
         ));
     }
@@ -167,7 +168,7 @@ fn parse_reader(r: &mut ByteReader<'_>, opts: ReadOptions) -> Result<CheckpointI
 /// of one tag.
 fn parse_values(path: &Path, r: &mut ByteReader<'_>, end: u64) -> Result<Vec<TensorInfo>> {
     let mut tensors: Vec<TensorInfo> = Vec::new();
-    let mut names = NameBuffer::new();
+    let mut table = TableBuilder::new();
     let mut cur = SrcCursor { pos: 0, end };
     while !cur.is_empty() {
         let at = cur.pos;
@@ -184,36 +185,36 @@ fn parse_values(path: &Path, r: &mut ByteReader<'_>, end: u64) -> Result<Vec<Ten
         let value = cur.len_delimited(r)?;
         let (name, dtype, dims, seg) = parse_value(path, r, value)?;
         match tensors.last_mut() {
-            Some(last) if names.get(&last.name) == name => {
-                if last.dtype != dtype || last.raw_dims != dims {
+            Some(last) if table.name(last) == name => {
+                if last.dtype != dtype || table.raw_dims(last) != dims.as_slice() {
                     return Err(bad_tensor(
                         path,
                         &name,
                         format!(
                             "consecutive values disagree: {} {:?} then {} {:?}",
-                            last.dtype, last.raw_dims, dtype, dims
+                            last.dtype,
+                            table.raw_dims(last),
+                            dtype,
+                            dims
                         ),
                     ));
                 }
-                last.nbytes += seg.len;
-                last.segments.push(seg);
+                table.add_segment(path, last, seg)?;
             }
             // A name seen before, not just now, is refused once the index is sorted by name
             // (`parse_source`): a set of every name here took 21 MB for 300,000 tensors.
             _ => {
-                tensors.push(TensorInfo {
-                    name: names.push(path, &name)?,
-                    dtype,
-                    shape: dims.clone(),
-                    raw_dims: dims,
-                    nbytes: seg.len,
-                    segments: Segments::from_buf([seg]),
-                    file: 0,
-                });
+                // Grown by a quarter at a time rather than doubled: at its last doubling the
+                // vector and its earlier capacity took up to three times what is kept (the
+                // index is trimmed to its length once the file is read).
+                if tensors.len() == tensors.capacity() {
+                    tensors.reserve_exact((tensors.len() / 4).max(64));
+                }
+                tensors.push(table.push(path, &name, dtype, &dims, seg)?);
             }
         }
     }
-    names.finish(&mut tensors);
+    table.finish(&mut tensors);
     Ok(tensors)
 }
 
@@ -372,32 +373,34 @@ fn parse_value(path: &Path, r: &mut ByteReader<'_>, mut cur: SrcCursor) -> Resul
     Ok((tag, dtype, dims, content))
 }
 
-/// Checks content size against dims x dtype size and returns the logical shape.
-fn checked_shape(path: &Path, t: &TensorInfo) -> Result<Dims> {
+/// Checks content size against dims x dtype size; returns whether the shape is empty whatever
+/// the dims written (strings, and `[0]` read as a scalar), else the shape is the dims.
+fn checked_shape(path: &Path, t: &TensorInfo) -> Result<bool> {
     let size = t.dtype.size();
+    let (nbytes, raw_dims) = (t.nbytes(), t.raw_dims());
     if t.dtype == DType::Str {
-        if t.nbytes % 4 != 0 {
-            return Err(bad_tensor(path, &t.name, format!("string content of {} bytes is not UTF-32", t.nbytes)));
+        if nbytes % 4 != 0 {
+            return Err(bad_tensor(path, t.name(), format!("string content of {nbytes} bytes is not UTF-32")));
         }
-        return Ok(Dims::new());
+        return Ok(true);
     }
     // MindSpore's loader reads dims == [0] as a scalar.
-    if t.raw_dims.as_slice() == [0] && t.nbytes == size {
-        return Ok(Dims::new());
+    if raw_dims == [0] && nbytes == size {
+        return Ok(true);
     }
-    let numel = t.raw_dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d));
+    let numel = raw_dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d));
     let expected = numel.and_then(|n| n.checked_mul(size));
     match expected {
-        Some(e) if e == t.nbytes => Ok(t.raw_dims.clone()),
+        Some(e) if e == nbytes => Ok(false),
         Some(e) => Err(bad_tensor(
             path,
-            &t.name,
+            t.name(),
             format!(
                 "content is {} bytes but dims {:?} x {} ({} bytes each) need {}",
-                t.nbytes, t.raw_dims, t.dtype, size, e
+                nbytes, raw_dims, t.dtype, size, e
             ),
         )),
-        None => Err(bad_tensor(path, &t.name, format!("dims {:?} overflow 64 bits", t.raw_dims))),
+        None => Err(bad_tensor(path, t.name(), format!("dims {raw_dims:?} overflow 64 bits"))),
     }
 }
 
@@ -506,9 +509,9 @@ mod tests {
         let bytes = render(&l, &contents);
         let idx = parse(Path::new("t.ckpt"), &bytes, ReadOptions::default()).unwrap();
         assert_eq!(idx.tensors.len(), 2);
-        assert_eq!(idx.tensors[0].segments.len(), 4);
-        assert_eq!(idx.tensors[0].shape.as_slice(), [3, 5]);
-        assert!(idx.tensors[1].shape.is_empty());
+        assert_eq!(idx.tensors[0].segments().len(), 4);
+        assert_eq!(idx.tensors[0].shape(), [3, 5]);
+        assert!(idx.tensors[1].shape().is_empty());
         let got = crate::checkpoint::content_of(&bytes, &idx.tensors[0]);
         assert_eq!(&*got, &contents[0][..]);
     }
@@ -553,18 +556,62 @@ mod tests {
     #[test]
     fn a_small_tensor_is_indexed_without_allocations_of_its_own() {
         // An index keeps one record per tensor for the whole job (300,000 in the benchmark's
-        // many small tensors): dims and segment inline, the name a range of the file's one
-        // buffer of names, 104 bytes.
-        let hs = vec![header("w", DType::Float32, &[2, 3]), header("b", DType::Float32, &[3])];
-        let bytes = render(&layout(&hs, CHUNK_BYTES), &[vec![0; 24], vec![0; 12]]);
+        // many small tensors): 48 bytes (104 with its dims and segment inline, before that
+        // three allocations and a name of its own), the names, dims and the segments of
+        // tensors of several values in a table the file's tensors share.
+        let hs = vec![
+            header("w", DType::Float32, &[2, 3]),
+            header("b", DType::Float32, &[3]),
+            header("s", DType::Str, &[0]),
+            header("big", DType::UInt8, &[40]),
+            header("z", DType::Int32, &[0]),
+            header("e", DType::Int32, &[0, 3]),
+        ];
+        let mut hs = hs;
+        hs[2].nbytes = 8;
+        hs[4].nbytes = 4;
+        let contents: Vec<Vec<u8>> = hs.iter().map(|h| vec![1; h.nbytes as usize]).collect();
+        // Values of at most 16 bytes: "big" is stored in three.
+        let bytes = render(&layout(&hs, 16), &contents);
         let idx = parse(Path::new("s.ckpt"), &bytes, ReadOptions::default()).unwrap();
         for t in &idx.tensors {
-            assert!(!t.shape.spilled() && !t.raw_dims.spilled() && !t.segments.spilled(), "{t:?}");
-            assert!(t.name.shares_buffer_with(&idx.tensors[0].name), "{t:?}");
+            assert!(t.name().shares_buffer_with(idx.tensors[0].name()), "{t:?}");
         }
-        assert_eq!((idx.tensors[0].name.as_str(), idx.tensors[1].name.as_str()), ("w", "b"));
-        assert_eq!(idx.get("b").map(|t| t.shape.to_vec()), Some(vec![3]));
-        assert!(std::mem::size_of::<TensorInfo>() <= 104, "{}", std::mem::size_of::<TensorInfo>());
+        // (name, shape, raw dims, segments, bytes)
+        type Row<'a> = (&'a str, &'a [u64], &'a [u64], usize, u64);
+        let got: Vec<Row<'_>> = idx
+            .tensors
+            .iter()
+            .map(|t| (t.name().as_str(), t.shape(), t.raw_dims(), t.segments().len(), t.nbytes()))
+            .collect();
+        let want: Vec<Row<'_>> = vec![
+            ("w", &[2, 3], &[2, 3], 2, 24),
+            ("b", &[3], &[3], 1, 12),
+            ("s", &[], &[0], 1, 8),
+            ("big", &[40], &[40], 3, 40),
+            ("z", &[], &[0], 1, 4),
+            ("e", &[0, 3], &[0, 3], 1, 0),
+        ];
+        assert_eq!(got, want);
+        for t in &idx.tensors {
+            assert_eq!(&*crate::checkpoint::content_of(&bytes, t), &vec![1; t.nbytes() as usize][..], "{t:?}");
+        }
+        assert_eq!(idx.get("b").map(|t| t.shape().to_vec()), Some(vec![3]));
+        assert!(std::mem::size_of::<TensorInfo>() <= 48, "{}", std::mem::size_of::<TensorInfo>());
+    }
+
+    #[test]
+    fn a_tensor_of_more_dims_than_a_record_counts_is_refused() {
+        // A record counts its dims in 16 bits: 65,536 dims of 1 are refused, naming the file
+        // and the tensor, rather than read as fewer.
+        let many = vec![1u64; 65_536];
+        let hs = vec![header("ok", DType::UInt8, &[1]), header("deep", DType::UInt8, &many)];
+        let bytes = render(&layout(&hs, CHUNK_BYTES), &[vec![0], vec![0]]);
+        let err = parse(Path::new("d.ckpt"), &bytes, ReadOptions::default()).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("d.ckpt") && msg.contains("'deep'") && msg.contains("65536 dims"), "{msg}");
+        let idx = parse(Path::new("d.ckpt"), &render(&layout(&hs[..1], CHUNK_BYTES), &[vec![0]]), Default::default());
+        assert_eq!(idx.unwrap().tensors[0].shape(), [1]);
     }
 
     #[test]

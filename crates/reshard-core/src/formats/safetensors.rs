@@ -8,8 +8,7 @@ use std::path::Path;
 use serde_json::{Map, Value};
 
 use crate::checkpoint::{
-    CheckpointIndex, ContentRun, Dims, FileLayout, Format, NameBuffer, ReadOptions, Segment, Segments, TensorHeader,
-    TensorInfo,
+    CheckpointIndex, ContentRun, FileLayout, Format, ReadOptions, Segment, TableBuilder, TensorHeader, TensorInfo,
 };
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -66,7 +65,7 @@ pub fn parse_source(src: &dyn ByteSource, opts: ReadOptions) -> Result<Checkpoin
         }
     }
     let mut tensors = Vec::new();
-    let mut names = NameBuffer::new();
+    let mut table = TableBuilder::new();
     for (name, info) in &json {
         if name == "__metadata__" {
             continue;
@@ -100,38 +99,30 @@ pub fn parse_source(src: &dyn ByteSource, opts: ReadOptions) -> Result<Checkpoin
                 need.map_or("more than 2^64".to_string(), |n| n.to_string())
             )));
         }
-        tensors.push(TensorInfo {
-            name: names.push(path, name)?,
-            dtype,
-            raw_dims: Dims::from_slice(&shape),
-            shape: Dims::from_slice(&shape),
-            segments: Segments::from_buf([Segment { offset: data_start + b, len: e - b }]),
-            nbytes: e - b,
-            file: 0,
-        });
+        tensors.push(table.push(path, name, dtype, &shape, Segment { offset: data_start + b, len: e - b })?);
     }
-    names.finish(&mut tensors);
+    table.finish(&mut tensors);
     if tensors.is_empty() {
         return Err(malformed(path, "no tensors: the header lists none".into()));
     }
-    tensors.sort_by_key(|t| t.segments[0].offset);
+    tensors.sort_by_key(|t| t.segments()[0].offset);
     for w in tensors.windows(2) {
-        let (a, b) = (&w[0].segments[0], &w[1].segments[0]);
+        let (a, b) = (&w[0].segments()[0], &w[1].segments()[0]);
         if a.offset + a.len > b.offset {
-            return Err(malformed(path, format!("tensors '{}' and '{}' overlap", w[0].name, w[1].name)));
+            return Err(malformed(path, format!("tensors '{}' and '{}' overlap", w[0].name(), w[1].name())));
         }
     }
     // As the safetensors library requires: the tensors tile the data, no gap, nothing after.
     let mut at = 0u64;
     for t in &tensors {
-        let b = t.segments[0].offset - data_start;
+        let b = t.segments()[0].offset - data_start;
         if b != at {
             return Err(malformed(
                 path,
-                format!("data bytes [{at}, {b}) before tensor '{}' belong to no tensor", t.name),
+                format!("data bytes [{at}, {b}) before tensor '{}' belong to no tensor", t.name()),
             ));
         }
-        at = b + t.segments[0].len;
+        at = b + t.segments()[0].len;
     }
     if at != data_len {
         return Err(malformed(
@@ -162,21 +153,21 @@ pub fn parse_source(src: &dyn ByteSource, opts: ReadOptions) -> Result<Checkpoin
 fn content_crc(src: &dyn ByteSource, tensors: &[TensorInfo]) -> Result<u32> {
     src.will_read_all();
     let mut sorted: Vec<&TensorInfo> = tensors.iter().collect();
-    sorted.sort_by(|a, b| a.name.cmp(&b.name));
+    sorted.sort_by(|a, b| a.name().cmp(b.name()));
     let mut h = crc32fast::Hasher::new();
     let mut buf = Vec::new();
     for t in sorted {
-        h.update(t.name.as_bytes());
-        let first = t.segments.first().copied().unwrap_or(Segment { offset: 0, len: 0 });
-        if t.shape.is_empty() && first.len <= 8 {
+        h.update(t.name().as_bytes());
+        let first = t.segments().first().copied().unwrap_or(Segment { offset: 0, len: 0 });
+        if t.shape().is_empty() && first.len <= 8 {
             let mut raw = [0u8; 8];
             src.read_at(first.offset, &mut raw[..first.len as usize])?;
-            if let Some(n) = scalar_int_value(t.dtype, &t.shape, &raw[..first.len as usize]) {
+            if let Some(n) = scalar_int_value(t.dtype, t.shape(), &raw[..first.len as usize]) {
                 update_zeros(&mut h, n);
                 continue;
             }
         }
-        for seg in &t.segments {
+        for seg in &t.segments() {
             if let Some(v) = src.view(seg.offset, seg.len) {
                 h.update(v);
                 continue;
@@ -320,10 +311,10 @@ mod tests {
         }
         let idx = parse(Path::new("x.safetensors"), &bytes, ReadOptions::default()).unwrap();
         assert_eq!(idx.metadata.get("format").map(String::as_str), Some("ms"));
-        assert_eq!(idx.tensors[0].name, "b");
-        assert!(idx.tensors[1].name.shares_buffer_with(&idx.tensors[0].name));
+        assert_eq!(idx.tensors[0].name(), "b");
+        assert!(idx.tensors[1].name().shares_buffer_with(idx.tensors[0].name()));
         assert_eq!(idx.tensors[0].dtype, DType::BFloat16);
-        assert!(idx.tensors[1].shape.is_empty());
+        assert!(idx.tensors[1].shape().is_empty());
     }
 
     #[test]

@@ -60,7 +60,7 @@ pub fn read_params(path: &Path) -> Result<Vec<ParamInfo>> {
         .tensors
         .iter()
         .filter(|t| t.dtype != DType::Str)
-        .map(|t| ParamInfo { name: t.name.to_string(), shape: t.shape.to_vec(), dtype: Some(t.dtype) })
+        .map(|t| ParamInfo { name: t.name().to_string(), shape: t.shape().to_vec(), dtype: Some(t.dtype) })
         .collect())
 }
 

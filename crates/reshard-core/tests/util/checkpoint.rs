@@ -13,7 +13,7 @@ pub fn tensors(path: &Path) -> BTreeMap<String, (String, Vec<u64>, Vec<u8>)> {
     f.index()
         .tensors
         .iter()
-        .map(|t| (t.name.to_string(), (t.dtype.to_string(), t.shape.to_vec(), f.content(t).into_owned())))
+        .map(|t| (t.name().to_string(), (t.dtype.to_string(), t.shape().to_vec(), f.content(t).into_owned())))
         .collect()
 }
 
