@@ -76,13 +76,13 @@ pub fn assert_same_tensors(a_data: &[u8], a: &CheckpointIndex, b_data: &[u8], b:
 /// box. Boxes must lie inside the tensor, and when the source side covers the tensor they must
 /// tile it (distinct boxes disjoint, volumes adding up).
 pub fn exercise_strategy(s: &Strategy) {
-    if s.params.iter().flat_map(|(_, e)| e).any(|e| known_issue(&e.layout)) {
+    if s.params().flat_map(|(_, e)| e).any(|e| known_issue(&e.layout)) {
         return;
     }
     let _ = format!("{:?}", s.stage_num());
     let _ = format!("{:?}", s.stage_device_num());
     let _ = format!("{:?}", s.rank_num());
-    for (name, entries) in &s.params {
+    for (name, entries) in s.params() {
         for r in 0..4 {
             let _ = s.layout_for_rank(name, r);
         }
