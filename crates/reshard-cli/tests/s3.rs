@@ -1175,9 +1175,9 @@ fn s3_tables_of_contents_are_predicted_only_when_the_object_has_the_same_bytes()
 /// swapped (names and contents: the same size, another table of contents). A deferred plan's
 /// execution fails naming rank 3, its leader and the byte, and commits nothing read from rank 3:
 /// no rank_1 file locally, no rank_1 object (nor an upload left open) in the store; the other
-/// outputs are right. `reshard transform` falls back to a plan that walks rank 3, says so, and
-/// its outputs equal the local conversion's (taking the sibling's table of contents unchecked
-/// would write rank 3's two tensors swapped).
+/// outputs are right. `reshard transform` and `reshard auto` fall back to a plan that walks
+/// rank 3, say so, and their outputs equal the local conversion's (taking the sibling's table of
+/// contents unchecked would write rank 3's two tensors swapped).
 #[test]
 #[ignore = "needs a SeaweedFS server: bash tests/s3/run.sh"]
 fn s3_a_deferred_table_of_contents_check_falls_back_to_walking_the_object() {
@@ -1246,6 +1246,37 @@ fn s3_a_deferred_table_of_contents_check_falls_back_to_walking_the_object() {
         let rel = format!("rank_{r}/checkpoint_{r}.ckpt");
         assert!(std::fs::read(dst.join(&rel)).unwrap() == std::fs::read(local.join(&rel)).unwrap(), "{rel}");
     }
+    // `auto` (also the C ABI's one-shot) falls back the same way: its rank 1 reads rank 3.
+    let run = scratch.join("auto");
+    std::fs::create_dir_all(run.join("strategy")).unwrap();
+    for r in 0..4 {
+        std::fs::copy(&s4, run.join(format!("strategy/ckpt_strategy_rank_{r}.json"))).unwrap();
+    }
+    let out = reshard_at(
+        &ep,
+        args![
+            "auto",
+            "--timeout",
+            "30",
+            "--load_checkpoint",
+            &src,
+            "--src_strategy_path_or_dir",
+            &s8,
+            "--output_dir",
+            &run,
+            "--rank",
+            "1",
+            "--world_size",
+            "4"
+        ],
+        &[],
+    );
+    assert_ok(&out);
+    let err = text(&out.stderr);
+    assert!(err.contains("rank_3/checkpoint_3.ckpt") && err.contains("planning again"), "{err}");
+    let rel = "rank_1/checkpoint_1.ckpt";
+    let got = std::fs::read(run.join("transformed_checkpoint").join(rel)).unwrap();
+    assert!(got == std::fs::read(local.join(rel)).unwrap(), "auto: {rel}");
 }
 
 /// complete -> 8 by columns from the store (issue 16 review): each rank's column slices, 3.5 KiB
