@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 mod auto_cmd;
 mod mindformers_cmd;
 mod progress;
+mod replan;
 mod signals;
 mod strategy_cmd;
 mod unify_cmd;
@@ -271,7 +272,18 @@ struct WriteArgs {
 
 impl JobArgs {
     fn plan(&self, io: IoMode) -> Result<Plan, Error> {
-        let opts = PlanOptions { src_ckpt_name: self.src_ckpt_name.clone(), skip_crc: self.no_crc_check, io };
+        self.plan_deferring(io, false)
+    }
+
+    /// The plan; with `defer`, tables of contents of objects taken from another object of the
+    /// same size are checked during the execution (`replan`).
+    fn plan_deferring(&self, io: IoMode, defer: bool) -> Result<Plan, Error> {
+        let opts = PlanOptions {
+            src_ckpt_name: self.src_ckpt_name.clone(),
+            skip_crc: self.no_crc_check,
+            io,
+            defer_toc_checks: defer,
+        };
         if let Some(l) = &self.dst_ckpt_layout {
             let dst = reshard_core::mindformers::strategy_from_metadata(l)?;
             return Plan::build_to(&self.src_ckpt_dir, self.src_ckpt_strategy.as_deref(), Some(dst), &opts);
@@ -398,8 +410,11 @@ fn run(cli: Cli) -> Result<(), Error> {
             let mut opts = out.exec_options()?;
             let src_ckpt_dir = job.src_ckpt_dir.clone();
             let coordinator = dist.start(&dst_ckpt_dir)?;
-            let plan = match merge_strategies_and_plan(job, &dst_ckpt_dir, quiet, opts.io) {
-                Ok(plan) => plan,
+            // The tables of contents taken from a sibling object are checked in the copy's own
+            // GETs (one process writing checkpoint files: the executor below falls back).
+            let defer = coordinator.is_none() && out.output_format != "mindformers";
+            let (plan, job) = match merge_strategies_and_plan(job, &dst_ckpt_dir, quiet, opts.io, defer) {
+                Ok(planned) => planned,
                 Err(e) => {
                     return Err(match coordinator {
                         Some(c) => c.fail(e),
@@ -432,7 +447,10 @@ fn run(cli: Cli) -> Result<(), Error> {
                 None if out.output_format == "mindformers" => {
                     (mindformers_cmd::write(&plan, &src_ckpt_dir, &dst_ckpt_dir, &ranks, &opts, &mf), None)
                 }
-                None => (execute(&plan, &dst_ckpt_dir, &ranks, &opts), None),
+                None => (
+                    replan::on_mismatch(&plan, || job.plan(opts.io), |p| execute(p, &dst_ckpt_dir, &ranks, &opts)),
+                    None,
+                ),
                 Some(c) => match c.run(&plan, &ranks, &opts) {
                     Ok(r) => (Ok(r.files.clone()), Some(r)),
                     Err(e) => (Err(e), None),
@@ -491,8 +509,15 @@ fn run(cli: Cli) -> Result<(), Error> {
     }
 }
 
-/// Merges strategy folders into `DST/merged_strategy/` and makes the plan.
-fn merge_strategies_and_plan(job: JobArgs, dst_ckpt_dir: &Path, quiet: bool, io: IoMode) -> Result<Plan, Error> {
+/// Merges strategy folders into `DST/merged_strategy/` and makes the plan (see
+/// [`replan::plan`] for `defer`); returns the job naming the merged strategies.
+fn merge_strategies_and_plan(
+    job: JobArgs,
+    dst_ckpt_dir: &Path,
+    quiet: bool,
+    io: IoMode,
+    defer: bool,
+) -> Result<(Plan, JobArgs), Error> {
     let mut job = job;
     // Strategy folders are merged into the output folder, never into the source nor into
     // a strategy input: both merges are made before anything is written, and a strategy
@@ -535,7 +560,8 @@ fn merge_strategies_and_plan(job: JobArgs, dst_ckpt_dir: &Path, quiet: bool, io:
             _ => job.dst_ckpt_strategy = Some(f),
         }
     }
-    job.plan(io)
+    let plan = replan::plan(defer, |defer| job.plan_deferring(io, defer))?;
+    Ok((plan, job))
 }
 
 fn looks_like_strategy(path: &Path) -> bool {

@@ -1170,6 +1170,115 @@ fn s3_tables_of_contents_are_predicted_only_when_the_object_has_the_same_bytes()
     drop(scratch);
 }
 
+/// Tables of contents taken from a sibling object with their check deferred to the copy (what
+/// `transform` does): 8 ranks of one layout, rank 3 uploaded with the records of two tensors
+/// swapped (names and contents: the same size, another table of contents). A deferred plan's
+/// execution fails naming rank 3, its leader and the byte, and commits nothing read from rank 3:
+/// no rank_1 file locally, no rank_1 object (nor an upload left open) in the store; the other
+/// outputs are right. `reshard transform` and `reshard auto` fall back to a plan that walks
+/// rank 3, say so, and their outputs equal the local conversion's (taking the sibling's table of
+/// contents unchecked would write rank 3's two tensors swapped).
+#[test]
+#[ignore = "needs a SeaweedFS server: bash tests/s3/run.sh"]
+fn s3_a_deferred_table_of_contents_check_falls_back_to_walking_the_object() {
+    use reshard_core::{execute, CheckpointFile, Error, ExecuteOptions, Plan, PlanOptions};
+    let ep = endpoint();
+    let (scratch, src8, s8, s4) = sharded_model("s3-defer", 4, 64, 32);
+    let f = src8.join("rank_3/checkpoint_3.ckpt");
+    let mut bytes = std::fs::read(&f).unwrap();
+    let (a, b) = ("layers.1.wq.weight", "layers.1.wk.weight");
+    let index = CheckpointFile::open(&f, Default::default()).unwrap().index().clone();
+    let (ca, cb) = (index.get(a).unwrap().segments[0], index.get(b).unwrap().segments[0]);
+    assert_eq!(ca.len, cb.len);
+    let content = |s: reshard_core::checkpoint::Segment| s.offset as usize..(s.offset + s.len) as usize;
+    let (old_a, old_b) = (bytes[content(ca)].to_vec(), bytes[content(cb)].to_vec());
+    bytes[content(ca)].copy_from_slice(&old_b);
+    bytes[content(cb)].copy_from_slice(&old_a);
+    let name_at = |bytes: &[u8], n: &str| bytes.windows(n.len()).position(|w| w == n.as_bytes()).unwrap();
+    let (na, nb) = (name_at(&bytes, a), name_at(&bytes, b));
+    bytes[na..na + a.len()].copy_from_slice(b.as_bytes());
+    bytes[nb..nb + b.len()].copy_from_slice(a.as_bytes());
+    std::fs::write(&f, &bytes).unwrap();
+    let local = scratch.join("local");
+    transform_local(&src8, Some(&s8), &s4, &local);
+    let bk = bucket("defer");
+    upload_dir(&bk, "src", &src8);
+    store_env_in_process(&ep);
+    let src = PathBuf::from(format!("s3://{bk}/src"));
+    let deferred = PlanOptions { defer_toc_checks: true, ..PlanOptions::default() };
+    let before = reshard_core::toc_predict::deferred();
+    let plan = Plan::build(&src, Some(&s8), Some(&s4), &deferred).unwrap();
+    assert_eq!(reshard_core::toc_predict::deferred().0 - before.0, 7, "7 followers of rank 0, none checked yet");
+    let refused = |e: Error| match e {
+        Error::PredictionMismatch { path, leader, offset } => {
+            assert!(path.ends_with("rank_3/checkpoint_3.ckpt") && leader.ends_with("rank_0/checkpoint_0.ckpt"));
+            assert!(offset >= nb.min(na) as u64, "byte {offset}");
+        }
+        other => panic!("{other}"),
+    };
+    let out = scratch.join("out");
+    refused(execute(&plan, &out, &[], &ExecuteOptions::default()).unwrap_err());
+    assert!(!out.join("rank_1/checkpoint_1.ckpt").exists(), "an output read from rank 3 was committed");
+    refused(execute(&plan, Path::new(&format!("s3://{bk}/out")), &[], &ExecuteOptions::default()).unwrap_err());
+    assert!(keys(&bk, "out/rank_1").is_empty(), "{:?}", keys(&bk, "out/rank_1"));
+    assert!(open_uploads(&bk).is_empty(), "{:?}", open_uploads(&bk));
+    // The CLI falls back, and says so.
+    let dst = scratch.join("cli");
+    let out = reshard_at(
+        &ep,
+        args![
+            "transform",
+            "--src_ckpt_dir",
+            &src,
+            "--src_ckpt_strategy",
+            &s8,
+            "--dst_ckpt_strategy",
+            &s4,
+            "--dst_ckpt_dir",
+            &dst
+        ],
+        &[],
+    );
+    assert_ok(&out);
+    let err = text(&out.stderr);
+    assert!(err.contains("rank_3/checkpoint_3.ckpt") && err.contains("planning again"), "{err}");
+    for r in 0..4 {
+        let rel = format!("rank_{r}/checkpoint_{r}.ckpt");
+        assert!(std::fs::read(dst.join(&rel)).unwrap() == std::fs::read(local.join(&rel)).unwrap(), "{rel}");
+    }
+    // `auto` (also the C ABI's one-shot) falls back the same way: its rank 1 reads rank 3.
+    let run = scratch.join("auto");
+    std::fs::create_dir_all(run.join("strategy")).unwrap();
+    for r in 0..4 {
+        std::fs::copy(&s4, run.join(format!("strategy/ckpt_strategy_rank_{r}.json"))).unwrap();
+    }
+    let out = reshard_at(
+        &ep,
+        args![
+            "auto",
+            "--timeout",
+            "30",
+            "--load_checkpoint",
+            &src,
+            "--src_strategy_path_or_dir",
+            &s8,
+            "--output_dir",
+            &run,
+            "--rank",
+            "1",
+            "--world_size",
+            "4"
+        ],
+        &[],
+    );
+    assert_ok(&out);
+    let err = text(&out.stderr);
+    assert!(err.contains("rank_3/checkpoint_3.ckpt") && err.contains("planning again"), "{err}");
+    let rel = "rank_1/checkpoint_1.ckpt";
+    let got = std::fs::read(run.join("transformed_checkpoint").join(rel)).unwrap();
+    assert!(got == std::fs::read(local.join(rel)).unwrap(), "auto: {rel}");
+}
+
 /// complete -> 8 by columns from the store (issue 16 review): each rank's column slices, 3.5 KiB
 /// apart, join into GETs spanning the other ranks' columns. Their reads are served by the GETs
 /// made ahead, whichever rank started them (with the slices joined into one run per tensor a

@@ -190,9 +190,24 @@ pub fn auto(o: &AutoOptions) -> Result<AutoResult> {
         remove_ranks_beyond(&out_root, world, &mut log);
     }
     let popts = PlanOptions { io: o.io, ..PlanOptions::default() };
-    let plan = match &mf_root {
+    // Objects in a store: tables of contents taken from a sibling object are checked in the
+    // copy's own GETs (`toc_predict`); when one differs (or the plan fails), the plan is made
+    // again with every table of contents checked first, from these copies.
+    let objects = mf_root.is_none() && crate::storage::is_url(&set.dir);
+    let mut retry = objects.then(|| (set.clone(), src_strategy.clone(), dst_strategy.clone()));
+    let mut plan = match &mf_root {
         Some(r) => crate::mindformers::plan(r, dst_strategy, &popts)?,
-        None => Plan::from_parts(set, src_strategy, dst_strategy, &popts)?,
+        None => {
+            let deferred = PlanOptions { defer_toc_checks: objects, ..popts.clone() };
+            let before = crate::toc_predict::deferred().0;
+            match Plan::from_parts(set, src_strategy, dst_strategy, &deferred) {
+                Ok(p) => p,
+                Err(e) => match retry.take().filter(|_| crate::toc_predict::deferred().0 > before) {
+                    Some((set, src, dst)) => Plan::from_parts(set, src, dst, &popts)?,
+                    None => return Err(e),
+                },
+            }
+        }
     };
     let my_rank = if plan.dst_rank_count() == 1 { 0 } else { rank };
     if plan.dst_rank_count() == 1 && world > 1 {
@@ -221,7 +236,17 @@ pub fn auto(o: &AutoOptions) -> Result<AutoResult> {
         cancel: o.cancel.clone(),
         ..ExecuteOptions::default()
     };
-    let written = execute(&plan, &out_root, &[my_rank], &opts)?;
+    let mut written = execute(&plan, &out_root, &[my_rank], &opts);
+    if matches!(written, Err(Error::PredictionMismatch { .. })) {
+        if let Some((set, src, dst)) = retry.take() {
+            if let Err(e) = &written {
+                log.push(format!("{e}; planning again with every table of contents checked first"));
+            }
+            plan = Plan::from_parts(set, src, dst, &popts)?;
+            written = execute(&plan, &out_root, &[my_rank], &opts);
+        }
+    }
+    let written = written?;
     let load_path = written.first().map(|w| w.path.clone()).unwrap_or_default();
     remove_other_checkpoints(&load_path, &mut log);
     log.push(format!(

@@ -115,6 +115,24 @@ pub enum Error {
         detail: String,
     },
 
+    /// An object whose table of contents was taken from another object of the same size (its
+    /// check deferred to the copy, `PlanOptions::defer_toc_checks`) holds other bytes where that
+    /// table of contents rests: the plan does not fit it and must be made again without
+    /// deferring (what `reshard transform` does by itself). Nothing read from it was committed.
+    #[error(
+        "{path}: its table of contents was taken from {leader} (an object of the same size), but its byte {offset} \
+         differs from that object's: the plan does not fit it; make the plan again with every table of contents \
+         checked before the plan"
+    )]
+    PredictionMismatch {
+        /// The object.
+        path: PathBuf,
+        /// The object whose table of contents was taken.
+        leader: PathBuf,
+        /// The first offset found differing.
+        offset: u64,
+    },
+
     /// The run was stopped (`ExecuteOptions::cancel`) before this output was finished.
     #[error("{path}: stopped (cancelled) before this file was finished; nothing of it was left behind")]
     Cancelled {

@@ -27,6 +27,12 @@ pub struct PlanOptions {
     pub skip_crc: bool,
     /// How source files are read while indexing them (the executor takes its own).
     pub io: IoMode,
+    /// Tables of contents of `.ckpt` objects taken from another object of the same size are
+    /// checked by the executor, inside the GETs it makes for the copy, rather than before the
+    /// plan (`toc_predict`): the plan is then only good for one execution, which fails with
+    /// [`Error::PredictionMismatch`] (nothing read from that object committed) when an object
+    /// differs; the caller makes the plan again without this and executes again. Off by default.
+    pub defer_toc_checks: bool,
 }
 
 /// Where a parameter's data comes from.
@@ -594,7 +600,7 @@ impl Plan {
             ));
         }
         let read = ReadOptions { verify_crc: !opts.skip_crc };
-        let sources: Vec<Source> = set.open_ranks(&wanted, opts.io, read)?;
+        let sources: Vec<Source> = set.open_ranks_deferring(&wanted, opts.io, read, opts.defer_toc_checks)?;
         let sources: BTreeMap<u32, Source> = sources.into_iter().map(|s| (s.rank, s)).collect();
         // What parsing the indexes freed (a tensor vector's earlier capacities as it doubled)
         // is given back before the plan's records are made.

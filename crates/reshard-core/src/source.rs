@@ -42,6 +42,10 @@ pub struct SourceFile {
     pub path: PathBuf,
     /// The version indexed (size and times, or ETag).
     pub version: Version,
+    /// When its table of contents was taken from another object's with the check deferred
+    /// (`PlanOptions::defer_toc_checks`): the bytes the executor still compares before any
+    /// output read from it is committed.
+    pub predicted: Option<std::sync::Arc<crate::toc_predict::PredictedBytes>>,
 }
 
 /// One source rank: its files and one table of contents over all of them (each tensor's
@@ -85,11 +89,24 @@ impl Catalogue {
     /// the network rather than on a core (600 MB bench model, 8 objects of 284 tensors on a
     /// loopback server: planning took 1.0 s on the 2-thread pool).
     pub fn open_ranks(&self, ranks: &[u32], io: IoMode, read: ReadOptions) -> Result<Vec<Source>> {
+        self.open_ranks_deferring(ranks, io, read, false)
+    }
+
+    /// [`Catalogue::open_ranks`]; with `defer_toc_checks`, tables of contents of objects taken
+    /// from an object of the same size are checked by the executor, in the copy's own GETs,
+    /// rather than here (`toc_predict`).
+    pub fn open_ranks_deferring(
+        &self,
+        ranks: &[u32],
+        io: IoMode,
+        read: ReadOptions,
+        defer_toc_checks: bool,
+    ) -> Result<Vec<Source>> {
         use rayon::prelude::*;
         let objects = crate::storage::is_url(&self.dir);
         let open = || -> Result<Vec<Source>> {
             if objects && ranks.len() >= 2 {
-                if let Some(sources) = crate::toc_predict::open_ranks(self, ranks, read)? {
+                if let Some(sources) = crate::toc_predict::open_ranks(self, ranks, read, defer_toc_checks)? {
                     return Ok(sources);
                 }
             }
@@ -124,7 +141,7 @@ impl Catalogue {
                 read.verify_crc = false;
             }
             let (src, index) = CheckpointFile::open_with(p, read, io)?.into_parts();
-            files.push(SourceFile { path: p.clone(), version: src.version().clone() });
+            files.push(SourceFile { path: p.clone(), version: src.version().clone(), predicted: None });
             indexes.push(index);
         }
         if indexes.len() == 1 {

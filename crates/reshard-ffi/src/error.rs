@@ -80,7 +80,8 @@ impl From<&reshard_core::Error> for ReshardStatus {
             Error::Unsupported { .. } => ReshardStatus::Unsupported,
             Error::BadLayout { .. } => ReshardStatus::BadLayout,
             Error::ShapeMismatch { .. } => ReshardStatus::ShapeMismatch,
-            Error::Source { .. } => ReshardStatus::Source,
+            // A source that is not what the plan took it for, as a source changed since the plan.
+            Error::Source { .. } | Error::PredictionMismatch { .. } => ReshardStatus::Source,
             Error::Invalid(_) => ReshardStatus::InvalidArgument,
             Error::Cancelled { .. } => ReshardStatus::Cancelled,
             Error::Distributed { .. } => ReshardStatus::Distributed,
@@ -251,6 +252,7 @@ mod tests {
             (Error::Invalid(s("a repeated rank")), 10),
             (Error::Cancelled { path: p() }, 11),
             (Error::Distributed { path: p(), detail: s("share 1 of 2 (rank_4..rank_7) failed") }, 12),
+            (Error::PredictionMismatch { path: p(), leader: PathBuf::from("s3://b/rank_0/model.ckpt"), offset: 40 }, 9),
         ]
     }
 
@@ -267,9 +269,10 @@ mod tests {
             Error::Invalid(_) => 8,
             Error::Cancelled { .. } => 9,
             Error::Distributed { .. } => 10,
+            Error::PredictionMismatch { .. } => 11,
         }
     }
-    const CORE_KINDS: usize = 11;
+    const CORE_KINDS: usize = 12;
 
     #[test]
     fn every_core_error_kind_has_its_status() {

@@ -194,9 +194,11 @@ pub fn execute(plan: &Plan, dst_dir: &Path, ranks: &[u32], opts: &ExecuteOptions
     // per rank).
     let mut total = 0u64;
     let mut most_tensors = 0;
+    let mut read_ranks = std::collections::BTreeSet::new();
     for &r in &ranks {
         // Checked a window of tensor plans at a time, as the largest ranks are written.
         let order = plan.rank_order(r)?;
+        read_ranks.extend(order.src_ranks.iter().copied());
         most_tensors = most_tensors.max(order.tensors.len());
         for w in order.tensors.chunks(WINDOW_TENSORS) {
             for t in &plan.tensor_plans(&order, w)? {
@@ -213,6 +215,9 @@ pub fn execute(plan: &Plan, dst_dir: &Path, ranks: &[u32], opts: &ExecuteOptions
     let sources = OpenSources::new(plan, opts.io);
     let fingerprint = job_fingerprint(plan, opts);
     let pool = pool(workers(plan, opts.threads))?;
+    // Tables of contents taken from a sibling, of objects no output reads (the others are
+    // checked by the reads): checked before anything is written.
+    pool.install(|| sources.check_unread(&read_ranks))?;
     let job = Job::new(&sources, dst_dir, opts, &pool, &written, total, &fingerprint);
     let to_store = crate::storage::is_url(dst_dir);
     #[cfg(not(feature = "s3"))]

@@ -8,6 +8,7 @@ use crate::checkpoint::{Segment, TensorInfo};
 use crate::error::{Error, Result};
 use crate::plan::{Plan, TensorPlan, TensorSource};
 use crate::storage::{ByteSource, IoMode};
+use crate::toc_predict::PredictCheck;
 
 /// A source file opened on first use (or the error opening it).
 type Lazy = OnceLock<Result<Arc<dyn ByteSource>>>;
@@ -44,6 +45,14 @@ impl<'p> OpenSources<'p> {
                     detail: format!("the file changed after the plan was made ({what}); make the plan again"),
                 });
             }
+            // A table of contents taken from another object: its bytes are compared as the copy
+            // fetches them, the rest before an output that read it is committed (`check`).
+            if let Some(expected) = &planned.predicted {
+                let check = Arc::new(PredictCheck::new(planned.path.clone(), expected.clone()));
+                if !src.check_predicted(check.clone()) {
+                    check.finish(&*src)?;
+                }
+            }
             Ok(src)
         })
         .clone()
@@ -63,6 +72,23 @@ impl<'p> OpenSources<'p> {
             }
         }
         Ok(())
+    }
+
+    /// Opens and checks every file of the ranks not in `read` whose table of contents was taken
+    /// from another object with its check deferred (`toc_predict`): the plan rests on those
+    /// tables of contents too, and no copy will fetch their bytes.
+    pub(crate) fn check_unread(&self, read: &std::collections::BTreeSet<u32>) -> Result<()> {
+        use rayon::prelude::*;
+        let unread: Vec<(u32, usize)> = self
+            .plan
+            .sources
+            .iter()
+            .filter(|(r, _)| !read.contains(r))
+            .flat_map(|(&r, s)| {
+                s.files.iter().enumerate().filter(|(_, f)| f.predicted.is_some()).map(move |(k, _)| (r, k))
+            })
+            .collect();
+        unread.par_iter().try_for_each(|&(r, k)| self.file(r, k)?.check())
     }
 
     /// The plan.

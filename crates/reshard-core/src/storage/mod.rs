@@ -168,6 +168,15 @@ pub trait ByteSource: Send + Sync {
         false
     }
 
+    /// Takes charge of `check`: compare the bytes it expects whenever this source fetches bytes
+    /// covering them, and make [`check`](Self::check) fetch and compare the rest (and fail when
+    /// any differs). Returns false when the source does not (the default): the caller then runs
+    /// the check at once. A source takes one check, before anything is read.
+    fn check_predicted(&self, check: Arc<crate::toc_predict::PredictCheck>) -> bool {
+        let _ = check;
+        false
+    }
+
     /// Whether every byte read costs a request and a transfer (an object store): readers then
     /// ask for exactly the bytes they need rather than reading ahead.
     fn exact_reads(&self) -> bool {

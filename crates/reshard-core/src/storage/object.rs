@@ -37,6 +37,7 @@ use tokio::sync::Semaphore;
 
 use super::{ByteSource, Version};
 use crate::error::{Error, Result};
+use crate::toc_predict::PredictCheck;
 
 /// Size of each part of a multipart upload but the last (S3 needs 5 MiB or more).
 pub const PART_BYTES: usize = 8 << 20;
@@ -449,6 +450,9 @@ pub struct ObjectSource {
     slots: Arc<Slots>,
     /// A GET found the object changed (its ETag no longer matched).
     changed: AtomicBool,
+    /// The deferred check of a table of contents taken from another object: fed every byte
+    /// fetched, finished by `check`.
+    predicted: OnceLock<Arc<PredictCheck>>,
 }
 
 impl ObjectSource {
@@ -470,13 +474,19 @@ impl ObjectSource {
             version,
             slots: Arc::new(Slots::default()),
             changed: AtomicBool::new(false),
+            predicted: OnceLock::new(),
         })
     }
 
     fn fetch(&self, range: Range<u64>) -> Result<Bytes> {
         GETS_ON_DEMAND.fetch_add(1, Ordering::Relaxed);
+        let start = range.start;
         let f = get_range(self.store.clone(), self.key.clone(), self.etag.clone(), range);
-        block_on(f)?.map_err(|e| self.read_error(&e))
+        let b = block_on(f)?.map_err(|e| self.read_error(&e))?;
+        if let Some(p) = self.predicted.get() {
+            p.see(start, &b);
+        }
+        Ok(b)
     }
 
     fn read_error(&self, e: &object_store::Error) -> Error {
@@ -513,8 +523,13 @@ impl ObjectSource {
         for (s, slot) in fresh {
             GETS_AHEAD.fetch_add(1, Ordering::Relaxed);
             let f = get_range(self.store.clone(), self.key.clone(), self.etag.clone(), s..slot.end);
+            let predicted = self.predicted.get().cloned();
             rt.spawn(async move {
                 let r = f.await;
+                // The headers between the tensors read come with them: compared as they arrive.
+                if let (Ok(b), Some(p)) = (&r, &predicted) {
+                    p.see(s, b);
+                }
                 let mut data = slot.data.lock().unwrap_or_else(|p| p.into_inner());
                 // A slot freed before its GET came back (its fills ended) stays freed.
                 if matches!(*data, Fetched::Waiting) {
@@ -624,6 +639,9 @@ impl ByteSource for ObjectSource {
         let mut out = Vec::with_capacity(got.len());
         for (r, &(at, n)) in got.into_iter().zip(ranges) {
             let b = r.map_err(|e| self.read_error(&e))?;
+            if let Some(p) = self.predicted.get() {
+                p.see(at, &b);
+            }
             if b.len() as u64 != n {
                 return Err(Error::Source {
                     path: self.path.clone(),
@@ -643,7 +661,14 @@ impl ByteSource for ObjectSource {
         if self.changed.load(Ordering::Relaxed) {
             return Err(self.changed_error());
         }
-        Ok(())
+        match self.predicted.get() {
+            Some(p) => p.finish(self),
+            None => Ok(()),
+        }
+    }
+
+    fn check_predicted(&self, check: Arc<PredictCheck>) -> bool {
+        self.predicted.set(check).is_ok()
     }
 }
 
