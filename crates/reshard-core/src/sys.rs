@@ -548,8 +548,10 @@ fn is_forced_fault(code: libc::c_int) -> bool {
 /// each large block freed, up to 32 MiB: after a strategy was read, the vectors of a
 /// checkpoint's index grew inside the parsing thread's heap, moved at each growth and left
 /// holes there, 81 MiB resident at the peak for 300,000 small tensors where a fixed threshold
-/// keeps 52 MiB (the index grows in place, by `mremap`). Large blocks are reused buffers
-/// elsewhere, so the maps cost no measurable time.
+/// keeps 52 MiB (the index grows in place, by `mremap`). A job's large blocks from local
+/// sources are reused buffers, so the maps cost no measurable time there; object stores' GET
+/// responses and upload parts are fresh blocks, each faulted in anew in a map of its own, so the
+/// CLI leaves the threshold alone when an `s3://` or `obs://` path is involved.
 pub fn map_large_allocations() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes a tuning parameter of the allocator, which takes effect for
