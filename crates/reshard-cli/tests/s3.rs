@@ -1188,7 +1188,7 @@ fn s3_a_deferred_table_of_contents_check_falls_back_to_walking_the_object() {
     let mut bytes = std::fs::read(&f).unwrap();
     let (a, b) = ("layers.1.wq.weight", "layers.1.wk.weight");
     let index = CheckpointFile::open(&f, Default::default()).unwrap().index().clone();
-    let (ca, cb) = (index.get(a).unwrap().segments[0], index.get(b).unwrap().segments[0]);
+    let (ca, cb) = (index.get(a).unwrap().segments()[0], index.get(b).unwrap().segments()[0]);
     assert_eq!(ca.len, cb.len);
     let content = |s: reshard_core::checkpoint::Segment| s.offset as usize..(s.offset + s.len) as usize;
     let (old_a, old_b) = (bytes[content(ca)].to_vec(), bytes[content(cb)].to_vec());

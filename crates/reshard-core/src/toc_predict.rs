@@ -415,7 +415,7 @@ mod tests {
         let check = PredictCheck::new(src.path().to_path_buf(), expected.clone());
         // The copy fetched everything from the first tensor's content to the end: only the
         // headers before it are left.
-        let first = index.tensors[0].segments[0].offset;
+        let first = index.tensors[0].segments()[0].offset;
         check.see(first, &same[first as usize..]);
         assert!(!check.done());
         check.finish(&src).unwrap();
