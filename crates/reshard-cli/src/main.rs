@@ -457,7 +457,14 @@ fn run(cli: Cli) -> Result<(), Error> {
                     (mindformers_cmd::write(&plan, &src_ckpt_dir, &dst_ckpt_dir, &ranks, &opts, &mf), None)
                 }
                 None => (
-                    replan::on_mismatch(&plan, || job.plan(opts.io), |p| execute(p, &dst_ckpt_dir, &ranks, &opts)),
+                    replan::on_mismatch(
+                        &plan,
+                        || job.plan(opts.io),
+                        |p, first| {
+                            let opts = ExecuteOptions { resume: opts.resume && first, ..opts.clone() };
+                            execute(p, &dst_ckpt_dir, &ranks, &opts)
+                        },
+                    ),
                     None,
                 ),
                 Some(c) => match c.run(&plan, &ranks, &opts) {

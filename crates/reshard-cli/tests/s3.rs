@@ -1242,6 +1242,9 @@ fn s3_a_deferred_table_of_contents_check_falls_back_to_walking_the_object() {
     assert_ok(&out);
     let err = text(&out.stderr);
     assert!(err.contains("rank_3/checkpoint_3.ckpt") && err.contains("planning again"), "{err}");
+    // The outputs the deferred plan committed (those not reading rank 3) are written again, not
+    // resumed: that plan rested on rank 3's table of contents too.
+    assert!(err.contains("wrote 4 file(s)"), "{err}");
     for r in 0..4 {
         let rel = format!("rank_{r}/checkpoint_{r}.ckpt");
         assert!(std::fs::read(dst.join(&rel)).unwrap() == std::fs::read(local.join(&rel)).unwrap(), "{rel}");

@@ -64,11 +64,16 @@ impl<'p> OpenSources<'p> {
     }
 
     /// Every file of `rank` that was read is still the version opened (before an output that
-    /// read it is committed); a file that failed to open fails here too.
+    /// read it is committed); a file that failed to open fails here too. A file whose table of
+    /// contents was taken from another object is checked even if nothing was read from it (an
+    /// output may take only empty tensors from it, whose names, dtypes and shapes rest on that
+    /// table of contents).
     pub(crate) fn check_rank(&self, rank: u32) -> Result<()> {
-        for cell in self.files.get(&rank).into_iter().flatten() {
-            if let Some(r) = cell.get() {
-                r.as_ref().map_err(Clone::clone)?.check()?;
+        for (k, cell) in self.files.get(&rank).into_iter().flatten().enumerate() {
+            match cell.get() {
+                Some(r) => r.as_ref().map_err(Clone::clone)?.check()?,
+                None if self.plan.sources[&rank].files[k].predicted.is_some() => self.file(rank, k)?.check()?,
+                None => {}
             }
         }
         Ok(())
