@@ -9,7 +9,6 @@ use clap::{Args, Parser, Subcommand};
 mod auto_cmd;
 mod mindformers_cmd;
 mod progress;
-mod replan;
 mod signals;
 mod strategy_cmd;
 mod unify_cmd;
@@ -276,7 +275,7 @@ impl JobArgs {
     }
 
     /// The plan; with `defer`, tables of contents of objects taken from another object of the
-    /// same size are checked during the execution (`replan`).
+    /// same size are checked during the execution (`reshard_core::toc_predict::on_mismatch`).
     fn plan_deferring(&self, io: IoMode, defer: bool) -> Result<Plan, Error> {
         let opts = PlanOptions {
             src_ckpt_name: self.src_ckpt_name.clone(),
@@ -457,9 +456,16 @@ fn run(cli: Cli) -> Result<(), Error> {
                     (mindformers_cmd::write(&plan, &src_ckpt_dir, &dst_ckpt_dir, &ranks, &opts, &mf), None)
                 }
                 None => (
-                    replan::on_mismatch(
+                    reshard_core::toc_predict::on_mismatch(
                         &plan,
                         || job.plan(opts.io),
+                        |e| {
+                            eprintln!(
+                                "reshard: warning: {e}; planning again with every table of contents checked \
+                                 first, and writing every output again"
+                            )
+                        },
+                        // The outputs the first run committed are written again, not resumed.
                         |p, first| {
                             let opts = ExecuteOptions { resume: opts.resume && first, ..opts.clone() };
                             execute(p, &dst_ckpt_dir, &ranks, &opts)
@@ -526,7 +532,8 @@ fn run(cli: Cli) -> Result<(), Error> {
 }
 
 /// Merges strategy folders into `DST/merged_strategy/` and makes the plan (see
-/// [`replan::plan`] for `defer`); returns the job naming the merged strategies.
+/// `reshard_core::toc_predict::plan_deferring` for `defer`); returns the job naming the merged
+/// strategies.
 fn merge_strategies_and_plan(
     job: JobArgs,
     dst_ckpt_dir: &Path,
@@ -576,7 +583,7 @@ fn merge_strategies_and_plan(
             _ => job.dst_ckpt_strategy = Some(f),
         }
     }
-    let plan = replan::plan(defer, |defer| job.plan_deferring(io, defer))?;
+    let plan = reshard_core::toc_predict::plan_deferring(defer, |defer| job.plan_deferring(io, defer))?;
     Ok((plan, job))
 }
 

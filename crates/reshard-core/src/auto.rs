@@ -194,20 +194,22 @@ pub fn auto(o: &AutoOptions) -> Result<AutoResult> {
     // copy's own GETs (`toc_predict`); when one differs (or the plan fails), the plan is made
     // again with every table of contents checked first, from these copies.
     let objects = mf_root.is_none() && crate::storage::is_url(&set.dir);
-    let mut retry = objects.then(|| (set.clone(), src_strategy.clone(), dst_strategy.clone()));
-    let mut plan = match &mf_root {
-        Some(r) => crate::mindformers::plan(r, dst_strategy, &popts)?,
-        None => {
-            let deferred = PlanOptions { defer_toc_checks: objects, ..popts.clone() };
-            let before = crate::toc_predict::deferred().0;
-            match Plan::from_parts(set, src_strategy, dst_strategy, &deferred) {
-                Ok(p) => p,
-                Err(e) => match retry.take().filter(|_| crate::toc_predict::deferred().0 > before) {
-                    Some((set, src, dst)) => Plan::from_parts(set, src, dst, &popts)?,
-                    None => return Err(e),
-                },
-            }
+    let (mut parts, mindformers_plan) = match &mf_root {
+        Some(r) => (None, Some(crate::mindformers::plan(r, dst_strategy, &popts)?)),
+        None => (Some((set, src_strategy, dst_strategy)), None),
+    };
+    // The parts of the plan: a deferred plan takes a copy, kept for the plan made again.
+    let mut make = |defer: bool| {
+        let (set, src, dst) = match defer {
+            true => parts.clone(),
+            false => parts.take(),
         }
+        .ok_or_else(|| Error::Invalid("internal error: the plan was made again twice".into()))?;
+        Plan::from_parts(set, src, dst, &PlanOptions { defer_toc_checks: defer, ..popts.clone() })
+    };
+    let plan = match mindformers_plan {
+        Some(p) => p,
+        None => crate::toc_predict::plan_deferring(objects, &mut make)?,
     };
     let my_rank = if plan.dst_rank_count() == 1 { 0 } else { rank };
     if plan.dst_rank_count() == 1 && world > 1 {
@@ -236,17 +238,14 @@ pub fn auto(o: &AutoOptions) -> Result<AutoResult> {
         cancel: o.cancel.clone(),
         ..ExecuteOptions::default()
     };
-    let mut written = execute(&plan, &out_root, &[my_rank], &opts);
-    if matches!(written, Err(Error::PredictionMismatch { .. })) {
-        if let Some((set, src, dst)) = retry.take() {
-            if let Err(e) = &written {
-                log.push(format!("{e}; planning again with every table of contents checked first"));
-            }
-            plan = Plan::from_parts(set, src, dst, &popts)?;
-            written = execute(&plan, &out_root, &[my_rank], &opts);
-        }
-    }
-    let written = written?;
+    // One rank, committed only after every object the plan took a table of contents for is
+    // checked (`check_unread`): nothing to write again, the resume stays.
+    let written = crate::toc_predict::on_mismatch(
+        &plan,
+        || make(false),
+        |e| log.push(format!("{e}; planning again with every table of contents checked first")),
+        |p, _| execute(p, &out_root, &[my_rank], &opts),
+    )?;
     let load_path = written.first().map(|w| w.path.clone()).unwrap_or_default();
     remove_other_checkpoints(&load_path, &mut log);
     log.push(format!(

@@ -57,6 +57,40 @@ pub fn deferred() -> (u64, u64) {
     (DEFERRED.load(Ordering::Relaxed), DEFERRED_FAILED.load(Ordering::Relaxed))
 }
 
+/// The plan made by `make(defer)`, for the one-shot callers that plan and execute together
+/// (the CLI's `transform`, `auto`). An error of a plan with deferred checks is not trusted (a
+/// table of contents taken from a sibling may be what made it fail): the plan is made again
+/// without deferring, and that one's answer stands.
+pub fn plan_deferring<P>(defer: bool, mut make: impl FnMut(bool) -> Result<P>) -> Result<P> {
+    let before = deferred().0;
+    match make(defer) {
+        Err(_) if defer && deferred().0 > before => make(false),
+        r => r,
+    }
+}
+
+/// `run(plan, true)`; when an object's deferred check fails (`Error::PredictionMismatch`, raised
+/// before any output read from that object is committed), tells `say`, makes the plan again with
+/// `replan` (every table of contents checked first) and runs that one with `run(plan, false)`.
+/// An output committed before the mismatch read no byte of that object, but the plan it was made
+/// from rests on every table of contents (which parameters a rank holds, where a tensor that is
+/// in no strategy is read from): a caller that may have committed some (more than one output)
+/// must not resume from them in the second run.
+pub fn on_mismatch<T>(
+    plan: &crate::plan::Plan,
+    replan: impl FnOnce() -> Result<crate::plan::Plan>,
+    say: impl FnOnce(&Error),
+    run: impl Fn(&crate::plan::Plan, bool) -> Result<T>,
+) -> Result<T> {
+    match run(plan, true) {
+        Err(e @ Error::PredictionMismatch { .. }) => {
+            say(&e);
+            run(&replan()?, false)
+        }
+        r => r,
+    }
+}
+
 /// (tables of contents predicted from a sibling and found equal, predictions refused and walked).
 pub fn predictions() -> (u64, u64) {
     (PREDICTED.load(Ordering::Relaxed), MISMATCHED.load(Ordering::Relaxed))
