@@ -206,24 +206,22 @@ struct DstInterner {
 
 impl DstInterner {
     fn layout(&mut self, r: ResolvedLayout) -> std::sync::Arc<ResolvedLayout> {
-        match self.layouts.get(&r) {
-            Some(a) => a.clone(),
-            None => {
-                let a = std::sync::Arc::new(r);
-                self.layouts.insert(a.clone());
-                a
-            }
-        }
+        intern(&mut self.layouts, r)
     }
 
     fn dst(&mut self, d: DstShared) -> std::sync::Arc<DstShared> {
-        match self.dsts.get(&d) {
-            Some(a) => a.clone(),
-            None => {
-                let a = std::sync::Arc::new(d);
-                self.dsts.insert(a.clone());
-                a
-            }
+        intern(&mut self.dsts, d)
+    }
+}
+
+/// The shared copy of `v` in `set`, added if it has none.
+fn intern<T: std::hash::Hash + Eq>(set: &mut std::collections::HashSet<std::sync::Arc<T>>, v: T) -> std::sync::Arc<T> {
+    match set.get(&v) {
+        Some(a) => a.clone(),
+        None => {
+            let a = std::sync::Arc::new(v);
+            set.insert(a.clone());
+            a
         }
     }
 }
