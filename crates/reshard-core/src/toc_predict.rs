@@ -230,8 +230,9 @@ impl PredictedBytes {
 pub struct PredictCheck {
     path: PathBuf,
     expected: Arc<PredictedBytes>,
-    /// Per run: compared whole and equal.
-    checked: Vec<AtomicBool>,
+    /// Per run: how many of its first bytes were compared and found equal (all: checked). A
+    /// response arrives in chunks, in order: a run across two of them is checked by both.
+    checked: Vec<AtomicU64>,
     /// The first offset found differing (`u64::MAX`: none yet).
     differs: AtomicU64,
     /// One `finish` fetches at a time (the others then find everything checked).
@@ -243,7 +244,7 @@ pub struct PredictCheck {
 impl PredictCheck {
     /// The check of the object `path` against `expected`.
     pub fn new(path: PathBuf, expected: Arc<PredictedBytes>) -> PredictCheck {
-        let checked = expected.runs.iter().map(|_| AtomicBool::new(false)).collect();
+        let checked = expected.runs.iter().map(|_| AtomicU64::new(0)).collect();
         PredictCheck {
             path,
             expected,
@@ -255,7 +256,7 @@ impl PredictCheck {
     }
 
     /// The object's bytes at `start` were fetched: compares every expected run meeting them
-    /// (a run wholly inside is then checked; one crossing an edge only has its part compared).
+    /// (a run is checked once its bytes were all compared, in one piece or in pieces in order).
     pub fn see(&self, start: u64, bytes: &[u8]) {
         let end = start.saturating_add(bytes.len() as u64);
         let runs = &self.expected.runs;
@@ -268,7 +269,10 @@ impl PredictCheck {
                 Some(d) => {
                     self.differs.fetch_min(from + d as u64, Ordering::Relaxed);
                 }
-                None if from == *s && to == s + b.len() as u64 => self.checked[k].store(true, Ordering::Relaxed),
+                // Equal, and on from the part compared before: the compared prefix grows.
+                None if from - s <= self.checked[k].load(Ordering::Relaxed) => {
+                    self.checked[k].fetch_max(to - s, Ordering::Relaxed);
+                }
                 None => {}
             }
             k += 1;
@@ -294,7 +298,7 @@ impl PredictCheck {
         let _one = self.finishing.lock().unwrap_or_else(|p| p.into_inner());
         let mut ranges: Vec<(u64, u64)> = Vec::new();
         for ((s, b), done) in self.expected.runs.iter().zip(&self.checked) {
-            if done.load(Ordering::Relaxed) {
+            if done.load(Ordering::Relaxed) == b.len() as u64 {
                 continue;
             }
             let end = s + b.len() as u64;
@@ -316,7 +320,7 @@ impl PredictCheck {
             self.see(*at, &got);
         }
         self.failure()?;
-        if let Some(k) = self.checked.iter().position(|c| !c.load(Ordering::Relaxed)) {
+        if let Some(k) = self.unchecked() {
             // Every run lies inside one of the ranges just fetched.
             self.differs.fetch_min(self.expected.runs[k].0, Ordering::Relaxed);
             return self.failure();
@@ -326,7 +330,12 @@ impl PredictCheck {
 
     /// Whether every run was compared and found equal.
     pub fn done(&self) -> bool {
-        self.differs.load(Ordering::Relaxed) == u64::MAX && self.checked.iter().all(|c| c.load(Ordering::Relaxed))
+        self.differs.load(Ordering::Relaxed) == u64::MAX && self.unchecked().is_none()
+    }
+
+    /// The first run not compared whole.
+    fn unchecked(&self) -> Option<usize> {
+        self.expected.runs.iter().zip(&self.checked).position(|((_, b), c)| c.load(Ordering::Relaxed) < b.len() as u64)
     }
 }
 
@@ -460,6 +469,32 @@ mod tests {
         // Everything checked: a second finish fetches nothing.
         check.finish(&src).unwrap();
         assert_eq!(src.1.lock().unwrap().len(), 1);
+    }
+
+    /// A response arrives in chunks: every run is checked when the chunks come in order, whatever
+    /// byte they split at (a run across two was left to `finish`, a GET of its own); pieces out of
+    /// order check nothing they do not continue.
+    #[test]
+    fn a_response_in_chunks_checks_the_runs_across_them() {
+        let a = ckpt(["a.weight", "b.weight", "c.weight"], 1);
+        let (_, used) =
+            crate::ckpt::parse_source_recorded(&MemSource::new(Path::new("a.ckpt"), &a), ReadOptions::default())
+                .unwrap();
+        let expected = Arc::new(PredictedBytes::new("s3://b/rank_0/a.ckpt".into(), &used));
+        let same = ckpt(["a.weight", "b.weight", "c.weight"], 2);
+        for chunk in [1, 3, 7, 64, 1000] {
+            let check = PredictCheck::new("s3://b/rank_1/b.ckpt".into(), expected.clone());
+            for (k, piece) in same.chunks(chunk).enumerate() {
+                check.see((k * chunk) as u64, piece);
+            }
+            assert!(check.done(), "chunks of {chunk} bytes");
+        }
+        let check = PredictCheck::new("s3://b/rank_1/b.ckpt".into(), expected.clone());
+        let pieces: Vec<(usize, &[u8])> = same.chunks(5).enumerate().collect();
+        for (k, piece) in pieces.iter().rev() {
+            check.see((k * 5) as u64, piece);
+        }
+        assert!(!check.done(), "pieces seen backwards cannot add up");
     }
 
     /// A follower whose header differs (a name of the same length) fails its deferred check,

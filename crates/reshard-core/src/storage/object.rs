@@ -7,9 +7,9 @@
 //! Reads: [`ObjectSource`] is a [`ByteSource`] whose `prefetch` starts a ranged GET of exactly
 //! the announced run (the executor joins the runs of its blocks, per object, into GETs of up to
 //! 8 MiB and starts them ahead of the copy: `exec::object_prefetch`) and whose `read_at` takes
-//! its bytes from those responses (responses never overlap; one is freed once all its announced
-//! bytes were read, or the fills that announced it ended),
-//! or from a ranged GET of exactly its own range. GETs in flight are bounded per store; every GET
+//! its bytes from those responses as their chunks arrive (responses never overlap; one is freed
+//! once all its announced bytes were read, or the fills that announced it ended), or from a
+//! ranged GET of exactly its own range. GETs in flight are bounded per store; every GET
 //! carries `If-Match` with the ETag seen when the object was opened, so a run never mixes two
 //! versions of an object. `object_store` retries 5xx answers, timeouts and broken connections
 //! with exponential backoff.
@@ -276,7 +276,62 @@ async fn get_range(
     Ok(bytes)
 }
 
-/// A prefetched range: filled by the runtime, waited for by the reader.
+/// The GET of `slot` (from `start`), pinned to `etag`: its chunks are handed to the slot as they
+/// arrive (and to the deferred table-of-contents check, in order), until the slot is freed.
+async fn stream_into(
+    store: Arc<Store>,
+    key: Key,
+    etag: Option<String>,
+    start: u64,
+    slot: Arc<Slot>,
+    predicted: Option<Arc<PredictCheck>>,
+) {
+    let _permit = store.gets.clone().acquire_owned().await.ok();
+    let opts = GetOptions::new().with_range(Some(GetRange::Bounded(start..slot.end))).with_if_match(etag);
+    let failed = |e| Fetched::Failed(Arc::new(e));
+    let outcome = async {
+        let mut body = store.s3.get_opts(&key, opts).await.map_err(failed)?.into_stream();
+        let mut pos = start;
+        while let Some(chunk) = body.next().await {
+            let b = chunk.map_err(failed)?;
+            FETCHED.fetch_add(b.len() as u64, Ordering::Relaxed);
+            if pos + b.len() as u64 > slot.end {
+                return Err(Fetched::Short(pos + b.len() as u64 - start));
+            }
+            if let Some(p) = &predicted {
+                p.see(pos, &b);
+            }
+            let mut data = slot.data.lock().unwrap_or_else(|p| p.into_inner());
+            // Freed (its fills ended): the rest is not fetched.
+            let Fetched::Arriving(a) = &mut *data else { return Ok(()) };
+            pos += b.len() as u64;
+            a.chunks.push((a.pos, b));
+            a.pos = pos;
+            if a.pos >= a.want {
+                a.want = u64::MAX;
+                drop(data);
+                slot.ready.notify_all();
+            }
+        }
+        if pos == slot.end {
+            Ok(())
+        } else {
+            Err(Fetched::Short(pos - start))
+        }
+    }
+    .await;
+    if let Err(f) = outcome {
+        let mut data = slot.data.lock().unwrap_or_else(|p| p.into_inner());
+        // A slot freed before its GET failed stays freed.
+        if matches!(*data, Fetched::Arriving(_)) {
+            *data = f;
+        }
+        drop(data);
+        slot.ready.notify_all();
+    }
+}
+
+/// A prefetched range: filled by the runtime as its response arrives, read as it does.
 struct Slot {
     end: u64,
     /// Bytes of it still to be read: the slot is freed when they all were.
@@ -292,15 +347,49 @@ struct Slot {
 
 /// What a slot's GET brought.
 enum Fetched {
-    /// On its way.
-    Waiting,
-    Done(Bytes),
+    /// The response's bytes so far: a read takes its bytes as soon as they are in, not when the
+    /// whole GET is (with 8 MiB GETs a copy waited for each whole response, and every response
+    /// was copied once more into one buffer of its length, on fresh pages).
+    Arriving(Arrived),
     Failed(Arc<object_store::Error>),
+    /// The GET answered with this many bytes, not the slot's length.
+    Short(u64),
     /// The slot was freed and its bytes dropped with it: a fill's holds keep the `Slot` until the
     /// fill ends, and when they kept its bytes too, every GET of an 8 -> 4 rank stayed in memory
     /// (600 MB on the bench model, whatever the budget), although counted as freed. A read that
     /// finds the slot freed fetches its bytes on its own.
     Freed,
+}
+
+/// The chunks of a response received so far, in order and back to back from the slot's start.
+struct Arrived {
+    chunks: Vec<(u64, Bytes)>,
+    /// Where the next chunk starts.
+    pos: u64,
+    /// The smallest end a waiting read needs (`u64::MAX`: none waits), so that the chunks in
+    /// between wake nobody.
+    want: u64,
+}
+
+impl Arrived {
+    fn at(start: u64) -> Fetched {
+        Fetched::Arriving(Arrived { chunks: Vec::new(), pos: start, want: u64::MAX })
+    }
+
+    /// Copies the bytes at `offset` into `buf`: they arrived (`offset + buf.len() <= pos`), and
+    /// the slot starts at or before `offset`.
+    fn copy(&self, offset: u64, buf: &mut [u8]) {
+        let mut k = self.chunks.partition_point(|(s, _)| *s <= offset).saturating_sub(1);
+        let mut done = 0;
+        while done < buf.len() {
+            let (s, b) = &self.chunks[k];
+            let from = (offset + done as u64 - s) as usize;
+            let n = (b.len() - from).min(buf.len() - done);
+            buf[done..done + n].copy_from_slice(&b[from..from + n]);
+            done += n;
+            k += 1;
+        }
+    }
 }
 
 /// The prefetched ranges of one object, by start. They never overlap: a read is served by the
@@ -424,7 +513,7 @@ impl Slots {
                 unread: AtomicU64::new(read),
                 holders: AtomicU64::new(1),
                 count: count.clone(),
-                data: Mutex::new(Fetched::Waiting),
+                data: Mutex::new(Arrived::at(gs)),
                 ready: Condvar::new(),
             });
             map.insert(gs, slot.clone());
@@ -522,25 +611,8 @@ impl ObjectSource {
         let (holds, fresh) = self.slots.announce(start, end, runs, count, PREFETCH_CAP);
         for (s, slot) in fresh {
             GETS_AHEAD.fetch_add(1, Ordering::Relaxed);
-            let f = get_range(self.store.clone(), self.key.clone(), self.etag.clone(), s..slot.end);
             let predicted = self.predicted.get().cloned();
-            rt.spawn(async move {
-                let r = f.await;
-                // The headers between the tensors read come with them: compared as they arrive.
-                if let (Ok(b), Some(p)) = (&r, &predicted) {
-                    p.see(s, b);
-                }
-                let mut data = slot.data.lock().unwrap_or_else(|p| p.into_inner());
-                // A slot freed before its GET came back (its fills ended) stays freed.
-                if matches!(*data, Fetched::Waiting) {
-                    *data = match r {
-                        Ok(b) => Fetched::Done(b),
-                        Err(e) => Fetched::Failed(Arc::new(e)),
-                    };
-                }
-                drop(data);
-                slot.ready.notify_all();
-            });
+            rt.spawn(stream_into(self.store.clone(), self.key.clone(), self.etag.clone(), s, slot, predicted));
         }
         Some(holds)
     }
@@ -565,22 +637,26 @@ impl ByteSource for ObjectSource {
         }
         if let Some((start, slot)) = self.slots.slot_for(offset, end) {
             let mut data = slot.data.lock().unwrap_or_else(|p| p.into_inner());
-            while matches!(*data, Fetched::Waiting) {
-                data = slot.ready.wait(data).unwrap_or_else(|p| p.into_inner());
-            }
-            let got = match &*data {
-                Fetched::Done(b) if b.len() as u64 == slot.end - start => {
-                    let from = (offset - start) as usize;
-                    buf.copy_from_slice(&b[from..from + buf.len()]);
-                    Some(Ok(()))
+            let got = loop {
+                match &mut *data {
+                    Fetched::Arriving(a) if a.pos >= end => {
+                        a.copy(offset, buf);
+                        break Some(Ok(()));
+                    }
+                    Fetched::Arriving(a) => {
+                        a.want = a.want.min(end);
+                        data = slot.ready.wait(data).unwrap_or_else(|p| p.into_inner());
+                    }
+                    Fetched::Failed(e) => break Some(Err(self.read_error(e))),
+                    Fetched::Short(got) => {
+                        break Some(Err(Error::Source {
+                            path: self.path.clone(),
+                            detail: format!("a ranged GET of bytes {start}..{} returned {got} bytes", slot.end),
+                        }))
+                    }
+                    // Freed between finding it and reading it: fetched below.
+                    Fetched::Freed => break None,
                 }
-                Fetched::Failed(e) => Some(Err(self.read_error(e))),
-                // Freed between finding it and reading it: fetched below.
-                Fetched::Freed => None,
-                _ => Some(Err(Error::Source {
-                    path: self.path.clone(),
-                    detail: format!("a ranged GET of bytes {start}..{} returned another length", slot.end),
-                })),
             };
             drop(data);
             if let Some(got) = got {
@@ -911,7 +987,9 @@ mod tests {
     /// Marks every slot of `slots` fetched (with zeros), as the runtime would.
     fn arrive(slots: &Slots) {
         for (start, slot) in slots.map.lock().unwrap().iter() {
-            *slot.data.lock().unwrap() = Fetched::Done(Bytes::from(vec![0u8; (slot.end - start) as usize]));
+            let b = Bytes::from(vec![0u8; (slot.end - start) as usize]);
+            *slot.data.lock().unwrap() =
+                Fetched::Arriving(Arrived { chunks: vec![(*start, b)], pos: slot.end, want: u64::MAX });
         }
     }
 
@@ -965,7 +1043,7 @@ mod tests {
         let (hold, fresh) = slots.announce(0, 100, &[(0, 100, 100)], &count, u64::MAX);
         arrive(&slots);
         let slot = fresh[0].1.clone();
-        assert!(matches!(*slot.data.lock().unwrap(), Fetched::Done(_)));
+        assert!(matches!(*slot.data.lock().unwrap(), Fetched::Arriving(_)));
         assert_eq!(read_runs(&slots, &[(0, 100, 100)]), 0);
         assert!(matches!(*slot.data.lock().unwrap(), Fetched::Freed), "the bytes outlived the slot");
         assert_eq!(count.load(Ordering::Relaxed), 0);
@@ -1004,6 +1082,22 @@ mod tests {
         assert_eq!((one.load(Ordering::Relaxed), two.load(Ordering::Relaxed)), (0, 100));
         drop(hold_2);
         assert_eq!(two.load(Ordering::Relaxed), 0);
+    }
+
+    /// A read takes its bytes from the chunks of a response as they arrived, across their edges.
+    #[test]
+    fn reads_are_copied_across_the_chunks_of_a_response() {
+        let whole: Vec<u8> = (0..=255u8).cycle().take(1000).collect();
+        let mut a = Arrived { chunks: Vec::new(), pos: 100, want: u64::MAX };
+        for piece in whole[100..].chunks(37) {
+            a.chunks.push((a.pos, Bytes::copy_from_slice(piece)));
+            a.pos += piece.len() as u64;
+        }
+        for (at, n) in [(100, 1), (100, 900), (136, 2), (137, 37), (500, 400), (999, 1)] {
+            let mut buf = vec![0u8; n];
+            a.copy(at, &mut buf);
+            assert_eq!(buf, whole[at as usize..at as usize + n], "{n} bytes at {at}");
+        }
     }
 
     #[test]
