@@ -170,8 +170,20 @@ fn parse_values(path: &Path, r: &mut ByteReader<'_>, end: u64) -> Result<Vec<Ten
     let mut tensors: Vec<TensorInfo> = Vec::new();
     let mut table = TableBuilder::new();
     let mut cur = SrcCursor { pos: 0, end };
+    // The lengths of the values walked so far, for guessing where the next headers are.
+    let mut lens: Vec<u64> = Vec::new();
+    let mut prev: Option<u64> = None;
     while !cur.is_empty() {
         let at = cur.pos;
+        if r.exact() {
+            lens.extend(prev.map(|p| at - p));
+            prev = Some(at);
+            if !r.has(at, 10) {
+                let mut offsets = vec![at];
+                offsets.extend(next_headers(&lens, at, SPECULATED_HEADERS).into_iter().filter(|&o| o < end));
+                r.speculate(&offsets)?;
+            }
+        }
         let (field, wt) = cur.key(r)?;
         if field != 1 || wt != WT_LEN {
             cur.skip(r, wt).map_err(|e| match e {
@@ -216,6 +228,39 @@ fn parse_values(path: &Path, r: &mut ByteReader<'_>, end: u64) -> Result<Vec<Ten
     }
     table.finish(&mut tensors);
     Ok(tensors)
+}
+
+/// How many headers past the next one a walk over an object store fetches at once, when the
+/// lengths of the values before repeat (the layers of a model: their tensors have the same
+/// sizes): a header is a round trip. On the S3 bench model a walk of 141 headers made 141 round
+/// trips; with guesses it makes 39 (and 100 GETs more, 1 KiB each).
+const SPECULATED_HEADERS: usize = 16;
+
+/// Where up to `k` values after the one at `at` start, guessed from the lengths walked so far
+/// (`lens`, in order): the period whose copy reaches furthest back (the last `m` lengths equal
+/// those one period before; the shortest period among equals) is taken to go on, for `m` values
+/// at most, so that a poor match risks few fetches. A guess is never trusted: a walk takes a
+/// header fetched ahead only when the chain of lengths reaches its offset. No guess unless two
+/// lengths or more match.
+fn next_headers(lens: &[u64], at: u64, k: usize) -> Vec<u64> {
+    const MAX_PERIOD: usize = 64;
+    const MAX_MATCH: usize = 16;
+    let n = lens.len();
+    let matched =
+        |p: usize| (0..(n - p).min(MAX_MATCH)).take_while(|&t| lens[n - 1 - t] == lens[n - 1 - t - p]).count();
+    let best = (1..=MAX_PERIOD.min(n.saturating_sub(1)))
+        .map(|p| (matched(p), p))
+        .max_by_key(|&(m, p)| (m, std::cmp::Reverse(p)));
+    let Some((m, p)) = best.filter(|&(m, _)| m >= 2) else {
+        return Vec::new();
+    };
+    let mut o = at;
+    (0..k.min(m))
+        .map(|j| {
+            o += lens[n - p + j % p];
+            o
+        })
+        .collect()
 }
 
 /// A protobuf cursor over bytes [pos, end) of a source, reading keys and small fields through a
@@ -499,6 +544,79 @@ mod tests {
 
     fn render(l: &FileLayout, contents: &[Vec<u8>]) -> Vec<u8> {
         l.render(&contents.iter().map(Vec::as_slice).collect::<Vec<_>>())
+    }
+
+    /// Guesses follow the period that matches furthest back, as far as it matched, and none is
+    /// made without two matching lengths.
+    #[test]
+    fn next_headers_follow_the_repeating_lengths() {
+        // A layer of four values (10, 10, 20, 30), twice, and the first value of a third.
+        let lens = [5, 10, 10, 20, 30, 10, 10, 20, 30, 10];
+        assert_eq!(next_headers(&lens, 1000, 4), [1010, 1030, 1060, 1070]);
+        // Matched for 5 lengths: at most 5 guesses.
+        assert_eq!(next_headers(&lens, 1000, 16).len(), 5);
+        assert!(next_headers(&[5, 10], 1000, 8).is_empty());
+        assert!(next_headers(&[5, 6, 7, 8], 1000, 8).is_empty());
+        // Equal lengths: period 1.
+        assert_eq!(next_headers(&[7, 7, 7], 0, 3), [7, 14]);
+    }
+
+    /// A walk that guesses (an object store's exact reads) indexes a file as one that does not,
+    /// whether the guesses are right or wrong, and waits for fewer fetches one after the other
+    /// (reads and batches of reads, counted alike).
+    #[test]
+    fn a_walk_with_guesses_indexes_as_one_without() {
+        struct Exact<'a>(MemSource<'a>, std::sync::atomic::AtomicUsize);
+        impl ByteSource for Exact<'_> {
+            fn path(&self) -> &Path {
+                self.0.path()
+            }
+            fn len(&self) -> u64 {
+                self.0.len()
+            }
+            fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+                self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.0.read_at(offset, buf)
+            }
+            fn read_ranges(&self, ranges: &[(u64, u64)]) -> Result<Vec<Vec<u8>>> {
+                self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                ranges
+                    .iter()
+                    .map(|&(at, n)| {
+                        let mut b = vec![0u8; n as usize];
+                        self.0.read_at(at, &mut b).map(|_| b)
+                    })
+                    .collect()
+            }
+            fn version(&self) -> &crate::storage::Version {
+                self.0.version()
+            }
+            fn check(&self) -> Result<()> {
+                Ok(())
+            }
+            fn exact_reads(&self) -> bool {
+                true
+            }
+        }
+        // Twelve layers of the same sizes, then tensors of other sizes (guesses go wrong there).
+        let mut headers = Vec::new();
+        for l in 0..12 {
+            for (n, rows) in [("q", 300u64), ("k", 300), ("ffn", 900), ("norm", 1)] {
+                headers.push(header(&format!("layers.{l:02}.{n}"), DType::Float32, &[rows, 16]));
+            }
+        }
+        for (k, rows) in [7u64, 300, 11, 900, 2].into_iter().enumerate() {
+            headers.push(header(&format!("z.{k}"), DType::Float32, &[rows, 16]));
+        }
+        let l = layout(&headers, CHUNK_BYTES);
+        let contents: Vec<Vec<u8>> = headers.iter().map(|h| vec![7u8; h.nbytes as usize]).collect();
+        let bytes = render(&l, &contents);
+        let plain = parse(Path::new("a.ckpt"), &bytes, ReadOptions::default()).unwrap();
+        let src = Exact(MemSource::new(Path::new("s3://b/a.ckpt"), &bytes), Default::default());
+        let guessed = parse_source(&src, ReadOptions::default()).unwrap();
+        assert_eq!(format!("{:?}", guessed.tensors), format!("{:?}", plain.tensors));
+        let rounds = src.1.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(rounds < headers.len() / 2, "{rounds} round trips for {} headers", headers.len());
     }
 
     #[test]

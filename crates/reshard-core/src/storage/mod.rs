@@ -347,6 +347,8 @@ pub struct ByteReader<'s> {
     chunk: usize,
     /// When recording: the bytes a parser said it used ([`ByteReader::keep`]), by offset.
     kept: Option<Vec<(u64, Vec<u8>)>>,
+    /// Refills fetched ahead ([`ByteReader::speculate`]), by offset: taken when a read needs them.
+    spare: Vec<(u64, Vec<u8>)>,
 }
 
 impl<'s> ByteReader<'s> {
@@ -356,7 +358,30 @@ impl<'s> ByteReader<'s> {
         // keys and names of a table of contents (a 256 KiB refill per tensor would fetch more
         // than the tensors of a small model).
         let chunk = if src.exact_reads() { chunk.min(EXACT_READ_CHUNK) } else { chunk };
-        ByteReader { src, buf: Vec::new(), buf_start: 0, chunk: chunk.max(1), kept: None }
+        ByteReader { src, buf: Vec::new(), buf_start: 0, chunk: chunk.max(1), kept: None, spare: Vec::new() }
+    }
+
+    /// Whether the bytes at `offset` come in one request each ([`ByteSource::exact_reads`]).
+    pub fn exact(&self) -> bool {
+        self.src.exact_reads()
+    }
+
+    /// Whether `len` bytes at `offset` are in hand (no read needed).
+    pub fn has(&self, offset: u64, len: usize) -> bool {
+        let within = |s: u64, n: usize| offset >= s && offset + len as u64 <= s + n as u64;
+        within(self.buf_start, self.buf.len()) || self.spare.iter().any(|(s, b)| within(*s, b.len()))
+    }
+
+    /// Fetches the refills at `offsets` all at once (one ranged GET each, in flight together,
+    /// from an object store), replacing those fetched ahead before: a walk that can guess
+    /// where the next headers are makes one round trip for several of them.
+    pub fn speculate(&mut self, offsets: &[u64]) -> Result<()> {
+        let total = self.src.len();
+        let ranges: Vec<(u64, u64)> =
+            offsets.iter().filter(|&&o| o < total).map(|&o| (o, (self.chunk as u64).min(total - o))).collect();
+        let got = self.src.read_ranges(&ranges)?;
+        self.spare = ranges.iter().map(|r| r.0).zip(got).collect();
+        Ok(())
     }
 
     /// Records from now on the bytes [`keep`](Self::keep) is told of (a table of contents that
@@ -394,7 +419,12 @@ impl<'s> ByteReader<'s> {
             return Ok(v);
         }
         let have = offset >= self.buf_start && offset + len as u64 <= self.buf_start + self.buf.len() as u64;
-        if !have {
+        let spare = (!have)
+            .then(|| self.spare.iter().position(|(s, b)| offset >= *s && offset + len as u64 <= s + b.len() as u64))
+            .flatten();
+        if let Some(k) = spare {
+            (self.buf_start, self.buf) = self.spare.swap_remove(k);
+        } else if !have {
             let n = (len.max(self.chunk) as u64).min(total - offset) as usize;
             self.buf.resize(n, 0);
             self.src.read_at(offset, &mut self.buf)?;
