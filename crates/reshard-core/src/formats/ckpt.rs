@@ -178,10 +178,18 @@ fn parse_values(path: &Path, r: &mut ByteReader<'_>, end: u64) -> Result<Vec<Ten
         if r.exact() {
             lens.extend(prev.map(|p| at - p));
             prev = Some(at);
+            // Only the last lengths are looked at: a file of many tiny fields must not make
+            // this list several times its own size.
+            if lens.len() > 2 * LENGTHS_KEPT {
+                lens.drain(..lens.len() - LENGTHS_KEPT);
+            }
             if !r.has(at, 10) {
                 let mut offsets = vec![at];
                 offsets.extend(next_headers(&lens, at, SPECULATED_HEADERS).into_iter().filter(|&o| o < end));
-                r.speculate(&offsets)?;
+                // A failed guess is no reason to fail: the next header alone, then.
+                if r.speculate(&offsets).is_err() {
+                    r.speculate(&offsets[..1])?;
+                }
             }
         }
         let (field, wt) = cur.key(r)?;
@@ -236,6 +244,13 @@ fn parse_values(path: &Path, r: &mut ByteReader<'_>, end: u64) -> Result<Vec<Ten
 /// trips; with guesses it makes 38-40 (and about 60 GETs more, of 1 KiB, for wrong guesses).
 const SPECULATED_HEADERS: usize = 16;
 
+/// The longest period [`next_headers`] looks for.
+const MAX_PERIOD: usize = 64;
+/// How many lengths one period apart it compares at most.
+const MAX_MATCH: usize = 16;
+/// The lengths a walk keeps (at least what [`next_headers`] reads).
+const LENGTHS_KEPT: usize = MAX_PERIOD + MAX_MATCH + 1;
+
 /// Where up to `k` values after the one at `at` start, guessed from the lengths walked so far
 /// (`lens`, in order): the period whose copy reaches furthest back (the last `m` lengths equal
 /// those one period before, give or take the same few bytes: layer 10's names are a byte longer
@@ -244,15 +259,15 @@ const SPECULATED_HEADERS: usize = 16;
 /// a walk takes a header fetched ahead only when the chain of lengths reaches its offset. No
 /// guess unless two lengths or more match.
 fn next_headers(lens: &[u64], at: u64, k: usize) -> Vec<u64> {
-    const MAX_PERIOD: usize = 64;
-    const MAX_MATCH: usize = 16;
-    const MAX_SHIFT: i64 = 4;
+    const MAX_SHIFT: i128 = 4;
     let n = lens.len();
-    let shift = |t: usize, p: usize| lens[n - 1 - t] as i64 - lens[n - 1 - t - p] as i64;
+    // In i128: lengths come from the file and may be anything up to u64::MAX.
+    let shift = |t: usize, p: usize| lens[n - 1 - t] as i128 - lens[n - 1 - t - p] as i128;
     let matched = |p: usize| {
         let d = shift(0, p);
         let m = (0..(n - p).min(MAX_MATCH)).take_while(|&t| shift(t, p) == d).count();
-        // Lengths that grow value after value are no layer of a model.
+        // Lengths that grow value after value are no layer of a model (a period of 1 takes no
+        // shift).
         (if d == 0 || (p > 1 && d.abs() <= MAX_SHIFT) { m } else { 0 }, d)
     };
     let best = (1..=MAX_PERIOD.min(n.saturating_sub(1)))
@@ -261,13 +276,16 @@ fn next_headers(lens: &[u64], at: u64, k: usize) -> Vec<u64> {
     let Some(((m, d), p)) = best.filter(|&((m, _), _)| m >= 2) else {
         return Vec::new();
     };
-    let mut o = at;
-    (0..k.min(m))
-        .map(|j| {
-            o = o.saturating_add_signed(lens[n - p + j % p] as i64 + d);
-            o
-        })
-        .collect()
+    // Each guess past the previous one (a length and a shift of 0 or less guess nothing).
+    let mut o = at as i128;
+    let mut out = Vec::with_capacity(k.min(m));
+    for j in 0..k.min(m) {
+        let next = o + lens[n - p + j % p] as i128 + d;
+        let Some(g) = u64::try_from(next).ok().filter(|_| next > o) else { break };
+        out.push(g);
+        o = next;
+    }
+    out
 }
 
 /// A protobuf cursor over bytes [pos, end) of a source, reading keys and small fields through a
@@ -564,7 +582,11 @@ mod tests {
         assert_eq!(next_headers(&lens, 1000, 16).len(), 5);
         assert!(next_headers(&[5, 10], 1000, 8).is_empty());
         assert!(next_headers(&[5, 90, 7, 300], 1000, 8).is_empty());
-        assert!(next_headers(&[5, 6, 7, 8], 1000, 8).len() <= 2);
+        // Lengths growing by one: no period of 1 with a shift.
+        assert!(next_headers(&[5, 6, 7], 1000, 8).is_empty());
+        // Lengths from a hostile file: no overflow, no guess behind the previous one.
+        assert!(next_headers(&[u64::MAX, 3, u64::MAX, 3], 1000, 8).iter().all(|&g| g > 1000));
+        assert!(next_headers(&[0, 0, 0, 0], 1000, 8).is_empty());
         // Equal lengths: period 1.
         assert_eq!(next_headers(&[7, 7, 7], 0, 3), [7, 14]);
         // Layer 10 after layer 9: its names a byte longer, the sizes the same.

@@ -47,8 +47,8 @@ const PARTS_IN_FLIGHT: usize = 4;
 const RUNTIME_THREADS: usize = 8;
 /// Ranged GETs in flight at once per store.
 const GETS_IN_FLIGHT: usize = 32;
-/// The most bytes one source holds prefetched by hints outside a job's read-ahead before they are
-/// read (beyond it, such prefetches are dropped and the reads fetch their own ranges).
+/// A hint outside a job's read-ahead (`ByteSource::prefetch`) is dropped, and its reads fetch
+/// their own ranges, while the source holds this many bytes read ahead (a job's included).
 const PREFETCH_CAP: u64 = 128 << 20;
 
 /// A parsed `s3://bucket/key` (or `obs://`) URL.
