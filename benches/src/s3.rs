@@ -142,7 +142,6 @@ pub fn bench(dir: &Path, reshard: &Path, sharded: &Path, train: &Path, finetune:
         let _ = std::fs::remove_dir_all(&out);
         let _ = Command::new("sync").status();
         let m = run(&mut transform(Path::new(&format!("s3://{BUCKET}/src"))));
-        direct.push(m.secs);
         anon = anon.max(m.peak_anon_kb);
         let _ = std::fs::remove_dir_all(&out);
         let _ = std::fs::remove_dir_all(&local);
@@ -155,12 +154,11 @@ pub fn bench(dir: &Path, reshard: &Path, sharded: &Path, train: &Path, finetune:
         }
         let got = run(&mut c).secs;
         let conv = run(&mut transform(&local)).secs;
-        if round == 0 {
-            direct.clear();
-            continue;
+        if round > 0 {
+            direct.push(m.secs);
+            fetch.push(got);
+            fetch_then.push(got + conv);
         }
-        fetch.push(got);
-        fetch_then.push(got + conv);
     }
     let _ = std::fs::remove_dir_all(&out);
     let _ = std::fs::remove_dir_all(&local);

@@ -338,6 +338,11 @@ pub(crate) fn beyond_end(path: &Path, offset: u64, len: usize, have: u64) -> Err
 /// than an 8 -> 4 rank's share of 16 tensors of 2 MiB per file (1 KiB: 2.5%).
 const EXACT_READ_CHUNK: usize = 1 << 10;
 
+/// Whether `n` bytes from `start` hold `len` bytes at `offset`.
+fn covers(start: u64, n: usize, offset: u64, len: usize) -> bool {
+    offset >= start && offset + len as u64 <= start + n as u64
+}
+
 /// Sequential reads of small pieces (headers, tables of contents) from a source: borrowed from
 /// a view when the source has one, else served from a buffer refilled by large reads.
 pub struct ByteReader<'s> {
@@ -368,8 +373,17 @@ impl<'s> ByteReader<'s> {
 
     /// Whether `len` bytes at `offset` are in hand (no read needed).
     pub fn has(&self, offset: u64, len: usize) -> bool {
-        let within = |s: u64, n: usize| offset >= s && offset + len as u64 <= s + n as u64;
-        within(self.buf_start, self.buf.len()) || self.spare.iter().any(|(s, b)| within(*s, b.len()))
+        self.in_buf(offset, len) || self.spare_for(offset, len).is_some()
+    }
+
+    /// Whether the buffer holds `len` bytes at `offset`.
+    fn in_buf(&self, offset: u64, len: usize) -> bool {
+        covers(self.buf_start, self.buf.len(), offset, len)
+    }
+
+    /// The refill fetched ahead that holds `len` bytes at `offset`, if one does.
+    fn spare_for(&self, offset: u64, len: usize) -> Option<usize> {
+        self.spare.iter().position(|(s, b)| covers(*s, b.len(), offset, len))
     }
 
     /// Fetches the refills at `offsets` all at once (one ranged GET each, in flight together,
@@ -418,11 +432,8 @@ impl<'s> ByteReader<'s> {
         if let Some(v) = self.src.view(offset, len as u64) {
             return Ok(v);
         }
-        let have = offset >= self.buf_start && offset + len as u64 <= self.buf_start + self.buf.len() as u64;
-        let spare = (!have)
-            .then(|| self.spare.iter().position(|(s, b)| offset >= *s && offset + len as u64 <= s + b.len() as u64))
-            .flatten();
-        if let Some(k) = spare {
+        let have = self.in_buf(offset, len);
+        if let Some(k) = (!have).then(|| self.spare_for(offset, len)).flatten() {
             (self.buf_start, self.buf) = self.spare.swap_remove(k);
         } else if !have {
             let n = (len.max(self.chunk) as u64).min(total - offset) as usize;

@@ -262,6 +262,11 @@ pub fn reset_prefetched_peak() {
     PREFETCHED_PEAK.store(PREFETCHED.load(Ordering::Relaxed), Ordering::Relaxed);
 }
 
+/// The options of a ranged GET of `range`, pinned to `etag` (`If-Match`).
+fn pinned(range: Range<u64>, etag: Option<String>) -> GetOptions {
+    GetOptions::new().with_range(Some(GetRange::Bounded(range))).with_if_match(etag)
+}
+
 /// A ranged GET of `range`, pinned to `etag`.
 async fn get_range(
     store: Arc<Store>,
@@ -270,8 +275,7 @@ async fn get_range(
     range: Range<u64>,
 ) -> object_store::Result<Bytes> {
     let _permit = store.gets.clone().acquire_owned().await.ok();
-    let opts = GetOptions::new().with_range(Some(GetRange::Bounded(range))).with_if_match(etag);
-    let bytes = store.s3.get_opts(&key, opts).await?.bytes().await?;
+    let bytes = store.s3.get_opts(&key, pinned(range, etag)).await?.bytes().await?;
     FETCHED.fetch_add(bytes.len() as u64, Ordering::Relaxed);
     Ok(bytes)
 }
@@ -287,10 +291,9 @@ async fn stream_into(
     predicted: Option<Arc<PredictCheck>>,
 ) {
     let _permit = store.gets.clone().acquire_owned().await.ok();
-    let opts = GetOptions::new().with_range(Some(GetRange::Bounded(start..slot.end))).with_if_match(etag);
     let failed = |e| Fetched::Failed(Arc::new(e));
     let outcome = async {
-        let mut body = store.s3.get_opts(&key, opts).await.map_err(failed)?.into_stream();
+        let mut body = store.s3.get_opts(&key, pinned(start..slot.end, etag)).await.map_err(failed)?.into_stream();
         let mut pos = start;
         while let Some(chunk) = body.next().await {
             let b = chunk.map_err(failed)?;
