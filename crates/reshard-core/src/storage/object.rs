@@ -599,6 +599,38 @@ impl ObjectSource {
         }
     }
 
+    /// Reads `buf` at `offset` from `slot` (starting at `start`, holding those bytes), waiting
+    /// for them to arrive; None when the slot was freed first.
+    fn read_slot(&self, start: u64, slot: &Arc<Slot>, offset: u64, buf: &mut [u8]) -> Option<Result<()>> {
+        let end = offset + buf.len() as u64;
+        let mut data = slot.data.lock().unwrap_or_else(|p| p.into_inner());
+        let got = loop {
+            match &mut *data {
+                Fetched::Arriving(a) if a.pos >= end => {
+                    a.copy(offset, buf);
+                    break Ok(());
+                }
+                Fetched::Arriving(a) => {
+                    a.want = a.want.min(end);
+                    data = slot.ready.wait(data).unwrap_or_else(|p| p.into_inner());
+                }
+                Fetched::Failed(e) => break Err(self.read_error(e)),
+                Fetched::Short(got) => {
+                    break Err(Error::Source {
+                        path: self.path.clone(),
+                        detail: format!("a ranged GET of bytes {start}..{} returned {got} bytes", slot.end),
+                    })
+                }
+                Fetched::Freed => return None,
+            }
+        };
+        drop(data);
+        // Reads of a slot come from several workers in any order: the one that takes its last
+        // announced bytes frees it.
+        self.slots.consumed(start, slot, buf.len() as u64, got.is_err());
+        Some(got)
+    }
+
     /// Starts the GETs of the parts of [start, end) no slot holds yet (see [`Slots::announce`]).
     fn start_prefetch(
         &self,
@@ -639,45 +671,32 @@ impl ByteSource for ObjectSource {
         if buf.is_empty() {
             return Ok(());
         }
-        if let Some((start, slot)) = self.slots.slot_for(offset, end) {
-            let mut data = slot.data.lock().unwrap_or_else(|p| p.into_inner());
-            let got = loop {
-                match &mut *data {
-                    Fetched::Arriving(a) if a.pos >= end => {
-                        a.copy(offset, buf);
-                        break Some(Ok(()));
-                    }
-                    Fetched::Arriving(a) => {
-                        a.want = a.want.min(end);
-                        data = slot.ready.wait(data).unwrap_or_else(|p| p.into_inner());
-                    }
-                    Fetched::Failed(e) => break Some(Err(self.read_error(e))),
-                    Fetched::Short(got) => {
-                        break Some(Err(Error::Source {
-                            path: self.path.clone(),
-                            detail: format!("a ranged GET of bytes {start}..{} returned {got} bytes", slot.end),
-                        }))
-                    }
-                    // Freed between finding it and reading it: fetched below.
-                    Fetched::Freed => break None,
-                }
-            };
-            drop(data);
-            if let Some(got) = got {
-                // Reads of a slot come from several workers in any order: the one that takes
-                // its last announced bytes frees it.
-                self.slots.consumed(start, &slot, buf.len() as u64, got.is_err());
-                return got;
+        // A read may take its bytes from consecutive slots (GETs end at aligned offsets, not
+        // where reads do); from the first byte no slot holds, it fetches the rest itself.
+        let mut done = 0;
+        loop {
+            let at = offset + done as u64;
+            let Some((start, slot)) = self.slots.slot_for(at, at + 1) else { break };
+            let n = (slot.end - at).min((buf.len() - done) as u64) as usize;
+            match self.read_slot(start, &slot, at, &mut buf[done..done + n]) {
+                Some(got) => got?,
+                // Freed between finding it and reading it.
+                None => break,
+            }
+            done += n;
+            if done == buf.len() {
+                return Ok(());
             }
         }
-        let b = self.fetch(offset..end)?;
-        if b.len() != buf.len() {
+        let at = offset + done as u64;
+        let b = self.fetch(at..end)?;
+        if b.len() != buf.len() - done {
             return Err(Error::Source {
                 path: self.path.clone(),
-                detail: format!("a ranged GET of bytes {offset}..{end} returned {} bytes", b.len()),
+                detail: format!("a ranged GET of bytes {at}..{end} returned {} bytes", b.len()),
             });
         }
-        buf.copy_from_slice(&b);
+        buf[done..].copy_from_slice(&b);
         Ok(())
     }
 
@@ -1109,13 +1128,9 @@ mod tests {
         }
     }
 
-    /// A job's read-ahead is bounded by the job's budget only: a GET beyond the source's own cap
-    /// for hints (128 MiB) is still made (it was dropped, and a complete -> 8 with a budget of
-    /// 1 GiB read every column slice with a GET of its own: 40,000 GETs, 28 s); a hint beyond it
-    /// is not.
-    #[test]
-    fn a_jobs_read_ahead_is_not_held_to_the_cap_for_hints() {
-        // A client of a port nothing listens on: the GETs fail, the slots are made all the same.
+    /// An object source of `len` bytes whose store is a port nothing listens on: its GETs fail
+    /// at once, so a test sees whether a read was served by slots alone.
+    fn unreachable(len: u64) -> ObjectSource {
         let s3 = AmazonS3Builder::new()
             .with_bucket_name("b")
             .with_endpoint("http://127.0.0.1:9")
@@ -1126,8 +1141,7 @@ mod tests {
             .with_retry(RetryConfig { max_retries: 0, ..RetryConfig::default() })
             .build()
             .unwrap();
-        let len = 3 * PREFETCH_CAP;
-        let src = ObjectSource {
+        ObjectSource {
             path: "s3://b/k".into(),
             store: Arc::new(Store { s3: Arc::new(s3), gets: Arc::new(Semaphore::new(GETS_IN_FLIGHT)) }),
             key: Key::from("k"),
@@ -1136,7 +1150,47 @@ mod tests {
             slots: Arc::new(Slots::default()),
             changed: AtomicBool::new(false),
             predicted: OnceLock::new(),
-        };
+        }
+    }
+
+    /// GETs end at aligned offsets, not where reads do: a read across two slots takes its bytes
+    /// from both, charges each with its part, and fetches nothing (it fetched all its bytes on
+    /// its own, and left both slots counted until its fill ended).
+    #[test]
+    fn a_read_across_two_slots_takes_its_bytes_from_both() {
+        let whole: Vec<u8> = (0..=255u8).cycle().take(300).collect();
+        let src = unreachable(300);
+        let count = Arc::new(AtomicU64::new(0));
+        let (h1, _) = src.slots.announce(0, 100, &[(0, 100, 100)], &count, u64::MAX);
+        let (h2, _) = src.slots.announce(100, 200, &[(100, 200, 100)], &count, u64::MAX);
+        assert_eq!(src.slots.map.lock().unwrap().len(), 2);
+        for (start, slot) in src.slots.map.lock().unwrap().iter() {
+            let b = Bytes::copy_from_slice(&whole[*start as usize..slot.end as usize]);
+            *slot.data.lock().unwrap() =
+                Fetched::Arriving(Arrived { chunks: vec![(*start, b)], pos: slot.end, want: u64::MAX });
+        }
+        // Served by the slots, or it would fail: the store is unreachable.
+        let mut buf = vec![0u8; 100];
+        src.read_at(50, &mut buf).unwrap();
+        assert_eq!(buf, whole[50..150]);
+        // The rest of each slot frees it.
+        src.read_at(0, &mut buf[..50]).unwrap();
+        src.read_at(150, &mut buf[..50]).unwrap();
+        assert!(src.slots.map.lock().unwrap().is_empty());
+        assert_eq!(count.load(Ordering::Relaxed), 0);
+        // A read beyond the slots fetches its bytes (and the store is unreachable).
+        assert!(src.read_at(150, &mut buf[..100]).is_err());
+        drop((h1, h2));
+    }
+
+    /// A job's read-ahead is bounded by the job's budget only: a GET beyond the source's own cap
+    /// for hints (128 MiB) is still made (it was dropped, and a complete -> 8 with a budget of
+    /// 1 GiB read every column slice with a GET of its own: 40,000 GETs, 28 s); a hint beyond it
+    /// is not.
+    #[test]
+    fn a_jobs_read_ahead_is_not_held_to_the_cap_for_hints() {
+        let len = 3 * PREFETCH_CAP;
+        let src = unreachable(len);
         let count = Arc::new(AtomicU64::new(0));
         let big = 2 * PREFETCH_CAP;
         let hold = src.prefetch_runs(0, big, &[(0, big, big)], &count);
