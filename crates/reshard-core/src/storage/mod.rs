@@ -337,6 +337,10 @@ pub(crate) fn beyond_end(path: &Path, offset: u64, len: usize, have: u64) -> Err
 /// dims and type take about 100 bytes, so one refill per tensor; 4 KiB refills fetched 6% more
 /// than an 8 -> 4 rank's share of 16 tensors of 2 MiB per file (1 KiB: 2.5%).
 const EXACT_READ_CHUNK: usize = 1 << 10;
+/// How far before a guessed header [`ByteReader::speculate`] fetches.
+const GUESS_SLACK: u64 = 256;
+/// Guessed refills at most this far apart are fetched as one range.
+const JOIN_REFILLS: u64 = 256;
 
 /// Whether `n` bytes from `start` hold `len` bytes at `offset`.
 fn covers(start: u64, n: usize, offset: u64, len: usize) -> bool {
@@ -386,15 +390,36 @@ impl<'s> ByteReader<'s> {
         self.spare.iter().position(|(s, b)| covers(*s, b.len(), offset, len))
     }
 
-    /// Fetches the refills at `offsets` all at once (one ranged GET each, in flight together,
-    /// from an object store), replacing those fetched ahead before: a walk that can guess
-    /// where the next headers are makes one round trip for several of them.
+    /// Fetches the refill at `offsets[0]` and the guessed ones at the rest all at once (ranged
+    /// GETs in flight together, from an object store): a walk that can guess where the next
+    /// headers are makes one round trip for several of them. A guessed refill starts
+    /// [`GUESS_SLACK`] bytes before its guess (a header a few bytes off is in it: layer 10's
+    /// names are longer than layer 9's), refills less than [`JOIN_REFILLS`] apart are one GET
+    /// (a norm's header follows the previous one after about 1 KiB), and refills fetched
+    /// before and still ahead are kept (those behind are dropped), not fetched again.
     pub fn speculate(&mut self, offsets: &[u64]) -> Result<()> {
         let total = self.src.len();
-        let ranges: Vec<(u64, u64)> =
-            offsets.iter().filter(|&&o| o < total).map(|&o| (o, (self.chunk as u64).min(total - o))).collect();
+        let Some(&first) = offsets.first() else { return Ok(()) };
+        self.spare.retain(|(s, b)| s + b.len() as u64 > first);
+        let mut want: Vec<(u64, u64)> = offsets
+            .iter()
+            .enumerate()
+            .filter(|&(_, &o)| o < total && !self.has(o, GUESS_SLACK as usize))
+            .map(|(i, &o)| {
+                let at = if i == 0 { o } else { o.saturating_sub(GUESS_SLACK).max(first) };
+                (at, (at + self.chunk as u64).min(total))
+            })
+            .collect();
+        want.sort_unstable();
+        let mut ranges: Vec<(u64, u64)> = Vec::with_capacity(want.len());
+        for (s, e) in want {
+            match ranges.last_mut() {
+                Some(r) if s <= r.0 + r.1 + JOIN_REFILLS => r.1 = r.1.max(e - r.0),
+                _ => ranges.push((s, e - s)),
+            }
+        }
         let got = self.src.read_ranges(&ranges)?;
-        self.spare = ranges.iter().map(|r| r.0).zip(got).collect();
+        self.spare.extend(ranges.iter().map(|r| r.0).zip(got));
         Ok(())
     }
 
@@ -443,5 +468,62 @@ impl<'s> ByteReader<'s> {
         }
         let at = (offset - self.buf_start) as usize;
         Ok(&self.buf[at..at + len])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// A source of exact reads that records the ranges of each `read_ranges`.
+    struct Ranges<'a>(MemSource<'a>, Mutex<Vec<Vec<(u64, u64)>>>);
+
+    impl ByteSource for Ranges<'_> {
+        fn path(&self) -> &Path {
+            self.0.path()
+        }
+        fn len(&self) -> u64 {
+            self.0.len()
+        }
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+            self.0.read_at(offset, buf)
+        }
+        fn read_ranges(&self, ranges: &[(u64, u64)]) -> Result<Vec<Vec<u8>>> {
+            self.1.lock().unwrap().push(ranges.to_vec());
+            self.0.read_ranges(ranges)
+        }
+        fn version(&self) -> &Version {
+            self.0.version()
+        }
+        fn check(&self) -> Result<()> {
+            Ok(())
+        }
+        fn exact_reads(&self) -> bool {
+            true
+        }
+    }
+
+    /// A guess is fetched from a little before it (a header a few bytes later is in it), guesses
+    /// close together are one range, and refills still ahead of the walk are kept, not fetched
+    /// again; those behind it are dropped.
+    #[test]
+    fn speculation_joins_close_guesses_and_keeps_the_refills_ahead() {
+        let bytes: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let src = Ranges(MemSource::new(Path::new("s3://b/k"), &bytes), Mutex::default());
+        let mut r = ByteReader::new(&src, 1 << 20);
+        let chunk = EXACT_READ_CHUNK as u64;
+        r.speculate(&[0, 10_000, 10_000 + chunk + 100, 50_000]).unwrap();
+        let first = src.1.lock().unwrap()[0].clone();
+        assert_eq!(first, [(0, chunk), (10_000 - GUESS_SLACK, 2 * chunk + 100), (50_000 - GUESS_SLACK, chunk)]);
+        // A header 3 bytes after its guess is in hand.
+        assert!(r.has(50_003, 100));
+        assert_eq!(r.get(50_003, 100).unwrap(), &bytes[50_003..50_103]);
+        // The walk moved past the first two: a new round keeps the one still ahead and does not
+        // fetch it again.
+        r.speculate(&[20_000, 50_000]).unwrap();
+        assert_eq!(src.1.lock().unwrap()[1], [(20_000, chunk)]);
+        assert!(r.has(50_000, 10) && r.has(20_000, 10));
+        assert!(!r.has(10_000, 10), "a refill behind the walk was kept");
     }
 }
