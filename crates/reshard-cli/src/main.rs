@@ -318,15 +318,17 @@ fn main() -> ExitCode {
         libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
     // Large blocks in maps of their own, whatever was freed before (many small tensors); not
-    // when an object store is involved, whose GET responses and upload parts are fresh blocks of
-    // several MiB each: in maps of their own every one is faulted in anew (8 -> 4 of the bench
-    // model from SeaweedFS: 180,000 page faults instead of 130,000, 0.3-0.5 s more system time).
+    // when an object store is involved, whose GET responses and upload parts are fresh blocks
+    // freed after use: there freed memory is kept for the next ones instead (in maps of their
+    // own every one was faulted in anew: 8 -> 4 of the bench model from SeaweedFS, 180,000 page
+    // faults; with glibc's defaults 85,000-102,000; kept, about 50,000).
     let objects = std::env::args_os().any(|a| {
         let a = a.to_string_lossy();
         a.contains("s3://") || a.contains("obs://")
     });
-    if !objects {
-        reshard_core::map_large_allocations();
+    match objects {
+        true => reshard_core::reuse_freed_memory(),
+        false => reshard_core::map_large_allocations(),
     }
     let cli = Cli::parse();
     match run(cli) {

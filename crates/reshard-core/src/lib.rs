@@ -22,7 +22,7 @@ pub use dtype::DType;
 pub use error::{Error, Result};
 pub use region::Region;
 pub use strategy::Strategy;
-pub use sys::map_large_allocations;
+pub use sys::{map_large_allocations, reuse_freed_memory};
 pub mod exec;
 pub use exec as execute;
 pub mod plan;
