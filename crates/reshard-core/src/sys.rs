@@ -569,7 +569,8 @@ pub fn map_large_allocations() {
 /// trimmed away when freed, and the next one faulted in anew, so every byte fetched went to
 /// fresh pages. On the S3 bench's 8 -> 4 (`perf stat -r 5`, `-e task-clock,page-faults`):
 /// 85,000-102,000 page faults and 0.92-1.16 s of CPU, against 49,000-57,000 and 0.81-0.82 s,
-/// the peak anonymous memory the same (190-220 MB).
+/// the peak anonymous memory the same (190-220 MB). Best effort: an allocator that refuses a
+/// setting keeps its default. The heaps hold what the job's budget let it allocate at its peak.
 pub fn reuse_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes tuning parameters of the allocator, which take effect for

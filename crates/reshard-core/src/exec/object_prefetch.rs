@@ -1,7 +1,8 @@
 //! Read-ahead for object sources: the plan knows every run a fill will read, so before the first
 //! block is copied the runs of all its blocks are joined, per source object, into ranged GETs of
-//! up to [`GET_BYTES`] (consecutive runs less than [`GAP_BYTES`] apart: a `.ckpt` tensor follows
-//! the previous one after a header of a few dozen bytes), and the GETs are started in block order,
+//! up to [`GET_BYTES`] at multiples of their size (consecutive runs at most [`GAP_BYTES`] apart:
+//! a `.ckpt` tensor follows the previous one after a header of a few dozen bytes), and the GETs
+//! are started in block order,
 //! [`AHEAD_BYTES`] of blocks ahead of the block being copied, so that the store is kept busy by
 //! large requests the whole time. Per-block announcements (as for local files) would make one GET
 //! per tensor and source: on the bench model's 8 -> 4 about 1,000 GETs of 256 KiB, whose latency,
@@ -11,7 +12,8 @@
 //! its own: two jobs in one process do not share a budget), stay within half the job's
 //! `memory_budget` (the blocks' buffers have the other half, see `block_bytes`): a GET that would
 //! go beyond waits until copies free bytes (a later block starts it), and GETs shrink with a small
-//! budget (an eighth of the read-ahead), so that several are still in flight.
+//! budget (the power of two at most an eighth of the read-ahead), so that several are still in
+//! flight.
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -86,14 +88,17 @@ struct Run<'s> {
 }
 
 /// Adds `run` of the object `key` to its open GETs, which never cross a multiple of `align`
-/// bytes of the object: the run is cut there, each piece joins the open GET when it follows it
-/// less than [`GAP_BYTES`] after and within the same `align` bytes, else closes that GET (into
-/// `gets`) and opens a new one. A store keeps an object in chunks from its start (SeaweedFS 4
-/// MiB, a multipart upload its parts), and serves a range by the chunks it touches: the bench's
-/// 8 objects read in ranges of 8 MiB at multiples of 8 MiB took SeaweedFS 0.73 s of CPU, in
-/// ranges of 8,000,000 bytes (as tensor edges cut them) 0.87-0.98 s.
+/// bytes of the object: the run (with the bytes before it, when at most [`GAP_BYTES`] after the
+/// open GET) is cut there, each piece joins the open GET when it follows it right after and
+/// within the same `align` bytes, else closes that GET (into `gets`) and opens a new one.
+///
+/// A store keeps an object in chunks from its start (SeaweedFS 4 MiB, a multipart upload its
+/// parts), and serves a range by the chunks it touches: the bench's 8 objects read in ranges of
+/// 8 MiB at multiples of 8 MiB took SeaweedFS 0.73 s of CPU, in ranges of 8,000,000 bytes (as
+/// tensor edges cut them) 0.87-0.98 s.
 fn join(open: &mut HashMap<(u32, u32), Get>, gets: &mut Vec<Get>, key: (u32, u32), run: Run<'_>, align: u64) {
     let Run { src, from, n, mut read, at, block } = run;
+    debug_assert!(read <= n, "a run reads {read} of its {n} bytes");
     // The bytes just before the run (a `.ckpt` header), when less than a gap after the open GET
     // of this object or after the object's start, come with it, not read: a table of contents
     // taken from another object is checked in them (`toc_predict`) rather than by a GET per
@@ -134,9 +139,8 @@ impl ObjectPrefetch {
     /// Joins the runs of `blocks` (in order) into GETs.
     pub(crate) fn new(job: &Job<'_>, tensors: &[&TensorPlan], blocks: &[Block]) -> Result<ObjectPrefetch> {
         let limit = read_ahead_budget(job.opts.memory_budget);
-        let get_bytes = GET_BYTES.min(limit / 8).max(MIN_GET_BYTES);
         // GETs of `get_bytes` at most, at multiples of it (a power of two).
-        let align = 1u64 << get_bytes.ilog2();
+        let get_bytes = 1u64 << GET_BYTES.min(limit / 8).max(MIN_GET_BYTES).ilog2();
         let mut gets = Vec::new();
         let mut open: HashMap<(u32, u32), Get> = HashMap::new();
         let mut block_at = Vec::with_capacity(blocks.len());
@@ -145,7 +149,7 @@ impl ObjectPrefetch {
             block_at.push(at);
             block_file_runs(job, tensors[b.tensor], b, 0, &mut |src, key, from, n, read| {
                 let run = Run { src, from, n, read, at, block: bi };
-                join(&mut open, &mut gets, key, run, align);
+                join(&mut open, &mut gets, key, run, get_bytes);
                 Ok(())
             })?;
             at += b.len;
@@ -174,23 +178,31 @@ impl ObjectPrefetch {
         while let Some(g) = self.gets.get(*next).filter(|g| g.first <= horizon) {
             // The runs of blocks taken already (by this worker earlier, when the budget held the
             // GET back, or by others whose `advance` comes later) are read by their blocks on
-            // their own: the GET is made for the runs of this block and those after the taken
-            // ones. (It was skipped whole: a fill that started with the budget taken by the
-            // other fills read its first 8 MiB of each object in 75 GETs of a tensor each.)
-            let k = match g.blocks.partition_point(|&b| b < i) {
-                k if g.blocks.get(k) == Some(&i) => k,
-                _ => g.blocks.partition_point(|&b| b < taken),
+            // their own: the GET is made for the runs of this block and for those of the blocks
+            // not taken yet, apart when blocks between are being read. (It was skipped whole: a
+            // fill that started with the budget taken by the other fills read its first 8 MiB of
+            // each object in 75 GETs of a tensor each.)
+            let mine = g.blocks.partition_point(|&b| b < i)..g.blocks.partition_point(|&b| b <= i);
+            let rest = g.blocks.partition_point(|&b| b < taken.max(i + 1))..g.runs.len();
+            let parts: Vec<std::ops::Range<usize>> = match (mine.is_empty(), rest.is_empty()) {
+                (false, false) if mine.end == rest.start => std::iter::once(mine.start..rest.end).collect(),
+                _ => [mine, rest].into_iter().filter(|r| !r.is_empty()).collect(),
             };
-            let Some(&(start, ..)) = g.runs.get(k) else {
+            if parts.is_empty() {
                 *next += 1;
                 continue;
-            };
+            }
+            let span = |r: &std::ops::Range<usize>| (g.runs[r.start].0, g.runs[r.end - 1].1);
+            let bytes: u64 = parts.iter().map(|r| span(r).1 - span(r).0).sum();
             let _one = STARTING.lock().unwrap_or_else(|p| p.into_inner());
             let held = self.held.load(Ordering::Relaxed);
-            if held > 0 && held + (g.end - start) > self.limit {
+            if held > 0 && held + bytes > self.limit {
                 break;
             }
-            holds.extend(g.src.prefetch_runs(start, g.end, &g.runs[k..], &self.held));
+            for r in parts {
+                let (start, end) = span(&r);
+                holds.extend(g.src.prefetch_runs(start, end, &g.runs[r], &self.held));
+            }
             *next += 1;
         }
     }
@@ -330,6 +342,21 @@ mod tests {
         held.store(0, Ordering::Relaxed);
         p.advance(1, 2);
         assert_eq!(*rec.0.lock().unwrap(), [100]);
+        // A GET of blocks 0..3 when this worker has block 1 and another one took block 2: the
+        // runs of block 1 and of block 3, not those of block 2 (being read on their own).
+        let g = Get {
+            src: src.clone(),
+            start: 0,
+            end: 400,
+            runs: (0..4).map(|b| (b * 100, b * 100 + 100, 100)).collect(),
+            blocks: (0..4).collect(),
+            first: 0,
+        };
+        let p1 =
+            ObjectPrefetch { gets: vec![g], next: Mutex::new((0, Vec::new())), held: Arc::new(AtomicU64::new(0)), ..p };
+        p1.advance(1, 3);
+        assert_eq!(rec.0.lock().unwrap()[1..], [100, 300]);
+        rec.0.lock().unwrap().truncate(1);
         // A GET of blocks 0, 2 and 3 when this worker has block 1 and others took 0..3: the
         // run of block 3 alone (block 2 is being read by another worker).
         let g = Get {
@@ -340,7 +367,7 @@ mod tests {
             blocks: vec![0, 2, 3],
             first: 0,
         };
-        let p2 = ObjectPrefetch { gets: vec![g], next: Mutex::new((0, Vec::new())), ..p };
+        let p2 = ObjectPrefetch { gets: vec![g], next: Mutex::new((0, Vec::new())), ..p1 };
         p2.advance(1, 3);
         assert_eq!(*rec.0.lock().unwrap(), [100, 300]);
     }

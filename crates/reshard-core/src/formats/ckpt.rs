@@ -275,7 +275,8 @@ fn layer_kind(name: &str) -> String {
 /// the last value is then the same tensor of the next layer, and the values after it are taken
 /// to follow as they did then.
 fn named_period(kinds: &[String]) -> Option<usize> {
-    let (last, before) = kinds.split_last()?;
+    // Fields other than values have no name.
+    let (last, before) = kinds.split_last().filter(|(k, _)| !k.is_empty())?;
     let reach = before.len().saturating_sub(MAX_PERIOD);
     before[reach..].iter().rev().position(|k| k == last).map(|i| i + 1)
 }
@@ -301,7 +302,8 @@ fn next_headers(lens: &[u64], at: u64, k: usize, named: Option<usize>) -> Vec<u6
         // shift).
         (if d == 0 || (p > 1 && d.abs() <= MAX_SHIFT) { m } else { 0 }, d)
     };
-    let (m, d, p) = match named.filter(|&p| p < n) {
+    // A period of 1 takes no shift (each guess would move further).
+    let (m, d, p) = match named.filter(|&p| p < n && (p > 1 || shift(0, p) == 0)) {
         Some(p) => (k, Some(shift(0, p)).filter(|d| d.abs() <= MAX_SHIFT).unwrap_or(0), p),
         None => {
             let best = (1..=MAX_PERIOD.min(n.saturating_sub(1)))
@@ -642,6 +644,8 @@ mod tests {
         let kinds: Vec<String> = ["emb", "l.0.a", "l.0.b", "l.0.c", "l.1.a"].iter().map(|n| layer_kind(n)).collect();
         assert_eq!(named_period(&kinds), Some(3));
         assert_eq!(named_period(&kinds[..4]), None);
+        // Fields other than values (no name) give no period.
+        assert_eq!(named_period(&[String::new(), String::new()]), None);
         // Lengths into values 1..=4 (the first after a value of 500 bytes), the walk at value 5.
         let lens = [500, 10, 20, 30, 10];
         assert!(next_headers(&lens, 1000, 4, None).is_empty());

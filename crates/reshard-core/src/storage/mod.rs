@@ -341,6 +341,8 @@ const EXACT_READ_CHUNK: usize = 1 << 10;
 const GUESS_SLACK: u64 = 256;
 /// Guessed refills at most this far apart are fetched as one range.
 const JOIN_REFILLS: u64 = 256;
+/// The most refills fetched ahead a [`ByteReader`] keeps (the nearest).
+const MAX_SPARES: usize = 64;
 
 /// Whether `n` bytes from `start` hold `len` bytes at `offset`.
 fn covers(start: u64, n: usize, offset: u64, len: usize) -> bool {
@@ -404,7 +406,7 @@ impl<'s> ByteReader<'s> {
         let mut want: Vec<(u64, u64)> = offsets
             .iter()
             .enumerate()
-            .filter(|&(_, &o)| o < total && !self.has(o, GUESS_SLACK as usize))
+            .filter(|&(_, &o)| o < total && !self.has(o, GUESS_SLACK.min(total - o) as usize))
             .map(|(i, &o)| {
                 let at = if i == 0 { o } else { o.saturating_sub(GUESS_SLACK).max(first) };
                 (at, (at + self.chunk as u64).min(total))
@@ -420,6 +422,11 @@ impl<'s> ByteReader<'s> {
         }
         let got = self.src.read_ranges(&ranges)?;
         self.spare.extend(ranges.iter().map(|r| r.0).zip(got));
+        // Wrong guesses far ahead would otherwise stay until the walk passed them.
+        if self.spare.len() > MAX_SPARES {
+            self.spare.sort_unstable_by_key(|(s, _)| *s);
+            self.spare.truncate(MAX_SPARES);
+        }
         Ok(())
     }
 

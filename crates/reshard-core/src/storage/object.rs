@@ -8,8 +8,8 @@
 //! the announced run (the executor joins the runs of its blocks, per object, into GETs of up to
 //! 8 MiB and starts them ahead of the copy: `exec::object_prefetch`) and whose `read_at` takes
 //! its bytes from those responses as their chunks arrive (responses never overlap; one is freed
-//! once all its announced bytes were read, or the fills that announced it ended), or from a
-//! ranged GET of exactly its own range. GETs in flight are bounded per store; every GET
+//! once all its announced bytes were read, or the fills that announced it ended), and the bytes
+//! no response holds from ranged GETs of exactly those bytes. GETs in flight are bounded per store; every GET
 //! carries `If-Match` with the ETag seen when the object was opened, so a run never mixes two
 //! versions of an object. `object_store` retries 5xx answers, timeouts and broken connections
 //! with exponential backoff.
@@ -395,8 +395,8 @@ impl Arrived {
     }
 }
 
-/// The prefetched ranges of one object, by start. They never overlap: a read is served by the
-/// one slot holding it and charged to the slot whose announced runs it belongs to (with two
+/// The prefetched ranges of one object, by start. They never overlap: each part of a read is
+/// served by the slot holding it and charged to it, as each part of an announced run is (with two
 /// overlapping slots a read was charged to the later one, and the other's count never reached
 /// 0: on a complete -> 8 column split 25 MB stayed counted until the job's end and read-ahead
 /// stopped).
@@ -431,6 +431,12 @@ impl Slots {
         (slot.end >= end).then(|| (start, slot.clone()))
     }
 
+    /// Where the first slot after `offset` starts, if one does.
+    fn next_start(&self, offset: u64) -> Option<u64> {
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        map.range(offset.saturating_add(1)..).next().map(|(&s, _)| s)
+    }
+
     /// Frees `slot` (if still there) and its count.
     fn remove(&self, start: u64, slot: &Arc<Slot>) {
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
@@ -454,11 +460,12 @@ impl Slots {
         }
     }
 
-    /// Announces `runs` (start, end, bytes read in it) inside [start, end): runs inside an
-    /// existing slot are charged to it; the parts of [start, end) no slot holds become new slots
-    /// (trimmed to the runs inside them), charged to `count`, which the caller fetches. A run
-    /// across a slot's edge is charged to none (its reads fetch their own bytes). Nothing new
-    /// beyond `cap` bytes held.
+    /// Announces `runs` (start, end, bytes read in it) inside [start, end): the parts of runs
+    /// inside an existing slot are charged to it; the parts of [start, end) no slot holds become
+    /// new slots (trimmed to the runs inside them), charged to `count`, which the caller
+    /// fetches. (A run across a slot's edge was charged to none, while its reads took part of
+    /// their bytes from the slot: freed early, the slot's own runs fetched theirs again.)
+    /// Nothing new beyond `cap` bytes held.
     fn announce(
         self: &Arc<Self>,
         start: u64,
@@ -476,27 +483,42 @@ impl Slots {
             existing.push((s, slot.clone()));
         }
         existing.extend(map.range(start..end).map(|(&s, sl)| (s, sl.clone())));
-        // Runs ascend and the slots do not overlap: the last slot starting before a run's end
-        // either holds it, crosses it, or ends before it (the run is then in the gap after it).
+        // Runs ascend and the slots do not overlap. Each part of a run inside a slot is charged
+        // to it (a read takes those bytes from it, see `read_at`); the parts outside every slot
+        // join the gap they are in (numbered by the slots before it), to be fetched.
         let mut charged = vec![0u64; existing.len()];
         let mut gaps: Vec<(usize, u64, u64, u64)> = Vec::new(); // (slots before, start, end, read)
-        for &(rs, re, read) in runs {
-            let before = existing.partition_point(|(s, _)| *s < re);
-            if let Some((s, slot)) = before.checked_sub(1).and_then(|k| existing.get(k)) {
-                if *s <= rs && slot.end >= re {
-                    charged[before - 1] += read;
-                    continue;
-                }
-                if slot.end > rs {
-                    continue;
-                }
+        let mut gap = |before: usize, a: u64, e: u64, read: u64| match gaps.last_mut() {
+            Some(g) if g.0 == before => {
+                g.2 = e;
+                g.3 += read;
             }
-            match gaps.last_mut() {
-                Some(g) if g.0 == before => {
-                    g.2 = re;
-                    g.3 += read;
+            _ => gaps.push((before, a, e, read)),
+        };
+        for &(rs, re, mut read) in runs {
+            let mut at = rs;
+            let mut k = existing.partition_point(|(_, sl)| sl.end <= rs);
+            while at < re {
+                match existing.get(k).filter(|(s, _)| *s < re) {
+                    Some((s, _)) if *s > at => {
+                        let here = read.min(s - at);
+                        read -= here;
+                        gap(k, at, *s, here);
+                        at = *s;
+                    }
+                    Some((_, slot)) => {
+                        let e = re.min(slot.end);
+                        let here = read.min(e - at);
+                        read -= here;
+                        charged[k] += here;
+                        at = e;
+                        k += 1;
+                    }
+                    None => {
+                        gap(k, at, re, read);
+                        at = re;
+                    }
                 }
-                _ => gaps.push((before, rs, re, read)),
             }
         }
         for ((s, slot), read) in existing.into_iter().zip(charged) {
@@ -671,32 +693,31 @@ impl ByteSource for ObjectSource {
         if buf.is_empty() {
             return Ok(());
         }
-        // A read may take its bytes from consecutive slots (GETs end at aligned offsets, not
-        // where reads do); from the first byte no slot holds, it fetches the rest itself.
+        // A read takes its bytes from the slots holding them (GETs end at aligned offsets, not
+        // where reads do), in order, and fetches those no slot holds itself, up to the next slot.
         let mut done = 0;
-        loop {
+        while done < buf.len() {
             let at = offset + done as u64;
-            let Some((start, slot)) = self.slots.slot_for(at, at + 1) else { break };
-            let n = (slot.end - at).min((buf.len() - done) as u64) as usize;
-            match self.read_slot(start, &slot, at, &mut buf[done..done + n]) {
-                Some(got) => got?,
-                // Freed between finding it and reading it.
-                None => break,
+            if let Some((start, slot)) = self.slots.slot_for(at, at + 1) {
+                let n = (slot.end - at).min((buf.len() - done) as u64) as usize;
+                // None: freed between finding it and reading it; fetched below.
+                if let Some(got) = self.read_slot(start, &slot, at, &mut buf[done..done + n]) {
+                    got?;
+                    done += n;
+                    continue;
+                }
             }
-            done += n;
-            if done == buf.len() {
-                return Ok(());
+            let stop = self.slots.next_start(at).map_or(end, |s| s.min(end));
+            let b = self.fetch(at..stop)?;
+            if b.len() as u64 != stop - at {
+                return Err(Error::Source {
+                    path: self.path.clone(),
+                    detail: format!("a ranged GET of bytes {at}..{stop} returned {} bytes", b.len()),
+                });
             }
+            buf[done..done + b.len()].copy_from_slice(&b);
+            done += b.len();
         }
-        let at = offset + done as u64;
-        let b = self.fetch(at..end)?;
-        if b.len() != buf.len() - done {
-            return Err(Error::Source {
-                path: self.path.clone(),
-                detail: format!("a ranged GET of bytes {at}..{end} returned {} bytes", b.len()),
-            });
-        }
-        buf[done..].copy_from_slice(&b);
         Ok(())
     }
 
@@ -1180,6 +1201,34 @@ mod tests {
         assert_eq!(count.load(Ordering::Relaxed), 0);
         // A read beyond the slots fetches its bytes (and the store is unreachable).
         assert!(src.read_at(150, &mut buf[..100]).is_err());
+        drop((h1, h2));
+    }
+
+    /// A run across a slot's edge is charged in parts: to that slot for the bytes inside it,
+    /// to a new slot for the rest; its read takes each part from its slot, and once every
+    /// announced byte is read nothing stays held (charged to none, its read consumed the first
+    /// slot's bytes, which was freed before its own run was read).
+    #[test]
+    fn a_run_across_a_slots_edge_is_charged_in_parts() {
+        let whole: Vec<u8> = (0..=255u8).cycle().take(300).collect();
+        let src = unreachable(300);
+        let count = Arc::new(AtomicU64::new(0));
+        let (h1, _) = src.slots.announce(0, 100, &[(0, 100, 100)], &count, u64::MAX);
+        let (h2, fresh) = src.slots.announce(50, 200, &[(50, 200, 150)], &count, u64::MAX);
+        assert_eq!(fresh.iter().map(|(s, sl)| (*s, sl.end)).collect::<Vec<_>>(), [(100, 200)]);
+        for (start, slot) in src.slots.map.lock().unwrap().iter() {
+            let b = Bytes::copy_from_slice(&whole[*start as usize..slot.end as usize]);
+            *slot.data.lock().unwrap() =
+                Fetched::Arriving(Arrived { chunks: vec![(*start, b)], pos: slot.end, want: u64::MAX });
+        }
+        let mut buf = vec![0u8; 150];
+        src.read_at(50, &mut buf).unwrap();
+        assert_eq!(buf, whole[50..200]);
+        // The first slot still has the bytes of its own run.
+        src.read_at(0, &mut buf[..100]).unwrap();
+        assert_eq!(buf[..100], whole[..100]);
+        assert!(src.slots.map.lock().unwrap().is_empty());
+        assert_eq!(count.load(Ordering::Relaxed), 0);
         drop((h1, h2));
     }
 
