@@ -244,6 +244,40 @@ mod tests {
         }
     }
 
+    /// A recorder, and the same as a source.
+    fn recorder() -> (Arc<Recorder>, Arc<dyn ByteSource>) {
+        let rec = Arc::new(Recorder(
+            Mutex::new(Vec::new()),
+            crate::storage::Version::Remote { len: 1 << 20, etag: String::new() },
+        ));
+        let src: Arc<dyn ByteSource> = rec.clone();
+        (rec, src)
+    }
+
+    /// A GET of the given blocks of 100 bytes, each one run.
+    fn get_of(src: &Arc<dyn ByteSource>, blocks: &[u64]) -> Get {
+        Get {
+            src: src.clone(),
+            start: blocks[0] * 100,
+            end: blocks[blocks.len() - 1] * 100 + 100,
+            runs: blocks.iter().map(|&b| (b * 100, b * 100 + 100, 100)).collect(),
+            blocks: blocks.iter().map(|&b| b as usize).collect(),
+            first: blocks[0] * 100,
+        }
+    }
+
+    /// The read-ahead of `gets` over `blocks` blocks of 100 bytes.
+    fn prefetch(gets: Vec<Get>, blocks: u64, limit: u64, held: Arc<AtomicU64>) -> ObjectPrefetch {
+        ObjectPrefetch {
+            gets,
+            block_at: (0..blocks).map(|b| b * 100).collect(),
+            next: Mutex::new((0, Vec::new())),
+            ahead: 1000,
+            limit,
+            held,
+        }
+    }
+
     /// Consecutive tensors of one object (64-byte headers between them) joined into GETs within
     /// aligned 1024 bytes: a GET also fetches the header before its first tensor (from the
     /// object's start, or from where the previous GET ended), so that no header is left between
@@ -281,30 +315,9 @@ mod tests {
         // Blocks of 100 bytes, one GET each. Workers took blocks 0..3 (fetch_add) before the
         // one with block 0 advances: the GETs of blocks 1 and 2, being read already, are not
         // started (a GET started now would be read in part and hold the rest).
-        let rec = Arc::new(Recorder(
-            Mutex::new(Vec::new()),
-            crate::storage::Version::Remote { len: 1 << 20, etag: String::new() },
-        ));
-        let src: Arc<dyn ByteSource> = rec.clone();
-        let gets = (0..5)
-            .map(|b| Get {
-                src: src.clone(),
-                start: b * 100,
-                end: b * 100 + 100,
-                runs: vec![(b * 100, b * 100 + 100, 100)],
-                blocks: vec![b as usize],
-                first: b * 100,
-            })
-            .collect();
-        let p = ObjectPrefetch {
-            gets,
-            block_at: (0..5).map(|b| b * 100).collect(),
-            next: Mutex::new((0, Vec::new())),
-            ahead: 1000,
-            limit: u64::MAX,
-            held: Arc::new(AtomicU64::new(0)),
-        };
-        p.advance(0, 3);
+        let (rec, src) = recorder();
+        let gets = (0..5).map(|b| get_of(&src, &[b])).collect();
+        prefetch(gets, 5, u64::MAX, Arc::default()).advance(0, 3);
         assert_eq!(*rec.0.lock().unwrap(), [0, 300, 400]);
     }
 
@@ -312,29 +325,9 @@ mod tests {
     /// of the blocks not taken yet (it was skipped, and its blocks read every run on their own).
     #[test]
     fn a_get_held_back_by_the_budget_is_made_for_the_blocks_left() {
-        let rec = Arc::new(Recorder(
-            Mutex::new(Vec::new()),
-            crate::storage::Version::Remote { len: 1 << 20, etag: String::new() },
-        ));
-        let src: Arc<dyn ByteSource> = rec.clone();
-        // One GET over four blocks of 100 bytes.
-        let g = Get {
-            src: src.clone(),
-            start: 0,
-            end: 400,
-            runs: (0..4).map(|b| (b * 100, b * 100 + 100, 100)).collect(),
-            blocks: (0..4).collect(),
-            first: 0,
-        };
+        let (rec, src) = recorder();
         let held = Arc::new(AtomicU64::new(1000));
-        let p = ObjectPrefetch {
-            gets: vec![g],
-            block_at: (0..4).map(|b| b * 100).collect(),
-            next: Mutex::new((0, Vec::new())),
-            ahead: 1000,
-            limit: 1000,
-            held: held.clone(),
-        };
+        let p = prefetch(vec![get_of(&src, &[0, 1, 2, 3])], 4, 1000, held.clone());
         // The other fills hold the budget: nothing starts.
         p.advance(0, 1);
         assert!(rec.0.lock().unwrap().is_empty());
@@ -344,31 +337,12 @@ mod tests {
         assert_eq!(*rec.0.lock().unwrap(), [100]);
         // A GET of blocks 0..3 when this worker has block 1 and another one took block 2: the
         // runs of block 1 and of block 3, not those of block 2 (being read on their own).
-        let g = Get {
-            src: src.clone(),
-            start: 0,
-            end: 400,
-            runs: (0..4).map(|b| (b * 100, b * 100 + 100, 100)).collect(),
-            blocks: (0..4).collect(),
-            first: 0,
-        };
-        let p1 =
-            ObjectPrefetch { gets: vec![g], next: Mutex::new((0, Vec::new())), held: Arc::new(AtomicU64::new(0)), ..p };
-        p1.advance(1, 3);
+        prefetch(vec![get_of(&src, &[0, 1, 2, 3])], 4, 1000, Arc::default()).advance(1, 3);
         assert_eq!(rec.0.lock().unwrap()[1..], [100, 300]);
         rec.0.lock().unwrap().truncate(1);
         // A GET of blocks 0, 2 and 3 when this worker has block 1 and others took 0..3: the
         // run of block 3 alone (block 2 is being read by another worker).
-        let g = Get {
-            src: src.clone(),
-            start: 0,
-            end: 400,
-            runs: [0u64, 2, 3].iter().map(|&b| (b * 100, b * 100 + 100, 100)).collect(),
-            blocks: vec![0, 2, 3],
-            first: 0,
-        };
-        let p2 = ObjectPrefetch { gets: vec![g], next: Mutex::new((0, Vec::new())), ..p1 };
-        p2.advance(1, 3);
+        prefetch(vec![get_of(&src, &[0, 2, 3])], 4, 1000, Arc::default()).advance(1, 3);
         assert_eq!(*rec.0.lock().unwrap(), [100, 300]);
     }
 }

@@ -1035,8 +1035,14 @@ mod tests {
 
     /// Marks every slot of `slots` fetched (with zeros), as the runtime would.
     fn arrive(slots: &Slots) {
+        let end = slots.map.lock().unwrap().values().map(|s| s.end).max().unwrap_or(0);
+        arrive_from(slots, &vec![0u8; end as usize]);
+    }
+
+    /// Marks every slot of `slots` fetched with its bytes of `whole` (the object).
+    fn arrive_from(slots: &Slots, whole: &[u8]) {
         for (start, slot) in slots.map.lock().unwrap().iter() {
-            let b = Bytes::from(vec![0u8; (slot.end - start) as usize]);
+            let b = Bytes::copy_from_slice(&whole[*start as usize..slot.end as usize]);
             *slot.data.lock().unwrap() =
                 Fetched::Arriving(Arrived { chunks: vec![(*start, b)], pos: slot.end, want: u64::MAX });
         }
@@ -1185,11 +1191,7 @@ mod tests {
         let (h1, _) = src.slots.announce(0, 100, &[(0, 100, 100)], &count, u64::MAX);
         let (h2, _) = src.slots.announce(100, 200, &[(100, 200, 100)], &count, u64::MAX);
         assert_eq!(src.slots.map.lock().unwrap().len(), 2);
-        for (start, slot) in src.slots.map.lock().unwrap().iter() {
-            let b = Bytes::copy_from_slice(&whole[*start as usize..slot.end as usize]);
-            *slot.data.lock().unwrap() =
-                Fetched::Arriving(Arrived { chunks: vec![(*start, b)], pos: slot.end, want: u64::MAX });
-        }
+        arrive_from(&src.slots, &whole);
         // Served by the slots, or it would fail: the store is unreachable.
         let mut buf = vec![0u8; 100];
         src.read_at(50, &mut buf).unwrap();
@@ -1216,11 +1218,7 @@ mod tests {
         let (h1, _) = src.slots.announce(0, 100, &[(0, 100, 100)], &count, u64::MAX);
         let (h2, fresh) = src.slots.announce(50, 200, &[(50, 200, 150)], &count, u64::MAX);
         assert_eq!(fresh.iter().map(|(s, sl)| (*s, sl.end)).collect::<Vec<_>>(), [(100, 200)]);
-        for (start, slot) in src.slots.map.lock().unwrap().iter() {
-            let b = Bytes::copy_from_slice(&whole[*start as usize..slot.end as usize]);
-            *slot.data.lock().unwrap() =
-                Fetched::Arriving(Arrived { chunks: vec![(*start, b)], pos: slot.end, want: u64::MAX });
-        }
+        arrive_from(&src.slots, &whole);
         let mut buf = vec![0u8; 150];
         src.read_at(50, &mut buf).unwrap();
         assert_eq!(buf, whole[50..200]);
