@@ -9,9 +9,9 @@
 //! 8 MiB and starts them ahead of the copy: `exec::object_prefetch`) and whose `read_at` takes
 //! its bytes from those responses as their chunks arrive (responses never overlap; one is freed
 //! once all its announced bytes were read, or the fills that announced it ended), and the bytes
-//! no response holds from ranged GETs of exactly those bytes. GETs in flight are bounded per store; every GET
-//! carries `If-Match` with the ETag seen when the object was opened, so a run never mixes two
-//! versions of an object. `object_store` retries 5xx answers, timeouts and broken connections
+//! no response holds from ranged GETs of exactly those bytes. GETs in flight are bounded per
+//! store; every GET carries `If-Match` with the ETag seen when the object was opened, so a run
+//! never mixes two versions of an object. `object_store` retries 5xx answers, timeouts and broken connections
 //! with exponential backoff.
 //!
 //! Writes: an [`Upload`] is a multipart upload fed with parts of [`PART_BYTES`] as the
@@ -592,15 +592,32 @@ impl ObjectSource {
         })
     }
 
+    /// A ranged GET of `range` made now (counted as on demand).
     fn fetch(&self, range: Range<u64>) -> Result<Bytes> {
         GETS_ON_DEMAND.fetch_add(1, Ordering::Relaxed);
-        let start = range.start;
-        let f = get_range(self.store.clone(), self.key.clone(), self.etag.clone(), range);
-        let b = block_on(f)?.map_err(|e| self.read_error(&e))?;
+        let f = get_range(self.store.clone(), self.key.clone(), self.etag.clone(), range.clone());
+        self.received(range, block_on(f)?)
+    }
+
+    /// The answer to a ranged GET of `range`: its error as the object's, else its bytes, fed
+    /// to the deferred table-of-contents check, and refused when not the range's length.
+    fn received(&self, range: Range<u64>, got: object_store::Result<Bytes>) -> Result<Bytes> {
+        let b = got.map_err(|e| self.read_error(&e))?;
         if let Some(p) = self.predicted.get() {
-            p.see(start, &b);
+            p.see(range.start, &b);
+        }
+        if b.len() as u64 != range.end - range.start {
+            return Err(self.short_get(range, b.len() as u64));
         }
         Ok(b)
+    }
+
+    /// The error for a ranged GET of `range` that returned `got` bytes.
+    fn short_get(&self, range: Range<u64>, got: u64) -> Error {
+        Error::Source {
+            path: self.path.clone(),
+            detail: format!("a ranged GET of bytes {}..{} returned {got} bytes", range.start, range.end),
+        }
     }
 
     fn read_error(&self, e: &object_store::Error) -> Error {
@@ -637,12 +654,7 @@ impl ObjectSource {
                     data = slot.ready.wait(data).unwrap_or_else(|p| p.into_inner());
                 }
                 Fetched::Failed(e) => break Err(self.read_error(e)),
-                Fetched::Short(got) => {
-                    break Err(Error::Source {
-                        path: self.path.clone(),
-                        detail: format!("a ranged GET of bytes {start}..{} returned {got} bytes", slot.end),
-                    })
-                }
+                Fetched::Short(got) => break Err(self.short_get(start..slot.end, *got)),
                 Fetched::Freed => return None,
             }
         };
@@ -709,12 +721,6 @@ impl ByteSource for ObjectSource {
             }
             let stop = self.slots.next_start(at).map_or(end, |s| s.min(end));
             let b = self.fetch(at..stop)?;
-            if b.len() as u64 != stop - at {
-                return Err(Error::Source {
-                    path: self.path.clone(),
-                    detail: format!("a ranged GET of bytes {at}..{stop} returned {} bytes", b.len()),
-                });
-            }
             buf[done..done + b.len()].copy_from_slice(&b);
             done += b.len();
         }
@@ -763,17 +769,7 @@ impl ByteSource for ObjectSource {
         let got = block_on(futures::future::join_all(gets))?;
         let mut out = Vec::with_capacity(got.len());
         for (r, &(at, n)) in got.into_iter().zip(ranges) {
-            let b = r.map_err(|e| self.read_error(&e))?;
-            if let Some(p) = self.predicted.get() {
-                p.see(at, &b);
-            }
-            if b.len() as u64 != n {
-                return Err(Error::Source {
-                    path: self.path.clone(),
-                    detail: format!("a ranged GET of bytes {at}..{} returned {} bytes", at + n, b.len()),
-                });
-            }
-            out.push(b.to_vec());
+            out.push(self.received(at..at + n, r)?.to_vec());
         }
         Ok(out)
     }
