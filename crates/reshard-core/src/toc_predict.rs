@@ -421,28 +421,6 @@ mod tests {
         // Objects of another length are never compared: they are grouped by length.
     }
 
-    /// A source counting the ranges `read_ranges` is asked for.
-    struct Counting<'a>(MemSource<'a>, std::sync::Mutex<Vec<(u64, u64)>>);
-
-    impl ByteSource for Counting<'_> {
-        fn path(&self) -> &Path {
-            self.0.path()
-        }
-        fn len(&self) -> u64 {
-            self.0.len()
-        }
-        fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-            self.1.lock().unwrap().push((offset, buf.len() as u64));
-            self.0.read_at(offset, buf)
-        }
-        fn version(&self) -> &crate::storage::Version {
-            self.0.version()
-        }
-        fn check(&self) -> Result<()> {
-            Ok(())
-        }
-    }
-
     /// A deferred check compares the expected bytes inside whatever is fetched, and `finish`
     /// fetches only the runs no fetch covered; a follower with the same bytes passes.
     #[test]
@@ -454,7 +432,7 @@ mod tests {
         let expected = Arc::new(PredictedBytes::new("s3://b/rank_0/a.ckpt".into(), &used));
         assert!(expected.len() < 200 && !expected.is_empty());
         let same = ckpt(["a.weight", "b.weight", "c.weight"], 2);
-        let src = Counting(MemSource::new(Path::new("s3://b/rank_1/b.ckpt"), &same), Default::default());
+        let src = crate::storage::RecordingSource::new("s3://b/rank_1/b.ckpt", &same, false);
         let check = PredictCheck::new(src.path().to_path_buf(), expected.clone());
         // The copy fetched everything from the first tensor's content to the end: only the
         // headers before it are left.
@@ -463,12 +441,12 @@ mod tests {
         assert!(!check.done());
         check.finish(&src).unwrap();
         assert!(check.done());
-        let asked = src.1.lock().unwrap().clone();
+        let asked = src.ranges();
         assert_eq!(asked.len(), 1, "{asked:?}");
         assert!(asked[0].0 + asked[0].1 <= first, "{asked:?} reaches the content at {first}");
         // Everything checked: a second finish fetches nothing.
         check.finish(&src).unwrap();
-        assert_eq!(src.1.lock().unwrap().len(), 1);
+        assert_eq!(src.ranges().len(), 1);
     }
 
     /// A response arrives in chunks: every run is checked when the chunks come in order, whatever

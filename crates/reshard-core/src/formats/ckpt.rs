@@ -657,38 +657,6 @@ mod tests {
     /// (reads and batches of reads, counted alike).
     #[test]
     fn a_walk_with_guesses_indexes_as_one_without() {
-        struct Exact<'a>(MemSource<'a>, std::sync::atomic::AtomicUsize);
-        impl ByteSource for Exact<'_> {
-            fn path(&self) -> &Path {
-                self.0.path()
-            }
-            fn len(&self) -> u64 {
-                self.0.len()
-            }
-            fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-                self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                self.0.read_at(offset, buf)
-            }
-            fn read_ranges(&self, ranges: &[(u64, u64)]) -> Result<Vec<Vec<u8>>> {
-                self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                ranges
-                    .iter()
-                    .map(|&(at, n)| {
-                        let mut b = vec![0u8; n as usize];
-                        self.0.read_at(at, &mut b).map(|_| b)
-                    })
-                    .collect()
-            }
-            fn version(&self) -> &crate::storage::Version {
-                self.0.version()
-            }
-            fn check(&self) -> Result<()> {
-                Ok(())
-            }
-            fn exact_reads(&self) -> bool {
-                true
-            }
-        }
         // Twelve layers of the same sizes, then tensors of other sizes (guesses go wrong there).
         let mut headers = Vec::new();
         for l in 0..12 {
@@ -703,10 +671,10 @@ mod tests {
         let contents: Vec<Vec<u8>> = headers.iter().map(|h| vec![7u8; h.nbytes as usize]).collect();
         let bytes = render(&l, &contents);
         let plain = parse(Path::new("a.ckpt"), &bytes, ReadOptions::default()).unwrap();
-        let src = Exact(MemSource::new(Path::new("s3://b/a.ckpt"), &bytes), Default::default());
+        let src = crate::storage::RecordingSource::new("s3://b/a.ckpt", &bytes, true);
         let guessed = parse_source(&src, ReadOptions::default()).unwrap();
         assert_eq!(format!("{:?}", guessed.tensors), format!("{:?}", plain.tensors));
-        let rounds = src.1.load(std::sync::atomic::Ordering::Relaxed);
+        let rounds = src.calls().len();
         // 39 without guesses, 12 with guesses from the lengths alone.
         assert!(rounds <= 10, "{rounds} round trips for {} headers", headers.len());
     }

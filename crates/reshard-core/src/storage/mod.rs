@@ -322,6 +322,60 @@ impl ByteSource for MemSource<'_> {
     }
 }
 
+/// Bytes in memory as a source that records every read it is asked for, one batch per call (a
+/// `read_at` is a batch of one range), with exact reads (an object store's) or not: the tests
+/// of walks, guesses and deferred checks count fetches with it.
+#[cfg(test)]
+pub(crate) struct RecordingSource<'a> {
+    mem: MemSource<'a>,
+    exact: bool,
+    calls: std::sync::Mutex<Vec<Vec<(u64, u64)>>>,
+}
+
+#[cfg(test)]
+impl<'a> RecordingSource<'a> {
+    pub(crate) fn new(path: &str, bytes: &'a [u8], exact: bool) -> Self {
+        RecordingSource { mem: MemSource::new(Path::new(path), bytes), exact, calls: Default::default() }
+    }
+
+    /// The ranges asked for, a batch per call.
+    pub(crate) fn calls(&self) -> Vec<Vec<(u64, u64)>> {
+        self.calls.lock().unwrap().clone()
+    }
+
+    /// The ranges asked for, in order.
+    pub(crate) fn ranges(&self) -> Vec<(u64, u64)> {
+        self.calls().concat()
+    }
+}
+
+#[cfg(test)]
+impl ByteSource for RecordingSource<'_> {
+    fn path(&self) -> &Path {
+        self.mem.path()
+    }
+    fn len(&self) -> u64 {
+        self.mem.len()
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.calls.lock().unwrap().push(vec![(offset, buf.len() as u64)]);
+        self.mem.read_at(offset, buf)
+    }
+    fn read_ranges(&self, ranges: &[(u64, u64)]) -> Result<Vec<Vec<u8>>> {
+        self.calls.lock().unwrap().push(ranges.to_vec());
+        self.mem.read_ranges(ranges)
+    }
+    fn version(&self) -> &Version {
+        self.mem.version()
+    }
+    fn check(&self) -> Result<()> {
+        Ok(())
+    }
+    fn exact_reads(&self) -> bool {
+        self.exact
+    }
+}
+
 /// The error for a read past the end of a source.
 pub(crate) fn beyond_end(path: &Path, offset: u64, len: usize, have: u64) -> Error {
     Error::Source {
@@ -481,35 +535,6 @@ impl<'s> ByteReader<'s> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Mutex;
-
-    /// A source of exact reads that records the ranges of each `read_ranges`.
-    struct Ranges<'a>(MemSource<'a>, Mutex<Vec<Vec<(u64, u64)>>>);
-
-    impl ByteSource for Ranges<'_> {
-        fn path(&self) -> &Path {
-            self.0.path()
-        }
-        fn len(&self) -> u64 {
-            self.0.len()
-        }
-        fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-            self.0.read_at(offset, buf)
-        }
-        fn read_ranges(&self, ranges: &[(u64, u64)]) -> Result<Vec<Vec<u8>>> {
-            self.1.lock().unwrap().push(ranges.to_vec());
-            self.0.read_ranges(ranges)
-        }
-        fn version(&self) -> &Version {
-            self.0.version()
-        }
-        fn check(&self) -> Result<()> {
-            Ok(())
-        }
-        fn exact_reads(&self) -> bool {
-            true
-        }
-    }
 
     /// A guess is fetched from a little before it (a header a few bytes later is in it), guesses
     /// close together are one range, and refills still ahead of the walk are kept, not fetched
@@ -517,11 +542,11 @@ mod tests {
     #[test]
     fn speculation_joins_close_guesses_and_keeps_the_refills_ahead() {
         let bytes: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
-        let src = Ranges(MemSource::new(Path::new("s3://b/k"), &bytes), Mutex::default());
+        let src = RecordingSource::new("s3://b/k", &bytes, true);
         let mut r = ByteReader::new(&src, 1 << 20);
         let chunk = EXACT_READ_CHUNK as u64;
         r.speculate(&[0, 10_000, 10_000 + chunk + 100, 50_000]).unwrap();
-        let first = src.1.lock().unwrap()[0].clone();
+        let first = src.calls()[0].clone();
         assert_eq!(first, [(0, chunk), (10_000 - GUESS_SLACK, 2 * chunk + 100), (50_000 - GUESS_SLACK, chunk)]);
         // A header 3 bytes after its guess is in hand.
         assert!(r.has(50_003, 100));
@@ -529,7 +554,7 @@ mod tests {
         // The walk moved past the first two: a new round keeps the one still ahead and does not
         // fetch it again.
         r.speculate(&[20_000, 50_000]).unwrap();
-        assert_eq!(src.1.lock().unwrap()[1], [(20_000, chunk)]);
+        assert_eq!(src.calls()[1], [(20_000, chunk)]);
         assert!(r.has(50_000, 10) && r.has(20_000, 10));
         assert!(!r.has(10_000, 10), "a refill behind the walk was kept");
     }
